@@ -1,0 +1,3 @@
+from kici.cli.main import main
+
+main()

@@ -1,0 +1,189 @@
+"""The event grammar of `kici preview` / `kici run local`: `push`, `pr:open`, `kici_event:deploy`, …"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kici.engine.events import Event
+
+PR_ACTIONS = {"open": "opened", "sync": "synchronize", "close": "closed", "reopen": "reopened"}
+
+EVENT_HELP = """\b
+EVENT is one of:
+  push                       a push to --branch (default: the current branch)
+  tag                        a tag push (--tag, default v0.0.0-local)
+  pr[:ACTION]                open (default), sync, close, reopen, or any GitHub action (labeled, …);
+                             --branch is the target branch, --source-branch the head branch
+  dispatch[:TYPE]            a manual dispatch; --input K=V for its inputs
+  schedule[:CRON]            a scheduled run
+  comment[:ACTION]           an issue comment (created by default); --payload for the body
+  review[:ACTION], review_comment[:ACTION], release[:ACTION], create[:branch|tag], delete[:branch|tag],
+  status[:STATE], workflow_run[:ACTION], fork, star[:ACTION], watch[:ACTION]
+  kici_event:NAME            an event emitted by another workflow (--payload for its payload)
+  workflow_complete[:STATUS] / job_complete[:STATUS]
+  generic_webhook:SOURCE[:EVENT]
+  webhook:NAME[:ACTION]      a raw provider event for catch-all webhook() triggers
+"""
+
+_SIMPLE_ACTION = {
+    "comment": "created", "review": "submitted", "review_comment": "created", "release": "published",
+    "star": "created", "watch": "started", "workflow_run": "completed",
+}
+
+
+class EventSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EventOptions:
+    branch: str | None = None
+    source_branch: str | None = None
+    tag: str | None = None
+    files: list[str] | None = None
+    repo: str | None = None
+    sha: str | None = None
+    inputs: dict[str, str] | None = None
+    payload: dict[str, Any] | None = None
+
+
+def build_event(spec: str, opts: EventOptions, repo_dir: Path) -> Event:
+    """Turn `pr:open` + options into an Event, filling the branch, repo, sha and changed files from git."""
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    payload = dict(opts.payload or {})
+    git = _Git(repo_dir)
+    branch = opts.branch or git.current_branch() or "main"
+    sha = opts.sha or git.head_sha()
+    repo = opts.repo or git.repo_slug()
+    files = opts.files if opts.files is not None else git.changed_files()
+    common: dict[str, Any] = {"sha": sha, "repo": repo, "payload": payload, "inputs": dict(opts.inputs or {})}
+    if kind == "push":
+        _no_arg(kind, rest)
+        return Event(type="push", name="push", branch=branch, target_branch=branch, ref=f"refs/heads/{branch}",
+                     changed_files=files, **common)
+    if kind == "tag":
+        tag = opts.tag or rest or "v0.0.0-local"
+        return Event(type="tag", name="push", tag=tag, ref=f"refs/tags/{tag}", **common)
+    if kind == "pr":
+        action = PR_ACTIONS.get(rest or "open", rest or "opened")
+        target = opts.branch or "main"
+        source = opts.source_branch or git.current_branch() or "feature"
+        return Event(type="pr", name="pull_request", action=action, target_branch=target, source_branch=source,
+                     branch=source, source_repo=repo, changed_files=files, **common)
+    if kind == "dispatch":
+        return Event(type="dispatch", name=rest or None, branch=branch, target_branch=branch, **common)
+    if kind == "schedule":
+        return Event(type="schedule", name=rest or None, branch=branch, target_branch=branch, **common)
+    if kind in _SIMPLE_ACTION or kind in ("fork",):
+        action = rest or _SIMPLE_ACTION.get(kind)
+        if kind == "comment":
+            payload.setdefault("comment", {"body": ""})
+            payload.setdefault("issue", {"number": 1})
+        return Event(type=kind, name=kind if kind != "comment" else "issue_comment", action=action,  # type: ignore[arg-type]
+                     branch=branch, **common)
+    if kind in ("create", "delete"):
+        ref_type = rest or "branch"
+        if ref_type not in ("branch", "tag"):
+            raise EventSpecError(f"{kind}: expected {kind}:branch or {kind}:tag, not {spec!r}")
+        payload.setdefault("ref_type", ref_type)
+        payload.setdefault("ref", opts.tag if ref_type == "tag" and opts.tag else branch)
+        return Event(type=kind, name=kind, **common)  # type: ignore[arg-type]
+    if kind == "status":
+        payload.setdefault("state", rest or "success")
+        payload.setdefault("context", "ci")
+        return Event(type="status", name="status", **common)
+    if kind == "kici_event":
+        if not rest:
+            raise EventSpecError("kici_event needs a name: kici_event:NAME")
+        return Event(type="kici_event", name=rest, branch=branch, **common)
+    if kind in ("workflow_complete", "job_complete"):
+        return Event(type=kind, status=rest or "success", branch=branch, **common)  # type: ignore[arg-type]
+    if kind == "generic_webhook":
+        source, _, name = rest.partition(":")
+        if not source:
+            raise EventSpecError("generic_webhook needs a source: generic_webhook:SOURCE[:EVENT]")
+        return Event(type="generic_webhook", source=source, name=name or None, **common)
+    if kind == "webhook":
+        name, _, action = rest.partition(":")
+        if not name:
+            raise EventSpecError("webhook needs an event name: webhook:NAME[:ACTION]")
+        return Event(type="webhook", name=name, action=action or None, branch=branch, **common)
+    raise EventSpecError(f"unknown event {spec!r}; try push, tag, pr:open, dispatch, schedule, kici_event:NAME")
+
+
+def _no_arg(kind: str, rest: str) -> None:
+    if rest:
+        raise EventSpecError(f"{kind} takes no ':…' part (use --branch)")
+
+
+def parse_pairs(values: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EventSpecError(f"{what} {item!r} must look like KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def load_payload(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EventSpecError(f"--payload {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise EventSpecError(f"--payload {path}: must contain a JSON object")
+    return data
+
+
+class _Git:
+    def __init__(self, repo_dir: Path) -> None:
+        self.repo_dir = repo_dir
+
+    def _run(self, *args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=self.repo_dir, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    def current_branch(self) -> str | None:
+        out = self._run("symbolic-ref", "--quiet", "--short", "HEAD")
+        return out or None
+
+    def head_sha(self) -> str | None:
+        return self._run("rev-parse", "--verify", "--quiet", "HEAD") or None
+
+    def repo_slug(self) -> str | None:
+        url = self._run("remote", "get-url", "origin")
+        if not url:
+            return None
+        m = re.search(r"[:/]([^/:]+/[^/]+?)(?:\.git)?/?$", url)
+        return m.group(1) if m else None
+
+    def changed_files(self) -> list[str]:
+        """Uncommitted changes (staged, unstaged, untracked); with none, the files of the last commit."""
+        out = self._run("status", "--porcelain", "--untracked-files=all", "-z")
+        files: list[str] = []
+        if out:
+            entries = out.split("\0")
+            i = 0
+            while i < len(entries):
+                entry = entries[i]
+                if len(entry) > 3:
+                    files.append(entry[3:])
+                    if entry[0] in "RC":
+                        i += 1  # the rename's source path follows
+                i += 1
+        if files:
+            return sorted(set(files))
+        last = self._run("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", "HEAD")
+        return sorted(set(last.splitlines())) if last else []

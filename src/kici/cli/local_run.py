@@ -1,0 +1,471 @@
+"""`kici run local EVENT`: run the matched workflows on this machine through the same runner agents use.
+
+Each job runs in its own runner child process (`kici.runner`) in an isolated copy of HEAD plus the
+working tree's uncommitted changes. Jobs whose needs are settled run concurrently (up to
+`--concurrency`); a failed upstream skips its dependents unless their `when` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import click
+
+from kici.cli.common import Prepared, fail, prepare
+from kici.cli.events import EventSpecError, parse_pairs
+from kici.cli.secrets_file import SecretsFileError, load_secrets
+from kici.engine.lockfile import Workflow
+from kici.engine.needs import decide
+from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
+from kici.engine.runner_protocol import JobResult, JobSpec, JobStarted, LogLine, StepStatus
+from kici.engine.states import RunStatus, aggregate_run_status
+from kici.runner.client import RunnerProcess, safe_base_env
+
+TERMINAL = {"success", "failed", "cancelled", "skipped", "timed_out_stale", "drift_dropped"}
+STEP_MARK = {"success": "✓", "failed": "✗", "skipped": "-", "cancelled": "⊘", "timed_out": "⏱"}
+STEP_COLOR = {"success": "green", "failed": "red", "skipped": "bright_black", "cancelled": "yellow",
+              "timed_out": "red"}
+
+
+@dataclass
+class StepReport:
+    name: str
+    status: str = "pending"
+    duration_ms: int | None = None
+    error: str | None = None
+    attempt: int = 1
+
+
+@dataclass
+class JobRun:
+    key: str
+    """`workflow/job name`: unique across the whole local run."""
+    workflow: Workflow
+    planned: PlannedJob
+    status: str = "pending"
+    steps: list[StepReport] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.started is None or self.finished is None:
+            return None
+        return round((self.finished - self.started) * 1000)
+
+
+class Printer:
+    """Live per-step output, prefixed with the job name; to stderr when stdout carries JSON."""
+
+    def __init__(self, *, to_stderr: bool, show_workflow: bool) -> None:
+        self.err = to_stderr
+        self.color = (sys.stderr if to_stderr else sys.stdout).isatty()
+        self.show_workflow = show_workflow
+
+    def _prefix(self, job: JobRun) -> str:
+        name = f"{job.workflow.name}/{job.planned.name}" if self.show_workflow else job.planned.name
+        return click.style(f"[{name}]", fg="cyan", bold=True) if self.color else f"[{name}]"
+
+    def line(self, job: JobRun, text: str, **style: Any) -> None:
+        if style and self.color:
+            text = click.style(text, **style)
+        click.echo(f"{self._prefix(job)} {text}", err=self.err)
+
+    def plain(self, text: str, **style: Any) -> None:
+        click.echo(click.style(text, **style) if style and self.color else text, err=self.err)
+
+
+def run_local(
+    event: str,
+    *,
+    job_filter: tuple[str, ...] = (),
+    env: tuple[str, ...] = (),
+    concurrency: int = 4,
+    keep_going: bool = False,
+    in_place: bool = False,
+    as_json: bool = False,
+    junit: str | None = None,
+    step_timeout: float | None = None,
+    **event_kw: Any,
+) -> int:
+    prepared = prepare(event, **event_kw)
+    try:
+        extra_env = parse_pairs(env, "--env")
+        secrets = load_secrets(prepared.project.kici_dir)
+    except (EventSpecError, SecretsFileError) as exc:
+        fail(str(exc))
+    jobs = _select_jobs(prepared, job_filter)
+    printer = Printer(to_stderr=as_json, show_workflow=len({j.workflow.name for j in jobs}) > 1)
+    if not jobs:
+        printer.plain("no workflow matched this event; nothing to run (see `kici preview` for why)")
+        if as_json:
+            click.echo(json.dumps({"status": "success", "workflows": []}, indent=2))
+        return 0
+    workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
+    try:
+        snapshot = prepared.project.root if in_place else _snapshot(prepared.project.root, workspace_root / "src")
+        executor = LocalExecutor(
+            prepared=prepared,
+            jobs=jobs,
+            snapshot=snapshot,
+            workspace_root=workspace_root,
+            share_snapshot=in_place or len(jobs) == 1,
+            secrets=secrets,
+            extra_env=extra_env,
+            concurrency=concurrency,
+            keep_going=keep_going,
+            printer=printer,
+            step_timeout_ms=round(step_timeout * 1000) if step_timeout else None,
+        )
+        interrupted = asyncio.run(executor.run())
+    finally:
+        shutil.rmtree(workspace_root, ignore_errors=True)
+    status = _overall(jobs)
+    if junit:
+        _write_junit(Path(junit), jobs)
+    if as_json:
+        click.echo(json.dumps(_summary_json(jobs, status), indent=2))
+    else:
+        _print_summary(printer, jobs, status)
+    if interrupted:
+        return 130
+    return 0 if status == "success" else 1
+
+
+def _select_jobs(prepared: Prepared, job_filter: tuple[str, ...]) -> list[JobRun]:
+    jobs: list[JobRun] = []
+    for decision in prepared.decisions:
+        if not decision.matched:
+            continue
+        wf = prepared.lock.workflow(decision.workflow)
+        assert wf is not None
+        planned = plan_workflow(wf)
+        if job_filter:
+            wanted = _with_needs(wf, {j for j in job_filter if wf.job(j) is not None}
+                                 | {p.job for p in planned if p.name in job_filter})
+            planned = [p for p in planned if p.job in wanted]
+        jobs.extend(JobRun(f"{wf.name}/{p.name}", wf, p) for p in planned)
+    if job_filter and not jobs:
+        fail(f"no matched workflow has job(s) {', '.join(job_filter)}")
+    return jobs
+
+
+def _with_needs(wf: Workflow, names: set[str]) -> set[str]:
+    pending = list(names)
+    out = set(names)
+    while pending:
+        job = wf.job(pending.pop())
+        for need in job.needs if job else ():
+            if need.name not in out:
+                out.add(need.name)
+                pending.append(need.name)
+    return out
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _snapshot(root: Path, dest: Path) -> Path:
+    """HEAD plus uncommitted changes (untracked files too, ignored ones not) in a fresh clone at `dest`."""
+    is_repo = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=root,
+                             capture_output=True).returncode == 0
+    if not is_repo:
+        shutil.copytree(root, dest, symlinks=True, ignore=shutil.ignore_patterns(".git", ".secrets"))
+        return dest
+    subprocess.run(["git", "clone", "--quiet", "--shared", "--no-hardlinks", str(root), str(dest)],
+                   check=True, capture_output=True)
+    listing = _git(root, "ls-files", "-z", "--modified", "--others", "--exclude-standard")
+    deleted = set(_git(root, "ls-files", "-z", "--deleted").split("\0")) - {""}
+    for rel in set(listing.split("\0")) - {""}:
+        src, dst = root / rel, dest / rel
+        if rel in deleted or not (src.exists() or src.is_symlink()):
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
+    for rel in deleted:
+        with contextlib.suppress(FileNotFoundError):
+            (dest / rel).unlink()
+    return dest
+
+
+class LocalExecutor:
+    def __init__(self, *, prepared: Prepared, jobs: list[JobRun], snapshot: Path, workspace_root: Path,
+                 share_snapshot: bool, secrets: dict[str, str], extra_env: dict[str, str], concurrency: int,
+                 keep_going: bool, printer: Printer, step_timeout_ms: int | None) -> None:
+        self.prepared = prepared
+        self.jobs = jobs
+        self.snapshot = snapshot
+        self.workspace_root = workspace_root
+        self.share_snapshot = share_snapshot
+        self.secrets = secrets
+        self.extra_env = extra_env
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.keep_going = keep_going
+        self.printer = printer
+        self.step_timeout_ms = step_timeout_ms
+        self.processes: dict[str, RunnerProcess] = {}
+        self.interrupted = False
+        self.changed = asyncio.Event()
+        self.background: set[asyncio.Future[None]] = set()
+
+    async def run(self) -> bool:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGINT, self._on_interrupt)
+            loop.add_signal_handler(signal.SIGTERM, self._on_interrupt)
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for job in self.jobs:
+                    if job.status != "pending" or job.key in tasks:
+                        continue
+                    decision = "skip" if self.interrupted else self._decide(job)
+                    if decision == "ready":
+                        tasks[job.key] = asyncio.create_task(self._run_job(job))
+                    elif decision == "skip":
+                        job.status = "cancelled" if self.interrupted else "skipped"
+                        self._report_skip(job)
+                        self.changed.set()
+                if all(j.status in TERMINAL for j in self.jobs):
+                    break
+                self.changed.clear()
+                await self.changed.wait()
+        finally:
+            for task in tasks.values():
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGTERM)
+        return self.interrupted
+
+    def _decide(self, job: JobRun) -> str:
+        children = children_by_job([j.planned for j in self.jobs if j.workflow is job.workflow])
+        statuses = {j.planned.name: j.status for j in self.jobs if j.workflow is job.workflow}
+        needs: list[tuple[str, list[str]]] = []
+        for need in job.planned.needs:
+            for child in children.get(need.name, []):
+                needs.append((child, list(need.run_on)))
+        if self.keep_going:
+            return "ready" if all(statuses.get(n) in TERMINAL for n, _ in needs) else "wait"
+        return decide(needs, statuses)
+
+    def _report_skip(self, job: JobRun) -> None:
+        lock_job = job.planned.lock_job
+        job.steps = [StepReport(s.name, "skipped") for s in (lock_job.steps if lock_job else [])]
+        why = "interrupted" if self.interrupted else "a job it needs did not end as required"
+        self.printer.line(job, f"- skipped ({why})", fg="bright_black")
+
+    def _on_interrupt(self) -> None:
+        if self.interrupted:  # second Ctrl-C: no more grace
+            for proc in self.processes.values():
+                self._background(proc.kill(grace=0.5))
+            return
+        self.interrupted = True
+        self.printer.plain("interrupted: cancelling running jobs (Ctrl-C again to kill at once)", fg="yellow")
+        for proc in self.processes.values():
+            self._background(proc.cancel(force=False, grace=5.0))
+        self.changed.set()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _workspace(self, job: JobRun) -> Path:
+        if self.share_snapshot:
+            return self.snapshot
+        dest = self.workspace_root / f"job-{self.jobs.index(job)}"
+        shutil.copytree(self.snapshot, dest, symlinks=True)
+        return dest
+
+    def _upstream_outputs(self, job: JobRun) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        siblings = [j for j in self.jobs if j.workflow is job.workflow]
+        for need in job.planned.needs:
+            ups = [j for j in siblings if j.planned.job == need.name]
+            if len(ups) == 1 and ups[0].planned.matrix is None:
+                out[need.name] = ups[0].outputs
+            elif ups:
+                merged: dict[str, Any] = {}
+                for u in ups:
+                    for step_name, values in u.outputs.items():
+                        merged.setdefault(step_name, {}).update(values or {})
+                out[need.name] = {"by_matrix": {u.planned.name: u.outputs for u in ups}, "merged": merged}
+        return out
+
+    async def _run_job(self, job: JobRun) -> None:
+        async with self.semaphore:
+            if self.interrupted:
+                job.status = "cancelled"
+                self.changed.set()
+                return
+            job.status = "running"
+            job.started = time.monotonic()
+            try:
+                await self._execute(job)
+            except Exception as exc:  # the run must finish and report even if one job's plumbing breaks
+                job.status = "failed"
+                job.error = f"{type(exc).__name__}: {exc}"
+                self.printer.line(job, f"✗ internal error: {job.error}", fg="red")
+            finally:
+                job.finished = time.monotonic()
+                self.processes.pop(job.key, None)
+                self.changed.set()
+
+    async def _execute(self, job: JobRun) -> None:
+        wf = job.workflow
+        lock_job = job.planned.lock_job
+        assert lock_job is not None
+        base_env = safe_base_env({**(wf.env or {}), **self.extra_env, "CI": "true", "KICI": "true",
+                                  "KICI_LOCAL": "true"})
+        workspace = self._workspace(job)
+        spec = JobSpec(
+            workspace=str(workspace),
+            workflow_file=wf.source.file,
+            export=wf.source.export,
+            workflow=wf.name,
+            job=job.planned.job,
+            display_name=job.planned.name,
+            matrix=job.planned.matrix,
+            event=self.prepared.event,
+            env=base_env,
+            secrets=self.secrets,
+            upstream_outputs=self._upstream_outputs(job),
+            expected_content_hash=wf.content_hash,
+            default_step_timeout_ms=self.step_timeout_ms or 30 * 60 * 1000,
+            job_timeout_ms=lock_job.timeout,
+            kici_dir=self.prepared.project.kici_rel,
+        )
+        self.printer.line(job, "▶ started", fg="blue")
+        proc = await RunnerProcess.start(spec)
+        self.processes[job.key] = proc
+        if self.interrupted:
+            await proc.cancel(force=False, grace=5.0)
+        result: JobResult | None = None
+        async for msg in proc.messages():
+            if isinstance(msg, JobStarted):
+                job.steps = [StepReport(name) for name in msg.steps]
+            elif isinstance(msg, LogLine):
+                job.log.append(msg.line)
+                style = {"fg": "yellow"} if msg.stream == "system" else {}
+                self.printer.line(job, f"│ {msg.line}", **style)
+            elif isinstance(msg, StepStatus):
+                self._on_step(job, msg)
+            elif isinstance(msg, JobResult):
+                result = msg
+        await proc.wait()
+        if result is None:  # pragma: no cover - the client synthesises a result when the runner dies
+            result = JobResult(status="failed", error="runner ended without a result")
+        job.status = result.status
+        job.outputs = result.outputs
+        job.error = result.error
+        if result.error:
+            for line in result.error.splitlines():
+                self.printer.line(job, line, fg="red")
+        mark = {"success": ("✓ success", "green"), "skipped": ("- skipped", "bright_black"),
+                "cancelled": ("⊘ cancelled", "yellow")}.get(result.status, ("✗ failed", "red"))
+        self.printer.line(job, mark[0], fg=mark[1], bold=True)
+
+    def _on_step(self, job: JobRun, msg: StepStatus) -> None:
+        while len(job.steps) <= msg.step_index:
+            job.steps.append(StepReport(f"step-{len(job.steps) + 1}"))
+        report = job.steps[msg.step_index]
+        report.status, report.attempt = msg.state, msg.attempt
+        if msg.state == "running":
+            attempt = f" (attempt {msg.attempt})" if msg.attempt > 1 else ""
+            self.printer.line(job, f"▶ {msg.step_name}{attempt}", bold=True)
+            return
+        report.duration_ms, report.error = msg.duration_ms, msg.error
+        took = f" ({msg.duration_ms / 1000:.2f}s)" if msg.duration_ms is not None else ""
+        text = f"{STEP_MARK.get(msg.state, '?')} {msg.step_name} {msg.state}{took}"
+        if msg.error and msg.state != "skipped":
+            text += f": {msg.error.splitlines()[0] if msg.error else ''}"
+        self.printer.line(job, text, fg=STEP_COLOR.get(msg.state))
+
+
+def _overall(jobs: list[JobRun]) -> str:
+    return str(aggregate_run_status([j.status for j in jobs]) if jobs else RunStatus.SUCCESS)
+
+
+def _summary_json(jobs: list[JobRun], status: str) -> dict[str, Any]:
+    workflows: dict[str, dict[str, Any]] = {}
+    for j in jobs:
+        wf = workflows.setdefault(j.workflow.name, {"name": j.workflow.name, "jobs": []})
+        wf["jobs"].append({
+            "name": j.planned.name,
+            "job": j.planned.job,
+            "matrix": j.planned.matrix,
+            "status": j.status,
+            "duration_ms": j.duration_ms,
+            "error": j.error,
+            "outputs": j.outputs,
+            "steps": [{"name": s.name, "status": s.status, "duration_ms": s.duration_ms, "error": s.error,
+                       "attempt": s.attempt} for s in j.steps],
+        })
+    for wf in workflows.values():
+        wf["status"] = str(aggregate_run_status([jj["status"] for jj in wf["jobs"]]))
+    return {"status": status, "workflows": list(workflows.values())}
+
+
+def _print_summary(printer: Printer, jobs: list[JobRun], status: str) -> None:
+    width = max(len(j.key) for j in jobs)
+    printer.plain("")
+    printer.plain(f"{'job'.ljust(width)}  {'status':<10} {'time':>8}  steps", bold=True)
+    for j in jobs:
+        took = f"{j.duration_ms / 1000:.2f}s" if j.duration_ms is not None else "-"
+        done = sum(1 for s in j.steps if s.status == "success")
+        colour = {"success": "green", "failed": "red", "cancelled": "yellow"}.get(j.status, "bright_black")
+        printer.plain(f"{j.key.ljust(width)}  " + (click.style(f"{j.status:<10}", fg=colour) if printer.color
+                                                    else f"{j.status:<10}") + f" {took:>8}  {done}/{len(j.steps)}")
+    printer.plain(f"result: {status}", bold=True, fg="green" if status == "success" else "red")
+
+
+def _write_junit(path: Path, jobs: list[JobRun]) -> None:
+    suites = ET.Element("testsuites", name="kici run local")
+    by_wf: dict[str, list[JobRun]] = {}
+    for j in jobs:
+        by_wf.setdefault(j.workflow.name, []).append(j)
+    for wf_name, wf_jobs in by_wf.items():
+        cases = [(j, s) for j in wf_jobs for s in j.steps] or []
+        suite = ET.SubElement(suites, "testsuite", name=wf_name, tests=str(len(cases)),
+                              failures=str(sum(1 for _, s in cases if s.status in ("failed", "timed_out"))),
+                              skipped=str(sum(1 for _, s in cases if s.status in ("skipped", "cancelled", "pending"))))
+        for j, s in cases:
+            case = ET.SubElement(suite, "testcase", classname=f"{wf_name}.{j.planned.name}", name=s.name,
+                                 time=f"{(s.duration_ms or 0) / 1000:.3f}")
+            if s.status in ("failed", "timed_out"):
+                failure = ET.SubElement(case, "failure", message=(s.error or s.status).splitlines()[0][:500])
+                failure.text = s.error or s.status
+            elif s.status in ("skipped", "cancelled", "pending"):
+                ET.SubElement(case, "skipped", message=s.status)
+        for j in wf_jobs:
+            if not j.steps and j.status == "failed":
+                case = ET.SubElement(suite, "testcase", classname=f"{wf_name}.{j.planned.name}", name="(job)")
+                failure = ET.SubElement(case, "failure", message=(j.error or "failed").splitlines()[0][:500])
+                failure.text = j.error or "failed"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,112 @@
+"""Messages between a job's runner child process and its parent (the agent, or `kici run local`).
+
+The parent starts `python -m kici.runner` in a new session and writes one `JobSpec` line to its stdin;
+later stdin lines are control messages (`CancelRequest`). The runner writes JSON lines of `RunnerMessage`
+to the file descriptor named by `--protocol-fd`; everything the runner process or its commands write to
+stdout/stderr becomes `LogLine`s of the current step. Secret masking is the parent's job, so a step
+cannot bypass it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from kici.engine.events import Event
+
+SETUP_STEP_INDEX = -1
+"""`step_index` of output that belongs to no step (setup, drift gate, job hooks)."""
+
+StepState = Literal["running", "success", "failed", "skipped", "cancelled", "timed_out"]
+JobResultStatus = Literal["success", "failed", "cancelled", "skipped"]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobSpec(_Msg):
+    """Everything the runner needs to run one job (one matrix child) of one workflow."""
+
+    workspace: str
+    """The checkout; steps run here."""
+    workflow_file: str
+    """Path of the workflow module relative to the workspace, e.g. `.kici/workflows/ci.py`."""
+    export: str
+    """Which module global holds the workflow: `#ci` or `#pipelines[1]`."""
+    workflow: str
+    job: str
+    """The job's name in the lock file (before matrix expansion)."""
+    display_name: str
+    """The name shown for this job (the matrix child name, e.g. `test (3.11)`)."""
+    matrix: dict[str, Any] | None = None
+    event: Event
+    env: dict[str, str] = {}
+    """Base environment for commands (already allow-listed by the parent)."""
+    secrets: dict[str, str] = {}
+    upstream_outputs: dict[str, Any] = {}
+    """Upstream job name → outputs (`{step: {...}}`, or `{by_matrix, merged}` for a matrix upstream)."""
+    expected_content_hash: str | None = None
+    """Drift gate: the lock file's contentHash; the runner recomputes it and refuses to run on mismatch."""
+    default_step_timeout_ms: int = 30 * 60 * 1000
+    job_timeout_ms: int | None = None
+    hook_timeout_ms: int = 5 * 60 * 1000
+    kici_dir: str = ".kici"
+    run_id: str | None = None
+    job_id: str | None = None
+
+
+class CancelRequest(_Msg):
+    type: Literal["cancel"] = "cancel"
+    force: bool = False
+    reason: str = "cancelled"
+
+
+class StepStatus(_Msg):
+    type: Literal["step.status"] = "step.status"
+    step_index: int
+    step_name: str
+    state: StepState
+    attempt: int = 1
+    duration_ms: int | None = None
+    error: str | None = None
+    outputs: dict[str, Any] | None = None
+
+
+class LogLine(_Msg):
+    type: Literal["log"] = "log"
+    step_index: int
+    stream: Literal["stdout", "stderr", "system"] = "stdout"
+    line: str
+
+
+class JobStarted(_Msg):
+    type: Literal["job.started"] = "job.started"
+    steps: list[str]
+
+
+class JobResult(_Msg):
+    type: Literal["job.result"] = "job.result"
+    status: JobResultStatus
+    outputs: dict[str, Any] = {}
+    error: str | None = None
+    failure_category: str | None = None
+    """`drift`, `import`, `step`, `hook`, `timeout`, `cancelled`, `internal` — for reports and retries."""
+
+
+RunnerMessage = Annotated[
+    StepStatus | LogLine | JobStarted | JobResult,
+    Field(discriminator="type"),
+]
+
+_runner_message: TypeAdapter[RunnerMessage] = TypeAdapter(RunnerMessage)
+
+
+def parse_runner_message(line: str | bytes) -> RunnerMessage:
+    """Parse one JSON line the runner wrote (raises pydantic.ValidationError on garbage)."""
+    return _runner_message.validate_json(line)
+
+
+def encode(message: BaseModel) -> str:
+    return message.model_dump_json(exclude_none=True) + "\n"

@@ -1,0 +1,291 @@
+"""The parent's side of the runner: start `python -m kici.runner`, read its messages, cancel or kill it.
+
+Used by `kici run local` and by the agent. Secret masking happens here, outside the runner process, so
+a step cannot get around it: every `LogLine.line`, every error text and every string in step or job
+outputs is passed through a `SecretMasker` built from `spec.secrets`.
+
+The runner gets its own session (so the whole tree can be signalled), an environment built from an
+allow-list (`runner_env`: the parent's `KICI_*` variables and tokens never reach it), the spec on its
+stdin (which stays open: closing it cancels the job) and the protocol on an extra pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kici.engine.masking import SecretMasker
+from kici.engine.runner_protocol import (
+    SETUP_STEP_INDEX,
+    CancelRequest,
+    JobResult,
+    JobSpec,
+    LogLine,
+    RunnerMessage,
+    StepStatus,
+    parse_runner_message,
+)
+from kici.runner import proctree
+
+ALLOWED_ENV = ("PATH", "HOME", "USER", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR", "TZ")
+"""Variables of the parent's environment that reach the runner and (through `safe_base_env`) steps."""
+
+STDERR_TAIL = 20
+"""Lines of the runner's own stderr kept for the error when it dies without a result."""
+
+_LINE_LIMIT = 64 * 1024 * 1024
+
+
+def safe_base_env(extra: Mapping[str, str] | None = None, *, source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed part of this process's environment (plus `extra`), for `JobSpec.env`."""
+    source = os.environ if source is None else source
+    env = {key: source[key] for key in ALLOWED_ENV if key in source}
+    if extra:
+        env.update({str(k): str(v) for k, v in extra.items()})
+    return env
+
+
+def runner_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The runner process's own environment: the allow-list plus what it needs to import kici."""
+    env = safe_base_env()
+    package_root = str(Path(__file__).resolve().parents[2])  # the directory holding the `kici` package
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if Path(package_root).name not in ("site-packages", "dist-packages"):
+        paths.insert(0, package_root)  # a source checkout; an installed kici is found by the interpreter
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if "VIRTUAL_ENV" in os.environ:
+        env["VIRTUAL_ENV"] = os.environ["VIRTUAL_ENV"]
+    if extra:
+        env.update(extra)
+    return env
+
+
+class RunnerProcess:
+    """One running runner child. Create with `await RunnerProcess.start(spec)`."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        spec: JobSpec,
+        reader: asyncio.StreamReader,
+        transport: asyncio.BaseTransport,
+    ) -> None:
+        self._proc = proc
+        self.spec = spec
+        self.pid: int = proc.pid
+        self.masker = SecretMasker(spec.secrets.values())
+        self._reader = reader
+        self._transport = transport
+        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        self._stderr_task = asyncio.ensure_future(self._read_stderr())
+        self._iterating = False
+        self.result: JobResult | None = None
+        self.scratch: str | None = None
+        """The runner's own TMPDIR (its private files, also the Python temp files of steps); removed
+        once the runner has exited, so nothing is left behind even when it was killed."""
+
+    @classmethod
+    async def start(
+        cls,
+        spec: JobSpec,
+        *,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        argv_prefix: Sequence[str] = (),
+    ) -> RunnerProcess:
+        """Start a runner for `spec` in a new session and hand it the spec.
+
+        `env` is the runner process's own environment (default `runner_env()`); steps never see it, they
+        get `spec.env`. `argv_prefix` goes before the interpreter (a sandbox wrapper such as `bwrap …`,
+        which must keep the protocol fd open).
+        """
+        scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
+        runner_environment = dict(env) if env is not None else runner_env()
+        runner_environment["TMPDIR"] = scratch
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv_prefix,
+                python,
+                "-m",
+                "kici.runner",
+                "--protocol-fd",
+                str(write_fd),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=runner_environment,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        finally:
+            os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_LINE_LIMIT)
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        self = cls(proc, spec, reader, transport)
+        self.scratch = scratch
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(spec.model_dump_json().encode("utf-8") + b"\n")
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the runner died at once; messages() reports it
+        return self
+
+    async def _read_stderr(self) -> None:
+        stream = self._proc.stdout  # the runner's stdout and stderr, before it redirects them
+        if stream is None:
+            return
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            self._stderr_tail.append(self.masker.mask(line.decode("utf-8", "replace").rstrip("\n")))
+
+    def _mask(self, message: RunnerMessage) -> RunnerMessage:
+        mask = self.masker.mask
+        if isinstance(message, LogLine):
+            masked = mask(message.line)
+            return message if masked == message.line else message.model_copy(update={"line": masked})
+        if isinstance(message, StepStatus):
+            update: dict[str, Any] = {}
+            if message.error:
+                update["error"] = mask(message.error)
+            if message.outputs:
+                update["outputs"] = _mask_value(message.outputs, mask)
+            return message.model_copy(update=update) if update else message
+        if isinstance(message, JobResult):
+            update = {"outputs": _mask_value(message.outputs, mask)}
+            if message.error:
+                update["error"] = mask(message.error)
+            return message.model_copy(update=update)
+        return message
+
+    async def messages(self) -> AsyncIterator[RunnerMessage]:
+        """The runner's messages, masked, until it exits (iterate once).
+
+        If the runner dies without a `JobResult`, a synthetic failed one (`failure_category="internal"`)
+        ends the stream.
+        """
+        if self._iterating:
+            raise RuntimeError("RunnerProcess.messages() can be iterated only once")
+        self._iterating = True
+        try:
+            while True:
+                try:
+                    raw = await self._reader.readline()
+                except ValueError:  # a line over the limit: skip it rather than stop
+                    raw = b"\n"
+                    yield LogLine(step_index=SETUP_STEP_INDEX, stream="system",
+                                  line="[error] runner sent an over-long protocol message; dropped")
+                    continue
+                if not raw:
+                    break
+                if not raw.strip():
+                    continue
+                try:
+                    message = parse_runner_message(raw)
+                except ValidationError as exc:
+                    text = self.masker.mask(raw.decode("utf-8", "replace").strip()[:200])
+                    yield LogLine(step_index=SETUP_STEP_INDEX, stream="system",
+                                  line=f"[error] invalid message from the runner ({exc.error_count()} errors): {text}")
+                    continue
+                message = self._mask(message)
+                if isinstance(message, JobResult):
+                    if self.result is not None:
+                        continue
+                    self.result = message
+                yield message
+            code = await self.wait()
+            if self.result is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._stderr_task), 2.0)
+                error = f"runner exited with code {code}"
+                if self._stderr_tail:
+                    error += "\n" + "\n".join(self._stderr_tail)
+                self.result = JobResult(status="failed", error=error, failure_category="internal")
+                yield self.result
+        finally:
+            self._transport.close()
+
+    async def send_cancel(self, *, force: bool = False, reason: str = "cancelled") -> None:
+        stdin = self._proc.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        try:
+            stdin.write(CancelRequest(force=force, reason=reason).model_dump_json().encode("utf-8") + b"\n")
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass
+
+    async def cancel(self, *, force: bool = False, grace: float = 10.0, reason: str = "cancelled") -> None:
+        """Ask the runner to cancel the job; kill its whole tree if it has not exited after `grace` s."""
+        await self.send_cancel(force=force, reason=reason)
+        if self._proc.returncode is not None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._proc.wait()), grace)
+        except TimeoutError:
+            await self.kill()
+
+    async def kill(self, grace: float = 2.0) -> None:
+        """SIGTERM the runner's tree (and its process group), SIGKILL what is left after `grace` s."""
+        await asyncio.to_thread(proctree.kill_tree, self.pid, grace=grace)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.wait()), 5.0)
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        if self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            self._proc.stdin.close()
+        if self.scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, self.scratch, True)
+            self.scratch = None
+        return code
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def __aenter__(self) -> RunnerProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc.returncode is None:
+            await self.kill()
+        else:
+            await self.wait()
+        self._transport.close()
+        self._stderr_task.cancel()
+
+
+def _mask_value(value: Any, mask: Any) -> Any:
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {k: _mask_value(v, mask) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_value(v, mask) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""The workflow authoring API. Import it as `kici` (`from kici import workflow, job, step, push`)."""

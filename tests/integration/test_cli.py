@@ -1,0 +1,284 @@
+"""The `kici` command end to end: real processes, real git repositories, real runner children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from tests.conftest import git, kici_env, run_kici, write_files
+
+Repo = Callable[..., Path]
+
+PIPELINE = """
+from kici import job, need, push, pr, step, workflow
+
+lint = job("lint", steps=[step("ruff", "{lint_cmd}")])
+test = job("test", needs=[lint], steps=[step("pytest", "echo testing")])
+report = job("report", needs=[need(test, when="always")], steps=[step("summary", "echo report ran")])
+ci = workflow("ci", on=[push(branches=["main"]), pr(target="main", paths=["src/**", "!docs/**"])],
+              jobs=[lint, test, report])
+"""
+
+
+def pipeline(lint_cmd: str = "true") -> dict[str, str]:
+    return {".kici/workflows/ci.py": PIPELINE.format(lint_cmd=lint_cmd), "src/app.py": "print('hi')\n"}
+
+
+def test_init_scaffolds_compiles_and_check_tracks_drift(repo_factory: Repo) -> None:
+    repo = repo_factory({"README.md": "x\n"})
+    out = run_kici("init", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert (repo / ".kici/workflows/ci.py").is_file()
+    assert (repo / ".kici/.gitignore").read_text().strip().endswith(".secrets")
+    assert json.loads((repo / ".kici/kici.lock.json").read_text())["workflows"][0]["name"] == "ci"
+    assert run_kici("compile", "--check", cwd=repo).returncode == 0
+    wf = repo / ".kici/workflows/ci.py"
+    wf.write_text(wf.read_text().replace('"check"', '"checks"'))
+    before = (repo / ".kici/kici.lock.json").read_bytes()
+    stale = run_kici("compile", "--check", cwd=repo)
+    assert stale.returncode == 1 and "out of date" in stale.stderr
+    assert (repo / ".kici/kici.lock.json").read_bytes() == before
+    assert run_kici("compile", cwd=repo).returncode == 0
+    assert run_kici("compile", "--check", cwd=repo).returncode == 0
+    # the scaffolded workflow runs as it is
+    ran = run_kici("run", "local", "push", "--branch", "main", cwd=repo)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def test_compile_errors_exit_1_and_name_the_place(repo_factory: Repo) -> None:
+    repo = repo_factory({".kici/workflows/ci.py": PIPELINE.format(lint_cmd="true").replace("needs=[lint]",
+                                                                                          'needs=["lnt"]')})
+    out = run_kici("compile", cwd=repo)
+    assert out.returncode == 1
+    assert "ci.py › workflow 'ci' › job 'test': needs unknown job 'lnt'" in out.stderr
+    assert not (repo / ".kici/kici.lock.json").exists()
+    assert run_kici("compile", "--check", cwd=repo).returncode == 1
+
+
+def test_compile_kici_dir_option(repo_factory: Repo) -> None:
+    repo = repo_factory({"sub/.kici/workflows/ci.py": PIPELINE.format(lint_cmd="true")})
+    out = run_kici("compile", "--kici-dir", "sub/.kici", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    lock = json.loads((repo / "sub/.kici/kici.lock.json").read_text())
+    assert lock["workflows"][0]["source"]["file"] == ".kici/workflows/ci.py"
+
+
+def preview(repo: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    out = run_kici("preview", *args, "--json", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_preview_reports_matches_jobs_and_reasons(repo_factory: Repo) -> None:
+    repo = repo_factory(pipeline())
+    main = preview(repo, "push", "--branch", "main")["workflows"][0]
+    assert main["matched"] and main["trigger"]["type"] == "push"
+    assert [j["name"] for j in main["jobs"]] == ["lint", "test", "report"]
+    assert main["jobs"][2]["needs"][0]["run_on"][0] == "success" and len(main["jobs"][2]["needs"][0]["run_on"]) == 6
+    develop = preview(repo, "push", "--branch", "develop")["workflows"][0]
+    assert not develop["matched"] and "develop" in develop["reasons"][0]
+    docs_only = preview(repo, "pr:open", "--files", "docs/a.md")["workflows"][0]
+    assert not docs_only["matched"]
+    code = preview(repo, "pr:sync", "--files", "docs/a.md,src/x.py")["workflows"][0]
+    assert code["matched"] and code["trigger"]["index"] == 1
+    labeled = preview(repo, "pr:labeled", "--files", "src/x.py")["workflows"][0]
+    assert not labeled["matched"] and "labeled" in " ".join(labeled["reasons"])
+
+
+def test_preview_human_output_and_bad_event(repo_factory: Repo) -> None:
+    repo = repo_factory(pipeline())
+    out = run_kici("preview", "push", "--branch", "main", cwd=repo)
+    assert "✓ ci" in out.stdout and "• test  (needs lint)" in out.stdout
+    bad = run_kici("preview", "shove", cwd=repo)
+    assert bad.returncode == 2 and "unknown event 'shove'" in bad.stderr
+    bad_wf = run_kici("preview", "push", "--workflow", "nope", cwd=repo)
+    assert bad_wf.returncode == 2 and "unknown workflow" in bad_wf.stderr
+
+
+def test_run_local_success_with_json_and_junit(repo_factory: Repo, tmp_path: Path) -> None:
+    repo = repo_factory(pipeline())
+    junit = tmp_path / "report.xml"
+    out = run_kici("run", "local", "push", "--branch", "main", "--json", "--junit", str(junit), cwd=repo)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["status"] == "success"
+    jobs = {j["name"]: j for j in summary["workflows"][0]["jobs"]}
+    assert [jobs[n]["status"] for n in ("lint", "test", "report")] == ["success"] * 3
+    assert "[report] │ report ran" in out.stderr
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "3" and suite.get("failures") == "0"
+
+
+def test_failed_lint_skips_test_and_always_report_still_runs(repo_factory: Repo) -> None:
+    """authoring §5.22"""
+    repo = repo_factory(pipeline(lint_cmd="echo lint broke; exit 3"))
+    out = run_kici("run", "local", "push", "--branch", "main", "--json", cwd=repo)
+    assert out.returncode == 1
+    jobs = {j["name"]: j for j in json.loads(out.stdout)["workflows"][0]["jobs"]}
+    assert jobs["lint"]["status"] == "failed"
+    assert jobs["lint"]["steps"][0]["status"] == "failed"
+    assert jobs["test"]["status"] == "skipped"
+    assert jobs["report"]["status"] == "success"
+    assert "lint broke" in out.stderr
+    keep_going = run_kici("run", "local", "push", "--branch", "main", "--json", "--keep-going", cwd=repo)
+    kg = {j["name"]: j["status"] for j in json.loads(keep_going.stdout)["workflows"][0]["jobs"]}
+    assert kg == {"lint": "failed", "test": "success", "report": "success"}
+
+
+def test_matrix_children_run_and_outputs_flow_downstream(repo_factory: Repo) -> None:
+    """authoring §5.23, and outputs across jobs"""
+    repo = repo_factory({
+        ".kici/workflows/m.py": """
+from kici import job, push, step, workflow
+
+@step
+def build(ctx):
+    return {"combo": f"{ctx.matrix.os}-{ctx.matrix.node}"}
+
+@step
+def collect(ctx):
+    up = ctx.outputs_of("test")
+    ctx.log.info("children: " + ",".join(sorted(up["by_matrix"])))
+
+test = job("test", matrix={"os": ["a", "b"], "node": [18, 20]}, exclude=[{"os": "b", "node": 18}],
+           include=[{"os": "c", "node": 22}], steps=[build])
+after = job("after", needs=[test], steps=[collect])
+m = workflow("m", on=push(), jobs=[test, after])
+""",
+    })
+    out = run_kici("run", "local", "push", "--json", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    jobs = {j["name"]: j for j in json.loads(out.stdout)["workflows"][0]["jobs"]}
+    assert sorted(jobs) == ["after", "test (a, 18)", "test (a, 20)", "test (b, 20)", "test (c, 22)"]
+    assert jobs["test (c, 22)"]["outputs"] == {"build": {"combo": "c-22"}}
+    assert "children: test (a, 18),test (a, 20),test (b, 20),test (c, 22)" in out.stderr
+
+
+def test_secrets_are_masked_and_env_is_clean(repo_factory: Repo) -> None:
+    repo = repo_factory({
+        ".kici/workflows/s.py": """
+import base64
+from kici import job, push, step, workflow
+
+@step
+def show(ctx):
+    token = ctx.secrets.get("TOKEN")
+    print("plain", token)
+    print("b64", base64.b64encode(token.encode()).decode())
+    ctx.sh('echo "from shell: $EXTRA and ${KICI_AGENT_TOKEN:-unset}"')
+    ctx.secrets.get("NOPE")
+
+s = workflow("s", on=push(), jobs=[job("j", steps=[show])])
+""",
+    })
+    (repo / ".kici/.secrets").write_text("# local\nTOKEN=hunter2-very-secret\n")
+    out = run_kici("run", "local", "push", "--env", "EXTRA=yes", cwd=repo,
+                   env={"KICI_AGENT_TOKEN": "kat_should_not_leak"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 1
+    assert "hunter2" not in text and "plain ***" in text and "b64 ***" in text
+    assert "from shell: yes and unset" in text
+    assert "secret 'NOPE' is not available (available: TOKEN)" in text
+
+
+def test_uncommitted_changes_run_in_an_isolated_copy(repo_factory: Repo) -> None:
+    repo = repo_factory(pipeline())
+    write_files(repo, {
+        "src/app.py": "print('edited, not committed')\n",
+        "new_file.txt": "untracked\n",
+        ".kici/workflows/extra.py": """
+from kici import job, push, step, workflow
+extra = workflow("extra", on=push(), jobs=[job("look", steps=[
+    step("show", "cat src/app.py new_file.txt && touch made-by-step && git log -1 --format=%s")])])
+""",
+    })
+    out = run_kici("run", "local", "push", "--branch", "main", "--workflow", "extra", cwd=repo)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "edited, not committed" in out.stdout and "untracked" in out.stdout and "initial" in out.stdout
+    assert not (repo / "made-by-step").exists()
+    assert git(repo, "status", "--porcelain").count("\n") == 3  # the working tree is as we left it
+
+
+def test_job_filter_runs_the_job_and_what_it_needs(repo_factory: Repo) -> None:
+    repo = repo_factory(pipeline())
+    out = run_kici("run", "local", "push", "--branch", "main", "--job", "test", "--json", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert [j["name"] for j in json.loads(out.stdout)["workflows"][0]["jobs"]] == ["lint", "test"]
+
+
+def test_nothing_matched_exits_0(repo_factory: Repo) -> None:
+    repo = repo_factory(pipeline())
+    out = run_kici("run", "local", "push", "--branch", "develop", cwd=repo)
+    assert out.returncode == 0 and "nothing to run" in out.stdout
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_ctrl_c_cancels_and_leaves_no_process(repo_factory: Repo) -> None:
+    marker = f"kici-test-{uuid.uuid4().hex[:12]}"
+    repo = repo_factory({
+        ".kici/workflows/slow.py": f"""
+from kici import job, push, step, workflow
+slow = workflow("slow", on=push(), jobs=[job("wait", steps=[step("sleepy",
+    "setsid python3 -c 'import time; time.sleep(300)' {marker}-detached & "
+    "python3 -c 'import time; time.sleep(300)' {marker}-fg & sleep 0.5; echo READY; wait")])])
+""",
+    })
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kici", "run", "local", "push"],
+        cwd=repo, env=kici_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            if line.rstrip().endswith("│ READY") or time.monotonic() > deadline:
+                break
+        assert len(_processes_with(marker)) >= 2  # both sleepers (and the shell running them)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130, rest
+        assert "cancelled" in rest
+        deadline = time.monotonic() + 10
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_with(marker) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "args", [["push", "--env", "NOEQUALS"], ["push", "--input", "=x"], ["dispatch", "--payload", "/nonexistent.json"]]
+)
+def test_bad_arguments_exit_2(repo_factory: Repo, args: list[str]) -> None:
+    repo = repo_factory(pipeline())
+    out = run_kici("run", "local", *args, cwd=repo)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "error:" in out.stderr
