@@ -282,3 +282,86 @@ def test_bad_arguments_exit_2(repo_factory: Repo, args: list[str]) -> None:
     out = run_kici("run", "local", *args, cwd=repo)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "error:" in out.stderr
+
+
+HOOKS = """
+from kici import job, push, step, workflow
+
+def note(what):
+    def hook(ctx):
+        ctx.log.info(f"workflow hook {{what}} ran")
+    return hook
+
+a = job("a", steps=[step("go", "{cmd}")])
+wf = workflow("wf", on=push(), jobs=[a], on_success=note("on_success"), on_failure=note("on_failure"),
+              cleanup=note("cleanup"))
+"""
+
+
+@pytest.mark.parametrize(("cmd", "code", "expected", "absent"), [
+    ("true", 0, ["on_success ran", "cleanup ran"], "on_failure ran"),
+    ("false", 1, ["on_failure ran", "cleanup ran"], "on_success ran"),
+])
+def test_workflow_hooks_run_after_the_jobs(repo_factory: Repo, cmd: str, code: int, expected: list[str],
+                                           absent: str) -> None:
+    repo = repo_factory({".kici/workflows/wf.py": HOOKS.format(cmd=cmd)})
+    out = run_kici("run", "local", "push", "--json", cwd=repo)
+    assert out.returncode == code, out.stderr
+    for text in expected:
+        assert f"workflow hook {text}" in out.stderr
+    assert absent not in out.stderr
+    assert out.stderr.index(expected[0]) < out.stderr.index(expected[1])
+    jobs = [j["name"] for j in json.loads(out.stdout)["workflows"][0]["jobs"]]
+    assert jobs == ["a", "(workflow hooks)"]
+
+
+CONCURRENT = """
+from kici import job, push, step, workflow
+slow = workflow("slow", on=push(), jobs=[job("j", steps=[step("s", "echo STARTED; sleep 30; echo FINISHED")])],
+                concurrency={{"group": lambda event: f"deploy-{{event.branch}}", "cancel_in_progress": {cancel}}})
+"""
+
+
+def _start_local(repo: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kici", "run", "local", "push", "--branch", "main"],
+        cwd=repo, env=kici_env({"XDG_RUNTIME_DIR": str(repo.parent / "runtime")}), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 60) -> str:
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line or time.monotonic() > deadline:
+            break
+    return "".join(seen)
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_local_concurrency_group_waits_or_cancels(repo_factory: Repo, cancel: bool) -> None:
+    """authoring §5.34"""
+    repo = repo_factory({".kici/workflows/slow.py": CONCURRENT.format(cancel=cancel)})
+    (repo.parent / "runtime").mkdir(exist_ok=True)
+    first = _start_local(repo)
+    second: subprocess.Popen[str] | None = None
+    try:
+        assert "│ STARTED" in _read_until(first, "│ STARTED")
+        second = _start_local(repo)
+        if cancel:
+            out2 = _read_until(second, "│ STARTED")
+            assert "cancelling the run in progress" in out2 and "│ STARTED" in out2
+            first_rest = first.communicate(timeout=60)[0]
+            assert first.returncode == 130 and "FINISHED" not in first_rest
+        else:
+            out2 = _read_until(second, "waiting for the run in progress")
+            assert "waiting for the run in progress" in out2
+            assert first.poll() is None  # the first run goes on undisturbed
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

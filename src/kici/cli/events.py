@@ -145,25 +145,57 @@ def load_payload(path: str | None) -> dict[str, Any] | None:
 
 
 class _Git:
+    """What the event needs from the working tree, in as few git processes as possible (this is on the
+    path of every `kici run local`)."""
+
     def __init__(self, repo_dir: Path) -> None:
         self.repo_dir = repo_dir
+        self._status: tuple[str | None, str | None, list[str]] | None = None
 
     def _run(self, *args: str) -> str | None:
         try:
             proc = subprocess.run(["git", *args], cwd=self.repo_dir, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
+        return proc.stdout if proc.returncode == 0 else None
+
+    def _read_status(self) -> tuple[str | None, str | None, list[str]]:
+        """(branch, HEAD sha, uncommitted changes incl. untracked files) from one `git status`."""
+        if self._status is None:
+            out = self._run("status", "--porcelain=v2", "--branch", "--untracked-files=all", "-z")
+            branch = sha = None
+            files: set[str] = set()
+            entries = (out or "").split("\0")
+            i = 0
+            while i < len(entries):
+                entry = entries[i]
+                if entry.startswith("# branch.oid "):
+                    oid = entry[len("# branch.oid "):]
+                    sha = None if oid == "(initial)" else oid
+                elif entry.startswith("# branch.head "):
+                    head = entry[len("# branch.head "):]
+                    branch = None if head == "(detached)" else head
+                elif entry.startswith(("1 ", "u ")):
+                    files.add(entry.split(" ", 8 if entry[0] == "1" else 10)[-1])
+                elif entry.startswith("2 "):
+                    files.add(entry.split(" ", 9)[-1])
+                    files.add(entries[i + 1] if i + 1 < len(entries) else "")
+                    i += 1  # the rename's original path follows
+                elif entry.startswith("? "):
+                    files.add(entry[2:])
+                i += 1
+            files.discard("")
+            self._status = (branch, sha, sorted(files))
+        return self._status
 
     def current_branch(self) -> str | None:
-        out = self._run("symbolic-ref", "--quiet", "--short", "HEAD")
-        return out or None
+        return self._read_status()[0]
 
     def head_sha(self) -> str | None:
-        return self._run("rev-parse", "--verify", "--quiet", "HEAD") or None
+        return self._read_status()[1]
 
     def repo_slug(self) -> str | None:
-        url = self._run("remote", "get-url", "origin")
+        url = (self._run("config", "--get", "remote.origin.url") or "").strip()
         if not url:
             return None
         m = re.search(r"[:/]([^/:]+/[^/]+?)(?:\.git)?/?$", url)
@@ -171,19 +203,8 @@ class _Git:
 
     def changed_files(self) -> list[str]:
         """Uncommitted changes (staged, unstaged, untracked); with none, the files of the last commit."""
-        out = self._run("status", "--porcelain", "--untracked-files=all", "-z")
-        files: list[str] = []
-        if out:
-            entries = out.split("\0")
-            i = 0
-            while i < len(entries):
-                entry = entries[i]
-                if len(entry) > 3:
-                    files.append(entry[3:])
-                    if entry[0] in "RC":
-                        i += 1  # the rename's source path follows
-                i += 1
+        files = self._read_status()[2]
         if files:
-            return sorted(set(files))
-        last = self._run("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", "HEAD")
-        return sorted(set(last.splitlines())) if last else []
+            return files
+        last = self._run("diff-tree", "-z", "--no-commit-id", "--name-only", "-r", "--root", "HEAD")
+        return sorted(set(last.split("\0")) - {""}) if last else []

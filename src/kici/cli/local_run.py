@@ -25,12 +25,13 @@ from xml.etree import ElementTree as ET
 import click
 
 from kici.cli.common import Prepared, fail, prepare
+from kici.cli.concurrency import GroupSlots, requested_groups
 from kici.cli.events import EventSpecError, parse_pairs
 from kici.cli.secrets_file import SecretsFileError, load_secrets
 from kici.engine.lockfile import Workflow
 from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
-from kici.engine.runner_protocol import JobResult, JobSpec, JobStarted, LogLine, StepStatus
+from kici.engine.runner_protocol import WORKFLOW_HOOKS_JOB, JobResult, JobSpec, JobStarted, LogLine, StepStatus
 from kici.engine.states import RunStatus, aggregate_run_status
 from kici.runner.client import RunnerProcess, safe_base_env
 
@@ -62,6 +63,12 @@ class JobRun:
     started: float | None = None
     finished: float | None = None
     log: list[str] = field(default_factory=list)
+    run_status: str | None = None
+    """For the workflow-hooks pseudo job: how the workflow's jobs ended."""
+
+    @property
+    def is_hooks(self) -> bool:
+        return self.planned.job == WORKFLOW_HOOKS_JOB
 
     @property
     def duration_ms(self) -> int | None:
@@ -117,6 +124,18 @@ def run_local(
         if as_json:
             click.echo(json.dumps({"status": "success", "workflows": []}, indent=2))
         return 0
+    try:
+        groups = requested_groups(_unique_workflows(jobs), prepared.event)
+    except ValueError as exc:
+        fail(str(exc))
+    slots = GroupSlots(prepared.project.root)
+    try:
+        for request in groups:
+            slots.acquire(request, lambda message: printer.plain(message, fg="yellow"))
+    except KeyboardInterrupt:
+        slots.release()
+        printer.plain("interrupted while waiting for a concurrency group", fg="yellow")
+        return 130
     workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
     try:
         snapshot = prepared.project.root if in_place else _snapshot(prepared.project.root, workspace_root / "src")
@@ -136,7 +155,9 @@ def run_local(
         interrupted = asyncio.run(executor.run())
     finally:
         shutil.rmtree(workspace_root, ignore_errors=True)
+        slots.release()
     status = _overall(jobs)
+    jobs = _shown(jobs)
     if junit:
         _write_junit(Path(junit), jobs)
     if as_json:
@@ -161,9 +182,19 @@ def _select_jobs(prepared: Prepared, job_filter: tuple[str, ...]) -> list[JobRun
                                  | {p.job for p in planned if p.name in job_filter})
             planned = [p for p in planned if p.job in wanted]
         jobs.extend(JobRun(f"{wf.name}/{p.name}", wf, p) for p in planned)
+        if wf.hooks is not None and not job_filter:
+            hooks = PlannedJob("(workflow hooks)", WORKFLOW_HOOKS_JOB, None)
+            jobs.append(JobRun(f"{wf.name}/{hooks.name}", wf, hooks))
     if job_filter and not jobs:
         fail(f"no matched workflow has job(s) {', '.join(job_filter)}")
     return jobs
+
+
+def _unique_workflows(jobs: list[JobRun]) -> list[Workflow]:
+    seen: dict[str, Workflow] = {}
+    for j in jobs:
+        seen.setdefault(j.workflow.name, j.workflow)
+    return list(seen.values())
 
 
 def _with_needs(wf: Workflow, names: set[str]) -> set[str]:
@@ -241,7 +272,8 @@ class LocalExecutor:
                 for job in self.jobs:
                     if job.status != "pending" or job.key in tasks:
                         continue
-                    decision = "skip" if self.interrupted else self._decide(job)
+                    # workflow hooks still run when interrupted: on_cancel and cleanup are for exactly that
+                    decision = self._decide(job) if job.is_hooks or not self.interrupted else "skip"
                     if decision == "ready":
                         tasks[job.key] = asyncio.create_task(self._run_job(job))
                     elif decision == "skip":
@@ -263,6 +295,8 @@ class LocalExecutor:
         return self.interrupted
 
     def _decide(self, job: JobRun) -> str:
+        if job.is_hooks:
+            return self._decide_hooks(job)
         children = children_by_job([j.planned for j in self.jobs if j.workflow is job.workflow])
         statuses = {j.planned.name: j.status for j in self.jobs if j.workflow is job.workflow}
         needs: list[tuple[str, list[str]]] = []
@@ -273,7 +307,20 @@ class LocalExecutor:
             return "ready" if all(statuses.get(n) in TERMINAL for n, _ in needs) else "wait"
         return decide(needs, statuses)
 
+    def _decide_hooks(self, job: JobRun) -> str:
+        """Workflow hooks run once every other job of the workflow has ended, if one applies."""
+        siblings = [j for j in self.jobs if j.workflow is job.workflow and not j.is_hooks]
+        if not all(j.status in TERMINAL for j in siblings):
+            return "wait"
+        job.run_status = str(aggregate_run_status([j.status for j in siblings]))
+        flags = job.workflow.hooks
+        wanted = {"success": flags.has_on_success, "failed": flags.has_on_failure,
+                  "cancelled": flags.has_on_cancel}.get(job.run_status, False) if flags else False
+        return "ready" if wanted or (flags is not None and flags.has_cleanup) else "skip"
+
     def _report_skip(self, job: JobRun) -> None:
+        if job.is_hooks:
+            return
         lock_job = job.planned.lock_job
         job.steps = [StepReport(s.name, "skipped") for s in (lock_job.steps if lock_job else [])]
         why = "interrupted" if self.interrupted else "a job it needs did not end as required"
@@ -319,7 +366,7 @@ class LocalExecutor:
 
     async def _run_job(self, job: JobRun) -> None:
         async with self.semaphore:
-            if self.interrupted:
+            if self.interrupted and not job.is_hooks:
                 job.status = "cancelled"
                 self.changed.set()
                 return
@@ -339,7 +386,6 @@ class LocalExecutor:
     async def _execute(self, job: JobRun) -> None:
         wf = job.workflow
         lock_job = job.planned.lock_job
-        assert lock_job is not None
         base_env = safe_base_env({**(wf.env or {}), **self.extra_env, "CI": "true", "KICI": "true",
                                   "KICI_LOCAL": "true"})
         workspace = self._workspace(job)
@@ -357,8 +403,9 @@ class LocalExecutor:
             upstream_outputs=self._upstream_outputs(job),
             expected_content_hash=wf.content_hash,
             default_step_timeout_ms=self.step_timeout_ms or 30 * 60 * 1000,
-            job_timeout_ms=lock_job.timeout,
+            job_timeout_ms=lock_job.timeout if lock_job else None,
             kici_dir=self.prepared.project.kici_rel,
+            run_status=job.run_status,  # type: ignore[arg-type]
         )
         self.printer.line(job, "▶ started", fg="blue")
         proc = await RunnerProcess.start(spec)
@@ -405,6 +452,11 @@ class LocalExecutor:
         if msg.error and msg.state != "skipped":
             text += f": {msg.error.splitlines()[0] if msg.error else ''}"
         self.printer.line(job, text, fg=STEP_COLOR.get(msg.state))
+
+
+def _shown(jobs: list[JobRun]) -> list[JobRun]:
+    """Workflow hooks appear in reports only when some hook ran."""
+    return [j for j in jobs if not (j.is_hooks and j.status == "skipped")]
 
 
 def _overall(jobs: list[JobRun]) -> str:

@@ -41,6 +41,7 @@ class LockModel(BaseModel):
         frozen=True,
         populate_by_name=True,
         alias_generator=to_camel,
+        defer_build=True,  # most trigger models are never used in a process; build them on first use
     )
 
 

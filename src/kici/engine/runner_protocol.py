@@ -18,6 +18,10 @@ from kici.engine.events import Event
 SETUP_STEP_INDEX = -1
 """`step_index` of output that belongs to no step (setup, drift gate, job hooks)."""
 
+WORKFLOW_HOOKS_JOB = "__workflow_hooks__"
+"""`JobSpec.job` that runs the workflow's own hooks (`on_success`/`on_failure`/`on_cancel`, then
+`cleanup`) after all its jobs finished; `JobSpec.run_status` says how the run ended."""
+
 StepState = Literal["running", "success", "failed", "skipped", "cancelled", "timed_out"]
 JobResultStatus = Literal["success", "failed", "cancelled", "skipped"]
 
@@ -55,6 +59,8 @@ class JobSpec(_Msg):
     kici_dir: str = ".kici"
     run_id: str | None = None
     job_id: str | None = None
+    run_status: Literal["success", "failed", "cancelled"] | None = None
+    """Only for `WORKFLOW_HOOKS_JOB`: the run's result, which picks the hooks to run."""
 
 
 class CancelRequest(_Msg):

@@ -179,7 +179,7 @@ def _drift_error(spec: Spec) -> str | None:
 def _load(spec: Spec) -> tuple[Any, Any] | str:
     """(workflow, job) definitions, or an error text."""
     from kici.sdk.loader import WorkflowImportError, load_module, resolve_export
-    from kici.sdk.naming import job_names
+    from kici.sdk.naming import WORKFLOW_HOOKS_JOB, job_names, workflow_hooks_job
 
     sys.dont_write_bytecode = True  # do not leave __pycache__ in the checkout
     try:
@@ -190,6 +190,8 @@ def _load(spec: Spec) -> tuple[Any, Any] | str:
         workflow = resolve_export(module, spec.export)
     except LookupError as exc:
         return f"{spec.workflow_file}: {exc}"
+    if spec.job == WORKFLOW_HOOKS_JOB:
+        return workflow, workflow_hooks_job(workflow, spec.run_status or "success", spec.hook_timeout_ms / 1000)
     names = job_names(workflow.jobs)
     for job, name in zip(workflow.jobs, names, strict=True):
         if name == spec.job:

@@ -46,12 +46,13 @@ class Spec:
     kici_dir: str = ".kici"
     run_id: str | None = None
     job_id: str | None = None
+    run_status: str | None = None
 
 
 _STR_FIELDS = ("workspace", "workflow_file", "export", "workflow", "job", "display_name", "kici_dir")
 _DICT_FIELDS = ("event", "env", "secrets", "upstream_outputs")
 _INT_FIELDS = ("default_step_timeout_ms", "hook_timeout_ms")
-_NULLABLE = ("matrix", "expected_content_hash", "job_timeout_ms", "run_id", "job_id")
+_NULLABLE = ("matrix", "expected_content_hash", "job_timeout_ms", "run_id", "job_id", "run_status")
 
 
 def parse_spec(line: bytes | str) -> Spec:
@@ -81,6 +82,8 @@ def parse_spec(line: bytes | str) -> Spec:
     for name in _INT_FIELDS:
         if not isinstance(getattr(spec, name), int):
             raise SpecError(f"job spec field {name} must be an integer")
+    if spec.run_status not in (None, "success", "failed", "cancelled"):
+        raise SpecError("job spec field run_status must be success, failed or cancelled")
     if spec.matrix is not None and not isinstance(spec.matrix, dict):
         raise SpecError("job spec field matrix must be an object")
     if spec.job_timeout_ms is not None and not isinstance(spec.job_timeout_ms, int):

@@ -7,7 +7,6 @@ the lock file, and the runner executes the callables they carry. Durations are s
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -357,7 +356,3 @@ def workflow(
         cleanup=cleanup,
         on_cancel=on_cancel,
     )
-
-
-def is_coroutine_fn(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn)
