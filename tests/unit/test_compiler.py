@@ -199,6 +199,8 @@ ci = workflow("ci", on=push(), jobs=[j])
          'ci = workflow("ci", on=push(), jobs=[a])', "both required and excluded"),
         ('ci = workflow("ci", on=push(branches=re.compile(r"^(a+)+$")), jobs=[job("j", run="true")])',
          "catastrophic backtracking"),
+        ('ci = workflow("ci", on=push(paths=["+(a*)/x"]), jobs=[job("j", run="true")])', "backtrack catastrophically"),
+        ('ci = workflow("ci", on=tag("*(*|@)"), jobs=[job("j", run="true")])', "backtrack catastrophically"),
         ('ci = workflow("ci", on=schedule("0 * * * *", inputs={"x": inputs.string()}), jobs=[job("j", run="true")])',
          "has no default"),
         ('ci = workflow("ci", on=push(), jobs=[])', "at least one job"),

@@ -341,7 +341,8 @@ def test_regex_source_shape() -> None:
         assert source.startswith("^"), pattern
         assert source.endswith("$"), pattern
         assert not PYTHON_ONLY_SYNTAX.search(source), (pattern, source)
-    assert glob_to_regex_source("release/*") == r"^(?:release\/(?!\.)(?=.)[^/]*?\/?)$"
+    assert glob_to_regex_source("main") == r"^(?:^(?:main)$)$"
+    assert glob_to_regex_source("release/*") == r"^release\/\*$|^(?:release\/(?!\.)(?=.)[^/]*?\/?)$"
     assert glob_to_regex_source("{a,b}") == r"^\{a,b\}$|^(?:(a|b))$"
 
 

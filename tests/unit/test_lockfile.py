@@ -53,6 +53,9 @@ def test_top_level_hash_formula() -> None:
         (lambda d: d["workflows"][0].update(surprise=1), "workflows.0.surprise: Extra inputs are not permitted"),
         (lambda d: d["workflows"][0]["jobs"][0].update(steps="x"), "workflows.0.jobs.0.steps"),
         (lambda d: d["workflows"][0].update(name="edited"), "does not match its content"),
+        (lambda d: d["workflows"][0]["triggers"][0]["branches"].append({"type": "regex", "pattern": "(a+)+$"}),
+         "catastrophic backtracking"),
+        (lambda d: d["workflows"][0]["triggers"][0]["paths"].append("!*(a*)"), "backtrack catastrophically"),
     ],
 )
 def test_bad_lock_files_give_one_line_errors(mutate, message: str) -> None:  # type: ignore[no-untyped-def]

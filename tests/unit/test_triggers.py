@@ -66,7 +66,9 @@ def G(pattern: str) -> BranchPattern:
 
 
 def R(pattern: str, flags: str | None = None) -> BranchPattern:
-    return BranchPattern(type="regex", pattern=pattern, flags=flags)
+    # model_construct: the matcher must cope even with regexes the lock-file parser would refuse
+    # (JS named groups, lookbehind, invalid ones) — see test_lock_file_refuses_unsafe_regexes
+    return BranchPattern.model_construct(type="regex", pattern=pattern, flags=flags)
 
 
 def wf(name: str, *triggers: Trigger) -> Workflow:
@@ -201,30 +203,36 @@ def test_pr_target_regex() -> None:
 
 
 def test_regex_flags_and_search_semantics() -> None:
-    insensitive = PushTrigger(branches=[R("^MAIN$", "i")])
+    insensitive = PushTrigger.model_construct(branches=[R("^MAIN$", "i")])
     assert ok(insensitive, push_event("main"))
-    assert not ok(PushTrigger(branches=[R("^MAIN$")]), push_event("main"))
+    assert not ok(PushTrigger.model_construct(branches=[R("^MAIN$")]), push_event("main"))
     # re.search: an unanchored regex matches anywhere.
-    assert ok(PushTrigger(branches=[R("feat")]), push_event("my-feature"))
+    assert ok(PushTrigger.model_construct(branches=[R("feat")]), push_event("my-feature"))
     # JS-only flags are accepted and ignored.
-    assert ok(PushTrigger(branches=[R("^main$", "gu")]), push_event("main"))
+    assert ok(PushTrigger.model_construct(branches=[R("^main$", "gu")]), push_event("main"))
     # JS named groups and backreferences are translated.
-    named = PushTrigger(branches=[R(r"^(?<p>[a-z]+)-\k<p>$")])
+    named = PushTrigger.model_construct(branches=[R(r"^(?<p>[a-z]+)-\k<p>$")])
     assert ok(named, push_event("ab-ab"))
     assert not ok(named, push_event("ab-cd"))
     # Lookbehind stays a lookbehind.
-    assert ok(PushTrigger(branches=[R(r"(?<=v)\d")]), push_event("v1"))
+    assert ok(PushTrigger.model_construct(branches=[R(r"(?<=v)\d")]), push_event("v1"))
+
+
+def test_lock_file_refuses_unsafe_regexes() -> None:
+    for pattern in (r"^(?<p>[a-z]+)-\k<p>$", r"(?<=v)\d", "(unclosed", "(a+)+$"):
+        with pytest.raises(ValueError):
+            BranchPattern(type="regex", pattern=pattern)
 
 
 def test_invalid_regex_never_matches() -> None:
-    t = PushTrigger(branches=[R("(unclosed")])
+    t = PushTrigger.model_construct(branches=[R("(unclosed")])
     assert not ok(t, push_event("(unclosed"))
 
 
 def test_regex_compiled_once() -> None:
     trig._regex.cache_clear()
-    t1 = PushTrigger(branches=[R(r"^x\d+$")])
-    t2 = PushTrigger(branches=[R(r"^x\d+$")])
+    t1 = PushTrigger.model_construct(branches=[R(r"^x\d+$")])
+    t2 = PushTrigger.model_construct(branches=[R(r"^x\d+$")])
     for _ in range(5):
         ok(t1, push_event("x1"))
         ok(t2, push_event("x2"))

@@ -10,7 +10,7 @@ from typing import Any
 from kici.compiler.errors import Collector
 from kici.engine import lockfile as lf
 from kici.engine.events import PR_ACTIONS_DEFAULT
-from kici.engine.regex_safety import regex_problem
+from kici.engine.regex_safety import glob_problem, regex_problem
 from kici.sdk.inputs import Input
 from kici.sdk.triggers import Trigger
 
@@ -50,6 +50,10 @@ def branch_patterns(values: Iterable[Any], where: Collector, what: str) -> list[
                 continue
             out.append(lf.BranchPattern(type="regex", pattern=value.pattern, flags=regex_flags(value, where)))
         elif isinstance(value, str) and value:
+            problem = glob_problem(value)
+            if problem:
+                where.error(f"{what}: {problem}")
+                continue
             out.append(lf.BranchPattern(type="glob", pattern=value))
         else:
             where.error(f"{what}: {value!r} is not a glob string or compiled regex")
@@ -63,6 +67,17 @@ def _strings(values: Iterable[Any] | None, where: Collector, what: str) -> list[
             out.append(value)
         else:
             where.error(f"{what}: {value!r} is not a non-empty string")
+    return out
+
+
+def _paths(values: Iterable[Any] | None, where: Collector, what: str) -> list[str]:
+    out: list[str] = []
+    for value in _strings(values, where, what):
+        problem = glob_problem(value.removeprefix("!"))
+        if problem:
+            where.error(f"{what}: {problem}")
+        else:
+            out.append(value)
     return out
 
 
@@ -143,7 +158,7 @@ def convert_trigger(trigger: Any, where: Collector) -> list[lf.Trigger]:
             out.append(
                 lf.PushTrigger(
                     branches=branch_patterns(o["branches"], where, "push branches"),
-                    paths=_strings(o["paths"], where, "push paths"),
+                    paths=_paths(o["paths"], where, "push paths"),
                     repos=_strings(o["repos"], where, "push repos") if o["repos"] is not None else None,
                 )
             )
@@ -165,7 +180,7 @@ def convert_trigger(trigger: Any, where: Collector) -> list[lf.Trigger]:
                 events=events,
                 target_branches=branch_patterns(o["target"], where, "pr target"),
                 source_branches=branch_patterns(o["source"], where, "pr source"),
-                paths=_strings(o["paths"], where, "pr paths"),
+                paths=_paths(o["paths"], where, "pr paths"),
                 repos=_strings(o["repos"], where, "pr repos") if o["repos"] is not None else None,
             )
         ]

@@ -77,7 +77,16 @@ class Event(BaseModel):
     job: str | None = None
     depth: int = 0
     """Chain depth of kici events (emitted by a step); events beyond the limit are dropped."""
+    delivery_id: str | None = None
+    """The provider's delivery id (dedup, event log, re-runs)."""
+    pr_number: int | None = None
 
     @property
     def is_fork(self) -> bool:
-        return self.type == "pr" and self.source_repo is not None and self.source_repo != self.repo
+        """A PR (or review) whose head lives in another repository — including one whose head repository
+        was deleted (`source_repo` None), which can no longer be trusted either."""
+        return (
+            self.type in ("pr", "review", "review_comment")
+            and self.repo is not None
+            and self.source_repo != self.repo
+        )

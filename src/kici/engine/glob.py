@@ -38,14 +38,15 @@ Two regex dialects come out of one compilation:
   ``\\Z``, ``.`` excludes JavaScript's line terminators, ``\\s`` is JavaScript's set).
 * :func:`glob_to_regex_source` returns source text in the syntax shared by Python ``re`` and
   JavaScript ``RegExp`` (no flags needed), for lock files.  It keeps ``$`` and ``.``, so in Python
-  it differs from :func:`matches` only on values containing line terminators.
+  it differs from :func:`matches` only on values containing line terminators or characters outside
+  the Basic Multilingual Plane.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 __all__ = ["GlobKind", "compile_glob", "glob_to_regex_source", "is_glob", "matches"]
@@ -413,14 +414,11 @@ class _Extglob:
     start_index: int
     tokens_index: int
     inner: str = ""
-    conditions: int = 1
 
 
-@dataclass
-class _State:
-    output: str = ""
-    negated: bool = False
-    tokens: list[_Token] = field(default_factory=list)
+class _State(NamedTuple):
+    output: str
+    negated: bool
 
 
 def _out(token: _Token) -> str:
@@ -616,7 +614,7 @@ class _Parser:
         """picomatch's ``parse()`` main loop, branch for branch."""
         fast = self.fast_path()
         if fast is not None:
-            return _State(output=fast, negated=False, tokens=self.tokens)
+            return _State(fast, False)
 
         value = ""
         # KiCI difference: picomatch loops `while (!eos())` and never returns when collapsing a run
@@ -775,8 +773,6 @@ class _Parser:
 
             # Pipes
             if value == "|":
-                if self.extglobs:
-                    self.extglobs[-1].conditions += 1
                 self.push(_Token("text", value))
                 continue
 
@@ -926,7 +922,7 @@ class _Parser:
 
         if self.backtrack:
             self.output = "".join(_out(t) for t in self.tokens)
-        return _State(output=self.output, negated=self.negated, tokens=self.tokens)
+        return _State(self.output, self.negated)
 
     def _globstar(self, prev: _Token, value: str, rest: str) -> None:
         """Handles a ``*`` that follows a star token (``**`` and longer runs)."""
@@ -1414,14 +1410,11 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"glob kind must be 'branch' or 'path', not {kind!r}")
 
 
-_NEVER = re.compile("(?!)")
-
-
 class _Compiled(NamedTuple):
     regex: re.Pattern[str]  # Python dialect, including the exact-string alternative
     js_source: str  # picomatch's regex source (JavaScript syntax, UTF-16 code units)
     valid: bool  # False when picomatch's regex is invalid (picomatch then matches nothing)
-    literal: bool  # True when the exact-string alternative was needed
+    literal: bool  # True when the exact-string alternative was added
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1431,16 +1424,18 @@ def _compile(pattern: str) -> _Compiled:
         raise ValueError("a glob pattern must be a non-empty string")
     units = _to_units(pattern)
     js_source = _picomatch_source(units)
+    # picomatch.test() answers true when the value equals the glob string itself, before trying
+    # the regex.  The regex of a plain string matches exactly that string; for a glob, add the
+    # string as an alternative (testing the regex on it instead could backtrack catastrophically).
+    exact = f"^{_escape_literal(units)}\\Z"
+    literal = is_glob(pattern)
     try:
-        regex = re.compile(_translate(js_source, python=True), re.ASCII)
+        source = _translate(js_source, python=True)
+        regex = re.compile(f"{exact}|{source}" if literal else source, re.ASCII)
         valid = True
     except (_Unsupported, re.error):
         # picomatch.toRegex() swallows RegExp syntax errors and returns /$^/.
-        regex, valid = _NEVER, False
-    literal = regex.match(units) is None
-    if literal:
-        # picomatch.test() answers true when the value equals the glob string itself.
-        regex = re.compile(f"^{_escape_literal(units)}\\Z|{regex.pattern}", re.ASCII)
+        regex, valid, literal = re.compile(exact, re.ASCII), False, True
     return _Compiled(regex, js_source, valid, literal)
 
 
@@ -1506,7 +1501,7 @@ def _portable_source(pattern: str) -> str:
     return _from_units(source)
 
 
-_GLOB_CHARS = frozenset('*?[]{}()!+@|\\"\u0000')
+_GLOB_CHARS = frozenset('*?[]{}()!+@|\\"$^\u0000')
 
 
 def is_glob(pattern: str) -> bool:

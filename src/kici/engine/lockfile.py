@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kici.engine.regex_safety import glob_problem, regex_problem
+
 SCHEMA_VERSION = 1
 """Version of the lock-file format. The orchestrator and agent accept exactly this value."""
 
@@ -57,6 +59,23 @@ class BranchPattern(LockModel):
     pattern: str
     flags: str | None = None
 
+    @model_validator(mode="after")
+    def _safe(self) -> BranchPattern:
+        # lock files come from repositories: a pattern that backtracks catastrophically must not reach
+        # the orchestrator's matcher
+        problem = regex_problem(self.pattern) if self.type == "regex" else glob_problem(self.pattern)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _safe_paths(paths: list[str]) -> list[str]:
+    for path in paths:
+        problem = glob_problem(path.removeprefix("!"))
+        if problem:
+            raise ValueError(problem)
+    return paths
+
 
 class InlineExpr(LockModel):
     """A pure `lambda event: ...` kept as source; evaluated by `kici.engine.inline_expr`."""
@@ -93,6 +112,8 @@ class PushTrigger(LockModel):
     paths: list[str] = []
     repos: list[str] | None = None
 
+    _paths = field_validator("paths")(_safe_paths)
+
 
 class PrTrigger(LockModel):
     type: Literal["pr"] = Field(default="pr", alias="_type")
@@ -101,6 +122,8 @@ class PrTrigger(LockModel):
     source_branches: list[BranchPattern] = []
     paths: list[str] = []
     repos: list[str] | None = None
+
+    _paths = field_validator("paths")(_safe_paths)
 
 
 class TagTrigger(LockModel):

@@ -75,3 +75,40 @@ def _has_nested_quantifier(source: str) -> bool:
             stack[-1]["quantified"] = True
         i += 1
     return False
+
+
+_EXTGLOB_REPEAT = re.compile(r"[*+@?!]\(")
+
+
+def glob_problem(pattern: str) -> str | None:
+    """Why a glob is not acceptable in a lock file, or None. Globs compile to regexes, and a repeated
+    extglob (`*(…)`, `+(…)`) whose body can itself repeat backtracks exponentially, as nested
+    quantifiers do."""
+    for m in _EXTGLOB_REPEAT.finditer(pattern):
+        if pattern[m.start()] not in "*+":
+            continue
+        body = _group_body(pattern, m.end() - 1)
+        if body is not None and any(ch in body for ch in "*+"):
+            return (
+                f"glob {pattern!r} repeats an extglob that itself repeats ({pattern[m.start():m.end()]}…); "
+                "it can backtrack catastrophically — simplify it"
+            )
+    return None
+
+
+def _group_body(text: str, open_index: int) -> str | None:
+    depth = 0
+    i = open_index
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return text[open_index + 1 : i]
+        i += 1
+    return None

@@ -1,0 +1,28 @@
+"""The benchmark scripts keep working (their numbers are recorded in docs/benchmarks.md, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import kici_env
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_bench(*args: str) -> dict:  # type: ignore[type-arg]
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=kici_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_matching_bench_runs() -> None:
+    result = run_bench(str(BENCH / "matching.py"), "--quick")
+    assert result["evaluations_per_s_median"] > 0 and result["matched_pairs"] > 0
+
+
+def test_local_run_bench_runs() -> None:
+    result = run_bench(str(BENCH / "local_run.py"), "--runs", "1")
+    assert result["run_local_trivial"]["runs"] == 1 and result["compile_50_workflows"]["median_s"] > 0
