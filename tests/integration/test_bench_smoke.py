@@ -20,7 +20,7 @@ def run_bench(*args: str) -> dict:  # type: ignore[type-arg]
 
 def test_matching_bench_runs() -> None:
     result = run_bench(str(BENCH / "matching.py"), "--quick")
-    assert result["evaluations_per_s_median"] > 0 and result["matched_pairs"] > 0
+    assert result["orchestrator_path"]["workflow_evaluations_per_s_median"] > 0 and result["matched_pairs"] > 0
 
 
 def test_local_run_bench_runs() -> None:

@@ -365,3 +365,24 @@ def test_local_concurrency_group_waits_or_cancels(repo_factory: Repo, cancel: bo
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _runner_processes() -> set[int]:
+    return set(_processes_with("kici.runner"))
+
+
+@pytest.mark.parametrize("case", ["nothing matched", "compile error", "bad argument"])
+def test_the_runner_started_ahead_of_time_never_outlives_kici(repo_factory: Repo, case: str) -> None:
+    before = _runner_processes()
+    if case == "compile error":
+        repo = repo_factory({".kici/workflows/ci.py": "raise RuntimeError('broken')\n"})
+        args = ["push"]
+    else:
+        repo = repo_factory(pipeline())
+        args = ["push", "--branch", "develop"] if case == "nothing matched" else ["push", "--env", "X"]
+    out = run_kici("run", "local", *args, cwd=repo)
+    assert out.returncode == {"nothing matched": 0, "compile error": 1, "bad argument": 2}[case], out.stderr
+    deadline = time.monotonic() + 10
+    while _runner_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _runner_processes() - before == set()

@@ -8,6 +8,7 @@ way Ctrl-C does) and takes it over; otherwise it waits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kici.engine.events import Event
 from kici.engine.inline_expr import InlineExprError, resolve_str
@@ -71,41 +72,56 @@ class GroupSlots:
         key = hashlib.sha256(request.group.encode()).hexdigest()[:16]
         return [self.directory / f"{self.repo_key}-{key}.{i}.lock" for i in range(max(1, request.max))]
 
+    def try_acquire(self, request: GroupRequest) -> bool:
+        """Take a free slot of the group if there is one."""
+        for path in self._paths(request):
+            handle = open(path, "a+")  # noqa: SIM115 - kept open while the slot is held
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            self.held.append(handle)
+            return True
+        return False
+
+    def _contend(self, request: GroupRequest, notify: Callable[[str], None], state: dict[str, Any]) -> None:
+        """While waiting: say so once, or (cancel_in_progress) SIGTERM each holder once."""
+        holders = [pid for pid in (_holder(p) for p in self._paths(request)) if pid is not None]
+        if request.cancel_in_progress:
+            signalled: set[int] = state.setdefault("signalled", set())
+            for pid in holders:
+                if pid not in signalled:
+                    notify(f"concurrency group {request.group!r}: cancelling the run in progress (pid {pid})")
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGTERM)
+                    signalled.add(pid)
+        elif not state.get("announced"):
+            who = ", ".join(str(p) for p in holders) or "another run"
+            notify(f"concurrency group {request.group!r}: waiting for the run in progress (pid {who})")
+            state["announced"] = True
+
     def acquire(self, request: GroupRequest, notify: Callable[[str], None],
                 should_stop: Callable[[], bool] = lambda: False, poll: float = 0.1) -> bool:
         """Take a slot (waiting or cancelling the holder); False if `should_stop()` became true first."""
-        paths = self._paths(request)
-        announced = False
-        signalled: set[int] = set()
-        while True:
-            for path in paths:
-                handle = open(path, "a+")  # noqa: SIM115 - kept open while the slot is held
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    handle.close()
-                    continue
-                handle.seek(0)
-                handle.truncate()
-                handle.write(str(os.getpid()))
-                handle.flush()
-                self.held.append(handle)
-                return True
+        state: dict[str, Any] = {}
+        while not self.try_acquire(request):
             if should_stop():
                 return False
-            holders = [pid for pid in (_holder(p) for p in paths) if pid is not None]
-            if request.cancel_in_progress:
-                for pid in holders:
-                    if pid not in signalled:
-                        notify(f"concurrency group {request.group!r}: cancelling the run in progress (pid {pid})")
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.kill(pid, signal.SIGTERM)
-                        signalled.add(pid)
-            elif not announced:
-                who = ", ".join(str(p) for p in holders) or "another run"
-                notify(f"concurrency group {request.group!r}: waiting for the run in progress (pid {who})")
-                announced = True
+            self._contend(request, notify, state)
             time.sleep(poll)
+        return True
+
+    async def acquire_async(self, request: GroupRequest, notify: Callable[[str], None], poll: float = 0.1) -> None:
+        """`acquire` for an event loop: cancelling the task stops the wait."""
+        state: dict[str, Any] = {}
+        while not self.try_acquire(request):
+            self._contend(request, notify, state)
+            await asyncio.sleep(poll)
 
     def release(self) -> None:
         for handle in self.held:

@@ -98,7 +98,11 @@ class Printer:
         click.echo(click.style(text, **style) if style and self.color else text, err=self.err)
 
 
-def run_local(
+def run_local(event: str, **options: Any) -> int:
+    return asyncio.run(_run_local(event, **options))
+
+
+async def _run_local(
     event: str,
     *,
     job_filter: tuple[str, ...] = (),
@@ -111,33 +115,37 @@ def run_local(
     step_timeout: float | None = None,
     **event_kw: Any,
 ) -> int:
-    prepared = prepare(event, **event_kw)
+    # The first job's runner starts now, so its interpreter start-up overlaps with compiling and
+    # copying the repository (on a trivial workflow that is most of the wall time).
+    warm: RunnerProcess | None = await RunnerProcess.spawn()
+    slots: GroupSlots | None = None
+    workspace_root: Path | None = None
     try:
-        extra_env = parse_pairs(env, "--env")
-        secrets = load_secrets(prepared.project.kici_dir)
-    except (EventSpecError, SecretsFileError) as exc:
-        fail(str(exc))
-    jobs = _select_jobs(prepared, job_filter)
-    printer = Printer(to_stderr=as_json, show_workflow=len({j.workflow.name for j in jobs}) > 1)
-    if not jobs:
-        printer.plain("no workflow matched this event; nothing to run (see `kici preview` for why)")
-        if as_json:
-            click.echo(json.dumps({"status": "success", "workflows": []}, indent=2))
-        return 0
-    try:
-        groups = requested_groups(_unique_workflows(jobs), prepared.event)
-    except ValueError as exc:
-        fail(str(exc))
-    slots = GroupSlots(prepared.project.root)
-    try:
-        for request in groups:
-            slots.acquire(request, lambda message: printer.plain(message, fg="yellow"))
-    except KeyboardInterrupt:
-        slots.release()
-        printer.plain("interrupted while waiting for a concurrency group", fg="yellow")
-        return 130
-    workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
-    try:
+        prepared = prepare(event, **event_kw)
+        try:
+            extra_env = parse_pairs(env, "--env")
+            secrets = load_secrets(prepared.project.kici_dir)
+        except (EventSpecError, SecretsFileError) as exc:
+            fail(str(exc))
+        jobs = _select_jobs(prepared, job_filter)
+        printer = Printer(to_stderr=as_json, show_workflow=len({j.workflow.name for j in jobs}) > 1)
+        if not jobs:
+            printer.plain("no workflow matched this event; nothing to run (see `kici preview` for why)")
+            if as_json:
+                click.echo(json.dumps({"status": "success", "workflows": []}, indent=2))
+            return 0
+        try:
+            groups = requested_groups(_unique_workflows(jobs), prepared.event)
+        except ValueError as exc:
+            fail(str(exc))
+        slots = GroupSlots(prepared.project.root)
+        try:
+            for request in groups:
+                await slots.acquire_async(request, lambda message: printer.plain(message, fg="yellow"))
+        except asyncio.CancelledError:  # Ctrl-C while waiting for the group
+            printer.plain("interrupted while waiting for a concurrency group", fg="yellow")
+            return 130
+        workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
         snapshot = prepared.project.root if in_place else _snapshot(prepared.project.root, workspace_root / "src")
         executor = LocalExecutor(
             prepared=prepared,
@@ -151,22 +159,28 @@ def run_local(
             keep_going=keep_going,
             printer=printer,
             step_timeout_ms=round(step_timeout * 1000) if step_timeout else None,
+            warm=warm,
         )
-        interrupted = asyncio.run(executor.run())
+        warm = None
+        interrupted = await executor.run()
+        status = _overall(jobs)
+        jobs = _shown(jobs)
+        if junit:
+            _write_junit(Path(junit), jobs)
+        if as_json:
+            click.echo(json.dumps(_summary_json(jobs, status), indent=2))
+        else:
+            _print_summary(printer, jobs, status)
+        if interrupted:
+            return 130
+        return 0 if status == "success" else 1
     finally:
-        shutil.rmtree(workspace_root, ignore_errors=True)
-        slots.release()
-    status = _overall(jobs)
-    jobs = _shown(jobs)
-    if junit:
-        _write_junit(Path(junit), jobs)
-    if as_json:
-        click.echo(json.dumps(_summary_json(jobs, status), indent=2))
-    else:
-        _print_summary(printer, jobs, status)
-    if interrupted:
-        return 130
-    return 0 if status == "success" else 1
+        if warm is not None:
+            await warm.kill(grace=0.5)
+        if workspace_root is not None:
+            shutil.rmtree(workspace_root, ignore_errors=True)
+        if slots is not None:
+            slots.release()
 
 
 def _select_jobs(prepared: Prepared, job_filter: tuple[str, ...]) -> list[JobRun]:
@@ -244,7 +258,8 @@ def _snapshot(root: Path, dest: Path) -> Path:
 class LocalExecutor:
     def __init__(self, *, prepared: Prepared, jobs: list[JobRun], snapshot: Path, workspace_root: Path,
                  share_snapshot: bool, secrets: dict[str, str], extra_env: dict[str, str], concurrency: int,
-                 keep_going: bool, printer: Printer, step_timeout_ms: int | None) -> None:
+                 keep_going: bool, printer: Printer, step_timeout_ms: int | None,
+                 warm: RunnerProcess | None = None) -> None:
         self.prepared = prepared
         self.jobs = jobs
         self.snapshot = snapshot
@@ -256,6 +271,8 @@ class LocalExecutor:
         self.keep_going = keep_going
         self.printer = printer
         self.step_timeout_ms = step_timeout_ms
+        self.warm = warm
+        """A runner spawned ahead of time; the first job to start takes it."""
         self.processes: dict[str, RunnerProcess] = {}
         self.interrupted = False
         self.changed = asyncio.Event()
@@ -289,6 +306,9 @@ class LocalExecutor:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            if self.warm is not None:  # every job was skipped
+                await self.warm.kill(grace=0.5)
+                self.warm = None
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
                 loop.remove_signal_handler(signal.SIGTERM)
@@ -408,7 +428,11 @@ class LocalExecutor:
             run_status=job.run_status,  # type: ignore[arg-type]
         )
         self.printer.line(job, "▶ started", fg="blue")
-        proc = await RunnerProcess.start(spec)
+        if self.warm is not None:
+            proc, self.warm = self.warm, None
+            await proc.hand(spec)
+        else:
+            proc = await RunnerProcess.start(spec)
         self.processes[job.key] = proc
         if self.interrupted:
             await proc.cancel(force=False, grace=5.0)

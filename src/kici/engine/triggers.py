@@ -166,24 +166,27 @@ def match_trigger(trigger: Trigger, event: Event) -> tuple[bool, str]:
     return _compiled(trigger).match(event)
 
 
-def match_workflow(workflow: Workflow, event: Event) -> MatchDecision:
-    """OR over the workflow's triggers; the first trigger that matches wins and is reported."""
+def match_workflow(workflow: Workflow, event: Event, *, explain: bool = True) -> MatchDecision:
+    """OR over the workflow's triggers; the first trigger that matches wins and is reported.
+
+    With `explain=False` the per-trigger reasons of triggers that did not match are not built (the
+    orchestrator's hot path needs only the decision and the winning trigger's reason)."""
     reasons: list[str] = []
     name = workflow.name
-    for index, trigger in enumerate(workflow.triggers):
-        compiled = _compiled(trigger)
+    for index, compiled in enumerate(_compiled_triggers(workflow)):
         ok, reason = compiled.match(event)
         if ok:
             return _decision(name, True, _trigger_match(name, index, compiled.type, reason), reasons)
-        reasons.append(f"{compiled.type}[{index}]: {reason}")
-    if not workflow.triggers:
+        if explain:
+            reasons.append(f"{compiled.type}[{index}]: {reason}")
+    if explain and not workflow.triggers:
         reasons.append("workflow has no triggers")
     return _decision(name, False, None, reasons)
 
 
-def match_all(workflows: Sequence[Workflow], event: Event) -> list[MatchDecision]:
+def match_all(workflows: Sequence[Workflow], event: Event, *, explain: bool = True) -> list[MatchDecision]:
     """One decision per workflow, in order."""
-    return [match_workflow(w, event) for w in workflows]
+    return [match_workflow(w, event, explain=explain) for w in workflows]
 
 
 def needs_changed_files(workflows: Sequence[Workflow], event: Event) -> bool:
@@ -655,6 +658,25 @@ class _Compiled:
 
 
 _cache: dict[int, tuple[weakref.ref[Any], _Compiled]] = {}
+_workflow_cache: dict[int, tuple[weakref.ref[Any], tuple[_Compiled, ...]]] = {}
+
+
+def _compiled_triggers(workflow: Workflow) -> tuple[_Compiled, ...]:
+    """A workflow's compiled triggers, cached by workflow identity (lock files are parsed once and
+    cached, so the same objects come back for every event)."""
+    key = id(workflow)
+    entry = _workflow_cache.get(key)
+    if entry is not None and entry[0]() is workflow:
+        return entry[1]
+    compiled = tuple(_compiled(t) for t in workflow.triggers)
+
+    def _forget(ref: weakref.ref[Any], key: int = key) -> None:
+        current = _workflow_cache.get(key)
+        if current is not None and current[0] is ref:
+            _workflow_cache.pop(key, None)
+
+    _workflow_cache[key] = (weakref.ref(workflow, _forget), compiled)
+    return compiled
 
 
 def _compiled(trigger: Trigger) -> _Compiled:

@@ -72,19 +72,20 @@ def runner_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 class RunnerProcess:
-    """One running runner child. Create with `await RunnerProcess.start(spec)`."""
+    """One running runner child. Create with `await RunnerProcess.start(spec)`, or `spawn()` it ahead of
+    time (its interpreter start-up then overlaps with the caller's own work) and `hand()` it the spec."""
 
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
-        spec: JobSpec,
+        spec: JobSpec | None,
         reader: asyncio.StreamReader,
         transport: asyncio.BaseTransport,
     ) -> None:
         self._proc = proc
         self.spec = spec
         self.pid: int = proc.pid
-        self.masker = SecretMasker(spec.secrets.values())
+        self.masker = SecretMasker(spec.secrets.values() if spec is not None else ())
         self._reader = reader
         self._transport = transport
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
@@ -110,6 +111,19 @@ class RunnerProcess:
         get `spec.env`. `argv_prefix` goes before the interpreter (a sandbox wrapper such as `bwrap …`,
         which must keep the protocol fd open).
         """
+        self = await cls.spawn(python=python, env=env, argv_prefix=argv_prefix)
+        await self.hand(spec)
+        return self
+
+    @classmethod
+    async def spawn(
+        cls,
+        *,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        argv_prefix: Sequence[str] = (),
+    ) -> RunnerProcess:
+        """Start a runner that waits for its spec (see `hand`). An unused one is ended with `kill()`."""
         scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
         runner_environment = dict(env) if env is not None else runner_env()
         runner_environment["TMPDIR"] = scratch
@@ -144,15 +158,23 @@ class RunnerProcess:
         except BaseException:
             os.close(read_fd)
             raise
-        self = cls(proc, spec, reader, transport)
+        self = cls(proc, None, reader, transport)
         self.scratch = scratch
-        assert proc.stdin is not None
+        return self
+
+    async def hand(self, spec: JobSpec) -> None:
+        """Give a spawned runner its job (once)."""
+        if self.spec is not None:
+            raise RuntimeError("this runner already has a job")
+        self.spec = spec
+        for secret in spec.secrets.values():
+            self.masker.add(secret)
+        assert self._proc.stdin is not None
         try:
-            proc.stdin.write(spec.model_dump_json().encode("utf-8") + b"\n")
-            await proc.stdin.drain()
+            self._proc.stdin.write(spec.model_dump_json().encode("utf-8") + b"\n")
+            await self._proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the runner died at once; messages() reports it
-        return self
 
     async def _read_stderr(self) -> None:
         stream = self._proc.stdout  # the runner's stdout and stderr, before it redirects them
