@@ -386,3 +386,16 @@ def test_the_runner_started_ahead_of_time_never_outlives_kici(repo_factory: Repo
     while _runner_processes() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _runner_processes() - before == set()
+
+
+@pytest.mark.parametrize("kind", ["not a git repository", "no commits yet"])
+def test_run_local_without_git_history(tmp_path: Path, kind: str) -> None:
+    repo = tmp_path / "r"
+    write_files(repo, {".kici/workflows/ci.py": 'from kici import job, push, step, workflow\n'
+                       'ci = workflow("ci", on=push(), jobs=[job("j", steps=[step("s", "cat data.txt")])])\n',
+                       "data.txt": "payload-123\n", ".kici/.secrets": "A=b\n"})
+    if kind == "no commits yet":
+        git(repo, "init", "-q", "-b", "main")
+    out = run_kici("run", "local", "push", "--branch", "main", cwd=repo)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "payload-123" in out.stdout

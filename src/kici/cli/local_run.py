@@ -12,7 +12,6 @@ import contextlib
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from kici.cli.common import Prepared, fail, prepare
 from kici.cli.concurrency import GroupSlots, requested_groups
 from kici.cli.events import EventSpecError, parse_pairs
 from kici.cli.secrets_file import SecretsFileError, load_secrets
+from kici.compiler.project import Project
 from kici.engine.lockfile import Workflow
 from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
@@ -119,7 +119,11 @@ async def _run_local(
     # copying the repository (on a trivial workflow that is most of the wall time).
     warm: RunnerProcess | None = await RunnerProcess.spawn()
     slots: GroupSlots | None = None
-    workspace_root: Path | None = None
+    workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
+    snapshot: Snapshot | None = None
+    if not in_place:  # copying the repository overlaps with compiling too
+        snapshot = Snapshot(Project.locate(event_kw.get("kici_dir")).root, workspace_root / "src")
+        await snapshot.start()
     try:
         prepared = prepare(event, **event_kw)
         try:
@@ -145,12 +149,14 @@ async def _run_local(
         except asyncio.CancelledError:  # Ctrl-C while waiting for the group
             printer.plain("interrupted while waiting for a concurrency group", fg="yellow")
             return 130
-        workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
-        snapshot = prepared.project.root if in_place else _snapshot(prepared.project.root, workspace_root / "src")
+        if snapshot is not None:
+            source, snapshot = await snapshot.finish(), None
+        else:
+            source = prepared.project.root
         executor = LocalExecutor(
             prepared=prepared,
             jobs=jobs,
-            snapshot=snapshot,
+            snapshot=source,
             workspace_root=workspace_root,
             share_snapshot=in_place or len(jobs) == 1,
             secrets=secrets,
@@ -177,8 +183,9 @@ async def _run_local(
     finally:
         if warm is not None:
             await warm.kill(grace=0.5)
-        if workspace_root is not None:
-            shutil.rmtree(workspace_root, ignore_errors=True)
+        if snapshot is not None:
+            await snapshot.abandon()
+        shutil.rmtree(workspace_root, ignore_errors=True)
         if slots is not None:
             slots.release()
 
@@ -223,36 +230,60 @@ def _with_needs(wf: Workflow, names: set[str]) -> set[str]:
     return out
 
 
-def _git(repo: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
+class Snapshot:
+    """HEAD plus uncommitted changes (untracked files too, ignored ones not) in a fresh clone.
 
+    `start()` launches the git processes and returns at once, so they run while the CLI compiles;
+    `finish()` waits for them and lays the working-tree changes over the clone."""
 
-def _snapshot(root: Path, dest: Path) -> Path:
-    """HEAD plus uncommitted changes (untracked files too, ignored ones not) in a fresh clone at `dest`."""
-    is_repo = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=root,
-                             capture_output=True).returncode == 0
-    if not is_repo:
-        shutil.copytree(root, dest, symlinks=True, ignore=shutil.ignore_patterns(".git", ".secrets"))
-        return dest
-    subprocess.run(["git", "clone", "--quiet", "--shared", "--no-hardlinks", str(root), str(dest)],
-                   check=True, capture_output=True)
-    listing = _git(root, "ls-files", "-z", "--modified", "--others", "--exclude-standard")
-    deleted = set(_git(root, "ls-files", "-z", "--deleted").split("\0")) - {""}
-    for rel in set(listing.split("\0")) - {""}:
-        src, dst = root / rel, dest / rel
-        if rel in deleted or not (src.exists() or src.is_symlink()):
+    def __init__(self, root: Path, dest: Path) -> None:
+        self.root = root
+        self.dest = dest
+        self._clone: asyncio.subprocess.Process | None = None
+        self._changed: asyncio.subprocess.Process | None = None
+        self._deleted: asyncio.subprocess.Process | None = None
+
+    async def _git(self, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            "git", *args, cwd=self.root, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def start(self) -> None:
+        self._clone = await self._git("clone", "--quiet", "--shared", "--no-hardlinks", str(self.root), str(self.dest))
+        self._changed = await self._git("ls-files", "-z", "--modified", "--others", "--exclude-standard")
+        self._deleted = await self._git("ls-files", "-z", "--deleted")
+
+    async def finish(self) -> Path:
+        assert self._clone and self._changed and self._deleted
+        (_, clone_err), (changed, _), (deleted_out, _) = await asyncio.gather(
+            self._clone.communicate(), self._changed.communicate(), self._deleted.communicate()
+        )
+        if self._changed.returncode != 0:
+            # not a git repository: a plain copy, minus what must stay private
+            shutil.rmtree(self.dest, ignore_errors=True)
+            shutil.copytree(self.root, self.dest, symlinks=True, ignore=shutil.ignore_patterns(".git", ".secrets"))
+            return self.dest
+        if self._clone.returncode != 0:
+            raise RuntimeError(f"could not copy the repository: {clone_err.decode(errors='replace').strip()}")
+        deleted = set(deleted_out.decode().split("\0")) - {""}
+        for rel in set(changed.decode().split("\0")) - {""}:
+            src, dst = self.root / rel, self.dest / rel
+            if rel in deleted or not (src.exists() or src.is_symlink()):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst, follow_symlinks=False)
+        for rel in deleted:
             with contextlib.suppress(FileNotFoundError):
-                dst.unlink()
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst, follow_symlinks=False)
-    for rel in deleted:
-        with contextlib.suppress(FileNotFoundError):
-            (dest / rel).unlink()
-    return dest
+                (self.dest / rel).unlink()
+        return self.dest
+
+    async def abandon(self) -> None:
+        for proc in (self._clone, self._changed, self._deleted):
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
 
 
 class LocalExecutor:
