@@ -1,0 +1,88 @@
+"""The FastAPI application: routes under `KICI_BASE_PATH`, per-app metrics, shared state for handlers.
+
+`create_app` only assembles; it does not own the database (the caller opens and closes it) and does not
+prepare it (migrations and the bootstrap token are `kici.orchestrator.startup`'s job, run by `main`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+
+from kici.orchestrator.config import Settings
+from kici.orchestrator.db.database import Database
+from kici.orchestrator.metrics import Metrics, MetricsMiddleware
+from kici.orchestrator.version import kici_version
+
+
+class Readiness:
+    """Whether start-up has finished preparing the database. `/ready` is 503 until it has, with the
+    reason (waiting for the database, waiting for migrations, …); afterwards `/ready` checks the
+    database on every call."""
+
+    def __init__(self, *, prepared: bool = True, reason: str = "starting") -> None:
+        self.prepared = prepared
+        self.reason = reason
+        self.last_failure: str | None = None
+        """Reason of the last failed database check, so a probe hammering /ready logs a change once."""
+
+    def waiting(self, reason: str) -> None:
+        self.prepared = False
+        self.reason = reason
+
+    def mark_prepared(self) -> None:
+        self.prepared = True
+        self.reason = "ready"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    database: Database
+    metrics: Metrics
+    readiness: Readiness
+    version: str
+    secret_key: bytes | None = None
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+
+def app_state(request: Request) -> AppState:
+    """The orchestrator's state for a request handler (FastAPI dependency)."""
+    state: AppState = request.app.state.kici
+    return state
+
+
+def create_app(
+    settings: Settings,
+    database: Database,
+    *,
+    readiness: Readiness | None = None,
+    secret_key: bytes | None = None,
+) -> FastAPI:
+    """The orchestrator app. `readiness` defaults to "prepared" (the caller migrated the database)."""
+    from kici.orchestrator.routes import health
+
+    version = kici_version()
+    metrics = Metrics(version)
+    base = settings.base_path
+    app = FastAPI(
+        title="KiCI orchestrator",
+        version=version,
+        openapi_url=f"{base}/openapi.json",
+        docs_url=None,  # the interactive docs load assets from a CDN; the schema is enough offline
+        redoc_url=None,
+    )
+    app.state.kici = AppState(
+        settings=settings,
+        database=database,
+        metrics=metrics,
+        readiness=readiness or Readiness(),
+        version=version,
+        secret_key=secret_key,
+    )
+    # Routers declare their full paths and are mounted only under the base path (see route_label).
+    app.include_router(health.router, prefix=base)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, base_path=base)
+    return app

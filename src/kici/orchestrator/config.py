@@ -1,0 +1,475 @@
+"""Orchestrator settings: one pydantic model, filled from env `KICI_*` > `orchestrator.yaml` > defaults.
+
+Every field's environment variable is `KICI_` + its name in upper case; in `orchestrator.yaml` the key is
+the field name itself (e.g. `queue_max_depth: 500`). The configuration reference in
+`docs/operator/configuration.md` is generated from this model (`python -m kici.orchestrator.config_docs`),
+so a field's `description` is its documentation.
+
+Seam for later: shared configuration stored in the database slots in between the YAML file and the
+defaults. `load_settings(…, shared=…)` already accepts that layer as a plain mapping of field values; the
+loader that reads it from the database comes with the config-versions table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from kici.orchestrator.db.url import DatabaseURLError, parse_database_url, sqlite_url_for
+
+ENV_PREFIX = "KICI_"
+
+EXEMPT_ENV_PREFIXES: tuple[str, ...] = ("KICI_TEST_", "KICI_ADMIN_", "KICI_AGENT_ENV_")
+"""`KICI_*` variables that belong to someone else: the test suite, the `kici-admin` CLI (which operators
+often export in the same shell) and the agent's pass-through environment."""
+
+EXEMPT_ENV_NAMES: frozenset[str] = frozenset({"KICI_ENV", "KICI_PATH", "KICI_LOCAL"})
+"""Variables the runner sets inside a job step; an orchestrator started by a CI step (end-to-end tests of
+KiCI itself) inherits them and must not refuse to start because of them."""
+
+DEFAULT_DATA_DIR_DOC = "`$XDG_DATA_HOME/kici`, else `~/.local/share/kici`"
+SQLITE_FILE_NAME = "kici.db"
+
+Mode = Literal["independent", "platform", "hybrid"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "text"]
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used. `lines` holds one self-contained line per problem, each naming the
+    variable (or YAML key) at fault; `str()` joins them."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def _env_only() -> dict[str, Any]:
+    return {"env_only": True}
+
+
+def _doc_default(text: str) -> dict[str, Any]:
+    return {"doc_default": text}
+
+
+class Settings(BaseModel):
+    """Every orchestrator setting. Build it with `load_settings()`; constructing it directly skips the
+    environment and the YAML file (handy in tests)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # -- instance ---------------------------------------------------------------------------------
+    config: Path | None = Field(
+        default=None,
+        description="Path of an optional YAML settings file. Its keys are the setting names below without "
+        "`KICI_`, in lower case (e.g. `queue_max_depth: 500`). Environment variables win over the file.",
+        json_schema_extra=_env_only(),
+    )
+    mode: Mode = Field(
+        default="independent",
+        description="`independent`: webhooks arrive directly over HTTP. `platform` (relay only) and `hybrid` "
+        "(relay and direct) also connect to a kici-relay and need `KICI_PLATFORM_URL` and "
+        "`KICI_PLATFORM_TOKEN`.",
+    )
+    platform_url: str | None = Field(
+        default=None,
+        description="WebSocket URL of the kici-relay (`wss://…`). Required in `platform` and `hybrid` modes.",
+    )
+    platform_token: SecretStr | None = Field(
+        default=None,
+        description="API key this orchestrator presents to the kici-relay. Required in `platform` and "
+        "`hybrid` modes.",
+    )
+    data_dir: Path = Field(
+        description="Directory for everything the orchestrator keeps on disk: the SQLite database (embedded "
+        "default), the generated secret key and bootstrap admin token, logs and blobs. Created with mode 0700.",
+        json_schema_extra=_doc_default(DEFAULT_DATA_DIR_DOC),
+    )
+    database_url: str = Field(
+        description="`sqlite:///PATH` (embedded default) or `postgresql://USER[:PASSWORD]@HOST[:PORT]/DB` for "
+        "production and clusters.",
+        json_schema_extra=_doc_default(f"`sqlite:///<data dir>/{SQLITE_FILE_NAME}`"),
+    )
+    auto_migrate: bool = Field(
+        default=True,
+        description="Apply pending database migrations at start-up (under a lock, so several orchestrators "
+        "starting together migrate once). With `false`, run `kici-orchestrator migrate` yourself.",
+    )
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address to listen on. `0.0.0.0` listens on every IPv4 "
+                      "interface.")
+    port: int = Field(
+        default=4000, ge=0, le=65535, description="TCP port to listen on; `0` picks a free port (logged at start)."
+    )
+    base_path: str = Field(
+        default="",
+        description="Path prefix for every route, for serving behind a reverse proxy under a sub-path "
+        "(e.g. `/orch` serves `/orch/health`).",
+    )
+
+    # -- secrets ----------------------------------------------------------------------------------
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="64 hex characters (32 bytes) used to encrypt source secrets at rest (AES-256-GCM). "
+        "When unset, one is generated into `<data dir>/secret-key` (mode 0600) on first start; keep it "
+        "with your backups.",
+    )
+    bootstrap_admin_token: SecretStr | None = Field(
+        default=None,
+        description="An admin token (at least 16 characters) to create or keep as an `owner` token at "
+        "start-up. When unset and no active admin token exists, one is generated, written to "
+        "`<data dir>/bootstrap-admin-token` (mode 0600) and printed once to the terminal.",
+    )
+
+    # -- operation --------------------------------------------------------------------------------
+    dev: bool = Field(
+        default=False, description="Development mode: an unknown `KICI_*` variable only warns instead of "
+        "stopping start-up."
+    )
+    log_level: LogLevel = Field(default="info", description="Minimum level of log lines.")
+    log_format: LogFormat = Field(
+        default="auto",
+        description="`json`: one JSON object per line; `text`: readable lines; `auto`: text when stderr "
+        "is a terminal, JSON otherwise.",
+    )
+
+    # -- queue and dispatch -----------------------------------------------------------------------
+    queue_max_depth: int = Field(
+        default=1000, ge=1, description="Pending jobs the queue holds; a job beyond it fails (\"queue full\")."
+    )
+    queue_timeout_ms: int = Field(
+        default=3_600_000, ge=1000,
+        description="How long a job may wait in the queue for an agent before it expires (`timed_out_stale`).",
+    )
+    dispatch_ack_timeout_ms: int = Field(
+        default=10_000, ge=100,
+        description="How long an agent has to acknowledge a dispatched job before it is requeued.",
+    )
+    dispatch_max_attempts: int = Field(
+        default=5, ge=1, description="Dispatch attempts (unacknowledged or rejected) before a job fails."
+    )
+    job_heartbeat_interval_ms: int = Field(
+        default=60_000, ge=1000, description="Interval at which agents send `job.heartbeat` for running jobs."
+    )
+    stale_detector_threshold_multiplier: float = Field(
+        default=2.0, ge=1.0,
+        description="A running job whose last heartbeat is older than interval × this is marked "
+        "`timed_out_stale`.",
+    )
+    agent_max_reconnect_delay_ms: int = Field(
+        default=60_000, ge=1000, description="Upper bound of the reconnect back-off the orchestrator tells agents "
+        "to use."
+    )
+    lockfile_cache_max: int = Field(
+        default=500, ge=0, description="Lock files kept in the in-memory cache (keyed by provider, repo, SHA)."
+    )
+    lockfile_cache_ttl_ms: int = Field(
+        default=3_600_000, ge=0, description="How long a cached lock file stays valid."
+    )
+    dedup_ttl_seconds: int = Field(
+        default=86_400, ge=60, description="How long a webhook delivery id is remembered to drop redeliveries."
+    )
+    max_log_size_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024,
+        description="Per-step log cap sent to agents; output beyond it is replaced by one truncation marker.",
+    )
+
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def load_warnings(self) -> tuple[str, ...]:
+        """Problems tolerated while loading (unknown variables in dev mode); log them once logging is up."""
+        return self._warnings
+
+    # -- validation -------------------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_path_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        # The data dir default depends on the environment the settings were loaded from (XDG_DATA_HOME,
+        # HOME), which load_settings passes as validation context; the SQLite default follows the data dir.
+        if not isinstance(data, dict):
+            return data
+        environ = (info.context or {}).get("environ", os.environ)
+        data = dict(data)
+        if data.get("data_dir") in (None, ""):
+            data["data_dir"] = default_data_dir(environ)
+        if data.get("database_url") in (None, ""):
+            data["database_url"] = sqlite_url_for(Path(data["data_dir"]).expanduser().absolute() / SQLITE_FILE_NAME)
+        return data
+
+    @field_validator("mode", "log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("data_dir", "config")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser().absolute() if value is not None else None
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        try:
+            parse_database_url(value)
+        except DatabaseURLError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("platform_url")
+    @classmethod
+    def _platform_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(wss?|https?)://[^/\s]+", value):
+            raise ValueError("must be a ws://, wss://, http:// or https:// URL")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and (not value.startswith("/") or re.search(r"[\s?#%]", value) or "//" in value):
+            raise ValueError("must be a path such as /orch (leading slash, no spaces, query or fragment)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _HEX64.match(value.get_secret_value().strip()):
+            raise ValueError(
+                "must be 64 hex characters (32 bytes); generate one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+        return SecretStr(value.get_secret_value().strip()) if value is not None else None
+
+    @field_validator("bootstrap_admin_token")
+    @classmethod
+    def _bootstrap_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if len(token) < 16 or any(c.isspace() for c in token):
+            raise ValueError("must be at least 16 characters with no whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs_platform(self) -> Settings:
+        problem = _mode_problem(self.mode, self.platform_url, self.platform_token)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    # -- derived ----------------------------------------------------------------------------------
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.data_dir / "secret-key"
+
+    @property
+    def bootstrap_token_file(self) -> Path:
+        return self.data_dir / "bootstrap-admin-token"
+
+    @property
+    def heartbeat_stale_after_ms(self) -> int:
+        return int(self.job_heartbeat_interval_ms * self.stale_detector_threshold_multiplier)
+
+
+def _mode_problem(mode: Any, platform_url: Any, platform_token: Any) -> str | None:
+    if str(mode).strip().lower() not in ("platform", "hybrid"):
+        return None
+    missing = [env_name(name) for name, value in (("platform_url", platform_url), ("platform_token", platform_token))
+               if value in (None, "")]
+    if not missing:
+        return None
+    return (
+        f"KICI_MODE={str(mode).strip().lower()} needs KICI_PLATFORM_URL and KICI_PLATFORM_TOKEN "
+        f"(missing: {', '.join(missing)}); use KICI_MODE=independent to run without a relay"
+    )
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def known_env_names() -> frozenset[str]:
+    return frozenset(env_name(name) for name in Settings.model_fields)
+
+
+def yaml_keys() -> frozenset[str]:
+    return frozenset(name for name, info in Settings.model_fields.items() if not _is_env_only(info))
+
+
+def _is_env_only(info: Any) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("env_only"))
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """`$XDG_DATA_HOME/kici`, else `~/.local/share/kici` (the XDG base directory default)."""
+    xdg = environ.get("XDG_DATA_HOME", "").strip()
+    if xdg and Path(xdg).is_absolute():  # the XDG spec says to ignore relative values
+        return Path(xdg) / "kici"
+    home = environ.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "share" / "kici"
+
+
+def _did_you_mean(name: str, candidates: frozenset[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else "no similar setting; see docs/operator/configuration.md"
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """`KICI_*` variables in `environ` that are neither settings nor exempt, sorted."""
+    known = known_env_names()
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and name not in EXEMPT_ENV_NAMES
+        and not name.startswith(EXEMPT_ENV_PREFIXES)
+    )
+
+
+def load_yaml_file(path: Path) -> dict[str, Any]:
+    """The settings in a YAML file, by field name; `SettingsError` for a missing, malformed or unknown key."""
+    where = f"KICI_CONFIG ({path})"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError([f"{where}: file not found"]) from None
+    except OSError as exc:
+        raise SettingsError([f"{where}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingsError([f"{where}: invalid YAML{at}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError([f"{where}: must be a mapping of setting names to values, got {type(data).__name__}"])
+    errors = []
+    allowed = yaml_keys()
+    for key in data:
+        if not isinstance(key, str) or key not in allowed:
+            hint = _did_you_mean(str(key), allowed) if isinstance(key, str) else "keys must be strings"
+            if key == "config":
+                hint = "the settings file cannot name another one"
+            errors.append(f"{where}: unknown key {key!r} ({hint})")
+    if errors:
+        raise SettingsError(errors)
+    # `null` means "not set here" (the reference's rule), so a lower layer still applies.
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: Path | None = None,
+    shared: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from env `KICI_*` > the YAML file (`config_file`, else `KICI_CONFIG`) > `shared` (the
+    database layer, later) > defaults. Raises `SettingsError` with one line per problem."""
+    environ = os.environ if environ is None else environ
+    from_env: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = environ.get(env_name(name))
+        # An empty variable (common in env files and compose) means "not set" rather than "empty string".
+        if value is not None and value.strip() != "":
+            from_env[name] = value
+
+    path = config_file or (Path(from_env["config"]).expanduser() if "config" in from_env else None)
+    from_yaml = load_yaml_file(path) if path is not None else {}
+    if path is not None:
+        from_env["config"] = str(path)
+
+    origin: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    for layer_name, layer in (("shared", shared or {}), ("yaml", from_yaml), ("env", from_env)):
+        for key, value in layer.items():
+            merged[key] = value
+            origin[key] = layer_name
+
+    errors: list[str] = []
+    unknown = unknown_env_vars(environ)
+    dev = _lenient_bool(merged.get("dev", False))
+    warnings = [f"unknown variable {name} ignored ({_did_you_mean(name, known_env_names())})" for name in unknown]
+    if unknown and not dev:
+        errors.extend(
+            f"unknown variable {name} ({_did_you_mean(name, known_env_names())}); "
+            "set KICI_DEV=true to start anyway" for name in unknown
+        )
+        warnings = []
+
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(merged, context={"environ": environ})
+    except ValidationError as exc:
+        errors.extend(_validation_lines(exc, origin, merged, path))
+        # The mode rule runs only once every field is valid; report it with the field errors anyway, so
+        # one attempt shows every problem.
+        problem = _mode_problem(merged.get("mode", "independent"), merged.get("platform_url"),
+                                merged.get("platform_token"))
+        if problem and problem not in errors:
+            errors.append(problem)
+    if errors or settings is None:
+        raise SettingsError(errors)
+    settings._warnings = tuple(warnings)
+    return settings
+
+
+def _lenient_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+_SECRET_FIELDS = frozenset({"secret_key", "bootstrap_admin_token", "platform_token"})
+
+
+def _validation_lines(
+    exc: ValidationError, origin: Mapping[str, str], merged: Mapping[str, Any], path: Path | None
+) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        msg = error["msg"].removeprefix("Value error, ")
+        if not loc:  # a model-level rule (e.g. the mode check) already names its variables
+            lines.append(msg)
+            continue
+        field = str(loc[0])
+        source = origin.get(field, "default")
+        where = f"{path}: key {field!r} ({env_name(field)})" if source == "yaml" else env_name(field)
+        shown = "" if field in _SECRET_FIELDS or field not in merged else f" (got {merged[field]!r})"
+        lines.append(f"{where}: {msg}{shown}")
+    return lines

@@ -1,0 +1,1 @@
+"""Numbered migrations: `NNNN_what.py`, revision id `NNNN`, each naming the previous one."""

@@ -1,0 +1,340 @@
+"""The orchestrator's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+This module is what the queries in `kici.orchestrator.store` are written against. The migrations in
+`migrations/versions/` create the same schema with frozen definitions; a test compares the two on both
+databases, so a change here without a migration (or the other way round) fails CI.
+
+Conventions:
+- Ids are UUID text (`new_id()`), except `orgs.id`, a short slug that appears in webhook URLs.
+- Every tenant table has `org_id` (default org `default`): multi-org comes later, but the ids are here now.
+- Timestamps are timezone-aware UTC on both databases (`UtcDateTime`).
+- Status columns carry CHECK constraints listing their values, so no code path can write a state the
+  engine's state machine does not know.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+from kici.engine.states import JobState, RunStatus
+
+DEFAULT_ORG_ID = "default"
+
+
+class AdminRole(StrEnum):
+    OWNER = "owner"
+    ADMIN = "admin"
+    AUDITOR = "auditor"
+
+
+class SourceKind(StrEnum):
+    GIT = "git"
+    GITHUB = "github"
+    GENERIC = "generic"
+
+
+class EventLogStatus(StrEnum):
+    RECEIVED = "received"
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    LOCKFILE_MISSING = "lockfile_missing"
+    LOCKFILE_CORRUPT = "lockfile_corrupt"
+    FILTERED = "filtered"
+    FAILED = "failed"
+
+
+class QueueStatus(StrEnum):
+    """`pending → dispatched → completed | failed`; `dispatched ↔ recovering → failed`; `pending → expired`."""
+
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    RECOVERING = "recovering"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in and out, on both databases.
+
+    PostgreSQL's `timestamptz` already round-trips aware values; SQLite stores text and hands back naive
+    ones. Rejecting naive input catches local-time bugs at the first write instead of in a report.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime written to the database; use an aware UTC datetime")
+        value = value.astimezone(dt.UTC)
+        # SQLite compares timestamps as text: store them uniformly (naive UTC) so ordering is correct.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+JSON_TYPE: sa.types.TypeEngine[Any] = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+"""JSON on SQLite, JSONB on PostgreSQL (containment queries and GIN indexes for label routing)."""
+
+
+def _check_in(column: str, values: type[StrEnum], name: str | None = None) -> sa.CheckConstraint:
+    listed = ", ".join(f"'{v.value}'" for v in values)
+    return sa.CheckConstraint(f"{column} IN ({listed})", name=name or column)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def _org_id() -> sa.Column[str]:
+    return sa.Column(
+        "org_id",
+        sa.Text,
+        sa.ForeignKey("orgs.id", ondelete="CASCADE"),
+        nullable=False,
+        server_default=sa.text(f"'{DEFAULT_ORG_ID}'"),
+    )
+
+
+def _created_at() -> sa.Column[dt.datetime]:
+    return sa.Column("created_at", UtcDateTime, nullable=False, default=utcnow)
+
+
+orgs = sa.Table(
+    "orgs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    _created_at(),
+)
+
+sources = sa.Table(
+    "sources",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("config", JSON_TYPE, nullable=False, default=dict),
+    sa.Column("secrets", sa.LargeBinary, nullable=True),  # AES-256-GCM blob under the secret key
+    _created_at(),
+    sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.UniqueConstraint("org_id", "name"),
+    _check_in("kind", SourceKind),
+)
+
+admin_tokens = sa.Table(
+    "admin_tokens",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("token_hash", sa.Text, nullable=False, unique=True),  # SHA-256 hex; the token is never stored
+    _created_at(),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    _check_in("role", AdminRole),
+)
+
+agent_tokens = sa.Table(
+    "agent_tokens",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("labels", JSON_TYPE, nullable=False, default=list),  # the labels an agent may claim
+    sa.Column("token_hash", sa.Text, nullable=False, unique=True),
+    _created_at(),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+)
+
+dedup_cache = sa.Table(
+    "dedup_cache",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    _org_id(),
+    _created_at(),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Index(None, "expires_at"),
+)
+
+event_log = sa.Table(
+    "event_log",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("delivery_id", sa.Text, nullable=False),
+    sa.Column("source_id", sa.Text, nullable=True),  # no FK: the log outlives a removed source
+    sa.Column("provider", sa.Text, nullable=False),
+    sa.Column("event", sa.Text, nullable=True),
+    sa.Column("action", sa.Text, nullable=True),
+    sa.Column("repo", sa.Text, nullable=True),
+    sa.Column("ref", sa.Text, nullable=True),
+    sa.Column("sha", sa.Text, nullable=True),
+    sa.Column("status", sa.Text, nullable=False, default=EventLogStatus.RECEIVED.value),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("matched_count", sa.Integer, nullable=False, default=0),
+    _created_at(),
+    sa.Column("processed_at", UtcDateTime, nullable=True),
+    sa.UniqueConstraint("org_id", "delivery_id"),
+    sa.Index(None, "org_id", "created_at"),
+    _check_in("status", EventLogStatus),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("workflow", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, default=RunStatus.PENDING.value),
+    sa.Column("repo", sa.Text, nullable=False),
+    sa.Column("ref", sa.Text, nullable=True),
+    sa.Column("sha", sa.Text, nullable=False),
+    sa.Column("event", JSON_TYPE, nullable=False, default=dict),  # the normalized kici.engine Event
+    sa.Column("delivery_id", sa.Text, nullable=True),
+    sa.Column("source_id", sa.Text, nullable=True),
+    sa.Column("lock_content_hash", sa.Text, nullable=True),
+    sa.Column("workflow_content_hash", sa.Text, nullable=True),
+    sa.Column("parent_run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("original_run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("cancelled_by", sa.Text, nullable=True),
+    sa.Column("failure_reason", sa.Text, nullable=True),
+    sa.Column("timeout_ms", sa.BigInteger, nullable=True),
+    _created_at(),
+    sa.Column("started_at", UtcDateTime, nullable=True),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Index(None, "org_id", "created_at"),
+    sa.Index(None, "org_id", "status", "created_at"),
+    sa.Index(None, "repo", "sha"),
+    sa.Index(None, "delivery_id"),
+    _check_in("status", RunStatus),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    _org_id(),
+    sa.Column("name", sa.Text, nullable=False),  # unique per run: the lock job name plus matrix suffix
+    sa.Column("job", sa.Text, nullable=False),  # the job's name in the lock file
+    sa.Column("matrix", JSON_TYPE, nullable=True),
+    sa.Column("status", sa.Text, nullable=False, default=JobState.PENDING.value),
+    sa.Column("agent_id", sa.Text, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False, default=1),
+    sa.Column("needs_satisfied", sa.Boolean, nullable=False, default=False),
+    sa.Column("outputs", JSON_TYPE, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("failure_category", sa.Text, nullable=True),
+    sa.Column("runs_on", JSON_TYPE, nullable=False, default=list),
+    sa.Column("exclude_labels", JSON_TYPE, nullable=False, default=list),
+    sa.Column("last_heartbeat_at", UtcDateTime, nullable=True),
+    _created_at(),
+    sa.Column("queued_at", UtcDateTime, nullable=True),
+    sa.Column("started_at", UtcDateTime, nullable=True),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.UniqueConstraint("run_id", "name"),
+    sa.Index(None, "status", "last_heartbeat_at"),  # the stale-job sweep
+    sa.Index(None, "agent_id"),
+    _check_in("status", JobState),
+)
+
+job_needs = sa.Table(
+    "job_needs",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("job_name", sa.Text, primary_key=True),
+    sa.Column("upstream_name", sa.Text, primary_key=True),
+    sa.Column("run_on", JSON_TYPE, nullable=False, default=list),  # upstream statuses that let job_name run
+)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("step_index", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=True),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("duration_ms", sa.BigInteger, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("log_bytes", sa.BigInteger, nullable=False, default=0),
+)
+
+dispatch_queue = sa.Table(
+    "dispatch_queue",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, unique=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    _org_id(),
+    sa.Column("status", sa.Text, nullable=False, default=QueueStatus.PENDING.value),
+    sa.Column("runs_on_labels", JSON_TYPE, nullable=False, default=list),
+    sa.Column("exclude_labels", JSON_TYPE, nullable=False, default=list),
+    sa.Column("agent_id", sa.Text, nullable=True),
+    sa.Column("dispatch_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("ack_deadline", UtcDateTime, nullable=True),
+    sa.Column("recovery_deadline", UtcDateTime, nullable=True),
+    sa.Column("expires_at", UtcDateTime, nullable=True),
+    _created_at(),
+    sa.Column("dispatched_at", UtcDateTime, nullable=True),
+    sa.Index(None, "status", "created_at"),  # the claim: oldest pending first
+    sa.Index(None, "agent_id"),
+    sa.Index(None, "run_id"),
+    _check_in("status", QueueStatus),
+)
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column(
+        "agent_token_id", sa.Text, sa.ForeignKey("agent_tokens.id", ondelete="SET NULL"), nullable=True
+    ),
+    sa.Column("labels", JSON_TYPE, nullable=False, default=list),
+    sa.Column("max_concurrency", sa.Integer, nullable=False, default=1),
+    sa.Column("version", sa.Text, nullable=True),
+    sa.Column("hostname", sa.Text, nullable=True),
+    sa.Column("connected", sa.Boolean, nullable=False, default=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=True),
+    sa.Column("registered_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.Index(None, "connected"),
+)
+
+VERSION_TABLE = "kici_schema_version"
+"""Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

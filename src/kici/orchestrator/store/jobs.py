@@ -1,0 +1,58 @@
+"""Job status writes, guarded by the engine's state machine.
+
+Every status change is one `UPDATE jobs SET status = :target … WHERE id = :id AND status IN (…)`, where
+the list holds exactly the states from which `event` leads to `target` (`kici.engine.states`). The
+database applies the guard atomically, so concurrent writers (an agent's late message, the stale sweep, a
+cancel) cannot move a job along an invalid edge, terminal states never change, and a late or duplicate
+message simply updates zero rows — the caller sees False and ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.engine.states import TRANSITIONS, JobEvent, JobState, is_terminal
+from kici.orchestrator.db.schema import jobs, utcnow
+
+_STATUS_COLUMNS = frozenset({"status", "id", "run_id"})
+
+
+def guard_sources(target: JobState | str, event: JobEvent | str) -> frozenset[JobState]:
+    """States from which `event` moves a job to `target` (empty when it never does)."""
+    target, event = JobState(target), JobEvent(event)
+    return frozenset(state for (state, ev), to in TRANSITIONS.items() if ev == event and to == target)
+
+
+async def set_job_status(
+    conn: AsyncConnection,
+    job_id: str,
+    target: JobState | str,
+    event: JobEvent | str,
+    *,
+    values: Mapping[str, Any] | None = None,
+    owned_by: str | None = None,
+) -> bool:
+    """Move job `job_id` to `target` through `event` if its current state allows it; True when it moved.
+
+    `values` are other columns written in the same UPDATE (`started_at`, `error`, `agent_id`, …); a
+    terminal target also sets `finished_at` unless given. `owned_by` adds `agent_id = owned_by` to the
+    guard, for messages that only the job's agent may send. `ValueError` when `event` can never lead to
+    `target` (a programming error, not a late message).
+    """
+    target = JobState(target)
+    sources = guard_sources(target, event)
+    if not sources:
+        raise ValueError(f"job event {JobEvent(event).value} never leads to {target.value}")
+    extra = dict(values or {})
+    if _STATUS_COLUMNS & extra.keys():
+        raise ValueError(f"values may not set {sorted(_STATUS_COLUMNS & extra.keys())}")
+    if is_terminal(target):
+        extra.setdefault("finished_at", utcnow())
+    conditions = [jobs.c.id == job_id, jobs.c.status.in_(sorted(s.value for s in sources))]
+    if owned_by is not None:
+        conditions.append(jobs.c.agent_id == owned_by)
+    result = await conn.execute(jobs.update().where(*conditions).values(status=target.value, **extra))
+    return result.rowcount == 1
