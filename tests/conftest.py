@@ -65,6 +65,8 @@ def repo_factory(tmp_path: Path) -> Callable[..., Path]:
 
 def kici_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KICI_")}
+    # behave like a user's shell, where Python writes bytecode caches: kici must not leave them behind
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(GIT_ENV)
     env.update(extra or {})
     return env

@@ -109,11 +109,15 @@ class _isolated_imports:
     def __enter__(self) -> None:
         self.modules = set(sys.modules)
         self.path = list(sys.path)
+        # compiling must not leave __pycache__ folders in the user's .kici/
+        self.dont_write_bytecode = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True
 
     def __exit__(self, *exc: object) -> None:
         for name in set(sys.modules) - self.modules:
             del sys.modules[name]
         sys.path[:] = self.path
+        sys.dont_write_bytecode = self.dont_write_bytecode
 
 
 @dataclass(frozen=True)
