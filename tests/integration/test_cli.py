@@ -399,3 +399,34 @@ def test_run_local_without_git_history(tmp_path: Path, kind: str) -> None:
     out = run_kici("run", "local", "push", "--branch", "main", cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "payload-123" in out.stdout
+
+
+DISPATCH = """
+from kici import dispatch, inputs, job, step, workflow
+
+@step
+def show(ctx):
+    ctx.log.info(f"inputs: {dict(sorted(ctx.inputs.items()))!r}")
+
+rel = workflow("rel", on=dispatch(inputs={
+    "version": inputs.string(required=True),
+    "target": inputs.choice(["staging", "production"], default="staging"),
+    "dry_run": inputs.boolean(default=True),
+    "shards": inputs.number(),
+}), jobs=[job("j", steps=[show])])
+"""
+
+
+@pytest.mark.parametrize(("args", "code", "expected"), [
+    (["--input", "version=1.2", "--input", "dry_run=no", "--input", "shards=4"], 0,
+     "inputs: {'dry_run': False, 'shards': 4, 'target': 'staging', 'version': '1.2'}"),
+    ([], 2, "input 'version' is required"),
+    (["--input", "version=1", "--input", "target=prod"], 2, "must be one of staging, production"),
+    (["--input", "version=1", "--input", "shards=many"], 2, "input 'shards' must be a number"),
+    (["--input", "version=1", "--input", "color=red"], 2, "unknown input(s) color"),
+])
+def test_dispatch_inputs_are_typed_and_checked(repo_factory: Repo, args: list[str], code: int, expected: str) -> None:
+    repo = repo_factory({".kici/workflows/rel.py": DISPATCH})
+    out = run_kici("run", "local", "dispatch", *args, cwd=repo)
+    assert out.returncode == code, out.stdout + out.stderr
+    assert expected in out.stdout + out.stderr

@@ -28,6 +28,7 @@ from kici.cli.concurrency import GroupSlots, requested_groups
 from kici.cli.events import EventSpecError, parse_pairs
 from kici.cli.secrets_file import SecretsFileError, load_secrets
 from kici.compiler.project import Project
+from kici.engine.inputs import InputError, dispatch_input_specs, resolve_inputs
 from kici.engine.lockfile import Workflow
 from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
@@ -65,6 +66,8 @@ class JobRun:
     log: list[str] = field(default_factory=list)
     run_status: str | None = None
     """For the workflow-hooks pseudo job: how the workflow's jobs ended."""
+    inputs: dict[str, Any] | None = None
+    """Dispatch inputs typed by the workflow's dispatch trigger (None: the event's as given)."""
 
     @property
     def is_hooks(self) -> bool:
@@ -197,15 +200,20 @@ def _select_jobs(prepared: Prepared, job_filter: tuple[str, ...]) -> list[JobRun
             continue
         wf = prepared.lock.workflow(decision.workflow)
         assert wf is not None
+        specs = dispatch_input_specs(wf, decision.match.trigger_index if decision.match else None)
+        try:
+            inputs = resolve_inputs(specs, prepared.event.inputs) if specs else None
+        except InputError as exc:
+            fail(f"workflow {wf.name!r}: {exc}")
         planned = plan_workflow(wf)
         if job_filter:
             wanted = _with_needs(wf, {j for j in job_filter if wf.job(j) is not None}
                                  | {p.job for p in planned if p.name in job_filter})
             planned = [p for p in planned if p.job in wanted]
-        jobs.extend(JobRun(f"{wf.name}/{p.name}", wf, p) for p in planned)
+        jobs.extend(JobRun(f"{wf.name}/{p.name}", wf, p, inputs=inputs) for p in planned)
         if wf.hooks is not None and not job_filter:
             hooks = PlannedJob("(workflow hooks)", WORKFLOW_HOOKS_JOB, None)
-            jobs.append(JobRun(f"{wf.name}/{hooks.name}", wf, hooks))
+            jobs.append(JobRun(f"{wf.name}/{hooks.name}", wf, hooks, inputs=inputs))
     if job_filter and not jobs:
         fail(f"no matched workflow has job(s) {', '.join(job_filter)}")
     return jobs
@@ -448,7 +456,8 @@ class LocalExecutor:
             job=job.planned.job,
             display_name=job.planned.name,
             matrix=job.planned.matrix,
-            event=self.prepared.event,
+            event=self.prepared.event if job.inputs is None
+            else self.prepared.event.model_copy(update={"inputs": job.inputs}),
             env=base_env,
             secrets=self.secrets,
             upstream_outputs=self._upstream_outputs(job),

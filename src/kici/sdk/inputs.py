@@ -46,30 +46,3 @@ def choice(
 def environment(*, description: str | None = None, required: bool = False, default: str | None = None) -> Input:
     """The name of a deployment environment."""
     return Input("environment", description, required, default)
-
-
-def coerce(name: str, spec: Input, raw: object) -> Scalar:
-    """Turn a raw value (often a `--input k=v` string) into the input's type, or raise ValueError."""
-    if spec.type == "number":
-        if isinstance(raw, bool):
-            raise ValueError(f"input {name!r} must be a number, got {raw!r}")
-        if isinstance(raw, int | float):
-            return raw
-        try:
-            text = str(raw)
-            return int(text) if text.lstrip("-").isdigit() else float(text)
-        except ValueError:
-            raise ValueError(f"input {name!r} must be a number, got {raw!r}") from None
-    if spec.type == "boolean":
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"input {name!r} must be true or false, got {raw!r}")
-    value = str(raw)
-    if spec.type == "choice" and spec.options is not None and value not in spec.options:
-        raise ValueError(f"input {name!r} must be one of {', '.join(spec.options)}; got {value!r}")
-    return value
