@@ -14,28 +14,24 @@ WORKFLOW_HOOKS_JOB = "__workflow_hooks__"
 """Mirrors `kici.engine.runner_protocol.WORKFLOW_HOOKS_JOB` (the SDK may not import the engine)."""
 
 
-def step_names(steps: Sequence[Step]) -> list[str]:
-    names: list[str] = []
+def _numbered(names: Sequence[str | None], prefix: str) -> list[str]:
+    out: list[str] = []
     counter = 0
-    for s in steps:
-        if s.name:
-            names.append(s.name)
+    for name in names:
+        if name:
+            out.append(name)
         else:
             counter += 1
-            names.append(f"step-{counter}")
-    return names
+            out.append(f"{prefix}-{counter}")
+    return out
+
+
+def step_names(steps: Sequence[Step]) -> list[str]:
+    return _numbered([s.name for s in steps], "step")
 
 
 def job_names(jobs: Sequence[Job]) -> list[str]:
-    names: list[str] = []
-    counter = 0
-    for j in jobs:
-        if j.name:
-            names.append(j.name)
-        else:
-            counter += 1
-            names.append(f"job-{counter}")
-    return names
+    return _numbered([j.name for j in jobs], "job")
 
 
 def workflow_hooks_job(workflow: Workflow, run_status: str, timeout: float = DEFAULT_HOOK_TIMEOUT) -> Job:
