@@ -62,7 +62,8 @@ def create_app(
     secret_key: bytes | None = None,
 ) -> FastAPI:
     """The orchestrator app. `readiness` defaults to "prepared" (the caller migrated the database)."""
-    from kici.orchestrator.routes import health
+    from kici.orchestrator.ingest import routes as ingest_routes
+    from kici.orchestrator.routes import admin_api, health
 
     version = kici_version()
     metrics = Metrics(version)
@@ -84,5 +85,7 @@ def create_app(
     )
     # Routers declare their full paths and are mounted only under the base path (see route_label).
     app.include_router(health.router, prefix=base)
+    app.include_router(ingest_routes.router, prefix=base)  # webhooks: /webhook/{org}/{github,git,generic}
+    app.include_router(admin_api.router, prefix=base)
     app.add_middleware(MetricsMiddleware, metrics=metrics, base_path=base)
     return app

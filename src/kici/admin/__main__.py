@@ -1,0 +1,3 @@
+from kici.admin.main import main
+
+main()

@@ -1,0 +1,252 @@
+"""Admin API authentication and authorization: bearer admin tokens, roles, permissions, and the uniform
+`{"error": message}` shape of every admin response that is not a success.
+
+Every admin route declares what it needs with `Depends(require(Permission.X))` (or `authenticated` for
+routes any valid token may call). Each denial — no token, an unknown or revoked token, a role without the
+permission — is logged as an `admin.denied` event with the token id, role, permission, method and path.
+There is no audit table yet; when one exists, `_record_denial` is the single place to write the row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.db.schema import AdminRole, utcnow
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import tokens
+from kici.orchestrator.store.tokens import AdminToken
+
+TOUCH_INTERVAL = dt.timedelta(seconds=60)
+"""`last_used_at` is written at most once a minute per token, so read-only requests stay read-only."""
+
+
+class Permission(StrEnum):
+    """What an admin token may do. Names are `resource:action`."""
+
+    TOKENS_READ = "tokens:read"
+    """List admin tokens (never their secrets)."""
+    TOKENS_WRITE = "tokens:write"
+    """Create and revoke admin and auditor tokens."""
+    TOKENS_OWNER = "tokens:owner"
+    """Create and revoke owner tokens."""
+    AGENT_TOKENS_READ = "agent-tokens:read"
+    AGENT_TOKENS_WRITE = "agent-tokens:write"
+    DB_READ = "db:read"
+    DB_MIGRATE = "db:migrate"
+    RUNS_READ = "runs:read"
+    RUNS_CANCEL = "runs:cancel"
+    RUNS_RERUN = "runs:rerun"
+    QUEUE_READ = "queue:read"
+    AGENTS_READ = "agents:read"
+    SOURCES_READ = "sources:read"
+    SOURCES_WRITE = "sources:write"
+    EVENTS_READ = "events:read"
+    AUDIT_READ = "audit:read"
+    SECRETS_WRITE = "secrets:write"
+    KEY_ROTATE = "key:rotate"
+
+
+_OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})
+
+ROLE_PERMISSIONS: Mapping[AdminRole, frozenset[Permission]] = {
+    AdminRole.OWNER: frozenset(Permission),
+    AdminRole.ADMIN: frozenset(Permission) - _OWNER_ONLY,
+    AdminRole.AUDITOR: frozenset(
+        {
+            Permission.DB_READ,
+            Permission.RUNS_READ,
+            Permission.QUEUE_READ,
+            Permission.AGENTS_READ,
+            Permission.SOURCES_READ,
+            Permission.EVENTS_READ,
+            Permission.AUDIT_READ,
+        }
+    ),
+}
+"""owner: everything. admin: everything but owner-token management and key rotation. auditor: read-only
+(no token listings: who holds which credential is not an auditor's business here)."""
+
+
+def permissions_of(role: AdminRole | str) -> frozenset[Permission]:
+    return ROLE_PERMISSIONS[AdminRole(role)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of an admin route: its (active) token and what its role allows."""
+
+    token: AdminToken
+
+    @property
+    def role(self) -> AdminRole:
+        return self.token.role
+
+    @property
+    def permissions(self) -> frozenset[Permission]:
+        return permissions_of(self.token.role)
+
+    def can(self, permission: Permission) -> bool:
+        return permission in self.permissions
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+class ErrorResponse(BaseModel):
+    """Every admin API error: one human-readable line."""
+
+    error: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing, unknown or revoked admin token"},
+    403: {"model": ErrorResponse, "description": "The token's role lacks the permission named in `error`"},
+    422: {"model": ErrorResponse, "description": "Invalid request (one line naming the field)"},
+}
+
+
+class AdminError(HTTPException):
+    """An admin API error; rendered as `{"error": message}` by `AdminRoute`."""
+
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status_code, detail=message, headers=headers)
+
+
+UNAUTHENTICATED_MESSAGE = "missing or invalid admin token"
+
+
+def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=dict(headers or {}))
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """`name: Field required; labels.0: …` — the field path without the `body` prefix, one line."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ())]
+        where = loc[0] if loc else ""
+        if where in ("body", "query", "path", "header", "cookie"):
+            loc = loc[1:]
+        field = ".".join(loc)
+        msg = str(error.get("msg", "invalid value")).replace("\n", " ")
+        if error.get("type") == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error")
+            parts.append("the request body is not valid JSON" + (f" ({detail})" if detail else ""))
+            continue
+        if where == "body" and not field:
+            field = "request body"
+        if where in ("query", "path", "header", "cookie"):
+            field = f"{field} ({where})" if field else where
+        parts.append(f"{field}: {msg}" if field else msg)
+    return "invalid request: " + "; ".join(parts or ["malformed request"])
+
+
+class AdminRoute(APIRoute):
+    """Admin routes answer errors as `{"error": message}`: HTTP errors (ours and FastAPI's) and request
+    validation errors (422, one line). Scoped to the admin routers so other routes keep their shapes."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def admin_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return error_response(422, describe_validation_error(exc))
+            except HTTPException as exc:
+                message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+                return error_response(exc.status_code, message, exc.headers)
+
+        return admin_handler
+
+
+# -- authentication ---------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="An admin token (`kici_…`), e.g. from `kici-admin token create`")
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+State = Annotated[AppState, Depends(app_state)]
+
+
+def _record_denial(request: Request, status: int, reason: str, **fields: Any) -> None:
+    """Log a denied admin request (and, once the schema has an audit table, write its row here)."""
+    client = request.client.host if request.client else None
+    log_event(
+        "admin.denied",
+        level="warning",
+        status=status,
+        reason=reason,
+        method=request.method,
+        path=request.url.path,
+        client=client,
+        **fields,
+    )
+
+
+def _unauthenticated(request: Request, reason: str, **fields: Any) -> AdminError:
+    _record_denial(request, 401, reason, **fields)
+    return AdminError(401, UNAUTHENTICATED_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def authenticated(request: Request, state: State, credentials: Credentials) -> Principal:
+    """The caller's principal, or 401. Any active admin token passes; routes add `require(...)`."""
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials.strip():
+        raise _unauthenticated(request, "missing_token")
+    plaintext = credentials.credentials.strip()
+    async with state.database.read() as conn:
+        token = await tokens.find_admin_token(conn, plaintext)
+    if token is None:
+        raise _unauthenticated(request, "unknown_token")
+    if not token.active:
+        raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
+    if token.last_used_at is None or utcnow() - token.last_used_at >= TOUCH_INTERVAL:
+        async with state.database.transaction() as conn:
+            touched = await tokens.verify_admin_token(conn, plaintext, touch=True)
+        if touched is None:  # revoked in between
+            raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
+        token = touched
+    return Principal(token)
+
+
+Authenticated = Annotated[Principal, Depends(authenticated)]
+
+
+def forbidden(request: Request, principal: Principal, permission: Permission) -> AdminError:
+    """403 naming the missing permission, logged as a denial. For checks that depend on the request body
+    (e.g. creating an owner token needs `tokens:owner`)."""
+    _record_denial(
+        request,
+        403,
+        "permission_denied",
+        token_id=principal.token.id,
+        token_name=principal.token.name,
+        role=principal.role.value,
+        permission=permission.value,
+    )
+    return AdminError(
+        403, f"permission '{permission.value}' required; your role '{principal.role.value}' does not have it"
+    )
+
+
+def require(permission: Permission) -> Callable[..., Awaitable[Principal]]:
+    """A FastAPI dependency: the caller's principal if its role has `permission`; else 401 or 403."""
+
+    async def check(request: Request, principal: Authenticated) -> Principal:
+        if not principal.can(permission):
+            raise forbidden(request, principal, permission)
+        return principal
+
+    check.__name__ = f"require_{permission.name.lower()}"
+    return check

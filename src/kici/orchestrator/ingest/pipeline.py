@@ -1,0 +1,201 @@
+"""One accepted delivery → runs: lock file at the commit → (changed files) → match → runs, atomically.
+
+Called after the delivery is durably marked (dedup) and logged (`received`). Outcomes, recorded on the
+delivery's event log row:
+
+- `lockfile_missing`: no `.kici/kici.lock.json` at the commit (or no commit to read) → zero runs.
+- `lockfile_corrupt`: the file is not a lock file this KiCI reads (invalid JSON, another
+  `schemaVersion`, a hand-edited content hash, over `MAX_LOCK_FILE_BYTES`) → one failed run saying why,
+  so the author sees it.
+- `processed`: matched against every workflow; one run per matched workflow (`matched_count`).
+- `failed`: the host could not be read or something broke; nothing half-written stays behind.
+
+All runs of one delivery and the event log update commit in ONE transaction. The dispatch hook is
+called after that commit.
+
+Trust: for a pull request from a fork the lock file is read at the base commit, not the fork's head,
+so a fork cannot choose which workflows run or what they do by editing the lock file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kici.engine.events import Event
+from kici.engine.github_events import diff_base
+from kici.engine.lockfile import LockFile, LockFileError, parse_lock_file
+from kici.engine.triggers import match_all, needs_changed_files
+from kici.orchestrator.app import AppState
+from kici.orchestrator.db.schema import EventLogStatus
+from kici.orchestrator.ingest.service import Ingest
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.providers.base import LockFileSource, LockFileTooLarge, ProviderError
+from kici.orchestrator.store import events as event_store
+from kici.orchestrator.store.runs import NewRun, create_failed_run, create_run
+from kici.orchestrator.store.sources import Source
+
+LOCK_RESOLUTION_WORKFLOW = "lock_resolution"
+"""The workflow name of the failed run a corrupt lock file produces."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    org_id: str
+    delivery_id: str
+    source: Source
+    event: Event
+
+
+@dataclass
+class PipelineResult:
+    status: EventLogStatus
+    reason: str | None = None
+    run_ids: list[str] = field(default_factory=list)
+    matched: list[str] = field(default_factory=list)
+
+
+def _lock_commit(event: Event) -> str | None:
+    if event.is_fork:
+        return event.base_sha
+    return event.sha
+
+
+async def process_delivery(
+    state: AppState, ingest: Ingest, delivery: Delivery, provider: LockFileSource
+) -> PipelineResult:
+    """Run the pipeline and record the outcome; never raises for a delivery problem."""
+    try:
+        result = await _process(state, ingest, delivery, provider)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ProviderError) else str(exc)
+        log_event(
+            "ingest.delivery_failed",
+            level="warning",
+            delivery_id=delivery.delivery_id,
+            source=delivery.source.name,
+            error=reason,
+        )
+        async with state.database.transaction() as conn:
+            await event_store.finish_event_log(
+                conn, delivery.delivery_id, EventLogStatus.FAILED, org_id=delivery.org_id, reason=reason[:2000]
+            )
+        return PipelineResult(EventLogStatus.FAILED, reason)
+    await ingest.runs_created(result.run_ids)
+    log_event(
+        "ingest.delivery_processed",
+        delivery_id=delivery.delivery_id,
+        source=delivery.source.name,
+        status=result.status.value,
+        runs=len(result.run_ids),
+    )
+    return result
+
+
+async def _finish(state: AppState, delivery: Delivery, status: EventLogStatus, reason: str) -> PipelineResult:
+    async with state.database.transaction() as conn:
+        await event_store.finish_event_log(conn, delivery.delivery_id, status, org_id=delivery.org_id, reason=reason)
+    return PipelineResult(status, reason)
+
+
+async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider: LockFileSource) -> PipelineResult:
+    event = delivery.event
+    repo = event.repo or ""
+    if event.sha is None:
+        branch = event.branch or event.target_branch or event.default_branch
+        if branch is None:
+            reason = "the event names no commit or branch"
+            return await _finish(state, delivery, EventLogStatus.LOCKFILE_MISSING, reason)
+        sha = await provider.resolve_ref(repo, branch)
+        if sha is None:
+            return await _finish(state, delivery, EventLogStatus.LOCKFILE_MISSING, f"branch {branch!r} not found")
+        event = event.model_copy(update={"sha": sha})
+    assert event.sha is not None
+    lock_sha = _lock_commit(event)
+    if lock_sha is None:
+        return await _finish(
+            state, delivery, EventLogStatus.LOCKFILE_MISSING, "pull request from a fork without a base commit"
+        )
+    key = ingest.cache.key(provider.cache_prefix, repo, lock_sha)
+    try:
+        content = await ingest.cache.get(key, lambda: provider.read_lock_file(repo, lock_sha))
+    except LockFileTooLarge as exc:
+        return await _corrupt(state, ingest, delivery, event, str(exc))
+    if content is None:
+        return await _finish(
+            state, delivery, EventLogStatus.LOCKFILE_MISSING, f"no .kici/kici.lock.json at {lock_sha}"
+        )
+    try:
+        lock = parse_lock_file(content)
+    except LockFileError as exc:
+        return await _corrupt(state, ingest, delivery, event, str(exc))
+    return await _match_and_create(state, delivery, event, lock, provider)
+
+
+async def _corrupt(state: AppState, ingest: Ingest, delivery: Delivery, event: Event, reason: str) -> PipelineResult:
+    assert event.sha is not None
+    async with state.database.transaction() as conn:
+        run_id = await create_failed_run(
+            conn,
+            org_id=delivery.org_id,
+            workflow_name=LOCK_RESOLUTION_WORKFLOW,
+            event=event,
+            repo=event.repo or "",
+            ref=event.ref,
+            sha=event.sha,
+            delivery_id=delivery.delivery_id,
+            source_id=delivery.source.id,
+            reason=f"lock file could not be read: {reason}",
+        )
+        await event_store.finish_event_log(
+            conn, delivery.delivery_id, EventLogStatus.LOCKFILE_CORRUPT, org_id=delivery.org_id, reason=reason
+        )
+    return PipelineResult(EventLogStatus.LOCKFILE_CORRUPT, reason, [run_id])
+
+
+async def _match_and_create(
+    state: AppState, delivery: Delivery, event: Event, lock: LockFile, provider: LockFileSource
+) -> PipelineResult:
+    assert event.sha is not None
+    if event.changed_files is None and needs_changed_files(lock.workflows, event):
+        base = diff_base(event)
+        if base is not None:
+            files = await provider.changed_files(event.repo or "", base, event.sha)
+            event = event.model_copy(update={"changed_files": files})
+    sha = event.sha
+    assert sha is not None
+    decisions = match_all(lock.workflows, event, explain=False)
+    matched = [d.workflow for d in decisions if d.matched]
+    settings = state.settings
+    run_ids: list[str] = []
+    reason = f"matched {', '.join(matched)}" if matched else "no workflow matched"
+    async with state.database.transaction() as conn:
+        for name in matched:
+            workflow = lock.workflow(name)
+            assert workflow is not None
+            created = await create_run(
+                conn,
+                NewRun(
+                    org_id=delivery.org_id,
+                    workflow=workflow,
+                    event=event,
+                    repo=event.repo or "",
+                    ref=event.ref,
+                    sha=sha,
+                    lock_content_hash=lock.content_hash,
+                    delivery_id=delivery.delivery_id,
+                    source_id=delivery.source.id,
+                ),
+                queue_max_depth=settings.queue_max_depth,
+                queue_timeout_ms=settings.queue_timeout_ms,
+            )
+            run_ids.append(created.run_id)
+        await event_store.finish_event_log(
+            conn,
+            delivery.delivery_id,
+            EventLogStatus.PROCESSED,
+            org_id=delivery.org_id,
+            reason=reason,
+            matched_count=len(matched),
+            sha=sha,
+        )
+    return PipelineResult(EventLogStatus.PROCESSED, reason, run_ids, matched)

@@ -1,0 +1,127 @@
+"""Process-wide ingest state: the lock-file cache, GitHub installation tokens, generic rate limits and
+the hook called after runs are created (the dispatcher plugs in there)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import Request
+from starlette.applications import Starlette
+
+from kici.orchestrator.config import Settings
+from kici.orchestrator.db.schema import SourceKind
+from kici.orchestrator.ingest.lockcache import LockFileCache
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.providers.base import LockFileSource, ProviderError
+from kici.orchestrator.providers.git import GitProvider
+from kici.orchestrator.providers.github import GitHubProvider, InstallationTokens
+from kici.orchestrator.store.sources import DEFAULT_GITHUB_API_URL, Source
+
+RunsCreatedHook = Callable[[Sequence[str]], Awaitable[None] | None]
+
+
+class RateLimiter:
+    """A sliding one-minute window of request times per key (generic sources' `rate_limit_rpm`)."""
+
+    def __init__(self) -> None:
+        self._hits: dict[str, deque[float]] = {}
+
+    def check(self, key: str, per_minute: int) -> float | None:
+        """None when the request may proceed (and is counted); otherwise seconds until it may."""
+        now = time.monotonic()
+        hits = self._hits.setdefault(key, deque())
+        while hits and hits[0] <= now - 60.0:
+            hits.popleft()
+        if len(hits) >= per_minute:
+            return max(0.0, hits[0] + 60.0 - now)
+        hits.append(now)
+        return None
+
+
+@dataclass
+class Ingest:
+    cache: LockFileCache
+    mirror_root: Path
+    tokens: InstallationTokens = field(default_factory=InstallationTokens)
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    on_runs_created: RunsCreatedHook | None = None
+    """Called with the ids of the runs one delivery created, after they are committed."""
+    http_client: Callable[[], httpx.AsyncClient] = field(default=lambda: httpx.AsyncClient())
+    git_providers: dict[str, GitProvider] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Ingest:
+        return cls(
+            cache=LockFileCache(settings.lockfile_cache_max, settings.lockfile_cache_ttl_ms),
+            mirror_root=settings.data_dir / "git-mirrors",
+        )
+
+    async def runs_created(self, run_ids: Sequence[str]) -> None:
+        if not run_ids or self.on_runs_created is None:
+            return
+        try:
+            result = self.on_runs_created(list(run_ids))
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # the runs are committed; a dispatch hiccup must not fail the delivery
+            log_event("ingest.dispatch_hook_failed", level="warning", error=f"{type(exc).__name__}: {exc}")
+
+    def provider(
+        self,
+        source: Source,
+        secrets: dict[str, str],
+        *,
+        client: httpx.AsyncClient | None = None,
+        installation_id: int | None = None,
+    ) -> LockFileSource:
+        """The provider for a source (git providers are kept: they hold the mirror lock)."""
+        config: dict[str, Any] = source.config
+        if source.kind is SourceKind.GIT:
+            url = str(config["url"])
+            key = f"{source.id}:{url}:{bool(config.get('mirror'))}"
+            provider = self.git_providers.get(key)
+            if provider is None:
+                provider = GitProvider(
+                    source.id, url, mirror_root=self.mirror_root, force_mirror=bool(config.get("mirror"))
+                )
+                self.git_providers[key] = provider
+            return provider
+        if source.kind is SourceKind.GITHUB:
+            if client is None:
+                raise ProviderError("internal: the GitHub provider needs an HTTP client")
+            private_key = secrets.get("private_key")
+            if not private_key:
+                raise ProviderError(f"GitHub source {source.name!r} has no private_key secret")
+            configured = config.get("installation_id")
+            return GitHubProvider(
+                source.id,
+                client=client,
+                tokens=self.tokens,
+                app_id=int(config["app_id"]),
+                private_key=private_key,
+                installation_id=installation_id or (int(configured) if configured else None),
+                api_url=str(config.get("api_url") or DEFAULT_GITHUB_API_URL),
+            )
+        raise ProviderError(f"source kind {source.kind.value} has no lock-file provider")
+
+
+def ingest_for(app: Starlette) -> Ingest:
+    """The app's `Ingest`, created on first use from its settings. Set `on_runs_created` on it to be told
+    about new runs (the dispatcher's hook)."""
+    ingest: Ingest | None = getattr(app.state, "kici_ingest", None)
+    if ingest is None:
+        ingest = Ingest.from_settings(app.state.kici.settings)
+        app.state.kici_ingest = ingest
+    return ingest
+
+
+def get_ingest(request: Request) -> Ingest:
+    """FastAPI dependency: the app's `Ingest`."""
+    return ingest_for(request.app)

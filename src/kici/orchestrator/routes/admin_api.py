@@ -1,0 +1,26 @@
+"""The admin REST API under `/api/v1/admin`: one router assembling the admin routers, so `create_app`
+mounts it with one line. Unknown admin paths answer 404 in the admin error shape."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from kici.orchestrator.auth import AdminRoute, error_response
+from kici.orchestrator.routes import admin_runs, admin_system, admin_tokens
+
+ADMIN_PREFIX = "/api/v1/admin"
+
+router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"], route_class=AdminRoute)
+router.include_router(admin_system.router)
+router.include_router(admin_tokens.router)
+router.include_router(admin_runs.router)
+
+
+@router.api_route(
+    "/{path:path}",
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+    include_in_schema=False,
+)
+async def unknown_admin_route(path: str, request: Request) -> JSONResponse:
+    return error_response(404, f"no admin route {request.method} {request.url.path}")

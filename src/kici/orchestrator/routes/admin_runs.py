@@ -1,0 +1,190 @@
+"""Runs: list (filters), show, jobs, cancel. Reads and the cancel itself are `kici.orchestrator.store.runs`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+
+from kici.engine.states import RunStatus
+from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.auth import (
+    ERROR_RESPONSES,
+    AdminError,
+    AdminRoute,
+    ErrorResponse,
+    Permission,
+    Principal,
+    require,
+)
+from kici.orchestrator.logs import log_context, log_event
+from kici.orchestrator.store import runs
+from kici.orchestrator.store.runs import JobRecord, RunRecord
+
+router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
+
+State = Annotated[AppState, Depends(app_state)]
+MAX_LIMIT = 500
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "No such run"}}
+
+
+class RunInfo(BaseModel):
+    id: str
+    workflow: str
+    status: str
+    repo: str
+    ref: str | None
+    sha: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    delivery_id: str | None
+    failure_reason: str | None
+    cancelled_by: str | None
+    original_run_id: str | None
+    parent_run_id: str | None
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunInfo:
+        return cls.model_validate(run.model_dump(include=set(cls.model_fields)))
+
+
+class RunDetail(RunInfo):
+    event: dict[str, Any] = Field(description="The normalized event that started the run")
+    source_id: str | None
+    lock_content_hash: str | None
+    workflow_content_hash: str | None
+    timeout_ms: int | None
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunDetail:
+        return cls.model_validate(run.model_dump(include=set(cls.model_fields)))
+
+
+class JobInfo(BaseModel):
+    id: str
+    name: str = Field(description="Unique in the run: the lock file's job name plus any matrix suffix")
+    job: str = Field(description="The job's name in the lock file")
+    status: str
+    agent: str | None = Field(description="Id of the agent the job was dispatched to")
+    attempt: int
+    matrix: dict[str, Any] | None
+    error: str | None
+    failure_category: str | None
+    created_at: dt.datetime
+    queued_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, job: JobRecord) -> JobInfo:
+        values = job.model_dump(include=set(cls.model_fields) - {"agent"})
+        return cls(**values, agent=job.agent_id)
+
+
+class CancelRequest(BaseModel):
+    force: bool = Field(default=False, description="Agents kill running steps at once instead of after a grace period")
+
+
+class CancelResponse(BaseModel):
+    run_id: str
+    status: Literal["cancelling", "cancelled"] = Field(
+        description="`cancelled` when nothing was left running; `cancelling` until agents report"
+    )
+    run_status: str
+    cancelled_jobs: list[str] = Field(description="Ids of jobs cancelled at once (not started yet)")
+    running_jobs: list[str] = Field(description="Ids of jobs on agents, which are told to cancel")
+    force: bool
+
+
+def _statuses(value: str | None) -> list[str] | None:
+    if value is None or not value.strip():
+        return None
+    wanted = [s.strip() for s in value.split(",") if s.strip()]
+    known = [s.value for s in RunStatus]
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise AdminError(
+            422, f"invalid request: status (query): unknown run status {unknown[0]!r}; one of {', '.join(known)}"
+        )
+    return wanted
+
+
+@router.get("/runs", summary="List runs, newest first")
+async def list_runs(
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))],
+    status: Annotated[str | None, Query(description="A run status, or several separated by commas")] = None,
+    repo: str | None = None,
+    workflow: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+) -> list[RunInfo]:
+    statuses = _statuses(status)
+    async with state.database.read() as conn:
+        found = await runs.list_runs(
+            conn, org_id=principal.token.org_id, status=statuses, repo=repo, workflow=workflow, limit=limit
+        )
+    return [RunInfo.of(r) for r in found]
+
+
+async def _run(state: AppState, principal: Principal, run_id: str) -> RunRecord:
+    async with state.database.read() as conn:
+        run = await runs.get_run(conn, run_id)
+    if run is None or run.org_id != principal.token.org_id:
+        raise AdminError(404, f"no run with id {run_id!r}")
+    return run
+
+
+@router.get("/runs/{run_id}", summary="Show a run", responses=_NOT_FOUND)
+async def show_run(
+    run_id: str, state: State, principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))]
+) -> RunDetail:
+    return RunDetail.of(await _run(state, principal, run_id))
+
+
+@router.get("/runs/{run_id}/jobs", summary="List a run's jobs", responses=_NOT_FOUND)
+async def list_run_jobs(
+    run_id: str, state: State, principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))]
+) -> list[JobInfo]:
+    await _run(state, principal, run_id)
+    async with state.database.read() as conn:
+        found = await runs.list_jobs(conn, run_id)
+    return [JobInfo.of(j) for j in found]
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    summary="Cancel a run",
+    responses={**_NOT_FOUND, 409: {"model": ErrorResponse, "description": "The run has already finished"}},
+)
+async def cancel_run(
+    run_id: str,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.RUNS_CANCEL))],
+    body: CancelRequest | None = None,
+) -> CancelResponse:
+    force = body.force if body is not None else False
+    await _run(state, principal, run_id)
+    by = f"admin token {principal.token.name!r}"
+    with log_context(run_id=run_id):
+        try:
+            async with state.database.transaction() as conn:
+                result = await runs.cancel_run(conn, run_id, by=by, force=force)
+        except runs.RunNotFound:
+            raise AdminError(404, f"no run with id {run_id!r}") from None
+        except runs.RunFinished as exc:
+            raise AdminError(409, f"run {run_id} has already finished ({exc.status}); nothing to cancel") from None
+        running = [job_id for job_id, _agent in result.running]
+        # Sending `job.cancel` to the agents in `result.running` is the dispatcher's job once agents connect.
+        log_event("run.cancel_requested", by_token_id=principal.token.id, force=force, status=result.status,
+                  cancelled_jobs=result.cancelled_jobs, running_jobs=running)
+    return CancelResponse(
+        run_id=run_id,
+        status=result.status,
+        run_status=result.run_status,
+        cancelled_jobs=result.cancelled_jobs,
+        running_jobs=running,
+        force=force,
+    )

@@ -1,0 +1,214 @@
+"""Admin tokens (`/tokens`) and agent tokens (`/agent-tokens`): create (the plaintext is in the response,
+once), list (never secrets), revoke."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field, field_validator
+
+from kici.engine.labels import validate_user_labels
+from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.auth import (
+    ERROR_RESPONSES,
+    AdminError,
+    AdminRoute,
+    ErrorResponse,
+    Permission,
+    Principal,
+    forbidden,
+    require,
+)
+from kici.orchestrator.db.schema import AdminRole
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import tokens
+from kici.orchestrator.store.tokens import AdminToken, AgentToken
+
+router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
+
+State = Annotated[AppState, Depends(app_state)]
+NAME_FIELD = Field(min_length=1, max_length=200, description="A label for people: who or what uses the token")
+
+
+def _clean_name(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+# -- admin tokens -----------------------------------------------------------------------------------
+
+
+class AdminTokenCreate(BaseModel):
+    name: str = NAME_FIELD
+    role: AdminRole = Field(description="owner, admin or auditor; only owners may create owner tokens")
+
+    _name = field_validator("name")(_clean_name)
+
+
+class AdminTokenInfo(BaseModel):
+    id: str
+    name: str
+    role: AdminRole
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, token: AdminToken) -> AdminTokenInfo:
+        return cls(
+            id=token.id,
+            name=token.name,
+            role=token.role,
+            created_at=token.created_at,
+            last_used_at=token.last_used_at,
+            revoked_at=token.revoked_at,
+        )
+
+
+class AdminTokenCreated(AdminTokenInfo):
+    token: str = Field(description="The token itself. Shown this once; only its SHA-256 is stored.")
+
+
+@router.post("/tokens", status_code=201, summary="Create an admin token")
+async def create_admin_token(
+    body: AdminTokenCreate,
+    request: Request,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.TOKENS_WRITE))],
+) -> AdminTokenCreated:
+    if body.role == AdminRole.OWNER and not principal.can(Permission.TOKENS_OWNER):
+        raise forbidden(request, principal, Permission.TOKENS_OWNER)
+    async with state.database.transaction() as conn:
+        created = await tokens.create_admin_token(conn, name=body.name, role=body.role, org_id=principal.token.org_id)
+    log_event("admin.token_created", token_id=created.token.id, role=body.role.value, by_token_id=principal.token.id)
+    return AdminTokenCreated(**AdminTokenInfo.of(created.token).model_dump(), token=created.plaintext)
+
+
+@router.get("/tokens", summary="List admin tokens (without secrets)")
+async def list_admin_tokens(
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.TOKENS_READ))],
+    include_revoked: bool = False,
+) -> list[AdminTokenInfo]:
+    async with state.database.read() as conn:
+        found = await tokens.list_admin_tokens(conn, org_id=principal.token.org_id, include_revoked=include_revoked)
+    return [AdminTokenInfo.of(t) for t in found]
+
+
+@router.delete(
+    "/tokens/{token_id}",
+    summary="Revoke an admin token",
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
+async def revoke_admin_token(
+    token_id: str,
+    request: Request,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.TOKENS_WRITE))],
+) -> AdminTokenInfo:
+    org_id = principal.token.org_id
+    async with state.database.transaction() as conn:
+        active = await tokens.list_admin_tokens(conn, org_id=org_id)
+        target = next((t for t in active if t.id == token_id), None)
+        if target is None:
+            raise AdminError(404, f"no active admin token with id {token_id!r}")
+        if target.role == AdminRole.OWNER:
+            if not principal.can(Permission.TOKENS_OWNER):
+                raise forbidden(request, principal, Permission.TOKENS_OWNER)
+            if sum(1 for t in active if t.role == AdminRole.OWNER) == 1:
+                raise AdminError(
+                    409, "refusing to revoke the last active owner token; create another owner token first"
+                )
+        if not await tokens.revoke_admin_token(conn, token_id, org_id=org_id):
+            raise AdminError(404, f"no active admin token with id {token_id!r}")
+        revoked = next(t for t in await tokens.list_admin_tokens(conn, org_id=org_id, include_revoked=True)
+                       if t.id == token_id)
+    log_event("admin.token_revoked", token_id=token_id, role=target.role.value, by_token_id=principal.token.id)
+    return AdminTokenInfo.of(revoked)
+
+
+# -- agent tokens -----------------------------------------------------------------------------------
+
+
+class AgentTokenCreate(BaseModel):
+    name: str = NAME_FIELD
+    labels: list[str] = Field(
+        default_factory=list, description="Labels an agent using this token may register with"
+    )
+
+    _name = field_validator("name")(_clean_name)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        return validate_user_labels(value)
+
+
+class AgentTokenInfo(BaseModel):
+    id: str
+    name: str
+    labels: list[str]
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, token: AgentToken) -> AgentTokenInfo:
+        return cls(
+            id=token.id,
+            name=token.name,
+            labels=list(token.labels),
+            created_at=token.created_at,
+            last_used_at=token.last_used_at,
+            revoked_at=token.revoked_at,
+        )
+
+
+class AgentTokenCreated(AgentTokenInfo):
+    token: str = Field(description="The `kat_…` token. Shown this once; only its SHA-256 is stored.")
+
+
+@router.post("/agent-tokens", status_code=201, summary="Create an agent token")
+async def create_agent_token(
+    body: AgentTokenCreate,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.AGENT_TOKENS_WRITE))],
+) -> AgentTokenCreated:
+    async with state.database.transaction() as conn:
+        created = await tokens.create_agent_token(
+            conn, name=body.name, labels=body.labels, org_id=principal.token.org_id
+        )
+    log_event("admin.agent_token_created", agent_token_id=created.token.id, labels=body.labels,
+              by_token_id=principal.token.id)
+    return AgentTokenCreated(**AgentTokenInfo.of(created.token).model_dump(), token=created.plaintext)
+
+
+@router.get("/agent-tokens", summary="List agent tokens (without secrets)")
+async def list_agent_tokens(
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.AGENT_TOKENS_READ))],
+    include_revoked: bool = False,
+) -> list[AgentTokenInfo]:
+    async with state.database.read() as conn:
+        found = await tokens.list_agent_tokens(conn, org_id=principal.token.org_id, include_revoked=include_revoked)
+    return [AgentTokenInfo.of(t) for t in found]
+
+
+@router.delete("/agent-tokens/{token_id}", summary="Revoke an agent token", responses={404: {"model": ErrorResponse}})
+async def revoke_agent_token(
+    token_id: str,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.AGENT_TOKENS_WRITE))],
+) -> AgentTokenInfo:
+    org_id = principal.token.org_id
+    async with state.database.transaction() as conn:
+        if not await tokens.revoke_agent_token(conn, token_id, org_id=org_id):
+            raise AdminError(404, f"no active agent token with id {token_id!r}")
+        revoked = next(t for t in await tokens.list_agent_tokens(conn, org_id=org_id, include_revoked=True)
+                       if t.id == token_id)
+    log_event("admin.agent_token_revoked", agent_token_id=token_id, by_token_id=principal.token.id)
+    return AgentTokenInfo.of(revoked)

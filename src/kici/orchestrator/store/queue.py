@@ -1,0 +1,439 @@
+"""The dispatch queue: exactly-once claims by agents, dispatch acks, expiry and agent-disconnect recovery.
+
+Row flow (`dispatch_queue.status`): `pending → dispatched → completed | failed`; `dispatched ↔ recovering
+→ failed`; `pending → expired` (queue timeout or cancel). The job itself stays `queued` from enqueue until
+its agent reports `running`; a claim only records the agent on it.
+
+Exactly-once claims:
+- PostgreSQL: candidates are read oldest first with the exact-label routing done in SQL
+  (`agent_labels @> runs_on_labels`, `runs_on_labels @> taints`, no exact exclude hit; JSONB operators),
+  regex matchers are checked in Python with `kici.engine.labels.job_matches_agent`, then the first
+  matching row is locked with `FOR UPDATE SKIP LOCKED` (re-checking `status = 'pending'`) and updated
+  with a conditional `UPDATE … WHERE status = 'pending'`. Concurrent claimers skip each other's rows
+  instead of queueing behind them, and the conditional update makes a double claim impossible even if
+  the lock step were wrong.
+- SQLite: the claim runs in `Database.transaction()`, whose `BEGIN IMMEDIATE` excludes every other writer
+  of the file (other processes included), so read-then-update is atomic; routing is all in Python.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.engine.labels import job_matches_agent
+from kici.engine.lockfile import LabelMatcher
+from kici.engine.states import JobEvent, JobState
+from kici.orchestrator.db.database import Database
+from kici.orchestrator.db.schema import DEFAULT_ORG_ID, QueueStatus, dispatch_queue, jobs, runs, utcnow
+from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store.jobs import set_job_status
+from kici.orchestrator.store.runs import DEFAULT_QUEUE_LIMITS, RECOVERY_TIMEOUT_ERROR, QueueLimits
+
+CLAIM_BATCH = 20
+"""Candidate rows read per round of a claim (more rounds only when regex matchers reject them all)."""
+
+
+@dataclass(frozen=True)
+class AgentSlot:
+    """A connected agent with a free slot, as the claim sees it."""
+
+    agent_id: str
+    labels: list[str]
+    taints: list[str] = field(default_factory=list)
+    """Labels the agent's token made mandatory: a job must ask for each of them by name."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    queue_id: str
+    job_id: str
+    run_id: str
+    attempt: int
+    """Dispatch attempt number (1 for the first hand-out)."""
+
+
+class QueueRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    job_id: str
+    run_id: str
+    org_id: str
+    status: str
+    runs_on_labels: list[str]
+    """The job's exact `runs_on` labels (regex matchers live on the job)."""
+    exclude_labels: list[str]
+    agent_id: str | None
+    dispatch_attempts: int
+    ack_deadline: dt.datetime | None
+    recovery_deadline: dt.datetime | None
+    expires_at: dt.datetime | None
+    created_at: dt.datetime
+    dispatched_at: dt.datetime | None
+    job_name: str
+    workflow: str
+    repo: str
+
+
+def _matchers(raw: Sequence[Any] | None) -> list[LabelMatcher]:
+    return [LabelMatcher.model_validate(m) for m in raw or ()]
+
+
+def _routes(agent: AgentSlot, row: Any) -> bool:
+    return job_matches_agent(_matchers(row.runs_on), _matchers(row.exclude_labels), agent.labels, agent.taints)
+
+
+# -- claim -------------------------------------------------------------------------------------------
+
+
+async def claim_next(db: Database, agent: AgentSlot, *, ack_timeout_ms: int) -> Claim | None:
+    """Hand the oldest pending, unexpired job this agent may run to it; None when there is none.
+
+    Owns its transaction. The row becomes `dispatched` (agent, attempt + 1, `ack_deadline`,
+    `dispatched_at`); the job records the agent and stays `queued` until the agent reports `running`.
+    """
+    async with db.transaction() as conn:
+        return await _claim(conn, agent, ack_timeout_ms=ack_timeout_ms, postgres=db.is_postgresql)
+
+
+async def _claim(conn: AsyncConnection, agent: AgentSlot, *, ack_timeout_ms: int, postgres: bool) -> Claim | None:
+    now = utcnow()
+    dq = dispatch_queue
+    after: tuple[dt.datetime, str] | None = None
+    while True:
+        query = (
+            sa.select(dq.c.id, dq.c.job_id, dq.c.created_at, jobs.c.runs_on, jobs.c.exclude_labels)
+            .join(jobs, jobs.c.id == dq.c.job_id)
+            .where(dq.c.status == QueueStatus.PENDING.value, sa.or_(dq.c.expires_at.is_(None), dq.c.expires_at >= now))
+        )
+        if postgres:
+            labels = sa.type_coerce(dq.c.runs_on_labels, postgresql.JSONB)
+            excluded = sa.type_coerce(dq.c.exclude_labels, postgresql.JSONB)
+            agent_labels = sa.bindparam("agent_labels", list(agent.labels), type_=postgresql.JSONB)
+            query = query.where(agent_labels.contains(labels))
+            if agent.taints:
+                query = query.where(labels.contains(sa.bindparam("taints", list(agent.taints), type_=postgresql.JSONB)))
+            if agent.labels:
+                label_array = sa.bindparam("label_array", list(agent.labels), type_=postgresql.ARRAY(sa.Text))
+                query = query.where(sa.not_(excluded.has_any(label_array)))
+        if after is not None:
+            query = query.where(sa.tuple_(dq.c.created_at, dq.c.id) > sa.tuple_(*after))
+        batch = list(await conn.execute(query.order_by(dq.c.created_at, dq.c.id).limit(CLAIM_BATCH)))
+        if not batch:
+            return None
+        after = (batch[-1].created_at, batch[-1].id)
+        candidates = [row.id for row in batch if _routes(agent, row)]
+        while candidates:
+            lock = (
+                sa.select(dq.c.id, dq.c.job_id, dq.c.run_id, dq.c.dispatch_attempts)
+                .where(dq.c.id.in_(candidates), dq.c.status == QueueStatus.PENDING.value)
+                .order_by(dq.c.created_at, dq.c.id)
+                .limit(1)
+            )
+            if postgres:
+                lock = lock.with_for_update(skip_locked=True)
+            row = (await conn.execute(lock)).first()
+            if row is None:
+                break  # every candidate was taken (or is being taken) by another claimer
+            candidates.remove(row.id)
+            claim = await _take(conn, row, agent, ack_timeout_ms=ack_timeout_ms, now=now)
+            if claim is not None:
+                return claim
+
+
+async def _take(
+    conn: AsyncConnection, row: Any, agent: AgentSlot, *, ack_timeout_ms: int, now: dt.datetime
+) -> Claim | None:
+    dq = dispatch_queue
+    attempt = int(row.dispatch_attempts) + 1
+    updated = await conn.execute(
+        dq.update()
+        .where(dq.c.id == row.id, dq.c.status == QueueStatus.PENDING.value)
+        .values(
+            status=QueueStatus.DISPATCHED.value,
+            agent_id=agent.agent_id,
+            dispatch_attempts=attempt,
+            ack_deadline=now + dt.timedelta(milliseconds=ack_timeout_ms),
+            dispatched_at=now,
+        )
+    )
+    if updated.rowcount != 1:
+        return None
+    job = await conn.execute(
+        jobs.update()
+        .where(jobs.c.id == row.job_id, jobs.c.status == JobState.QUEUED.value)
+        .values(agent_id=agent.agent_id)
+    )
+    if job.rowcount != 1:
+        # the job left `queued` without its row (should not happen): retire the row, look further
+        await conn.execute(
+            dq.update()
+            .where(dq.c.id == row.id)
+            .values(status=QueueStatus.EXPIRED.value, agent_id=None, ack_deadline=None)
+        )
+        return None
+    return Claim(queue_id=str(row.id), job_id=str(row.job_id), run_id=str(row.run_id), attempt=attempt)
+
+
+# -- acks --------------------------------------------------------------------------------------------
+
+
+async def ack(conn: AsyncConnection, job_id: str, agent_id: str) -> bool:
+    """`job.ack` from the agent the job was dispatched to: the ack deadline is cleared. False for a
+    duplicate, a foreign agent, or a row no longer dispatched."""
+    result = await conn.execute(
+        dispatch_queue.update()
+        .where(
+            dispatch_queue.c.job_id == job_id,
+            dispatch_queue.c.agent_id == agent_id,
+            dispatch_queue.c.status == QueueStatus.DISPATCHED.value,
+            dispatch_queue.c.ack_deadline.is_not(None),
+        )
+        .values(ack_deadline=None)
+    )
+    return result.rowcount == 1
+
+
+async def _requeue(conn: AsyncConnection, job_id: str, agent_id: str | None, from_status: QueueStatus) -> bool:
+    conditions = [dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == from_status.value]
+    if agent_id is not None:
+        conditions.append(dispatch_queue.c.agent_id == agent_id)
+    result = await conn.execute(
+        dispatch_queue.update()
+        .where(*conditions)
+        .values(
+            status=QueueStatus.PENDING.value,
+            agent_id=None,
+            ack_deadline=None,
+            recovery_deadline=None,
+            dispatched_at=None,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    await conn.execute(
+        jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobState.QUEUED.value).values(agent_id=None)
+    )
+    return True
+
+
+async def reject(conn: AsyncConnection, job_id: str, agent_id: str) -> bool:
+    """`job.reject` (busy, draining): the row goes back to `pending` in its original place in line, the
+    agent is cleared. False for a foreign agent or a row not dispatched (or a job already started)."""
+    started = await conn.execute(
+        sa.select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.status == JobState.QUEUED.value)
+    )
+    if started.first() is None:
+        return False
+    return await _requeue(conn, job_id, agent_id, QueueStatus.DISPATCHED)
+
+
+async def find_expired_acks(conn: AsyncConnection, *, now: dt.datetime) -> list[tuple[str, str]]:
+    """`(job_id, agent_id)` of dispatches whose ack deadline passed (the caller closes those agents with
+    4031 before `requeue_expired_acks`)."""
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.job_id, dispatch_queue.c.agent_id)
+        .where(
+            dispatch_queue.c.status == QueueStatus.DISPATCHED.value,
+            dispatch_queue.c.ack_deadline.is_not(None),
+            dispatch_queue.c.ack_deadline < now,
+        )
+        .order_by(dispatch_queue.c.created_at)
+    )
+    return [(str(r.job_id), str(r.agent_id)) for r in rows]
+
+
+async def requeue_expired_acks(
+    conn: AsyncConnection, *, now: dt.datetime, max_attempts: int, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> tuple[list[str], list[str]]:
+    """Dispatches not acknowledged in time: requeued, or — after `max_attempts` attempts — the job fails
+    ("dispatch not acknowledged after N attempts") and its run is settled. Returns (requeued, failed)."""
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.job_id, dispatch_queue.c.agent_id, dispatch_queue.c.dispatch_attempts)
+        .where(
+            dispatch_queue.c.status == QueueStatus.DISPATCHED.value,
+            dispatch_queue.c.ack_deadline.is_not(None),
+            dispatch_queue.c.ack_deadline < now,
+        )
+        .order_by(dispatch_queue.c.created_at)
+    )
+    requeued: list[str] = []
+    failed: list[str] = []
+    for row in list(rows):
+        job_id = str(row.job_id)
+        await run_store.lock_job(conn, job_id)
+        if int(row.dispatch_attempts) >= max_attempts:
+            error = f"dispatch not acknowledged after {row.dispatch_attempts} attempts"
+            if await run_store.finish_job(
+                conn, job_id, JobState.FAILED, JobEvent.FAIL, error=error, failure_category="dispatch", limits=limits
+            ):
+                failed.append(job_id)
+        elif await _requeue(conn, job_id, row.agent_id, QueueStatus.DISPATCHED):
+            requeued.append(job_id)
+    return requeued, failed
+
+
+# -- expiry, depth, listing ----------------------------------------------------------------------------
+
+
+async def expire_queue(
+    conn: AsyncConnection, *, now: dt.datetime, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> list[str]:
+    """Pending rows past `expires_at`: row `expired`, job `timed_out_stale`, run settled. The job ids."""
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.id, dispatch_queue.c.job_id)
+        .where(
+            dispatch_queue.c.status == QueueStatus.PENDING.value,  # (lock order: run, row, job)
+            dispatch_queue.c.expires_at.is_not(None),
+            dispatch_queue.c.expires_at < now,
+        )
+        .order_by(dispatch_queue.c.created_at)
+    )
+    expired: list[str] = []
+    for row in list(rows):
+        await run_store.lock_job(conn, str(row.job_id))
+        result = await conn.execute(
+            dispatch_queue.update()
+            .where(dispatch_queue.c.id == row.id, dispatch_queue.c.status == QueueStatus.PENDING.value)
+            .values(status=QueueStatus.EXPIRED.value)
+        )
+        if result.rowcount != 1:
+            continue
+        if await run_store.finish_job(
+            conn,
+            str(row.job_id),
+            JobState.TIMED_OUT_STALE,
+            JobEvent.STALE,
+            error="queue timeout: no matching agent took the job in time",
+            failure_category="queue_timeout",
+            limits=limits,
+        ):
+            expired.append(str(row.job_id))
+    return expired
+
+
+queue_depth = run_store.queue_depth
+
+
+async def list_queue(
+    conn: AsyncConnection,
+    *,
+    org_id: str = DEFAULT_ORG_ID,
+    limit: int = 100,
+    statuses: Sequence[str] = (QueueStatus.PENDING.value, QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value),
+) -> list[QueueRecord]:
+    """Active queue rows (pending, dispatched, recovering by default), oldest first, with the job name,
+    workflow and repository."""
+    query = (
+        sa.select(dispatch_queue, jobs.c.name.label("job_name"), runs.c.workflow, runs.c.repo)
+        .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
+        .join(runs, runs.c.id == dispatch_queue.c.run_id)
+        .where(dispatch_queue.c.org_id == org_id, dispatch_queue.c.status.in_(list(statuses)))
+        .order_by(dispatch_queue.c.created_at, dispatch_queue.c.id)
+        .limit(max(0, limit))
+    )
+    return [QueueRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
+
+
+# -- agent disconnect and recovery ----------------------------------------------------------------------
+
+
+async def release_agent_jobs(conn: AsyncConnection, agent_id: str, *, recovery_deadline: dt.datetime) -> list[str]:
+    """The agent disconnected: its running jobs go `recovering`, and the queue rows of everything it held
+    (started or only dispatched) go `recovering` until `recovery_deadline`. The job ids."""
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.job_id, jobs.c.status)
+        .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
+        .where(dispatch_queue.c.agent_id == agent_id, dispatch_queue.c.status == QueueStatus.DISPATCHED.value)
+        .order_by(dispatch_queue.c.created_at)
+    )
+    released: list[str] = []
+    for row in list(rows):
+        job_id = str(row.job_id)
+        await run_store.lock_job(conn, job_id)
+        if row.status == JobState.RUNNING.value:
+            await set_job_status(conn, job_id, JobState.RECOVERING, JobEvent.RECOVER, owned_by=agent_id)
+        elif row.status != JobState.QUEUED.value:
+            continue  # cancelling: the agent still owes the outcome; the stale sweep covers it
+        result = await conn.execute(
+            dispatch_queue.update()
+            .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == QueueStatus.DISPATCHED.value)
+            .values(status=QueueStatus.RECOVERING.value, recovery_deadline=recovery_deadline, ack_deadline=None)
+        )
+        if result.rowcount == 1:
+            released.append(job_id)
+    return released
+
+
+async def reclaim(
+    conn: AsyncConnection,
+    agent_id: str,
+    job_ids: Sequence[str],
+    *,
+    release_missing: bool = True,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+) -> list[str]:
+    """The agent reconnected reporting `job_ids` in flight: those of its recovering jobs resume
+    (`recovering → running`, row `dispatched`). With `release_missing`, its other recovering jobs are
+    settled now instead of at the window's end: never started → requeued, started → failed. The ids
+    reclaimed."""
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.job_id, jobs.c.status)
+        .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
+        .where(dispatch_queue.c.agent_id == agent_id, dispatch_queue.c.status == QueueStatus.RECOVERING.value)
+    )
+    wanted = set(job_ids)
+    reclaimed: list[str] = []
+    for row in list(rows):
+        job_id = str(row.job_id)
+        await run_store.lock_job(conn, job_id)
+        if job_id in wanted:
+            if row.status == JobState.RECOVERING.value:
+                await set_job_status(conn, job_id, JobState.RUNNING, JobEvent.START, owned_by=agent_id)
+            await conn.execute(
+                dispatch_queue.update()
+                .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == QueueStatus.RECOVERING.value)
+                .values(status=QueueStatus.DISPATCHED.value, recovery_deadline=None)
+            )
+            reclaimed.append(job_id)
+        elif release_missing:
+            if row.status == JobState.QUEUED.value:
+                await _requeue(conn, job_id, agent_id, QueueStatus.RECOVERING)
+            else:
+                await run_store.finish_job(
+                    conn, job_id, JobState.FAILED, JobEvent.FAIL,
+                    error="the agent reconnected without this job", failure_category="agent_lost", limits=limits,
+                )
+    return reclaimed
+
+
+async def fail_unrecovered(
+    conn: AsyncConnection, *, now: dt.datetime, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> list[str]:
+    """Recovery windows that ended: the job fails ("recovery timeout exceeded"), its row `failed`, the
+    run is settled. The job ids."""
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.job_id)
+        .where(
+            dispatch_queue.c.status == QueueStatus.RECOVERING.value,
+            dispatch_queue.c.recovery_deadline.is_not(None),
+            dispatch_queue.c.recovery_deadline < now,
+        )
+        .order_by(dispatch_queue.c.created_at)
+    )
+    failed: list[str] = []
+    for row in list(rows):
+        if await run_store.finish_job(
+            conn, str(row.job_id), JobState.FAILED, JobEvent.FAIL,
+            error=RECOVERY_TIMEOUT_ERROR, failure_category="agent_lost", limits=limits,
+        ):
+            failed.append(str(row.job_id))
+    return failed

@@ -1,0 +1,909 @@
+"""Runs and their jobs: creation, tracking, the needs scheduler, run aggregation, cancel and sweeps.
+
+Every function takes an `AsyncConnection` inside the caller's transaction (`Database.transaction()`),
+so a webhook's run creation, an agent's status message or a sweep commits as one unit.
+
+Rules kept by this module:
+- Every job status write goes through `store.jobs.set_job_status` (guarded by the engine's state
+  machine): terminal states never change, late/duplicate/foreign messages update zero rows and are
+  reported as `False`.
+- Anything that can change a run's jobs first locks the run row (`SELECT … FOR UPDATE` on PostgreSQL;
+  SQLite's `BEGIN IMMEDIATE` already serializes writers). Two jobs of one run finishing in concurrent
+  transactions therefore settle one after the other, and the second sees the first's result, so a run
+  can never be left unfinished with all of its jobs terminal. Lock order is run → queue rows → jobs
+  everywhere (a claim, which locks no run, takes queue row → job), so these writers cannot deadlock.
+- `settle_run` is the only place that enqueues dependents, skips them and finishes a run; it recomputes
+  everything from the database, so calling it again (or after a restart) is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.engine.events import Event
+from kici.engine.lockfile import LabelMatcher, Workflow
+from kici.engine.needs import decide
+from kici.engine.plan import plan_workflow
+from kici.engine.states import (
+    JobEvent,
+    JobState,
+    RunStatus,
+    aggregate_run_status,
+    is_run_terminal,
+    is_terminal,
+)
+from kici.orchestrator.db.schema import (
+    DEFAULT_ORG_ID,
+    QueueStatus,
+    dispatch_queue,
+    job_needs,
+    jobs,
+    new_id,
+    runs,
+    steps,
+    utcnow,
+)
+from kici.orchestrator.store.jobs import set_job_status
+
+QUEUE_FULL_ERROR = "queue full"
+RECOVERY_TIMEOUT_ERROR = "recovery timeout exceeded"
+
+
+class RunNotFound(LookupError):
+    """No run with this id."""
+
+
+class RunFinished(Exception):
+    """The run is already terminal (the admin API answers 409)."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} already finished ({status})")
+        self.run_id = run_id
+        self.status = status
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """The queue settings enqueueing needs (`queue_max_depth`, `queue_timeout_ms` of the configuration)."""
+
+    max_depth: int = 1000
+    timeout_ms: int = 3_600_000
+    """How long a row may wait for an agent; 0 = forever."""
+
+
+DEFAULT_QUEUE_LIMITS = QueueLimits()
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RunRecord(_Frozen):
+    id: str
+    org_id: str
+    workflow: str
+    status: str
+    repo: str
+    ref: str | None
+    sha: str
+    event: dict[str, Any]
+    delivery_id: str | None
+    source_id: str | None
+    lock_content_hash: str | None
+    workflow_content_hash: str | None
+    parent_run_id: str | None
+    original_run_id: str | None
+    cancelled_by: str | None
+    failure_reason: str | None
+    timeout_ms: int | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return is_run_terminal(self.status)
+
+
+class JobRecord(_Frozen):
+    id: str
+    run_id: str
+    org_id: str
+    name: str
+    """Unique in the run: the lock job name, or `job (a, b)` for a matrix child."""
+    job: str
+    """The job's name in the lock file."""
+    matrix: dict[str, Any] | None
+    status: str
+    agent_id: str | None
+    attempt: int
+    needs_satisfied: bool
+    outputs: dict[str, Any] | None
+    error: str | None
+    failure_category: str | None
+    runs_on: list[dict[str, Any]]
+    """Label matchers as in the lock file (`{"kind": "exact", "value": "linux"}`)."""
+    exclude_labels: list[dict[str, Any]]
+    last_heartbeat_at: dt.datetime | None
+    created_at: dt.datetime
+    queued_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class StepRecord(_Frozen):
+    job_id: str
+    step_index: int
+    name: str
+    status: str
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    duration_ms: int | None
+    error: str | None
+    log_bytes: int
+
+
+# -- inputs and results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewRun:
+    org_id: str
+    workflow: Workflow
+    event: Event
+    repo: str
+    ref: str | None
+    sha: str
+    lock_content_hash: str | None
+    delivery_id: str | None
+    source_id: str | None
+    parent_run_id: str | None = None
+    original_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CreatedRun:
+    run_id: str
+    job_ids: dict[str, str]
+    """Planned job name → job id."""
+    queued: list[str]
+    """Job ids enqueued now (the roots, unless the queue was full)."""
+    failed: list[str]
+    """Job ids that could not be enqueued ("queue full")."""
+    skipped: list[str] = field(default_factory=list)
+    """Job ids skipped because an upstream failed to enqueue."""
+    run_status: str = RunStatus.PENDING.value
+    """The run's status after creation: `pending`, or final when nothing could be queued."""
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    newly_queued: list[str]
+    skipped: list[str]
+    run_status: str | None
+    """The run's status after settling; None when the run does not exist."""
+    failed: list[str] = field(default_factory=list)
+    """Dependents that became ready but could not be enqueued ("queue full")."""
+    cancelled: list[str] = field(default_factory=list)
+    """Pending dependents cancelled because the run is being cancelled."""
+    finished: bool = False
+    """True when this call moved the run to its final status (report it, e.g. as a check conclusion)."""
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    status: Literal["cancelling", "cancelled"]
+    """`cancelled` when nothing was left running; else `cancelling` until the agents report."""
+    cancelled_jobs: list[str]
+    """Job ids cancelled at once (not started yet)."""
+    running: list[tuple[str, str]]
+    """`(job_id, agent_id)` pairs to send `job.cancel` to: jobs running (or recovering) on an agent, and
+    jobs already handed to an agent that had not started them (those are cancelled here already)."""
+    run_status: str = RunStatus.CANCELLING.value
+    """The run's status afterwards (`failed` wins over `cancelled` when a job had already failed)."""
+
+
+JobReport = Literal["running", "success", "failed", "cancelled", "skipped"]
+
+# The events an agent's report may use, tried in order (their source states are disjoint).
+_REPORT_EVENTS: Mapping[str, tuple[JobEvent, ...]] = {
+    "running": (JobEvent.START,),
+    "success": (JobEvent.SUCCEED,),
+    "failed": (JobEvent.FAIL,),
+    "cancelled": (JobEvent.CANCEL, JobEvent.COMPLETE),
+    "skipped": (JobEvent.SKIP,),
+}
+
+_ACTIVE_RUN_STATUSES = (RunStatus.PENDING.value, RunStatus.RUNNING.value, RunStatus.CANCELLING.value, "held")
+_NOT_STARTED = (JobState.PENDING.value, JobState.QUEUED.value, JobState.HELD.value, JobState.WAITING.value)
+_ON_AGENT = (JobState.RUNNING.value, JobState.RECOVERING.value, JobState.CANCELLING.value)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _matchers_json(matchers: Iterable[LabelMatcher] | None) -> list[dict[str, Any]]:
+    return [m.model_dump(by_alias=True, exclude_none=True, mode="json") for m in matchers or ()]
+
+
+def _exact_values(matchers: Iterable[dict[str, Any]]) -> list[str]:
+    return [str(m["value"]) for m in matchers if m.get("kind") == "exact" and m.get("value")]
+
+
+async def lock_run(conn: AsyncConnection, run_id: str) -> str | None:
+    """Lock the run row for the rest of the transaction (PostgreSQL; SQLite writers are serialized
+    already) and return its status, or None when there is no such run."""
+    query = sa.select(runs.c.status).where(runs.c.id == run_id).with_for_update()
+    status = (await conn.execute(query)).scalar_one_or_none()
+    return None if status is None else str(status)
+
+
+async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
+    """Take the locks a change to one job needs, in the module's order — its run, then its queue row —
+    and return the run id (None for an unknown job)."""
+    run_id = await run_id_of_job(conn, job_id)
+    if run_id is None:
+        return None
+    await lock_run(conn, run_id)
+    await conn.execute(sa.select(dispatch_queue.c.id).where(dispatch_queue.c.job_id == job_id).with_for_update())
+    return run_id
+
+
+async def run_id_of_job(conn: AsyncConnection, job_id: str) -> str | None:
+    found = (await conn.execute(sa.select(jobs.c.run_id).where(jobs.c.id == job_id))).scalar_one_or_none()
+    return None if found is None else str(found)
+
+
+async def close_queue_row(conn: AsyncConnection, job_id: str, job_status: str) -> None:
+    """The job reached a terminal status: its queue row leaves the active states.
+
+    A row still `pending` (never handed out) becomes `expired`; a handed-out row `completed`, or `failed`
+    when the job failed or went stale."""
+    failed = job_status in (JobState.FAILED.value, JobState.TIMED_OUT_STALE.value, JobState.DRIFT_DROPPED.value)
+    await conn.execute(
+        dispatch_queue.update()
+        .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == QueueStatus.PENDING.value)
+        .values(status=QueueStatus.EXPIRED.value, ack_deadline=None)
+    )
+    await conn.execute(
+        dispatch_queue.update()
+        .where(
+            dispatch_queue.c.job_id == job_id,
+            dispatch_queue.c.status.in_([QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]),
+        )
+        .values(
+            status=(QueueStatus.FAILED if failed else QueueStatus.COMPLETED).value,
+            ack_deadline=None,
+            recovery_deadline=None,
+        )
+    )
+
+
+async def queue_depth(conn: AsyncConnection) -> int:
+    """Rows waiting for an agent (`pending`), the number `queue_max_depth` limits."""
+    query = sa.select(sa.func.count()).select_from(dispatch_queue).where(
+        dispatch_queue.c.status == QueueStatus.PENDING.value
+    )
+    return int((await conn.execute(query)).scalar_one())
+
+
+@dataclass
+class _Enqueuer:
+    """Enqueues ready jobs, counting the queue's depth once per settle."""
+
+    limits: QueueLimits
+    now: dt.datetime
+    depth: int | None = None
+    count: int = 0
+
+    async def enqueue(self, conn: AsyncConnection, row: Any) -> bool:
+        """`pending → queued` plus a `pending` queue row; or `pending → failed` ("queue full"). True when
+        queued."""
+        if self.depth is None:
+            self.depth = await queue_depth(conn)
+        if self.depth >= self.limits.max_depth:
+            await set_job_status(
+                conn,
+                row.id,
+                JobState.FAILED,
+                JobEvent.FAIL,
+                values={"error": QUEUE_FULL_ERROR, "failure_category": "queue_full", "finished_at": self.now},
+            )
+            return False
+        moved = await set_job_status(
+            conn, row.id, JobState.QUEUED, JobEvent.ENQUEUE, values={"queued_at": self.now, "needs_satisfied": True}
+        )
+        if not moved:
+            return False
+        timeout = self.limits.timeout_ms
+        await conn.execute(
+            dispatch_queue.insert().values(
+                id=new_id(),
+                job_id=row.id,
+                run_id=row.run_id,
+                org_id=row.org_id,
+                status=QueueStatus.PENDING.value,
+                runs_on_labels=_exact_values(row.runs_on or []),
+                exclude_labels=_exact_values(row.exclude_labels or []),
+                dispatch_attempts=0,
+                expires_at=self.now + dt.timedelta(milliseconds=timeout) if timeout > 0 else None,
+                # a microsecond apart: rows enqueued together are claimed in plan order
+                created_at=self.now + dt.timedelta(microseconds=self.count),
+            )
+        )
+        self.count += 1
+        self.depth += 1
+        return True
+
+
+# -- creation ----------------------------------------------------------------------------------------
+
+
+async def create_run(
+    conn: AsyncConnection, new: NewRun, *, queue_max_depth: int, queue_timeout_ms: int
+) -> CreatedRun:
+    """Insert a run with its planned jobs and needs edges, and enqueue the jobs without needs.
+
+    A root job that finds the queue full is recorded `failed` ("queue full"); its dependents are skipped
+    and, when nothing else is left, the run ends `failed` right here rather than hanging. `ValueError`
+    from planning (a matrix that cannot expand) propagates before anything is written.
+    """
+    planned = plan_workflow(new.workflow)
+    now = utcnow()
+    run_id = new_id()
+    await conn.execute(
+        runs.insert().values(
+            id=run_id,
+            org_id=new.org_id,
+            workflow=new.workflow.name,
+            status=RunStatus.PENDING.value,
+            repo=new.repo,
+            ref=new.ref,
+            sha=new.sha,
+            event=new.event.model_dump(mode="json"),
+            delivery_id=new.delivery_id,
+            source_id=new.source_id,
+            lock_content_hash=new.lock_content_hash,
+            workflow_content_hash=new.workflow.content_hash,
+            parent_run_id=new.parent_run_id,
+            original_run_id=new.original_run_id,
+            timeout_ms=new.workflow.timeout,
+            created_at=now,
+        )
+    )
+    job_ids: dict[str, str] = {}
+    job_rows: list[dict[str, Any]] = []
+    need_rows: list[dict[str, Any]] = []
+    for index, job in enumerate(planned):
+        job_id = new_id()
+        job_ids[job.name] = job_id
+        lock_job = job.lock_job
+        job_rows.append(
+            {
+                "id": job_id,
+                "run_id": run_id,
+                "org_id": new.org_id,
+                "name": job.name,
+                "job": job.job,
+                "matrix": job.matrix,
+                "status": JobState.PENDING.value,
+                "attempt": 1,
+                "needs_satisfied": not job.needs,
+                "runs_on": _matchers_json(lock_job.runs_on if lock_job else None),
+                "exclude_labels": _matchers_json(lock_job.exclude_labels if lock_job else None),
+                # one microsecond apart: jobs list (and queue) in plan order
+                "created_at": now + dt.timedelta(microseconds=index),
+            }
+        )
+        for need in job.needs:
+            need_rows.append(
+                {"run_id": run_id, "job_name": job.name, "upstream_name": need.name, "run_on": list(need.run_on)}
+            )
+    if job_rows:
+        await conn.execute(jobs.insert(), job_rows)
+    if need_rows:
+        await conn.execute(job_needs.insert(), need_rows)
+    settled = await settle_run(
+        conn, run_id, limits=QueueLimits(max_depth=queue_max_depth, timeout_ms=queue_timeout_ms), now=now
+    )
+    return CreatedRun(
+        run_id=run_id,
+        job_ids=job_ids,
+        queued=settled.newly_queued,
+        failed=settled.failed,
+        skipped=settled.skipped,
+        run_status=settled.run_status or RunStatus.PENDING.value,
+    )
+
+
+async def create_failed_run(
+    conn: AsyncConnection,
+    *,
+    org_id: str = DEFAULT_ORG_ID,
+    workflow_name: str,
+    event: Event | Mapping[str, Any] | None,
+    repo: str,
+    ref: str | None,
+    sha: str,
+    delivery_id: str | None,
+    source_id: str | None,
+    reason: str,
+    lock_content_hash: str | None = None,
+) -> str:
+    """A run that failed before it had jobs (e.g. a corrupt lock file: `lock_resolution`); its id."""
+    now = utcnow()
+    run_id = new_id()
+    event_json = event.model_dump(mode="json") if isinstance(event, Event) else dict(event or {})
+    await conn.execute(
+        runs.insert().values(
+            id=run_id,
+            org_id=org_id,
+            workflow=workflow_name,
+            status=RunStatus.FAILED.value,
+            repo=repo,
+            ref=ref,
+            sha=sha,
+            event=event_json,
+            delivery_id=delivery_id,
+            source_id=source_id,
+            lock_content_hash=lock_content_hash,
+            failure_reason=reason,
+            created_at=now,
+            finished_at=now,
+        )
+    )
+    return run_id
+
+
+# -- reads -------------------------------------------------------------------------------------------
+
+
+async def get_run(conn: AsyncConnection, run_id: str) -> RunRecord | None:
+    row = (await conn.execute(sa.select(runs).where(runs.c.id == run_id))).first()
+    return RunRecord.model_validate(dict(row._mapping)) if row is not None else None
+
+
+async def list_runs(
+    conn: AsyncConnection,
+    *,
+    org_id: str = DEFAULT_ORG_ID,
+    status: str | Sequence[str] | None = None,
+    repo: str | None = None,
+    workflow: str | None = None,
+    limit: int = 50,
+    before: dt.datetime | None = None,
+) -> list[RunRecord]:
+    """Runs newest first. `before` pages: pass the `created_at` of the last run of the previous page."""
+    query = sa.select(runs).where(runs.c.org_id == org_id)
+    if status is not None:
+        query = query.where(runs.c.status.in_([status] if isinstance(status, str) else list(status)))
+    if repo is not None:
+        query = query.where(runs.c.repo == repo)
+    if workflow is not None:
+        query = query.where(runs.c.workflow == workflow)
+    if before is not None:
+        query = query.where(runs.c.created_at < before)
+    query = query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(max(0, limit))
+    return [RunRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
+
+
+def _job(row: Any) -> JobRecord:
+    values = dict(row._mapping)
+    values["runs_on"] = values.get("runs_on") or []
+    values["exclude_labels"] = values.get("exclude_labels") or []
+    return JobRecord.model_validate(values)
+
+
+async def list_jobs(conn: AsyncConnection, run_id: str) -> list[JobRecord]:
+    """The run's jobs in plan order."""
+    query = sa.select(jobs).where(jobs.c.run_id == run_id).order_by(jobs.c.created_at, jobs.c.name)
+    return [_job(row) for row in await conn.execute(query)]
+
+
+async def get_job(conn: AsyncConnection, job_id: str) -> JobRecord | None:
+    row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+    return _job(row) if row is not None else None
+
+
+async def list_steps(conn: AsyncConnection, job_id: str) -> list[StepRecord]:
+    query = sa.select(steps).where(steps.c.job_id == job_id).order_by(steps.c.step_index)
+    return [StepRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
+
+
+# -- tracking ----------------------------------------------------------------------------------------
+
+
+async def record_job_state(
+    conn: AsyncConnection,
+    job_id: str,
+    *,
+    state: JobReport,
+    agent_id: str | None,
+    error: str | None = None,
+    failure_category: str | None = None,
+    outputs: Mapping[str, Any] | None = None,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+) -> bool:
+    """Apply a job status report; False when it is ignored (late, duplicate, from another agent, or an
+    edge the state machine does not have).
+
+    `agent_id` given → only that agent's job moves (agent messages); None → an orchestrator decision.
+    `running` acknowledges the dispatch and moves the run to `running`. A terminal state closes the queue
+    row and settles the run (dependents enqueued or skipped, run finished when all jobs are). `limits`
+    apply to dependents enqueued now.
+    """
+    if state not in _REPORT_EVENTS:
+        raise ValueError(f"unknown job state report {state!r}")
+    run_id = await lock_job(conn, job_id)
+    if run_id is None:
+        return False
+    now = utcnow()
+    values: dict[str, Any] = {}
+    if state == "running":
+        values = {"started_at": sa.func.coalesce(jobs.c.started_at, now), "last_heartbeat_at": now}
+    else:
+        values = {"finished_at": now}
+        if error is not None:
+            values["error"] = error
+        if failure_category is not None:
+            values["failure_category"] = failure_category
+        if outputs is not None:
+            values["outputs"] = dict(outputs)
+    target = JobState(state)
+    moved = False
+    for event in _REPORT_EVENTS[state]:
+        if await set_job_status(conn, job_id, target, event, values=values, owned_by=agent_id):
+            moved = True
+            break
+    if not moved:
+        return False
+    if state == "running":
+        # the job started: its dispatch is acknowledged, and the row follows an agent-side recovery too
+        await conn.execute(
+            dispatch_queue.update()
+            .where(
+                dispatch_queue.c.job_id == job_id,
+                dispatch_queue.c.status.in_([QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]),
+            )
+            .values(status=QueueStatus.DISPATCHED.value, ack_deadline=None, recovery_deadline=None)
+        )
+    else:
+        await close_queue_row(conn, job_id, target.value)
+    await settle_run(conn, run_id, limits=limits, now=now)
+    return True
+
+
+async def finish_job(
+    conn: AsyncConnection,
+    job_id: str,
+    target: JobState,
+    event: JobEvent,
+    *,
+    error: str | None,
+    failure_category: str | None = None,
+    owned_by: str | None = None,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+) -> bool:
+    """An orchestrator-side terminal decision (stale, unacknowledged, unrecovered, expired): guarded
+    move, queue row closed, run settled. False when the job had already moved on."""
+    run_id = await lock_job(conn, job_id)
+    if run_id is None:
+        return False
+    values: dict[str, Any] = {"error": error}
+    if failure_category is not None:
+        values["failure_category"] = failure_category
+    if not await set_job_status(conn, job_id, target, event, values=values, owned_by=owned_by):
+        return False
+    await close_queue_row(conn, job_id, target.value)
+    await settle_run(conn, run_id, limits=limits)
+    return True
+
+
+async def settle_run(
+    conn: AsyncConnection,
+    run_id: str,
+    *,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    now: dt.datetime | None = None,
+) -> SettleResult:
+    """Run the needs scheduler for the run until nothing changes, then aggregate its status.
+
+    A pending job whose upstreams (every matrix child of each needed lock job) are all terminal is
+    enqueued when each ended in its edge's `run_on`, else skipped; skips cascade. In a `cancelling` run
+    pending jobs are cancelled instead. When every job is terminal the run gets
+    `aggregate_run_status` (a cancelling run that would be `success` is `cancelled`) and `finished_at`;
+    the first started job moves a pending run to `running`.
+    """
+    now = now or utcnow()
+    run_status = await lock_run(conn, run_id)
+    if run_status is None:
+        return SettleResult([], [], None)
+    if is_run_terminal(run_status):
+        return SettleResult([], [], run_status)
+    rows = list(
+        await conn.execute(
+            sa.select(
+                jobs.c.id, jobs.c.run_id, jobs.c.org_id, jobs.c.name, jobs.c.job, jobs.c.status,
+                jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.error,
+            )
+            .where(jobs.c.run_id == run_id)
+            .order_by(jobs.c.created_at, jobs.c.name)
+        )
+    )
+    edges: dict[str, list[tuple[str, list[str]]]] = {}
+    for need in await conn.execute(
+        sa.select(job_needs.c.job_name, job_needs.c.upstream_name, job_needs.c.run_on).where(
+            job_needs.c.run_id == run_id
+        )
+    ):
+        edges.setdefault(need.job_name, []).append((need.upstream_name, list(need.run_on)))
+    children: dict[str, list[str]] = {}
+    for row in rows:
+        children.setdefault(row.job, []).append(row.name)
+    status = {row.name: str(row.status) for row in rows}
+    errors = {row.name: row.error for row in rows}
+
+    queued: list[str] = []
+    skipped: list[str] = []
+    failed: list[str] = []
+    cancelled: list[str] = []
+    enqueuer = _Enqueuer(limits, now)
+    cancelling = run_status == RunStatus.CANCELLING.value
+    for _ in range(len(rows) + 1):
+        changed = False
+        for row in rows:
+            if status[row.name] != JobState.PENDING.value:
+                continue
+            if cancelling:
+                if await set_job_status(conn, row.id, JobState.CANCELLED, JobEvent.CANCEL):
+                    status[row.name] = JobState.CANCELLED.value
+                    cancelled.append(row.id)
+                    changed = True
+                continue
+            # a need on a lock job is a need on each of its children; a job with no children is satisfied
+            needs = [
+                (child, run_on) for upstream, run_on in edges.get(row.name, []) for child in children.get(upstream, [])
+            ]
+            decision = decide(needs, status)
+            if decision == "wait":
+                continue
+            if decision == "skip":
+                if await set_job_status(conn, row.id, JobState.SKIPPED, JobEvent.SKIP):
+                    status[row.name] = JobState.SKIPPED.value
+                    skipped.append(row.id)
+                    changed = True
+                continue
+            if await enqueuer.enqueue(conn, row):
+                status[row.name] = JobState.QUEUED.value
+                queued.append(row.id)
+            else:
+                status[row.name] = JobState.FAILED.value
+                errors[row.name] = QUEUE_FULL_ERROR
+                failed.append(row.id)
+            changed = True
+        if not changed:
+            break
+
+    final_status = run_status
+    finished = False
+    aggregate = aggregate_run_status(status.values())
+    if all(is_terminal(s) for s in status.values()):
+        target = aggregate
+        if cancelling and target == RunStatus.SUCCESS:
+            target = RunStatus.CANCELLED
+        values: dict[str, Any] = {"status": target.value, "finished_at": now}
+        if target == RunStatus.FAILED:
+            reason = next(
+                (
+                    f"job {row.name}: {errors[row.name] or status[row.name]}"
+                    for row in rows
+                    if status[row.name] in (JobState.FAILED, JobState.TIMED_OUT_STALE, JobState.DRIFT_DROPPED)
+                ),
+                None,
+            )
+            values["failure_reason"] = sa.func.coalesce(runs.c.failure_reason, reason)
+        result = await conn.execute(
+            runs.update().where(runs.c.id == run_id, runs.c.status.in_(_ACTIVE_RUN_STATUSES)).values(**values)
+        )
+        if result.rowcount == 1:
+            final_status, finished = target.value, True
+    elif aggregate == RunStatus.RUNNING and run_status == RunStatus.PENDING.value:
+        result = await conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.PENDING.value)
+            .values(status=RunStatus.RUNNING.value, started_at=sa.func.coalesce(runs.c.started_at, now))
+        )
+        if result.rowcount == 1:
+            final_status = RunStatus.RUNNING.value
+    return SettleResult(queued, skipped, final_status, failed=failed, cancelled=cancelled, finished=finished)
+
+
+async def record_step(
+    conn: AsyncConnection,
+    job_id: str,
+    step_index: int,
+    name: str,
+    state: str,
+    *,
+    duration_ms: int | None = None,
+    error: str | None = None,
+    agent_id: str | None = None,
+) -> bool:
+    """Insert or update a step's row. `agent_id` given → only for a job that agent owns. False when the
+    job does not exist (or belongs to another agent)."""
+    query = sa.select(jobs.c.agent_id).where(jobs.c.id == job_id)
+    found = (await conn.execute(query)).first()
+    if found is None or (agent_id is not None and found.agent_id != agent_id):
+        return False
+    now = utcnow()
+    running = state == "running"
+    values: dict[str, Any] = {"name": name, "status": state}
+    if duration_ms is not None:
+        values["duration_ms"] = duration_ms
+    if error is not None:
+        values["error"] = error
+    insert_values = {
+        "job_id": job_id,
+        "step_index": step_index,
+        "log_bytes": 0,
+        "started_at": now if running else None,
+        "finished_at": None if running else now,
+        **values,
+    }
+    update_values: dict[str, Any] = dict(values)
+    if running:
+        update_values["started_at"] = sa.func.coalesce(steps.c.started_at, now)
+    else:
+        update_values["finished_at"] = now
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        pg_statement = pg_insert(steps).values(**insert_values)
+        await conn.execute(
+            pg_statement.on_conflict_do_update(index_elements=[steps.c.job_id, steps.c.step_index], set_=update_values)
+        )
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        lite_statement = sqlite_insert(steps).values(**insert_values)
+        await conn.execute(
+            lite_statement.on_conflict_do_update(
+                index_elements=[steps.c.job_id, steps.c.step_index], set_=update_values
+            )
+        )
+    return True
+
+
+# -- cancel ------------------------------------------------------------------------------------------
+
+
+async def cancel_run(
+    conn: AsyncConnection, run_id: str, *, by: str, force: bool, reason: str | None = None
+) -> CancelResult:
+    """Cancel a run: jobs not started yet are cancelled now (their pending queue rows expire); jobs on an
+    agent are left for it (the caller sends `job.cancel`, with `force`) and the run goes `cancelling`
+    until they report. `RunNotFound`, or `RunFinished` for a terminal run. Cancelling an already
+    cancelling run is allowed (a retry, or a `force` escalation)."""
+    del force  # the agent applies it; nothing differs in the database
+    run_status = await lock_run(conn, run_id)
+    if run_status is None:
+        raise RunNotFound(run_id)
+    if is_run_terminal(run_status):
+        raise RunFinished(run_id, run_status)
+    now = utcnow()
+    # queue rows before jobs (lock order): a claim racing with us either finished first (the row is no
+    # longer pending and its agent is told below) or finds the row expired
+    await conn.execute(sa.select(dispatch_queue.c.id).where(dispatch_queue.c.run_id == run_id).with_for_update())
+    await conn.execute(
+        dispatch_queue.update()
+        .where(dispatch_queue.c.run_id == run_id, dispatch_queue.c.status == QueueStatus.PENDING.value)
+        .values(status=QueueStatus.EXPIRED.value)
+    )
+    rows = list(
+        await conn.execute(
+            sa.select(jobs.c.id, jobs.c.status, jobs.c.agent_id)
+            .where(jobs.c.run_id == run_id)
+            .order_by(jobs.c.created_at, jobs.c.name)
+        )
+    )
+    cancel_reason = reason or f"cancelled by {by}"
+    cancelled_jobs: list[str] = []
+    running: list[tuple[str, str]] = []
+    for row in rows:
+        if row.status in _NOT_STARTED:
+            if await set_job_status(
+                conn, row.id, JobState.CANCELLED, JobEvent.CANCEL, values={"error": cancel_reason}
+            ):
+                cancelled_jobs.append(row.id)
+                await close_queue_row(conn, row.id, JobState.CANCELLED.value)
+                if row.agent_id is not None:  # handed out but not started: tell the agent too
+                    running.append((row.id, row.agent_id))
+        elif row.status in _ON_AGENT and row.agent_id is not None:
+            running.append((row.id, row.agent_id))
+    await conn.execute(
+        runs.update()
+        .where(runs.c.id == run_id)
+        .values(
+            status=RunStatus.CANCELLING.value,
+            cancelled_by=by,
+            failure_reason=sa.func.coalesce(runs.c.failure_reason, cancel_reason),
+        )
+    )
+    settled = await settle_run(conn, run_id, now=now)
+    final = settled.run_status or RunStatus.CANCELLING.value
+    status: Literal["cancelling", "cancelled"] = "cancelling" if final == RunStatus.CANCELLING.value else "cancelled"
+    return CancelResult(status=status, cancelled_jobs=cancelled_jobs + settled.cancelled, running=running,
+                        run_status=final)
+
+
+# -- heartbeats, stale jobs, workflow timeouts -----------------------------------------------------------
+
+
+async def touch_heartbeat(conn: AsyncConnection, job_id: str, agent_id: str, now: dt.datetime) -> bool:
+    """Record a `job.heartbeat` from the job's agent; False for a job it does not own or not running."""
+    result = await conn.execute(
+        jobs.update()
+        .where(jobs.c.id == job_id, jobs.c.agent_id == agent_id, jobs.c.status.in_(_ON_AGENT))
+        .values(last_heartbeat_at=now)
+    )
+    return result.rowcount == 1
+
+
+async def find_stale_jobs(conn: AsyncConnection, *, now: dt.datetime, stale_after_ms: int) -> list[str]:
+    """Job ids gone silent: running (or cancelling) jobs whose last heartbeat — or start, without one — is
+    older than `stale_after_ms`, and jobs acknowledged by an agent that never reported them running."""
+    cutoff = now - dt.timedelta(milliseconds=stale_after_ms)
+    silent = sa.select(jobs.c.id).where(
+        jobs.c.status.in_([JobState.RUNNING.value, JobState.CANCELLING.value]),
+        sa.func.coalesce(jobs.c.last_heartbeat_at, jobs.c.started_at, jobs.c.queued_at) < cutoff,
+    )
+    never_started = (
+        sa.select(jobs.c.id)
+        .join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id)
+        .where(
+            jobs.c.status == JobState.QUEUED.value,
+            dispatch_queue.c.status == QueueStatus.DISPATCHED.value,
+            dispatch_queue.c.ack_deadline.is_(None),
+            dispatch_queue.c.dispatched_at < cutoff,
+        )
+    )
+    found = [str(r) for r in (await conn.execute(silent)).scalars()]
+    found += [str(r) for r in (await conn.execute(never_started)).scalars() if str(r) not in found]
+    return found
+
+
+async def mark_job_stale(
+    conn: AsyncConnection, job_id: str, reason: str, *, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> bool:
+    """`timed_out_stale` through a guarded update (a job that finished meanwhile stays as it is), queue
+    row failed, run settled. False when ignored."""
+    return await finish_job(
+        conn, job_id, JobState.TIMED_OUT_STALE, JobEvent.STALE, error=reason, failure_category="stale", limits=limits
+    )
+
+
+async def find_overdue_runs(conn: AsyncConnection, *, now: dt.datetime) -> list[str]:
+    """Ids of pending/running runs older than their workflow timeout (counted from the run's creation);
+    the caller cancels them with reason `workflow_timeout`."""
+    rows = await conn.execute(
+        sa.select(runs.c.id, runs.c.created_at, runs.c.timeout_ms)
+        .where(
+            runs.c.status.in_([RunStatus.PENDING.value, RunStatus.RUNNING.value]),
+            runs.c.timeout_ms.is_not(None),
+            runs.c.timeout_ms > 0,
+        )
+        .order_by(runs.c.created_at)
+    )
+    return [
+        str(row.id) for row in rows if row.created_at + dt.timedelta(milliseconds=int(row.timeout_ms)) <= now
+    ]

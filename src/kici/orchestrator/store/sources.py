@@ -1,0 +1,349 @@
+"""Sources: where events come from (`git`, `github`, `generic`) and how to verify and read them.
+
+A source's non-secret settings live in `config` (JSON); its secrets live in `secrets`, one blob holding
+each field sealed separately with AES-256-GCM (`kici.orchestrator.crypto`, associated data
+`source:{id}:{field}`). `Source`, what every function here returns, never carries plaintext: only the
+names of the secrets that are set (`secret_fields`). The ingest path, which has to verify signatures and
+sign GitHub App JWTs, opens them with `load_source_secrets`.
+
+Secrets per kind:
+- `github`: `webhook_secret` (X-Hub-Signature-256), `private_key` (the GitHub App's PEM key).
+- `git`: `webhook_secret` (the HMAC a post-receive / post-commit hook signs its notification with).
+- `generic`: `hmac_secret` (auth `hmac_sha256`), `bearer_token` (auth `bearer_token`).
+
+Config per kind (validated on create and update):
+- `github`: `app_id` (required, integer), `api_url` (default https://api.github.com), `installation_id`
+  (optional; otherwise taken from each delivery), `max_payload_bytes`.
+- `git`: `url` (required: a local path, `file://…`, or any git URL), `repo` (the name events carry;
+  default: derived from the URL), `default_branch` (default `main`), `mirror` (true: read through a bare
+  mirror under the data dir even for a local path), `max_payload_bytes`.
+- `generic`: `auth` (`hmac_sha256` | `bearer_token` | `ip_allowlist` | `none`), `signature_header`,
+  `allowed_ips`, `allowed_events`, `event_header`, `event_path`, `idempotency_header`,
+  `dedup_window_seconds`, `rate_limit_rpm`, `max_payload_bytes`; and where its events' workflows come
+  from: `lock_source` (the name or id of a `git` or `github` source of the same org), `repo` (for a
+  github lock source: `owner/name`) and `ref` (the branch whose head is read; default: `main`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.orchestrator.crypto import CryptoError, open_sealed, seal, source_aad
+from kici.orchestrator.db.schema import DEFAULT_ORG_ID, SourceKind, new_id, sources, utcnow
+
+__all__ = [
+    "DEFAULT_GITHUB_API_URL",
+    "GENERIC_AUTH_METHODS",
+    "SECRET_FIELDS",
+    "Source",
+    "SourceError",
+    "create_source",
+    "delete_source",
+    "get_source",
+    "get_source_by_name",
+    "list_sources",
+    "load_source_secrets",
+    "set_source_enabled",
+    "update_source",
+]
+
+DEFAULT_GITHUB_API_URL = "https://api.github.com"
+GENERIC_AUTH_METHODS = frozenset({"hmac_sha256", "bearer_token", "ip_allowlist", "none"})
+
+SECRET_FIELDS: dict[SourceKind, frozenset[str]] = {
+    SourceKind.GITHUB: frozenset({"webhook_secret", "private_key"}),
+    SourceKind.GIT: frozenset({"webhook_secret"}),
+    SourceKind.GENERIC: frozenset({"hmac_secret", "bearer_token"}),
+}
+
+_BLOB_VERSION = 1
+
+
+class SourceError(ValueError):
+    """A source's definition is invalid (the message names the field), or its secrets cannot be opened."""
+
+
+class Source(BaseModel):
+    """A source as the API shows it: no secret values, only which secrets are set."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    org_id: str
+    name: str
+    kind: SourceKind
+    enabled: bool
+    config: dict[str, Any]
+    secret_fields: list[str]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+
+def _positive_int(config: Mapping[str, Any], key: str, *, required: bool = False) -> None:
+    value = config.get(key)
+    if value is None:
+        if required:
+            raise SourceError(f"config.{key} is required")
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SourceError(f"config.{key} must be a positive integer")
+
+
+def _string(config: Mapping[str, Any], key: str, *, required: bool = False) -> None:
+    value = config.get(key)
+    if value is None:
+        if required:
+            raise SourceError(f"config.{key} is required")
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise SourceError(f"config.{key} must be a non-empty string")
+
+
+def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config, checked for `kind`; `SourceError` names the first problem."""
+    if not isinstance(config, Mapping):
+        raise SourceError("config must be an object")
+    out = dict(config)
+    _positive_int(out, "max_payload_bytes")
+    if kind is SourceKind.GITHUB:
+        if isinstance(out.get("app_id"), str) and out["app_id"].strip().isdigit():
+            out["app_id"] = int(out["app_id"].strip())
+        _positive_int(out, "app_id", required=True)
+        _positive_int(out, "installation_id")
+        _string(out, "api_url")
+        if "api_url" in out and not str(out["api_url"]).startswith(("http://", "https://")):
+            raise SourceError("config.api_url must be an http(s) URL")
+    elif kind is SourceKind.GIT:
+        _string(out, "url", required=True)
+        _string(out, "repo")
+        _string(out, "default_branch")
+        if "mirror" in out and not isinstance(out["mirror"], bool):
+            raise SourceError("config.mirror must be true or false")
+    else:
+        auth = out.get("auth", "hmac_sha256")
+        if auth not in GENERIC_AUTH_METHODS:
+            raise SourceError(f"config.auth must be one of {', '.join(sorted(GENERIC_AUTH_METHODS))}")
+        out["auth"] = auth
+        strings = ("signature_header", "event_header", "event_path", "idempotency_header", "repo", "ref", "lock_source")
+        for key in strings:
+            _string(out, key)
+        for key in ("dedup_window_seconds", "rate_limit_rpm"):
+            _positive_int(out, key)
+        for key in ("allowed_events", "allowed_ips"):
+            value = out.get(key)
+            if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+                raise SourceError(f"config.{key} must be a list of strings")
+        if auth == "ip_allowlist" and not out.get("allowed_ips"):
+            raise SourceError("config.allowed_ips is required for auth ip_allowlist")
+    return out
+
+
+def _check_secret_names(kind: SourceKind, names: Mapping[str, Any]) -> None:
+    unknown = sorted(set(names) - SECRET_FIELDS[kind])
+    if unknown:
+        allowed = ", ".join(sorted(SECRET_FIELDS[kind]))
+        raise SourceError(f"unknown secret {unknown[0]!r} for a {kind.value} source (allowed: {allowed})")
+
+
+# -- the secrets blob -------------------------------------------------------------------------------
+
+
+def _decode_blob(blob: bytes | None) -> dict[str, str]:
+    """field → base64 of the sealed value."""
+    if not blob:
+        return {}
+    try:
+        data = json.loads(blob)
+    except ValueError:
+        raise SourceError("source secrets are unreadable (not a KiCI secrets blob)") from None
+    if not isinstance(data, dict) or data.get("v") != _BLOB_VERSION or not isinstance(data.get("fields"), dict):
+        raise SourceError("source secrets are unreadable (unknown blob version)")
+    return {str(k): str(v) for k, v in data["fields"].items()}
+
+
+def _encode_blob(fields: Mapping[str, str]) -> bytes | None:
+    if not fields:
+        return None
+    return json.dumps({"v": _BLOB_VERSION, "fields": dict(sorted(fields.items()))}).encode()
+
+
+def _seal_fields(key: bytes | None, source_id: str, values: Mapping[str, str]) -> dict[str, str]:
+    sealed: dict[str, str] = {}
+    for name, value in values.items():
+        if not isinstance(value, str) or not value:
+            raise SourceError(f"secret {name!r} must be a non-empty string")
+        try:
+            blob = seal(key, value.encode("utf-8"), source_aad(source_id, name))
+        except CryptoError as exc:
+            raise SourceError(str(exc)) from None
+        sealed[name] = base64.b64encode(blob).decode("ascii")
+    return sealed
+
+
+# -- rows -------------------------------------------------------------------------------------------
+
+
+_COLUMNS = [c for c in sources.c if c.name != "secrets"]
+
+
+def _source(row: Any) -> Source:
+    data = dict(row._mapping)
+    blob = data.pop("secrets", None)
+    return Source(**data, secret_fields=sorted(_decode_blob(blob)))
+
+
+def _select() -> sa.Select[Any]:
+    return sa.select(*_COLUMNS, sources.c.secrets)
+
+
+async def create_source(
+    conn: AsyncConnection,
+    *,
+    key: bytes | None,
+    name: str,
+    kind: SourceKind | str,
+    config: Mapping[str, Any] | None = None,
+    secrets: Mapping[str, str] | None = None,
+    enabled: bool = True,
+    org_id: str = DEFAULT_ORG_ID,
+) -> Source:
+    """A new source; `secrets` are sealed with `key` (None only works for a source without secrets)."""
+    try:
+        kind = SourceKind(kind)
+    except ValueError:
+        raise SourceError(f"unknown source kind {kind!r} (git, github, generic)") from None
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise SourceError("name must be a non-empty string without '/'")
+    checked = validate_config(kind, config or {})
+    secrets = dict(secrets or {})
+    _check_secret_names(kind, secrets)
+    source_id = new_id()
+    now = utcnow()
+    await conn.execute(
+        sources.insert().values(
+            id=source_id,
+            org_id=org_id,
+            name=name.strip(),
+            kind=kind.value,
+            enabled=enabled,
+            config=checked,
+            secrets=_encode_blob(_seal_fields(key, source_id, secrets)),
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    found = await get_source(conn, source_id)
+    assert found is not None
+    return found
+
+
+async def get_source(conn: AsyncConnection, source_id: str, *, org_id: str | None = None) -> Source | None:
+    query = _select().where(sources.c.id == source_id)
+    if org_id is not None:
+        query = query.where(sources.c.org_id == org_id)
+    row = (await conn.execute(query)).first()
+    return _source(row) if row is not None else None
+
+
+async def get_source_by_name(conn: AsyncConnection, org_id: str, name: str) -> Source | None:
+    row = (await conn.execute(_select().where(sources.c.org_id == org_id, sources.c.name == name))).first()
+    return _source(row) if row is not None else None
+
+
+async def list_sources(
+    conn: AsyncConnection,
+    *,
+    org_id: str = DEFAULT_ORG_ID,
+    kind: SourceKind | str | None = None,
+    enabled_only: bool = False,
+) -> list[Source]:
+    query = _select().where(sources.c.org_id == org_id)
+    if kind is not None:
+        query = query.where(sources.c.kind == SourceKind(kind).value)
+    if enabled_only:
+        query = query.where(sources.c.enabled.is_(True))
+    rows = await conn.execute(query.order_by(sources.c.created_at, sources.c.id))
+    return [_source(row) for row in rows]
+
+
+async def update_source(
+    conn: AsyncConnection,
+    source_id: str,
+    *,
+    key: bytes | None = None,
+    org_id: str | None = None,
+    name: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    secrets: Mapping[str, str | None] | None = None,
+) -> Source | None:
+    """Change a source; None when it does not exist. `config` replaces the whole config; `secrets` is
+    merged field by field (a value of None removes that secret; others are re-sealed with `key`)."""
+    current = (
+        await conn.execute(
+            _select().where(sources.c.id == source_id, *([sources.c.org_id == org_id] if org_id else []))
+        )
+    ).first()
+    if current is None:
+        return None
+    kind = SourceKind(current.kind)
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if name is not None:
+        if not name.strip() or "/" in name:
+            raise SourceError("name must be a non-empty string without '/'")
+        values["name"] = name.strip()
+    if config is not None:
+        values["config"] = validate_config(kind, config)
+    if secrets is not None:
+        _check_secret_names(kind, secrets)
+        fields = _decode_blob(current.secrets)
+        for field_name, value in secrets.items():
+            if value is None:
+                fields.pop(field_name, None)
+        fields.update(_seal_fields(key, source_id, {k: v for k, v in secrets.items() if v is not None}))
+        values["secrets"] = _encode_blob(fields)
+    await conn.execute(sources.update().where(sources.c.id == source_id).values(**values))
+    return await get_source(conn, source_id)
+
+
+async def set_source_enabled(
+    conn: AsyncConnection, source_id: str, enabled: bool, *, org_id: str | None = None
+) -> bool:
+    query = sources.update().where(sources.c.id == source_id)
+    if org_id is not None:
+        query = query.where(sources.c.org_id == org_id)
+    result = await conn.execute(query.values(enabled=enabled, updated_at=utcnow()))
+    return result.rowcount == 1
+
+
+async def delete_source(conn: AsyncConnection, source_id: str, *, org_id: str | None = None) -> bool:
+    query = sources.delete().where(sources.c.id == source_id)
+    if org_id is not None:
+        query = query.where(sources.c.org_id == org_id)
+    result = await conn.execute(query)
+    return result.rowcount == 1
+
+
+async def load_source_secrets(conn: AsyncConnection, source_id: str, key: bytes | None) -> dict[str, str]:
+    """The plaintext secrets of a source (for the ingest path only; never returned by the API).
+    `SourceError` when a secret cannot be opened (another key, a tampered or moved blob)."""
+    blob = (await conn.execute(sa.select(sources.c.secrets).where(sources.c.id == source_id))).scalar_one_or_none()
+    out: dict[str, str] = {}
+    for field_name, encoded in _decode_blob(blob).items():
+        try:
+            out[field_name] = open_sealed(key, base64.b64decode(encoded), source_aad(source_id, field_name)).decode(
+                "utf-8"
+            )
+        except (CryptoError, ValueError) as exc:
+            raise SourceError(f"secret {field_name!r} of source {source_id}: {exc}") from None
+    return out

@@ -1,0 +1,208 @@
+"""`POST /webhook/{org}/git/{source}` end to end with real git repositories: the notification a
+post-receive / post-commit hook sends, the lock file and changed files read with git, on SQLite and
+PostgreSQL — and once through a real `kici-orchestrator` process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from kici.orchestrator.app import create_app
+from kici.orchestrator.config import Settings
+from kici.orchestrator.db import schema
+from kici.orchestrator.db.database import Database
+from kici.orchestrator.store.events import get_event_log
+from kici.orchestrator.store.sources import Source, create_source, set_source_enabled
+from tests.integration.orchestrator.conftest import StartOrchestrator
+from tests.integration.orchestrator.test_providers_git import GitRepo
+
+SECRET = "hook-secret"
+ZERO = "0" * 40
+
+
+def signed(body: dict[str, Any], secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
+    data = json.dumps(body).encode()
+    sig = "sha256=" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
+    return data, {"Content-Type": "application/json", "X-Hub-Signature-256": sig}
+
+
+@dataclass
+class Env:
+    http: httpx.AsyncClient
+    database: Database
+    repo: GitRepo
+    source: Source
+    shas: dict[str, str]
+
+    async def notify(
+        self, ref: str, before: str, after: str, *, source: str | None = None, secret: str = SECRET, **headers: str
+    ) -> httpx.Response:
+        data, hdrs = signed({"ref": ref, "before": before, "after": after}, secret)
+        hdrs.update(headers)
+        return await self.http.post(f"/webhook/default/git/{source or self.source.name}", content=data, headers=hdrs)
+
+    async def runs(self, delivery_id: str | None = None) -> list[Any]:
+        query = sa.select(schema.runs).order_by(schema.runs.c.created_at, schema.runs.c.workflow)
+        if delivery_id is not None:
+            query = query.where(schema.runs.c.delivery_id == delivery_id)
+        async with self.database.read() as conn:
+            return list(await conn.execute(query))
+
+
+def build_repo(path: Path) -> tuple[GitRepo, dict[str, str]]:
+    repo = GitRepo(path)
+    repo.write("README.md", "hello\n")
+    shas = {"bare": repo.commit("no lock file")}
+    repo.compile()
+    shas["main1"] = repo.commit("add kici")
+    repo.write("src/a.py", "a = 1\n")
+    shas["main2"] = repo.commit("code")
+    repo.git("checkout", "-q", "-b", "changes")
+    repo.write("docs/guide.md", "guide\n")
+    shas["docs"] = repo.commit("docs")
+    repo.write("src/b.py", "b = 1\n")
+    shas["code"] = repo.commit("code on changes")
+    repo.git("checkout", "-q", "main")
+    return repo, shas
+
+
+@pytest.fixture
+async def env(database: Database, tmp_path: Path) -> AsyncIterator[Env]:
+    repo, shas = build_repo(tmp_path / "repo")
+    key = os.urandom(32)
+    async with database.transaction() as conn:
+        source = await create_source(
+            conn,
+            key=key,
+            name="local",
+            kind="git",
+            config={"url": str(repo.path), "repo": "acme/app"},
+            secrets={"webhook_secret": SECRET},
+        )
+    app = create_app(Settings(data_dir=tmp_path / "data", database_url=database.url), database, secret_key=key)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orchestrator") as http:
+        yield Env(http, database, repo, source, shas)
+
+
+async def test_push_notification_runs_matching_workflows(env: Env) -> None:
+    response = await env.notify("refs/heads/main", env.shas["main1"], env.shas["main2"])
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["outcome"] == "processed" and body["delivery_id"].startswith(f"git:{env.source.id}:")
+    runs = await env.runs(body["delivery_id"])
+    assert [r.workflow for r in runs] == ["ci"]
+    assert runs[0].repo == "acme/app" and runs[0].sha == env.shas["main2"] and runs[0].ref == "refs/heads/main"
+    async with env.database.read() as conn:
+        log = await get_event_log(conn, body["delivery_id"])
+    assert log is not None and log.status == "processed" and log.provider == "git" and log.matched_count == 1
+    # the same notification again (a hook retry) is a duplicate
+    again = await env.notify("refs/heads/main", env.shas["main1"], env.shas["main2"])
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    # addressed by id as well as by name
+    by_id = await env.notify("refs/heads/main", env.shas["bare"], env.shas["main2"], source=env.source.id)
+    assert by_id.status_code == 202 and len(await env.runs()) == 2
+
+
+async def test_paths_are_read_with_git_diff(env: Env) -> None:
+    docs = await env.notify("refs/heads/changes", env.shas["main2"], env.shas["docs"])
+    assert [r.workflow for r in await env.runs(docs.json()["delivery_id"])] == ["docs"]
+    code = await env.notify("refs/heads/changes", env.shas["docs"], env.shas["code"])
+    assert code.status_code == 202 and await env.runs(code.json()["delivery_id"]) == []
+    # a new branch (before all zeros) is compared with the default branch: docs/ changed since main
+    new = await env.notify("refs/heads/changes", ZERO, env.shas["code"], **{"X-Kici-Delivery": "new-branch"})
+    assert [r.workflow for r in await env.runs(new.json()["delivery_id"])] == ["docs"]
+    assert new.json()["delivery_id"] == f"git:{env.source.id}:new-branch"
+
+
+async def test_tags_deletions_and_missing_lock_files(env: Env) -> None:
+    env.repo.git("tag", "v1.0", env.shas["main2"])
+    tag = await env.notify("refs/tags/v1.0", ZERO, env.shas["main2"])
+    assert [r.workflow for r in await env.runs(tag.json()["delivery_id"])] == ["release"]
+    deleted = await env.notify("refs/heads/gone", env.shas["main2"], ZERO)
+    assert deleted.status_code == 200 and deleted.json()["status"] == "filtered"
+    missing = await env.notify("refs/heads/main", ZERO, env.shas["bare"])
+    assert missing.status_code == 202 and missing.json()["outcome"] == "lockfile_missing"
+    unknown = await env.notify("refs/heads/main", ZERO, "1" * 40)
+    assert unknown.status_code == 202 and unknown.json()["outcome"] == "failed"
+    assert len(await env.runs()) == 1
+
+
+async def test_rejections(env: Env) -> None:
+    assert (await env.notify("refs/heads/main", ZERO, env.shas["main2"], secret="wrong")).status_code == 401
+    assert (await env.notify("refs/heads/main", ZERO, env.shas["main2"], source="nope")).status_code == 404
+    async with env.database.read() as conn:
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(schema.dedup_cache))).scalar_one() == 0
+    async with env.database.transaction() as conn:
+        await set_source_enabled(conn, env.source.id, False)
+    assert (await env.notify("refs/heads/main", ZERO, env.shas["main2"])).status_code == 404
+    assert await env.runs() == []
+
+
+async def test_mirrored_source(database: Database, tmp_path: Path) -> None:
+    repo, shas = build_repo(tmp_path / "repo")
+    key = os.urandom(32)
+    async with database.transaction() as conn:
+        await create_source(
+            conn,
+            key=key,
+            name="mirrored",
+            kind="git",
+            config={"url": f"file://{repo.path}", "mirror": True},
+            secrets={"webhook_secret": SECRET},
+        )
+    data_dir = tmp_path / "data"
+    app = create_app(Settings(data_dir=data_dir, database_url=database.url), database, secret_key=key)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://o") as http:
+        data, headers = signed({"ref": "refs/heads/main", "before": shas["main1"], "after": shas["main2"]})
+        response = await http.post("/webhook/default/git/mirrored", content=data, headers=headers)
+    assert response.status_code == 202 and response.json()["outcome"] == "processed"
+    assert len(list((data_dir / "git-mirrors").glob("*.git"))) == 1
+
+
+async def test_through_a_real_orchestrator_process(start_orchestrator: StartOrchestrator, tmp_path: Path) -> None:
+    repo, shas = build_repo(tmp_path / "repo")
+    key = os.urandom(32)
+    db_url = f"sqlite:///{tmp_path / 'orch' / 'kici.db'}"
+    proc = start_orchestrator(
+        {"KICI_DATABASE_URL": db_url, "KICI_SECRET_KEY": key.hex(), "KICI_DATA_DIR": str(tmp_path / "orch")}
+    )
+    url = proc.url
+    async with httpx.AsyncClient(base_url=url) as http:  # ready = migrated
+        for _ in range(300):
+            if (await http.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+    database = Database.connect(db_url)
+    try:
+        async with database.transaction() as conn:
+            await create_source(
+                conn,
+                key=key,
+                name="local",
+                kind="git",
+                config={"url": str(repo.path)},
+                secrets={"webhook_secret": SECRET},
+            )
+        data, headers = signed({"ref": "refs/heads/main", "before": shas["main1"], "after": shas["main2"]})
+        async with httpx.AsyncClient(base_url=url) as http:
+            first = await http.post("/webhook/default/git/local", content=data, headers=headers)
+            second = await http.post("/webhook/default/git/local", content=data, headers=headers)
+        assert first.status_code == 202 and first.json()["outcome"] == "processed", first.text
+        assert second.status_code == 200 and second.json()["duplicate"] is True
+        async with database.read() as conn:
+            runs = list(await conn.execute(sa.select(schema.runs.c.workflow)))
+        assert [r.workflow for r in runs] == ["ci"]
+    finally:
+        await database.close()
+        await asyncio.to_thread(proc.stop)

@@ -1,0 +1,227 @@
+"""`kici-admin` end to end: the real command in a subprocess against a real `kici-orchestrator` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kici.orchestrator.db.database import Database
+from tests.integration.orchestrator.conftest import OrchestratorProcess, insert_job, insert_run, orchestrator_env
+
+OWNER_TOKEN = "kici_e2e_pinned_owner_token_0123456789abcdef"
+
+
+class Orchestrator:
+    def __init__(self, process: OrchestratorProcess, data_dir: Path) -> None:
+        self.process = process
+        self.url = process.url
+        self.database_url = f"sqlite:///{data_dir / 'kici.db'}"
+
+
+@pytest.fixture(scope="module")
+def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
+    tmp = tmp_path_factory.mktemp("orchestrator")
+    data_dir = tmp / "data"
+    env = orchestrator_env(
+        tmp, {"KICI_PORT": "0", "KICI_DATA_DIR": str(data_dir), "KICI_BOOTSTRAP_ADMIN_TOKEN": OWNER_TOKEN}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kici.orchestrator"],
+        env=env,
+        cwd=tmp,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process = OrchestratorProcess(proc)
+    try:
+        process.wait_for_event("orchestrator.ready")
+        yield Orchestrator(process, data_dir)
+    finally:
+        process.kill()
+
+
+def kici_admin(
+    *args: str, url: str | None = None, token: str | None = OWNER_TOKEN, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KICI_")}
+    if url is not None:
+        full_env["KICI_ADMIN_URL"] = url
+    if token is not None:
+        full_env["KICI_ADMIN_TOKEN"] = token
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "kici.admin", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def table(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.strip().splitlines()]
+
+
+def test_whoami(orchestrator: Orchestrator) -> None:
+    out = ok(kici_admin("whoami", url=orchestrator.url))
+    assert "Token: bootstrap" in out and "Role:  owner" in out and "tokens:owner" in out
+    me = json.loads(ok(kici_admin("whoami", "--json", url=orchestrator.url)))
+    assert me["name"] == "bootstrap" and me["role"] == "owner"
+
+
+def test_token_create_list_revoke(orchestrator: Orchestrator, tmp_path: Path) -> None:
+    url = orchestrator.url
+    out = ok(kici_admin("token", "create", "--name", "ci-reader", "--role", "auditor", url=url))
+    assert "Created admin token 'ci-reader' (role auditor" in out and "shown once" in out
+    plaintext = next(line.strip() for line in out.splitlines() if line.strip().startswith("kici_"))
+
+    created = json.loads(ok(kici_admin("token", "create", "--name", "ops", "--role", "admin", "--json", url=url)))
+    assert created["token"].startswith("kici_") and created["role"] == "admin"
+
+    rows = table(ok(kici_admin("token", "list", url=url)))
+    assert rows[0] == ["ID", "NAME", "ROLE", "CREATED", "LAST", "USED"]
+    names = {row[1]: row for row in rows[1:]}
+    assert set(names) >= {"bootstrap", "ci-reader", "ops"}
+    assert names["ci-reader"][2] == "auditor"
+    listed = json.loads(ok(kici_admin("token", "list", "--json", url=url)))
+    assert all("token" not in t for t in listed)
+    reader_id = next(t["id"] for t in listed if t["name"] == "ci-reader")
+
+    # the new token works from a file, and an auditor cannot write
+    token_file = tmp_path / "token"
+    token_file.write_text(plaintext + "\n")
+    me = json.loads(ok(kici_admin("--token-file", str(token_file), "whoami", "--json", url=url)))
+    assert me["role"] == "auditor"
+    denied = kici_admin("--token-file", str(token_file), "token", "create", "--name", "x", "--role", "admin", url=url)
+    assert one_line_error(denied, 1) == (
+        "kici-admin: error: permission 'tokens:write' required; your role 'auditor' does not have it (HTTP 403)"
+    )
+
+    assert f"Revoked admin token 'ci-reader' (id {reader_id})." in ok(kici_admin("token", "revoke", reader_id, url=url))
+    revoked = kici_admin("whoami", url=url, token=plaintext)
+    assert one_line_error(revoked, 1) == "kici-admin: error: missing or invalid admin token (HTTP 401)"
+    again = kici_admin("token", "revoke", reader_id, "--json", url=url)
+    assert one_line_error(again, 1) == f"kici-admin: error: no active admin token with id '{reader_id}' (HTTP 404)"
+    assert "ci-reader" not in ok(kici_admin("token", "list", url=url))
+    assert "ci-reader" in ok(kici_admin("token", "list", "--all", url=url))
+
+
+def test_agent_token(orchestrator: Orchestrator) -> None:
+    url = orchestrator.url
+    created = json.loads(
+        ok(kici_admin("agent-token", "create", "--name", "pool", "--labels", "linux,gpu", "--json", url=url))
+    )
+    assert created["token"].startswith("kat_") and created["labels"] == ["linux", "gpu"]
+    human = ok(kici_admin("agent-token", "create", "--name", "pool-2", url=url))
+    assert "labels none" in human and "    kat_" in human
+    rows = table(ok(kici_admin("agent-token", "list", url=url)))
+    assert next(row for row in rows if row[1] == "pool")[1:3] == ["pool", "linux,gpu"]
+    assert created["token"] not in ok(kici_admin("agent-token", "list", "--json", url=url))
+    assert "Revoked agent token 'pool'" in ok(kici_admin("agent-token", "revoke", created["id"], url=url))
+    bad = kici_admin("agent-token", "create", "--name", "x", "--labels", "linux,kici:os:linux", url=url)
+    assert "reserved 'kici:' prefix" in one_line_error(bad, 2)
+
+
+def test_db_migrate(orchestrator: Orchestrator) -> None:
+    out = ok(kici_admin("db", "migrate", "--status", url=orchestrator.url))
+    assert "Up to date." in out
+    status = json.loads(ok(kici_admin("db", "migrate", "--status", "--json", url=orchestrator.url)))
+    assert status["up_to_date"] is True and status["current"] == status["head"]
+    assert "Nothing to apply" in ok(kici_admin("db", "migrate", url=orchestrator.url))
+
+
+def _insert_run(database_url: str, **values: Any) -> tuple[str, str]:
+    async def insert() -> tuple[str, str]:
+        database = Database.connect(database_url)
+        try:
+            async with database.transaction() as conn:
+                run_id = await insert_run(conn, **values)
+                job_id = await insert_job(conn, run_id, "build", status="queued")
+            return run_id, job_id
+        finally:
+            await database.close()
+
+    return asyncio.run(insert())
+
+
+def test_runs(orchestrator: Orchestrator) -> None:
+    url = orchestrator.url
+    run_id, _job_id = _insert_run(orchestrator.database_url, workflow="e2e", repo="acme/e2e", ref="refs/heads/main")
+    listed = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/e2e", "--json", url=url)))
+    assert [r["id"] for r in listed] == [run_id]
+    assert {"id", "workflow", "status", "repo", "ref", "sha", "created_at"} <= set(listed[0])
+    rows = table(ok(kici_admin("runs", "list", "--workflow", "e2e", "--status", "pending", url=url)))
+    assert rows[0][:4] == ["ID", "WORKFLOW", "STATUS", "REPO"] and rows[1][:4] == [run_id, "e2e", "pending", "acme/e2e"]
+    assert "No runs." in ok(kici_admin("runs", "list", "--repo", "acme/none", url=url))
+    assert f"Run:          {run_id}" in ok(kici_admin("runs", "show", run_id, url=url))
+    jobs = json.loads(ok(kici_admin("runs", "jobs", run_id, "--json", url=url)))
+    assert [(j["name"], j["status"], j["agent"]) for j in jobs] == [("build", "queued", None)]
+    assert "build" in ok(kici_admin("runs", "jobs", run_id, url=url))
+    assert "cancelled" in ok(kici_admin("runs", "cancel", run_id, "--force", url=url))
+    finished = kici_admin("runs", "cancel", run_id, url=url)
+    assert one_line_error(finished, 1) == (
+        f"kici-admin: error: run {run_id} has already finished (cancelled); nothing to cancel (HTTP 409)"
+    )
+    bad = kici_admin("runs", "list", "--status", "done", url=url)
+    assert "unknown run status 'done'" in one_line_error(bad, 1)
+
+
+def test_connection_and_usage_errors(orchestrator: Orchestrator, tmp_path: Path) -> None:
+    unreachable = kici_admin("whoami", url="http://127.0.0.1:1")
+    assert one_line_error(unreachable, 1).startswith(
+        "kici-admin: error: cannot connect to the orchestrator at http://127.0.0.1:1: "
+    )
+    assert one_line_error(kici_admin("whoami", url="localhost:4000"), 2) == (
+        "kici-admin: error: invalid orchestrator URL 'localhost:4000': expected http(s)://host[:port][/base-path]"
+    )
+    missing = kici_admin("whoami", url=orchestrator.url, token=None)
+    assert one_line_error(missing, 2) == (
+        "kici-admin: error: no admin token: pass --token or --token-file, or set KICI_ADMIN_TOKEN"
+    )
+    no_file = kici_admin("--token-file", str(tmp_path / "absent"), "whoami", url=orchestrator.url, token=None)
+    assert one_line_error(no_file, 2).startswith(f"kici-admin: error: cannot read the token file {tmp_path / 'absent'}")
+    bad_role = kici_admin("token", "create", "--name", "x", "--role", "root", url=orchestrator.url)
+    assert one_line_error(bad_role, 2).startswith("kici-admin token create: error: Invalid value for '--role'")
+    unknown = kici_admin("tokens", url=orchestrator.url)
+    assert "No such command 'tokens'" in one_line_error(unknown, 2)
+    not_kici = kici_admin("whoami", url=orchestrator.url + "/not-admin-base")
+    assert one_line_error(not_kici, 1) == (
+        f"kici-admin: error: no KiCI admin API at {orchestrator.url}/not-admin-base (HTTP 404); "
+        "check --url, including the orchestrator's KICI_BASE_PATH"
+    )
+    # --help needs no token and no server
+    assert "Admin tokens" in ok(kici_admin("--help", token=None))
+    assert "--role" in ok(kici_admin("token", "create", "--help", token=None))
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "kici-admin"
+    if not script.exists():
+        pytest.skip("kici-admin console script not installed in this environment (pip install -e .)")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Manage a KiCI orchestrator" in result.stdout
