@@ -79,6 +79,14 @@ def summary(times: list[float]) -> dict[str, float]:
     }
 
 
+def cpu_reference() -> float:
+    """Seconds for a fixed pure-Python loop: this host's speed varies over time (shared machine), so
+    results are recorded with it (the same loop took 0.31-0.50 s on the dev machine on one day)."""
+    start = time.perf_counter()
+    sum(i * i for i in range(3_000_000))
+    return round(time.perf_counter() - start, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
@@ -94,6 +102,7 @@ def main() -> None:
             "run_local_trivial": summary(timed(["run", "local", "push", "--branch", "main"], trivial, args.runs)),
             "compile_50_workflows": summary(timed(["compile"], many, args.runs)),
             "python": platform.python_version(),
+        "host_cpu_reference_s": cpu_reference(),
             "cpus": os.cpu_count(),
         }
         print(json.dumps(result, indent=2))

@@ -102,7 +102,16 @@ def run(workflows: int, events: int, repeats: int) -> dict[str, object]:
             "workflow_evaluations_per_s_median": round(statistics.median(explained)),
         },
         "python": platform.python_version(),
+        "host_cpu_reference_s": cpu_reference(),
     }
+
+
+def cpu_reference() -> float:
+    """Seconds for a fixed pure-Python loop: this host's speed varies over time (shared machine), so
+    results are recorded with it (the same loop took 0.31-0.50 s on the dev machine on one day)."""
+    start = time.perf_counter()
+    sum(i * i for i in range(3_000_000))
+    return round(time.perf_counter() - start, 3)
 
 
 def main() -> None:

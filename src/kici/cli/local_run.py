@@ -35,6 +35,7 @@ from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
 from kici.engine.runner_protocol import WORKFLOW_HOOKS_JOB, JobResult, JobSpec, JobStarted, LogLine, StepStatus
 from kici.engine.states import RunStatus, aggregate_run_status
 from kici.runner.client import RunnerProcess, safe_base_env
+from kici.runner.spawn import Spawned
 
 TERMINAL = {"success", "failed", "cancelled", "skipped", "timed_out_stale", "drift_dropped"}
 STEP_MARK = {"success": "✓", "failed": "✗", "skipped": "-", "cancelled": "⊘", "timed_out": "⏱"}
@@ -116,11 +117,14 @@ async def _run_local(
     as_json: bool = False,
     junit: str | None = None,
     step_timeout: float | None = None,
+    prespawned: Spawned | None = None,
     **event_kw: Any,
 ) -> int:
-    # The first job's runner starts now, so its interpreter start-up overlaps with compiling and
-    # copying the repository (on a trivial workflow that is most of the wall time).
-    warm: RunnerProcess | None = await RunnerProcess.spawn()
+    # The first job's runner is started before the heavy work (by `kici run local` before its imports,
+    # else here), so its interpreter start-up overlaps with compiling and copying the repository.
+    warm: RunnerProcess | None = (
+        await RunnerProcess.adopt(prespawned) if prespawned is not None else await RunnerProcess.spawn()
+    )
     slots: GroupSlots | None = None
     workspace_root = Path(tempfile.mkdtemp(prefix="kici-local-"))
     snapshot: Snapshot | None = None

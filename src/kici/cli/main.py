@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kici.cli.events import EVENT_HELP
+from kici.cli.help_text import EVENT_HELP
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,9 +127,19 @@ def run() -> None:
               help="Default step timeout in seconds (default 1800).")
 def local(event: str, **kw: object) -> None:
     """Run the workflows EVENT triggers on this machine, in an isolated copy of HEAD plus your changes."""
-    from kici.cli.local_run import run_local
+    from kici.runner.spawn import popen_runner
 
-    sys.exit(run_local(event, **kw))  # type: ignore[arg-type]
+    # Start the first job's runner now: its interpreter start-up then overlaps with importing and
+    # compiling below (on a trivial workflow, most of the wall time).
+    spawned = popen_runner()
+    try:
+        from kici.cli.local_run import run_local
+
+        code = run_local(event, prespawned=spawned, **kw)  # type: ignore[arg-type]
+    finally:
+        if not spawned.adopted:
+            spawned.discard()
+    sys.exit(code)
 
 
 def main() -> None:

@@ -15,11 +15,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
-import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,39 +35,14 @@ from kici.engine.runner_protocol import (
     parse_runner_message,
 )
 from kici.runner import proctree
+from kici.runner.spawn import ALLOWED_ENV, Spawned, popen_runner, runner_env, safe_base_env
 
-ALLOWED_ENV = ("PATH", "HOME", "USER", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR", "TZ")
-"""Variables of the parent's environment that reach the runner and (through `safe_base_env`) steps."""
+__all__ = ["ALLOWED_ENV", "RunnerProcess", "Spawned", "popen_runner", "runner_env", "safe_base_env"]
 
 STDERR_TAIL = 20
 """Lines of the runner's own stderr kept for the error when it dies without a result."""
 
 _LINE_LIMIT = 64 * 1024 * 1024
-
-
-def safe_base_env(extra: Mapping[str, str] | None = None, *, source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The allow-listed part of this process's environment (plus `extra`), for `JobSpec.env`."""
-    source = os.environ if source is None else source
-    env = {key: source[key] for key in ALLOWED_ENV if key in source}
-    if extra:
-        env.update({str(k): str(v) for k, v in extra.items()})
-    return env
-
-
-def runner_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The runner process's own environment: the allow-list plus what it needs to import kici."""
-    env = safe_base_env()
-    package_root = str(Path(__file__).resolve().parents[2])  # the directory holding the `kici` package
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if Path(package_root).name not in ("site-packages", "dist-packages"):
-        paths.insert(0, package_root)  # a source checkout; an installed kici is found by the interpreter
-    if paths:
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    if "VIRTUAL_ENV" in os.environ:
-        env["VIRTUAL_ENV"] = os.environ["VIRTUAL_ENV"]
-    if extra:
-        env.update(extra)
-    return env
 
 
 class RunnerProcess:
@@ -124,42 +98,24 @@ class RunnerProcess:
         argv_prefix: Sequence[str] = (),
     ) -> RunnerProcess:
         """Start a runner that waits for its spec (see `hand`). An unused one is ended with `kill()`."""
-        scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
-        runner_environment = dict(env) if env is not None else runner_env()
-        runner_environment["TMPDIR"] = scratch
-        read_fd, write_fd = os.pipe()
+        return await cls.adopt(popen_runner(python=python, env=env, argv_prefix=argv_prefix))
+
+    @classmethod
+    async def adopt(cls, spawned: Spawned) -> RunnerProcess:
+        """Take over a runner started with `popen_runner` (possibly before this event loop existed)."""
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv_prefix,
-                python,
-                "-m",
-                "kici.runner",
-                "--protocol-fd",
-                str(write_fd),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=runner_environment,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(read_fd)
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        finally:
-            os.close(write_fd)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=_LINE_LIMIT)
-        try:
+            proc = await _AdoptedProcess.attach(spawned.popen)
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=_LINE_LIMIT)
             transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(spawned.protocol_fd, "rb", buffering=0)
             )
         except BaseException:
-            os.close(read_fd)
+            spawned.discard()
             raise
-        self = cls(proc, None, reader, transport)
-        self.scratch = scratch
+        self = cls(proc, None, reader, transport)  # type: ignore[arg-type]
+        self.scratch = spawned.scratch
+        spawned.adopted = True
         return self
 
     async def hand(self, spec: JobSpec) -> None:
@@ -311,3 +267,57 @@ def _mask_value(value: Any, mask: Any) -> Any:
     if isinstance(value, list):
         return [_mask_value(v, mask) for v in value]
     return value
+
+
+class _AdoptedProcess:
+    """The parts of `asyncio.subprocess.Process` the client uses, over a `subprocess.Popen`: its stdin
+    as a `StreamWriter`, its stdout as a `StreamReader`, and its exit through a pidfd on the loop (no
+    thread per runner)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def attach(cls, popen: subprocess.Popen[bytes]) -> _AdoptedProcess:
+        self = cls(popen)
+        loop = asyncio.get_running_loop()
+        assert popen.stdin is not None and popen.stdout is not None
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.streams.FlowControlMixin(loop=loop), popen.stdin
+        )
+        self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        self.stdout = asyncio.StreamReader(limit=_LINE_LIMIT)
+        stdout = self.stdout
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), popen.stdout)
+        self._watch_exit(loop)
+        return self
+
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # no pidfd (old kernel): a thread waits instead
+            task = loop.run_in_executor(None, self.popen.wait)
+            task.add_done_callback(lambda f: self._settle(f.result()))
+            return
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._settle(self.popen.wait())
+
+        loop.add_reader(pidfd, on_exit)
+
+    def _settle(self, code: int) -> None:
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)

@@ -1,0 +1,99 @@
+"""Starting a runner process, with the standard library only.
+
+`kici run local` starts the first runner before it imports anything heavy (pydantic, the compiler,
+asyncio), so the runner's own start-up runs on the other core meanwhile; `RunnerProcess.adopt` then
+takes the process over. The agent uses the same functions through `RunnerProcess.start`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ALLOWED_ENV = ("PATH", "HOME", "USER", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR", "TZ")
+"""Variables of the parent's environment that reach the runner and (through `safe_base_env`) steps."""
+
+
+def safe_base_env(extra: Mapping[str, str] | None = None, *, source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed part of this process's environment (plus `extra`), for `JobSpec.env`."""
+    source = os.environ if source is None else source
+    env = {key: source[key] for key in ALLOWED_ENV if key in source}
+    if extra:
+        env.update({str(k): str(v) for k, v in extra.items()})
+    return env
+
+
+def runner_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The runner process's own environment: the allow-list plus what it needs to import kici."""
+    env = safe_base_env()
+    package_root = str(Path(__file__).resolve().parents[2])  # the directory holding the `kici` package
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if Path(package_root).name not in ("site-packages", "dist-packages"):
+        paths.insert(0, package_root)  # a source checkout; an installed kici is found by the interpreter
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if "VIRTUAL_ENV" in os.environ:
+        env["VIRTUAL_ENV"] = os.environ["VIRTUAL_ENV"]
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class Spawned:
+    """A started runner waiting for its spec: the process, the read end of its protocol pipe and its
+    private TMPDIR."""
+
+    popen: subprocess.Popen[bytes]
+    protocol_fd: int
+    scratch: str
+    adopted: bool = False
+    """Set once a `RunnerProcess` owns it (and with it the pipes and the scratch directory)."""
+
+    def discard(self) -> None:
+        """End an unused runner (it exits by itself once its stdin closes; this does not wait long)."""
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
+        try:
+            self.popen.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        os.close(self.protocol_fd)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def popen_runner(
+    *,
+    python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
+    argv_prefix: Sequence[str] = (),
+) -> Spawned:
+    """Start `python -m kici.runner` in a new session; it waits for its spec on stdin."""
+    scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
+    environment = dict(env) if env is not None else runner_env()
+    environment["TMPDIR"] = scratch
+    read_fd, write_fd = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            [*argv_prefix, python, "-m", "kici.runner", "--protocol-fd", str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(read_fd)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    finally:
+        os.close(write_fd)
+    return Spawned(popen, read_fd, scratch)
