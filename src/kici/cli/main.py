@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +144,31 @@ def local(event: str, **kw: object) -> None:
 
 
 def main() -> None:
-    cli(prog_name="kici")
+    try:
+        cli(prog_name="kici")
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    _exit_now(code)
+
+
+def _exit_now(code: object) -> None:
+    """Exit without the interpreter's teardown of every imported module (~0.1 s with pydantic loaded,
+    a fifth of a trivial `kici run local`). Everything the CLI owns is closed by then: runner processes
+    waited for, temporary directories removed; only the standard streams need flushing."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 1
+    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
