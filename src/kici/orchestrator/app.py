@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 
+from kici.orchestrator.agents import mount_agents
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.metrics import Metrics, MetricsMiddleware
@@ -87,5 +88,6 @@ def create_app(
     app.include_router(health.router, prefix=base)
     app.include_router(ingest_routes.router, prefix=base)  # webhooks: /webhook/{org}/{github,git,generic}
     app.include_router(admin_api.router, prefix=base)
+    mount_agents(app, base)  # agents' WebSocket /ws; registry at app.state.agents
     app.add_middleware(MetricsMiddleware, metrics=metrics, base_path=base)
     return app

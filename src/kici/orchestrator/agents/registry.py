@@ -1,0 +1,130 @@
+"""The agents connected to this orchestrator process, for the dispatcher to find and talk to.
+
+The registry holds only registered connections (an agent that has not sent `agent.register` yet is not
+in it). It is per process and in memory; the `agents` table says what is connected cluster-wide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import Gauge
+from starlette.websockets import WebSocket
+
+from kici.engine.protocol import AgentMessage, AgentStatus, Message, close_reason, encode
+from kici.orchestrator.db.schema import utcnow
+from kici.orchestrator.metrics import Metrics
+
+MessageHandler = Callable[["AgentConnection", AgentMessage], Awaitable[None]]
+"""Receives every valid post-registration message other than `heartbeat` and `agent.status`."""
+
+
+@dataclass(eq=False)
+class AgentConnection:
+    """One registered agent connection. Fields are facts from its `agent.register`; `status` and the
+    `last_*` times change while it is connected."""
+
+    agent_id: str
+    connection_id: str
+    token_id: str
+    org_id: str
+    labels: tuple[str, ...]
+    max_concurrency: int
+    version: str | None
+    hostname: str | None
+    platform: str | None
+    arch: str | None
+    in_flight_jobs: tuple[tuple[str, str], ...]
+    """(run_id, job_id) pairs the agent reported at registration."""
+    websocket: WebSocket = field(repr=False)
+    connected_at: dt.datetime = field(default_factory=utcnow)
+    last_seen_at: dt.datetime = field(default_factory=utcnow)
+    last_seen_monotonic: float = field(default_factory=time.monotonic)
+    status: AgentStatus | None = None
+    """The last `agent.status` (active jobs, draining), None until the agent sends one."""
+    _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def seen(self) -> None:
+        self.last_seen_at = utcnow()
+        self.last_seen_monotonic = time.monotonic()
+
+    async def send(self, message: Message) -> None:
+        """Send one message; frames from concurrent senders never interleave. Raises if the socket is gone."""
+        async with self._send_lock:
+            await self.websocket.send_text(encode(message))
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # already closed by the peer or by ourselves
+            await self.websocket.close(code=code, reason=close_reason(reason))
+
+
+class AgentRegistry:
+    """Registered agent connections of this process, by agent id.
+
+    Public API (for the dispatcher): `connected_agents()`, `get(agent_id)`, `send(agent_id, message)`,
+    and `message_handler` for job messages. `claim`/`release`/`lock` are the session's.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._agents: dict[str, AgentConnection] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.message_handler: MessageHandler | None = None
+        self._gauge: Gauge | None = None
+        if metrics is not None:
+            self._gauge = Gauge(
+                "kici_agents_connected",
+                "Agents with a registered WebSocket connection to this orchestrator process.",
+                registry=metrics.registry,
+            )
+            self._gauge.set(0)
+
+    def connected_agents(self) -> list[AgentConnection]:
+        """The registered connections, oldest first."""
+        return sorted(self._agents.values(), key=lambda a: a.connected_at)
+
+    def get(self, agent_id: str) -> AgentConnection | None:
+        return self._agents.get(agent_id)
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    async def send(self, agent_id: str, message: Message) -> bool:
+        """Send `message` to the agent; False when it is not connected here or the send failed (the
+        session notices the broken socket and cleans up)."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return False
+        try:
+            await agent.send(message)
+        except Exception:
+            return False
+        return True
+
+    def lock(self, agent_id: str) -> asyncio.Lock:
+        """Serialises registration and disconnect handling of one agent id, so the `agents` row always
+        ends up describing the connection that is in the registry."""
+        return self._locks.setdefault(agent_id, asyncio.Lock())
+
+    def claim(self, agent: AgentConnection) -> AgentConnection | None:
+        """Make `agent` the agent id's connection; the connection it replaces (same token), if any."""
+        previous = self._agents.get(agent.agent_id)
+        self._agents[agent.agent_id] = agent
+        self._update_gauge()
+        return previous
+
+    def release(self, agent: AgentConnection) -> bool:
+        """Forget `agent` if it is still the agent id's connection (not replaced by a newer one)."""
+        if self._agents.get(agent.agent_id) is not agent:
+            return False
+        del self._agents[agent.agent_id]
+        self._update_gauge()
+        return True
+
+    def _update_gauge(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(len(self._agents))

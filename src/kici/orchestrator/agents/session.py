@@ -1,0 +1,347 @@
+"""One agent WebSocket connection: handshake (auth, registration), then liveness until it ends.
+
+Sequence (`kici.engine.protocol` has the messages and close codes):
+1. `auth.request` within `auth_s` (else 4002). Not JSON / another type → `error{INVALID_MESSAGE}` + 4003;
+   `protocolVersion < 1` → 4005; unknown or revoked token → `auth.failure` + 4010; else `auth.success`.
+2. `agent.register` within `register_s` (else 4002; anything else → 4003). Labels: the user labels must be
+   valid and within the token's labels; self-reported `kici:os:*`, `kici:arch:*`, `kici:host:*` are
+   allowed; anything else → `auth.failure` + 4010. An agent id connected here under another token → 4003;
+   under the same token the new connection replaces the old one (closed with 1001). The `agents` row is
+   upserted as connected; reply `register.ack`.
+3. Afterwards: `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
+   memory), everything else goes to the registry's `message_handler`. Silence (no valid frame) for
+   `heartbeat_timeout_s` → 4004; an invalid frame → `error` + 4003.
+4. On disconnect: row `connected=false`, and the agent's jobs go `recovering` for twice the maximum
+   reconnect delay (`store.queue.release_agent_jobs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from kici.engine import protocol as p
+from kici.engine.labels import MAX_LABEL_LENGTH, RESERVED_PREFIX, validate_user_labels
+from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
+from kici.orchestrator.config import Settings
+from kici.orchestrator.db.database import Database
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import agents as agent_store
+from kici.orchestrator.store import queue as queue_store
+from kici.orchestrator.store.tokens import AgentToken, verify_agent_token
+
+SELF_REPORTED_PREFIXES = tuple(f"{RESERVED_PREFIX}{kind}:" for kind in ("os", "arch", "host"))
+INVALID_MESSAGE = "INVALID_MESSAGE"
+UNSUPPORTED_PROTOCOL = "UNSUPPORTED_PROTOCOL_VERSION"
+
+
+@dataclass(frozen=True)
+class AgentTimeouts:
+    """Handshake and liveness limits in seconds (tests shorten them)."""
+
+    auth_s: float = p.AUTH_TIMEOUT_S
+    register_s: float = p.REGISTER_TIMEOUT_S
+    heartbeat_unhealthy_s: float = p.HEARTBEAT_UNHEALTHY_S
+    heartbeat_timeout_s: float = p.HEARTBEAT_TIMEOUT_S
+    last_seen_write_s: float = 60.0
+    """Minimum interval between two `last_seen_at` writes caused by heartbeats."""
+
+
+class _Closed(Exception):
+    """The session is over: either the peer went away (`code` is theirs) or we closed it."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Rejected(Exception):
+    """The agent's registration labels are not allowed (answered with auth.failure + 4010)."""
+
+
+def check_labels(labels: list[str], token: AgentToken) -> list[str]:
+    """The labels to register: the user labels (validated, within the token's scope) followed by the
+    self-reported `kici:os|arch|host:*` labels. `_Rejected` names the first offending label."""
+    user: list[str] = []
+    reported: list[str] = []
+    for raw in labels:
+        label = raw.strip()
+        if label.lower().startswith(RESERVED_PREFIX):
+            if (
+                not label.startswith(SELF_REPORTED_PREFIXES)
+                or label.endswith(":")
+                or len(label) > MAX_LABEL_LENGTH
+                or any(ch.isspace() or ch == "," for ch in label)
+            ):
+                raise _Rejected(f"label {label[:60]!r} is reserved; agents may only report kici:os|arch|host:*")
+            if label not in reported:
+                reported.append(label)
+        else:
+            user.append(raw)
+    try:
+        user = validate_user_labels(user)
+    except ValueError as exc:
+        raise _Rejected(str(exc)) from None
+    allowed = set(token.labels)
+    outside = [label for label in user if label not in allowed]
+    if outside:
+        raise _Rejected(f"label {outside[0][:60]!r} is not allowed by this agent token")
+    return user + reported
+
+
+class AgentSession:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        database: Database,
+        settings: Settings,
+        registry: AgentRegistry,
+        timeouts: AgentTimeouts,
+    ) -> None:
+        self.ws = websocket
+        self.database = database
+        self.settings = settings
+        self.registry = registry
+        self.timeouts = timeouts
+        self.connection_id = str(uuid.uuid4())
+        self.token: AgentToken | None = None
+        self.agent: AgentConnection | None = None
+        self._last_seen_write = 0.0
+
+    # -- framing -------------------------------------------------------------------------------------
+
+    async def _receive(self, timeout: float) -> str | bytes:
+        """The next data frame; TimeoutError after `timeout`; `_Closed` when the peer went away."""
+        message = await asyncio.wait_for(self.ws.receive(), timeout)
+        if message["type"] == "websocket.disconnect":
+            raise _Closed(int(message.get("code") or 1005), str(message.get("reason") or ""))
+        text = message.get("text")
+        if text is not None:
+            return str(text)
+        data = message.get("bytes")
+        return bytes(data) if data is not None else b""
+
+    async def _send(self, message: p.Message) -> None:
+        if self.agent is not None:
+            await self.agent.send(message)
+        else:
+            await self.ws.send_text(p.encode(message))
+
+    async def _close(self, code: int, reason: str, *, reply: p.Message | None = None) -> _Closed:
+        """Optionally send `reply`, close with `code`, and return the `_Closed` to raise."""
+        with contextlib.suppress(Exception):  # the peer may already be gone
+            if reply is not None:
+                await self._send(reply)
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, reason=p.close_reason(reason))
+        return _Closed(code, reason)
+
+    async def _invalid(self, detail: str) -> _Closed:
+        return await self._close(
+            p.CloseCode.INVALID_MESSAGE, detail, reply=p.ErrorMessage(code=INVALID_MESSAGE, message=detail)
+        )
+
+    async def _parse(self, frame: str | bytes) -> p.AgentMessage:
+        try:
+            return p.parse_agent_message(frame)
+        except p.ProtocolError as exc:
+            raise await self._invalid(str(exc)) from None
+
+    def _log(self, event: str, *, level: str = "info", agent_id: str | None = None, **fields: Any) -> None:
+        log_event(
+            event,
+            level=level,
+            connection_id=self.connection_id,
+            agent_id=agent_id or (self.agent.agent_id if self.agent else None),
+            token_id=self.token.id if self.token else None,
+            **fields,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        client = self.ws.client
+        self._log("agent.connected", client=f"{client.host}:{client.port}" if client else None)
+        code: int | None = None
+        reason = ""
+        try:
+            await self._authenticate()
+            await self._register()
+            await self._serve()
+        except _Closed as closed:
+            code, reason = closed.code, closed.reason
+        except Exception as exc:  # a bug or the database: the agent reconnects, the jobs wait for it
+            self._log("agent.session_error", level="error", error=f"{type(exc).__name__}: {exc}")
+            code, reason = p.CloseCode.INTERNAL_ERROR, "internal error"
+            await self._close(code, reason)
+        finally:
+            await self._disconnected(code, reason)
+
+    async def _authenticate(self) -> None:
+        try:
+            frame = await self._receive(self.timeouts.auth_s)
+        except TimeoutError:
+            self._log("agent.auth_failed", reason="auth timeout", close_code=int(p.CloseCode.HANDSHAKE_TIMEOUT))
+            raise await self._close(p.CloseCode.HANDSHAKE_TIMEOUT, "no auth.request in time") from None
+        message = await self._parse(frame)
+        if not isinstance(message, p.AuthRequest):
+            raise await self._invalid(f"expected auth.request, got {message.type}")
+        if message.protocol_version < 1:
+            detail = (
+                f"unsupported protocol version {message.protocol_version} "
+                f"(this orchestrator speaks {p.PROTOCOL_VERSION})"
+            )
+            self._log("agent.auth_failed", reason=detail, close_code=int(p.CloseCode.PROTOCOL_ERROR))
+            raise await self._close(
+                p.CloseCode.PROTOCOL_ERROR, detail, reply=p.ErrorMessage(code=UNSUPPORTED_PROTOCOL, message=detail)
+            )
+        async with self.database.transaction() as conn:
+            token = await verify_agent_token(conn, message.token)
+        if token is None:
+            reason = "invalid or revoked agent token"
+            self._log("agent.auth_failed", reason=reason, close_code=int(p.CloseCode.AUTH_FAILED))
+            raise await self._close(p.CloseCode.AUTH_FAILED, reason, reply=p.AuthFailure(reason=reason))
+        self.token = token
+        await self._send(p.AuthSuccess(connection_id=self.connection_id))
+        self._log("agent.authenticated")
+
+    async def _register(self) -> None:
+        assert self.token is not None
+        token = self.token
+        try:
+            frame = await self._receive(self.timeouts.register_s)
+        except TimeoutError:
+            self._log("agent.register_failed", reason="register timeout", close_code=int(p.CloseCode.HANDSHAKE_TIMEOUT))
+            raise await self._close(p.CloseCode.HANDSHAKE_TIMEOUT, "no agent.register in time") from None
+        message = await self._parse(frame)
+        if not isinstance(message, p.AgentRegister):
+            raise await self._invalid(f"expected agent.register, got {message.type}")
+        try:
+            labels = check_labels(message.labels, token)
+        except _Rejected as exc:
+            self._log(
+                "agent.register_failed", agent_id=message.agent_id, reason=str(exc),
+                close_code=int(p.CloseCode.AUTH_FAILED),
+            )
+            raise await self._close(p.CloseCode.AUTH_FAILED, str(exc), reply=p.AuthFailure(reason=str(exc))) from None
+        agent = AgentConnection(
+            agent_id=message.agent_id,
+            connection_id=self.connection_id,
+            token_id=token.id,
+            org_id=token.org_id,
+            labels=tuple(labels),
+            max_concurrency=message.max_concurrency,
+            version=message.version,
+            hostname=message.hostname,
+            platform=message.platform,
+            arch=message.arch,
+            in_flight_jobs=tuple((j.run_id, j.job_id) for j in message.in_flight_jobs),
+            websocket=self.ws,
+        )
+        async with self.registry.lock(agent.agent_id):
+            current = self.registry.get(agent.agent_id)
+            if current is not None and current.token_id != token.id:
+                detail = f"agent id {agent.agent_id!r} is connected under another token"
+                self._log(
+                    "agent.register_failed", agent_id=agent.agent_id, reason=detail,
+                    close_code=int(p.CloseCode.INVALID_MESSAGE),
+                )
+                raise await self._invalid(detail)
+            async with self.database.transaction() as conn:
+                await agent_store.register_agent(
+                    conn,
+                    agent_id=agent.agent_id,
+                    org_id=token.org_id,
+                    agent_token_id=token.id,
+                    labels=labels,
+                    max_concurrency=agent.max_concurrency,
+                    version=agent.version,
+                    hostname=agent.hostname,
+                    now=agent.connected_at,
+                )
+            replaced = self.registry.claim(agent)
+            self.agent = agent
+            self._last_seen_write = time.monotonic()
+        if replaced is not None:
+            self._log("agent.replaced", replaced_connection_id=replaced.connection_id)
+            await replaced.close(p.CloseCode.GOING_AWAY, "replaced by a newer connection of this agent")
+        await self._send(p.RegisterAck(agent_id=agent.agent_id, labels=list(labels)))
+        self._log(
+            "agent.registered", labels=list(labels), max_concurrency=agent.max_concurrency,
+            version=agent.version, hostname=agent.hostname, in_flight_jobs=len(agent.in_flight_jobs),
+        )
+
+    async def _serve(self) -> None:
+        agent = self.agent
+        assert agent is not None
+        unhealthy_logged = False
+        while True:
+            silent = time.monotonic() - agent.last_seen_monotonic
+            if silent >= self.timeouts.heartbeat_timeout_s:
+                self._log("agent.heartbeat_timeout", silent_s=round(silent, 1),
+                          close_code=int(p.CloseCode.HEARTBEAT_TIMEOUT), level="warning")
+                raise await self._close(p.CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            if not unhealthy_logged and silent >= self.timeouts.heartbeat_unhealthy_s:
+                unhealthy_logged = True
+                self._log("agent.unhealthy", silent_s=round(silent, 1), level="warning")
+            wait = self.timeouts.heartbeat_timeout_s - silent
+            if not unhealthy_logged:
+                wait = min(wait, self.timeouts.heartbeat_unhealthy_s - silent)
+            try:
+                frame = await self._receive(max(wait, 0.0))
+            except TimeoutError:
+                continue
+            message = await self._parse(frame)
+            if isinstance(message, p.AuthRequest | p.AgentRegister):
+                raise await self._invalid(f"unexpected {message.type} after registration")
+            agent.seen()
+            unhealthy_logged = False
+            if isinstance(message, p.Heartbeat):
+                await self._heartbeat(agent)
+            elif isinstance(message, p.AgentStatus):
+                agent.status = message
+            elif self.registry.message_handler is not None:
+                await self.registry.message_handler(agent, message)
+            else:
+                self._log("agent.message_unhandled", level="debug", message_type=message.type)
+
+    async def _heartbeat(self, agent: AgentConnection) -> None:
+        now = time.monotonic()
+        if now - self._last_seen_write < self.timeouts.last_seen_write_s:
+            return
+        self._last_seen_write = now
+        async with self.database.transaction() as conn:
+            await agent_store.touch_agent(conn, agent.agent_id, now=agent.last_seen_at)
+
+    async def _disconnected(self, code: int | None, reason: str) -> None:
+        agent = self.agent
+        if agent is None:
+            self._log("agent.disconnected", close_code=code, reason=reason or None)
+            return
+        released: list[str] = []
+        async with self.registry.lock(agent.agent_id):
+            if not self.registry.release(agent):
+                self._log("agent.disconnected", close_code=code, reason=reason or None, replaced=True)
+                return
+            window = dt.timedelta(milliseconds=2 * self.settings.agent_max_reconnect_delay_ms)
+            deadline = dt.datetime.now(dt.UTC) + window
+            try:
+                async with self.database.transaction() as conn:
+                    await agent_store.mark_agent_disconnected(conn, agent.agent_id, last_seen_at=agent.last_seen_at)
+                    released = await queue_store.release_agent_jobs(conn, agent.agent_id, recovery_deadline=deadline)
+            except Exception as exc:
+                self._log("agent.disconnect_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+        self._log(
+            "agent.disconnected", close_code=code, reason=reason or None,
+            recovering_jobs=len(released) or None,
+        )

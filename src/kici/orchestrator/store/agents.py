@@ -1,0 +1,102 @@
+"""The `agents` table: one row per agent id, upserted on every registration.
+
+`connected` mirrors whether some orchestrator process holds a live, registered WebSocket for the agent;
+the live connection itself is in `kici.orchestrator.agents.AgentRegistry`. All statements are portable
+Core (no dialect-specific upsert): callers serialise registrations of one agent id, so a read-then-write
+inside one transaction is enough.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.orchestrator.db.schema import agents, utcnow
+
+
+class AgentRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    org_id: str
+    agent_token_id: str | None
+    labels: list[str]
+    max_concurrency: int
+    version: str | None
+    hostname: str | None
+    connected: bool
+    last_seen_at: dt.datetime | None
+    registered_at: dt.datetime
+
+
+def _record(row: Any) -> AgentRecord:
+    return AgentRecord.model_validate(dict(row._mapping))
+
+
+async def get_agent(conn: AsyncConnection, agent_id: str) -> AgentRecord | None:
+    row = (await conn.execute(sa.select(agents).where(agents.c.id == agent_id))).first()
+    return _record(row) if row is not None else None
+
+
+async def list_agents(conn: AsyncConnection, *, connected_only: bool = False) -> list[AgentRecord]:
+    query = sa.select(agents)
+    if connected_only:
+        query = query.where(agents.c.connected.is_(True))
+    rows = await conn.execute(query.order_by(agents.c.id))
+    return [_record(row) for row in rows]
+
+
+async def register_agent(
+    conn: AsyncConnection,
+    *,
+    agent_id: str,
+    org_id: str,
+    agent_token_id: str,
+    labels: Sequence[str],
+    max_concurrency: int,
+    version: str | None,
+    hostname: str | None,
+    now: dt.datetime | None = None,
+) -> AgentRecord:
+    """Insert or update the agent's row as connected; `registered_at` is the latest registration."""
+    now = now or utcnow()
+    values: dict[str, Any] = {
+        "org_id": org_id,
+        "agent_token_id": agent_token_id,
+        "labels": list(labels),
+        "max_concurrency": max_concurrency,
+        "version": version,
+        "hostname": hostname,
+        "connected": True,
+        "last_seen_at": now,
+        "registered_at": now,
+    }
+    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(**values))
+    if result.rowcount == 0:
+        await conn.execute(agents.insert().values(id=agent_id, **values))
+    record = await get_agent(conn, agent_id)
+    assert record is not None
+    return record
+
+
+async def touch_agent(conn: AsyncConnection, agent_id: str, *, now: dt.datetime | None = None) -> bool:
+    """Record that the agent was seen (a heartbeat); False when there is no such row."""
+    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(last_seen_at=now or utcnow()))
+    return result.rowcount == 1
+
+
+async def mark_agent_disconnected(
+    conn: AsyncConnection, agent_id: str, *, last_seen_at: dt.datetime | None = None
+) -> bool:
+    """The agent's connection ended. `last_seen_at` (when given) is the last frame received, which may be
+    newer than the throttled heartbeat writes."""
+    values: dict[str, Any] = {"connected": False}
+    if last_seen_at is not None:
+        values["last_seen_at"] = last_seen_at
+    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(**values))
+    return result.rowcount == 1
