@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 
 from kici.orchestrator.db.database import Database
 from tests.integration.orchestrator.conftest import OrchestratorProcess, insert_job, insert_run, orchestrator_env
+from tests.integration.orchestrator.test_providers_git import GIT_ENV, GitRepo, compile_into
 
 OWNER_TOKEN = "kici_e2e_pinned_owner_token_0123456789abcdef"
 
@@ -225,3 +228,148 @@ def test_console_script_is_installed() -> None:
         pytest.skip("kici-admin console script not installed in this environment (pip install -e .)")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Manage a KiCI orchestrator" in result.stdout
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+
+def test_source_commands(orchestrator: Orchestrator, tmp_path: Path) -> None:
+    url = orchestrator.url
+    created = json.loads(ok(kici_admin("source", "add", "git", "cli-git", "--url", str(tmp_path / "repo"),
+                                       "--poll", "120", "--json", url=url)))
+    generated = created["generated_secrets"]["webhook_secret"]
+    assert created["kind"] == "git" and created["config"]["poll_seconds"] == 120
+    assert created["secret_fields"] == ["webhook_secret"] and len(generated) >= 32
+    human = ok(kici_admin("source", "add", "git", "cli-git-2", "--url", "/srv/app.git", "--secret", "given", url=url))
+    assert "Created git source 'cli-git-2'" in human and "Generated" not in human and "given" not in human
+    pem = tmp_path / "app.pem"
+    pem.write_text("-----BEGIN RSA PRIVATE KEY-----\nMIIfake\n-----END RSA PRIVATE KEY-----\n")
+    gh = json.loads(ok(kici_admin("source", "add", "github", "cli-gh", "--app-id", "7", "--private-key-file",
+                                  str(pem), "--webhook-secret", "ghsecret", "--json", url=url)))
+    assert gh["config"]["app_id"] == 7 and gh["secret_fields"] == ["private_key", "webhook_secret"]
+    generic = json.loads(ok(kici_admin("source", "add", "generic", "cli-generic", "--auth", "ip_allowlist",
+                                       "--allow-ip", "10.0.0.0/8", "--events", "deploy,build", "--rate-limit", "30",
+                                       "--json", url=url)))
+    assert generic["config"] == {"auth": "ip_allowlist", "allowed_ips": ["10.0.0.0/8"],
+                                 "allowed_events": ["deploy", "build"], "rate_limit_rpm": 30}
+
+    listed = json.loads(ok(kici_admin("source", "list", "--json", url=url)))
+    names = [s["name"] for s in listed]
+    assert {"cli-git", "cli-git-2", "cli-gh", "cli-generic"} <= set(names)
+    listed_text = ok(kici_admin("source", "list", "--json", url=url))
+    assert generated not in listed_text and "ghsecret" not in listed_text and "MIIfake" not in listed_text
+    only_github = json.loads(ok(kici_admin("source", "list", "--kind", "github", "--json", url=url)))
+    assert [s["name"] for s in only_github] == ["cli-gh"]
+    shown = json.loads(ok(kici_admin("source", "show", "cli-git", "--json", url=url)))
+    assert shown["id"] == created["id"] and "generated_secrets" not in shown
+    assert "Kind:" in ok(kici_admin("source", "show", "cli-git", url=url))
+
+    updated = json.loads(ok(kici_admin("source", "update", "cli-git", "--poll", "0", "--set", "default_branch=trunk",
+                                       "--json", url=url)))
+    assert "poll_seconds" not in updated["config"] and updated["config"]["default_branch"] == "trunk"
+    disabled = json.loads(ok(kici_admin("source", "disable", "cli-git", "--json", url=url)))
+    assert disabled["enabled"] is False
+    assert json.loads(ok(kici_admin("source", "show", "cli-git", "--json", url=url)))["enabled"] is False
+    assert "enabled" in ok(kici_admin("source", "enable", "cli-git", url=url))
+
+    dup = kici_admin("source", "add", "git", "cli-git", "--url", "/x", url=url)
+    assert one_line_error(dup, 1) == "kici-admin: error: a source named 'cli-git' already exists (HTTP 409)"
+    bad = kici_admin("source", "add", "generic", "g2", "--auth", "ip_allowlist", url=url)
+    assert one_line_error(bad, 1) == (
+        "kici-admin: error: config.allowed_ips is required for auth ip_allowlist (HTTP 422)"
+    )
+    not_git = kici_admin("source", "hook", "cli-gh", url=url)
+    assert "hooks are for git sources (HTTP 409)" in one_line_error(not_git, 1)
+
+    for name in ("cli-git", "cli-git-2", "cli-gh", "cli-generic"):
+        removed = json.loads(ok(kici_admin("source", "remove", name, "--json", url=url)))
+        assert removed["name"] == name
+    gone = kici_admin("source", "show", "cli-git", url=url)
+    assert one_line_error(gone, 1) == "kici-admin: error: no source 'cli-git' (HTTP 404)"
+
+
+HOOK_WORKFLOWS = """
+from kici import job, push, step, workflow
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[job("build", steps=[step("hi", "echo hi")])])
+"""
+
+
+def test_git_hook_notifies_the_orchestrator(orchestrator: Orchestrator, tmp_path: Path) -> None:
+    """The script from `kici-admin source hook`, installed as post-commit in a real repository, makes a
+    real commit start a run for that commit."""
+    missing = [tool for tool in ("curl", "openssl", "git") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the git hook needs {', '.join(missing)}, which is not installed on this machine")
+    url = orchestrator.url
+    repo = GitRepo(tmp_path / "hooked")
+    compile_into(repo.path, HOOK_WORKFLOWS)
+    repo.commit("lock file")
+    ok(kici_admin("source", "add", "git", "hooked", "--url", str(repo.path), "--repo", "acme/hooked", url=url))
+    script = ok(kici_admin("source", "hook", "hooked", url=url))
+    assert script.startswith("#!/bin/sh") and "/webhook/default/git/hooked" in script
+    hook = repo.path / ".git" / "hooks" / "post-commit"
+    hook.write_text(script)
+    hook.chmod(0o755)
+
+    repo.write("README", "hello\n")
+    sha = repo.commit("a commit the hook reports")
+    deadline = time.monotonic() + 30
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        found = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/hooked", "--json", url=url)))
+        if any(r["sha"] == sha for r in found):
+            break
+        time.sleep(0.2)
+    run = next((r for r in found if r["sha"] == sha), None)
+    assert run is not None, f"no run for {sha} within 30 s: {found}; log: {orchestrator.process.lines[-20:]}"
+    assert run["workflow"] == "ci" and run["ref"] == "refs/heads/main"
+
+    # a wrong secret is refused (401) yet never fails the commit, and starts nothing
+    hook.write_text(script.replace("KICI_WEBHOOK_SECRET='", "KICI_WEBHOOK_SECRET='wrong"))
+    other = repo.commit("not reported")
+    assert other != sha
+    time.sleep(0.5)
+    found = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/hooked", "--json", url=url)))
+    assert [r["sha"] for r in found] == [sha]
+    ok(kici_admin("source", "remove", "hooked", url=url))
+
+
+def test_git_hook_as_post_receive(orchestrator: Orchestrator, tmp_path: Path) -> None:
+    """The same script installed as post-receive on a bare repository: a push starts a run for the pushed
+    commit; with the orchestrator unreachable the push still succeeds."""
+    missing = [tool for tool in ("curl", "openssl", "git") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the git hook needs {', '.join(missing)}, which is not installed on this machine")
+    url = orchestrator.url
+    server = tmp_path / "server.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(server)], check=True, env=GIT_ENV)
+    ok(kici_admin("source", "add", "git", "pushed", "--url", str(server), "--repo", "acme/pushed", url=url))
+    script = ok(kici_admin("source", "hook", "pushed", "--url", url, url=url))
+    hook = server / "hooks" / "post-receive"
+    hook.write_text(script)
+    hook.chmod(0o700)
+
+    work = GitRepo(tmp_path / "work")
+    compile_into(work.path, HOOK_WORKFLOWS)
+    first = work.commit("first")
+    work.git("push", "-q", str(server), "main")
+    work.write("README", "more\n")
+    sha = work.commit("second")
+    work.git("push", "-q", str(server), "main")
+    deadline = time.monotonic() + 30
+    shas: list[str] = []
+    while time.monotonic() < deadline:
+        shas = [r["sha"] for r in json.loads(ok(kici_admin("runs", "list", "--repo", "acme/pushed", "--json",
+                                                             url=url)))]
+        if first in shas and sha in shas:
+            break
+        time.sleep(0.2)
+    assert first in shas and sha in shas, shas
+
+    hook.write_text(script.replace(url, "http://127.0.0.1:1"))
+    work.write("README", "unreachable\n")
+    work.commit("third")
+    started = time.monotonic()
+    work.git("push", "-q", str(server), "main")  # check=True: the push itself succeeds
+    assert time.monotonic() - started < 15
+    ok(kici_admin("source", "remove", "pushed", url=url))

@@ -70,6 +70,22 @@ class AdminClient:
         self.close()
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        response = self._send(method, path, json=json, params=params)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise AdminCLIError(
+                f"unexpected non-JSON answer from {self.base_url} (HTTP {response.status_code}); "
+                "is --url pointing at a KiCI orchestrator?"
+            ) from None
+
+    def get_text(self, path: str, **params: Any) -> str:
+        """A plain-text answer (e.g. a hook script)."""
+        return self._send("GET", path, json=None, params=params).text
+
+    def _send(self, method: str, path: str, *, json: Any, params: dict[str, Any] | None) -> httpx.Response:
         clean_params = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(method, path, json=json, params=clean_params or None)
@@ -86,21 +102,16 @@ class AdminClient:
             )
         if response.status_code >= 400:
             raise AdminCLIError(f"{_api_message(response)} (HTTP {response.status_code})")
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise AdminCLIError(
-                f"unexpected non-JSON answer from {self.base_url} (HTTP {response.status_code}); "
-                "is --url pointing at a KiCI orchestrator?"
-            ) from None
+        return response
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, json=body)
+
+    def patch(self, path: str, body: Any = None) -> Any:
+        return self.request("PATCH", path, json=body)
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)

@@ -6,16 +6,19 @@ command line — is one line on stderr; the exit code is 1 for API and network e
 
 from __future__ import annotations
 
+import json
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 from click.core import ParameterSource
 
-from kici.admin.client import DEFAULT_TIMEOUT_S, AdminClient, AdminCLIError
+from kici.admin.client import DEFAULT_TIMEOUT_S, AdminClient, AdminCLIError, check_base_url
 from kici.admin.output import print_fields, print_json, print_table
 
 DEFAULT_URL = "http://127.0.0.1:4000"
@@ -345,6 +348,284 @@ def runs_cancel(run_id: str, force: bool, as_json: bool) -> None:
     else:
         click.echo(f"Run {run_id} cancelling: {len(result['cancelled_jobs'])} job(s) cancelled, "
                    f"{len(result['running_jobs'])} running job(s) told to stop.")
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+SOURCE_COLUMNS = [("name", "name"), ("kind", "kind"), ("enabled", "enabled"), ("id", "id"),
+                  ("webhook_path", "webhook"), ("created_at", "created")]
+GENERIC_AUTH = ("hmac_sha256", "bearer_token", "ip_allowlist", "none")
+GENERIC_SECRET_FIELD = {"hmac_sha256": "hmac_secret", "bearer_token": "bearer_token"}
+
+
+def _path_part(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _csv(_: click.Context, __: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _read_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AdminCLIError(f"cannot read the {what} {path}: {reason}", exit_code=2) from None
+
+
+def _new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _show_source(source: dict[str, Any]) -> None:
+    print_fields(source, [("name", "Source"), ("id", "Id"), ("kind", "Kind"), ("enabled", "Enabled"),
+                          ("webhook_path", "Webhook"), ("secret_fields", "Secrets"), ("created_at", "Created"),
+                          ("updated_at", "Updated")])
+    config = source.get("config") or {}
+    if config:
+        click.echo("Config:")
+        for key in sorted(config):
+            value = config[key]
+            click.echo(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
+
+
+def _create_source(kind: str, name: str, config: dict[str, Any], secret_values: dict[str, str],
+                   generated: dict[str, str], as_json: bool) -> None:
+    created = _client().post("/sources", {"kind": kind, "name": name, "config": _drop_none(config),
+                                          "secrets": secret_values})
+    if as_json:
+        print_json({**created, **({"generated_secrets": generated} if generated else {})})
+        return
+    click.echo(f"Created {kind} source {created['name']!r} (id {created['id']}); webhook: {created['webhook_path']}")
+    for field_name, value in generated.items():
+        click.echo(f"Generated {field_name} (shown once; store it now):")
+        click.echo("")
+        click.echo(f"    {value}")
+        click.echo("")
+    if kind == "git":
+        click.echo(f"Install the git hook: kici-admin source hook {created['name']} > .git/hooks/post-receive "
+                   "&& chmod 700 .git/hooks/post-receive")
+
+
+@cli.group()
+def source() -> None:
+    """Sources: where events come from (git, github, generic)."""
+
+
+@source.group("add")
+def source_add() -> None:
+    """Add a source: git, github or generic."""
+
+
+@source_add.command("git")
+@click.argument("name")
+@click.option("--url", "repo_url", required=True, metavar="URL_OR_PATH", help="Any git URL, or a local path.")
+@click.option("--secret", help="The webhook secret the git hook signs with (default: generated, printed once).")
+@click.option("--poll", type=click.IntRange(min=1), metavar="SECONDS",
+              help="Also poll the branches every SECONDS (stored as config.poll_seconds).")
+@click.option("--repo", help="The repository name events carry (default: derived from the URL).")
+@click.option("--default-branch", help="Default: main.")
+@click.option("--mirror", is_flag=True, default=None, help="Read through a bare mirror even for a local path.")
+@json_option
+def source_add_git(name: str, repo_url: str, secret: str | None, poll: int | None, repo: str | None,
+                   default_branch: str | None, mirror: bool | None, as_json: bool) -> None:
+    """Add a git source notified by a git hook (see `source hook`)."""
+    generated = {} if secret else {"webhook_secret": _new_secret()}
+    config = {"url": repo_url, "poll_seconds": poll, "repo": repo, "default_branch": default_branch, "mirror": mirror}
+    _create_source("git", name, config, {"webhook_secret": secret or generated["webhook_secret"]}, generated, as_json)
+
+
+@source_add.command("github")
+@click.argument("name")
+@click.option("--app-id", required=True, type=click.IntRange(min=1), help="The GitHub App's id.")
+@click.option("--private-key-file", required=True, metavar="PEM", help="The GitHub App's private key (PEM file).")
+@click.option("--webhook-secret", required=True, help="The GitHub App's webhook secret.")
+@click.option("--api-url", help="GitHub API URL (default https://api.github.com; GitHub Enterprise: …/api/v3).")
+@click.option("--installation-id", type=click.IntRange(min=1), help="Default: taken from each delivery.")
+@json_option
+def source_add_github(name: str, app_id: int, private_key_file: str, webhook_secret: str, api_url: str | None,
+                      installation_id: int | None, as_json: bool) -> None:
+    """Add a GitHub App source."""
+    key = _read_file(private_key_file, "private key file")
+    config = {"app_id": app_id, "api_url": api_url, "installation_id": installation_id}
+    _create_source("github", name, config, {"private_key": key, "webhook_secret": webhook_secret}, {}, as_json)
+
+
+@source_add.command("generic")
+@click.argument("name")
+@click.option("--auth", type=click.Choice(GENERIC_AUTH), default="hmac_sha256", show_default=True)
+@click.option("--secret", help="HMAC secret (hmac_sha256) or bearer token (bearer_token); default: generated.")
+@click.option("--allow-ip", "allow_ips", multiple=True, metavar="CIDR", help="Allowed client address (repeatable).")
+@click.option("--events", callback=_csv, metavar="A,B", help="Only these event names are accepted.")
+@click.option("--event-header", help="Header carrying the event name.")
+@click.option("--event-path", help="Dotted path of the event name in the JSON body.")
+@click.option("--signature-header", help="Header carrying the HMAC signature.")
+@click.option("--idempotency-header", help="Header carrying the delivery id used for dedup.")
+@click.option("--dedup-window", type=click.IntRange(min=1), metavar="SECONDS")
+@click.option("--rate-limit", type=click.IntRange(min=1), metavar="PER_MINUTE")
+@click.option("--max-payload-bytes", type=click.IntRange(min=1))
+@click.option("--lock-source", help="The git or github source whose lock file the events run.")
+@click.option("--repo", help="For a github lock source: owner/name.")
+@click.option("--ref", help="The branch whose head is read (default: main).")
+@json_option
+def source_add_generic(name: str, auth: str, secret: str | None, allow_ips: tuple[str, ...],
+                       events: list[str] | None, event_header: str | None, event_path: str | None,
+                       signature_header: str | None, idempotency_header: str | None, dedup_window: int | None,
+                       rate_limit: int | None, max_payload_bytes: int | None, lock_source: str | None,
+                       repo: str | None, ref: str | None, as_json: bool) -> None:
+    """Add a generic webhook source."""
+    field_name = GENERIC_SECRET_FIELD.get(auth)
+    if secret and field_name is None:
+        raise click.UsageError(f"--secret does not apply to --auth {auth}")
+    generated = {field_name: _new_secret()} if field_name and not secret else {}
+    secret_values = {field_name: secret or generated[field_name]} if field_name else {}
+    config = {
+        "auth": auth, "allowed_ips": list(allow_ips) or None, "allowed_events": events,
+        "event_header": event_header, "event_path": event_path, "signature_header": signature_header,
+        "idempotency_header": idempotency_header, "dedup_window_seconds": dedup_window,
+        "rate_limit_rpm": rate_limit, "max_payload_bytes": max_payload_bytes, "lock_source": lock_source,
+        "repo": repo, "ref": ref,
+    }
+    _create_source("generic", name, config, secret_values, generated, as_json)
+
+
+@source.command("list")
+@click.option("--kind", type=click.Choice(("git", "github", "generic")), help="Only sources of this kind.")
+@json_option
+def source_list(kind: str | None, as_json: bool) -> None:
+    """List sources (never their secrets)."""
+    found = _client().get("/sources", kind=kind)
+    if as_json:
+        print_json(found)
+    else:
+        print_table(found, SOURCE_COLUMNS, empty="No sources.")
+
+
+@source.command("show")
+@click.argument("name", metavar="NAME_OR_ID")
+@json_option
+def source_show(name: str, as_json: bool) -> None:
+    """Show a source: config and which secrets are set."""
+    found = _client().get(f"/sources/{_path_part(name)}")
+    if as_json:
+        print_json(found)
+    else:
+        _show_source(found)
+
+
+def _key_value(_: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", param=param)
+        out.append((key.strip(), rest))
+    return out
+
+
+@source.command("update")
+@click.argument("name", metavar="NAME_OR_ID")
+@click.option("--url", "repo_url", metavar="URL_OR_PATH", help="git: the repository's URL or path.")
+@click.option("--poll", type=click.IntRange(min=0), metavar="SECONDS", help="git: poll every SECONDS (0: stop).")
+@click.option("--set", "sets", multiple=True, callback=_key_value, metavar="KEY=VALUE",
+              help="Set a config key (VALUE is parsed as JSON when it can be, e.g. 60, true, [\"a\"]).")
+@click.option("--unset", "unsets", multiple=True, metavar="KEY", help="Remove a config key.")
+@click.option("--secret", "secret_sets", multiple=True, callback=_key_value, metavar="FIELD=VALUE",
+              help="Set a secret (git: webhook_secret; github: webhook_secret, private_key; generic: "
+                   "hmac_secret, bearer_token).")
+@click.option("--secret-file", "secret_files", multiple=True, callback=_key_value, metavar="FIELD=PATH",
+              help="Set a secret from a file (e.g. private_key=app.pem).")
+@click.option("--remove-secret", "secret_removes", multiple=True, metavar="FIELD", help="Remove a secret.")
+@json_option
+def source_update(name: str, repo_url: str | None, poll: int | None, sets: list[tuple[str, str]],
+                  unsets: tuple[str, ...], secret_sets: list[tuple[str, str]], secret_files: list[tuple[str, str]],
+                  secret_removes: tuple[str, ...], as_json: bool) -> None:
+    """Change a source's config and/or secrets (only what is given changes)."""
+    config: dict[str, Any] = {}
+    for key, raw in sets:
+        try:
+            config[key] = json.loads(raw)
+        except ValueError:
+            config[key] = raw
+    if repo_url is not None:
+        config["url"] = repo_url
+    if poll is not None:
+        config["poll_seconds"] = poll or None
+    config.update(dict.fromkeys(unsets))
+    secret_values: dict[str, str | None] = dict.fromkeys(secret_removes)
+    secret_values.update(dict(secret_sets))
+    secret_values.update({k: _read_file(p, f"{k} file") for k, p in secret_files})
+    if not config and not secret_values:
+        raise click.UsageError("nothing to change: give --url, --poll, --set, --unset, --secret, --secret-file "
+                               "or --remove-secret")
+    body: dict[str, Any] = {}
+    if config:
+        body["config"] = config
+    if secret_values:
+        body["secrets"] = secret_values
+    updated = _client().patch(f"/sources/{_path_part(name)}", body)
+    if as_json:
+        print_json(updated)
+    else:
+        click.echo(f"Updated source {updated['name']!r} (id {updated['id']}).")
+
+
+@source.command("remove")
+@click.argument("name", metavar="NAME_OR_ID")
+@json_option
+def source_remove(name: str, as_json: bool) -> None:
+    """Delete a source (its webhooks then answer 404)."""
+    removed = _client().delete(f"/sources/{_path_part(name)}")
+    if as_json:
+        print_json(removed)
+    else:
+        click.echo(f"Removed {removed['kind']} source {removed['name']!r} (id {removed['id']}).")
+
+
+def _toggle(name: str, action: str, as_json: bool) -> None:
+    changed = _client().post(f"/sources/{_path_part(name)}/{action}")
+    if as_json:
+        print_json(changed)
+    else:
+        click.echo(f"Source {changed['name']!r} {action}d.")
+
+
+@source.command("enable")
+@click.argument("name", metavar="NAME_OR_ID")
+@json_option
+def source_enable(name: str, as_json: bool) -> None:
+    """Enable a source."""
+    _toggle(name, "enable", as_json)
+
+
+@source.command("disable")
+@click.argument("name", metavar="NAME_OR_ID")
+@json_option
+def source_disable(name: str, as_json: bool) -> None:
+    """Disable a source: its webhooks answer 404 until it is enabled again."""
+    _toggle(name, "disable", as_json)
+
+
+@source.command("hook")
+@click.argument("name", metavar="NAME_OR_ID")
+@click.option("--url", "hook_url", metavar="ORCHESTRATOR_URL",
+              help="The orchestrator's URL as the git host reaches it (default: kici-admin's --url).")
+def source_hook(name: str, hook_url: str | None) -> None:
+    """Print a git hook script for a git source (works as post-receive and post-commit).
+
+    It embeds the source's webhook secret: install it readable by its owner only, e.g.
+    `kici-admin source hook NAME > .git/hooks/post-receive && chmod 700 .git/hooks/post-receive`.
+    """
+    client = _client()
+    url = check_base_url(hook_url) if hook_url else client.base_url
+    click.echo(client.get_text(f"/sources/{_path_part(name)}/hook", url=url), nl=False)
 
 
 # -- entry point ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ route is covered by adding a row (and `test_matrix_covers_every_admin_route` fai
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,15 @@ from kici.orchestrator.app import create_app
 from kici.orchestrator.auth import ROLE_PERMISSIONS, Permission
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
-from kici.orchestrator.db.schema import AdminRole
+from kici.orchestrator.db.schema import AdminRole, new_id
 from kici.orchestrator.store import tokens
+from kici.orchestrator.store.sources import create_source
 
 from .conftest import insert_job, insert_run
 
 API = "/api/v1/admin"
 ROLES = [AdminRole.OWNER, AdminRole.ADMIN, AdminRole.AUDITOR]
+SECRET_KEY = os.urandom(32)
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Admin:
 async def admin(database: Database, tmp_path: Path) -> AsyncIterator[Admin]:
     async with database.transaction() as conn:
         made = {role: await tokens.create_admin_token(conn, name=f"{role.value}-token", role=role) for role in ROLES}
-    app = create_app(Settings(data_dir=tmp_path, database_url=database.url), database)
+    app = create_app(Settings(data_dir=tmp_path, database_url=database.url), database, secret_key=SECRET_KEY)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://orchestrator") as http:
         yield Admin(http=http, database=database, token={r: c.plaintext for r, c in made.items()}, app=app)
@@ -68,8 +71,10 @@ async def _targets(admin: Admin) -> dict[str, str]:
         agent = await tokens.create_agent_token(conn, name="target-agent", labels=["linux"])
         run = await insert_run(conn)
         await insert_job(conn, run, "build")
+        source = await create_source(conn, key=SECRET_KEY, name=f"src-{new_id()}", kind="git",
+                                     config={"url": "/srv/git/app.git"}, secrets={"webhook_secret": "s"})
     return {"auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
-            "run": run}
+            "run": run, "source": source.name, "new_name": f"new-{new_id()}"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,26 @@ ROUTES = [
     Route("GET", "/runs/{run_id}/jobs", (Permission.RUNS_READ,), 200, path="/runs/{run}/jobs"),
     Route("POST", "/runs/{run_id}/cancel", (Permission.RUNS_CANCEL,), 200, path="/runs/{run}/cancel",
           body={"force": False}),
+    Route("GET", "/sources", (Permission.SOURCES_READ,), 200),
+    Route("POST", "/sources", (Permission.SOURCES_WRITE,), 201,
+          body={"kind": "generic", "name": "{new_name}", "config": {"auth": "none"}}),
+    Route("GET", "/sources/{id_or_name}", (Permission.SOURCES_READ,), 200, path="/sources/{source}"),
+    Route("PATCH", "/sources/{id_or_name}", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}",
+          body={"config": {"default_branch": "trunk"}, "secrets": {"webhook_secret": "s2"}}),
+    Route("POST", "/sources/{id_or_name}/enable", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}/enable"),
+    Route("POST", "/sources/{id_or_name}/disable", (Permission.SOURCES_WRITE,), 200,
+          path="/sources/{source}/disable"),
+    Route("DELETE", "/sources/{id_or_name}", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}"),
+    Route("GET", "/sources/{id_or_name}/hook", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}/hook",
+          label="(reveals the secret)"),
 ]
+
+
+def _format(body: Any, targets: dict[str, str]) -> Any:
+    """`body` with `{placeholders}` in its string values filled from `_targets`."""
+    if isinstance(body, dict):
+        return {k: _format(v, targets) for k, v in body.items()}
+    return body.format(**targets) if isinstance(body, str) else body
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.id)
@@ -121,7 +145,7 @@ async def test_role_matrix(admin: Admin, route: Route, caplog: pytest.LogCapture
         path = (route.path or route.route).format(**targets)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="kici.orchestrator"):
-            response = await admin.request(role, route.method, path, json=route.body)
+            response = await admin.request(role, route.method, path, json=_format(route.body, targets))
         missing = [p for p in route.needs if p not in ROLE_PERMISSIONS[role]]
         if missing:
             assert response.status_code == 403, (role, response.text)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from kici.orchestrator.auth import AdminRoute, error_response
-from kici.orchestrator.routes import admin_runs, admin_system, admin_tokens
+from kici.orchestrator.routes import admin_runs, admin_sources, admin_system, admin_tokens
 
 ADMIN_PREFIX = "/api/v1/admin"
 
@@ -15,6 +15,7 @@ router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"], route_class=AdminRoute)
 router.include_router(admin_system.router)
 router.include_router(admin_tokens.router)
 router.include_router(admin_runs.router)
+router.include_router(admin_sources.router)
 
 
 @router.api_route(
