@@ -242,6 +242,21 @@ def normalize_git_push(payload: Any, *, source: Source, delivery_id: str) -> tup
     ), None
 
 
+async def _source_and_body(
+    state: AppState, org_id: str, source_key: str, kind: SourceKind, request: Request
+) -> tuple[Source, bytes] | JSONResponse:
+    """The first two checks of the git and generic endpoints: an enabled source (404), a body within its
+    size limit (413)."""
+    source = await _named_source(state, org_id, source_key, kind)
+    if source is None:
+        return _error(404, f"no enabled {kind.value} source with this id or name")
+    try:
+        body = await _read_body(request, _limit(source))
+    except _TooLarge:
+        return _error(413, f"payload larger than {_limit(source)} bytes")
+    return source, body
+
+
 @router.post("/webhook/{org_id}/git/{source_key}", name="webhook_git")
 async def git_webhook(
     org_id: str,
@@ -250,13 +265,10 @@ async def git_webhook(
     state: StateDep,
     ingest: IngestDep,
 ) -> JSONResponse:
-    source = await _named_source(state, org_id, source_key, SourceKind.GIT)
-    if source is None:
-        return _error(404, "no enabled git source with this id or name")
-    try:
-        body = await _read_body(request, _limit(source))
-    except _TooLarge:
-        return _error(413, f"payload larger than {_limit(source)} bytes")
+    loaded = await _source_and_body(state, org_id, source_key, SourceKind.GIT, request)
+    if isinstance(loaded, JSONResponse):
+        return loaded
+    source, body = loaded
     secrets = await _secrets(state, source)
     if isinstance(secrets, JSONResponse):
         return secrets
@@ -345,13 +357,10 @@ async def generic_webhook(
     state: StateDep,
     ingest: IngestDep,
 ) -> JSONResponse:
-    source = await _named_source(state, org_id, source_key, SourceKind.GENERIC)
-    if source is None:
-        return _error(404, "no enabled generic source with this id or name")
-    try:
-        body = await _read_body(request, _limit(source))
-    except _TooLarge:
-        return _error(413, f"payload larger than {_limit(source)} bytes")
+    loaded = await _source_and_body(state, org_id, source_key, SourceKind.GENERIC, request)
+    if isinstance(loaded, JSONResponse):
+        return loaded
+    source, body = loaded
     rpm = source.config.get("rate_limit_rpm") or DEFAULT_GENERIC_RATE_LIMIT_RPM
     wait = ingest.rate_limiter.check(f"generic:{source.id}", int(rpm))
     if wait is not None:
