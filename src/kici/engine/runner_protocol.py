@@ -112,7 +112,3 @@ _runner_message: TypeAdapter[RunnerMessage] = TypeAdapter(RunnerMessage)
 def parse_runner_message(line: str | bytes) -> RunnerMessage:
     """Parse one JSON line the runner wrote (raises pydantic.ValidationError on garbage)."""
     return _runner_message.validate_json(line)
-
-
-def encode(message: BaseModel) -> str:
-    return message.model_dump_json(exclude_none=True) + "\n"

@@ -8,7 +8,7 @@ the lock file, and the runner executes the callables they carry. Durations are s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar, overload
 
@@ -19,7 +19,6 @@ StepFn = Callable[..., Any]
 Hook = Callable[..., Any]
 When = Literal["success", "always", "on_failure", "on_skip"] | str | Sequence[str]
 
-DEFAULT_STEP_TIMEOUT = 30 * 60.0
 DEFAULT_HOOK_TIMEOUT = 5 * 60.0
 
 
@@ -230,7 +229,6 @@ class Job:
     after_step: Hook | None = None
     has_run: bool = False
     has_steps: bool = True
-    extra_errors: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"Job({self.name!r})"
