@@ -7,6 +7,8 @@ prepare it (migrations and the bootstrap token are `kici.orchestrator.startup`'s
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -15,6 +17,7 @@ from kici.orchestrator.agents import mount_agents
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.metrics import Metrics, MetricsMiddleware
+from kici.orchestrator.services import Services
 from kici.orchestrator.version import kici_version
 
 
@@ -69,12 +72,23 @@ def create_app(
     version = kici_version()
     metrics = Metrics(version)
     base = settings.base_path
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services: Services = app.state.services
+        await services.start(app.state.kici.readiness)
+        try:
+            yield
+        finally:
+            await services.stop()
+
     app = FastAPI(
         title="KiCI orchestrator",
         version=version,
         openapi_url=f"{base}/openapi.json",
         docs_url=None,  # the interactive docs load assets from a CDN; the schema is enough offline
         redoc_url=None,
+        lifespan=lifespan,
     )
     app.state.kici = AppState(
         settings=settings,
@@ -88,6 +102,7 @@ def create_app(
     app.include_router(health.router, prefix=base)
     app.include_router(ingest_routes.router, prefix=base)  # webhooks: /webhook/{org}/{github,git,generic}
     app.include_router(admin_api.router, prefix=base)
-    mount_agents(app, base)  # agents' WebSocket /ws; registry at app.state.agents
+    registry = mount_agents(app, base)  # agents' WebSocket /ws; registry at app.state.agents
+    app.state.services = Services.assemble(app, registry)
     app.add_middleware(MetricsMiddleware, metrics=metrics, base_path=base)
     return app

@@ -3,8 +3,8 @@
 
 Every admin route declares what it needs with `Depends(require(Permission.X))` (or `authenticated` for
 routes any valid token may call). Each denial — no token, an unknown or revoked token, a role without the
-permission — is logged as an `admin.denied` event with the token id, role, permission, method and path.
-There is no audit table yet; when one exists, `_record_denial` is the single place to write the row.
+permission — is logged as an `admin.denied` event with the token id, role, permission, method and path, and
+written to the `audit_log` table (`_record_denial` decides both; `AdminRoute` writes the row).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from kici.orchestrator.app import AppState, app_state
-from kici.orchestrator.db.schema import AdminRole, utcnow
+from kici.orchestrator.db.schema import DEFAULT_ORG_ID, AdminRole, AuditOutcome, utcnow
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.store import tokens
+from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store.tokens import AdminToken
 
 TOUCH_INTERVAL = dt.timedelta(seconds=60)
@@ -120,8 +120,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class AdminError(HTTPException):
     """An admin API error; rendered as `{"error": message}` by `AdminRoute`."""
 
-    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        denial: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(status_code=status_code, detail=message, headers=headers)
+        self.denial = denial
+        """Audit values of an authentication or permission denial (written by `AdminRoute`)."""
 
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid admin token"
@@ -166,6 +175,8 @@ class AdminRoute(APIRoute):
             except RequestValidationError as exc:
                 return error_response(422, describe_validation_error(exc))
             except HTTPException as exc:
+                if isinstance(exc, AdminError) and exc.denial is not None:
+                    await write_denial(request, exc.denial)
                 message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
                 return error_response(exc.status_code, message, exc.headers)
 
@@ -180,8 +191,9 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 State = Annotated[AppState, Depends(app_state)]
 
 
-def _record_denial(request: Request, status: int, reason: str, **fields: Any) -> None:
-    """Log a denied admin request (and, once the schema has an audit table, write its row here)."""
+def _record_denial(request: Request, status: int, reason: str, **fields: Any) -> dict[str, Any]:
+    """Log a denied admin request; the audit row's values, which `AdminRoute` writes once the route has
+    unwound (a denial can happen inside the route's own transaction, which must not be waited on)."""
     client = request.client.host if request.client else None
     log_event(
         "admin.denied",
@@ -193,11 +205,33 @@ def _record_denial(request: Request, status: int, reason: str, **fields: Any) ->
         client=client,
         **fields,
     )
+    return {
+        "org_id": fields.get("org_id") or DEFAULT_ORG_ID,
+        "status": status,
+        "reason": reason,
+        "token_id": fields.get("token_id"),
+        "role": fields.get("role"),
+        "permission": fields.get("permission"),
+        "method": request.method,
+        "path": request.url.path,
+        "client": client,
+    }
+
+
+async def write_denial(request: Request, values: Mapping[str, Any]) -> None:
+    """The audit row of a denial. A database failure here is logged, not raised: the caller is denied
+    either way."""
+    state: AppState = request.app.state.kici
+    try:
+        async with state.database.transaction() as conn:
+            await audit.record(conn, action="admin.request", outcome=AuditOutcome.DENIED, **values)
+    except Exception as exc:
+        log_event("audit.write_failed", level="error", error=f"{type(exc).__name__}: {exc}")
 
 
 def _unauthenticated(request: Request, reason: str, **fields: Any) -> AdminError:
-    _record_denial(request, 401, reason, **fields)
-    return AdminError(401, UNAUTHENTICATED_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
+    denial = _record_denial(request, 401, reason, **fields)
+    return AdminError(401, UNAUTHENTICATED_MESSAGE, headers={"WWW-Authenticate": "Bearer"}, denial=denial)
 
 
 async def authenticated(request: Request, state: State, credentials: Credentials) -> Principal:
@@ -226,17 +260,20 @@ Authenticated = Annotated[Principal, Depends(authenticated)]
 def forbidden(request: Request, principal: Principal, permission: Permission) -> AdminError:
     """403 naming the missing permission, logged as a denial. For checks that depend on the request body
     (e.g. creating an owner token needs `tokens:owner`)."""
-    _record_denial(
+    denial = _record_denial(
         request,
         403,
         "permission_denied",
+        org_id=principal.token.org_id,
         token_id=principal.token.id,
         token_name=principal.token.name,
         role=principal.role.value,
         permission=permission.value,
     )
     return AdminError(
-        403, f"permission '{permission.value}' required; your role '{principal.role.value}' does not have it"
+        403,
+        f"permission '{permission.value}' required; your role '{principal.role.value}' does not have it",
+        denial=denial,
     )
 
 

@@ -168,6 +168,16 @@ class Settings(BaseModel):
     dispatch_max_attempts: int = Field(
         default=5, ge=1, description="Dispatch attempts (unacknowledged or rejected) before a job fails."
     )
+    dispatch_poll_ms: int = Field(
+        default=1000, ge=10,
+        description="How often the dispatcher looks for queued jobs without being woken (new runs, finished "
+        "jobs and agent status changes wake it at once); the fallback for work queued by another process.",
+    )
+    sweep_interval_ms: int = Field(
+        default=5000, ge=100,
+        description="Interval of the sweeps: stale jobs, dispatch-ack deadlines, queue expiry, recovery "
+        "windows, workflow timeouts.",
+    )
     job_heartbeat_interval_ms: int = Field(
         default=60_000, ge=1000, description="Interval at which agents send `job.heartbeat` for running jobs."
     )

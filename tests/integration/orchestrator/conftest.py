@@ -103,6 +103,17 @@ async def database(database_url: str) -> AsyncIterator[Database]:
         await db.close()
 
 
+WORKFLOW_SPEC: dict[str, Any] = {
+    "name": "ci",
+    "source": {"file": ".kici/workflows/ci.py", "export": "#ci"},
+    "contentHash": "0" * 64,
+    "compileSchemaVersion": 1,
+    "triggers": [],
+    "jobs": [{"name": "build", "steps": [{"name": "s"}]}],
+}
+"""A minimal lock-file workflow entry, for runs that must be dispatchable or rerunnable."""
+
+
 async def insert_run(conn: Any, **values: Any) -> str:
     """A run row with plausible defaults (the run-creation store comes with the pipeline)."""
     row = {"workflow": "ci", "repo": "acme/app", "sha": "a" * 40, "status": "pending", **values}

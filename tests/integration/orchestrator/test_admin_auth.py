@@ -21,10 +21,10 @@ from kici.orchestrator.auth import ROLE_PERMISSIONS, Permission
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, new_id
-from kici.orchestrator.store import tokens
+from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store.sources import create_source
 
-from .conftest import insert_job, insert_run
+from .conftest import WORKFLOW_SPEC, insert_job, insert_run
 
 API = "/api/v1/admin"
 ROLES = [AdminRole.OWNER, AdminRole.ADMIN, AdminRole.AUDITOR]
@@ -69,7 +69,7 @@ async def _targets(admin: Admin) -> dict[str, str]:
         auditor = await tokens.create_admin_token(conn, name="target-auditor", role=AdminRole.AUDITOR)
         owner = await tokens.create_admin_token(conn, name="target-owner", role=AdminRole.OWNER)
         agent = await tokens.create_agent_token(conn, name="target-agent", labels=["linux"])
-        run = await insert_run(conn)
+        run = await insert_run(conn, workflow_spec=WORKFLOW_SPEC, event={"type": "push", "branch": "main"})
         await insert_job(conn, run, "build")
         source = await create_source(conn, key=SECRET_KEY, name=f"src-{new_id()}", kind="git",
                                      config={"url": "/srv/git/app.git"}, secrets={"webhook_secret": "s"})
@@ -114,6 +114,8 @@ ROUTES = [
     Route("GET", "/runs", (Permission.RUNS_READ,), 200),
     Route("GET", "/runs/{run_id}", (Permission.RUNS_READ,), 200, path="/runs/{run}"),
     Route("GET", "/runs/{run_id}/jobs", (Permission.RUNS_READ,), 200, path="/runs/{run}/jobs"),
+    Route("GET", "/runs/{run_id}/jobs/{job}/logs", (Permission.RUNS_READ,), 200, path="/runs/{run}/jobs/build/logs"),
+    Route("POST", "/runs/{run_id}/rerun", (Permission.RUNS_RERUN,), 201, path="/runs/{run}/rerun"),
     Route("POST", "/runs/{run_id}/cancel", (Permission.RUNS_CANCEL,), 200, path="/runs/{run}/cancel",
           body={"force": False}),
     Route("GET", "/sources", (Permission.SOURCES_READ,), 200),
@@ -157,6 +159,10 @@ async def test_role_matrix(admin: Admin, route: Route, caplog: pytest.LogCapture
             fields = denials[0].kici_fields  # type: ignore[attr-defined]
             assert fields["permission"] == missing[0].value and fields["role"] == role.value
             assert fields["status"] == 403 and fields["path"] == API + path
+            async with admin.database.read() as conn:
+                [row] = [r for r in await audit.list_audit(conn, outcome="denied", limit=1000) if r.path == API + path
+                         and r.role == role.value]
+            assert (row.status, row.permission, row.action) == (403, missing[0].value, "admin.request")
         else:
             assert response.status_code == route.ok, (role, response.text)
 
@@ -203,6 +209,10 @@ async def test_unauthenticated(admin: Admin, headers: dict[str, str], caplog: py
     assert response.json() == {"error": "missing or invalid admin token"}
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert [getattr(r, "kici_event", None) for r in caplog.records].count("admin.denied") == 1
+    async with admin.database.read() as conn:
+        [row] = await audit.list_audit(conn, outcome="denied")
+    assert (row.status, row.path, row.token_id, row.action) == (401, API + "/whoami", None, "admin.request")
+    assert row.reason in ("missing_token", "unknown_token")
 
 
 async def test_revoked_token_is_refused(admin: Admin, caplog: pytest.LogCaptureFixture) -> None:
@@ -216,6 +226,9 @@ async def test_revoked_token_is_refused(admin: Admin, caplog: pytest.LogCaptureF
     denial = next(r for r in caplog.records if getattr(r, "kici_event", None) == "admin.denied")
     assert denial.kici_fields["reason"] == "revoked_token"  # type: ignore[attr-defined]
     assert denial.kici_fields["token_id"] == me["id"]  # type: ignore[attr-defined]
+    async with admin.database.read() as conn:
+        [row] = await audit.list_audit(conn, outcome="denied")
+    assert (row.status, row.reason, row.token_id) == (401, "revoked_token", me["id"])
 
 
 async def test_whoami_and_last_used(admin: Admin) -> None:

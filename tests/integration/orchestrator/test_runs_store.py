@@ -94,7 +94,7 @@ async def run_of(db: Database, run_id: str) -> store.RunRecord:
 
 async def report(db: Database, job_id: str, state: store.JobReport, agent: str | None = None, **kw: Any) -> bool:
     async with db.transaction() as conn:
-        return await store.record_job_state(conn, job_id, state=state, agent_id=agent, **kw)
+        return await store.record_job_state(conn, job_id, state=state, agent_id=agent, **kw) is not None
 
 
 async def run_job(db: Database, job_id: str, final: store.JobReport = "success", agent: str = "agent-1") -> None:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry, MessageHandler
+from kici.orchestrator.agents.registry import AgentConnection, AgentListener, AgentRegistry
 from kici.orchestrator.agents.session import AgentSession, AgentTimeouts
 
 __all__ = [
     "AgentConnection",
+    "AgentListener",
     "AgentRegistry",
     "AgentSession",
     "AgentTimeouts",
-    "MessageHandler",
     "agent_registry",
     "mount_agents",
 ]

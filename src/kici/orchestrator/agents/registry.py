@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import Gauge
 from starlette.websockets import WebSocket
@@ -20,8 +20,30 @@ from kici.engine.protocol import AgentMessage, AgentStatus, Message, close_reaso
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.metrics import Metrics
 
-MessageHandler = Callable[["AgentConnection", AgentMessage], Awaitable[None]]
-"""Receives every valid post-registration message other than `heartbeat` and `agent.status`."""
+
+class AgentListener(Protocol):
+    """What the dispatcher learns from agent sessions. Every method is awaited inside the session's
+    receive loop, so an agent's messages are handled one after the other, in order."""
+
+    async def registered(self, agent: AgentConnection) -> list[str]:
+        """The agent registered (before `register.ack`): reclaim its in-flight jobs; the ids accepted."""
+        ...
+
+    async def ready(self, agent: AgentConnection) -> None:
+        """`register.ack` was sent: the agent may be given work."""
+        ...
+
+    async def status(self, agent: AgentConnection) -> None:
+        """A new `agent.status` (in `agent.status`)."""
+        ...
+
+    async def message(self, agent: AgentConnection, message: AgentMessage) -> None:
+        """Any other valid post-registration message except `heartbeat`."""
+        ...
+
+    async def disconnected(self, agent: AgentConnection, released: list[str]) -> None:
+        """The connection ended (not replaced by a newer one); `released` jobs went `recovering`."""
+        ...
 
 
 @dataclass(eq=False)
@@ -67,13 +89,14 @@ class AgentRegistry:
     """Registered agent connections of this process, by agent id.
 
     Public API (for the dispatcher): `connected_agents()`, `get(agent_id)`, `send(agent_id, message)`,
-    and `message_handler` for job messages. `claim`/`release`/`lock` are the session's.
+    and `listener`, told about registrations, statuses, job messages and disconnects.
+    `claim`/`release`/`lock` are the session's.
     """
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._agents: dict[str, AgentConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.message_handler: MessageHandler | None = None
+        self.listener: AgentListener | None = None
         self._gauge: Gauge | None = None
         if metrics is not None:
             self._gauge = Gauge(

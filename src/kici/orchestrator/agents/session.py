@@ -8,8 +8,10 @@ Sequence (`kici.engine.protocol` has the messages and close codes):
    allowed; anything else → `auth.failure` + 4010. An agent id connected here under another token → 4003;
    under the same token the new connection replaces the old one (closed with 1001). The `agents` row is
    upserted as connected; reply `register.ack`.
+   Before the ack, the registry's listener reclaims the agent's in-flight jobs (named in
+   `register.ack.reclaimed_jobs`); after it, the listener may dispatch.
 3. Afterwards: `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
-   memory), everything else goes to the registry's `message_handler`. Silence (no valid frame) for
+   memory, the listener told), everything else goes to the registry's listener. Silence (no valid frame) for
    `heartbeat_timeout_s` → 4004; an invalid frame → `error` + 4003.
 4. On disconnect: row `connected=false`, and the agent's jobs go `recovering` for twice the maximum
    reconnect delay (`store.queue.release_agent_jobs`).
@@ -275,11 +277,16 @@ class AgentSession:
         if replaced is not None:
             self._log("agent.replaced", replaced_connection_id=replaced.connection_id)
             await replaced.close(p.CloseCode.GOING_AWAY, "replaced by a newer connection of this agent")
-        await self._send(p.RegisterAck(agent_id=agent.agent_id, labels=list(labels)))
+        listener = self.registry.listener
+        reclaimed = await listener.registered(agent) if listener is not None else []
+        await self._send(p.RegisterAck(agent_id=agent.agent_id, labels=list(labels), reclaimed_jobs=reclaimed))
         self._log(
             "agent.registered", labels=list(labels), max_concurrency=agent.max_concurrency,
             version=agent.version, hostname=agent.hostname, in_flight_jobs=len(agent.in_flight_jobs),
+            reclaimed_jobs=len(reclaimed) or None,
         )
+        if listener is not None:
+            await listener.ready(agent)
 
     async def _serve(self) -> None:
         agent = self.agent
@@ -310,8 +317,10 @@ class AgentSession:
                 await self._heartbeat(agent)
             elif isinstance(message, p.AgentStatus):
                 agent.status = message
-            elif self.registry.message_handler is not None:
-                await self.registry.message_handler(agent, message)
+                if self.registry.listener is not None:
+                    await self.registry.listener.status(agent)
+            elif self.registry.listener is not None:
+                await self.registry.listener.message(agent, message)
             else:
                 self._log("agent.message_unhandled", level="debug", message_type=message.type)
 
@@ -345,3 +354,8 @@ class AgentSession:
             "agent.disconnected", close_code=code, reason=reason or None,
             recovering_jobs=len(released) or None,
         )
+        if self.registry.listener is not None:
+            try:
+                await self.registry.listener.disconnected(agent, released)
+            except Exception as exc:
+                self._log("agent.disconnect_hook_failed", level="error", error=f"{type(exc).__name__}: {exc}")

@@ -233,6 +233,9 @@ runs = sa.Table(
     sa.Column("cancelled_by", sa.Text, nullable=True),
     sa.Column("failure_reason", sa.Text, nullable=True),
     sa.Column("timeout_ms", sa.BigInteger, nullable=True),
+    # The run's workflow as in the lock file at its commit (camelCase lock-file JSON): what dispatch needs
+    # (file, export, jobs, env, timeouts) and what a rerun replays, without fetching the lock file again.
+    sa.Column("workflow_spec", JSON_TYPE, nullable=True),
     _created_at(),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),
@@ -335,6 +338,32 @@ agents = sa.Table(
     sa.Column("registered_at", UtcDateTime, nullable=False, default=utcnow),
     sa.Index(None, "connected"),
 )
+
+class AuditOutcome(StrEnum):
+    DENIED = "denied"
+    ALLOWED = "allowed"
+
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("action", sa.Text, nullable=False),  # `admin.request` for API calls; more kinds come later
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("status", sa.Integer, nullable=True),  # the HTTP status answered
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("token_id", sa.Text, nullable=True),  # no FK: the trail outlives a deleted token
+    sa.Column("role", sa.Text, nullable=True),
+    sa.Column("permission", sa.Text, nullable=True),
+    sa.Column("method", sa.Text, nullable=True),
+    sa.Column("path", sa.Text, nullable=True),
+    sa.Column("client", sa.Text, nullable=True),
+    _created_at(),
+    sa.Index(None, "org_id", "created_at"),
+    _check_in("outcome", AuditOutcome),
+)
+
 
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 LOCK_FILE_PATH = ".kici/kici.lock.json"
@@ -48,6 +49,15 @@ def check_ref(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class CloneAccess:
+    """How an agent clones a run's repository: the URL, and a short-lived token it sends in an HTTP
+    header (never part of the URL)."""
+
+    url: str
+    token: str | None = None
+
+
 class LockFileSource(Protocol):
     """What the pipeline needs from a host. `repo` is `owner/name` (ignored by the git provider, whose
     source is one repository)."""
@@ -67,4 +77,8 @@ class LockFileSource(Protocol):
 
     async def resolve_ref(self, repo: str, ref: str) -> str | None:
         """The commit a branch (or tag) points at now; None when it does not exist."""
+        ...
+
+    async def clone_access(self, repo: str) -> CloneAccess:
+        """Where and with which credential an agent clones `repo` for a job."""
         ...

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 from kici.orchestrator.providers.base import (
     LOCK_FILE_PATH,
     MAX_LOCK_FILE_BYTES,
+    CloneAccess,
     LockFileTooLarge,
     ProviderError,
     check_ref,
@@ -64,6 +65,11 @@ class GitProvider:
     @property
     def cache_prefix(self) -> str:
         return f"git:{self.source_id}"
+
+    async def clone_access(self, repo: str) -> CloneAccess:
+        # agents reach the repository the way the source names it (a path on a shared machine, a file://
+        # or network URL); credentials for private git servers belong in the agent's git configuration
+        return CloneAccess(self.url)
 
     @property
     def git_dir(self) -> Path:

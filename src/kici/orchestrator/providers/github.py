@@ -22,7 +22,7 @@ import datetime as dt
 import json
 import time
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from kici.orchestrator.providers.base import (
     LOCK_FILE_PATH,
     MAX_LOCK_FILE_BYTES,
+    CloneAccess,
     LockFileTooLarge,
     ProviderError,
     check_ref,
@@ -199,6 +200,16 @@ class GitHubProvider:
                 continue
             return response
         raise AssertionError("unreachable")
+
+    async def clone_access(self, repo: str) -> CloneAccess:
+        """`https://<host>/<owner>/<name>.git` with a fresh installation token (GitHub Enterprise: the host
+        of the API URL)."""
+        path = _repo_path(repo)
+        parsed = urlsplit(self.api_url)
+        host = "github.com" if parsed.hostname == "api.github.com" else parsed.netloc
+        installation = await self._installation_id(repo)
+        token = await self.tokens.get(self.client, self.api_url, installation, self.app_id, self.private_key)
+        return CloneAccess(f"{parsed.scheme or 'https'}://{host}/{path}.git", token)
 
     async def read_lock_file(self, repo: str, sha: str) -> bytes | None:
         sha = check_sha(sha)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from kici.engine.states import RunStatus
+from kici.engine.events import Event
+from kici.engine.lockfile import Workflow
+from kici.engine.states import RunStatus, is_terminal
 from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -20,6 +22,7 @@ from kici.orchestrator.auth import (
     require,
 )
 from kici.orchestrator.logs import log_context, log_event
+from kici.orchestrator.services import services_of
 from kici.orchestrator.store import runs
 from kici.orchestrator.store.runs import JobRecord, RunRecord
 
@@ -161,6 +164,7 @@ async def list_run_jobs(
 )
 async def cancel_run(
     run_id: str,
+    request: Request,
     state: State,
     principal: Annotated[Principal, Depends(require(Permission.RUNS_CANCEL))],
     body: CancelRequest | None = None,
@@ -177,9 +181,10 @@ async def cancel_run(
         except runs.RunFinished as exc:
             raise AdminError(409, f"run {run_id} has already finished ({exc.status}); nothing to cancel") from None
         running = [job_id for job_id, _agent in result.running]
-        # Sending `job.cancel` to the agents in `result.running` is the dispatcher's job once agents connect.
         log_event("run.cancel_requested", by_token_id=principal.token.id, force=force, status=result.status,
                   cancelled_jobs=result.cancelled_jobs, running_jobs=running)
+        # after the commit: an agent that answers at once must find the run already `cancelling`
+        await services_of(request.app).dispatcher.cancel_jobs(run_id, result.running, reason=by, force=force)
     return CancelResponse(
         run_id=run_id,
         status=result.status,
@@ -187,4 +192,93 @@ async def cancel_run(
         cancelled_jobs=result.cancelled_jobs,
         running_jobs=running,
         force=force,
+    )
+
+
+class RerunResponse(BaseModel):
+    run: RunInfo
+
+
+@router.post(
+    "/runs/{run_id}/rerun",
+    status_code=201,
+    summary="Run a run's workflow again at the same commit with the same event",
+    responses={**_NOT_FOUND, 409: {"model": ErrorResponse, "description": "The run cannot be rerun"}},
+)
+async def rerun_run(
+    run_id: str,
+    request: Request,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.RUNS_RERUN))],
+) -> RerunResponse:
+    original = await _run(state, principal, run_id)
+    if not original.workflow_spec:
+        raise AdminError(409, f"run {run_id} failed before it had jobs ({original.failure_reason}); push a fix instead")
+    settings = state.settings
+    try:
+        async with state.database.transaction() as conn:
+            created = await runs.create_run(
+                conn,
+                runs.NewRun(
+                    org_id=original.org_id,
+                    workflow=Workflow.model_validate(original.workflow_spec),
+                    event=Event.model_validate(original.event),
+                    repo=original.repo,
+                    ref=original.ref,
+                    sha=original.sha,
+                    lock_content_hash=original.lock_content_hash,
+                    delivery_id=None,
+                    source_id=original.source_id,
+                    original_run_id=original.original_run_id or original.id,
+                ),
+                queue_max_depth=settings.queue_max_depth,
+                queue_timeout_ms=settings.queue_timeout_ms,
+            )
+            rerun = await runs.get_run(conn, created.run_id)
+    except ValueError as exc:
+        raise AdminError(409, f"run {run_id} cannot be rerun: {exc}") from None
+    assert rerun is not None
+    log_event("run.rerun", run_id=rerun.id, original_run_id=run_id, by_token_id=principal.token.id)
+    await services_of(request.app).dispatcher.runs_created([rerun.id])
+    return RerunResponse(run=RunInfo.of(rerun))
+
+
+class LogLineInfo(BaseModel):
+    n: int = Field(description="1-based line number in the job's log")
+    step: int = Field(description="Step index; -1 for setup output (clone, drift check)")
+    line: str
+
+
+class JobLogPage(BaseModel):
+    job_id: str
+    lines: list[LogLineInfo]
+    next: int = Field(description="Cursor: pass as `after` to get the lines that follow")
+    complete: bool = Field(description="The job has finished and there are no more lines")
+
+
+@router.get(
+    "/runs/{run_id}/jobs/{job}/logs",
+    summary="Read a job's log from a cursor (poll with `after=next` to follow it)",
+    responses=_NOT_FOUND,
+)
+async def job_logs(
+    run_id: str,
+    job: str,
+    request: Request,
+    state: State,
+    principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))],
+    after: Annotated[int, Query(ge=0, description="Cursor from a previous page's `next`; 0 = the start")] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> JobLogPage:
+    await _run(state, principal, run_id)
+    async with state.database.read() as conn:
+        found = next((j for j in await runs.list_jobs(conn, run_id) if job in (j.id, j.name)), None)
+    if found is None:
+        raise AdminError(404, f"run {run_id} has no job {job!r}")
+    page = await services_of(request.app).logs.read(run_id, found.id, after=after, limit=limit)
+    return JobLogPage(
+        job_id=found.id,
+        lines=[LogLineInfo(n=line.n, step=line.step, line=line.line) for line in page.lines],
+        next=page.next,
+        complete=page.at_end and is_terminal(found.status),
     )

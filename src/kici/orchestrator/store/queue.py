@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
@@ -225,15 +225,38 @@ async def _requeue(conn: AsyncConnection, job_id: str, agent_id: str | None, fro
     return True
 
 
-async def reject(conn: AsyncConnection, job_id: str, agent_id: str) -> bool:
-    """`job.reject` (busy, draining): the row goes back to `pending` in its original place in line, the
-    agent is cleared. False for a foreign agent or a row not dispatched (or a job already started)."""
-    started = await conn.execute(
-        sa.select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.status == JobState.QUEUED.value)
-    )
-    if started.first() is None:
-        return False
-    return await _requeue(conn, job_id, agent_id, QueueStatus.DISPATCHED)
+async def reject(
+    conn: AsyncConnection,
+    job_id: str,
+    agent_id: str,
+    *,
+    max_attempts: int | None = None,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+) -> Literal["requeued", "failed"] | None:
+    """`job.reject` (busy, draining, unsupported): the row goes back to `pending` in its original place in
+    line, the agent is cleared — or, once the job was handed out `max_attempts` times, the job fails. None
+    for a foreign agent or a row not dispatched (or a job already started)."""
+    row = (
+        await conn.execute(
+            sa.select(dispatch_queue.c.dispatch_attempts)
+            .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
+            .where(
+                dispatch_queue.c.job_id == job_id,
+                dispatch_queue.c.agent_id == agent_id,
+                dispatch_queue.c.status == QueueStatus.DISPATCHED.value,
+                jobs.c.status == JobState.QUEUED.value,
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    if max_attempts is not None and int(row.dispatch_attempts) >= max_attempts:
+        error = f"rejected by agents on all {row.dispatch_attempts} dispatch attempts"
+        failed = await run_store.finish_job(
+            conn, job_id, JobState.FAILED, JobEvent.FAIL, error=error, failure_category="dispatch", limits=limits
+        )
+        return "failed" if failed else None
+    return "requeued" if await _requeue(conn, job_id, agent_id, QueueStatus.DISPATCHED) else None
 
 
 async def find_expired_acks(conn: AsyncConnection, *, now: dt.datetime) -> list[tuple[str, str]]:
@@ -381,14 +404,16 @@ async def reclaim(
     release_missing: bool = True,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
 ) -> list[str]:
-    """The agent reconnected reporting `job_ids` in flight: those of its recovering jobs resume
-    (`recovering → running`, row `dispatched`). With `release_missing`, its other recovering jobs are
+    """The agent (re)registered reporting `job_ids` in flight: those of its recovering jobs resume
+    (`recovering → running`, row `dispatched`), and those still `dispatched` to it (a reconnect that
+    replaced a connection before its loss was noticed) stay. With `release_missing`, its other jobs are
     settled now instead of at the window's end: never started → requeued, started → failed. The ids
     reclaimed."""
+    held = (QueueStatus.RECOVERING.value, QueueStatus.DISPATCHED.value)
     rows = await conn.execute(
-        sa.select(dispatch_queue.c.job_id, jobs.c.status)
+        sa.select(dispatch_queue.c.job_id, dispatch_queue.c.status.label("row_status"), jobs.c.status)
         .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
-        .where(dispatch_queue.c.agent_id == agent_id, dispatch_queue.c.status == QueueStatus.RECOVERING.value)
+        .where(dispatch_queue.c.agent_id == agent_id, dispatch_queue.c.status.in_(held))
     )
     wanted = set(job_ids)
     reclaimed: list[str] = []
@@ -406,7 +431,7 @@ async def reclaim(
             reclaimed.append(job_id)
         elif release_missing:
             if row.status == JobState.QUEUED.value:
-                await _requeue(conn, job_id, agent_id, QueueStatus.RECOVERING)
+                await _requeue(conn, job_id, agent_id, QueueStatus(row.row_status))
             else:
                 await run_store.finish_job(
                     conn, job_id, JobState.FAILED, JobEvent.FAIL,

@@ -109,6 +109,8 @@ class RunRecord(_Frozen):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    workflow_spec: dict[str, Any] | None = None
+    """The workflow's lock-file entry (None for a run that failed before it had one)."""
 
     @property
     def finished(self) -> bool:
@@ -378,6 +380,7 @@ async def create_run(
             parent_run_id=new.parent_run_id,
             original_run_id=new.original_run_id,
             timeout_ms=new.workflow.timeout,
+            workflow_spec=new.workflow.model_dump(by_alias=True, exclude_none=True, mode="json"),
             created_at=now,
         )
     )
@@ -533,9 +536,9 @@ async def record_job_state(
     failure_category: str | None = None,
     outputs: Mapping[str, Any] | None = None,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
-) -> bool:
-    """Apply a job status report; False when it is ignored (late, duplicate, from another agent, or an
-    edge the state machine does not have).
+) -> SettleResult | None:
+    """Apply a job status report: the run's settle result, or None when the report is ignored (late,
+    duplicate, from another agent, or an edge the state machine does not have).
 
     `agent_id` given → only that agent's job moves (agent messages); None → an orchestrator decision.
     `running` acknowledges the dispatch and moves the run to `running`. A terminal state closes the queue
@@ -546,7 +549,7 @@ async def record_job_state(
         raise ValueError(f"unknown job state report {state!r}")
     run_id = await lock_job(conn, job_id)
     if run_id is None:
-        return False
+        return None
     now = utcnow()
     values: dict[str, Any] = {}
     if state == "running":
@@ -566,7 +569,7 @@ async def record_job_state(
             moved = True
             break
     if not moved:
-        return False
+        return None
     if state == "running":
         # the job started: its dispatch is acknowledged, and the row follows an agent-side recovery too
         await conn.execute(
@@ -579,8 +582,7 @@ async def record_job_state(
         )
     else:
         await close_queue_row(conn, job_id, target.value)
-    await settle_run(conn, run_id, limits=limits, now=now)
-    return True
+    return await settle_run(conn, run_id, limits=limits, now=now)
 
 
 async def finish_job(

@@ -1,0 +1,403 @@
+"""The dispatcher: hands queued jobs to connected agents and tracks what they report.
+
+- **Dispatch.** A drain pass claims jobs for every connected agent with a free slot
+  (`store.queue.claim_next`, exactly-once even against other orchestrators) and sends `job.dispatch`. A
+  pass runs when something may have changed — runs created, an agent registered or reported a status,
+  a job finished or was rejected — and on a short poll (`dispatch_poll_ms`) as the cross-process
+  fallback. Wake-ups coalesce: a burst of events costs one pass.
+- **Slots.** Each agent connection's dispatched-and-unfinished jobs are counted here against its
+  `max_concurrency`; an agent that rejected a job as `busy` gets nothing until it reports `agent.status`
+  or finishes a job, one that reports `draining` gets nothing more.
+- **Tracking.** `job.ack`, `job.reject`, `job.status`, `step.status`, `log.chunk` and `job.heartbeat`
+  go to the stores; each is accepted only from the agent the job was dispatched to (the stores' guarded
+  updates check the owner; logs are checked against the connection's jobs).
+- **Reconnects.** On registration the agent's reported in-flight jobs are reclaimed
+  (`store.queue.reclaim`) and named in `register.ack`; a reclaimed job whose run is being cancelled is
+  told to cancel again.
+
+The dispatcher keeps no state another orchestrator would need: slots describe this process's own
+connections, and everything about jobs lives in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpx
+
+from kici.engine import protocol as p
+from kici.engine.states import JobEvent, JobState
+from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
+from kici.orchestrator.app import AppState, Readiness
+from kici.orchestrator.db.schema import SourceKind, utcnow
+from kici.orchestrator.dispatch.metrics import DispatchMetrics
+from kici.orchestrator.dispatch.payload import DispatchError, build_dispatch, load_context
+from kici.orchestrator.ingest.service import Ingest
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.providers.base import CloneAccess, ProviderError
+from kici.orchestrator.storage.logs import LogStorage
+from kici.orchestrator.store import agents as agent_store
+from kici.orchestrator.store import queue as queue_store
+from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store.queue import AgentSlot, Claim
+from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult
+from kici.orchestrator.store.sources import Source, get_source, load_source_secrets
+
+SOURCE_CACHE_S = 10.0
+
+
+@dataclass
+class _Slots:
+    connection_id: str
+    jobs: set[str] = field(default_factory=set)
+    busy: bool = False
+    """Rejected a job as busy: wait for its next `agent.status` or finished job."""
+    draining: bool = False
+
+
+class Dispatcher:
+    """Implements `AgentListener` for the registry; `start()`/`stop()` run its drain loop."""
+
+    def __init__(
+        self,
+        state: AppState,
+        registry: AgentRegistry,
+        ingest: Ingest,
+        logs: LogStorage,
+        metrics: DispatchMetrics,
+    ) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.db = state.database
+        self.registry = registry
+        self.ingest = ingest
+        self.logs = logs
+        self.metrics = metrics
+        self._slots: dict[str, _Slots] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._sources: dict[str, tuple[float, Source, dict[str, str]]] = {}
+        self._http: httpx.AsyncClient | None = None
+        self._rotation = 0
+        self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
+        registry.listener = self
+        ingest.on_runs_created = self.runs_created
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, readiness: Readiness) -> None:
+        self._task = asyncio.create_task(self._loop(readiness), name="kici-dispatcher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._http is not None:
+            await self._http.aclose()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self, readiness: Readiness) -> None:
+        while not readiness.prepared:  # migrations first: the queue tables may not exist yet
+            await asyncio.sleep(0.05)
+        try:
+            await self.recover_after_restart()
+        except Exception as exc:
+            log_event("dispatch.recovery_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+        poll = self.settings.dispatch_poll_ms / 1000
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+            self._wake.clear()
+            try:
+                await self.drain()
+            except Exception as exc:  # the database hiccupped: try again on the next wake-up or poll
+                log_event("dispatch.drain_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(min(poll, 1.0))
+
+    async def recover_after_restart(self) -> None:
+        """Agents the database still shows as connected lost that connection when this process (or its
+        predecessor) stopped: their jobs go `recovering`, so a reconnect within the window reclaims them.
+        Agents that already reconnected here are left alone."""
+        async with self.db.read() as conn:
+            stale = [a for a in await agent_store.list_agents(conn, connected_only=True)]
+        window = dt.timedelta(milliseconds=2 * self.settings.agent_max_reconnect_delay_ms)
+        for record in stale:
+            async with self.registry.lock(record.id):
+                if self.registry.get(record.id) is not None:
+                    continue
+                async with self.db.transaction() as conn:
+                    await agent_store.mark_agent_disconnected(conn, record.id, last_seen_at=record.last_seen_at)
+                    released = await queue_store.release_agent_jobs(
+                        conn, record.id, recovery_deadline=utcnow() + window
+                    )
+            if released:
+                log_event("dispatch.jobs_recovering_after_restart", agent_id=record.id, jobs=released)
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    async def runs_created(self, run_ids: Iterable[str]) -> None:
+        self.metrics.runs_created.inc(len(list(run_ids)))
+        self.wake()
+
+    async def registered(self, agent: AgentConnection) -> list[str]:
+        reported = [job_id for _run_id, job_id in agent.in_flight_jobs]
+        async with self.db.transaction() as conn:
+            reclaimed = await queue_store.reclaim(conn, agent.agent_id, reported, limits=self.limits)
+        self._slots[agent.agent_id] = _Slots(agent.connection_id, set(reclaimed))
+        if reported:
+            log_event("dispatch.reclaimed", agent_id=agent.agent_id, reported=reported, reclaimed=reclaimed)
+        return reclaimed
+
+    async def ready(self, agent: AgentConnection) -> None:
+        slots = self._slots.get(agent.agent_id)
+        if slots is not None and slots.jobs:
+            # a job cancelled while its agent was away is told again now
+            async with self.db.read() as conn:
+                for job_id in sorted(slots.jobs):
+                    job = await run_store.get_job(conn, job_id)
+                    if job is not None and job.status == JobState.CANCELLING.value:
+                        await self.send_cancel(agent.agent_id, job.run_id, job_id, reason="cancelled", force=False)
+        self.wake()
+
+    async def status(self, agent: AgentConnection) -> None:
+        slots = self._slots_of(agent)
+        if slots is not None and agent.status is not None:
+            slots.busy = False
+            slots.draining = agent.status.draining
+        self.wake()
+
+    async def disconnected(self, agent: AgentConnection, released: list[str]) -> None:
+        slots = self._slots.get(agent.agent_id)
+        if slots is not None and slots.connection_id == agent.connection_id:
+            del self._slots[agent.agent_id]
+
+    def _slots_of(self, agent: AgentConnection) -> _Slots | None:
+        slots = self._slots.get(agent.agent_id)
+        return slots if slots is not None and slots.connection_id == agent.connection_id else None
+
+    def forget(self, job_ids: Iterable[str]) -> None:
+        """Jobs that ended without their agent's report (stale, recovery timeout): free their slots."""
+        wanted = set(job_ids)
+        if not wanted:
+            return
+        for slots in self._slots.values():
+            slots.jobs -= wanted
+        self.wake()
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    def _free(self, agent: AgentConnection) -> int:
+        slots = self._slots_of(agent)
+        if slots is None or slots.busy or slots.draining:
+            return 0
+        if agent.status is not None and agent.status.draining:
+            return 0
+        return agent.max_concurrency - len(slots.jobs)
+
+    async def drain(self) -> int:
+        """One pass: fill every free slot of every connected agent. The number of jobs dispatched."""
+        agents = [a for a in self.registry.connected_agents() if self._free(a) > 0]
+        if not agents:
+            return 0
+        async with self.db.read() as conn:
+            if await run_store.queue_depth(conn) == 0:
+                return 0
+        # start with a different agent each pass, so equal agents share the work
+        self._rotation = (self._rotation + 1) % len(agents)
+        agents = agents[self._rotation:] + agents[: self._rotation]
+        sent = 0
+        exhausted = False
+        while agents and not exhausted:
+            exhausted = True
+            for agent in list(agents):
+                if self._free(agent) <= 0:
+                    agents.remove(agent)
+                    continue
+                claim = await queue_store.claim_next(
+                    self.db,
+                    AgentSlot(agent.agent_id, list(agent.labels)),
+                    ack_timeout_ms=self.settings.dispatch_ack_timeout_ms,
+                )
+                if claim is None:
+                    agents.remove(agent)  # nothing this agent may run
+                    continue
+                exhausted = False
+                if await self._hand_out(agent, claim):
+                    sent += 1
+        return sent
+
+    async def _hand_out(self, agent: AgentConnection, claim: Claim) -> bool:
+        slots = self._slots_of(agent)
+        if slots is None:  # disconnected meanwhile: put the job back
+            await self._requeue(claim, agent.agent_id)
+            return False
+        slots.jobs.add(claim.job_id)
+        try:
+            async with self.db.read() as conn:
+                context = await load_context(conn, claim)
+            access = await self._clone_access(context.run)
+            message = build_dispatch(
+                context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes
+            )
+        except DispatchError as exc:
+            slots.jobs.discard(claim.job_id)
+            await self._fail_undispatchable(claim, str(exc))
+            return False
+        try:
+            await agent.send(message)
+        except Exception:
+            slots.jobs.discard(claim.job_id)
+            await self._requeue(claim, agent.agent_id)
+            return False
+        queued = context.job.queued_at
+        if queued is not None:
+            self.metrics.dispatch_latency.observe(max(0.0, time.time() - queued.timestamp()))
+        self.metrics.jobs_dispatched.inc()
+        log_event("job.dispatched", run_id=claim.run_id, job_id=claim.job_id, agent_id=agent.agent_id,
+                  attempt=claim.attempt, level="debug")
+        return True
+
+    async def _requeue(self, claim: Claim, agent_id: str) -> None:
+        async with self.db.transaction() as conn:
+            await queue_store.reject(conn, claim.job_id, agent_id)
+        self.wake()
+
+    async def _fail_undispatchable(self, claim: Claim, reason: str) -> None:
+        log_event("job.undispatchable", level="warning", run_id=claim.run_id, job_id=claim.job_id, reason=reason)
+        async with self.db.transaction() as conn:
+            await run_store.finish_job(
+                conn, claim.job_id, JobState.FAILED, JobEvent.FAIL, error=f"cannot dispatch: {reason}",
+                failure_category="dispatch", limits=self.limits,
+            )
+        self.wake()
+
+    async def _clone_access(self, run: RunRecord) -> CloneAccess:
+        if run.source_id is None:
+            raise DispatchError("the run has no source to clone from")
+        cached = self._sources.get(run.source_id)
+        if cached is not None and cached[0] > time.monotonic():
+            _, source, secrets = cached
+        else:
+            async with self.db.read() as conn:
+                found = await get_source(conn, run.source_id)
+                if found is None:
+                    raise DispatchError(f"source {run.source_id} no longer exists")
+                source = found
+                try:
+                    secrets = (
+                        await load_source_secrets(conn, source.id, self.state.secret_key)
+                        if source.kind is SourceKind.GITHUB
+                        else {}
+                    )
+                except Exception as exc:
+                    raise DispatchError(f"the secrets of source {source.name!r} cannot be opened: {exc}") from None
+            self._sources[run.source_id] = (time.monotonic() + SOURCE_CACHE_S, source, secrets)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=30.0)
+        try:
+            provider = self.ingest.provider(source, secrets, client=self._http)
+            return await provider.clone_access(run.repo)
+        except (ProviderError, KeyError, ValueError) as exc:
+            raise DispatchError(f"source {source.name!r}: {exc}") from None
+
+    # -- cancel -----------------------------------------------------------------------------------
+
+    async def send_cancel(self, agent_id: str, run_id: str, job_id: str, *, reason: str, force: bool) -> bool:
+        """Tell the job's agent to cancel it; False when that agent is not connected here."""
+        sent = await self.registry.send(agent_id, p.JobCancel(run_id=run_id, job_id=job_id, reason=reason,
+                                                              force=force))
+        log_event("job.cancel_sent" if sent else "job.cancel_undeliverable", run_id=run_id, job_id=job_id,
+                  agent_id=agent_id, force=force, level="info" if sent else "warning")
+        return sent
+
+    async def cancel_jobs(self, run_id: str, running: Iterable[tuple[str, str]], *, reason: str, force: bool) -> None:
+        for job_id, agent_id in running:
+            await self.send_cancel(agent_id, run_id, job_id, reason=reason, force=force)
+
+    # -- agent messages ----------------------------------------------------------------------------
+
+    async def message(self, agent: AgentConnection, message: p.AgentMessage) -> None:
+        if isinstance(message, p.LogChunk):
+            await self._log_chunk(agent, message)
+        elif isinstance(message, p.StepStatusUpdate):
+            async with self.db.transaction() as conn:
+                await run_store.record_step(
+                    conn, message.job_id, message.step_index, message.step_name, message.state,
+                    duration_ms=message.duration_ms, error=message.error, agent_id=agent.agent_id,
+                )
+        elif isinstance(message, p.JobStatusUpdate):
+            await self._job_status(agent, message)
+        elif isinstance(message, p.JobHeartbeat):
+            async with self.db.transaction() as conn:
+                await run_store.touch_heartbeat(conn, message.job_id, agent.agent_id, utcnow())
+        elif isinstance(message, p.JobAck):
+            async with self.db.transaction() as conn:
+                await queue_store.ack(conn, message.job_id, agent.agent_id)
+        elif isinstance(message, p.JobReject):
+            await self._reject(agent, message)
+
+    async def _log_chunk(self, agent: AgentConnection, chunk: p.LogChunk) -> None:
+        slots = self._slots_of(agent)
+        if slots is None or chunk.job_id not in slots.jobs:
+            log_event("log.chunk_ignored", level="debug", agent_id=agent.agent_id, job_id=chunk.job_id)
+            return
+        try:
+            stored = await self.logs.append(chunk.run_id, chunk.job_id, chunk.step_index, chunk.lines, chunk.seq)
+        except (OSError, ValueError) as exc:
+            log_event("log.store_failed", level="error", job_id=chunk.job_id, error=f"{type(exc).__name__}: {exc}")
+            return
+        if stored:
+            self.metrics.log_lines.inc(len(chunk.lines))
+
+    async def _job_status(self, agent: AgentConnection, update: p.JobStatusUpdate) -> None:
+        async with self.db.transaction() as conn:
+            settled = await run_store.record_job_state(
+                conn, update.job_id, state=update.state, agent_id=agent.agent_id, error=update.error,
+                failure_category=update.failure_category, outputs=update.outputs, limits=self.limits,
+            )
+        if settled is None:
+            log_event("job.status_ignored", level="debug", agent_id=agent.agent_id, job_id=update.job_id,
+                      state=update.state)
+            return
+        if update.state == "running":
+            return
+        slots = self._slots_of(agent)
+        if slots is not None:
+            slots.jobs.discard(update.job_id)
+            slots.busy = False
+        self.metrics.jobs_finished.labels(update.state).inc()
+        self._count_run(settled)
+        self.wake()
+
+    def _count_run(self, settled: SettleResult) -> None:
+        if settled.finished and settled.run_status is not None:
+            self.metrics.runs_finished.labels(settled.run_status).inc()
+
+    async def _reject(self, agent: AgentConnection, reject: p.JobReject) -> None:
+        async with self.db.transaction() as conn:
+            requeued = await queue_store.reject(
+                conn, reject.job_id, agent.agent_id, max_attempts=self.settings.dispatch_max_attempts,
+                limits=self.limits,
+            )
+        slots = self._slots_of(agent)
+        if slots is not None:
+            slots.jobs.discard(reject.job_id)
+            if reject.reason == "busy":
+                slots.busy = True
+            elif reject.reason == "draining":
+                slots.draining = True
+        log_event("job.rejected", agent_id=agent.agent_id, job_id=reject.job_id, reason=reject.reason,
+                  outcome=requeued)
+        self.wake()
+

@@ -1,0 +1,101 @@
+"""Building a `job.dispatch` message from the database: the run, the job, its workflow's lock-file entry,
+its upstream jobs' outputs, and where (and with which token) the agent clones the repository."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.engine.lockfile import Workflow
+from kici.engine.protocol import JobDispatch
+from kici.orchestrator.db.schema import new_id
+from kici.orchestrator.providers.base import CloneAccess
+from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store.queue import Claim
+from kici.orchestrator.store.runs import JobRecord, RunRecord
+
+CloneAccessFor = Callable[[RunRecord], Awaitable[CloneAccess]]
+"""Resolves the clone URL and token of a run's repository (from its source)."""
+
+
+class DispatchError(Exception):
+    """The job cannot be handed out at all (its source is gone, its run has no workflow spec, …): the job
+    fails with this message instead of going round the queue forever."""
+
+
+@dataclass(frozen=True)
+class DispatchContext:
+    run: RunRecord
+    job: JobRecord
+    workflow: Workflow
+    upstream_outputs: dict[str, Any]
+
+
+def upstream_outputs(workflow: Workflow, job: JobRecord, run_jobs: list[JobRecord]) -> dict[str, Any]:
+    """`ctx.outputs_of` data for `job`: for each lock job it needs, that job's outputs; for a matrix
+    upstream `{"by_matrix": {child name: outputs}, "merged": {step: {...}}}` (children merged in plan
+    order, later keys winning) — the same shape `kici run local` gives."""
+    lock_job = workflow.job(job.job)
+    out: dict[str, Any] = {}
+    if lock_job is None:
+        return out
+    for need in lock_job.needs:
+        ups = [j for j in run_jobs if j.job == need.name]
+        if len(ups) == 1 and ups[0].matrix is None:
+            out[need.name] = ups[0].outputs or {}
+        elif ups:
+            merged: dict[str, Any] = {}
+            for up in ups:
+                for step_name, values in (up.outputs or {}).items():
+                    if isinstance(values, dict):
+                        merged.setdefault(step_name, {}).update(values)
+            out[need.name] = {"by_matrix": {u.name: u.outputs or {} for u in ups}, "merged": merged}
+    return out
+
+
+async def load_context(conn: AsyncConnection, claim: Claim) -> DispatchContext:
+    run = await run_store.get_run(conn, claim.run_id)
+    if run is None:
+        raise DispatchError(f"run {claim.run_id} no longer exists")
+    if not run.workflow_spec:
+        raise DispatchError("the run has no workflow definition to dispatch (created by an older orchestrator)")
+    workflow = Workflow.model_validate(run.workflow_spec)
+    run_jobs = await run_store.list_jobs(conn, run.id)
+    job = next((j for j in run_jobs if j.id == claim.job_id), None)
+    if job is None:
+        raise DispatchError(f"job {claim.job_id} no longer exists")
+    return DispatchContext(run, job, workflow, upstream_outputs(workflow, job, run_jobs))
+
+
+def build_dispatch(
+    context: DispatchContext, access: CloneAccess, *, attempt: int, max_log_size_bytes: int
+) -> JobDispatch:
+    run, job, workflow = context.run, context.job, context.workflow
+    lock_job = workflow.job(job.job)
+    return JobDispatch(
+        message_id=new_id(),
+        run_id=run.id,
+        job_id=job.id,
+        repo_url=access.url,
+        ref=run.ref,
+        sha=run.sha,
+        workflow=workflow.name,
+        job=job.job,
+        display_name=job.name,
+        matrix=job.matrix,
+        workflow_file=workflow.source.file,
+        export=workflow.source.export,
+        content_hash=workflow.content_hash,
+        event=run.event,
+        env={"KICI_RUN_ID": run.id, "KICI_JOB_ID": job.id, "KICI_WORKFLOW": workflow.name, "KICI_JOB": job.name},
+        upstream_outputs=context.upstream_outputs,
+        token=access.token,
+        job_timeout_ms=lock_job.timeout if lock_job is not None else None,
+        max_log_size_bytes=max_log_size_bytes,
+        attempt=attempt,
+        timestamp=time.time(),
+    )

@@ -1,0 +1,166 @@
+"""Periodic sweeps: stale jobs, dispatch-ack deadlines, queue expiry, recovery windows, workflow
+timeouts and the dedup cache. One tick every `sweep_interval_ms` (and once right after start-up).
+
+Each sweep runs in its own transaction. On PostgreSQL it first takes a transaction-scoped advisory lock
+(`pg_try_advisory_xact_lock`) named after the sweep and skips the tick when another orchestrator holds
+it, so in a cluster exactly one node runs each sweep per tick; SQLite has a single writer anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.engine.protocol import CloseCode
+from kici.orchestrator.app import Readiness
+from kici.orchestrator.db.schema import utcnow
+from kici.orchestrator.dispatch.dispatcher import Dispatcher
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import events as event_store
+from kici.orchestrator.store import queue as queue_store
+from kici.orchestrator.store import runs as run_store
+
+WORKFLOW_TIMEOUT = "workflow_timeout"
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a sweep name."""
+    return int.from_bytes(hashlib.sha256(f"kici.sweep.{name}".encode()).digest()[:8], "big", signed=True)
+
+
+class Sweeper:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.db = dispatcher.db
+        self.settings = dispatcher.settings
+        self.metrics = dispatcher.metrics
+        self._task: asyncio.Task[None] | None = None
+        self._after_commit: list[Callable[[], Awaitable[object]]] = []
+        """Messages to agents decided by the running sweep, sent once its transaction has committed."""
+
+    async def start(self, readiness: Readiness) -> None:
+        self._task = asyncio.create_task(self._loop(readiness), name="kici-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self, readiness: Readiness) -> None:
+        while not readiness.prepared:
+            await asyncio.sleep(0.05)
+        while True:
+            await self.tick()
+            await asyncio.sleep(self.settings.sweep_interval_ms / 1000)
+
+    async def tick(self) -> None:
+        """Run every sweep once; a failing sweep is logged and does not stop the others."""
+        for name, sweep in (
+            ("ack_deadlines", self.ack_deadlines),
+            ("stale_jobs", self.stale_jobs),
+            ("queue_expiry", self.queue_expiry),
+            ("recovery_windows", self.recovery_windows),
+            ("workflow_timeouts", self.workflow_timeouts),
+            ("dedup_cache", self.dedup_cache),
+            ("queue_depth", self.queue_depth),
+        ):
+            try:
+                await self._locked(name, sweep)
+            except Exception as exc:
+                log_event("sweep.failed", level="error", sweep=name, error=f"{type(exc).__name__}: {exc}")
+
+    async def _locked(self, name: str, sweep: Callable[[AsyncConnection], Awaitable[None]]) -> None:
+        self._after_commit = []
+        async with self.db.transaction() as conn:
+            if self.db.is_postgresql:
+                query = sa.text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(key=advisory_key(name))
+                if not (await conn.execute(query)).scalar_one():
+                    return  # another orchestrator runs this sweep now
+            await sweep(conn)
+        actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            await action()
+
+    def _later(self, action: Callable[[], Awaitable[object]]) -> None:
+        self._after_commit.append(action)
+
+    # -- the sweeps -------------------------------------------------------------------------------
+
+    async def ack_deadlines(self, conn: AsyncConnection) -> None:
+        """Dispatches not acknowledged in time: requeued (or failed after the last attempt), then their
+        agents are closed with 4031 — after the requeue, so the disconnect does not hold the job."""
+        now = utcnow()
+        expired = await queue_store.find_expired_acks(conn, now=now)
+        if not expired:
+            return
+        requeued, failed = await queue_store.requeue_expired_acks(
+            conn, now=now, max_attempts=self.settings.dispatch_max_attempts, limits=self.dispatcher.limits
+        )
+        self.metrics.jobs_swept.labels("ack_timeout").inc(len(requeued))
+        self.metrics.jobs_swept.labels("ack_failed").inc(len(failed))
+        self.dispatcher.forget(requeued + failed)
+        log_event("sweep.ack_timeouts", level="warning", requeued=requeued, failed=failed,
+                  agents=sorted({agent for _, agent in expired}))
+        for agent_id in sorted({agent for _, agent in expired}):
+            agent = self.dispatcher.registry.get(agent_id)
+            if agent is not None:
+                self._later(partial(agent.close, CloseCode.DISPATCH_ACK_TIMEOUT, "dispatch not acknowledged in time"))
+
+    async def stale_jobs(self, conn: AsyncConnection) -> None:
+        threshold = self.settings.heartbeat_stale_after_ms
+        found = await run_store.find_stale_jobs(conn, now=utcnow(), stale_after_ms=threshold)
+        marked: list[str] = []
+        for job_id in found:
+            job = await run_store.get_job(conn, job_id)
+            agent = f" from agent {job.agent_id}" if job is not None and job.agent_id else ""
+            reason = f"no heartbeat{agent} for {threshold / 1000:g} s: the agent is presumed lost"
+            if await run_store.mark_job_stale(conn, job_id, reason, limits=self.dispatcher.limits):
+                marked.append(job_id)
+                if job is not None and job.agent_id:
+                    # an agent that is alive but silent must not keep running a job the run gave up on
+                    self._later(partial(self.dispatcher.send_cancel, job.agent_id, job.run_id, job_id,
+                                        reason="stale", force=True))
+        if marked:
+            self.metrics.jobs_swept.labels("stale").inc(len(marked))
+            self.dispatcher.forget(marked)
+            log_event("sweep.stale_jobs", level="warning", jobs=marked, threshold_ms=threshold)
+
+    async def queue_expiry(self, conn: AsyncConnection) -> None:
+        expired = await queue_store.expire_queue(conn, now=utcnow(), limits=self.dispatcher.limits)
+        if expired:
+            self.metrics.jobs_swept.labels("queue_timeout").inc(len(expired))
+            log_event("sweep.queue_expired", level="warning", jobs=expired)
+
+    async def recovery_windows(self, conn: AsyncConnection) -> None:
+        failed = await queue_store.fail_unrecovered(conn, now=utcnow(), limits=self.dispatcher.limits)
+        if failed:
+            self.metrics.jobs_swept.labels("recovery_timeout").inc(len(failed))
+            self.dispatcher.forget(failed)
+            log_event("sweep.recovery_timeouts", level="warning", jobs=failed)
+
+    async def workflow_timeouts(self, conn: AsyncConnection) -> None:
+        for run_id in await run_store.find_overdue_runs(conn, now=utcnow()):
+            run = await run_store.get_run(conn, run_id)
+            limit = f" of {run.timeout_ms / 1000:g} s" if run is not None and run.timeout_ms else ""
+            try:
+                result = await run_store.cancel_run(
+                    conn, run_id, by=WORKFLOW_TIMEOUT, force=False, reason=f"workflow timeout{limit} exceeded"
+                )
+            except (run_store.RunNotFound, run_store.RunFinished):
+                continue
+            log_event("sweep.workflow_timeout", level="warning", run_id=run_id, status=result.status)
+            self._later(partial(self.dispatcher.cancel_jobs, run_id, result.running, reason=WORKFLOW_TIMEOUT,
+                                force=False))
+
+    async def dedup_cache(self, conn: AsyncConnection) -> None:
+        await event_store.purge_expired_dedup(conn)
+
+    async def queue_depth(self, conn: AsyncConnection) -> None:
+        self.metrics.queue_depth.set(await run_store.queue_depth(conn))
