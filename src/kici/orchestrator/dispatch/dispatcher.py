@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from kici.engine import protocol as p
-from kici.engine.states import JobEvent, JobState
+from kici.engine.states import JobEvent, JobState, RunStatus
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind, utcnow
@@ -164,10 +164,14 @@ class Dispatcher:
         if slots is not None and slots.jobs:
             # a job cancelled while its agent was away is told again now
             async with self.db.read() as conn:
+                doomed: list[tuple[str, str, str]] = []
                 for job_id in sorted(slots.jobs):
                     job = await run_store.get_job(conn, job_id)
-                    if job is not None and job.status == JobState.CANCELLING.value:
-                        await self.send_cancel(agent.agent_id, job.run_id, job_id, reason="cancelled", force=False)
+                    run = await run_store.get_run(conn, job.run_id) if job is not None else None
+                    if job is not None and run is not None and run.status == RunStatus.CANCELLING.value:
+                        doomed.append((job.run_id, job_id, run.cancelled_by or "cancelled"))
+            for run_id, job_id, reason in doomed:
+                await self.send_cancel(agent.agent_id, run_id, job_id, reason=reason, force=False)
         self.wake()
 
     async def status(self, agent: AgentConnection) -> None:
@@ -185,6 +189,12 @@ class Dispatcher:
     def _slots_of(self, agent: AgentConnection) -> _Slots | None:
         slots = self._slots.get(agent.agent_id)
         return slots if slots is not None and slots.connection_id == agent.connection_id else None
+
+    def retire(self, agent_id: str) -> None:
+        """Dispatch nothing more to this agent's current connection (it is about to be closed)."""
+        slots = self._slots.get(agent_id)
+        if slots is not None:
+            slots.draining = True
 
     def forget(self, job_ids: Iterable[str]) -> None:
         """Jobs that ended without their agent's report (stale, recovery timeout): free their slots."""

@@ -100,6 +100,8 @@ class Sweeper:
         expired = await queue_store.find_expired_acks(conn, now=now)
         if not expired:
             return
+        for agent_id in {agent for _, agent in expired}:
+            self.dispatcher.retire(agent_id)  # about to be closed: give it nothing more meanwhile
         requeued, failed = await queue_store.requeue_expired_acks(
             conn, now=now, max_attempts=self.settings.dispatch_max_attempts, limits=self.dispatcher.limits
         )
