@@ -26,3 +26,10 @@ def test_matching_bench_runs() -> None:
 def test_local_run_bench_runs() -> None:
     result = run_bench(str(BENCH / "local_run.py"), "--runs", "1")
     assert result["run_local_trivial"]["runs"] == 1 and result["compile_50_workflows"]["median_s"] > 0
+
+
+def test_dispatch_bench_runs() -> None:
+    result = run_bench(str(BENCH / "dispatch.py"), "--quick", "--db", "sqlite")
+    sqlite = result["sqlite"]
+    assert sqlite["latency"]["dispatched"] == sqlite["latency"]["webhooks"] > 0
+    assert sqlite["throughput"]["completed_jobs_per_s"] > 0

@@ -27,6 +27,7 @@ import datetime as dt
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 
@@ -35,8 +36,9 @@ from kici.engine.states import JobEvent, JobState, RunStatus
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind, utcnow
+from kici.orchestrator.dispatch.batching import WriteBatcher
 from kici.orchestrator.dispatch.metrics import DispatchMetrics
-from kici.orchestrator.dispatch.payload import DispatchError, build_dispatch, load_context
+from kici.orchestrator.dispatch.payload import DispatchError, RunCache, build_dispatch, load_context
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import CloneAccess, ProviderError
@@ -49,6 +51,9 @@ from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult
 from kici.orchestrator.store.sources import Source, get_source, load_source_secrets
 
 SOURCE_CACHE_S = 10.0
+DRAIN_WINDOW = 50
+ACK_WRITE_DELAY_S = 1.0
+"""Minimum pending rows read per drain pass (more when more slots are free)."""
 
 
 @dataclass
@@ -85,6 +90,11 @@ class Dispatcher:
         self._sources: dict[str, tuple[float, Source, dict[str, str]]] = {}
         self._http: httpx.AsyncClient | None = None
         self._rotation = 0
+        self._runs = RunCache()
+        self._acks: dict[str, asyncio.TimerHandle] = {}
+        """Acks not written yet: the `running` that follows at once makes the write unnecessary."""
+        self._background: set[asyncio.Task[None]] = set()
+        self.writes = WriteBatcher(self.db)
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
         registry.listener = self
         ingest.on_runs_created = self.runs_created
@@ -92,11 +102,20 @@ class Dispatcher:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, readiness: Readiness) -> None:
+        self.writes.start()
         self._task = asyncio.create_task(self._loop(readiness), name="kici-dispatcher")
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        # Unwritten acks can be dropped: the next start releases this process's agents' jobs to
+        # `recovering` (`recover_after_restart`), which clears their ack deadlines anyway.
+        for handle in self._acks.values():
+            handle.cancel()
+        self._acks.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.writes.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -216,35 +235,50 @@ class Dispatcher:
         return agent.max_concurrency - len(slots.jobs)
 
     async def drain(self) -> int:
-        """One pass: fill every free slot of every connected agent. The number of jobs dispatched."""
+        """One pass: match the oldest pending jobs to connected agents with free slots and claim them. The
+        number of jobs dispatched. Costs one read plus one claim per job handed out, however many agents
+        are connected."""
         agents = [a for a in self.registry.connected_agents() if self._free(a) > 0]
         if not agents:
             return 0
+        free = sum(self._free(a) for a in agents)
+        window = max(4 * free, DRAIN_WINDOW)
         async with self.db.read() as conn:
-            if await run_store.queue_depth(conn) == 0:
-                return 0
+            rows = await queue_store.pending_rows(conn, limit=window)
+        if not rows:
+            return 0
         # start with a different agent each pass, so equal agents share the work
         self._rotation = (self._rotation + 1) % len(agents)
         agents = agents[self._rotation:] + agents[: self._rotation]
+        slots = {a.agent_id: AgentSlot(a.agent_id, list(a.labels)) for a in agents}
+        planned: dict[str, int] = {}
+        picks: list[tuple[AgentConnection, queue_store.PendingRow]] = []
+        for row in rows:
+            open_agents = [a for a in agents if self._free(a) - planned.get(a.agent_id, 0) > 0]
+            if not open_agents:
+                break
+            agent = next((a for a in open_agents if row.routes_to(slots[a.agent_id])), None)
+            if agent is None:
+                continue  # nobody connected here may run it: it waits
+            picks.append((agent, row))
+            planned[agent.agent_id] = planned.get(agent.agent_id, 0) + 1
+            agents.append(agents.pop(agents.index(agent)))  # next job: another agent first
+        timeout = self.settings.dispatch_ack_timeout_ms
+        # submitted together, the claims share one transaction (the conditional updates keep them exact)
+        claims = await asyncio.gather(*(
+            self.writes.submit(partial(queue_store.claim_row_in, row=row, agent=slots[agent.agent_id],
+                                       ack_timeout_ms=timeout))
+            for agent, row in picks
+        ), return_exceptions=True)
         sent = 0
-        exhausted = False
-        while agents and not exhausted:
-            exhausted = True
-            for agent in list(agents):
-                if self._free(agent) <= 0:
-                    agents.remove(agent)
-                    continue
-                claim = await queue_store.claim_next(
-                    self.db,
-                    AgentSlot(agent.agent_id, list(agent.labels)),
-                    ack_timeout_ms=self.settings.dispatch_ack_timeout_ms,
-                )
-                if claim is None:
-                    agents.remove(agent)  # nothing this agent may run
-                    continue
-                exhausted = False
-                if await self._hand_out(agent, claim):
-                    sent += 1
+        for (agent, _row), claim in zip(picks, claims, strict=True):
+            if isinstance(claim, BaseException):
+                log_event("dispatch.claim_failed", level="error", error=f"{type(claim).__name__}: {claim}")
+                continue
+            if claim is not None and await self._hand_out(agent, claim):
+                sent += 1
+        if len(rows) == window and sent:
+            self.wake()  # a long queue: come back for the rest
         return sent
 
     async def _hand_out(self, agent: AgentConnection, claim: Claim) -> bool:
@@ -255,7 +289,7 @@ class Dispatcher:
         slots.jobs.add(claim.job_id)
         try:
             async with self.db.read() as conn:
-                context = await load_context(conn, claim)
+                context = await load_context(conn, claim, self._runs)
             access = await self._clone_access(context.run)
             message = build_dispatch(
                 context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes
@@ -341,21 +375,47 @@ class Dispatcher:
         if isinstance(message, p.LogChunk):
             await self._log_chunk(agent, message)
         elif isinstance(message, p.StepStatusUpdate):
-            async with self.db.transaction() as conn:
-                await run_store.record_step(
-                    conn, message.job_id, message.step_index, message.step_name, message.state,
-                    duration_ms=message.duration_ms, error=message.error, agent_id=agent.agent_id,
-                )
+            await self.writes.submit(partial(
+                run_store.record_step, job_id=message.job_id, step_index=message.step_index,
+                name=message.step_name, state=message.state, duration_ms=message.duration_ms, error=message.error,
+                agent_id=agent.agent_id,
+            ))
         elif isinstance(message, p.JobStatusUpdate):
             await self._job_status(agent, message)
         elif isinstance(message, p.JobHeartbeat):
-            async with self.db.transaction() as conn:
-                await run_store.touch_heartbeat(conn, message.job_id, agent.agent_id, utcnow())
+            await self.writes.submit(partial(
+                run_store.touch_heartbeat, job_id=message.job_id, agent_id=agent.agent_id, now=utcnow()
+            ))
         elif isinstance(message, p.JobAck):
-            async with self.db.transaction() as conn:
-                await queue_store.ack(conn, message.job_id, agent.agent_id)
+            self._defer_ack(message.job_id, agent.agent_id)
         elif isinstance(message, p.JobReject):
             await self._reject(agent, message)
+
+    def _defer_ack(self, job_id: str, agent_id: str) -> None:
+        """Write the ack a moment later unless the job's `running` (which clears the ack deadline too)
+        arrives first, as it does from a healthy agent; the delay is well inside the ack timeout, so the
+        deadline sweep — on any orchestrator — sees the ack in time."""
+        delay = min(ACK_WRITE_DELAY_S, self.settings.dispatch_ack_timeout_ms / 4000)
+        self._settle_ack(job_id)
+        self._acks[job_id] = asyncio.get_running_loop().call_later(delay, self._write_ack, job_id, agent_id)
+
+    def _settle_ack(self, job_id: str) -> None:
+        handle = self._acks.pop(job_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _write_ack(self, job_id: str, agent_id: str) -> None:
+        self._acks.pop(job_id, None)
+
+        async def write() -> None:
+            try:
+                await self.writes.submit(partial(queue_store.ack, job_id=job_id, agent_id=agent_id))
+            except Exception as exc:
+                log_event("job.ack_write_failed", level="error", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+
+        task = asyncio.create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _log_chunk(self, agent: AgentConnection, chunk: p.LogChunk) -> None:
         slots = self._slots_of(agent)
@@ -371,11 +431,12 @@ class Dispatcher:
             self.metrics.log_lines.inc(len(chunk.lines))
 
     async def _job_status(self, agent: AgentConnection, update: p.JobStatusUpdate) -> None:
-        async with self.db.transaction() as conn:
-            settled = await run_store.record_job_state(
-                conn, update.job_id, state=update.state, agent_id=agent.agent_id, error=update.error,
-                failure_category=update.failure_category, outputs=update.outputs, limits=self.limits,
-            )
+        self._settle_ack(update.job_id)
+        settled = await self.writes.submit(partial(
+            run_store.record_job_state, job_id=update.job_id, state=update.state, agent_id=agent.agent_id,
+            error=update.error, failure_category=update.failure_category, outputs=update.outputs,
+            limits=self.limits,
+        ))
         if settled is None:
             log_event("job.status_ignored", level="debug", agent_id=agent.agent_id, job_id=update.job_id,
                       state=update.state)
@@ -395,6 +456,7 @@ class Dispatcher:
             self.metrics.runs_finished.labels(settled.run_status).inc()
 
     async def _reject(self, agent: AgentConnection, reject: p.JobReject) -> None:
+        self._settle_ack(reject.job_id)
         async with self.db.transaction() as conn:
             requeued = await queue_store.reject(
                 conn, reject.job_id, agent.agent_id, max_attempts=self.settings.dispatch_max_attempts,

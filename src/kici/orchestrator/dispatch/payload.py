@@ -4,6 +4,7 @@ its upstream jobs' outputs, and where (and with which token) the agent clones th
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,18 +58,40 @@ def upstream_outputs(workflow: Workflow, job: JobRecord, run_jobs: list[JobRecor
     return out
 
 
-async def load_context(conn: AsyncConnection, claim: Claim) -> DispatchContext:
-    run = await run_store.get_run(conn, claim.run_id)
-    if run is None:
-        raise DispatchError(f"run {claim.run_id} no longer exists")
-    if not run.workflow_spec:
-        raise DispatchError("the run has no workflow definition to dispatch (created by an older orchestrator)")
-    workflow = Workflow.model_validate(run.workflow_spec)
-    run_jobs = await run_store.list_jobs(conn, run.id)
-    job = next((j for j in run_jobs if j.id == claim.job_id), None)
+class RunCache:
+    """Recently dispatched runs and their parsed workflow. A run's repository, commit, event and workflow
+    never change, so jobs of the same run need not read and parse them again."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._size = size
+        self._runs: OrderedDict[str, tuple[RunRecord, Workflow]] = OrderedDict()
+
+    async def get(self, conn: AsyncConnection, run_id: str) -> tuple[RunRecord, Workflow]:
+        found = self._runs.get(run_id)
+        if found is not None:
+            self._runs.move_to_end(run_id)
+            return found
+        run = await run_store.get_run(conn, run_id)
+        if run is None:
+            raise DispatchError(f"run {run_id} no longer exists")
+        if not run.workflow_spec:
+            raise DispatchError("the run has no workflow definition to dispatch (created by an older orchestrator)")
+        entry = (run, Workflow.model_validate(run.workflow_spec))
+        self._runs[run_id] = entry
+        while len(self._runs) > self._size:
+            self._runs.popitem(last=False)
+        return entry
+
+
+async def load_context(conn: AsyncConnection, claim: Claim, runs: RunCache) -> DispatchContext:
+    run, workflow = await runs.get(conn, claim.run_id)
+    job = await run_store.get_job(conn, claim.job_id)
     if job is None:
         raise DispatchError(f"job {claim.job_id} no longer exists")
-    return DispatchContext(run, job, workflow, upstream_outputs(workflow, job, run_jobs))
+    lock_job = workflow.job(job.job)
+    needs_outputs = lock_job is not None and bool(lock_job.needs)
+    outputs = upstream_outputs(workflow, job, await run_store.list_jobs(conn, run.id)) if needs_outputs else {}
+    return DispatchContext(run, job, workflow, outputs)
 
 
 def build_dispatch(

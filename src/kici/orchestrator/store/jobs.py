@@ -56,3 +56,31 @@ async def set_job_status(
         conditions.append(jobs.c.agent_id == owned_by)
     result = await conn.execute(jobs.update().where(*conditions).values(status=target.value, **extra))
     return result.rowcount == 1
+
+
+async def set_jobs_status(
+    conn: AsyncConnection,
+    job_ids: list[str],
+    target: JobState | str,
+    event: JobEvent | str,
+    *,
+    values: Mapping[str, Any] | None = None,
+) -> int:
+    """`set_job_status` for several jobs in one UPDATE (same guard, same values); how many moved."""
+    if not job_ids:
+        return 0
+    target = JobState(target)
+    sources = guard_sources(target, event)
+    if not sources:
+        raise ValueError(f"job event {JobEvent(event).value} never leads to {target.value}")
+    extra = dict(values or {})
+    if _STATUS_COLUMNS & extra.keys():
+        raise ValueError(f"values may not set {sorted(_STATUS_COLUMNS & extra.keys())}")
+    if is_terminal(target):
+        extra.setdefault("finished_at", utcnow())
+    result = await conn.execute(
+        jobs.update()
+        .where(jobs.c.id.in_(job_ids), jobs.c.status.in_(sorted(s.value for s in sources)))
+        .values(status=target.value, **extra)
+    )
+    return int(result.rowcount or 0)

@@ -183,6 +183,80 @@ async def _take(
     return Claim(queue_id=str(row.id), job_id=str(row.job_id), run_id=str(row.run_id), attempt=attempt)
 
 
+@dataclass(frozen=True)
+class PendingRow:
+    """A pending, unexpired queue row with its job's routing, as the dispatcher matches it to agents."""
+
+    queue_id: str
+    job_id: str
+    run_id: str
+    runs_on: list[LabelMatcher]
+    exclude_labels: list[LabelMatcher]
+
+    def routes_to(self, agent: AgentSlot) -> bool:
+        return job_matches_agent(self.runs_on, self.exclude_labels, agent.labels, agent.taints)
+
+
+async def pending_rows(conn: AsyncConnection, *, limit: int) -> list[PendingRow]:
+    """Up to `limit` pending, unexpired rows, oldest first (a plain read: claiming is `claim_row`)."""
+    now = utcnow()
+    dq = dispatch_queue
+    query = (
+        sa.select(dq.c.id, dq.c.job_id, dq.c.run_id, jobs.c.runs_on, jobs.c.exclude_labels)
+        .join(jobs, jobs.c.id == dq.c.job_id)
+        .where(dq.c.status == QueueStatus.PENDING.value, sa.or_(dq.c.expires_at.is_(None), dq.c.expires_at >= now))
+        .order_by(dq.c.created_at, dq.c.id)
+        .limit(max(1, limit))
+    )
+    return [
+        PendingRow(str(r.id), str(r.job_id), str(r.run_id), _matchers(r.runs_on), _matchers(r.exclude_labels))
+        for r in await conn.execute(query)
+    ]
+
+
+async def claim_row(db: Database, row: PendingRow, agent: AgentSlot, *, ack_timeout_ms: int) -> Claim | None:
+    """Claim one row the caller already matched to `agent`; None when another claimer (or a cancel, or
+    the expiry sweep) got to it first. The conditional update makes a double claim impossible."""
+    async with db.transaction() as conn:
+        return await claim_row_in(conn, row, agent, ack_timeout_ms=ack_timeout_ms)
+
+
+async def claim_row_in(
+    conn: AsyncConnection, row: PendingRow, agent: AgentSlot, *, ack_timeout_ms: int
+) -> Claim | None:
+    """`claim_row` inside the caller's transaction."""
+    now = utcnow()
+    dq = dispatch_queue
+    updated = await conn.execute(
+        dq.update()
+        .where(dq.c.id == row.queue_id, dq.c.status == QueueStatus.PENDING.value)
+        .values(
+            status=QueueStatus.DISPATCHED.value,
+            agent_id=agent.agent_id,
+            dispatch_attempts=dq.c.dispatch_attempts + 1,
+            ack_deadline=now + dt.timedelta(milliseconds=ack_timeout_ms),
+            dispatched_at=now,
+        )
+        .returning(dq.c.dispatch_attempts)
+    )
+    attempt = updated.scalar_one_or_none()
+    if attempt is None:
+        return None
+    job = await conn.execute(
+        jobs.update()
+        .where(jobs.c.id == row.job_id, jobs.c.status == JobState.QUEUED.value)
+        .values(agent_id=agent.agent_id)
+    )
+    if job.rowcount != 1:  # the job left `queued` without its row (should not happen): retire the row
+        await conn.execute(
+            dq.update().where(dq.c.id == row.queue_id).values(
+                status=QueueStatus.EXPIRED.value, agent_id=None, ack_deadline=None
+            )
+        )
+        return None
+    return Claim(queue_id=row.queue_id, job_id=row.job_id, run_id=row.run_id, attempt=int(attempt))
+
+
 # -- acks --------------------------------------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ from kici.orchestrator.db.schema import (
     steps,
     utcnow,
 )
-from kici.orchestrator.store.jobs import set_job_status
+from kici.orchestrator.store.jobs import set_job_status, set_jobs_status
 
 QUEUE_FULL_ERROR = "queue full"
 RECOVERY_TIMEOUT_ERROR = "recovery timeout exceeded"
@@ -253,17 +253,24 @@ async def lock_run(conn: AsyncConnection, run_id: str) -> str | None:
 async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
     """Take the locks a change to one job needs, in the module's order — its run, then its queue row —
     and return the run id (None for an unknown job)."""
-    run_id = await run_id_of_job(conn, job_id)
-    if run_id is None:
+    locked = await _lock_job_run(conn, job_id)
+    return locked[0] if locked is not None else None
+
+
+async def _lock_job_run(conn: AsyncConnection, job_id: str) -> tuple[str, str] | None:
+    """`lock_job`, also returning the run's status: (run id, run status)."""
+    row = (
+        await conn.execute(
+            sa.select(runs.c.id, runs.c.status)
+            .join(jobs, jobs.c.run_id == runs.c.id)
+            .where(jobs.c.id == job_id)
+            .with_for_update(of=runs)
+        )
+    ).first()
+    if row is None:
         return None
-    await lock_run(conn, run_id)
     await conn.execute(sa.select(dispatch_queue.c.id).where(dispatch_queue.c.job_id == job_id).with_for_update())
-    return run_id
-
-
-async def run_id_of_job(conn: AsyncConnection, job_id: str) -> str | None:
-    found = (await conn.execute(sa.select(jobs.c.run_id).where(jobs.c.id == job_id))).scalar_one_or_none()
-    return None if found is None else str(found)
+    return str(row.id), str(row.status)
 
 
 async def close_queue_row(conn: AsyncConnection, job_id: str, job_status: str) -> None:
@@ -272,19 +279,20 @@ async def close_queue_row(conn: AsyncConnection, job_id: str, job_status: str) -
     A row still `pending` (never handed out) becomes `expired`; a handed-out row `completed`, or `failed`
     when the job failed or went stale."""
     failed = job_status in (JobState.FAILED.value, JobState.TIMED_OUT_STALE.value, JobState.DRIFT_DROPPED.value)
-    await conn.execute(
-        dispatch_queue.update()
-        .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == QueueStatus.PENDING.value)
-        .values(status=QueueStatus.EXPIRED.value, ack_deadline=None)
-    )
+    handed_out = (QueueStatus.FAILED if failed else QueueStatus.COMPLETED).value
     await conn.execute(
         dispatch_queue.update()
         .where(
             dispatch_queue.c.job_id == job_id,
-            dispatch_queue.c.status.in_([QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]),
+            dispatch_queue.c.status.in_(
+                [QueueStatus.PENDING.value, QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]
+            ),
         )
         .values(
-            status=(QueueStatus.FAILED if failed else QueueStatus.COMPLETED).value,
+            status=sa.case(
+                (dispatch_queue.c.status == QueueStatus.PENDING.value, QueueStatus.EXPIRED.value),
+                else_=handed_out,
+            ),
             ack_deadline=None,
             recovery_deadline=None,
         )
@@ -301,16 +309,17 @@ async def queue_depth(conn: AsyncConnection) -> int:
 
 @dataclass
 class _Enqueuer:
-    """Enqueues ready jobs, counting the queue's depth once per settle."""
+    """Enqueues ready jobs for one settle: `enqueue` decides (counting the queue's depth once), `flush`
+    writes every decision with one job UPDATE and one multi-row queue INSERT."""
 
     limits: QueueLimits
     now: dt.datetime
     depth: int | None = None
-    count: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
     async def enqueue(self, conn: AsyncConnection, row: Any) -> bool:
-        """`pending → queued` plus a `pending` queue row; or `pending → failed` ("queue full"). True when
-        queued."""
+        """`pending → queued` plus a `pending` queue row (written by `flush`); or `pending → failed`
+        ("queue full") at once. True when queued."""
         if self.depth is None:
             self.depth = await queue_depth(conn)
         if self.depth >= self.limits.max_depth:
@@ -322,30 +331,36 @@ class _Enqueuer:
                 values={"error": QUEUE_FULL_ERROR, "failure_category": "queue_full", "finished_at": self.now},
             )
             return False
-        moved = await set_job_status(
-            conn, row.id, JobState.QUEUED, JobEvent.ENQUEUE, values={"queued_at": self.now, "needs_satisfied": True}
-        )
-        if not moved:
-            return False
         timeout = self.limits.timeout_ms
-        await conn.execute(
-            dispatch_queue.insert().values(
-                id=new_id(),
-                job_id=row.id,
-                run_id=row.run_id,
-                org_id=row.org_id,
-                status=QueueStatus.PENDING.value,
-                runs_on_labels=_exact_values(row.runs_on or []),
-                exclude_labels=_exact_values(row.exclude_labels or []),
-                dispatch_attempts=0,
-                expires_at=self.now + dt.timedelta(milliseconds=timeout) if timeout > 0 else None,
+        self.rows.append(
+            {
+                "id": new_id(),
+                "job_id": row.id,
+                "run_id": row.run_id,
+                "org_id": row.org_id,
+                "status": QueueStatus.PENDING.value,
+                "runs_on_labels": _exact_values(row.runs_on or []),
+                "exclude_labels": _exact_values(row.exclude_labels or []),
+                "dispatch_attempts": 0,
+                "expires_at": self.now + dt.timedelta(milliseconds=timeout) if timeout > 0 else None,
                 # a microsecond apart: rows enqueued together are claimed in plan order
-                created_at=self.now + dt.timedelta(microseconds=self.count),
-            )
+                "created_at": self.now + dt.timedelta(microseconds=len(self.rows)),
+            }
         )
-        self.count += 1
         self.depth += 1
         return True
+
+    async def flush(self, conn: AsyncConnection) -> None:
+        if not self.rows:
+            return
+        moved = await set_jobs_status(
+            conn, [r["job_id"] for r in self.rows], JobState.QUEUED, JobEvent.ENQUEUE,
+            values={"queued_at": self.now, "needs_satisfied": True},
+        )
+        if moved != len(self.rows):  # every job was read `pending` under the run lock: all of them move
+            raise RuntimeError(f"enqueue moved {moved} of {len(self.rows)} jobs")
+        await conn.execute(dispatch_queue.insert(), self.rows)
+        self.rows = []
 
 
 # -- creation ----------------------------------------------------------------------------------------
@@ -547,9 +562,10 @@ async def record_job_state(
     """
     if state not in _REPORT_EVENTS:
         raise ValueError(f"unknown job state report {state!r}")
-    run_id = await lock_job(conn, job_id)
-    if run_id is None:
+    locked = await _lock_job_run(conn, job_id)
+    if locked is None:
         return None
+    run_id, run_status = locked
     now = utcnow()
     values: dict[str, Any] = {}
     if state == "running":
@@ -580,9 +596,18 @@ async def record_job_state(
             )
             .values(status=QueueStatus.DISPATCHED.value, ack_deadline=None, recovery_deadline=None)
         )
-    else:
-        await close_queue_row(conn, job_id, target.value)
-    return await settle_run(conn, run_id, limits=limits, now=now)
+        # A job starting makes no other job ready and finishes nothing: all a full settle would do is move
+        # a pending run to running, so do just that (the run row is already locked by `lock_job`).
+        started = await conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.PENDING.value)
+            .values(status=RunStatus.RUNNING.value, started_at=sa.func.coalesce(runs.c.started_at, now))
+            .returning(runs.c.status)
+        )
+        status = started.scalar_one_or_none()
+        return SettleResult([], [], status if status is not None else run_status)
+    await close_queue_row(conn, job_id, target.value)
+    return await settle_run(conn, run_id, limits=limits, now=now, locked_status=run_status)
 
 
 async def finish_job(
@@ -617,6 +642,7 @@ async def settle_run(
     *,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
     now: dt.datetime | None = None,
+    locked_status: str | None = None,
 ) -> SettleResult:
     """Run the needs scheduler for the run until nothing changes, then aggregate its status.
 
@@ -627,7 +653,8 @@ async def settle_run(
     the first started job moves a pending run to `running`.
     """
     now = now or utcnow()
-    run_status = await lock_run(conn, run_id)
+    # `locked_status`: the caller locked the run in this transaction already and read its status
+    run_status = locked_status if locked_status is not None else await lock_run(conn, run_id)
     if run_status is None:
         return SettleResult([], [], None)
     if is_run_terminal(run_status):
@@ -695,6 +722,7 @@ async def settle_run(
             changed = True
         if not changed:
             break
+    await enqueuer.flush(conn)
 
     final_status = run_status
     finished = False
