@@ -95,6 +95,10 @@ def cli(ctx: click.Context, url: str, token: str | None, token_file: str | None,
     ctx.call_on_close(config.close)
 
 
+def _path_part(value: str) -> str:
+    return quote(value, safe="")
+
+
 def _client() -> AdminClient:
     config: Config = click.get_current_context().find_object(Config)  # type: ignore[assignment]
     return config.client()
@@ -350,16 +354,146 @@ def runs_cancel(run_id: str, force: bool, as_json: bool) -> None:
                    f"{len(result['running_jobs'])} running job(s) told to stop.")
 
 
+# -- queue, agents, events ------------------------------------------------------------------------
+
+
+def duration(seconds: float | None) -> str | None:
+    """`45s`, `3m12s`, `2h05m`, `3d04h`: two units are enough to read an age at a glance."""
+    if seconds is None:
+        return None
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+@cli.group()
+def queue() -> None:
+    """The dispatch queue: jobs waiting for an agent or handed to one."""
+
+
+@queue.command("list")
+@click.option("--status", type=click.Choice(("pending", "dispatched", "recovering")), help="Only this status.")
+@click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True, help="At most this many rows.")
+@json_option
+def queue_list(status: str | None, limit: int, as_json: bool) -> None:
+    """List the active queue (pending, dispatched, recovering), oldest first."""
+    found = _client().get("/queue", status=status, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**r, "age": duration(r.get("age_seconds")), "dispatched": duration(r.get("dispatched_seconds"))}
+            for r in found]
+    print_table(
+        rows,
+        [("job_name", "job"), ("workflow", "workflow"), ("repo", "repo"), ("status", "status"), ("agent", "agent"),
+         ("attempts", "attempts"), ("age", "age"), ("dispatched", "dispatched"), ("run_id", "run")],
+        empty="The queue is empty.",
+    )
+
+
+@cli.group()
+def agents() -> None:
+    """Agents: list, show."""
+
+
+def _agent_rows(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**a, "busy": f"{a.get('running_jobs', 0)}/{a.get('max_concurrency', '?')}"} for a in found]
+
+
+@agents.command("list")
+@click.option("--connected", is_flag=True, help="Only agents connected now.")
+@json_option
+def agents_list(connected: bool, as_json: bool) -> None:
+    """List agents: labels, connection, and jobs running out of their capacity."""
+    found = _client().get("/agents", connected=str(connected).lower())
+    if as_json:
+        print_json(found)
+        return
+    print_table(
+        _agent_rows(found),
+        [("id", "id"), ("hostname", "hostname"), ("labels", "labels"), ("connected", "connected"),
+         ("busy", "jobs"), ("version", "version"), ("last_seen_at", "last seen")],
+        empty="No connected agents." if connected else "No agents.",
+    )
+
+
+@agents.command("show")
+@click.argument("agent_id", metavar="ID")
+@json_option
+def agents_show(agent_id: str, as_json: bool) -> None:
+    """Show one agent."""
+    agent = _client().get(f"/agents/{_path_part(agent_id)}")
+    if as_json:
+        print_json(agent)
+        return
+    print_fields(
+        _agent_rows([agent])[0],
+        [("id", "Agent"), ("hostname", "Hostname"), ("version", "Version"), ("labels", "Labels"),
+         ("connected", "Connected"), ("busy", "Jobs"), ("last_seen_at", "Last seen"),
+         ("registered_at", "Registered")],
+    )
+
+
+EVENT_STATUSES = ("received", "processed", "duplicate", "lockfile_missing", "lockfile_corrupt", "filtered", "failed")
+
+
+@cli.group()
+def events() -> None:
+    """The webhook event log: every delivery received and what became of it."""
+
+
+@events.command("list")
+@click.option("--status", type=click.Choice(EVENT_STATUSES), help="Only deliveries with this outcome.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True, help="At most this many.")
+@json_option
+def events_list(status: str | None, limit: int, as_json: bool) -> None:
+    """List deliveries, newest first."""
+    found = _client().get("/events", status=status, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**e, "sha": _short_sha(e.get("sha"))} for e in found]
+    print_table(
+        rows,
+        [("delivery_id", "delivery"), ("provider", "provider"), ("event", "event"), ("repo", "repo"),
+         ("ref", "ref"), ("sha", "sha"), ("status", "status"), ("matched_count", "matched"),
+         ("created_at", "received")],
+        empty="No events.",
+    )
+
+
+@events.command("show")
+@click.argument("delivery_id", metavar="DELIVERY_ID")
+@json_option
+def events_show(delivery_id: str, as_json: bool) -> None:
+    """Show one delivery and the runs it started."""
+    event = _client().get(f"/events/{_path_part(delivery_id)}")
+    if as_json:
+        print_json(event)
+        return
+    print_fields(
+        event,
+        [("delivery_id", "Delivery"), ("provider", "Provider"), ("event", "Event"), ("action", "Action"),
+         ("repo", "Repository"), ("ref", "Ref"), ("sha", "Commit"), ("status", "Status"), ("reason", "Reason"),
+         ("matched_count", "Matched"), ("source_id", "Source"), ("created_at", "Received"),
+         ("processed_at", "Processed"), ("run_ids", "Runs")],
+    )
+
+
 # -- sources ----------------------------------------------------------------------------------------
 
 SOURCE_COLUMNS = [("name", "name"), ("kind", "kind"), ("enabled", "enabled"), ("id", "id"),
                   ("webhook_path", "webhook"), ("created_at", "created")]
 GENERIC_AUTH = ("hmac_sha256", "bearer_token", "ip_allowlist", "none")
 GENERIC_SECRET_FIELD = {"hmac_sha256": "hmac_secret", "bearer_token": "bearer_token"}
-
-
-def _path_part(value: str) -> str:
-    return quote(value, safe="")
 
 
 def _csv(_: click.Context, __: click.Parameter, value: str | None) -> list[str] | None:
