@@ -9,20 +9,24 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
 from click.core import ParameterSource
 
 from kici.admin.client import DEFAULT_TIMEOUT_S, AdminClient, AdminCLIError, check_base_url
-from kici.admin.output import print_fields, print_json, print_table
+from kici.admin.follow import RunLogs, Watcher, print_logs
+from kici.admin.follow import follow as follow_logs
+from kici.admin.output import duration, print_fields, print_json, print_table
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 ROLES = ("owner", "admin", "auditor")
+
+T = TypeVar("T")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -273,7 +277,7 @@ def db_migrate(status_only: bool, as_json: bool) -> None:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list, show, jobs, cancel."""
+    """Runs: list, show, jobs, logs, watch, cancel, rerun."""
 
 
 def _short_sha(value: Any) -> str | None:
@@ -354,24 +358,56 @@ def runs_cancel(run_id: str, force: bool, as_json: bool) -> None:
                    f"{len(result['running_jobs'])} running job(s) told to stop.")
 
 
+def _until_interrupted(action: Callable[[], T]) -> T:
+    """Run a long-polling `action`; Ctrl-C ends the command quietly with exit code 130 (128 + SIGINT), the
+    shell's convention for a command stopped by the user, without click's "Aborted!"."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        click.echo("", err=True)  # ends the terminal's "^C" line
+        raise click.exceptions.Exit(130) from None
+
+
+@runs.command("logs")
+@click.argument("run_id", metavar="ID")
+@click.option("--job", metavar="NAME_OR_ID", help="Only this job (default: every job, in plan order).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run has finished.")
+def runs_logs(run_id: str, job: str | None, follow: bool) -> None:
+    """Print a run's job logs; with several jobs, each line starts with its job's name."""
+    logs = RunLogs(_client(), run_id, job=job)
+    if follow:
+        _until_interrupted(lambda: follow_logs(logs))
+    else:
+        _until_interrupted(lambda: print_logs(logs))
+
+
+@runs.command("watch")
+@click.argument("run_id", metavar="ID")
+def runs_watch(run_id: str) -> None:
+    """Watch a run live: job status changes and log lines as they come, then a summary line.
+
+    Exits 0 when the run succeeded, 1 when it failed, was cancelled or timed out.
+    """
+    run = _until_interrupted(lambda: Watcher(RunLogs(_client(), run_id)).watch())
+    if run.get("status") != "success":
+        raise click.exceptions.Exit(1)
+
+
+@runs.command("rerun")
+@click.argument("run_id", metavar="ID")
+@json_option
+def runs_rerun(run_id: str, as_json: bool) -> None:
+    """Start a new run of the same workflow, commit and event."""
+    result = _client().post(f"/runs/{_path_part(run_id)}/rerun")
+    if as_json:
+        print_json(result)
+        return
+    new = result["run"]
+    click.echo(f"Started run {new['id']} ({new.get('workflow')}, {new.get('status')}), a re-run of {run_id}.")
+    click.echo(f"Watch it: kici-admin runs watch {new['id']}")
+
+
 # -- queue, agents, events ------------------------------------------------------------------------
-
-
-def duration(seconds: float | None) -> str | None:
-    """`45s`, `3m12s`, `2h05m`, `3d04h`: two units are enough to read an age at a glance."""
-    if seconds is None:
-        return None
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 @cli.group()
