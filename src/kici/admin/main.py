@@ -373,7 +373,9 @@ def _until_interrupted(action: Callable[[], T]) -> T:
 @click.option("--job", metavar="NAME_OR_ID", help="Only this job (default: every job, in plan order).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run has finished.")
 def runs_logs(run_id: str, job: str | None, follow: bool) -> None:
-    """Print a run's job logs; with several jobs, each line starts with its job's name."""
+    """Print a run's job logs.
+
+    Every job's, in plan order, each line starting with its job's name; or only the one --job names."""
     logs = RunLogs(_client(), run_id, job=job)
     if follow:
         _until_interrupted(lambda: follow_logs(logs))
@@ -384,9 +386,10 @@ def runs_logs(run_id: str, job: str | None, follow: bool) -> None:
 @runs.command("watch")
 @click.argument("run_id", metavar="ID")
 def runs_watch(run_id: str) -> None:
-    """Watch a run live: job status changes and log lines as they come, then a summary line.
+    """Watch a run live until it finishes.
 
-    Exits 0 when the run succeeded, 1 when it failed, was cancelled or timed out.
+    Shows job status changes and log lines as they come, then a summary line. Exits 0 when the run
+    succeeded, 1 when it failed, was cancelled or timed out.
     """
     run = _until_interrupted(lambda: Watcher(RunLogs(_client(), run_id)).watch())
     if run.get("status") != "success":
@@ -412,7 +415,9 @@ def runs_rerun(run_id: str, as_json: bool) -> None:
 
 @cli.group()
 def queue() -> None:
-    """The dispatch queue: jobs waiting for an agent or handed to one."""
+    """The dispatch queue: list.
+
+    Jobs waiting for an agent, handed to one, or held for an agent that disconnected."""
 
 
 @queue.command("list")
@@ -483,7 +488,9 @@ EVENT_STATUSES = ("received", "processed", "duplicate", "lockfile_missing", "loc
 
 @cli.group()
 def events() -> None:
-    """The webhook event log: every delivery received and what became of it."""
+    """The webhook event log: list, show.
+
+    Every webhook delivery received, and what became of it."""
 
 
 @events.command("list")
