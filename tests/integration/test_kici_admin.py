@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
+from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.db.schema import EventLogStatus
+from kici.orchestrator.store import agents, events, tokens
 from tests.integration.orchestrator.conftest import OrchestratorProcess, insert_job, insert_run, orchestrator_env
 from tests.integration.orchestrator.test_providers_git import GIT_ENV, GitRepo, compile_into
 
@@ -228,6 +231,83 @@ def test_console_script_is_installed() -> None:
         pytest.skip("kici-admin console script not installed in this environment (pip install -e .)")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Manage a KiCI orchestrator" in result.stdout
+
+
+# -- queue, agents, events --------------------------------------------------------------------------
+
+
+def _seed_lists(database_url: str) -> dict[str, str]:
+    """A queued job, a busy agent, an idle disconnected one, and a processed delivery with its run."""
+
+    async def seed() -> dict[str, str]:
+        database = Database.connect(database_url)
+        try:
+            async with database.transaction() as conn:
+                token = await tokens.create_agent_token(conn, name="cli-pool", labels=["linux"])
+                for agent_id in ("cli-agent-busy", "cli-agent-idle"):
+                    await agents.register_agent(conn, agent_id=agent_id, org_id="default",
+                                                agent_token_id=token.token.id, labels=["linux", "docker"],
+                                                max_concurrency=2, version="9.9", hostname=f"{agent_id}.lan")
+                await agents.mark_agent_disconnected(conn, "cli-agent-idle")
+                assert await events.begin_delivery(conn, delivery_id="cli-delivery-1", provider="git",
+                                                   ttl_seconds=60, event="push", repo="acme/lists",
+                                                   ref="refs/heads/main", sha="c" * 40)
+                await events.finish_event_log(conn, "cli-delivery-1", EventLogStatus.PROCESSED, matched_count=1)
+                run_id = await insert_run(conn, workflow="lists", repo="acme/lists", delivery_id="cli-delivery-1")
+                await insert_job(conn, run_id, "busy", status="running", agent_id="cli-agent-busy")
+                waiting = await insert_job(conn, run_id, "waiting", status="queued")
+                await conn.execute(schema.dispatch_queue.insert().values(job_id=waiting, run_id=run_id,
+                                                                         runs_on_labels=["gpu"]))
+            return {"run": run_id, "waiting": waiting}
+        finally:
+            await database.close()
+
+    return asyncio.run(seed())
+
+
+def test_queue_agents_events(orchestrator: Orchestrator) -> None:
+    url = orchestrator.url
+    seeded = _seed_lists(orchestrator.database_url)
+
+    queued = json.loads(ok(kici_admin("queue", "list", "--json", url=url)))
+    mine = next(r for r in queued if r["job_id"] == seeded["waiting"])
+    assert (mine["job_name"], mine["workflow"], mine["repo"], mine["status"], mine["attempts"]) == (
+        "waiting", "lists", "acme/lists", "pending", 0)
+    rows = table(ok(kici_admin("queue", "list", "--status", "pending", url=url)))
+    assert rows[0] == ["JOB", "WORKFLOW", "REPO", "STATUS", "AGENT", "ATTEMPTS", "AGE", "DISPATCHED", "RUN"]
+    row = next(r for r in rows if r[-1] == seeded["run"])
+    assert row[:6] == ["waiting", "lists", "acme/lists", "pending", "-", "0"] and row[6].endswith("s")
+    assert "The queue is empty." in ok(kici_admin("queue", "list", "--status", "recovering", url=url))
+
+    listed = json.loads(ok(kici_admin("agents", "list", "--json", url=url)))
+    by_id = {a["id"]: a for a in listed}
+    assert (by_id["cli-agent-busy"]["running_jobs"], by_id["cli-agent-busy"]["connected"]) == (1, True)
+    assert (by_id["cli-agent-idle"]["running_jobs"], by_id["cli-agent-idle"]["connected"]) == (0, False)
+    rows = table(ok(kici_admin("agents", "list", "--connected", url=url)))
+    assert rows[0] == ["ID", "HOSTNAME", "LABELS", "CONNECTED", "JOBS", "VERSION", "LAST", "SEEN"]
+    assert [r[:6] for r in rows[1:] if r[0].startswith("cli-")] == [
+        ["cli-agent-busy", "cli-agent-busy.lan", "linux,docker", "yes", "1/2", "9.9"]]
+    shown = ok(kici_admin("agents", "show", "cli-agent-idle", url=url))
+    assert "Agent:      cli-agent-idle" in shown and "Connected:  no" in shown and "Jobs:       0/2" in shown
+    assert json.loads(ok(kici_admin("agents", "show", "cli-agent-busy", "--json", url=url)))["running_jobs"] == 1
+    missing = kici_admin("agents", "show", "no-such-agent", url=url)
+    assert one_line_error(missing, 1) == "kici-admin: error: no agent with id 'no-such-agent' (HTTP 404)"
+
+    delivered = json.loads(ok(kici_admin("events", "list", "--status", "processed", "--json", url=url)))
+    assert "cli-delivery-1" in [e["delivery_id"] for e in delivered]
+    rows = table(ok(kici_admin("events", "list", "--limit", "500", url=url)))
+    assert rows[0][:8] == ["DELIVERY", "PROVIDER", "EVENT", "REPO", "REF", "SHA", "STATUS", "MATCHED"]
+    assert next(r for r in rows if r[0] == "cli-delivery-1")[1:8] == [
+        "git", "push", "acme/lists", "refs/heads/main", "c" * 12, "processed", "1"]
+    assert "No events." in ok(kici_admin("events", "list", "--status", "lockfile_corrupt", url=url))
+    shown = ok(kici_admin("events", "show", "cli-delivery-1", url=url))
+    assert "Delivery:   cli-delivery-1" in shown and f"Runs:       {seeded['run']}" in shown
+    detail = json.loads(ok(kici_admin("events", "show", "cli-delivery-1", "--json", url=url)))
+    assert detail["run_ids"] == [seeded["run"]] and detail["status"] == "processed"
+    gone = kici_admin("events", "show", "nope", url=url)
+    assert one_line_error(gone, 1) == "kici-admin: error: no delivery with id 'nope' (HTTP 404)"
+    bad = kici_admin("events", "list", "--status", "done", url=url)
+    assert "Invalid value for '--status'" in one_line_error(bad, 2)
 
 
 # -- sources ----------------------------------------------------------------------------------------

@@ -9,20 +9,24 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
 from click.core import ParameterSource
 
 from kici.admin.client import DEFAULT_TIMEOUT_S, AdminClient, AdminCLIError, check_base_url
-from kici.admin.output import print_fields, print_json, print_table
+from kici.admin.follow import RunLogs, Watcher, print_logs
+from kici.admin.follow import follow as follow_logs
+from kici.admin.output import duration, print_fields, print_json, print_table
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 ROLES = ("owner", "admin", "auditor")
+
+T = TypeVar("T")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -93,6 +97,10 @@ def cli(ctx: click.Context, url: str, token: str | None, token_file: str | None,
     config = Config(url=url, token=token, token_file=token_file, timeout=timeout)
     ctx.obj = config
     ctx.call_on_close(config.close)
+
+
+def _path_part(value: str) -> str:
+    return quote(value, safe="")
 
 
 def _client() -> AdminClient:
@@ -269,7 +277,7 @@ def db_migrate(status_only: bool, as_json: bool) -> None:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list, show, jobs, cancel."""
+    """Runs: list, show, jobs, logs, watch, cancel, rerun."""
 
 
 def _short_sha(value: Any) -> str | None:
@@ -350,16 +358,185 @@ def runs_cancel(run_id: str, force: bool, as_json: bool) -> None:
                    f"{len(result['running_jobs'])} running job(s) told to stop.")
 
 
+def _until_interrupted(action: Callable[[], T]) -> T:
+    """Run a long-polling `action`; Ctrl-C ends the command quietly with exit code 130 (128 + SIGINT), the
+    shell's convention for a command stopped by the user, without click's "Aborted!"."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        click.echo("", err=True)  # ends the terminal's "^C" line
+        raise click.exceptions.Exit(130) from None
+
+
+@runs.command("logs")
+@click.argument("run_id", metavar="ID")
+@click.option("--job", metavar="NAME_OR_ID", help="Only this job (default: every job, in plan order).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run has finished.")
+def runs_logs(run_id: str, job: str | None, follow: bool) -> None:
+    """Print a run's job logs.
+
+    Every job's, in plan order, each line starting with its job's name; or only the one --job names."""
+    logs = RunLogs(_client(), run_id, job=job)
+    if follow:
+        _until_interrupted(lambda: follow_logs(logs))
+    else:
+        _until_interrupted(lambda: print_logs(logs))
+
+
+@runs.command("watch")
+@click.argument("run_id", metavar="ID")
+def runs_watch(run_id: str) -> None:
+    """Watch a run live until it finishes.
+
+    Shows job status changes and log lines as they come, then a summary line. Exits 0 when the run
+    succeeded, 1 when it failed, was cancelled or timed out.
+    """
+    run = _until_interrupted(lambda: Watcher(RunLogs(_client(), run_id)).watch())
+    if run.get("status") != "success":
+        raise click.exceptions.Exit(1)
+
+
+@runs.command("rerun")
+@click.argument("run_id", metavar="ID")
+@json_option
+def runs_rerun(run_id: str, as_json: bool) -> None:
+    """Start a new run of the same workflow, commit and event."""
+    result = _client().post(f"/runs/{_path_part(run_id)}/rerun")
+    if as_json:
+        print_json(result)
+        return
+    new = result["run"]
+    click.echo(f"Started run {new['id']} ({new.get('workflow')}, {new.get('status')}), a re-run of {run_id}.")
+    click.echo(f"Watch it: kici-admin runs watch {new['id']}")
+
+
+# -- queue, agents, events ------------------------------------------------------------------------
+
+
+@cli.group()
+def queue() -> None:
+    """The dispatch queue: list.
+
+    Jobs waiting for an agent, handed to one, or held for an agent that disconnected."""
+
+
+@queue.command("list")
+@click.option("--status", type=click.Choice(("pending", "dispatched", "recovering")), help="Only this status.")
+@click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True, help="At most this many rows.")
+@json_option
+def queue_list(status: str | None, limit: int, as_json: bool) -> None:
+    """List the active queue (pending, dispatched, recovering), oldest first."""
+    found = _client().get("/queue", status=status, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**r, "age": duration(r.get("age_seconds")), "dispatched": duration(r.get("dispatched_seconds"))}
+            for r in found]
+    print_table(
+        rows,
+        [("job_name", "job"), ("workflow", "workflow"), ("repo", "repo"), ("status", "status"), ("agent", "agent"),
+         ("attempts", "attempts"), ("age", "age"), ("dispatched", "dispatched"), ("run_id", "run")],
+        empty="The queue is empty.",
+    )
+
+
+@cli.group()
+def agents() -> None:
+    """Agents: list, show."""
+
+
+def _agent_rows(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**a, "busy": f"{a.get('running_jobs', 0)}/{a.get('max_concurrency', '?')}"} for a in found]
+
+
+@agents.command("list")
+@click.option("--connected", is_flag=True, help="Only agents connected now.")
+@json_option
+def agents_list(connected: bool, as_json: bool) -> None:
+    """List agents: labels, connection, and jobs running out of their capacity."""
+    found = _client().get("/agents", connected=str(connected).lower())
+    if as_json:
+        print_json(found)
+        return
+    print_table(
+        _agent_rows(found),
+        [("id", "id"), ("hostname", "hostname"), ("labels", "labels"), ("connected", "connected"),
+         ("busy", "jobs"), ("version", "version"), ("last_seen_at", "last seen")],
+        empty="No connected agents." if connected else "No agents.",
+    )
+
+
+@agents.command("show")
+@click.argument("agent_id", metavar="ID")
+@json_option
+def agents_show(agent_id: str, as_json: bool) -> None:
+    """Show one agent."""
+    agent = _client().get(f"/agents/{_path_part(agent_id)}")
+    if as_json:
+        print_json(agent)
+        return
+    print_fields(
+        _agent_rows([agent])[0],
+        [("id", "Agent"), ("hostname", "Hostname"), ("version", "Version"), ("labels", "Labels"),
+         ("connected", "Connected"), ("busy", "Jobs"), ("last_seen_at", "Last seen"),
+         ("registered_at", "Registered")],
+    )
+
+
+EVENT_STATUSES = ("received", "processed", "duplicate", "lockfile_missing", "lockfile_corrupt", "filtered", "failed")
+
+
+@cli.group()
+def events() -> None:
+    """The webhook event log: list, show.
+
+    Every webhook delivery received, and what became of it."""
+
+
+@events.command("list")
+@click.option("--status", type=click.Choice(EVENT_STATUSES), help="Only deliveries with this outcome.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True, help="At most this many.")
+@json_option
+def events_list(status: str | None, limit: int, as_json: bool) -> None:
+    """List deliveries, newest first."""
+    found = _client().get("/events", status=status, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**e, "sha": _short_sha(e.get("sha"))} for e in found]
+    print_table(
+        rows,
+        [("delivery_id", "delivery"), ("provider", "provider"), ("event", "event"), ("repo", "repo"),
+         ("ref", "ref"), ("sha", "sha"), ("status", "status"), ("matched_count", "matched"),
+         ("created_at", "received")],
+        empty="No events.",
+    )
+
+
+@events.command("show")
+@click.argument("delivery_id", metavar="DELIVERY_ID")
+@json_option
+def events_show(delivery_id: str, as_json: bool) -> None:
+    """Show one delivery and the runs it started."""
+    event = _client().get(f"/events/{_path_part(delivery_id)}")
+    if as_json:
+        print_json(event)
+        return
+    print_fields(
+        event,
+        [("delivery_id", "Delivery"), ("provider", "Provider"), ("event", "Event"), ("action", "Action"),
+         ("repo", "Repository"), ("ref", "Ref"), ("sha", "Commit"), ("status", "Status"), ("reason", "Reason"),
+         ("matched_count", "Matched"), ("source_id", "Source"), ("created_at", "Received"),
+         ("processed_at", "Processed"), ("run_ids", "Runs")],
+    )
+
+
 # -- sources ----------------------------------------------------------------------------------------
 
 SOURCE_COLUMNS = [("name", "name"), ("kind", "kind"), ("enabled", "enabled"), ("id", "id"),
                   ("webhook_path", "webhook"), ("created_at", "created")]
 GENERIC_AUTH = ("hmac_sha256", "bearer_token", "ip_allowlist", "none")
 GENERIC_SECRET_FIELD = {"hmac_sha256": "hmac_secret", "bearer_token": "bearer_token"}
-
-
-def _path_part(value: str) -> str:
-    return quote(value, safe="")
 
 
 def _csv(_: click.Context, __: click.Parameter, value: str | None) -> list[str] | None:

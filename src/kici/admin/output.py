@@ -43,3 +43,20 @@ def print_fields(obj: Mapping[str, Any], keys: Sequence[tuple[str, str]]) -> Non
     width = max(len(label) for _, label in keys)
     for key, label in keys:
         click.echo(f"{label + ':':<{width + 1}} {cell(obj.get(key))}")
+
+
+def duration(seconds: float | None) -> str | None:
+    """`45s`, `3m12s`, `2h05m`, `3d04h`: two units are enough to read an age at a glance."""
+    if seconds is None:
+        return None
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

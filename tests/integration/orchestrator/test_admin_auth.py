@@ -22,6 +22,8 @@ from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, new_id
 from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store.agents import register_agent
+from kici.orchestrator.store.events import begin_delivery
 from kici.orchestrator.store.sources import create_source
 
 from .conftest import WORKFLOW_SPEC, insert_job, insert_run
@@ -73,8 +75,14 @@ async def _targets(admin: Admin) -> dict[str, str]:
         await insert_job(conn, run, "build")
         source = await create_source(conn, key=SECRET_KEY, name=f"src-{new_id()}", kind="git",
                                      config={"url": "/srv/git/app.git"}, secrets={"webhook_secret": "s"})
+        agent_id = f"agent-{new_id()}"
+        await register_agent(conn, agent_id=agent_id, org_id="default", agent_token_id=agent.token.id,
+                             labels=["linux"], max_concurrency=1, version="1.0", hostname="h")
+        delivery = f"delivery-{new_id()}"
+        await begin_delivery(conn, delivery_id=delivery, provider="git", ttl_seconds=60)
     return {"auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
-            "run": run, "source": source.name, "new_name": f"new-{new_id()}"}
+            "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
+            "delivery": delivery}
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,11 @@ ROUTES = [
     Route("POST", "/sources/{id_or_name}/disable", (Permission.SOURCES_WRITE,), 200,
           path="/sources/{source}/disable"),
     Route("DELETE", "/sources/{id_or_name}", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}"),
+    Route("GET", "/queue", (Permission.QUEUE_READ,), 200),
+    Route("GET", "/agents", (Permission.AGENTS_READ,), 200),
+    Route("GET", "/agents/{agent_id}", (Permission.AGENTS_READ,), 200, path="/agents/{agent}"),
+    Route("GET", "/events", (Permission.EVENTS_READ,), 200),
+    Route("GET", "/events/{delivery_id}", (Permission.EVENTS_READ,), 200, path="/events/{delivery}"),
     Route("GET", "/sources/{id_or_name}/hook", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}/hook",
           label="(reveals the secret)"),
 ]

@@ -7,7 +7,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from kici.orchestrator.auth import AdminRoute, error_response
-from kici.orchestrator.routes import admin_runs, admin_sources, admin_system, admin_tokens
+from kici.orchestrator.routes import (
+    admin_agents,
+    admin_events,
+    admin_queue,
+    admin_runs,
+    admin_sources,
+    admin_system,
+    admin_tokens,
+)
 
 ADMIN_PREFIX = "/api/v1/admin"
 
@@ -16,6 +24,9 @@ router.include_router(admin_system.router)
 router.include_router(admin_tokens.router)
 router.include_router(admin_runs.router)
 router.include_router(admin_sources.router)
+router.include_router(admin_queue.router)
+router.include_router(admin_agents.router)
+router.include_router(admin_events.router)
 
 
 @router.api_route(

@@ -16,7 +16,11 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kici.orchestrator.db.schema import agents, utcnow
+from kici.engine.states import JobState
+from kici.orchestrator.db.schema import agents, jobs, utcnow
+
+BUSY_JOB_STATES = (JobState.RUNNING.value, JobState.RECOVERING.value, JobState.CANCELLING.value)
+"""Job states in which a job occupies its agent: started and not yet reported finished."""
 
 
 class AgentRecord(BaseModel):
@@ -43,12 +47,32 @@ async def get_agent(conn: AsyncConnection, agent_id: str) -> AgentRecord | None:
     return _record(row) if row is not None else None
 
 
-async def list_agents(conn: AsyncConnection, *, connected_only: bool = False) -> list[AgentRecord]:
+async def list_agents(
+    conn: AsyncConnection, *, connected_only: bool = False, org_id: str | None = None
+) -> list[AgentRecord]:
+    """Agents ordered by id; only `org_id`'s when given."""
     query = sa.select(agents)
+    if org_id is not None:
+        query = query.where(agents.c.org_id == org_id)
     if connected_only:
         query = query.where(agents.c.connected.is_(True))
     rows = await conn.execute(query.order_by(agents.c.id))
     return [_record(row) for row in rows]
+
+
+async def running_job_counts(conn: AsyncConnection, agent_ids: Sequence[str] | None = None) -> dict[str, int]:
+    """Per agent id, how many jobs assigned to it are running, recovering or cancelling (`BUSY_JOB_STATES`);
+    agents with none are absent. Only `agent_ids` when given (an empty sequence gives an empty dict)."""
+    if agent_ids is not None and not agent_ids:
+        return {}
+    query = (
+        sa.select(jobs.c.agent_id, sa.func.count().label("n"))
+        .where(jobs.c.agent_id.is_not(None), jobs.c.status.in_(BUSY_JOB_STATES))
+        .group_by(jobs.c.agent_id)
+    )
+    if agent_ids is not None:
+        query = query.where(jobs.c.agent_id.in_(list(agent_ids)))
+    return {str(row.agent_id): int(row.n) for row in await conn.execute(query)}
 
 
 async def register_agent(

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kici.orchestrator.db.schema import DEFAULT_ORG_ID, EventLogStatus, dedup_cache, event_log, new_id, utcnow
+from kici.orchestrator.db.schema import DEFAULT_ORG_ID, EventLogStatus, dedup_cache, event_log, new_id, runs, utcnow
 
 __all__ = [
     "EventLogEntry",
@@ -29,6 +29,7 @@ __all__ = [
     "list_event_log",
     "mark_delivery",
     "purge_expired_dedup",
+    "run_ids_of_delivery",
 ]
 
 
@@ -183,3 +184,13 @@ async def list_event_log(
         query = query.where(event_log.c.status == EventLogStatus(status).value)
     rows = await conn.execute(query.order_by(event_log.c.created_at.desc(), event_log.c.id).limit(limit))
     return [EventLogEntry.model_validate(dict(row._mapping)) for row in rows]
+
+
+async def run_ids_of_delivery(conn: AsyncConnection, delivery_id: str, *, org_id: str = DEFAULT_ORG_ID) -> list[str]:
+    """Ids of the runs recorded with this delivery id (the runs it started), oldest first."""
+    rows = await conn.execute(
+        sa.select(runs.c.id)
+        .where(runs.c.org_id == org_id, runs.c.delivery_id == delivery_id)
+        .order_by(runs.c.created_at, runs.c.id)
+    )
+    return [str(row.id) for row in rows]

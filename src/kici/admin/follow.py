@@ -1,0 +1,233 @@
+"""Reading a run's job logs through the admin API, once or following them live (`runs logs`, `runs watch`).
+
+The logs route pages by cursor: `GET runs/{run}/jobs/{job}/logs?after=N&limit=M` answers the lines after
+`N`, the cursor to ask from next time (`next`), and `complete` once the job is terminal and nothing is
+left to read. Following is polling: every `POLL_INTERVAL_S` the run, its jobs and each incomplete job's
+new lines are fetched, until the run has finished and every job's log is complete — so nothing written
+in the run's last moments is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from kici.admin.client import AdminClient, AdminCLIError
+from kici.admin.output import duration
+
+POLL_INTERVAL_S = 0.5
+PAGE_SIZE = 1000
+ACTIVE_RUN_STATUSES = frozenset({"pending", "running", "cancelling", "held"})
+"""Run statuses that can still change; any other status (success, failed, cancelled, or one this client
+does not know yet) means the run has finished."""
+
+
+def run_finished(run: dict[str, Any]) -> bool:
+    return str(run.get("status")) not in ACTIVE_RUN_STATUSES
+
+
+def _part(value: str) -> str:
+    return quote(value, safe="")
+
+
+@dataclass
+class JobLog:
+    """Where reading one job's log stands."""
+
+    id: str
+    name: str
+    status: str
+    agent: str | None = None
+    after: int = 0
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class LogLine:
+    job: JobLog
+    n: int
+    step: int
+    line: str
+
+
+class RunLogs:
+    """A run's jobs (all of them in plan order, or the one `--job` names) and their log cursors."""
+
+    def __init__(self, client: AdminClient, run_id: str, *, job: str | None = None,
+                 page_size: int = PAGE_SIZE) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.wanted = job
+        self.page_size = page_size
+        self.jobs: list[JobLog] = []
+
+    def run(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.client.get(f"/runs/{_part(self.run_id)}")
+        return found
+
+    def refresh_jobs(self) -> list[JobLog]:
+        """Re-read the run's jobs: statuses change, and a job may be added while the run goes on."""
+        listed: list[dict[str, Any]] = self.client.get(f"/runs/{_part(self.run_id)}/jobs")
+        if self.wanted is not None:
+            chosen = [j for j in listed if self.wanted in (j.get("id"), j.get("name"))]
+            if not chosen:
+                names = ", ".join(str(j.get("name")) for j in listed) or "none"
+                raise AdminCLIError(f"run {self.run_id} has no job {self.wanted!r} (its jobs: {names})")
+            listed = chosen
+        known = {j.id: j for j in self.jobs}
+        jobs = []
+        for item in listed:
+            job = known.get(str(item["id"])) or JobLog(id=str(item["id"]), name=str(item["name"]), status="")
+            job.status = str(item.get("status"))
+            job.agent = item.get("agent")
+            jobs.append(job)
+        self.jobs = jobs
+        return jobs
+
+    def read(self, job: JobLog) -> Iterator[LogLine]:
+        """The job's lines after its cursor, page after page, until none are left for now."""
+        while not job.complete:
+            page: dict[str, Any] = self.client.get(
+                f"/runs/{_part(self.run_id)}/jobs/{_part(job.id)}/logs", after=job.after, limit=self.page_size
+            )
+            lines = page.get("lines") or []
+            for item in lines:
+                yield LogLine(job, int(item.get("n", 0)), int(item.get("step", 0)), str(item.get("line", "")))
+            cursor = int(page.get("next", job.after))
+            moved = cursor != job.after
+            job.after = cursor
+            job.complete = bool(page.get("complete"))
+            if not lines or not moved:
+                return
+
+    def all_complete(self) -> bool:
+        return all(j.complete for j in self.jobs)
+
+
+class LinePrinter:
+    """Prints log lines; prefixed by the job's name (padded to the longest) when several jobs are shown."""
+
+    def __init__(self, logs: RunLogs) -> None:
+        self.logs = logs
+
+    def prefix(self, job: JobLog) -> str:
+        if len(self.logs.jobs) < 2:
+            return ""
+        width = max(len(j.name) for j in self.logs.jobs)
+        return f"{job.name:<{width}} | "
+
+    def __call__(self, line: LogLine) -> None:
+        click.echo(self.prefix(line.job) + line.line)
+
+
+def print_logs(logs: RunLogs) -> None:
+    """Everything logged so far, job after job in plan order."""
+    logs.run()  # a clear "no run" 404 before anything else
+    printer = LinePrinter(logs)
+    for job in logs.refresh_jobs():
+        for line in logs.read(job):
+            printer(line)
+
+
+RoundHook = Callable[[dict[str, Any]], None]
+
+
+def follow(logs: RunLogs, *, before: RoundHook | None = None, after: RoundHook | None = None,
+           printer: Callable[[LogLine], None] | None = None, interval: float | None = None) -> dict[str, Any]:
+    """Print new lines as they arrive until the run has finished and every job's log is complete; return
+    the finished run. `before` and `after` see each round's run (with `logs.jobs` fresh) around its lines.
+    `interval` defaults to `POLL_INTERVAL_S` as it is at call time."""
+    show = printer or LinePrinter(logs)
+    pause = POLL_INTERVAL_S if interval is None else interval
+    while True:
+        # the run is read first: if it had finished before the lines were read, no line can come after them
+        run = logs.run()
+        logs.refresh_jobs()
+        if before is not None:
+            before(run)
+        for job in logs.jobs:
+            for line in logs.read(job):
+                show(line)
+        if after is not None:
+            after(run)
+        if run_finished(run) and logs.all_complete():
+            return run
+        time.sleep(pause)
+
+
+# -- watch -------------------------------------------------------------------------------------------
+
+ACTIVE_JOB_STATUSES = frozenset({"pending", "queued", "running", "recovering", "cancelling", "held", "waiting"})
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _elapsed(run: dict[str, Any]) -> str | None:
+    start = _parse_time(run.get("started_at")) or _parse_time(run.get("created_at"))
+    end = _parse_time(run.get("finished_at"))
+    if start is None or end is None:
+        return None
+    return duration((end - start).total_seconds())
+
+
+class Watcher:
+    """`runs watch`: the run's and its jobs' status changes, and log lines as they arrive, then one summary
+    line. A job's move to a final status is shown after the lines read in the same round, so it comes after
+    the job's last lines; every other change is shown before them."""
+
+    def __init__(self, logs: RunLogs) -> None:
+        self.logs = logs
+        self.lines = LinePrinter(logs)
+        self.seen: dict[str, str] = {}
+        self.run_status: str | None = None
+
+    def _changes(self, *, final: bool) -> None:
+        width = max((len(j.name) for j in self.logs.jobs), default=0)
+        for job in self.logs.jobs:
+            if self.seen.get(job.id) == job.status or (job.status not in ACTIVE_JOB_STATUSES) != final:
+                continue
+            self.seen[job.id] = job.status
+            on = f" on {job.agent}" if job.agent and job.status in ("running", "recovering") else ""
+            click.echo(f"== {job.name:<{width}} {job.status}{on}")
+
+    def before(self, run: dict[str, Any]) -> None:
+        status = str(run.get("status"))
+        if self.run_status is None:
+            ref = f" {run['ref']}" if run.get("ref") else ""
+            click.echo(f"Run {run.get('id', self.logs.run_id)} ({run.get('workflow')} on {run.get('repo')}{ref}): "
+                       f"{status}")
+        elif status != self.run_status and not run_finished(run):
+            click.echo(f"== run {status}")  # the final status is the summary's
+        self.run_status = status
+        self._changes(final=False)
+
+    def after(self, _run: dict[str, Any]) -> None:
+        self._changes(final=True)
+
+    def summary(self, run: dict[str, Any]) -> str:
+        counts: dict[str, int] = {}
+        for job in self.logs.jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        jobs = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
+        took = _elapsed(run)
+        reason = f"; {run['failure_reason']}" if run.get("failure_reason") else ""
+        return (f"Run {run.get('id', self.logs.run_id)} {run.get('status')}{' in ' + took if took else ''} "
+                f"(jobs: {jobs}){reason}")
+
+    def watch(self, interval: float | None = None) -> dict[str, Any]:
+        run = follow(self.logs, before=self.before, after=self.after, printer=self.lines, interval=interval)
+        click.echo(self.summary(run))
+        return run
