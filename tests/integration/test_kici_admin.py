@@ -453,3 +453,18 @@ def test_git_hook_as_post_receive(orchestrator: Orchestrator, tmp_path: Path) ->
     work.git("push", "-q", str(server), "main")  # check=True: the push itself succeeds
     assert time.monotonic() - started < 15
     ok(kici_admin("source", "remove", "pushed", url=url))
+
+
+def test_audit_list_shows_denials(orchestrator: Orchestrator) -> None:
+    auditor = json.loads(ok(kici_admin("token", "create", "--name", "audit-reader", "--role", "auditor", "--json",
+                                       url=orchestrator.url)))
+    denied = kici_admin("token", "create", "--name", "x", "--role", "admin", url=orchestrator.url,
+                        token=auditor["token"])
+    assert denied.returncode != 0
+    kici_admin("whoami", url=orchestrator.url, token="kici_" + "9" * 64)
+    entries = json.loads(ok(kici_admin("audit", "list", "--json", url=orchestrator.url, token=auditor["token"])))
+    [mine] = [e for e in entries if e["token_id"] == auditor["id"]]
+    assert (mine["status"], mine["role"], mine["permission"]) == (403, "auditor", "tokens:write")
+    assert any(e["status"] == 401 and e["reason"] == "unknown_token" for e in entries)
+    listed = ok(kici_admin("audit", "list", url=orchestrator.url))
+    assert "permission_denied" in listed and "tokens:write" in listed

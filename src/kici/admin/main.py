@@ -441,6 +441,29 @@ def queue_list(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.group()
+def audit() -> None:
+    """The audit log: denied admin requests (who, which permission, which path)."""
+
+
+@audit.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many.")
+@json_option
+def audit_list(limit: int, as_json: bool) -> None:
+    """List audit entries, newest first."""
+    found = _client().get("/audit", limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    print_table(
+        found,
+        [("created_at", "when"), ("outcome", "outcome"), ("status", "status"), ("reason", "reason"),
+         ("role", "role"), ("permission", "permission"), ("method", "method"), ("path", "path"),
+         ("client", "client"), ("token_id", "token")],
+        empty="The audit log is empty.",
+    )
+
+
+@cli.group()
 def agents() -> None:
     """Agents: list, show."""
 

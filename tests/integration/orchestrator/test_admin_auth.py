@@ -126,6 +126,7 @@ ROUTES = [
     Route("POST", "/runs/{run_id}/rerun", (Permission.RUNS_RERUN,), 201, path="/runs/{run}/rerun"),
     Route("POST", "/runs/{run_id}/cancel", (Permission.RUNS_CANCEL,), 200, path="/runs/{run}/cancel",
           body={"force": False}),
+    Route("GET", "/audit", (Permission.AUDIT_READ,), 200),
     Route("GET", "/sources", (Permission.SOURCES_READ,), 200),
     Route("POST", "/sources", (Permission.SOURCES_WRITE,), 201,
           body={"kind": "generic", "name": "{new_name}", "config": {"auth": "none"}}),
@@ -242,6 +243,8 @@ async def test_revoked_token_is_refused(admin: Admin, caplog: pytest.LogCaptureF
     async with admin.database.read() as conn:
         [row] = await audit.list_audit(conn, outcome="denied")
     assert (row.status, row.reason, row.token_id) == (401, "revoked_token", me["id"])
+    listed = (await admin.request(AdminRole.AUDITOR, "GET", "/audit")).json()
+    assert [(e["status"], e["reason"], e["token_id"]) for e in listed] == [(401, "revoked_token", me["id"])]
 
 
 async def test_whoami_and_last_used(admin: Admin) -> None:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from kici.orchestrator.auth import AdminRoute, error_response
 from kici.orchestrator.routes import (
     admin_agents,
+    admin_audit,
     admin_events,
     admin_queue,
     admin_runs,
@@ -24,6 +25,7 @@ router.include_router(admin_system.router)
 router.include_router(admin_tokens.router)
 router.include_router(admin_runs.router)
 router.include_router(admin_sources.router)
+router.include_router(admin_audit.router)
 router.include_router(admin_queue.router)
 router.include_router(admin_agents.router)
 router.include_router(admin_events.router)
