@@ -29,6 +29,13 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.webhooks = Counter(
+            "kici_webhooks_received",
+            "Webhook deliveries answered, by provider (github, git, generic) and outcome (accepted, duplicate, "
+            "filtered, rejected_<status>).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
         self.http_duration = Histogram(
             "kici_http_request_duration_seconds",
             "Time to produce the response, by route template.",

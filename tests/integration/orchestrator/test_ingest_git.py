@@ -112,6 +112,12 @@ async def test_push_notification_runs_matching_workflows(env: Env) -> None:
     # addressed by id as well as by name
     by_id = await env.notify("refs/heads/main", env.shas["bare"], env.shas["main2"], source=env.source.id)
     assert by_id.status_code == 202 and len(await env.runs()) == 2
+    bad = await env.notify("refs/heads/main", env.shas["bare"], env.shas["main2"], secret="wrong")
+    assert bad.status_code == 401
+    metrics = (await env.http.get("/metrics")).text
+    assert 'kici_webhooks_received_total{outcome="accepted",provider="git"} 2.0' in metrics
+    assert 'kici_webhooks_received_total{outcome="duplicate",provider="git"} 1.0' in metrics
+    assert 'kici_webhooks_received_total{outcome="rejected_401",provider="git"} 1.0' in metrics
 
 
 async def test_paths_are_read_with_git_diff(env: Env) -> None:

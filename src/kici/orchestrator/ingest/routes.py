@@ -17,10 +17,12 @@ import hashlib
 import json
 import math
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from kici.engine.events import Event
 from kici.engine.github_events import normalize_github
@@ -49,7 +51,35 @@ DEFAULT_GENERIC_SIGNATURE_HEADER = "X-Signature-256"
 DEFAULT_GENERIC_EVENT_HEADER = "X-Event-Type"
 DEFAULT_GENERIC_IDEMPOTENCY_HEADER = "Idempotency-Key"
 
-router = APIRouter()
+class WebhookRoute(APIRoute):
+    """Counts every webhook answered, by provider and outcome, in `kici_webhooks_received_total`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        provider = self.name.removeprefix("webhook_")
+
+        async def counted(request: Request) -> Response:
+            response = await handler(request)
+            state: AppState = request.app.state.kici
+            state.metrics.webhooks.labels(provider, webhook_outcome(response)).inc()
+            return response
+
+        return counted
+
+
+def webhook_outcome(response: Response) -> str:
+    """`accepted`, `duplicate`, `filtered`, or `rejected_<status>` for an error answer."""
+    if response.status_code >= 300:
+        return f"rejected_{response.status_code}"
+    body = bytes(response.body) if isinstance(response.body, bytes | memoryview) else b""
+    if b'"duplicate":true' in body:
+        return "duplicate"
+    if b'"status":"filtered"' in body:
+        return "filtered"
+    return "accepted"
+
+
+router = APIRouter(route_class=WebhookRoute)
 StateDep = Annotated[AppState, Depends(app_state)]
 IngestDep = Annotated[Ingest, Depends(get_ingest)]
 
