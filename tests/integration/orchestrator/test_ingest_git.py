@@ -22,8 +22,10 @@ from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.ingest.poller import GitPoller
+from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.store.events import get_event_log
-from kici.orchestrator.store.sources import Source, create_source, set_source_enabled
+from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source
 from tests.integration.orchestrator.conftest import StartOrchestrator
 from tests.integration.orchestrator.test_providers_git import GitRepo
 
@@ -39,6 +41,7 @@ def signed(body: dict[str, Any], secret: str = SECRET) -> tuple[bytes, dict[str,
 
 @dataclass
 class Env:
+    app: Any
     http: httpx.AsyncClient
     database: Database
     repo: GitRepo
@@ -92,7 +95,7 @@ async def env(database: Database, tmp_path: Path) -> AsyncIterator[Env]:
         )
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=database.url), database, secret_key=key)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orchestrator") as http:
-        yield Env(http, database, repo, source, shas)
+        yield Env(app, http, database, repo, source, shas)
 
 
 async def test_push_notification_runs_matching_workflows(env: Env) -> None:
@@ -212,3 +215,40 @@ async def test_through_a_real_orchestrator_process(start_orchestrator: StartOrch
     finally:
         await database.close()
         await asyncio.to_thread(proc.stop)
+
+
+async def _poll_source(env: Env, seconds: int | None) -> GitPoller:
+    async with env.database.transaction() as conn:
+        await update_source(conn, env.source.id, config={**env.source.config, "poll_seconds": seconds})
+    return GitPoller(env.app.state.kici, ingest_for(env.app))
+
+
+async def test_polling_reports_moved_and_new_branches_once(env: Env) -> None:
+    poller = await _poll_source(env, 30)
+    assert await poller.poll(env.source.id) == []  # the first poll records where the branches are
+    assert await env.runs() == []
+    env.repo.write("src/c.py", "c = 1\n")
+    moved = env.repo.commit("more code")
+    assert await poller.poll(env.source.id) == ["refs/heads/main"]
+    [run] = await env.runs()
+    assert run.workflow == "ci" and run.sha == moved and run.ref == "refs/heads/main"
+    assert await poller.poll(env.source.id) == []  # nothing moved since
+    # the hook reporting the same update is the same delivery: no second run
+    again = await env.notify("refs/heads/main", env.shas["main2"], moved)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    # a new branch is reported with before = zeros; a deleted one is forgotten
+    env.repo.git("branch", "feature", moved)
+    env.repo.git("branch", "-D", "changes")
+    assert await poller.poll(env.source.id) == ["refs/heads/feature"]
+    async with env.database.read() as conn:
+        refs = dict(list(await conn.execute(sa.select(schema.git_refs.c.ref, schema.git_refs.c.sha))))
+    assert refs == {"refs/heads/main": moved, "refs/heads/feature": moved}
+
+
+async def test_poll_ticks_follow_poll_seconds(env: Env) -> None:
+    poller = await _poll_source(env, 5)
+    assert await poller.tick(now=100.0) == [env.source.id]
+    assert await poller.tick(now=103.0) == []  # not due yet
+    assert await poller.tick(now=105.5) == [env.source.id]
+    await _poll_source(env, None)
+    assert await poller.tick(now=200.0) == []  # polling switched off

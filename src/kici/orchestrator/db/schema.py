@@ -339,6 +339,17 @@ agents = sa.Table(
     sa.Index(None, "connected"),
 )
 
+git_refs = sa.Table(
+    "git_refs",
+    metadata,
+    # the branch heads a polled git source had at its last poll: what the next poll compares against
+    sa.Column("source_id", sa.Text, sa.ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("ref", sa.Text, primary_key=True),
+    sa.Column("sha", sa.Text, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+)
+
+
 class AuditOutcome(StrEnum):
     DENIED = "denied"
     ALLOWED = "allowed"

@@ -313,13 +313,32 @@ async def git_webhook(
     except (ValueError, RecursionError):
         return _error(400, "body is not JSON")
     given = (request.headers.get("x-kici-delivery") or "").strip()
-    if isinstance(payload, dict) and not given:
-        # A notification carries no id of its own: the same ref update notified twice is one delivery.
-        digest = hashlib.sha256(
+    return await accept_git_push(state, ingest, org_id, source, secrets, payload, given or None)
+
+
+def git_delivery_id(source: Source, payload: Any, given: str | None = None) -> str:
+    """`git:<source id>:<id>`: the notifier's own id, or — a notification carries none — one derived from
+    ref, before and after, so the same ref update notified twice (or by the hook and by polling) is one
+    delivery."""
+    if not given and isinstance(payload, dict):
+        given = hashlib.sha256(
             f"{payload.get('ref')}\0{payload.get('before')}\0{payload.get('after')}".encode()
         ).hexdigest()[:32]
-        given = digest
-    delivery_id = f"git:{source.id}:{given[:200]}"
+    return f"git:{source.id}:{(given or '')[:200]}"
+
+
+async def accept_git_push(
+    state: AppState,
+    ingest: Ingest,
+    org_id: str,
+    source: Source,
+    secrets: dict[str, str],
+    payload: Any,
+    given_delivery: str | None = None,
+) -> JSONResponse:
+    """Everything after authentication for a `{ref, before, after}` notification (the hook's webhook or
+    the poller): dedup, event log, pipeline. The answer as the webhook gives it."""
+    delivery_id = git_delivery_id(source, payload, given_delivery)
     event, reason = normalize_git_push(payload, source=source, delivery_id=delivery_id)
     fresh = await _begin(
         state,

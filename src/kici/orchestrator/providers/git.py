@@ -160,6 +160,22 @@ class GitProvider:
         _, out, _ = await self._git("diff", "--name-only", "-z", "--no-renames", f"{base}...{head}", "--")
         return sorted({p for p in out.decode("utf-8", errors="surrogateescape").split("\0") if p})
 
+    async def branch_heads(self) -> dict[str, str]:
+        """`refs/heads/<branch>` → commit, as the repository has them now (a mirror is fetched first)."""
+        if self._worktree is not None and not self._worktree.exists():
+            raise ProviderError(f"git source path {self._worktree} does not exist")
+        if self._mirror is not None:
+            async with self._mirror_lock:
+                await self._init_mirror()
+                await self._fetch_all()
+        _, out, _ = await self._git("for-each-ref", "--format=%(refname) %(objectname)", "refs/heads")
+        heads: dict[str, str] = {}
+        for line in out.decode("utf-8", errors="replace").splitlines():
+            ref, _, sha = line.partition(" ")
+            if ref and sha:
+                heads[ref] = sha
+        return heads
+
     async def resolve_ref(self, repo: str, ref: str) -> str | None:
         ref = check_ref(ref)
         if self._mirror is not None:

@@ -1,4 +1,5 @@
-"""Dispatch and audit: the run's workflow spec (what dispatch and rerun need) and the audit log.
+"""Dispatch, polling and audit: the run's workflow spec (what dispatch and rerun need), the branch heads
+of polled git sources, and the audit log.
 
 Frozen definitions, as in 0001: this file must keep creating exactly what it created when it shipped.
 """
@@ -42,9 +43,17 @@ def upgrade() -> None:
         sa.CheckConstraint("outcome IN ('denied', 'allowed')", name="outcome"),
     )
     op.create_index("ix_audit_log_org_id_created_at", "audit_log", ["org_id", "created_at"])
+    op.create_table(
+        "git_refs",
+        sa.Column("source_id", sa.Text, sa.ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("ref", sa.Text, primary_key=True),
+        sa.Column("sha", sa.Text, nullable=False),
+        sa.Column("updated_at", TS, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("git_refs")
     op.drop_index("ix_audit_log_org_id_created_at", table_name="audit_log")
     op.drop_table("audit_log")
     with op.batch_alter_table("runs") as batch:
