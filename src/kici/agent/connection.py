@@ -346,6 +346,21 @@ class Connection:
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._job_heartbeats()),
         ]
+
+        def on_done(task: asyncio.Task[None]) -> None:
+            # A sender that stops for any reason but the connection closing would silently stall the
+            # job messages: drop the connection instead, so the reconnect starts over cleanly.
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, ConnectionClosed):
+                log_event("connection.sender_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+                closing = asyncio.ensure_future(ws.close(1011, "agent internal error"))
+                self._confirmers.add(closing)
+                closing.add_done_callback(self._confirmers.discard)
+
+        for task in tasks:
+            task.add_done_callback(on_done)
         try:
             async for frame in ws:
                 try:
@@ -380,8 +395,8 @@ class Connection:
                 task.add_done_callback(self._confirmers.discard)
             self._update_flushed()
             self._wake.clear()
-            if self._items:
-                continue
+            if self._items or (self._unconfirmed and not self._pinging):
+                continue  # woken between the checks above and the clear
             await self._wake.wait()
 
     async def _confirm(self, waiter: Awaitable[float], count: int, generation: int) -> None:

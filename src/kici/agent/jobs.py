@@ -201,7 +201,8 @@ class JobManager:
             self._forget(job)
 
     def _forget(self, job: Job) -> None:
-        self.jobs.pop(job.job_id, None)
+        if self.jobs.get(job.job_id) is job:
+            del self.jobs[job.job_id]
         self.changed.set()
 
     # -- dispatch and cancel ------------------------------------------------------------------------
@@ -213,7 +214,9 @@ class JobManager:
             conn.send_control(p.JobAck(job_id=dispatch.job_id, run_id=dispatch.run_id))
             return
         reason: Literal["busy", "draining"] | None = None
-        if self.draining:
+        if existing is not None:  # the abandoned run of this job is still being killed: try elsewhere
+            reason = "busy"
+        elif self.draining:
             reason = "draining"
         elif len(self.active) >= self.settings.max_concurrency:
             reason = "busy"
@@ -427,6 +430,8 @@ class JobManager:
         if not await self.wait_idle(max(0.0, deadline - time.monotonic())):
             for job in self.active:
                 job.cancel_requested = (True, "agent shutting down")
+                if job.cloner is not None:
+                    job.cloner.cancel()
                 if job.runner is not None:
                     await self.backend.kill(job.runner, grace=0)
             await self.wait_idle(5.0)

@@ -135,7 +135,12 @@ class Agent:
         if self.settings.port:
             server = HealthServer(self.settings.health_host, self.settings.port, health=self.health,
                                   ready=lambda: self.connection.registered, metrics=self.metrics)
-            await server.start()
+            try:
+                await server.start()
+            except OSError as exc:
+                print(f"kici-agent: KICI_PORT={self.settings.port}: cannot listen on "
+                      f"{self.settings.health_host}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
         log_event("agent.started", agent_id=self.agent_id, labels=self.labels, url=self.settings.websocket_url,
                   max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name, version=kici_version())
         connection = asyncio.create_task(self.connection.run())
@@ -144,14 +149,14 @@ class Agent:
             waiting: set[asyncio.Future[Any]] = {connection, self._exit}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if connection in done:
-                exc = connection.exception()
-                if isinstance(exc, AuthRejected):
-                    print(f"kici-agent: the orchestrator rejected this agent: {exc.reason}", file=sys.stderr)
-                    log_event("agent.rejected", level="error", reason=exc.reason)
+                failure = connection.exception()
+                if isinstance(failure, AuthRejected):
+                    print(f"kici-agent: the orchestrator rejected this agent: {failure.reason}", file=sys.stderr)
+                    log_event("agent.rejected", level="error", reason=failure.reason)
                     await self.jobs.stop_all(min(5.0, self.settings.shutdown_timeout_ms / 1000))
                     code = 1
-                elif exc is not None:
-                    raise exc
+                elif failure is not None:
+                    raise failure
             else:
                 code = self._exit.result()
         finally:
