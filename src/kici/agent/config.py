@@ -62,7 +62,7 @@ class AgentSettings(BaseModel):
         json_schema_extra=_doc_default("— (required)"),
     )
     agent_token: SecretStr = Field(
-        description="Agent token minted with `kici-admin token create --agent`; sent in `auth.request`. "
+        description="Agent token (`kat_…`) minted with `kici-admin agent-token create`; sent in `auth.request`. "
         "Required. Never logged and never visible to job steps.",
         json_schema_extra=_doc_default("— (required)"),
     )
@@ -90,7 +90,7 @@ class AgentSettings(BaseModel):
         default="process",
         description="How the runner of each job is isolated: `process` (own session and process group, "
         "allow-listed environment) or `userns` (additionally unprivileged user, PID, mount, IPC and UTS "
-        "namespaces via `unshare`; start-up fails when they are not available). See security.md.",
+        "namespaces via `unshare`; start-up fails when they are not available). See [security](security.md).",
     )
     max_log_size_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024,
