@@ -375,6 +375,11 @@ class JobManager:
         await self.backend.wait(runner)
         if result is None:  # pragma: no cover - the client always ends with a result
             result = JobResult(status="failed", error="runner ended without a result", failure_category="internal")
+        if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
+            # the client's synthetic result: the runner died without reporting (killed, out of memory, …)
+            result = result.model_copy(update={"error": f"workflow runner crashed: {result.error}"})
+            for line in (result.error or "").splitlines():
+                setup_line(f"[error] {line}")
         return result
 
     def job_spec(self, job: Job) -> JobSpec:

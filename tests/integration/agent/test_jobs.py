@@ -360,3 +360,47 @@ async def test_log_chunks_are_at_most_50_lines_in_order_and_the_cap_truncates_on
     assert huge.count(truncation) == 1 and huge[-1] == truncation
     assert len(huge) == 1000 + 1  # 1000 lines of 100 bytes fit exactly
     assert orchestrator.log_lines(message["job_id"], 2) == ["after-ran"]  # the cap is per step
+
+
+CRASH = """
+import os, signal
+
+def die(ctx):
+    print("about to die")
+    os.kill(os.getpid(), signal.SIGKILL)  # Python steps run in the runner process itself
+
+def sleepy(ctx):
+    ctx.sh("exec -a {marker}-sleep sleep 300")
+
+c = job("c", steps=[step("die", die), "echo never"])
+t = job("t", steps=[step("sleepy", sleepy)])
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[c, t])
+"""
+
+
+async def test_a_runner_that_dies_fails_the_job_as_crashed(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, marker: str
+) -> None:
+    repo = workflow_repo(tmp_path / "repo", CRASH.format(marker=marker))
+    start_agent(orchestrator)
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "c")
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "failed" and final["failure_category"] == "internal"
+    assert final["error"].startswith("workflow runner crashed: runner exited with code -9")
+    assert not any((tmp_path / "agent-work" / "jobs").iterdir())
+
+
+async def test_job_timeout_from_the_dispatch_fails_the_job_and_kills_its_processes(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, marker: str
+) -> None:
+    repo = workflow_repo(tmp_path / "repo", CRASH.format(marker=marker))
+    start_agent(orchestrator)
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "t", job_timeout_ms=1500)
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "failed" and final["failure_category"] == "timeout", final
+    assert final["error"].startswith("job_timeout:")
+    assert marker_pids(marker) == []

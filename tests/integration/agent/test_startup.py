@@ -195,3 +195,15 @@ def test_help_and_version() -> None:
     out = subprocess.run([sys.executable, "-m", "kici.agent", "--version"], env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0 and out.stdout.startswith("kici-agent ")
+
+
+async def test_dev_mode_starts_despite_an_unknown_variable(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory
+) -> None:
+    agent = start_agent(orchestrator, KICI_DEV="true", KICI_LABLES="oops")
+    await orchestrator.wait_registered()
+    warnings = agent.events("config.warning")
+    assert warnings and "KICI_LABLES" in warnings[0]["message"]
+    assert "did you mean KICI_LABELS?" in warnings[0]["message"]
+    agent.signal(15)
+    assert await agent.wait_exit() == 0
