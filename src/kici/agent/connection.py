@@ -158,9 +158,6 @@ class Connection:
         self._dropped.pop(job_id, None)
         self._update_flushed()
 
-    def has_pending(self, job_id: str) -> bool:
-        return any(i.job_id == job_id for i in (*self._items, *self._unconfirmed))
-
     def _put(self, item: Item) -> None:
         self._items.append(item)
         self._flushed.clear()
@@ -280,10 +277,12 @@ class Connection:
                     await self._handshake(ws)
                     attempt = 0
                     await self._serve(ws)
-                # the peer closed cleanly (the iteration ended without an exception)
+                # the connection closed cleanly (the iteration ended without an exception)
                 if ws.close_code in FATAL_CLOSE_CODES:
                     raise AuthRejected(ws.close_reason or f"connection closed with code {ws.close_code}")
-                log_event("connection.closed", level="warning", code=ws.close_code, reason=ws.close_reason or None)
+                if not self._stopping.is_set():
+                    log_event("connection.closed", level="warning", code=ws.close_code,
+                              reason=ws.close_reason or None)
             except AuthRejected:
                 raise
             except ConnectionClosed as exc:

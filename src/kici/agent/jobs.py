@@ -301,10 +301,9 @@ class JobManager:
             if job.runner is not None and job.runner.returncode is None:
                 await self.backend.kill(job.runner, grace=FORCE_CANCEL_GRACE_S)
             await asyncio.to_thread(workspace.remove, job.workspace)
-        if job.cancel_requested is not None and result.status == "failed" and result.failure_category in (
-            "internal", "cancelled", None
-        ):
-            result = self._cancelled_result(job)  # killed while cancelling: the cancel is what happened
+        if job.cancel_requested is not None and result.status == "failed":
+            # killed (or its clone aborted) while cancelling: the cancel is what happened
+            result = self._cancelled_result(job)
         streamer.flush()
         self.counters.log_lines_truncated += streamer.lines_dropped
         self.counters.log_bytes += streamer.bytes_streamed
