@@ -63,6 +63,8 @@ class Item:
     timestamp: float = 0.0
     seq: int | None = None
     """A log chunk's sequence number, given when it is first sent and kept when it is sent again."""
+    dropped: bool = False
+    """Dropped from the offline buffer; still in the queue until the next compaction, never sent."""
 
 
 def backoff_delay_ms(attempt: int, max_delay_ms: int, rand: float | None = None) -> float:
@@ -116,6 +118,13 @@ class Connection:
         self.lines_dropped = 0
         self.events_dropped = 0
         self._items: deque[Item] = deque()
+        # While offline, the buffered events and log chunks are also referenced from two rings in queue
+        # order, so the oldest of a kind is found in O(1); a dropped item is flagged and left in
+        # `_items` until the next compaction (so dropping never rescans the queue).
+        self._ring_events: deque[Item] = deque()
+        self._ring_logs: deque[Item] = deque()
+        self._ring_lines = 0
+        self._flagged = 0
         self._unconfirmed: list[Item] = []
         self._next_seq: dict[str, int] = {}
         self._dropped: dict[str, list[int]] = {}
@@ -154,6 +163,8 @@ class Connection:
         """Forget everything still queued for a job (the orchestrator did not take it back)."""
         self._items = deque(i for i in self._items if i.job_id != job_id)
         self._unconfirmed = [i for i in self._unconfirmed if i.job_id != job_id]
+        if not self.registered:
+            self._rebuild_rings()
         self._next_seq.pop(job_id, None)
         self._dropped.pop(job_id, None)
         self._update_flushed()
@@ -162,28 +173,45 @@ class Connection:
         self._items.append(item)
         self._flushed.clear()
         if not self.registered:
+            self._track(item)
             self._enforce_bounds()
         self._wake.set()
 
+    def _track(self, item: Item) -> None:
+        if item.kind == "event":
+            self._ring_events.append(item)
+        elif item.kind == "log":
+            self._ring_logs.append(item)
+            self._ring_lines += len(item.lines)
+
+    def _rebuild_rings(self) -> None:
+        self._ring_events.clear()
+        self._ring_logs.clear()
+        self._ring_lines = 0
+        for item in self._items:
+            if not item.dropped:
+                self._track(item)
+
     def _enforce_bounds(self) -> None:
-        events = sum(1 for i in self._items if i.kind == "event")
-        lines = sum(len(i.lines) for i in self._items if i.kind == "log")
-        if events <= MAX_BUFFERED_EVENTS and lines <= MAX_BUFFERED_LOG_LINES:
-            return
-        kept: deque[Item] = deque()
-        for item in self._items:  # oldest first, so the oldest are the ones dropped
-            if item.kind == "event" and events > MAX_BUFFERED_EVENTS:
-                events -= 1
-                self._count_drop(item, events=1)
-                continue
-            if item.kind == "log" and lines > MAX_BUFFERED_LOG_LINES:
-                lines -= len(item.lines)
-                self._count_drop(item, lines=len(item.lines))
-                continue
-            kept.append(item)
-        self._items = kept
+        """Drop the oldest buffered events / log chunks beyond the bounds (offline only)."""
+        while len(self._ring_events) > MAX_BUFFERED_EVENTS:
+            item = self._ring_events.popleft()
+            item.dropped = True
+            self._count_drop(item, events=1)
+        while self._ring_lines > MAX_BUFFERED_LOG_LINES and self._ring_logs:
+            item = self._ring_logs.popleft()
+            item.dropped = True
+            self._ring_lines -= len(item.lines)
+            self._count_drop(item, lines=len(item.lines))
+        if self._flagged > MAX_BUFFERED_EVENTS + MAX_BUFFERED_LOG_LINES:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._items = deque(i for i in self._items if not i.dropped)
+        self._flagged = 0
 
     def _count_drop(self, item: Item, *, events: int = 0, lines: int = 0) -> None:
+        self._flagged += 1
         self.events_dropped += events
         self.lines_dropped += lines
         if item.job_id is not None:
@@ -217,6 +245,7 @@ class Connection:
         rest = [i for i in self._items if i.kind in ("event", "terminal", "log")]
         self._items = deque([*requeue, *rest])
         self._unconfirmed = []
+        self._rebuild_rings()
         self._enforce_bounds()
         self._update_flushed()
 
@@ -225,6 +254,10 @@ class Connection:
         messages that were never sent (after those sent before, which keep their lower seq)."""
         offline_s = time.monotonic() - self._offline_since if self._offline_since is not None else 0.0
         self._offline_since = None
+        self._compact()
+        self._ring_events.clear()
+        self._ring_logs.clear()
+        self._ring_lines = 0
         for job_id, (events, lines) in list(self._dropped.items()):
             if not events and not lines:
                 continue
@@ -381,9 +414,12 @@ class Connection:
         while True:
             while self._items:
                 item = self._items[0]
-                await ws.send(p.encode(self._build(item)))
+                if not item.dropped:
+                    await ws.send(p.encode(self._build(item)))
                 if self._items and self._items[0] is item:
                     self._items.popleft()
+                if item.dropped:
+                    continue
                 if item.kind in ("event", "terminal", "log"):
                     self._unconfirmed.append(item)
             if self._unconfirmed and not self._pinging:

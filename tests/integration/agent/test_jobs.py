@@ -63,8 +63,8 @@ async def test_dispatch_ack_running_steps_logs_success_with_outputs(
                   if m["step_index"] == 0 and m["state"] == "success")
     assert last_log_0 < done_0
     # agent.status went to 1 and back to 0; the job heartbeat flowed meanwhile or the job was quick
-    statuses = [m["active_jobs"] for m in orchestrator.messages("agent.status")]
-    assert 1 in statuses and statuses[-1] == 0
+    await wait_until(lambda: orchestrator.messages("agent.status")[-1]["active_jobs"] == 0, 10, "idle status")
+    assert 1 in [m["active_jobs"] for m in orchestrator.messages("agent.status")]
     assert not any((tmp_path / "agent-work" / "jobs").iterdir())  # workspace removed
 
 
@@ -104,8 +104,9 @@ async def test_busy_reject_at_max_concurrency(
     await orchestrator.send(second)
     reject = await orchestrator.wait_message(lambda m: m["type"] == "job.reject")
     assert reject == {"type": "job.reject", "job_id": second["job_id"], "run_id": second["run_id"], "reason": "busy"}
-    after = orchestrator.current.messages[orchestrator.current.messages.index(reject) + 1]
-    assert after == {"type": "agent.status", "active_jobs": 1, "draining": False}
+    messages = orchestrator.current.messages
+    await wait_until(lambda: len(messages) > messages.index(reject) + 1, 10, "the status after the reject")
+    assert messages[messages.index(reject) + 1] == {"type": "agent.status", "active_jobs": 1, "draining": False}
     assert (await orchestrator.wait_terminal(first["job_id"]))["state"] == "success"
     assert orchestrator.terminal(second["job_id"]) is None
 

@@ -116,8 +116,8 @@ async def test_jobs_running_across_a_reconnect_are_kept_or_abandoned(
         assert agent.events("job.abandoned")
         assert orchestrator.terminal(job_id) is None
         assert [m for m in conn.messages if m.get("job_id") == job_id] == []
-        statuses = [m for m in conn.messages if m["type"] == "agent.status"]
-        assert statuses[-1]["active_jobs"] == 0
+        await wait_until(lambda: [m for m in conn.messages if m["type"] == "agent.status"][-1]["active_jobs"] == 0,
+                         10, "idle status")
         await wait_until(lambda: not any((tmp_path / "agent-work" / "jobs").iterdir()), 10, "workspace removal")
 
 
