@@ -403,6 +403,9 @@ class Connection:
                 if isinstance(message, p.ErrorMessage):
                     log_event("orchestrator.error", level="warning", code=message.code, message=message.message)
                     continue
+                # type and ids only: a dispatch carries secrets and the clone token
+                log_event("orchestrator.message", level="debug", type=message.type,
+                          job_id=getattr(message, "job_id", None), run_id=getattr(message, "run_id", None))
                 self.hooks.on_message(message)
         finally:
             for task in tasks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
 import time
@@ -197,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     log.configure(settings.log_level)
     for warning in warnings:
         log_event("config.warning", level="warning", message=warning)
+    if shutil.which("git") is None:
+        print("kici-agent: git was not found on PATH; the agent needs it to clone repositories", file=sys.stderr)
+        sys.exit(2)
     try:
         backend = get_backend(settings.sandbox)
         workspace.prepare_work_dir(settings.work_dir)

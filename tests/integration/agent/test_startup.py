@@ -207,3 +207,11 @@ async def test_dev_mode_starts_despite_an_unknown_variable(
     assert "did you mean KICI_LABELS?" in warnings[0]["message"]
     agent.signal(15)
     assert await agent.wait_exit() == 0
+
+
+def test_refuses_to_start_without_git(agent_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
+    env = agent_env(None, KICI_ORCHESTRATOR_URL="http://127.0.0.1:9")
+    env["PATH"] = str(tmp_path / "empty-bin")
+    out = run_agent(env)
+    assert out.returncode == 2
+    assert "git was not found on PATH" in out.stderr
