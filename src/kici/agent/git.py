@@ -4,7 +4,7 @@ and logs.
 `git init`, `git remote add origin URL` (the URL as dispatched, which carries no token), then
 `git fetch --depth=1 origin SHA`. Servers that refuse to fetch an unadvertised SHA (protocol v0 with
 `uploadpack.allowReachableSHA1InWant` off) get a second try fetching the dispatched ref (`--depth=50`),
-then a full fetch of branches and tags. Then a detached checkout and a check that HEAD is the SHA.
+then a full (unshallowed) fetch of branches and tags. Then a detached checkout and a check that HEAD is the SHA.
 
 The token travels in an `Authorization: Basic base64(x-access-token:TOKEN)` header set through git's
 `GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_0`/`GIT_CONFIG_VALUE_0` environment variables, which git reads as
@@ -156,8 +156,10 @@ class Cloner:
                 code, _ = await self.run(["fetch", "--depth=50", "--no-tags", "origin", _refspec(ref)], dest)
                 fetched = code == 0 and await self._has_commit(sha, dest)
             if not fetched:
+                # the shallow fetch above left a shallow boundary, behind which a plain fetch adds nothing
+                unshallow = ["--unshallow"] if (dest / ".git" / "shallow").exists() else []
                 code, tail = await self.run(
-                    ["fetch", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], dest
+                    ["fetch", *unshallow, "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], dest
                 )
                 if code != 0:
                     raise CloneError(f"git fetch from {shown_url(repo_url)} failed: {tail or f'exit code {code}'}")

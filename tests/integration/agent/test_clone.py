@@ -74,6 +74,23 @@ async def test_falls_back_to_the_ref_when_the_server_refuses_fetching_by_sha(
     assert any("fetching the ref instead" in line for line in orchestrator.log_lines(message["job_id"], -1))
 
 
+async def test_falls_back_to_a_full_fetch_when_the_sha_is_deeper_than_the_ref_fetch(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    repo = workflow_repo(tmp_path / "repo", CHECK)
+    for n in range(55):  # the dispatched commit ends up deeper than the --depth=50 ref fetch reaches
+        git(repo.path, "commit", "-q", "--allow-empty", "-m", f"later {n}")
+    config = tmp_path / "gitconfig"
+    config.write_text("[protocol]\n\tversion = 0\n")
+    start_agent(orchestrator, GIT_CONFIG_GLOBAL=str(config))
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "w")
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", final
+    assert final["outputs"] == {"where": {"head": repo.sha}}
+
+
 async def test_unknown_sha_fails_clearly_before_any_step(
     orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
 ) -> None:
