@@ -260,7 +260,7 @@ def agent_env(tmp_path: Path) -> Callable[..., dict[str, str]]:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path, agent_env: Callable[..., dict[str, str]]) -> Iterator[AgentFactory]:
+async def start_agent(tmp_path: Path, agent_env: Callable[..., dict[str, str]]) -> AsyncIterator[AgentFactory]:
     started: list[AgentProcess] = []
 
     def start(orchestrator: FakeOrchestrator | None = None, *, env: Mapping[str, str] | None = None,
@@ -272,7 +272,8 @@ def start_agent(tmp_path: Path, agent_env: Callable[..., dict[str, str]]) -> Ite
 
     yield start
     for agent in started:
-        agent.stop()
+        # in a thread: the fake orchestrator shares this event loop and must keep answering meanwhile
+        await asyncio.to_thread(agent.stop)
 
 
 # ------------------------------------------------------------------------------------------ workflows
