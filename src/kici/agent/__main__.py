@@ -1,0 +1,3 @@
+from kici.agent.main import main
+
+main()

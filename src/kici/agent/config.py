@@ -1,0 +1,316 @@
+"""Agent settings: one pydantic model filled from `KICI_*` environment variables (the only source).
+
+Every field's variable is `KICI_` + its name in upper case. The reference page
+`docs/operator/agent/configuration.md` is generated from this model (`python -m kici.agent.config_docs`),
+so a field's `description` is its documentation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import platform
+import secrets
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from kici.engine.labels import auto_labels, validate_user_labels
+
+ENV_PREFIX = "KICI_"
+
+EXEMPT_ENV_PREFIXES: tuple[str, ...] = ("KICI_TEST_", "KICI_ADMIN_")
+"""`KICI_*` variables that belong to someone else: the test suite and the `kici-admin` CLI."""
+
+EXEMPT_ENV_NAMES: frozenset[str] = frozenset({"KICI_ENV", "KICI_PATH", "KICI_LOCAL", "KICI_RUN_ID", "KICI_JOB_ID"})
+"""Variables a job step sees; an agent started from inside a CI step (KiCI testing itself) inherits them
+and must not refuse to start because of them."""
+
+AGENT_ID_FILE = "agent-id"
+DEFAULT_WORK_DIR_DOC = "`$XDG_STATE_HOME/kici-agent`, else `~/.local/state/kici-agent`"
+
+Sandbox = Literal["process", "userns"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; `lines` holds one line per problem, each naming its variable."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def _doc_default(text: str) -> dict[str, Any]:
+    return {"doc_default": text}
+
+
+class AgentSettings(BaseModel):
+    """Every agent setting. Build it with `load_settings()`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # -- orchestrator -----------------------------------------------------------------------------
+    orchestrator_url: str = Field(
+        description="Base URL of the orchestrator (`http://`, `https://`, `ws://` or `wss://`, optionally "
+        "with a base path such as `https://ci.example.com/orch`). The agent connects to its `/ws` endpoint; "
+        "`http` becomes `ws` and `https` becomes `wss`. Required.",
+        json_schema_extra=_doc_default("— (required)"),
+    )
+    agent_token: SecretStr = Field(
+        description="Agent token (`kat_…`) minted with `kici-admin agent-token create`; sent in `auth.request`. "
+        "Required. Never logged and never visible to job steps.",
+        json_schema_extra=_doc_default("— (required)"),
+    )
+    agent_id: str = Field(
+        default="",
+        description="Stable identity of this agent. When unset, `<hostname>-<8 hex>` is generated once and "
+        "kept in `<work dir>/agent-id`, so restarts and reconnects keep the same id.",
+        json_schema_extra=_doc_default("generated, kept in `<work dir>/agent-id`"),
+    )
+    labels: list[str] = Field(
+        default=[],
+        description="Comma-separated labels jobs can select with `runs_on` (e.g. `linux,gpu`). Labels "
+        "starting with `kici:` are reserved; the agent adds `kici:os:*`, `kici:arch:*` and `kici:host:*` "
+        "itself.",
+    )
+    max_concurrency: int = Field(default=1, ge=1, le=256, description="Jobs this agent runs at the same time.")
+
+    # -- execution --------------------------------------------------------------------------------
+    work_dir: Path = Field(
+        description="Directory for job workspaces (`<work dir>/jobs/<job id>`, removed after each job) and the "
+        "agent id file. Created with mode 0700.",
+        json_schema_extra=_doc_default(DEFAULT_WORK_DIR_DOC),
+    )
+    sandbox: Sandbox = Field(
+        default="process",
+        description="How the runner of each job is isolated: `process` (own session and process group, "
+        "allow-listed environment) or `userns` (additionally unprivileged user, PID, mount, IPC and UTS "
+        "namespaces via `unshare`; start-up fails when they are not available). See [security](security.md).",
+    )
+    max_log_size_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024,
+        description="Per-step log cap used when the orchestrator's dispatch does not name one; output beyond "
+        "it is replaced by one truncation line.",
+    )
+    cancel_grace_ms: int = Field(
+        default=30_000, ge=0,
+        description="How long a cancelled (not forced) job's runner may take for its cancel and cleanup hooks "
+        "before its whole process tree is killed.",
+    )
+    git_timeout_ms: int = Field(default=120_000, ge=1000, description="Time limit of each git command of a clone.")
+
+    # -- connection -------------------------------------------------------------------------------
+    heartbeat_interval_ms: int = Field(
+        default=30_000, ge=10, description="Interval of the connection `heartbeat` message."
+    )
+    job_heartbeat_interval_ms: int = Field(
+        default=30_000, ge=10,
+        description="Interval of `job.heartbeat` for each running job (the orchestrator's stale-job detection "
+        "relies on it).",
+    )
+    max_reconnect_delay_ms: int = Field(
+        default=60_000, ge=10,
+        description="Upper bound of the reconnect back-off `min(1000·1.5^n·(1+rand/2), max)` ms.",
+    )
+    shutdown_timeout_ms: int = Field(
+        default=30_000, ge=100,
+        description="On SIGTERM/SIGINT: how long the agent waits for cancelled jobs to end and their status to "
+        "reach the orchestrator before it kills what is left and exits.",
+    )
+
+    # -- operation --------------------------------------------------------------------------------
+    port: int = Field(
+        default=0, ge=0, le=65535,
+        description="TCP port of the HTTP endpoints `/health`, `/ready` and `/metrics`; `0` disables them.",
+    )
+    health_host: str = Field(
+        default="127.0.0.1", description="Address the HTTP endpoints listen on (`0.0.0.0`: every interface)."
+    )
+    dev: bool = Field(
+        default=False,
+        description="Development mode: an unknown `KICI_*` variable only warns instead of stopping start-up.",
+    )
+    log_level: LogLevel = Field(default="info", description="Minimum level of the JSON log lines on stderr.")
+
+    # -- validation -------------------------------------------------------------------------------
+
+    @field_validator("orchestrator_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+            raise ValueError("must be an http://, https://, ws:// or wss:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.strip().rstrip("/")
+
+    @field_validator("agent_token")
+    @classmethod
+    def _token(cls, value: SecretStr) -> SecretStr:
+        token = value.get_secret_value().strip()
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("must be a non-empty token without whitespace")
+        return SecretStr(token)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return validate_user_labels(str(v) for v in value)
+        return value
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        value = value.strip()
+        if len(value) > 200 or any(c.isspace() for c in value):
+            raise ValueError("must be at most 200 characters without whitespace")
+        return value
+
+    @field_validator("sandbox", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("work_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    # -- derived ----------------------------------------------------------------------------------
+
+    @property
+    def websocket_url(self) -> str:
+        return websocket_url(self.orchestrator_url)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.work_dir / "jobs"
+
+
+def websocket_url(base: str) -> str:
+    """`{base}/ws` with http → ws and https → wss; a base path is kept."""
+    parts = urlsplit(base.rstrip("/"))
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def known_env_names() -> frozenset[str]:
+    return frozenset(env_name(name) for name in AgentSettings.model_fields)
+
+
+def default_work_dir(environ: Mapping[str, str]) -> Path:
+    """`$XDG_STATE_HOME/kici-agent`, else `~/.local/state/kici-agent` (per user, like the XDG default)."""
+    xdg = environ.get("XDG_STATE_HOME", "").strip()
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "kici-agent"
+    home = environ.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "kici-agent"
+
+
+def did_you_mean(name: str, candidates: frozenset[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else "no similar setting; see docs/operator/agent/configuration.md"
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """`KICI_*` variables in `environ` that are neither agent settings nor exempt, sorted."""
+    known = known_env_names()
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and name not in EXEMPT_ENV_NAMES
+        and not name.startswith(EXEMPT_ENV_PREFIXES)
+    )
+
+
+def _lenient_bool(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+_SECRET_FIELDS = frozenset({"agent_token"})
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> tuple[AgentSettings, list[str]]:
+    """Settings from `KICI_*` variables plus the warnings to log once logging is up.
+
+    Raises `SettingsError` with one line per problem (every problem at once, so one attempt shows all).
+    An empty variable counts as not set.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in AgentSettings.model_fields:
+        value = environ.get(env_name(name))
+        if value is not None and value.strip() != "":
+            values[name] = value
+    values.setdefault("work_dir", str(default_work_dir(environ)))
+
+    errors: list[str] = []
+    warnings: list[str] = []
+    unknown = unknown_env_vars(environ)
+    if unknown and _lenient_bool(values.get("dev", False)):
+        warnings = [f"unknown variable {n} ignored ({did_you_mean(n, known_env_names())})" for n in unknown]
+    else:
+        errors = [
+            f"unknown variable {n} ({did_you_mean(n, known_env_names())}); set KICI_DEV=true to start anyway"
+            for n in unknown
+        ]
+    settings: AgentSettings | None = None
+    try:
+        settings = AgentSettings.model_validate(values)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            msg = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "missing":
+                msg = "is required"
+            shown = "" if field in _SECRET_FIELDS or field not in values else f" (got {values[field]!r})"
+            errors.append(f"{env_name(field)}: {msg}{shown}" if field else msg)
+    if errors or settings is None:
+        raise SettingsError(errors)
+    return settings, warnings
+
+
+def resolve_agent_id(settings: AgentSettings) -> str:
+    """`KICI_AGENT_ID`, else the id kept in `<work dir>/agent-id`, else a new one written there."""
+    if settings.agent_id:
+        return settings.agent_id
+    path = settings.work_dir / AGENT_ID_FILE
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    agent_id = f"{hostname()}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{AGENT_ID_FILE}.{os.getpid()}")
+    tmp.write_text(agent_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # atomic: two agents starting together never see a half-written id
+    return agent_id
+
+
+def hostname() -> str:
+    return socket.gethostname().split(".")[0] or "agent"
+
+
+def agent_labels(settings: AgentSettings) -> list[str]:
+    """The user labels plus the self-reported `kici:os|arch|host:*` ones (with the raw machine name too,
+    so `kici:arch:x86_64` routes as well as its aliases `x64`/`amd64`)."""
+    machine = platform.machine()
+    labels = [*settings.labels, *auto_labels(platform.system(), machine, hostname())]
+    if machine.strip():
+        labels.append(f"kici:arch:{machine.strip().lower()}")
+    return list(dict.fromkeys(labels))

@@ -1,0 +1,458 @@
+"""Job lifecycle on the agent: accept or reject a dispatch, clone, drift gate, run the steps in a runner
+child, stream status and logs, cancel, and clean up.
+
+Order of a job's messages: `job.ack` (at once), `job.status running` (before cloning, so clone time is
+covered by stale detection), setup output as `log.chunk` with step index -1, then the runner's step
+statuses and logs (a step's lines are flushed before each step status), then exactly one terminal
+`job.status` carrying the runner's outputs. A job stays known to the agent (and is listed in
+`in_flight_jobs` on re-registration) until that terminal status has been confirmed as delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from kici.agent import workspace
+from kici.agent.config import AgentSettings, hostname
+from kici.agent.connection import Connection, new_message_id
+from kici.agent.git import CloneCancelled, CloneError, Cloner
+from kici.agent.log import log_event
+from kici.agent.logs import FLUSH_INTERVAL_S, LogStreamer
+from kici.agent.sandbox import SandboxBackend
+from kici.engine import protocol as p
+from kici.engine.content_hash import workflow_content_hash
+from kici.engine.events import Event
+from kici.engine.masking import SecretMasker
+from kici.engine.runner_protocol import SETUP_STEP_INDEX, JobResult, JobSpec, JobStarted, LogLine, StepStatus
+from kici.runner.client import RunnerProcess, safe_base_env
+
+FORCE_CANCEL_GRACE_S = 2.0
+KICI_DIR = ".kici"
+
+
+def kici_version() -> str:
+    try:
+        return metadata.version("kici")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from an uninstalled source tree
+        return "unknown"
+
+
+def drift_error(workspace_dir: Path, workflow_file: str, expected: str, kici_dir: str = KICI_DIR) -> str | None:
+    """The drift gate: None when the checkout's contentHash of the workflow matches the lock file's."""
+
+    def read(path: str) -> bytes | None:
+        try:
+            return (workspace_dir / path).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    version = kici_version()
+    try:
+        actual = workflow_content_hash(workflow_file, read, kici_dir)
+    except FileNotFoundError:
+        return f"lock file is out of date: {workflow_file} does not exist in the checkout (kici {version})"
+    if actual == expected:
+        return None
+    return (
+        f"lock file is out of date: {workflow_file} has contentHash {actual} but the lock file says "
+        f"{expected} (kici {version}); run `kici compile` and commit {kici_dir}/kici.lock.json"
+    )
+
+
+@dataclass
+class Job:
+    dispatch: p.JobDispatch
+    workspace: Path
+    masker: SecretMasker
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    runner: RunnerProcess | None = None
+    cloner: Cloner | None = None
+    cancel_requested: tuple[bool, str] | None = None
+    finished: bool = False
+    """The terminal status is queued (the job no longer takes a slot)."""
+    abandoned: bool = False
+    """The orchestrator did not take the job back after a reconnect: nothing more is sent for it."""
+    final_state: str | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.dispatch.job_id
+
+    @property
+    def run_id(self) -> str:
+        return self.dispatch.run_id
+
+
+@dataclass
+class Counters:
+    jobs_total: dict[str, int] = field(default_factory=dict)
+    steps_total: dict[str, int] = field(default_factory=dict)
+    log_lines_truncated: int = 0
+    log_bytes: int = 0
+
+
+class JobManager:
+    """Implements `connection.AgentHooks`; `connection` must be set before messages arrive."""
+
+    def __init__(self, settings: AgentSettings, agent_id: str, labels: list[str], backend: SandboxBackend) -> None:
+        self.settings = settings
+        self.agent_id = agent_id
+        self.labels = labels
+        self.backend = backend
+        self.connection: Connection | None = None
+        self.jobs: dict[str, Job] = {}
+        self.draining = False
+        self.counters = Counters()
+        self.changed = asyncio.Event()
+        """Set whenever a job starts or ends (drain and shutdown wait on it)."""
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- state --------------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> list[Job]:
+        return [j for j in self.jobs.values() if not j.finished]
+
+    def _conn(self) -> Connection:
+        assert self.connection is not None
+        return self.connection
+
+    def _status_changed(self) -> None:
+        self.changed.set()
+        if self.connection is not None:
+            self.connection.send_control(self.agent_status())
+
+    def start_draining(self) -> None:
+        if not self.draining:
+            self.draining = True
+            log_event("agent.draining", active_jobs=len(self.active))
+            self._status_changed()
+
+    # -- AgentHooks ---------------------------------------------------------------------------------
+
+    def registration(self) -> p.AgentRegister:
+        return p.AgentRegister(
+            message_id=new_message_id(),
+            agent_id=self.agent_id,
+            labels=self.labels,
+            max_concurrency=self.settings.max_concurrency,
+            platform=sys.platform,
+            arch=platform.machine() or None,
+            version=kici_version(),
+            hostname=hostname(),
+            cpu_count=os.cpu_count(),
+            total_memory_mb=_total_memory_mb(),
+            running_as_uid=os.getuid() if hasattr(os, "getuid") else None,
+            in_flight_jobs=[p.InFlightJob(job_id=j.job_id, run_id=j.run_id) for j in self.jobs.values()
+                            if not j.abandoned],
+        )
+
+    def agent_status(self) -> p.AgentStatus:
+        return p.AgentStatus(active_jobs=len(self.active), draining=self.draining)
+
+    def running_jobs(self) -> list[tuple[str, str]]:
+        return [(j.run_id, j.job_id) for j in self.active if not j.abandoned]
+
+    def on_registered(self, ack: p.RegisterAck, in_flight: list[p.InFlightJob]) -> set[str]:
+        reclaimed = set(ack.reclaimed_jobs)
+        abandoned: set[str] = set()
+        for item in in_flight:
+            if item.job_id in reclaimed:
+                continue
+            job = self.jobs.get(item.job_id)
+            if job is None:
+                continue
+            abandoned.add(job.job_id)
+            job.abandoned = True
+            log_event("job.abandoned", level="warning", job_id=job.job_id, run_id=job.run_id,
+                      reason="not reclaimed by the orchestrator after a reconnect")
+            if job.finished:
+                self._forget(job)
+            else:
+                self._request_cancel(job, force=True, reason="not reclaimed by the orchestrator after a reconnect")
+        return abandoned
+
+    def on_message(self, message: p.OrchestratorMessage) -> None:
+        if isinstance(message, p.JobDispatch):
+            self._on_dispatch(message)
+        elif isinstance(message, p.JobCancel):
+            job = self.jobs.get(message.job_id)
+            if job is None or job.finished:
+                log_event("job.cancel_ignored", job_id=message.job_id, reason="not running here")
+                return
+            self._request_cancel(job, force=message.force, reason=message.reason)
+        else:
+            log_event("orchestrator.unexpected_message", level="warning", type=message.type)
+
+    def on_delivered(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.finished:
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        if self.jobs.get(job.job_id) is job:
+            del self.jobs[job.job_id]
+        self.changed.set()
+
+    # -- dispatch and cancel ------------------------------------------------------------------------
+
+    def _on_dispatch(self, dispatch: p.JobDispatch) -> None:
+        conn = self._conn()
+        existing = self.jobs.get(dispatch.job_id)
+        if existing is not None and not existing.abandoned:  # a redelivered dispatch: it is ours already
+            conn.send_control(p.JobAck(job_id=dispatch.job_id, run_id=dispatch.run_id))
+            return
+        reason: Literal["busy", "draining"] | None = None
+        if existing is not None:  # the abandoned run of this job is still being killed: try elsewhere
+            reason = "busy"
+        elif self.draining:
+            reason = "draining"
+        elif len(self.active) >= self.settings.max_concurrency:
+            reason = "busy"
+        if reason is not None:
+            conn.send_control(p.JobReject(job_id=dispatch.job_id, run_id=dispatch.run_id, reason=reason))
+            conn.send_control(self.agent_status())
+            log_event("job.rejected", job_id=dispatch.job_id, run_id=dispatch.run_id, reason=reason)
+            return
+        secrets = list(dispatch.secrets.values())
+        if dispatch.token:
+            secrets.append(dispatch.token)
+        job = Job(dispatch=dispatch, workspace=workspace.job_dir(self.settings.jobs_dir, dispatch.job_id),
+                  masker=SecretMasker(secrets))
+        self.jobs[job.job_id] = job
+        conn.send_control(p.JobAck(job_id=job.job_id, run_id=job.run_id))
+        log_event("job.accepted", job_id=job.job_id, run_id=job.run_id, workflow=dispatch.workflow,
+                  job=dispatch.display_name, attempt=dispatch.attempt)
+        job.task = asyncio.create_task(self._run(job))
+        self._status_changed()
+
+    def _request_cancel(self, job: Job, *, force: bool, reason: str) -> None:
+        previous = job.cancel_requested
+        job.cancel_requested = (force or (previous is not None and previous[0]), reason)
+        log_event("job.cancel_requested", job_id=job.job_id, run_id=job.run_id, force=force, reason=reason)
+        if job.cloner is not None:
+            job.cloner.cancel()
+        if job.runner is not None:
+            self._spawn(self._cancel_runner(job, job.runner))
+
+    async def _cancel_runner(self, job: Job, runner: RunnerProcess) -> None:
+        assert job.cancel_requested is not None
+        force, reason = job.cancel_requested
+        grace = FORCE_CANCEL_GRACE_S if force else self.settings.cancel_grace_ms / 1000
+        await runner.cancel(force=force, grace=grace, reason=reason)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    def _send(self, job: Job, message: p.Message, *, terminal: bool = False) -> None:
+        if not job.abandoned:
+            self._conn().send_job(job.job_id, job.run_id, message, terminal=terminal)
+
+    def _send_log(self, job: Job, step_index: int, lines: list[str]) -> None:
+        if not job.abandoned:
+            self._conn().send_log(job.job_id, job.run_id, step_index, lines)
+
+    # -- running a job ------------------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        dispatch = job.dispatch
+        max_bytes = dispatch.max_log_size_bytes or self.settings.max_log_size_bytes
+        streamer = LogStreamer(lambda index, lines: self._send_log(job, index, lines), max_bytes)
+        self._send(job, p.JobStatusUpdate(run_id=job.run_id, job_id=job.job_id, state="running",
+                                          timestamp=time.time()))
+
+        def setup_line(text: str) -> None:
+            streamer.add(SETUP_STEP_INDEX, job.masker.mask(text))
+
+        flusher = asyncio.create_task(_flush_every(streamer, FLUSH_INTERVAL_S))
+        result: JobResult
+        try:
+            result = await self._execute(job, streamer, setup_line)
+        except CloneCancelled:
+            result = self._cancelled_result(job)
+        except CloneError as exc:
+            error = job.masker.mask(str(exc))
+            setup_line(f"[error] {error}")
+            result = JobResult(status="failed", error=error, failure_category="clone")
+        except Exception as exc:  # the job must end with a status even if the agent's plumbing breaks
+            error = job.masker.mask(f"agent error: {type(exc).__name__}: {exc}")
+            log_event("job.internal_error", level="error", job_id=job.job_id, error=error)
+            setup_line(f"[error] {error}")
+            result = JobResult(status="failed", error=error, failure_category="internal")
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            if job.runner is not None and job.runner.returncode is None:
+                await self.backend.kill(job.runner, grace=FORCE_CANCEL_GRACE_S)
+            await asyncio.to_thread(workspace.remove, job.workspace)
+        if job.cancel_requested is not None and result.status == "failed":
+            # killed (or its clone aborted) while cancelling: the cancel is what happened
+            result = self._cancelled_result(job)
+        streamer.flush()
+        self.counters.log_lines_truncated += streamer.lines_dropped
+        self.counters.log_bytes += streamer.bytes_streamed
+        self._finish(job, result)
+
+    def _finish(self, job: Job, result: JobResult) -> None:
+        job.finished = True
+        job.final_state = result.status
+        self.counters.jobs_total[result.status] = self.counters.jobs_total.get(result.status, 0) + 1
+        self._send(job, p.JobStatusUpdate(
+            run_id=job.run_id, job_id=job.job_id, state=result.status, timestamp=time.time(),
+            error=result.error, failure_category=result.failure_category, outputs=result.outputs,
+        ), terminal=True)
+        log_event("job.finished", job_id=job.job_id, run_id=job.run_id, state=result.status,
+                  failure_category=result.failure_category,
+                  duration_ms=round((time.monotonic() - job.started) * 1000))
+        if job.abandoned:
+            self._forget(job)
+        self._status_changed()
+
+    def _cancelled_result(self, job: Job) -> JobResult:
+        reason = job.cancel_requested[1] if job.cancel_requested else "cancelled"
+        return JobResult(status="cancelled", error=reason, failure_category="cancelled")
+
+    async def _execute(self, job: Job, streamer: LogStreamer, setup_line: Callable[[str], None]) -> JobResult:
+        dispatch = job.dispatch
+        await asyncio.to_thread(workspace.create, job.workspace)
+        job.cloner = Cloner(env=os.environ, token=dispatch.token, on_line=setup_line,
+                            timeout_s=self.settings.git_timeout_ms / 1000)
+        if job.cancel_requested is not None:
+            raise CloneCancelled()
+        started = time.monotonic()
+        await job.cloner.checkout(dispatch.repo_url, dispatch.sha, dispatch.ref, job.workspace)
+        job.cloner = None
+        log_event("job.cloned", job_id=job.job_id, duration_ms=round((time.monotonic() - started) * 1000))
+        if job.cancel_requested is not None:
+            return self._cancelled_result(job)
+
+        error = await asyncio.to_thread(drift_error, job.workspace, dispatch.workflow_file, dispatch.content_hash)
+        if error is not None:
+            setup_line(f"[error] {error}")
+            return JobResult(status="failed", error=error, failure_category="drift")
+
+        spec = self.job_spec(job)
+        runner = await self.backend.start(spec)
+        job.runner = runner
+        if dispatch.token:
+            runner.masker.add(dispatch.token)
+        if job.cancel_requested is not None:
+            self._spawn(self._cancel_runner(job, runner))
+        result: JobResult | None = None
+        async for message in runner.messages():
+            if isinstance(message, LogLine):
+                streamer.add(message.step_index, message.line)
+            elif isinstance(message, StepStatus):
+                streamer.flush()
+                if message.state != "running":
+                    self.counters.steps_total[message.state] = self.counters.steps_total.get(message.state, 0) + 1
+                self._send(job, p.StepStatusUpdate(
+                    run_id=job.run_id, job_id=job.job_id, step_index=message.step_index,
+                    step_name=message.step_name, state=message.state, attempt=message.attempt,
+                    duration_ms=message.duration_ms, error=message.error, timestamp=time.time(),
+                ))
+            elif isinstance(message, JobStarted):
+                continue
+            elif isinstance(message, JobResult):
+                result = message
+        await self.backend.wait(runner)
+        if result is None:  # pragma: no cover - the client always ends with a result
+            result = JobResult(status="failed", error="runner ended without a result", failure_category="internal")
+        if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
+            # the client's synthetic result: the runner died without reporting (killed, out of memory, …)
+            result = result.model_copy(update={"error": f"workflow runner crashed: {result.error}"})
+            for line in (result.error or "").splitlines():
+                setup_line(f"[error] {line}")
+        return result
+
+    def job_spec(self, job: Job) -> JobSpec:
+        dispatch = job.dispatch
+        env = safe_base_env({**dispatch.env, "CI": "true", "KICI": "true", "KICI_RUN_ID": dispatch.run_id,
+                             "KICI_JOB_ID": dispatch.job_id})
+        return JobSpec(
+            workspace=str(job.workspace),
+            workflow_file=dispatch.workflow_file,
+            export=dispatch.export,
+            workflow=dispatch.workflow,
+            job=dispatch.job,
+            display_name=dispatch.display_name,
+            matrix=dispatch.matrix,
+            event=Event.model_validate(dispatch.event),
+            env=env,
+            secrets=dispatch.secrets,
+            upstream_outputs=dispatch.upstream_outputs,
+            expected_content_hash=dispatch.content_hash,
+            job_timeout_ms=dispatch.job_timeout_ms,
+            kici_dir=KICI_DIR,
+            run_id=dispatch.run_id,
+            job_id=dispatch.job_id,
+        )
+
+    # -- stopping -----------------------------------------------------------------------------------
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job is running; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.active:
+            self.changed.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except TimeoutError:
+                return not self.active
+        return True
+
+    async def stop_all(self, timeout: float) -> None:
+        """Cancel every running job, give them `timeout` seconds to end (hooks included), then kill."""
+        deadline = time.monotonic() + timeout
+        for job in self.active:
+            if job.cancel_requested is None:
+                job.cancel_requested = (False, "agent shutting down")
+                if job.cloner is not None:
+                    job.cloner.cancel()
+                if job.runner is not None:
+                    grace = min(self.settings.cancel_grace_ms / 1000, max(0.1, timeout * 0.7))
+                    self._spawn(job.runner.cancel(force=False, grace=grace, reason="agent shutting down"))
+        if not await self.wait_idle(max(0.0, deadline - time.monotonic())):
+            for job in self.active:
+                job.cancel_requested = (True, "agent shutting down")
+                if job.cloner is not None:
+                    job.cloner.cancel()
+                if job.runner is not None:
+                    await self.backend.kill(job.runner, grace=0)
+            await self.wait_idle(5.0)
+        for task in [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]:
+            task.cancel()
+
+
+async def _flush_every(streamer: LogStreamer, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        streamer.flush()
+
+
+def _total_memory_mb() -> int | None:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(pages * size // (1024 * 1024)) if pages > 0 and size > 0 else None

@@ -1,0 +1,60 @@
+"""The agent against the real `kici-orchestrator` process of this tree (embedded SQLite): the handshake,
+registration with self-reported labels, heartbeats and status, and the orchestrator's refusals. The
+dispatcher is not part of this tree yet, so jobs are exercised against the fake orchestrator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.orchestrator.conftest import StartOrchestrator, start_orchestrator  # noqa: F401
+
+from .conftest import AgentFactory, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _agent_token(url: str, data: Path, labels: list[str]) -> str:
+    admin = (data / "bootstrap-admin-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {admin}"}) as client:
+        response = await client.post("/api/v1/admin/agent-tokens", json={"name": "pool", "labels": labels})
+        assert response.status_code == 201, response.text
+        return str(response.json()["token"])
+
+
+async def test_registers_with_the_real_orchestrator_and_is_refused_outside_its_token(
+    start_orchestrator: StartOrchestrator, start_agent: AgentFactory, tmp_path: Path  # noqa: F811
+) -> None:
+    data = tmp_path / "orch-data"
+    orchestrator = start_orchestrator({"KICI_DATA_DIR": str(data), "KICI_BASE_PATH": "/ci"})
+    await asyncio.to_thread(orchestrator.wait_for_event, "orchestrator.ready")
+    url = orchestrator.url
+    token = await _agent_token(url, data, ["linux", "docker"])
+
+    agent = start_agent(KICI_ORCHESTRATOR_URL=url, KICI_AGENT_TOKEN=token, KICI_LABELS="linux")
+    registered = await asyncio.to_thread(orchestrator.wait_for_event, "agent.registered")
+    assert registered["labels"][0] == "linux"
+    assert any(label.startswith("kici:os:") for label in registered["labels"])
+    assert any(label.startswith("kici:host:") for label in registered["labels"])
+    await wait_until(lambda: agent.events("connection.registered"), 20, "the agent to see register.ack")
+    agent.signal(15)
+    assert await agent.wait_exit() == 0
+    disconnected = await asyncio.to_thread(orchestrator.wait_for_event, "agent.disconnected")
+    assert disconnected["close_code"] == 1000
+    # nothing the agent sent was refused as invalid
+    assert not [e for e in orchestrator.events() if e.get("event") == "agent.session_error"]
+    assert not [e for e in orchestrator.events() if e.get("close_code") == 4003]
+
+    # a label outside the token's list: refused, exit 1, no retry
+    refused = start_agent(KICI_ORCHESTRATOR_URL=url, KICI_AGENT_TOKEN=token, KICI_LABELS="gpu")
+    assert await refused.wait_exit() == 1
+    assert "rejected this agent: label 'gpu' is not allowed by this agent token" in refused.output
+
+    # an unknown token: refused the same way
+    unknown = start_agent(KICI_ORCHESTRATOR_URL=url, KICI_AGENT_TOKEN="kat_" + "0" * 64)
+    assert await unknown.wait_exit() == 1
+    assert "rejected this agent: invalid or revoked agent token" in unknown.output
+    orchestrator.stop()
