@@ -195,7 +195,7 @@ async def test_cancel_kills_the_whole_tree(
     assert steps["detach"] == "cancelled"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_cancels_running_jobs_reports_them_and_exits_0_in_time(
     orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, marker: str, sig: int
 ) -> None:
