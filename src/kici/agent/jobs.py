@@ -83,7 +83,6 @@ class Job:
     """The terminal status is queued (the job no longer takes a slot)."""
     abandoned: bool = False
     """The orchestrator did not take the job back after a reconnect: nothing more is sent for it."""
-    final_state: str | None = None
 
     @property
     def job_id(self) -> str:
@@ -311,7 +310,6 @@ class JobManager:
 
     def _finish(self, job: Job, result: JobResult) -> None:
         job.finished = True
-        job.final_state = result.status
         self.counters.jobs_total[result.status] = self.counters.jobs_total.get(result.status, 0) + 1
         self._send(job, p.JobStatusUpdate(
             run_id=job.run_id, job_id=job.job_id, state=result.status, timestamp=time.time(),

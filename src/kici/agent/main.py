@@ -120,6 +120,9 @@ class Agent:
             ("kici_agent_log_lines_dropped_total", "counter",
              "Log lines dropped by the per-step cap or by the offline buffer.",
              [({}, float(counters.log_lines_truncated + self.connection.lines_dropped))]),
+            ("kici_agent_events_dropped_total", "counter",
+             "Status events dropped from the offline buffer (beyond 5000 while disconnected).",
+             [({}, float(self.connection.events_dropped))]),
             ("kici_agent_draining", "gauge", "1 while draining.", [({}, 1.0 if self.jobs.draining else 0.0)]),
         ])
 

@@ -21,7 +21,9 @@ _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 def prepare_work_dir(work_dir: Path) -> None:
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (work_dir / "jobs").mkdir(exist_ok=True, mode=0o700)
+    jobs = work_dir / "jobs"
+    jobs.mkdir(exist_ok=True, mode=0o700)
+    os.chmod(jobs, 0o700)  # checkouts may hold private code: other local users never get in
 
 
 def job_dir(jobs_dir: Path, job_id: str) -> Path:

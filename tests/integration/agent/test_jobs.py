@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -194,8 +195,9 @@ async def test_cancel_kills_the_whole_tree(
     assert steps["detach"] == "cancelled"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_cancels_running_jobs_reports_them_and_exits_0_in_time(
-    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, marker: str
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, marker: str, sig: int
 ) -> None:
     record = tmp_path / "record"
     repo = workflow_repo(tmp_path / "repo", CANCELLABLE.format(record=str(record), marker=marker))
@@ -204,15 +206,77 @@ async def test_sigterm_cancels_running_jobs_reports_them_and_exits_0_in_time(
     message = dispatch(repo, "long")
     await orchestrator.send(message)
     await wait_until(lambda: len(marker_pids(marker)) >= 3, 30, "the step's processes")
-    loop_time = time.monotonic
-    started = loop_time()
-    agent.signal(15)
+    started = time.monotonic()
+    agent.signal(sig)
     assert await agent.wait_exit(timeout=20) == 0
-    assert loop_time() - started < 8.0
+    assert time.monotonic() - started < 8.0
     final = orchestrator.terminal(message["job_id"])
     assert final is not None and final["state"] == "cancelled", final
+    assert record.read_text().split() == ["on_cancel", "cleanup"]  # a graceful stop runs the cancel hooks
     assert marker_pids(marker) == []
     assert any(m["type"] == "agent.status" and m["draining"] for m in orchestrator.current.messages)
+
+
+STUCK_HOOK = """
+import time
+
+def hang(ctx):
+    ctx.sh("exec -a {marker}-step sleep 300")
+
+def stuck(ctx):
+    ctx.sh("exec -a {marker}-hook sleep 300")
+
+s = job("s", steps=[step("hang", hang)], on_cancel=stuck)
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[s])
+"""
+
+
+async def test_shutdown_is_bounded_even_when_a_cancel_hook_hangs_and_a_second_signal_kills_at_once(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, marker: str
+) -> None:
+    repo = workflow_repo(tmp_path / "repo", STUCK_HOOK.format(marker=marker))
+    agent = start_agent(orchestrator, KICI_SHUTDOWN_TIMEOUT_MS="3000", KICI_CANCEL_GRACE_MS="60000")
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "s")
+    await orchestrator.send(message)
+    await wait_until(lambda: marker_pids(marker), 30, "the step")
+    started = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    await wait_until(lambda: marker_pids(f"{marker}-hook"), 20, "the stuck cancel hook")
+    assert await agent.wait_exit(timeout=20) == 0
+    assert time.monotonic() - started < 8.0  # bounded by KICI_SHUTDOWN_TIMEOUT_MS, not the hook
+    assert marker_pids(marker) == []
+    final = orchestrator.terminal(message["job_id"])
+    assert final is not None and final["state"] == "cancelled", final
+
+    # a second signal does not wait for anything
+    again = dispatch(repo, "s")
+    agent = start_agent(orchestrator, KICI_SHUTDOWN_TIMEOUT_MS="30000", KICI_CANCEL_GRACE_MS="60000")
+    await orchestrator.wait_registered(count=2)
+    await orchestrator.send(again)
+    await wait_until(lambda: marker_pids(marker), 30, "the step")
+    started = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    await wait_until(lambda: marker_pids(f"{marker}-hook"), 20, "the stuck cancel hook")
+    agent.signal(signal.SIGTERM)
+    assert await agent.wait_exit(timeout=20) == 0
+    assert time.monotonic() - started < 10.0
+    assert marker_pids(marker) == []
+
+
+async def test_a_redelivered_dispatch_of_a_running_job_is_acked_again_not_run_twice(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    repo = workflow_repo(tmp_path / "repo", SLOW)
+    start_agent(orchestrator, KICI_MAX_CONCURRENCY="2")
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "slow")
+    await orchestrator.send(message)
+    await orchestrator.wait_message(lambda m: m["type"] == "step.status")
+    await orchestrator.send(message)
+    await wait_until(lambda: len(orchestrator.messages("job.ack", message["job_id"])) == 2, 10, "the second ack")
+    assert (await orchestrator.wait_terminal(message["job_id"]))["state"] == "success"
+    assert len([m for m in orchestrator.messages("job.status", message["job_id"]) if m["state"] == "running"]) == 1
 
 
 DRIFT = """
