@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dispatch import (  # noqa: E402 - the sibling benchmark's orchestrator and webhook helpers
+from dispatch import (  # the sibling benchmark's orchestrator and webhook helpers
     ADMIN_TOKEN,
     WEBHOOK_SECRET,
     Orchestrator,
@@ -52,7 +52,7 @@ from kici import job, push, step, workflow
 
 quick = workflow("quick", on=[push(branches=["main"])], jobs=[job("true", steps=[step("true", "true")])])
 logs = workflow("logs", on=[push(branches=["logs"])],
-                jobs=[job("print", steps=[step("seq", "seq 1 $KICI_BENCH_LINES")])])
+                jobs=[job("print", steps=[step("seq", "seq 1 {lines}")])])
 '''
 
 
@@ -70,8 +70,6 @@ class Agent:
             "KICI_ORCHESTRATOR_URL": url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
             "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info",
         })
-        # the step reads the line count from its environment: an allow-listed variable carries it
-        env["KICI_BENCH_LINES"] = str(lines)
         self.handle = open(self.log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "kici.agent"], env=env, stdout=self.handle,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -113,7 +111,7 @@ class Bench:
 
     def make_repo(self) -> dict[str, str]:
         (self.repo / ".kici" / "workflows").mkdir(parents=True)
-        (self.repo / ".kici" / "workflows" / "bench.py").write_text(WORKFLOWS)
+        (self.repo / ".kici" / "workflows" / "bench.py").write_text(WORKFLOWS.format(lines=self.args.lines))
         git(self.repo, "init", "-q", "-b", "main")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KICI_")}
         subprocess.run([sys.executable, "-m", "kici", "compile"], cwd=self.repo, check=True, capture_output=True,
@@ -241,12 +239,14 @@ class Bench:
         steps = await self._steps(job["id"])
         elapsed = _ts(job["finished_at"]) - _ts(steps[0]["started_at"])
         stored = 0
-        log_file = self.work / "data" / "logs" / run["id"] / f"{job['id']}.ndjson"
-        with open(log_file, encoding="utf-8") as handle:
-            for line in handle:
-                record = json.loads(line)
-                if record["step"] == 0:
-                    stored += sum(1 for text in record["lines"] if text.strip().isdigit())
+        after = 0
+        while True:  # through the API, as an operator reads it (which also flushes the storage's buffer)
+            page = await self.admin("GET", f"/runs/{run['id']}/jobs/{job['id']}/logs",
+                                    params={"after": after, "limit": 5000})
+            stored += sum(1 for x in page["lines"] if x["step"] == 0 and x["line"].strip().isdigit())
+            if page["complete"] or not page["lines"]:
+                break
+            after = page["next"]
         return {
             "lines": self.args.lines,
             "lines_stored": stored,
