@@ -29,8 +29,10 @@ from kici.engine.runner_protocol import (
     JobSpec,
     JobStarted,
     LogLine,
+    LogLines,
     RunnerMessage,
     StepStatus,
+    log_lines,
     parse_runner_message,
 )
 from kici.runner import proctree, wire
@@ -79,11 +81,12 @@ class Run:
 
     def logs(self, index: int | None = None, stream: str | None = None) -> list[str]:
         return [
-            m.line
+            line
             for m in self.messages
-            if isinstance(m, LogLine)
+            if isinstance(m, LogLine | LogLines)
             and (index is None or m.step_index == index)
             and (stream is None or m.stream == stream)
+            for line in log_lines(m)
         ]
 
     def log_text(self) -> str:
@@ -1091,7 +1094,7 @@ async def test_a_runner_that_dies_gets_a_synthetic_result(ws: Path, marker: str)
         async with asyncio.timeout(20):
             async for message in proc.messages():
                 run.messages.append(message)
-                if isinstance(message, LogLine) and marker in message.line:
+                if any(marker in line for line in log_lines(message)):
                     os.kill(proc.pid, signal.SIGKILL)
     finally:
         await proc.kill(grace=0.5)
@@ -1132,7 +1135,7 @@ def test_runner_works_with_stdio_on_a_regular_file(ws: Path, tmp_path: Path) -> 
         if proc.stdin is not None:
             proc.stdin.close()
     assert isinstance(messages[-1], JobResult) and messages[-1].status == "success"
-    assert any(isinstance(m, LogLine) and m.line == "hello" and m.step_index == 0 for m in messages)
+    assert any("hello" in log_lines(m) and m.step_index == 0 for m in messages if isinstance(m, LogLine | LogLines))
 
 
 async def test_mount_file_is_private_and_removed_after_the_step(ws: Path) -> None:
@@ -1168,7 +1171,7 @@ async def test_closing_stdin_cancels_the_job(ws: Path, marker: str) -> None:
         async with asyncio.timeout(20):
             async for message in proc.messages():
                 run.messages.append(message)
-                if isinstance(message, LogLine) and marker in message.line:
+                if any(marker in line for line in log_lines(message)):
                     await wait_until(lambda: bool(marker_pids(marker)))
                     proc._proc.stdin.close()  # type: ignore[union-attr]  # the parent went away
     finally:

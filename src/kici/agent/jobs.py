@@ -33,7 +33,15 @@ from kici.engine import protocol as p
 from kici.engine.content_hash import workflow_content_hash
 from kici.engine.events import Event
 from kici.engine.masking import SecretMasker
-from kici.engine.runner_protocol import SETUP_STEP_INDEX, JobResult, JobSpec, JobStarted, LogLine, StepStatus
+from kici.engine.runner_protocol import (
+    SETUP_STEP_INDEX,
+    JobResult,
+    JobSpec,
+    JobStarted,
+    LogLine,
+    LogLines,
+    StepStatus,
+)
 from kici.runner.client import RunnerProcess, safe_base_env
 
 FORCE_CANCEL_GRACE_S = 2.0
@@ -356,6 +364,9 @@ class JobManager:
         async for message in runner.messages():
             if isinstance(message, LogLine):
                 streamer.add(message.step_index, message.line)
+            elif isinstance(message, LogLines):
+                for line in message.lines:
+                    streamer.add(message.step_index, line)
             elif isinstance(message, StepStatus):
                 streamer.flush()
                 if message.state != "running":

@@ -32,7 +32,16 @@ from kici.engine.inputs import InputError, dispatch_input_specs, resolve_inputs
 from kici.engine.lockfile import Workflow
 from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
-from kici.engine.runner_protocol import WORKFLOW_HOOKS_JOB, JobResult, JobSpec, JobStarted, LogLine, StepStatus
+from kici.engine.runner_protocol import (
+    WORKFLOW_HOOKS_JOB,
+    JobResult,
+    JobSpec,
+    JobStarted,
+    LogLine,
+    LogLines,
+    StepStatus,
+    log_lines,
+)
 from kici.engine.states import RunStatus, aggregate_run_status
 from kici.runner.client import RunnerProcess, safe_base_env
 from kici.runner.spawn import Spawned
@@ -484,10 +493,11 @@ class LocalExecutor:
         async for msg in proc.messages():
             if isinstance(msg, JobStarted):
                 job.steps = [StepReport(name) for name in msg.steps]
-            elif isinstance(msg, LogLine):
-                job.log.append(msg.line)
+            elif isinstance(msg, LogLine | LogLines):
                 style = {"fg": "yellow"} if msg.stream == "system" else {}
-                self.printer.line(job, f"│ {msg.line}", **style)
+                for line in log_lines(msg):
+                    job.log.append(line)
+                    self.printer.line(job, f"│ {line}", **style)
             elif isinstance(msg, StepStatus):
                 self._on_step(job, msg)
             elif isinstance(msg, JobResult):

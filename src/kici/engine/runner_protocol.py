@@ -87,6 +87,25 @@ class LogLine(_Msg):
     line: str
 
 
+class LogLines(_Msg):
+    """Several lines of one step and stream in one message: what the runner sends for output that comes
+    in bursts (one message per line was most of the cost of a chatty step)."""
+
+    type: Literal["logs"] = "logs"
+    step_index: int
+    stream: Literal["stdout", "stderr", "system"] = "stdout"
+    lines: list[str]
+
+
+def log_lines(message: object) -> list[str]:
+    """The output lines a runner message carries (none for messages that are not logs)."""
+    if isinstance(message, LogLine):
+        return [message.line]
+    if isinstance(message, LogLines):
+        return message.lines
+    return []
+
+
 class JobStarted(_Msg):
     type: Literal["job.started"] = "job.started"
     steps: list[str]
@@ -102,7 +121,7 @@ class JobResult(_Msg):
 
 
 RunnerMessage = Annotated[
-    StepStatus | LogLine | JobStarted | JobResult,
+    StepStatus | LogLine | LogLines | JobStarted | JobResult,
     Field(discriminator="type"),
 ]
 

@@ -1,8 +1,8 @@
 """The parent's side of the runner: start `python -m kici.runner`, read its messages, cancel or kill it.
 
 Used by `kici run local` and by the agent. Secret masking happens here, outside the runner process, so
-a step cannot get around it: every `LogLine.line`, every error text and every string in step or job
-outputs is passed through a `SecretMasker` built from `spec.secrets`.
+a step cannot get around it: every line of `LogLine` and `LogLines`, every error text and every string in
+step or job outputs is passed through a `SecretMasker` built from `spec.secrets`.
 
 The runner gets its own session (so the whole tree can be signalled), an environment built from an
 allow-list (`runner_env`: the parent's `KICI_*` variables and tokens never reach it), the spec on its
@@ -30,6 +30,7 @@ from kici.engine.runner_protocol import (
     JobResult,
     JobSpec,
     LogLine,
+    LogLines,
     RunnerMessage,
     StepStatus,
     parse_runner_message,
@@ -147,6 +148,9 @@ class RunnerProcess:
         if isinstance(message, LogLine):
             masked = mask(message.line)
             return message if masked == message.line else message.model_copy(update={"line": masked})
+        if isinstance(message, LogLines):
+            lines = [mask(line) for line in message.lines]
+            return message if lines == message.lines else message.model_copy(update={"lines": lines})
         if isinstance(message, StepStatus):
             update: dict[str, Any] = {}
             if message.error:

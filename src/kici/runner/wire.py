@@ -161,11 +161,16 @@ class ProtocolWriter:
         self.logs(step_index, stream, [line])
 
     def logs(self, step_index: int, stream: str, lines: list[str]) -> None:
-        """Several `LogLine`s in one write (the hot path: every line of output goes through here)."""
+        """Lines of output in one write: a `LogLine` for one line, a `LogLines` for several (the hot path:
+        every line of output goes through here)."""
         if not lines:
             return
-        head = f'{{"type":"log","step_index":{int(step_index)},"stream":{_encode_str(stream)},"line":'
-        data = "".join([f"{head}{_encode_str(line)}}}\n" for line in lines])
+        if len(lines) == 1:
+            head = f'{{"type":"log","step_index":{int(step_index)},"stream":{_encode_str(stream)},"line":'
+            data = f"{head}{_encode_str(lines[0])}}}\n"
+        else:
+            head = f'{{"type":"logs","step_index":{int(step_index)},"stream":{_encode_str(stream)},"lines":['
+            data = head + ",".join([_encode_str(line) for line in lines]) + "]}\n"
         self._send(_clean(data).encode("utf-8"))
 
     def job_started(self, steps: list[str]) -> None:
