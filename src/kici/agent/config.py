@@ -7,7 +7,6 @@ so a field's `description` is its documentation.
 
 from __future__ import annotations
 
-import difflib
 import os
 import platform
 import secrets
@@ -20,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kici.engine.labels import auto_labels, validate_user_labels
+from kici.engine.settings_meta import did_you_mean
+from kici.engine.settings_meta import unknown_env_vars as _unknown_env_vars
 
 ENV_PREFIX = "KICI_"
 
@@ -219,21 +220,15 @@ def default_work_dir(environ: Mapping[str, str]) -> Path:
     return Path(home) / ".local" / "state" / "kici-agent"
 
 
-def did_you_mean(name: str, candidates: frozenset[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else "no similar setting; see docs/operator/agent/configuration.md"
+def _did_you_mean(name: str, candidates: frozenset[str]) -> str:
+    return did_you_mean(name, candidates, "docs/operator/agent/configuration.md")
 
 
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     """`KICI_*` variables in `environ` that are neither agent settings nor exempt, sorted."""
-    known = known_env_names()
-    return sorted(
-        name
-        for name in environ
-        if name.startswith(ENV_PREFIX)
-        and name not in known
-        and name not in EXEMPT_ENV_NAMES
-        and not name.startswith(EXEMPT_ENV_PREFIXES)
+    return _unknown_env_vars(
+        environ, prefix=ENV_PREFIX, known=known_env_names(), exempt_names=EXEMPT_ENV_NAMES,
+        exempt_prefixes=EXEMPT_ENV_PREFIXES,
     )
 
 
@@ -262,10 +257,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> tuple[AgentSettin
     warnings: list[str] = []
     unknown = unknown_env_vars(environ)
     if unknown and _lenient_bool(values.get("dev", False)):
-        warnings = [f"unknown variable {n} ignored ({did_you_mean(n, known_env_names())})" for n in unknown]
+        warnings = [f"unknown variable {n} ignored ({_did_you_mean(n, known_env_names())})" for n in unknown]
     else:
         errors = [
-            f"unknown variable {n} ({did_you_mean(n, known_env_names())}); set KICI_DEV=true to start anyway"
+            f"unknown variable {n} ({_did_you_mean(n, known_env_names())}); set KICI_DEV=true to start anyway"
             for n in unknown
         ]
     settings: AgentSettings | None = None

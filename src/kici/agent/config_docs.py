@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import SecretStr
-from pydantic.fields import FieldInfo
 
 from kici.agent.config import EXEMPT_ENV_NAMES, EXEMPT_ENV_PREFIXES, AgentSettings, env_name
+from kici.engine.settings_meta import env_table
 
 PAGE = Path("docs") / "operator" / "agent" / "configuration.md"
 
@@ -47,51 +42,11 @@ Durations ending in `_MS` are milliseconds. Booleans accept `true`/`false`, `1`/
 """
 
 
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
-    if origin is Literal:
-        return " \\| ".join(f"`{v}`" for v in typing.get_args(annotation))
-    if origin is list:
-        return "comma-separated list"
-    if annotation is bool:
-        return "boolean"
-    if annotation is int:
-        return "integer"
-    if annotation is SecretStr:
-        return "secret"
-    if isinstance(annotation, type) and issubclass(annotation, Path):
-        return "path"
-    return "string"
-
-
-def _default(info: FieldInfo) -> str:
-    extra = info.json_schema_extra
-    if isinstance(extra, dict) and "doc_default" in extra:
-        return str(extra["doc_default"])
-    value = info.get_default(call_default_factory=True)
-    if value is None or value == "" or value == []:
-        return "—"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    return f"`{value}`"
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
-
-
 def render() -> str:
     """The whole page, as committed."""
     exempt = ", ".join(f"`{prefix}*`" for prefix in EXEMPT_ENV_PREFIXES)
     exempt += ", and the job-step variables " + ", ".join(f"`{n}`" for n in sorted(EXEMPT_ENV_NAMES))
-    lines = [INTRO.format(exempt=exempt), "| Variable | Type | Default | Description |", "|---|---|---|---|"]
-    for name, info in AgentSettings.model_fields.items():
-        lines.append(
-            f"| `{env_name(name)}` | {_type_name(info.annotation)} | {_cell(_default(info))} | "
-            f"{_cell(info.description or '')} |"
-        )
+    lines = [INTRO.format(exempt=exempt), *env_table(AgentSettings.model_fields.items(), env_name)]
     return "\n".join(lines) + "\n" + OUTRO
 
 

@@ -12,7 +12,6 @@ loader that reads it from the database comes with the config-versions table.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -32,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from kici.engine.settings_meta import did_you_mean
+from kici.engine.settings_meta import unknown_env_vars as _unknown_env_vars
 from kici.orchestrator.db.url import DatabaseURLError, parse_database_url, sqlite_url_for
 
 ENV_PREFIX = "KICI_"
@@ -351,20 +352,14 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
 
 
 def _did_you_mean(name: str, candidates: frozenset[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else "no similar setting; see docs/operator/configuration.md"
+    return did_you_mean(name, candidates, "docs/operator/configuration.md")
 
 
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     """`KICI_*` variables in `environ` that are neither settings nor exempt, sorted."""
-    known = known_env_names()
-    return sorted(
-        name
-        for name in environ
-        if name.startswith(ENV_PREFIX)
-        and name not in known
-        and name not in EXEMPT_ENV_NAMES
-        and not name.startswith(EXEMPT_ENV_PREFIXES)
+    return _unknown_env_vars(
+        environ, prefix=ENV_PREFIX, known=known_env_names(), exempt_names=EXEMPT_ENV_NAMES,
+        exempt_prefixes=EXEMPT_ENV_PREFIXES,
     )
 
 

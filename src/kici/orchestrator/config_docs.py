@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
+from kici.engine.settings_meta import env_table
 from kici.orchestrator.config import (
     EXEMPT_ENV_NAMES,
     EXEMPT_ENV_PREFIXES,
@@ -58,57 +55,17 @@ logged or echoed in error messages.
 """
 
 
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
-        return " or ".join(names)
-    if origin is Literal:
-        return " \\| ".join(f"`{v}`" for v in typing.get_args(annotation))
-    if annotation is bool:
-        return "boolean"
-    if annotation is int:
-        return "integer"
-    if annotation is float:
-        return "number"
-    if annotation is SecretStr:
-        return "secret"
-    if isinstance(annotation, type) and issubclass(annotation, Path):
-        return "path"
-    return "string"
-
-
-def _default(info: FieldInfo) -> str:
+def _describe(info: FieldInfo) -> str:
     extra = info.json_schema_extra
-    if isinstance(extra, dict) and "doc_default" in extra:
-        return str(extra["doc_default"])
-    value = info.get_default(call_default_factory=True)
-    if value is None or value == "":
-        return "—"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, float) and value.is_integer():
-        return f"`{int(value)}`"
-    return f"`{value}`"
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    env_only = isinstance(extra, dict) and extra.get("env_only")
+    return (info.description or "") + (" Environment only." if env_only else "")
 
 
 def render() -> str:
     """The whole page, as committed."""
     exempt = ", ".join(f"`{p}*`" for p in EXEMPT_ENV_PREFIXES)
     exempt += ", and the job-step variables " + ", ".join(f"`{n}`" for n in sorted(EXEMPT_ENV_NAMES))
-    lines = [INTRO.format(exempt=exempt), "| Variable | Type | Default | Description |", "|---|---|---|---|"]
-    for name, info in Settings.model_fields.items():
-        description = info.description or ""
-        extra = info.json_schema_extra
-        if isinstance(extra, dict) and extra.get("env_only"):
-            description += " Environment only."
-        lines.append(
-            f"| `{env_name(name)}` | {_type_name(info.annotation)} | {_cell(_default(info))} | {_cell(description)} |"
-        )
+    lines = [INTRO.format(exempt=exempt), *env_table(Settings.model_fields.items(), env_name, _describe)]
     return "\n".join(lines) + "\n" + OUTRO
 
 

@@ -8,8 +8,6 @@ it, so in a cluster exactly one node runs each sweep per tick; SQLite has a sing
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -19,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.protocol import CloseCode
 from kici.orchestrator.app import Readiness
+from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
 from kici.orchestrator.logs import log_event
@@ -40,25 +39,15 @@ class Sweeper:
         self.db = dispatcher.db
         self.settings = dispatcher.settings
         self.metrics = dispatcher.metrics
-        self._task: asyncio.Task[None] | None = None
         self._after_commit: list[Callable[[], Awaitable[object]]] = []
         """Messages to agents decided by the running sweep, sent once its transaction has committed."""
+        self._periodic = PeriodicTask("sweeper", self.settings.sweep_interval_ms / 1000, self.tick)
 
     async def start(self, readiness: Readiness) -> None:
-        self._task = asyncio.create_task(self._loop(readiness), name="kici-sweeper")
+        await self._periodic.start(readiness)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self, readiness: Readiness) -> None:
-        while not readiness.prepared:
-            await asyncio.sleep(0.05)
-        while True:
-            await self.tick()
-            await asyncio.sleep(self.settings.sweep_interval_ms / 1000)
+        await self._periodic.stop()
 
     async def tick(self) -> None:
         """Run every sweep once; a failing sweep is logged and does not stop the others."""

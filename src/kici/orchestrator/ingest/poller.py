@@ -15,14 +15,13 @@ reported once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from typing import Any
 
 import sqlalchemy as sa
 
 from kici.orchestrator.app import AppState, Readiness
+from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.db.schema import SourceKind, git_refs, sources, utcnow
 from kici.orchestrator.ingest.routes import accept_git_push
 from kici.orchestrator.ingest.service import Ingest
@@ -40,26 +39,13 @@ class GitPoller:
         self.state = state
         self.ingest = ingest
         self._due: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicTask("poll", TICK_S, self.tick)
 
     async def start(self, readiness: Readiness) -> None:
-        self._task = asyncio.create_task(self._loop(readiness), name="kici-git-poller")
+        await self._periodic.start(readiness)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self, readiness: Readiness) -> None:
-        while not readiness.prepared:
-            await asyncio.sleep(0.05)
-        while True:
-            try:
-                await self.tick()
-            except Exception as exc:  # the database is away: try again next tick
-                log_event("poll.tick_failed", level="error", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(TICK_S)
+        await self._periodic.stop()
 
     async def tick(self, *, now: float | None = None) -> list[str]:
         """Poll every polled source that is due; the ids polled."""

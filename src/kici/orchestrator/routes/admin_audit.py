@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
 
 from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminRoute, Permission, Principal, require
@@ -18,32 +16,13 @@ router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
 State = Annotated[AppState, Depends(app_state)]
 
 
-class AuditEntry(BaseModel):
-    id: str
-    created_at: dt.datetime
-    action: str
-    outcome: str
-    status: int | None
-    reason: str | None
-    token_id: str | None
-    role: str | None
-    permission: str | None
-    method: str | None
-    path: str | None
-    client: str | None
-
-    @classmethod
-    def of(cls, record: AuditRecord) -> AuditEntry:
-        return cls.model_validate(record.model_dump(include=set(cls.model_fields)))
-
-
 @router.get("/audit", summary="List audit entries (denied admin requests), newest first")
 async def list_audit(
     state: State,
     principal: Annotated[Principal, Depends(require(Permission.AUDIT_READ))],
     outcome: Literal["denied", "allowed"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[AuditEntry]:
+) -> list[AuditRecord]:
     async with state.database.read() as conn:
         found = await audit.list_audit(conn, org_id=principal.token.org_id, outcome=outcome, limit=limit)
-    return [AuditEntry.of(r) for r in found]
+    return found

@@ -26,6 +26,21 @@ def guard_sources(target: JobState | str, event: JobEvent | str) -> frozenset[Jo
     return frozenset(state for (state, ev), to in TRANSITIONS.items() if ev == event and to == target)
 
 
+def _guard(
+    target: JobState, event: JobEvent | str, values: Mapping[str, Any] | None
+) -> tuple[list[str], dict[str, Any]]:
+    """The source states the UPDATE's guard allows, and the other columns it writes."""
+    sources = guard_sources(target, event)
+    if not sources:
+        raise ValueError(f"job event {JobEvent(event).value} never leads to {target.value}")
+    extra = dict(values or {})
+    if _STATUS_COLUMNS & extra.keys():
+        raise ValueError(f"values may not set {sorted(_STATUS_COLUMNS & extra.keys())}")
+    if is_terminal(target):
+        extra.setdefault("finished_at", utcnow())
+    return sorted(s.value for s in sources), extra
+
+
 async def set_job_status(
     conn: AsyncConnection,
     job_id: str,
@@ -43,15 +58,8 @@ async def set_job_status(
     `target` (a programming error, not a late message).
     """
     target = JobState(target)
-    sources = guard_sources(target, event)
-    if not sources:
-        raise ValueError(f"job event {JobEvent(event).value} never leads to {target.value}")
-    extra = dict(values or {})
-    if _STATUS_COLUMNS & extra.keys():
-        raise ValueError(f"values may not set {sorted(_STATUS_COLUMNS & extra.keys())}")
-    if is_terminal(target):
-        extra.setdefault("finished_at", utcnow())
-    conditions = [jobs.c.id == job_id, jobs.c.status.in_(sorted(s.value for s in sources))]
+    sources, extra = _guard(target, event, values)
+    conditions = [jobs.c.id == job_id, jobs.c.status.in_(sources)]
     if owned_by is not None:
         conditions.append(jobs.c.agent_id == owned_by)
     result = await conn.execute(jobs.update().where(*conditions).values(status=target.value, **extra))
@@ -70,17 +78,10 @@ async def set_jobs_status(
     if not job_ids:
         return 0
     target = JobState(target)
-    sources = guard_sources(target, event)
-    if not sources:
-        raise ValueError(f"job event {JobEvent(event).value} never leads to {target.value}")
-    extra = dict(values or {})
-    if _STATUS_COLUMNS & extra.keys():
-        raise ValueError(f"values may not set {sorted(_STATUS_COLUMNS & extra.keys())}")
-    if is_terminal(target):
-        extra.setdefault("finished_at", utcnow())
+    sources, extra = _guard(target, event, values)
     result = await conn.execute(
         jobs.update()
-        .where(jobs.c.id.in_(job_ids), jobs.c.status.in_(sorted(s.value for s in sources)))
+        .where(jobs.c.id.in_(job_ids), jobs.c.status.in_(sources))
         .values(status=target.value, **extra)
     )
     return int(result.rowcount or 0)
