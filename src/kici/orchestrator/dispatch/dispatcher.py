@@ -271,25 +271,24 @@ class Dispatcher:
             for agent, row in picks
         ), return_exceptions=True)
         sent = 0
-        for (agent, _row), claim in zip(picks, claims, strict=True):
+        for (agent, row), claim in zip(picks, claims, strict=True):
             if isinstance(claim, BaseException):
                 log_event("dispatch.claim_failed", level="error", error=f"{type(claim).__name__}: {claim}")
                 continue
-            if claim is not None and await self._hand_out(agent, claim):
+            if claim is not None and await self._hand_out(agent, claim, row):
                 sent += 1
         if len(rows) == window and sent:
             self.wake()  # a long queue: come back for the rest
         return sent
 
-    async def _hand_out(self, agent: AgentConnection, claim: Claim) -> bool:
+    async def _hand_out(self, agent: AgentConnection, claim: Claim, row: queue_store.PendingRow | None = None) -> bool:
         slots = self._slots_of(agent)
         if slots is None:  # disconnected meanwhile: put the job back
             await self._requeue(claim, agent.agent_id)
             return False
         slots.jobs.add(claim.job_id)
         try:
-            async with self.db.read() as conn:
-                context = await load_context(conn, claim, self._runs)
+            context = await load_context(self.db, claim, self._runs, row)
             access = await self._clone_access(context.run)
             message = build_dispatch(
                 context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes

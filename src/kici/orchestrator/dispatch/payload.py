@@ -3,6 +3,7 @@ its upstream jobs' outputs, and where (and with which token) the agent clones th
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -13,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.lockfile import Workflow
 from kici.engine.protocol import JobDispatch
+from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import new_id
 from kici.orchestrator.providers.base import CloneAccess
 from kici.orchestrator.store import runs as run_store
-from kici.orchestrator.store.queue import Claim
+from kici.orchestrator.store.queue import Claim, PendingRow
 from kici.orchestrator.store.runs import JobRecord, RunRecord
 
 CloneAccessFor = Callable[[RunRecord], Awaitable[CloneAccess]]
@@ -29,14 +31,31 @@ class DispatchError(Exception):
 
 
 @dataclass(frozen=True)
+class JobFacts:
+    """What a dispatch needs of the job itself."""
+
+    id: str
+    name: str
+    job: str
+    matrix: dict[str, Any] | None
+    queued_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, record: JobRecord | PendingRow) -> JobFacts:
+        if isinstance(record, PendingRow):
+            return cls(record.job_id, record.name, record.job, record.matrix, record.queued_at)
+        return cls(record.id, record.name, record.job, record.matrix, record.queued_at)
+
+
+@dataclass(frozen=True)
 class DispatchContext:
     run: RunRecord
-    job: JobRecord
+    job: JobFacts
     workflow: Workflow
     upstream_outputs: dict[str, Any]
 
 
-def upstream_outputs(workflow: Workflow, job: JobRecord, run_jobs: list[JobRecord]) -> dict[str, Any]:
+def upstream_outputs(workflow: Workflow, job: JobFacts, run_jobs: list[JobRecord]) -> dict[str, Any]:
     """`ctx.outputs_of` data for `job`: for each lock job it needs, that job's outputs; for a matrix
     upstream `{"by_matrix": {child name: outputs}, "merged": {step: {...}}}` (children merged in plan
     order, later keys winning) — the same shape `kici run local` gives."""
@@ -66,6 +85,9 @@ class RunCache:
         self._size = size
         self._runs: OrderedDict[str, tuple[RunRecord, Workflow]] = OrderedDict()
 
+    def peek(self, run_id: str) -> tuple[RunRecord, Workflow] | None:
+        return self._runs.get(run_id)
+
     async def get(self, conn: AsyncConnection, run_id: str) -> tuple[RunRecord, Workflow]:
         found = self._runs.get(run_id)
         if found is not None:
@@ -83,14 +105,22 @@ class RunCache:
         return entry
 
 
-async def load_context(conn: AsyncConnection, claim: Claim, runs: RunCache) -> DispatchContext:
-    run, workflow = await runs.get(conn, claim.run_id)
-    job = await run_store.get_job(conn, claim.job_id)
-    if job is None:
-        raise DispatchError(f"job {claim.job_id} no longer exists")
-    lock_job = workflow.job(job.job)
-    needs_outputs = lock_job is not None and bool(lock_job.needs)
-    outputs = upstream_outputs(workflow, job, await run_store.list_jobs(conn, run.id)) if needs_outputs else {}
+async def load_context(db: Database, claim: Claim, runs: RunCache, row: PendingRow | None = None) -> DispatchContext:
+    """Everything but the clone access. With the claimed queue row (which carries the job's facts) and the
+    run in the cache, a job without needs reads nothing."""
+    cached = runs.peek(claim.run_id)
+    lock_job = cached[1].job(row.job) if cached is not None and row is not None else None
+    if cached is not None and row is not None and lock_job is not None and not lock_job.needs:
+        return DispatchContext(cached[0], JobFacts.of(row), cached[1], {})
+    async with db.read() as conn:
+        run, workflow = await runs.get(conn, claim.run_id)
+        found = await run_store.get_job(conn, claim.job_id)
+        if found is None:
+            raise DispatchError(f"job {claim.job_id} no longer exists")
+        job = JobFacts.of(found)
+        lock_job = workflow.job(job.job)
+        needs_outputs = lock_job is not None and bool(lock_job.needs)
+        outputs = upstream_outputs(workflow, job, await run_store.list_jobs(conn, run.id)) if needs_outputs else {}
     return DispatchContext(run, job, workflow, outputs)
 
 

@@ -185,13 +185,18 @@ async def _take(
 
 @dataclass(frozen=True)
 class PendingRow:
-    """A pending, unexpired queue row with its job's routing, as the dispatcher matches it to agents."""
+    """A pending, unexpired queue row with its job's routing, as the dispatcher matches it to agents, and
+    what a `job.dispatch` needs of the job (so handing it out reads nothing more)."""
 
     queue_id: str
     job_id: str
     run_id: str
     runs_on: list[LabelMatcher]
     exclude_labels: list[LabelMatcher]
+    name: str = ""
+    job: str = ""
+    matrix: dict[str, Any] | None = None
+    queued_at: dt.datetime | None = None
 
     def routes_to(self, agent: AgentSlot) -> bool:
         return job_matches_agent(self.runs_on, self.exclude_labels, agent.labels, agent.taints)
@@ -202,14 +207,20 @@ async def pending_rows(conn: AsyncConnection, *, limit: int) -> list[PendingRow]
     now = utcnow()
     dq = dispatch_queue
     query = (
-        sa.select(dq.c.id, dq.c.job_id, dq.c.run_id, jobs.c.runs_on, jobs.c.exclude_labels)
+        sa.select(
+            dq.c.id, dq.c.job_id, dq.c.run_id, jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.name, jobs.c.job,
+            jobs.c.matrix, jobs.c.queued_at,
+        )
         .join(jobs, jobs.c.id == dq.c.job_id)
         .where(dq.c.status == QueueStatus.PENDING.value, sa.or_(dq.c.expires_at.is_(None), dq.c.expires_at >= now))
         .order_by(dq.c.created_at, dq.c.id)
         .limit(max(1, limit))
     )
     return [
-        PendingRow(str(r.id), str(r.job_id), str(r.run_id), _matchers(r.runs_on), _matchers(r.exclude_labels))
+        PendingRow(
+            str(r.id), str(r.job_id), str(r.run_id), _matchers(r.runs_on), _matchers(r.exclude_labels),
+            name=str(r.name), job=str(r.job), matrix=r.matrix, queued_at=r.queued_at,
+        )
         for r in await conn.execute(query)
     ]
 

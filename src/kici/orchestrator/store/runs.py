@@ -258,7 +258,22 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
 
 
 async def _lock_job_run(conn: AsyncConnection, job_id: str) -> tuple[str, str] | None:
-    """`lock_job`, also returning the run's status: (run id, run status)."""
+    """`lock_job`, also returning the run's status: (run id, run status).
+
+    A job that has a queue row (every job an agent reports on) is locked with its run and row in one
+    statement; one that has none yet (still `pending`) by locking just its run."""
+    both = (
+        await conn.execute(
+            sa.select(runs.c.id, runs.c.status)
+            .select_from(
+                jobs.join(runs, runs.c.id == jobs.c.run_id).join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id)
+            )
+            .where(jobs.c.id == job_id)
+            .with_for_update(of=[runs, dispatch_queue])
+        )
+    ).first()
+    if both is not None:
+        return str(both.id), str(both.status)
     row = (
         await conn.execute(
             sa.select(runs.c.id, runs.c.status)
@@ -267,10 +282,7 @@ async def _lock_job_run(conn: AsyncConnection, job_id: str) -> tuple[str, str] |
             .with_for_update(of=runs)
         )
     ).first()
-    if row is None:
-        return None
-    await conn.execute(sa.select(dispatch_queue.c.id).where(dispatch_queue.c.job_id == job_id).with_for_update())
-    return str(row.id), str(row.status)
+    return (str(row.id), str(row.status)) if row is not None else None
 
 
 async def close_queue_row(conn: AsyncConnection, job_id: str, job_status: str) -> None:
@@ -597,15 +609,15 @@ async def record_job_state(
             .values(status=QueueStatus.DISPATCHED.value, ack_deadline=None, recovery_deadline=None)
         )
         # A job starting makes no other job ready and finishes nothing: all a full settle would do is move
-        # a pending run to running, so do just that (the run row is already locked by `lock_job`).
-        started = await conn.execute(
+        # a pending run to running, so do just that (the run row is locked, its status read above).
+        if run_status != RunStatus.PENDING.value:
+            return SettleResult([], [], run_status)
+        await conn.execute(
             runs.update()
             .where(runs.c.id == run_id, runs.c.status == RunStatus.PENDING.value)
             .values(status=RunStatus.RUNNING.value, started_at=sa.func.coalesce(runs.c.started_at, now))
-            .returning(runs.c.status)
         )
-        status = started.scalar_one_or_none()
-        return SettleResult([], [], status if status is not None else run_status)
+        return SettleResult([], [], RunStatus.RUNNING.value)
     await close_queue_row(conn, job_id, target.value)
     return await settle_run(conn, run_id, limits=limits, now=now, locked_status=run_status)
 
