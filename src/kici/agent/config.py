@@ -104,6 +104,12 @@ class AgentSettings(BaseModel):
         "before its whole process tree is killed.",
     )
     git_timeout_ms: int = Field(default=120_000, ge=1000, description="Time limit of each git command of a clone.")
+    clone_local_shared: bool = Field(
+        default=True,
+        description="Check out repositories on this machine (a local path or `file://` URL) by borrowing their "
+        "objects through git's alternates, as `git clone --shared` does, instead of fetching a copy; `false` always "
+        "fetches (use it if the source repository may be garbage-collected while jobs run).",
+    )
 
     # -- connection -------------------------------------------------------------------------------
     heartbeat_interval_ms: int = Field(

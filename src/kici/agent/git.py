@@ -1,10 +1,14 @@
 """Cloning the dispatched commit into a job's workspace, with the token kept out of argv, URLs, `.git/config`
 and logs.
 
-`git init`, `git remote add origin URL` (the URL as dispatched, which carries no token), then
-`git fetch --depth=1 origin SHA`. Servers that refuse to fetch an unadvertised SHA (protocol v0 with
-`uploadpack.allowReachableSHA1InWant` off) get a second try fetching the dispatched ref (`--depth=50`),
-then a full (unshallowed) fetch of branches and tags. Then a detached checkout and a check that HEAD is the SHA.
+`git init`; then, for a repository on this machine (a local path or `file://` URL), its objects are
+borrowed through `objects/info/alternates` (as `git clone --shared` does) and the commit is checked out
+directly, with no fetch and no copy. Otherwise (or when the local repository lacks the commit, or
+`KICI_CLONE_LOCAL_SHARED=false`): `git remote add origin URL` (the URL as dispatched, which carries no
+token), then `git fetch --depth=1 origin SHA`. Servers that refuse to fetch an unadvertised SHA (protocol
+v0 with `uploadpack.allowReachableSHA1InWant` off) get a second try fetching the dispatched ref
+(`--depth=50`), then a full (unshallowed) fetch of branches and tags. Then a detached checkout and a check
+that HEAD is the SHA.
 
 The token travels in an `Authorization: Basic base64(x-access-token:TOKEN)` header set through git's
 `GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_0`/`GIT_CONFIG_VALUE_0` environment variables, which git reads as
@@ -76,6 +80,19 @@ def remote_url(repo_url: str) -> str:
     return str(Path(repo_url).expanduser().absolute())
 
 
+def local_objects_dir(url: str) -> Path | None:
+    """The object directory of a repository given as a local path (or `file://` URL), if it has one."""
+    if url.startswith("file://"):
+        url = urlsplit(url).path
+    elif "://" in url or re.match(r"^[\w.-]+@[\w.-]+:", url):
+        return None
+    root = Path(url)
+    for candidate in (root / ".git" / "objects", root / "objects"):
+        if candidate.is_dir() and (candidate.parent / "HEAD").is_file():
+            return candidate.resolve()
+    return None
+
+
 def shown_url(repo_url: str) -> str:
     parts = urlsplit(repo_url)
     if parts.username or parts.password:
@@ -86,7 +103,10 @@ def shown_url(repo_url: str) -> str:
 class Cloner:
     """One clone; `cancel()` (from another task) kills the running git command and its children."""
 
-    def __init__(self, *, env: Mapping[str, str], token: str | None, on_line: OnLine, timeout_s: float) -> None:
+    def __init__(
+        self, *, env: Mapping[str, str], token: str | None, on_line: OnLine, timeout_s: float, borrow_local: bool = True
+    ) -> None:
+        self._borrow_local = borrow_local
         self._env = git_env(env, token)
         self._token = token
         self._on_line = on_line
@@ -147,6 +167,9 @@ class Cloner:
         url = remote_url(repo_url)
         self._on_line(f"cloning {shown_url(repo_url)} at {sha}" + (f" ({ref})" if ref else ""))
         await self._must(["init", "-q"], dest, "git init failed")
+        objects = local_objects_dir(url) if self._borrow_local else None
+        if objects is not None and await self._checkout_borrowed(objects, sha, dest):
+            return await self._verified(sha, dest)
         await self._must(["remote", "add", "origin", url], dest, "git remote add failed")
         code, _ = await self.run(["fetch", "--depth=1", "--no-tags", "origin", sha], dest, show=False)
         if code != 0 or not await self._has_commit(sha, dest):
@@ -170,6 +193,23 @@ class Cloner:
                     )
         await self._must(["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], dest,
                          f"git checkout of {sha} failed")
+        return await self._verified(sha, dest)
+
+    async def _checkout_borrowed(self, objects: Path, sha: str, dest: Path) -> bool:
+        """A repository on this machine: borrow its objects (`objects/info/alternates`, as `git clone
+        --shared` does) instead of copying them through a fetch, then check out. False (and the
+        borrowing undone) when the commit is not there, so the caller fetches as usual."""
+        alternates = dest / ".git" / "objects" / "info" / "alternates"
+        alternates.parent.mkdir(parents=True, exist_ok=True)
+        alternates.write_text(f"{objects}\n", encoding="utf-8")
+        code, _ = await self.run(["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], dest,
+                                 show=False)
+        if code == 0:
+            return True
+        alternates.unlink(missing_ok=True)
+        return False
+
+    async def _verified(self, sha: str, dest: Path) -> str:
         code, head = await self.run(["rev-parse", "HEAD"], dest, show=False)
         head = head.strip().splitlines()[-1] if head.strip() else ""
         if code != 0 or not _same_commit(head, sha):

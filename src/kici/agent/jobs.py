@@ -338,7 +338,8 @@ class JobManager:
         dispatch = job.dispatch
         await asyncio.to_thread(workspace.create, job.workspace)
         job.cloner = Cloner(env=os.environ, token=dispatch.token, on_line=setup_line,
-                            timeout_s=self.settings.git_timeout_ms / 1000)
+                            timeout_s=self.settings.git_timeout_ms / 1000,
+                            borrow_local=self.settings.clone_local_shared)
         if job.cancel_requested is not None:
             raise CloneCancelled()
         started = time.monotonic()

@@ -25,11 +25,12 @@ from .conftest import AgentFactory, FakeOrchestrator, dispatch, wait_until, work
 pytestmark = pytest.mark.timeout(120)
 
 CHECK = """
-import subprocess
+import os, subprocess
 
 def where(ctx):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     print("HEAD=" + head)
+    print("borrowed" if os.path.exists(".git/objects/info/alternates") else "fetched")
     return {"head": head}
 
 w = job("w", steps=[step("where", where)])
@@ -52,6 +53,8 @@ async def test_clones_the_exact_sha_when_the_branch_moved_on(
     final = await orchestrator.wait_terminal(message["job_id"])
     assert final["state"] == "success", final
     assert final["outputs"] == {"where": {"head": repo.sha}}
+    # a repository on this machine lends its objects instead of being fetched
+    assert "borrowed" in orchestrator.log_lines(message["job_id"], 0)
 
 
 async def test_falls_back_to_the_ref_when_the_server_refuses_fetching_by_sha(
@@ -64,7 +67,7 @@ async def test_falls_back_to_the_ref_when_the_server_refuses_fetching_by_sha(
     # protocol v0 without allowReachableSHA1InWant: the server only serves advertised refs
     config = tmp_path / "gitconfig"
     config.write_text("[protocol]\n\tversion = 0\n[uploadpack]\n\tallowReachableSHA1InWant = false\n")
-    start_agent(orchestrator, GIT_CONFIG_GLOBAL=str(config))
+    start_agent(orchestrator, GIT_CONFIG_GLOBAL=str(config), KICI_CLONE_LOCAL_SHARED="false")
     await orchestrator.wait_registered()
     message = dispatch(repo, "w")
     await orchestrator.send(message)
@@ -82,7 +85,7 @@ async def test_falls_back_to_a_full_fetch_when_the_sha_is_deeper_than_the_ref_fe
         git(repo.path, "commit", "-q", "--allow-empty", "-m", f"later {n}")
     config = tmp_path / "gitconfig"
     config.write_text("[protocol]\n\tversion = 0\n")
-    start_agent(orchestrator, GIT_CONFIG_GLOBAL=str(config))
+    start_agent(orchestrator, GIT_CONFIG_GLOBAL=str(config), KICI_CLONE_LOCAL_SHARED="false")
     await orchestrator.wait_registered()
     message = dispatch(repo, "w")
     await orchestrator.send(message)
