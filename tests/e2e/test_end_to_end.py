@@ -23,7 +23,15 @@ def greet(ctx: Context) -> dict[str, str]:
 
 
 build = job("build", steps=[greet, step("shell", "echo built $KICI_JOB && echo second line")])
-test = job("test", needs=[build], steps=[step("check", "echo tested")])
+
+
+@step
+def check(ctx: Context) -> None:
+    ctx.log.info(f"build said {ctx.outputs_of('build')['greet']['greeting']}")
+    ctx.sh("echo tested")
+
+
+test = job("test", needs=[build], steps=[check])
 
 ci = workflow("ci", on=[push(branches=["main"])], jobs=[build, test])
 '''
@@ -51,7 +59,9 @@ def test_push_runs_to_success_with_logs(system: System) -> None:
     build_log = system.log_lines(run["id"], "build")
     assert any("hello from a python step" in line for line in build_log), build_log
     assert any("built build" in line for line in build_log) and any("second line" in line for line in build_log)
-    assert any("tested" in line for line in system.log_lines(run["id"], "test"))
+    test_log = system.log_lines(run["id"], "test")
+    assert any("tested" in line for line in test_log)
+    assert any("build said hi" in line for line in test_log), test_log  # outputs passed through the orchestrator
     follow = system.kici_admin("runs", "logs", run["id"], "--follow")
     assert follow.returncode == 0 and "second line" in follow.stdout and "tested" in follow.stdout
 
