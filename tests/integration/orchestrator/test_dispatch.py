@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from kici.orchestrator.agents import AgentTimeouts
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.dispatch.payload import DispatchRetry
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
+from kici.orchestrator.store.sources import delete_source
 
 from .dispatch_harness import SimAgent, exact, serve_orchestrator, until, workflow
 
@@ -444,3 +447,36 @@ async def test_rerun_creates_a_linked_run_that_is_dispatched(database: Database,
         await orch.wait_run(rerun["id"], "success")
         again = (await orch.admin("POST", f"/runs/{rerun['id']}/rerun")).json()["run"]
         assert again["original_run_id"] == created.run_id  # always the first run of the chain
+
+
+async def test_a_passing_clone_access_failure_defers_the_job(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", []) as agent:
+        dispatcher = orch.services.dispatcher
+        real = dispatcher._clone_access
+        failures = [DispatchRetry("source 'gh': GitHub answered 502")]
+
+        async def flaky(run: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real(run)
+
+        dispatcher._clone_access = flaky  # type: ignore[method-assign]
+        agent.auto = "success"
+        await agent.connect()
+        started = time.monotonic()
+        created = await orch.create_run(workflow([{"name": "build"}]))
+        await orch.wait_run(created.run_id, "success")
+        [dispatch] = agent.received("job.dispatch")
+        assert dispatch["attempt"] == 2  # the first hand-out was put back ...
+        assert time.monotonic() - started >= 0.9  # ... and not offered again at once
+
+
+async def test_a_job_whose_source_is_gone_fails_clearly(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", []) as agent:
+        await agent.connect()
+        async with database.transaction() as conn:
+            await delete_source(conn, orch.source_id)
+        created = await orch.create_run(workflow([{"name": "build"}]))
+        job = await orch.wait_job(created.run_id, "build", "failed")
+        assert job.error == f"cannot dispatch: source {orch.source_id} no longer exists"
+        assert agent.received("job.dispatch") == []

@@ -38,7 +38,7 @@ from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind, utcnow
 from kici.orchestrator.dispatch.batching import WriteBatcher
 from kici.orchestrator.dispatch.metrics import DispatchMetrics
-from kici.orchestrator.dispatch.payload import DispatchError, RunCache, build_dispatch, load_context
+from kici.orchestrator.dispatch.payload import DispatchError, DispatchRetry, RunCache, build_dispatch, load_context
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import CloneAccess, ProviderError
@@ -53,6 +53,8 @@ from kici.orchestrator.store.sources import Source, get_source, load_source_secr
 SOURCE_CACHE_S = 10.0
 DRAIN_WINDOW = 50
 ACK_WRITE_DELAY_S = 1.0
+DEFER_BASE_S = 1.0
+DEFER_MAX_S = 30.0
 """Minimum pending rows read per drain pass (more when more slots are free)."""
 
 
@@ -95,6 +97,8 @@ class Dispatcher:
         """Acks not written yet: the `running` that follows at once makes the write unnecessary."""
         self._background: set[asyncio.Task[None]] = set()
         self.writes = WriteBatcher(self.db)
+        self._deferred: dict[str, float] = {}
+        """Job id → monotonic time before which a job whose dispatch failed for a passing reason waits."""
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
         registry.listener = self
         ingest.on_runs_created = self.runs_created
@@ -253,7 +257,11 @@ class Dispatcher:
         slots = {a.agent_id: AgentSlot(a.agent_id, list(a.labels)) for a in agents}
         planned: dict[str, int] = {}
         picks: list[tuple[AgentConnection, queue_store.PendingRow]] = []
+        now = time.monotonic()
+        self._deferred = {job: until for job, until in self._deferred.items() if until > now}
         for row in rows:
+            if row.job_id in self._deferred:
+                continue
             open_agents = [a for a in agents if self._free(a) - planned.get(a.agent_id, 0) > 0]
             if not open_agents:
                 break
@@ -297,6 +305,16 @@ class Dispatcher:
             slots.jobs.discard(claim.job_id)
             await self._fail_undispatchable(claim, str(exc))
             return False
+        except DispatchRetry as exc:
+            # e.g. GitHub did not mint a token: back in line, not offered again for a while; the attempt
+            # counts toward the job's limit
+            slots.jobs.discard(claim.job_id)
+            delay = min(DEFER_MAX_S, DEFER_BASE_S * 2 ** (claim.attempt - 1))
+            self._deferred[claim.job_id] = time.monotonic() + delay
+            log_event("job.dispatch_deferred", level="warning", run_id=claim.run_id, job_id=claim.job_id,
+                      reason=str(exc), retry_in_s=delay)
+            await self._requeue(claim, agent.agent_id)
+            return False
         try:
             await agent.send(message)
         except Exception:
@@ -313,7 +331,9 @@ class Dispatcher:
 
     async def _requeue(self, claim: Claim, agent_id: str) -> None:
         async with self.db.transaction() as conn:
-            await queue_store.reject(conn, claim.job_id, agent_id)
+            await queue_store.reject(
+                conn, claim.job_id, agent_id, max_attempts=self.settings.dispatch_max_attempts, limits=self.limits
+            )
         self.wake()
 
     async def _fail_undispatchable(self, claim: Claim, reason: str) -> None:
@@ -350,9 +370,12 @@ class Dispatcher:
             self._http = httpx.AsyncClient(timeout=30.0)
         try:
             provider = self.ingest.provider(source, secrets, client=self._http)
-            return await provider.clone_access(run.repo)
-        except (ProviderError, KeyError, ValueError) as exc:
+        except (ProviderError, KeyError, ValueError) as exc:  # the source's configuration cannot work
             raise DispatchError(f"source {source.name!r}: {exc}") from None
+        try:
+            return await provider.clone_access(run.repo)
+        except (ProviderError, httpx.HTTPError) as exc:  # the host did not answer: maybe next time
+            raise DispatchRetry(f"source {source.name!r}: {exc}") from None
 
     # -- cancel -----------------------------------------------------------------------------------
 

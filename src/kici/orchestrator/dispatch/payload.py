@@ -30,6 +30,11 @@ class DispatchError(Exception):
     fails with this message instead of going round the queue forever."""
 
 
+class DispatchRetry(Exception):
+    """The job cannot be handed out right now (the repository host did not answer): it goes back in line,
+    and fails once it has used up its dispatch attempts."""
+
+
 @dataclass(frozen=True)
 class JobFacts:
     """What a dispatch needs of the job itself."""
