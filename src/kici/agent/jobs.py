@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kici.agent import workspace
+from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname
 from kici.agent.connection import Connection, new_message_id
 from kici.agent.git import CloneCancelled, CloneError, Cloner
@@ -68,12 +69,16 @@ def drift_error(workspace_dir: Path, workflow_file: str, expected: str, kici_dir
     try:
         actual = workflow_content_hash(workflow_file, read, kici_dir)
     except FileNotFoundError:
-        return f"lock file is out of date: {workflow_file} does not exist in the checkout (kici {version})"
+        return (
+            f"lock file is out of date: {workflow_file} does not exist in the checkout "
+            f"(kici {version}, build {kici_build_hash()})"
+        )
     if actual == expected:
         return None
     return (
         f"lock file is out of date: {workflow_file} has contentHash {actual} but the lock file says "
-        f"{expected} (kici {version}); run `kici compile` and commit {kici_dir}/kici.lock.json"
+        f"{expected} (kici {version}, build {kici_build_hash()}); run `kici compile` and commit "
+        f"{kici_dir}/kici.lock.json"
     )
 
 

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from kici.agent import log, workspace
+from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, SettingsError, agent_labels, load_settings, resolve_agent_id
 from kici.agent.connection import AuthRejected, Connection
 from kici.agent.health import HealthServer, prometheus_text, uptime_since
@@ -96,6 +97,7 @@ class Agent:
             "status": "ok",
             "agent_id": self.agent_id,
             "version": kici_version(),
+            "kici_hash": kici_build_hash(),
             "connected": self.connection.registered,
             "active_jobs": len(self.jobs.active),
             "draining": self.jobs.draining,
@@ -146,7 +148,8 @@ class Agent:
                       f"{self.settings.health_host}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
         log_event("agent.started", agent_id=self.agent_id, labels=self.labels, url=self.settings.websocket_url,
-                  max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name, version=kici_version())
+                  max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name, version=kici_version(),
+                  kici_hash=kici_build_hash())
         connection = asyncio.create_task(self.connection.run())
         code = 0
         try:

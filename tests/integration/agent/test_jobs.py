@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kici.agent.build_info import kici_build_hash
+
 from .conftest import TOKEN, AgentFactory, FakeOrchestrator, dispatch, marker_pids, wait_until, workflow_repo
 
 pytestmark = pytest.mark.timeout(120)
@@ -310,6 +312,7 @@ async def test_drift_gate_fails_before_any_step(
     assert f"but the lock file says {locked} (kici " in error
     actual = error.split("contentHash ")[1].split()[0]
     assert len(actual) == 64 and actual != locked
+    assert f", build {kici_build_hash()})" in error  # which KiCI code checked it, for comparing agents
     assert orchestrator.messages("step.status", message["job_id"]) == []
     assert "step-ran" not in orchestrator.log_lines(message["job_id"])
     assert any("lock file is out of date" in line for line in orchestrator.log_lines(message["job_id"], -1))

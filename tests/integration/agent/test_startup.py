@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from kici.agent import config_docs
+from kici.agent.build_info import kici_build_hash
 from kici.agent.config import load_settings, websocket_url
 from kici.agent.connection import backoff_delay_ms
 from tests.conftest import kici_env
@@ -164,6 +165,7 @@ async def test_health_ready_and_metrics(orchestrator: FakeOrchestrator, start_ag
 
     health = await poll("/health", 200)
     assert health.json()["connected"] is False and health.json()["active_jobs"] == 0
+    assert health.json()["kici_hash"] == kici_build_hash()
     await poll("/ready", 503)
     await orchestrator.start(orchestrator.port)
     await orchestrator.wait_registered()
