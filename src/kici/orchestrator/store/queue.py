@@ -232,35 +232,41 @@ async def claim_row(db: Database, row: PendingRow, agent: AgentSlot, *, ack_time
         return await claim_row_in(conn, row, agent, ack_timeout_ms=ack_timeout_ms)
 
 
+_CLAIM_ROW = (
+    dispatch_queue.update()
+    .where(dispatch_queue.c.id == sa.bindparam("v_queue_id"), dispatch_queue.c.status == QueueStatus.PENDING.value)
+    .values(
+        status=QueueStatus.DISPATCHED.value,
+        agent_id=sa.bindparam("v_agent", type_=sa.Text),
+        dispatch_attempts=dispatch_queue.c.dispatch_attempts + 1,
+        ack_deadline=sa.bindparam("v_deadline", type_=dispatch_queue.c.ack_deadline.type),
+        dispatched_at=sa.bindparam("v_now", type_=dispatch_queue.c.dispatched_at.type),
+    )
+    .returning(dispatch_queue.c.dispatch_attempts)
+)
+_CLAIM_JOB = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("v_job_id"), jobs.c.status == JobState.QUEUED.value)
+    .values(agent_id=sa.bindparam("v_agent", type_=sa.Text))
+)
+
+
 async def claim_row_in(
     conn: AsyncConnection, row: PendingRow, agent: AgentSlot, *, ack_timeout_ms: int
 ) -> Claim | None:
-    """`claim_row` inside the caller's transaction."""
+    """`claim_row` inside the caller's transaction (statements built once: this runs for every job)."""
     now = utcnow()
-    dq = dispatch_queue
-    updated = await conn.execute(
-        dq.update()
-        .where(dq.c.id == row.queue_id, dq.c.status == QueueStatus.PENDING.value)
-        .values(
-            status=QueueStatus.DISPATCHED.value,
-            agent_id=agent.agent_id,
-            dispatch_attempts=dq.c.dispatch_attempts + 1,
-            ack_deadline=now + dt.timedelta(milliseconds=ack_timeout_ms),
-            dispatched_at=now,
-        )
-        .returning(dq.c.dispatch_attempts)
-    )
+    updated = await conn.execute(_CLAIM_ROW, {
+        "v_queue_id": row.queue_id, "v_agent": agent.agent_id,
+        "v_deadline": now + dt.timedelta(milliseconds=ack_timeout_ms), "v_now": now,
+    })
     attempt = updated.scalar_one_or_none()
     if attempt is None:
         return None
-    job = await conn.execute(
-        jobs.update()
-        .where(jobs.c.id == row.job_id, jobs.c.status == JobState.QUEUED.value)
-        .values(agent_id=agent.agent_id)
-    )
+    job = await conn.execute(_CLAIM_JOB, {"v_job_id": row.job_id, "v_agent": agent.agent_id})
     if job.rowcount != 1:  # the job left `queued` without its row (should not happen): retire the row
         await conn.execute(
-            dq.update().where(dq.c.id == row.queue_id).values(
+            dispatch_queue.update().where(dispatch_queue.c.id == row.queue_id).values(
                 status=QueueStatus.EXPIRED.value, agent_id=None, ack_deadline=None
             )
         )

@@ -50,7 +50,7 @@ from kici.orchestrator.db.schema import (
     steps,
     utcnow,
 )
-from kici.orchestrator.store.jobs import set_job_status, set_jobs_status
+from kici.orchestrator.store.jobs import KeepFirst, set_job_status, set_jobs_status
 
 QUEUE_FULL_ERROR = "queue full"
 RECOVERY_TIMEOUT_ERROR = "recovery timeout exceeded"
@@ -257,32 +257,50 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
     return locked[0] if locked is not None else None
 
 
+_LOCK_JOB_WITH_ROW = (
+    sa.select(runs.c.id, runs.c.status)
+    .select_from(jobs.join(runs, runs.c.id == jobs.c.run_id).join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id))
+    .where(jobs.c.id == sa.bindparam("v_job_id"))
+    .with_for_update(of=[runs, dispatch_queue])
+)
+_LOCK_JOB_RUN_ONLY = (
+    sa.select(runs.c.id, runs.c.status)
+    .join(jobs, jobs.c.run_id == runs.c.id)
+    .where(jobs.c.id == sa.bindparam("v_job_id"))
+    .with_for_update(of=runs)
+)
+# (the hot statements of the dispatch path are built once, at import: see store/jobs.py `_status_update`)
+
+
 async def _lock_job_run(conn: AsyncConnection, job_id: str) -> tuple[str, str] | None:
     """`lock_job`, also returning the run's status: (run id, run status).
 
     A job that has a queue row (every job an agent reports on) is locked with its run and row in one
     statement; one that has none yet (still `pending`) by locking just its run."""
-    both = (
-        await conn.execute(
-            sa.select(runs.c.id, runs.c.status)
-            .select_from(
-                jobs.join(runs, runs.c.id == jobs.c.run_id).join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id)
-            )
-            .where(jobs.c.id == job_id)
-            .with_for_update(of=[runs, dispatch_queue])
-        )
-    ).first()
+    both = (await conn.execute(_LOCK_JOB_WITH_ROW, {"v_job_id": job_id})).first()
     if both is not None:
         return str(both.id), str(both.status)
-    row = (
-        await conn.execute(
-            sa.select(runs.c.id, runs.c.status)
-            .join(jobs, jobs.c.run_id == runs.c.id)
-            .where(jobs.c.id == job_id)
-            .with_for_update(of=runs)
-        )
-    ).first()
+    row = (await conn.execute(_LOCK_JOB_RUN_ONLY, {"v_job_id": job_id})).first()
     return (str(row.id), str(row.status)) if row is not None else None
+
+
+_CLOSE_QUEUE_ROW = (
+    dispatch_queue.update()
+    .where(
+        dispatch_queue.c.job_id == sa.bindparam("v_job_id"),
+        dispatch_queue.c.status.in_(
+            [QueueStatus.PENDING.value, QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]
+        ),
+    )
+    .values(
+        status=sa.case(
+            (dispatch_queue.c.status == QueueStatus.PENDING.value, QueueStatus.EXPIRED.value),
+            else_=sa.bindparam("v_handed_out", type_=sa.Text),
+        ),
+        ack_deadline=None,
+        recovery_deadline=None,
+    )
+)
 
 
 async def close_queue_row(conn: AsyncConnection, job_id: str, job_status: str) -> None:
@@ -292,23 +310,7 @@ async def close_queue_row(conn: AsyncConnection, job_id: str, job_status: str) -
     when the job failed or went stale."""
     failed = job_status in (JobState.FAILED.value, JobState.TIMED_OUT_STALE.value, JobState.DRIFT_DROPPED.value)
     handed_out = (QueueStatus.FAILED if failed else QueueStatus.COMPLETED).value
-    await conn.execute(
-        dispatch_queue.update()
-        .where(
-            dispatch_queue.c.job_id == job_id,
-            dispatch_queue.c.status.in_(
-                [QueueStatus.PENDING.value, QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]
-            ),
-        )
-        .values(
-            status=sa.case(
-                (dispatch_queue.c.status == QueueStatus.PENDING.value, QueueStatus.EXPIRED.value),
-                else_=handed_out,
-            ),
-            ack_deadline=None,
-            recovery_deadline=None,
-        )
-    )
+    await conn.execute(_CLOSE_QUEUE_ROW, {"v_job_id": job_id, "v_handed_out": handed_out})
 
 
 async def queue_depth(conn: AsyncConnection) -> int:
@@ -553,6 +555,16 @@ async def list_steps(conn: AsyncConnection, job_id: str) -> list[StepRecord]:
 # -- tracking ----------------------------------------------------------------------------------------
 
 
+_STARTED_QUEUE_ROW = (
+    dispatch_queue.update()
+    .where(
+        dispatch_queue.c.job_id == sa.bindparam("v_job_id"),
+        dispatch_queue.c.status.in_([QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]),
+    )
+    .values(status=QueueStatus.DISPATCHED.value, ack_deadline=None, recovery_deadline=None)
+)
+
+
 async def record_job_state(
     conn: AsyncConnection,
     job_id: str,
@@ -581,7 +593,7 @@ async def record_job_state(
     now = utcnow()
     values: dict[str, Any] = {}
     if state == "running":
-        values = {"started_at": sa.func.coalesce(jobs.c.started_at, now), "last_heartbeat_at": now}
+        values = {"started_at": KeepFirst(now), "last_heartbeat_at": now}
     else:
         values = {"finished_at": now}
         if error is not None:
@@ -600,14 +612,7 @@ async def record_job_state(
         return None
     if state == "running":
         # the job started: its dispatch is acknowledged, and the row follows an agent-side recovery too
-        await conn.execute(
-            dispatch_queue.update()
-            .where(
-                dispatch_queue.c.job_id == job_id,
-                dispatch_queue.c.status.in_([QueueStatus.DISPATCHED.value, QueueStatus.RECOVERING.value]),
-            )
-            .values(status=QueueStatus.DISPATCHED.value, ack_deadline=None, recovery_deadline=None)
-        )
+        await conn.execute(_STARTED_QUEUE_ROW, {"v_job_id": job_id})
         # A job starting makes no other job ready and finishes nothing: all a full settle would do is move
         # a pending run to running, so do just that (the run row is locked, its status read above).
         if run_status != RunStatus.PENDING.value:
@@ -648,6 +653,19 @@ async def finish_job(
     return True
 
 
+_SETTLE_JOBS = (
+    sa.select(
+        jobs.c.id, jobs.c.run_id, jobs.c.org_id, jobs.c.name, jobs.c.job, jobs.c.status,
+        jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.error,
+    )
+    .where(jobs.c.run_id == sa.bindparam("v_run_id"))
+    .order_by(jobs.c.created_at, jobs.c.name)
+)
+_SETTLE_NEEDS = sa.select(job_needs.c.job_name, job_needs.c.upstream_name, job_needs.c.run_on).where(
+    job_needs.c.run_id == sa.bindparam("v_run_id")
+)
+
+
 async def settle_run(
     conn: AsyncConnection,
     run_id: str,
@@ -671,22 +689,9 @@ async def settle_run(
         return SettleResult([], [], None)
     if is_run_terminal(run_status):
         return SettleResult([], [], run_status)
-    rows = list(
-        await conn.execute(
-            sa.select(
-                jobs.c.id, jobs.c.run_id, jobs.c.org_id, jobs.c.name, jobs.c.job, jobs.c.status,
-                jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.error,
-            )
-            .where(jobs.c.run_id == run_id)
-            .order_by(jobs.c.created_at, jobs.c.name)
-        )
-    )
+    rows = list(await conn.execute(_SETTLE_JOBS, {"v_run_id": run_id}))
     edges: dict[str, list[tuple[str, list[str]]]] = {}
-    for need in await conn.execute(
-        sa.select(job_needs.c.job_name, job_needs.c.upstream_name, job_needs.c.run_on).where(
-            job_needs.c.run_id == run_id
-        )
-    ):
+    for need in await conn.execute(_SETTLE_NEEDS, {"v_run_id": run_id}):
         edges.setdefault(need.job_name, []).append((need.upstream_name, list(need.run_on)))
     children: dict[str, list[str]] = {}
     for row in rows:
