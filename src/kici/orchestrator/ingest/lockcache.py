@@ -10,9 +10,12 @@ push plus its check suite, or several orgs' sources) reads the host once. Errors
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+
+from kici.engine.lockfile import LockFile, parse_lock_file
 
 _Missing = object()
 
@@ -23,6 +26,7 @@ class LockFileCache:
         self.ttl_seconds = ttl_ms / 1000
         self._entries: OrderedDict[str, tuple[float, bytes | None]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._parsed: OrderedDict[str, LockFile] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -32,6 +36,21 @@ class LockFileCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def parsed(self, content: bytes) -> LockFile:
+        """`parse_lock_file(content)`, remembered for the most recent lock files (by content): every
+        webhook for a cached commit would otherwise validate the whole lock file again. `LockFileError`
+        as from `parse_lock_file` (failures are not remembered)."""
+        key = hashlib.sha256(content).hexdigest()
+        found = self._parsed.get(key)
+        if found is not None:
+            self._parsed.move_to_end(key)
+            return found
+        lock = parse_lock_file(content)
+        self._parsed[key] = lock
+        while len(self._parsed) > max(1, self.max_entries):
+            self._parsed.popitem(last=False)
+        return lock
 
     def _lookup(self, key: str) -> bytes | object | None:
         entry = self._entries.get(key)

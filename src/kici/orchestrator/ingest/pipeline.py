@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from kici.engine.events import Event
 from kici.engine.github_events import diff_base
-from kici.engine.lockfile import LockFile, LockFileError, parse_lock_file
+from kici.engine.lockfile import LockFile, LockFileError
 from kici.engine.triggers import match_all, needs_changed_files
 from kici.orchestrator.app import AppState
 from kici.orchestrator.db.schema import EventLogStatus
@@ -125,7 +125,7 @@ async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider
             state, delivery, EventLogStatus.LOCKFILE_MISSING, f"no .kici/kici.lock.json at {lock_sha}"
         )
     try:
-        lock = parse_lock_file(content)
+        lock = ingest.cache.parsed(content)
     except LockFileError as exc:
         return await _corrupt(state, ingest, delivery, event, str(exc))
     return await _match_and_create(state, delivery, event, lock, provider)

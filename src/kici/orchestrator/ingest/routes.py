@@ -39,6 +39,7 @@ from kici.orchestrator.store.sources import (
     Source,
     SourceError,
     get_source,
+    get_source_by_key,
     get_source_by_name,
     list_sources,
     load_source_secrets,
@@ -250,7 +251,7 @@ async def github_webhook(
 
 async def _named_source(state: AppState, org_id: str, key: str, kind: SourceKind) -> Source | None:
     async with state.database.read() as conn:
-        source = await get_source(conn, key, org_id=org_id) or await get_source_by_name(conn, org_id, key)
+        source = await get_source_by_key(conn, org_id, key)
     if source is None or source.kind is not kind or not source.enabled:
         return None
     return source

@@ -256,6 +256,20 @@ async def get_source(conn: AsyncConnection, source_id: str, *, org_id: str | Non
     return _source(row) if row is not None else None
 
 
+async def get_source_by_key(conn: AsyncConnection, org_id: str, key: str) -> Source | None:
+    """The org's source whose id is `key`, else the one named `key` (one query: webhooks address sources
+    either way, and this runs for every delivery)."""
+    row = (
+        await conn.execute(
+            _select()
+            .where(sources.c.org_id == org_id, sa.or_(sources.c.id == key, sources.c.name == key))
+            .order_by(sa.case((sources.c.id == key, 0), else_=1))
+            .limit(1)
+        )
+    ).first()
+    return _source(row) if row is not None else None
+
+
 async def get_source_by_name(conn: AsyncConnection, org_id: str, name: str) -> Source | None:
     row = (await conn.execute(_select().where(sources.c.org_id == org_id, sources.c.name == name))).first()
     return _source(row) if row is not None else None
