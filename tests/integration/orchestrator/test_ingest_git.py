@@ -252,3 +252,15 @@ async def test_poll_ticks_follow_poll_seconds(env: Env) -> None:
     assert await poller.tick(now=105.5) == [env.source.id]
     await _poll_source(env, None)
     assert await poller.tick(now=200.0) == []  # polling switched off
+
+
+async def test_a_rotated_webhook_secret_takes_effect_at_once(env: Env) -> None:
+    first = await env.notify("refs/heads/main", env.shas["main1"], env.shas["main2"])
+    assert first.status_code == 202  # the secret is now cached by the process
+    async with env.database.transaction() as conn:
+        await update_source(conn, env.source.id, key=env.app.state.kici.secret_key,
+                            secrets={"webhook_secret": "rotated"})
+    stale = await env.notify("refs/heads/main", env.shas["bare"], env.shas["main2"])
+    assert stale.status_code == 401
+    fresh = await env.notify("refs/heads/main", env.shas["bare"], env.shas["main2"], secret="rotated")
+    assert fresh.status_code == 202

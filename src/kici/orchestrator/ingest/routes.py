@@ -110,13 +110,18 @@ def _limit(source: Source) -> int:
     return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_PAYLOAD_BYTES
 
 
-async def _secrets(state: AppState, source: Source) -> dict[str, str] | JSONResponse:
+async def _secrets(state: AppState, ingest: Ingest, source: Source) -> dict[str, str] | JSONResponse:
+    cached = ingest.secrets.get((source.id, source.updated_at))
+    if cached is not None:  # (keyed by the source's last change: an update is never served stale)
+        return cached
     try:
         async with state.database.read() as conn:
-            return await load_source_secrets(conn, source.id, state.secret_key)
+            found = await load_source_secrets(conn, source.id, state.secret_key)
     except SourceError as exc:
         log_event("ingest.source_secrets_unreadable", level="error", source=source.name, error=str(exc))
         return _error(500, "the source's secrets cannot be opened (wrong secret key?)")
+    ingest.remember_secrets((source.id, source.updated_at), found)
+    return found
 
 
 async def _begin(
@@ -199,7 +204,7 @@ async def github_webhook(
         body = await _read_body(request, _limit(source))
     except _TooLarge:
         return _error(413, f"payload larger than {_limit(source)} bytes")
-    secrets = await _secrets(state, source)
+    secrets = await _secrets(state, ingest, source)
     if isinstance(secrets, JSONResponse):
         return secrets
     webhook_secret = secrets.get("webhook_secret")
@@ -300,7 +305,7 @@ async def git_webhook(
     if isinstance(loaded, JSONResponse):
         return loaded
     source, body = loaded
-    secrets = await _secrets(state, source)
+    secrets = await _secrets(state, ingest, source)
     if isinstance(secrets, JSONResponse):
         return secrets
     webhook_secret = secrets.get("webhook_secret")
@@ -417,7 +422,7 @@ async def generic_webhook(
         return JSONResponse(
             {"error": "rate limit exceeded"}, status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))}
         )
-    secrets = await _secrets(state, source)
+    secrets = await _secrets(state, ingest, source)
     if isinstance(secrets, JSONResponse):
         return secrets
     authorized = _generic_authorized(source, secrets, request, body)
@@ -480,7 +485,7 @@ async def generic_webhook(
                 reason="the source has no usable lock_source (an enabled git or github source of this org)",
             )
         return _accepted(delivery_id, EventLogStatus.LOCKFILE_MISSING, [])
-    lock_secrets = await _secrets(state, lock_source)
+    lock_secrets = await _secrets(state, ingest, lock_source)
     if isinstance(lock_secrets, JSONResponse):
         lock_secrets = {}
     async with ingest.http_client() as client:

@@ -3,6 +3,7 @@ the hook called after runs are created (the dispatcher plugs in there)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from kici.orchestrator.providers.base import LockFileSource, ProviderError
 from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.providers.github import GitHubProvider, InstallationTokens
 from kici.orchestrator.store.sources import DEFAULT_GITHUB_API_URL, Source
+
+SECRETS_CACHE_MAX = 256
 
 RunsCreatedHook = Callable[[Sequence[str]], Awaitable[None] | None]
 
@@ -55,6 +58,13 @@ class Ingest:
     """Called with the ids of the runs one delivery created, after they are committed."""
     http_client: Callable[[], httpx.AsyncClient] = field(default=lambda: httpx.AsyncClient())
     git_providers: dict[str, GitProvider] = field(default_factory=dict)
+    secrets: dict[tuple[str, dt.datetime], dict[str, str]] = field(default_factory=dict)
+    """Opened source secrets by (source id, last change), so a burst of deliveries decrypts them once."""
+
+    def remember_secrets(self, key: tuple[str, dt.datetime], secrets: dict[str, str]) -> None:
+        if len(self.secrets) >= SECRETS_CACHE_MAX:
+            self.secrets.pop(next(iter(self.secrets)))
+        self.secrets[key] = secrets
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ingest:

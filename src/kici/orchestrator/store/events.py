@@ -10,6 +10,7 @@ redelivery after the dedup TTL is still recognised through it (`begin_delivery` 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,8 +54,26 @@ class EventLogEntry(BaseModel):
     processed_at: dt.datetime | None
 
 
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
-    return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+@functools.cache
+def _mark_statement(dialect: str) -> Any:
+    # built once per dialect (this runs for every delivery); the conflict arm uses the would-be row's
+    # values, so the statement takes plain parameters
+    insert = pg_insert(dedup_cache) if dialect == "postgresql" else sqlite_insert(dedup_cache)
+    return insert.on_conflict_do_update(
+        index_elements=["delivery_id"],
+        set_={
+            "org_id": insert.excluded.org_id,
+            "created_at": insert.excluded.created_at,
+            "expires_at": insert.excluded.expires_at,
+        },
+        where=dedup_cache.c.expires_at < insert.excluded.created_at,
+    )
+
+
+@functools.cache
+def _event_log_statement(dialect: str) -> Any:
+    insert = pg_insert(event_log) if dialect == "postgresql" else sqlite_insert(event_log)
+    return insert.on_conflict_do_nothing(index_elements=["org_id", "delivery_id"])
 
 
 async def mark_delivery(
@@ -63,15 +82,10 @@ async def mark_delivery(
     """Mark `delivery_id` as seen; True when this call marked it, False when a live mark already exists."""
     now = utcnow()
     expires = now + dt.timedelta(seconds=ttl_seconds)
-    statement = _insert(conn, dedup_cache).values(
-        delivery_id=delivery_id, org_id=org_id, created_at=now, expires_at=expires
+    result = await conn.execute(
+        _mark_statement(conn.dialect.name),
+        {"delivery_id": delivery_id, "org_id": org_id, "created_at": now, "expires_at": expires},
     )
-    statement = statement.on_conflict_do_update(
-        index_elements=["delivery_id"],
-        set_={"org_id": org_id, "created_at": now, "expires_at": expires},
-        where=dedup_cache.c.expires_at < now,
-    )
-    result = await conn.execute(statement)
     return bool(result.rowcount == 1)
 
 
@@ -113,28 +127,26 @@ async def begin_delivery(
     if not await mark_delivery(conn, delivery_id, ttl_seconds=ttl_seconds, org_id=org_id):
         return False
     now = utcnow()
-    statement = (
-        _insert(conn, event_log)
-        .values(
-            id=new_id(),
-            org_id=org_id,
-            delivery_id=delivery_id,
-            source_id=source_id,
-            provider=provider,
-            event=event,
-            action=action,
-            repo=repo,
-            ref=ref,
-            sha=sha,
-            status=EventLogStatus(status).value,
-            reason=reason,
-            matched_count=0,
-            created_at=now,
-            processed_at=None if status is EventLogStatus.RECEIVED else now,
-        )
-        .on_conflict_do_nothing(index_elements=["org_id", "delivery_id"])
+    result = await conn.execute(
+        _event_log_statement(conn.dialect.name),
+        {
+            "id": new_id(),
+            "org_id": org_id,
+            "delivery_id": delivery_id,
+            "source_id": source_id,
+            "provider": provider,
+            "event": event,
+            "action": action,
+            "repo": repo,
+            "ref": ref,
+            "sha": sha,
+            "status": EventLogStatus(status).value,
+            "reason": reason,
+            "matched_count": 0,
+            "created_at": now,
+            "processed_at": None if status is EventLogStatus.RECEIVED else now,
+        },
     )
-    result = await conn.execute(statement)
     return bool(result.rowcount == 1)
 
 
@@ -149,20 +161,27 @@ async def finish_event_log(
     sha: str | None = None,
 ) -> bool:
     """Record the outcome of a delivery (from `received`, or a `failed` retry of the bookkeeping)."""
-    values: dict[str, Any] = {
-        "status": EventLogStatus(status).value,
-        "reason": reason,
-        "matched_count": matched_count,
-        "processed_at": utcnow(),
-    }
-    if sha is not None:
-        values["sha"] = sha
     result = await conn.execute(
-        event_log.update()
-        .where(event_log.c.org_id == org_id, event_log.c.delivery_id == delivery_id)
-        .values(**values)
+        _FINISH_EVENT_LOG,
+        {
+            "v_org": org_id, "v_delivery": delivery_id, "v_status": EventLogStatus(status).value,
+            "v_reason": reason, "v_matched": matched_count, "v_processed": utcnow(), "v_sha": sha,
+        },
     )
     return bool(result.rowcount == 1)
+
+
+_FINISH_EVENT_LOG = (
+    event_log.update()
+    .where(event_log.c.org_id == sa.bindparam("v_org"), event_log.c.delivery_id == sa.bindparam("v_delivery"))
+    .values(
+        status=sa.bindparam("v_status", type_=sa.Text),
+        reason=sa.bindparam("v_reason", type_=sa.Text),
+        matched_count=sa.bindparam("v_matched", type_=sa.Integer),
+        processed_at=sa.bindparam("v_processed", type_=event_log.c.processed_at.type),
+        sha=sa.func.coalesce(sa.bindparam("v_sha", type_=sa.Text), event_log.c.sha),
+    )
+)
 
 
 async def get_event_log(
