@@ -86,3 +86,14 @@ async def test_delete_run(tmp_path: Path) -> None:
     await logs.delete_run("r1")
     assert not (tmp_path / "r1").exists()
     assert (await logs.read("r1", "j1")).lines == []
+
+
+async def test_a_write_failure_is_reported_not_swallowed(tmp_path: Path) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log directory should be")
+    logs = FilesystemLogStorage(blocker)
+    assert await logs.append("r1", "j1", 0, ["lost"], 0)  # handed to the writer thread, which fails
+    await logs.read("r1", "j1")  # waits until the writer has tried
+    with pytest.raises(OSError, match="writing job logs under .* failed"):
+        await logs.append("r1", "j1", 0, ["next"], 1)
+    logs.close()
