@@ -94,6 +94,6 @@ async def test_a_write_failure_is_reported_not_swallowed(tmp_path: Path) -> None
     logs = FilesystemLogStorage(blocker)
     assert await logs.append("r1", "j1", 0, ["lost"], 0)  # handed to the writer thread, which fails
     await logs.read("r1", "j1")  # waits until the writer has tried
-    with pytest.raises(OSError, match="writing job logs under .* failed"):
+    with pytest.raises(OSError, match=r"writing job logs under .* failed"):
         await logs.append("r1", "j1", 0, ["next"], 1)
     logs.close()
