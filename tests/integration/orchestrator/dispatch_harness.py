@@ -154,10 +154,18 @@ async def serve_orchestrator(
         owner = await create_admin_token(conn, name="owner", role=AdminRole.OWNER)
         source = await create_source(conn, key=None, name=f"app-{new_id()[:8]}", kind="git",
                                      config={"url": str(tmp_path / "repo")}, secrets={})
+    async with serve_app(app, lifespan="on") as port:
+        yield Orchestrator(app, database, f"http://127.0.0.1:{port}", owner.plaintext, source.id)
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, *, lifespan: str) -> AsyncIterator[int]:
+    """Serve `app` with uvicorn on a free port inside the test's event loop (so the database fixture's
+    engine is usable by the handlers); the port. Stopped at exit, also on failure."""
     sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
+    port = int(sock.getsockname()[1])
     server = _QuietServer(
-        uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2, ws="websockets-sansio")
+        uvicorn.Config(app, log_config=None, lifespan=lifespan, timeout_graceful_shutdown=2, ws="websockets-sansio")
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -165,7 +173,7 @@ async def serve_orchestrator(
             while not server.started:
                 assert not task.done(), "uvicorn did not start"
                 await asyncio.sleep(0.01)
-        yield Orchestrator(app, database, f"http://127.0.0.1:{port}", owner.plaintext, source.id)
+        yield port
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception):

@@ -10,13 +10,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -25,19 +24,13 @@ from kici.orchestrator.agents import AgentRegistry, AgentTimeouts, agent_registr
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
-from kici.orchestrator.server import bind_socket
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store.tokens import create_agent_token, revoke_agent_token
 
 from .conftest import StartOrchestrator
+from .dispatch_harness import serve_app
 
 FAST = AgentTimeouts(auth_s=0.5, register_s=0.5, heartbeat_unhealthy_s=20, heartbeat_timeout_s=30, last_seen_write_s=0)
-
-
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # leave pytest's signal handlers alone
-        yield
 
 
 @dataclass
@@ -63,23 +56,8 @@ async def orchestrator(database: Database, tmp_path: Path) -> AsyncIterator[Orch
     app.state.agent_timeouts = FAST
     async with database.transaction() as conn:
         created = await create_agent_token(conn, name="builders", labels=["linux", "docker"])
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = _QuietServer(
-        uvicorn.Config(app, log_config=None, lifespan="off", timeout_graceful_shutdown=2, ws="websockets-sansio")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                assert not task.done(), "uvicorn did not start"
-                await asyncio.sleep(0.01)
+    async with serve_app(app, lifespan="off") as port:
         yield Orchestrator(app, database, f"ws://127.0.0.1:{port}/ci/ws", created.plaintext, created.token.id)
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
-        sock.close()
 
 
 @contextlib.asynccontextmanager
