@@ -33,7 +33,9 @@ is not available on the machine, or a `KICI_*` variable is unknown (with a "did 
 other KiCI tools are ignored: {exempt}.
 
 None of these variables reaches a job: steps get an environment built from an allow-list (`PATH`, `HOME`,
-`USER`, `SHELL`, `LANG`, `LC_ALL`, `TERM`, `TMPDIR`, `TZ`) plus the job's own variables.
+`USER`, `SHELL`, `LANG`, `LC_ALL`, `TERM`, `TMPDIR`, `TZ`) plus the job's own variables, `CI=true`,
+`KICI=true`, `KICI_RUN_ID`, `KICI_JOB_ID` and `FORCE_COLOR=1` (tools keep their colours in the log; a
+workflow or job `env` may set it to `0`).
 """
 
 OUTRO = """

@@ -398,8 +398,10 @@ class JobManager:
 
     def job_spec(self, job: Job) -> JobSpec:
         dispatch = job.dispatch
-        env = safe_base_env({**dispatch.env, "CI": "true", "KICI": "true", "KICI_RUN_ID": dispatch.run_id,
-                             "KICI_JOB_ID": dispatch.job_id})
+        # FORCE_COLOR: tools keep their colours although their output goes to a pipe (log viewers render
+        # ANSI); a workflow or job env may set it back to 0
+        env = safe_base_env({"FORCE_COLOR": "1", **dispatch.env, "CI": "true", "KICI": "true",
+                             "KICI_RUN_ID": dispatch.run_id, "KICI_JOB_ID": dispatch.job_id})
         return JobSpec(
             workspace=str(job.workspace),
             workflow_file=dispatch.workflow_file,

@@ -389,7 +389,7 @@ async def test_the_step_environment_has_no_agent_settings_or_token(
     assert TOKEN not in text and orchestrator.url not in text and "clone-token-value-123" not in text
     # the shell's environment is the step's; the Python lines show the runner process's own
     assert "sh:FROM_DISPATCH=yes" in lines and f"sh:KICI_JOB_ID={message['job_id']}" in lines
-    assert "sh:CI=true" in lines
+    assert "sh:CI=true" in lines and "sh:FORCE_COLOR=1" in lines
 
 
 LOUD = """
