@@ -118,6 +118,13 @@ class System:
         orchestrator.wait_for_event("orchestrator.ready", timeout=60)
         return orchestrator
 
+    def stop_orchestrator(self, orchestrator: OrchestratorProcess) -> int:
+        """SIGTERM and wait; on a timeout the failure shows what the processes logged."""
+        try:
+            return orchestrator.stop(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the orchestrator did not stop within 20 s\n{self.diagnostics()}") from None
+
     def start_agent(self, name: str, labels: str = "", **extra: str) -> AgentProcess:
         token = self.agent_token(labels)
         work = self.tmp / f"agent-{name}"

@@ -162,7 +162,7 @@ ci = workflow("ci", on=[push(branches=["main"])], jobs=[work])
     sha = system.commit({".kici/workflows/ci.py": waits}, "waits")
     run = system.wait_run(sha, "running")
     wait_for(marker.exists, what="the step to start")
-    assert orchestrator.stop() == 0
+    assert system.stop_orchestrator(orchestrator) == 0
     system.start_orchestrator()
     final = system.wait_run(sha, "success", "failed", within=60)
     assert final["status"] == "success", system.diagnostics()
@@ -177,7 +177,7 @@ def test_redelivered_webhook_after_restart_creates_no_second_run(system: System)
     system.start_agent("a1")
     sha = system.commit({".kici/workflows/ci.py": PASSING}, "add ci")
     system.wait_run(sha, "success")
-    assert orchestrator.stop() == 0
+    assert system.stop_orchestrator(orchestrator) == 0
     system.start_orchestrator()
     hook = system.repo / ".git" / "hooks" / "post-commit"
     subprocess.run([str(hook)], cwd=system.repo, check=True, capture_output=True, timeout=30)

@@ -20,7 +20,7 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.startup import FatalStartupError, GeneratedToken, prepare_database
 
 PROG = "kici-orchestrator"
-GRACEFUL_SHUTDOWN_S = 10
+GRACEFUL_SHUTDOWN_S = 5
 
 
 class _Server(uvicorn.Server):

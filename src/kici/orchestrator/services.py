@@ -3,10 +3,13 @@ dispatcher (which listens to agent sessions and to new runs), the sweeps and the
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kici.orchestrator.agents.registry import AgentRegistry
+from kici.orchestrator.logs import log_event
 from kici.orchestrator.storage.logs import FilesystemLogStorage, default_log_root
 
 if TYPE_CHECKING:
@@ -16,6 +19,9 @@ if TYPE_CHECKING:
     from kici.orchestrator.dispatch.dispatcher import Dispatcher
     from kici.orchestrator.dispatch.sweeps import Sweeper
     from kici.orchestrator.ingest.poller import GitPoller
+
+
+STOP_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -45,10 +51,25 @@ class Services:
         await self.poller.start(readiness)
 
     async def stop(self) -> None:
-        await self.poller.stop()
-        await self.sweeper.stop()
-        await self.dispatcher.stop()
-        self.logs.close()
+        """Stop the background services, each within `STOP_TIMEOUT_S` (a stuck one is logged and left
+        behind: the process is exiting, and a bounded shutdown matters more than a tidy one)."""
+        for name, stop in (
+            ("poller", self.poller.stop),
+            ("sweeper", self.sweeper.stop),
+            ("dispatcher", self.dispatcher.stop),
+            ("logs", lambda: asyncio.to_thread(self.logs.close)),
+        ):
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(stop(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log_event("services.stop_timeout", level="warning", service=name, timeout_s=STOP_TIMEOUT_S)
+            except Exception as exc:
+                log_event("services.stop_failed", level="error", service=name, error=f"{type(exc).__name__}: {exc}")
+            else:
+                elapsed = time.monotonic() - started
+                if elapsed > 1.0:
+                    log_event("services.stop_slow", level="warning", service=name, seconds=round(elapsed, 2))
 
 
 def services_of(app: FastAPI) -> Services:

@@ -20,6 +20,8 @@ from kici.engine.protocol import AgentMessage, AgentStatus, Message, close_reaso
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.metrics import Metrics
 
+SEND_TIMEOUT_S = 5.0
+
 
 class AgentListener(Protocol):
     """What the dispatcher learns from agent sessions. Every method is awaited inside the session's
@@ -76,9 +78,12 @@ class AgentConnection:
         self.last_seen_monotonic = time.monotonic()
 
     async def send(self, message: Message) -> None:
-        """Send one message; frames from concurrent senders never interleave. Raises if the socket is gone."""
-        async with self._send_lock:
-            await self.websocket.send_text(encode(message))
+        """Send one message; frames from concurrent senders never interleave. Raises if the socket is gone,
+        and `TimeoutError` when the agent has not taken the frame within `SEND_TIMEOUT_S` (a peer that stops
+        reading must not stall the dispatcher, which sends from one loop)."""
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            async with self._send_lock:
+                await self.websocket.send_text(encode(message))
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):  # already closed by the peer or by ourselves
