@@ -19,6 +19,7 @@ Rules kept by this module:
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -449,6 +450,10 @@ async def create_run(
         await conn.execute(jobs.insert(), job_rows)
     if need_rows:
         await conn.execute(job_needs.insert(), need_rows)
+    edges: dict[str, list[tuple[str, list[str]]]] = {}
+    for need_row in need_rows:
+        edges.setdefault(need_row["job_name"], []).append((need_row["upstream_name"], need_row["run_on"]))
+    _remember_edges(run_id, edges)  # (a run created by this process never needs to read its edges back)
     settled = await settle_run(
         conn, run_id, limits=QueueLimits(max_depth=queue_max_depth, timeout_ms=queue_timeout_ms), now=now
     )
@@ -670,6 +675,31 @@ _SETTLE_NEEDS = sa.select(job_needs.c.job_name, job_needs.c.upstream_name, job_n
 )
 
 
+_EDGES: OrderedDict[str, dict[str, list[tuple[str, list[str]]]]] = OrderedDict()
+EDGES_CACHED_RUNS = 2048
+
+
+async def _needs_edges(conn: AsyncConnection, run_id: str) -> dict[str, list[tuple[str, list[str]]]]:
+    """job name → [(upstream name, statuses it may run on)]. A run's needs edges are written once, with
+    the run, and never change, so every orchestrator may keep them (a settle per finished job would
+    otherwise read them again each time)."""
+    found = _EDGES.get(run_id)
+    if found is not None:
+        _EDGES.move_to_end(run_id)
+        return found
+    edges: dict[str, list[tuple[str, list[str]]]] = {}
+    for need in await conn.execute(_SETTLE_NEEDS, {"v_run_id": run_id}):
+        edges.setdefault(need.job_name, []).append((need.upstream_name, list(need.run_on)))
+    _remember_edges(run_id, edges)
+    return edges
+
+
+def _remember_edges(run_id: str, edges: dict[str, list[tuple[str, list[str]]]]) -> None:
+    _EDGES[run_id] = edges
+    while len(_EDGES) > EDGES_CACHED_RUNS:
+        _EDGES.popitem(last=False)
+
+
 async def settle_run(
     conn: AsyncConnection,
     run_id: str,
@@ -694,9 +724,7 @@ async def settle_run(
     if is_run_terminal(run_status):
         return SettleResult([], [], run_status)
     rows = list(await conn.execute(_SETTLE_JOBS, {"v_run_id": run_id}))
-    edges: dict[str, list[tuple[str, list[str]]]] = {}
-    for need in await conn.execute(_SETTLE_NEEDS, {"v_run_id": run_id}):
-        edges.setdefault(need.job_name, []).append((need.upstream_name, list(need.run_on)))
+    edges = await _needs_edges(conn, run_id)
     children: dict[str, list[str]] = {}
     for row in rows:
         children.setdefault(row.job, []).append(row.name)
