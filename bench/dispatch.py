@@ -183,6 +183,13 @@ def _profiler(pid: int) -> subprocess.Popen[bytes] | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far (Linux /proc/stat), to tell a CPU-bound phase."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def _own_cpu() -> float:
     """CPU seconds of this process (the simulated agents and the webhook sender share the machine)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -275,6 +282,7 @@ async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> 
                     await post_push(client, hook, "tp", sha, f"tp-{i}-{uuid.uuid4().hex[:8]}")
 
             spy = _profiler(orch.proc.pid)
+            busy0 = machine_busy()
             cpu0 = orch.cpu_seconds()
             self0 = _own_cpu()
             t0 = time.perf_counter()
@@ -283,6 +291,7 @@ async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> 
             await _wait(lambda: _done(client, orch.url, before + total), 600)
             elapsed = time.perf_counter() - t0
             cpu = orch.cpu_seconds() - cpu0
+            busy1 = machine_busy()
             own_cpu = _own_cpu() - self0
             if spy is not None:
                 spy.wait()
@@ -309,6 +318,7 @@ async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> 
             "webhooks_posted_s": round(ingest_s, 2),
             "elapsed_s": round(elapsed, 2),
             "completed_jobs_per_s": round(total / elapsed, 1),
+            "machine_cpu_busy_pct": round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1),
             "orchestrator_cpu_s": round(cpu, 2),
             "orchestrator_cpu_ms_per_job": round(cpu * 1000 / total, 2),
             "load_generator_cpu_s": round(own_cpu, 2),

@@ -43,6 +43,7 @@ from dispatch import (  # the sibling benchmark's orchestrator and webhook helpe
     Orchestrator,
     cpu_reference,
     git,
+    machine_busy,
     percentile,
     post_push,
 )
@@ -54,13 +55,6 @@ quick = workflow("quick", on=[push(branches=["main"])], jobs=[job("true", steps=
 logs = workflow("logs", on=[push(branches=["logs"])],
                 jobs=[job("print", steps=[step("seq", "seq 1 {lines}")])])
 '''
-
-
-def _machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine so far (Linux /proc/stat), to tell a CPU-bound phase."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
 
 
 def _ts(value: str | None) -> float:
@@ -220,7 +214,7 @@ class Bench:
 
     async def throughput(self, sha: str) -> dict[str, Any]:
         deliveries = [f"tp-{i}-{uuid.uuid4().hex[:8]}" for i in range(self.args.pushes)]
-        busy0 = _machine_busy()
+        busy0 = machine_busy()
         t0 = time.time()
         for delivery in deliveries:
             await post_push(self.client, self.hook, "main", sha, delivery)
@@ -231,7 +225,7 @@ class Bench:
         if failed:
             raise RuntimeError(f"{len(failed)} runs did not succeed: {failed[0]['failure_reason']}")
         last = max(_ts(r["finished_at"]) for r in finished)
-        busy1 = _machine_busy()
+        busy1 = machine_busy()
         return {
             "machine_cpu_busy_pct": round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1),
             "pushes": len(deliveries),

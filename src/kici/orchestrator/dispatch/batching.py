@@ -7,13 +7,15 @@ resolves each caller's future with its result once that transaction has committe
 its own write committed before it goes on, so per-agent ordering is unchanged.
 
 If the batch fails (a deadlock victim, a constraint, a bug in one operation), it is rolled back and its
-operations are run again one per transaction, so one bad operation fails only its own caller.
+operations are run again one per transaction, so one bad operation fails only its own caller. Lanes
+(keyed by run) let PostgreSQL commit several batches at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,42 +35,52 @@ class _Item:
 
 
 class WriteBatcher:
-    def __init__(self, db: Database, *, max_batch: int = 64) -> None:
+    """Group commit in `lanes` independent lanes. Operations carry a key (their run id): one key always
+    uses the same lane, so two lanes never touch the same run and cannot deadlock each other, while runs
+    in different lanes commit in parallel on their own connections (on SQLite, whose writers take turns
+    anyway, one lane)."""
+
+    def __init__(self, db: Database, *, max_batch: int = 64, lanes: int = 1) -> None:
         self.db = db
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._queues: list[asyncio.Queue[_Item]] = [asyncio.Queue() for _ in range(max(1, lanes))]
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="kici-write-batcher")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(q), name=f"kici-write-batcher-{i}") for i, q in enumerate(self._queues)
+            ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while not self._queue.empty():  # callers still waiting get an answer
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("the orchestrator is stopping"))
+                await task
+        self._tasks = []
+        for lane in self._queues:
+            while not lane.empty():  # callers still waiting get an answer
+                item = lane.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("the orchestrator is stopping"))
 
-    async def submit(self, operation: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run `operation` in a shared transaction; its result once committed. Without a running batcher
-        (not started, as in some tests) the operation gets a transaction of its own."""
-        if self._task is None or self._task.done():
+    async def submit(self, operation: Callable[[AsyncConnection], Awaitable[T]], key: str = "") -> T:
+        """Run `operation` in a shared transaction of `key`'s lane; its result once committed. Without a
+        running batcher (not started, as in some tests) the operation gets a transaction of its own."""
+        if not self._tasks or any(task.done() for task in self._tasks):
             async with self.db.transaction() as conn:
                 return await operation(conn)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(operation, future))
+        lane = self._queues[zlib.crc32(key.encode()) % len(self._queues)] if len(self._queues) > 1 else self._queues[0]
+        lane.put_nowait(_Item(operation, future))
         return await future
 
-    async def _run(self) -> None:
+    async def _run(self, lane: asyncio.Queue[_Item]) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = [await lane.get()]
+            while len(batch) < self.max_batch and not lane.empty():
+                batch.append(lane.get_nowait())
             await self._apply(batch)
 
     async def _apply(self, batch: list[_Item]) -> None:

@@ -54,6 +54,8 @@ SOURCE_CACHE_S = 10.0
 DRAIN_WINDOW = 50
 ACK_WRITE_DELAY_S = 1.0
 DEFER_BASE_S = 1.0
+WRITE_LANES = 4
+"""Parallel group-commit lanes on PostgreSQL (each uses one pooled connection at a time)."""
 DEFER_MAX_S = 30.0
 """Minimum pending rows read per drain pass (more when more slots are free)."""
 
@@ -96,7 +98,7 @@ class Dispatcher:
         self._acks: dict[str, asyncio.TimerHandle] = {}
         """Acks not written yet: the `running` that follows at once makes the write unnecessary."""
         self._background: set[asyncio.Task[None]] = set()
-        self.writes = WriteBatcher(self.db)
+        self.writes = WriteBatcher(self.db, lanes=WRITE_LANES if self.db.is_postgresql else 1)
         self._deferred: dict[str, float] = {}
         """Job id → monotonic time before which a job whose dispatch failed for a passing reason waits."""
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
@@ -275,7 +277,7 @@ class Dispatcher:
         # submitted together, the claims share one transaction (the conditional updates keep them exact)
         claims = await asyncio.gather(*(
             self.writes.submit(partial(queue_store.claim_row_in, row=row, agent=slots[agent.agent_id],
-                                       ack_timeout_ms=timeout))
+                                       ack_timeout_ms=timeout), key=row.run_id)
             for agent, row in picks
         ), return_exceptions=True)
         sent = 0
@@ -401,37 +403,37 @@ class Dispatcher:
                 run_store.record_step, job_id=message.job_id, step_index=message.step_index,
                 name=message.step_name, state=message.state, duration_ms=message.duration_ms, error=message.error,
                 agent_id=agent.agent_id,
-            ))
+            ), key=message.run_id)
         elif isinstance(message, p.JobStatusUpdate):
             await self._job_status(agent, message)
         elif isinstance(message, p.JobHeartbeat):
             await self.writes.submit(partial(
                 run_store.touch_heartbeat, job_id=message.job_id, agent_id=agent.agent_id, now=utcnow()
-            ))
+            ), key=message.run_id)
         elif isinstance(message, p.JobAck):
-            self._defer_ack(message.job_id, agent.agent_id)
+            self._defer_ack(message.run_id, message.job_id, agent.agent_id)
         elif isinstance(message, p.JobReject):
             await self._reject(agent, message)
 
-    def _defer_ack(self, job_id: str, agent_id: str) -> None:
+    def _defer_ack(self, run_id: str, job_id: str, agent_id: str) -> None:
         """Write the ack a moment later unless the job's `running` (which clears the ack deadline too)
         arrives first, as it does from a healthy agent; the delay is well inside the ack timeout, so the
         deadline sweep — on any orchestrator — sees the ack in time."""
         delay = min(ACK_WRITE_DELAY_S, self.settings.dispatch_ack_timeout_ms / 4000)
         self._settle_ack(job_id)
-        self._acks[job_id] = asyncio.get_running_loop().call_later(delay, self._write_ack, job_id, agent_id)
+        self._acks[job_id] = asyncio.get_running_loop().call_later(delay, self._write_ack, run_id, job_id, agent_id)
 
     def _settle_ack(self, job_id: str) -> None:
         handle = self._acks.pop(job_id, None)
         if handle is not None:
             handle.cancel()
 
-    def _write_ack(self, job_id: str, agent_id: str) -> None:
+    def _write_ack(self, run_id: str, job_id: str, agent_id: str) -> None:
         self._acks.pop(job_id, None)
 
         async def write() -> None:
             try:
-                await self.writes.submit(partial(queue_store.ack, job_id=job_id, agent_id=agent_id))
+                await self.writes.submit(partial(queue_store.ack, job_id=job_id, agent_id=agent_id), key=run_id)
             except Exception as exc:
                 log_event("job.ack_write_failed", level="error", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
 
@@ -458,7 +460,7 @@ class Dispatcher:
             run_store.record_job_state, job_id=update.job_id, state=update.state, agent_id=agent.agent_id,
             error=update.error, failure_category=update.failure_category, outputs=update.outputs,
             limits=self.limits,
-        ))
+        ), key=update.run_id)
         if settled is None:
             log_event("job.status_ignored", level="debug", agent_id=agent.agent_id, job_id=update.job_id,
                       state=update.state)
