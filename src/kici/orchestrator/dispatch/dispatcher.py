@@ -54,7 +54,7 @@ SOURCE_CACHE_S = 10.0
 DRAIN_WINDOW = 50
 ACK_WRITE_DELAY_S = 1.0
 DEFER_BASE_S = 1.0
-WRITE_LANES = 4
+WRITE_LANES = 8
 """Parallel group-commit lanes on PostgreSQL (each uses one pooled connection at a time)."""
 DEFER_MAX_S = 30.0
 """Minimum pending rows read per drain pass (more when more slots are free)."""
