@@ -98,7 +98,9 @@ class Dispatcher:
         self._acks: dict[str, asyncio.TimerHandle] = {}
         """Acks not written yet: the `running` that follows at once makes the write unnecessary."""
         self._background: set[asyncio.Task[None]] = set()
-        self.writes = WriteBatcher(self.db, lanes=WRITE_LANES if self.db.is_postgresql else 1)
+        # (an app built without a database, as for its OpenAPI schema, gets one lane and never starts it)
+        postgres = getattr(self.db, "is_postgresql", False)
+        self.writes = WriteBatcher(self.db, lanes=WRITE_LANES if postgres else 1)
         self._deferred: dict[str, float] = {}
         """Job id → monotonic time before which a job whose dispatch failed for a passing reason waits."""
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
