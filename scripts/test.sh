@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv if missing, installs KiCI with its test extras, then runs ruff, mypy on engine/ and the
-# whole pytest suite. Extra arguments go to pytest.
+# Creates .venv if missing, installs KiCI with its test extras, then runs ruff, mypy (strict on engine/,
+# orchestrator/, admin/ and agent/) and the whole pytest suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
@@ -8,7 +8,7 @@ ensure_venv test
 
 echo "== ruff"
 .venv/bin/ruff check src tests bench
-echo "== mypy (engine)"
+echo "== mypy (strict: engine, orchestrator, admin, agent)"
 .venv/bin/mypy
 echo "== pytest"
 set +e
