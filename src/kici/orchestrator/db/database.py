@@ -131,6 +131,15 @@ class Database:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(lock)})
             yield conn
 
+    async def try_lock(self, conn: AsyncConnection, name: str) -> bool:
+        """Take the cluster-wide lock `name` for the rest of `conn`'s transaction if nobody holds it (a
+        transaction-scoped PostgreSQL advisory lock); False when another session does. Always True on
+        SQLite, whose write transactions exclude each other anyway."""
+        if not self.is_postgresql:
+            return True
+        result = await conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": lock_key(name)})
+        return bool(result.scalar_one())
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction: a consistent snapshot that takes no write lock on SQLite."""

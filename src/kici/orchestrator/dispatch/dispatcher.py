@@ -48,7 +48,7 @@ from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import AgentSlot, Claim
 from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult
-from kici.orchestrator.store.sources import Source, get_source, load_source_secrets
+from kici.orchestrator.store.sources import Source, get_source
 
 SOURCE_CACHE_S = 10.0
 DRAIN_WINDOW = 50
@@ -91,7 +91,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._sources: dict[str, tuple[float, Source, dict[str, str]]] = {}
+        self._sources: dict[str, tuple[float, Source]] = {}
         self._http: httpx.AsyncClient | None = None
         self._rotation = 0
         self._runs = RunCache()
@@ -157,7 +157,7 @@ class Dispatcher:
         predecessor) stopped: their jobs go `recovering`, so a reconnect within the window reclaims them.
         Agents that already reconnected here are left alone."""
         async with self.db.read() as conn:
-            stale = [a for a in await agent_store.list_agents(conn, connected_only=True)]
+            stale = await agent_store.list_agents(conn, connected_only=True)
         window = dt.timedelta(milliseconds=2 * self.settings.agent_max_reconnect_delay_ms)
         for record in stale:
             async with self.registry.lock(record.id):
@@ -276,7 +276,7 @@ class Dispatcher:
             planned[agent.agent_id] = planned.get(agent.agent_id, 0) + 1
             agents.append(agents.pop(agents.index(agent)))  # next job: another agent first
         timeout = self.settings.dispatch_ack_timeout_ms
-        # submitted together, the claims share one transaction (the conditional updates keep them exact)
+        # submitted together, claims of one lane share its transaction (conditional updates keep them exact)
         claims = await asyncio.gather(*(
             self.writes.submit(partial(queue_store.claim_row_in, row=row, agent=slots[agent.agent_id],
                                        ack_timeout_ms=timeout), key=row.run_id)
@@ -354,22 +354,22 @@ class Dispatcher:
             raise DispatchError("the run has no source to clone from")
         cached = self._sources.get(run.source_id)
         if cached is not None and cached[0] > time.monotonic():
-            _, source, secrets = cached
+            source = cached[1]
         else:
             async with self.db.read() as conn:
                 found = await get_source(conn, run.source_id)
-                if found is None:
-                    raise DispatchError(f"source {run.source_id} no longer exists")
-                source = found
-                try:
-                    secrets = (
-                        await load_source_secrets(conn, source.id, self.state.secret_key)
-                        if source.kind is SourceKind.GITHUB
-                        else {}
-                    )
-                except Exception as exc:
-                    raise DispatchError(f"the secrets of source {source.name!r} cannot be opened: {exc}") from None
-            self._sources[run.source_id] = (time.monotonic() + SOURCE_CACHE_S, source, secrets)
+            if found is None:
+                raise DispatchError(f"source {run.source_id} no longer exists")
+            source = found
+            self._sources[run.source_id] = (time.monotonic() + SOURCE_CACHE_S, source)
+        try:
+            secrets = (
+                await self.ingest.open_secrets(self.db, source, self.state.secret_key)
+                if source.kind is SourceKind.GITHUB
+                else {}
+            )
+        except Exception as exc:
+            raise DispatchError(f"the secrets of source {source.name!r} cannot be opened: {exc}") from None
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=30.0)
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +19,6 @@ from kici.orchestrator.providers.base import CloneAccess
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import Claim, PendingRow
 from kici.orchestrator.store.runs import JobRecord, RunRecord
-
-CloneAccessFor = Callable[[RunRecord], Awaitable[CloneAccess]]
-"""Resolves the clone URL and token of a run's repository (from its source)."""
 
 
 class DispatchError(Exception):

@@ -8,11 +8,9 @@ it, so in a cluster exactly one node runs each sweep per tick; SQLite has a sing
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.protocol import CloseCode
@@ -26,11 +24,6 @@ from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
 
 WORKFLOW_TIMEOUT = "workflow_timeout"
-
-
-def advisory_key(name: str) -> int:
-    """A stable signed 64-bit advisory-lock key for a sweep name."""
-    return int.from_bytes(hashlib.sha256(f"kici.sweep.{name}".encode()).digest()[:8], "big", signed=True)
 
 
 class Sweeper:
@@ -68,10 +61,8 @@ class Sweeper:
     async def _locked(self, name: str, sweep: Callable[[AsyncConnection], Awaitable[None]]) -> None:
         self._after_commit = []
         async with self.db.transaction() as conn:
-            if self.db.is_postgresql:
-                query = sa.text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(key=advisory_key(name))
-                if not (await conn.execute(query)).scalar_one():
-                    return  # another orchestrator runs this sweep now
+            if not await self.db.try_lock(conn, f"sweep:{name}"):
+                return  # another orchestrator runs this sweep now
             await sweep(conn)
         actions, self._after_commit = self._after_commit, []
         for action in actions:

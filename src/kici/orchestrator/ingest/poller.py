@@ -18,17 +18,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import sqlalchemy as sa
-
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.background import PeriodicTask
-from kici.orchestrator.db.schema import SourceKind, git_refs, sources, utcnow
+from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.routes import accept_git_push
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import ProviderError
 from kici.orchestrator.providers.git import GitProvider
-from kici.orchestrator.store.sources import Source, get_source
+from kici.orchestrator.store import git_refs as git_ref_store
+from kici.orchestrator.store.sources import Source, enabled_sources_of_kind, get_source
 
 ZERO_SHA = "0" * 40
 TICK_S = 1.0
@@ -51,39 +50,28 @@ class GitPoller:
         """Poll every polled source that is due; the ids polled."""
         now = time.monotonic() if now is None else now
         async with self.state.database.read() as conn:
-            rows = list(
-                await conn.execute(
-                    sa.select(sources.c.id, sources.c.config).where(
-                        sources.c.kind == SourceKind.GIT.value, sources.c.enabled.is_(True)
-                    )
-                )
-            )
+            candidates = await enabled_sources_of_kind(conn, SourceKind.GIT)
         polled: list[str] = []
-        for row in rows:
-            interval = _interval(row.config)
+        for source in candidates:
+            interval = _interval(source.config)
             if interval is None:
-                self._due.pop(row.id, None)
+                self._due.pop(source.id, None)
                 continue
-            if self._due.get(row.id, 0.0) > now:
+            if self._due.get(source.id, 0.0) > now:
                 continue
-            self._due[row.id] = now + interval
-            polled.append(row.id)
+            self._due[source.id] = now + interval
+            polled.append(source.id)
             try:
-                await self.poll(row.id)
+                await self.poll(source.id)
             except ProviderError as exc:
-                log_event("poll.failed", level="warning", source_id=row.id, error=str(exc))
+                log_event("poll.failed", level="warning", source_id=source.id, error=str(exc))
         return polled
 
     async def poll(self, source_id: str) -> list[str]:
         """Poll one source now; the refs that moved (and were notified)."""
         async with self.state.database.read() as conn:
             source = await get_source(conn, source_id)
-            known = {
-                r.ref: r.sha
-                for r in await conn.execute(sa.select(git_refs.c.ref, git_refs.c.sha).where(
-                    git_refs.c.source_id == source_id
-                ))
-            }
+            known = await git_ref_store.known_heads(conn, source_id)
         if source is None or source.kind is not SourceKind.GIT or not source.enabled:
             return []
         provider = self.ingest.provider(source, {})
@@ -95,7 +83,9 @@ class GitPoller:
             before = known.get(ref)
             if before == sha:
                 continue
-            if not await self._store(source_id, ref, before, sha):
+            async with self.state.database.transaction() as conn:
+                recorded = await git_ref_store.record_head(conn, source_id, ref, before, sha)
+            if not recorded:
                 continue  # another orchestrator recorded (and reported) this move
             if first:
                 continue
@@ -104,28 +94,10 @@ class GitPoller:
         gone = [ref for ref in known if ref not in heads]
         if gone:
             async with self.state.database.transaction() as conn:
-                await conn.execute(git_refs.delete().where(git_refs.c.source_id == source_id, git_refs.c.ref.in_(gone)))
+                await git_ref_store.forget_heads(conn, source_id, gone)
         if first and heads:
             log_event("poll.baseline", source=source.name, branches=len(heads))
         return moved
-
-    async def _store(self, source_id: str, ref: str, before: str | None, sha: str) -> bool:
-        async with self.state.database.transaction() as conn:
-            if before is None:
-                exists = (await conn.execute(
-                    sa.select(git_refs.c.sha).where(git_refs.c.source_id == source_id, git_refs.c.ref == ref)
-                )).first()
-                if exists is not None:
-                    return False
-                await conn.execute(git_refs.insert().values(source_id=source_id, ref=ref, sha=sha,
-                                                            updated_at=utcnow()))
-                return True
-            result = await conn.execute(
-                git_refs.update()
-                .where(git_refs.c.source_id == source_id, git_refs.c.ref == ref, git_refs.c.sha == before)
-                .values(sha=sha, updated_at=utcnow())
-            )
-            return result.rowcount == 1
 
     async def _notify(self, source: Source, ref: str, before: str, after: str) -> None:
         payload = {"ref": ref, "before": before, "after": after}

@@ -42,7 +42,6 @@ from kici.orchestrator.store.sources import (
     get_source_by_key,
     get_source_by_name,
     list_sources,
-    load_source_secrets,
 )
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -111,17 +110,11 @@ def _limit(source: Source) -> int:
 
 
 async def _secrets(state: AppState, ingest: Ingest, source: Source) -> dict[str, str] | JSONResponse:
-    cached = ingest.secrets.get((source.id, source.updated_at))
-    if cached is not None:  # (keyed by the source's last change: an update is never served stale)
-        return cached
     try:
-        async with state.database.read() as conn:
-            found = await load_source_secrets(conn, source.id, state.secret_key)
+        return await ingest.open_secrets(state.database, source, state.secret_key)
     except SourceError as exc:
         log_event("ingest.source_secrets_unreadable", level="error", source=source.name, error=str(exc))
         return _error(500, "the source's secrets cannot be opened (wrong secret key?)")
-    ingest.remember_secrets((source.id, source.updated_at), found)
-    return found
 
 
 async def _begin(

@@ -17,13 +17,14 @@ from fastapi import Request
 from starlette.applications import Starlette
 
 from kici.orchestrator.config import Settings
+from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.lockcache import LockFileCache
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import LockFileSource, ProviderError
 from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.providers.github import GitHubProvider, InstallationTokens
-from kici.orchestrator.store.sources import DEFAULT_GITHUB_API_URL, Source
+from kici.orchestrator.store.sources import DEFAULT_GITHUB_API_URL, Source, load_source_secrets
 
 SECRETS_CACHE_MAX = 256
 
@@ -61,10 +62,18 @@ class Ingest:
     secrets: dict[tuple[str, dt.datetime], dict[str, str]] = field(default_factory=dict)
     """Opened source secrets by (source id, last change), so a burst of deliveries decrypts them once."""
 
-    def remember_secrets(self, key: tuple[str, dt.datetime], secrets: dict[str, str]) -> None:
-        if len(self.secrets) >= SECRETS_CACHE_MAX:
-            self.secrets.pop(next(iter(self.secrets)))
-        self.secrets[key] = secrets
+    async def open_secrets(self, db: Database, source: Source, key: bytes | None) -> dict[str, str]:
+        """The source's secrets, decrypted once per change of the source (the cache key is its id and
+        `updated_at`, so an update is never served stale). `SourceError` when they cannot be opened."""
+        cache_key = (source.id, source.updated_at)
+        found = self.secrets.get(cache_key)
+        if found is None:
+            async with db.read() as conn:
+                found = await load_source_secrets(conn, source.id, key)
+            if len(self.secrets) >= SECRETS_CACHE_MAX:
+                self.secrets.pop(next(iter(self.secrets)))
+            self.secrets[cache_key] = found
+        return found
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ingest:

@@ -203,7 +203,7 @@ class PendingRow:
 
 
 async def pending_rows(conn: AsyncConnection, *, limit: int) -> list[PendingRow]:
-    """Up to `limit` pending, unexpired rows, oldest first (a plain read: claiming is `claim_row`)."""
+    """Up to `limit` pending, unexpired rows, oldest first (a plain read: claiming is `claim_row_in`)."""
     now = utcnow()
     dq = dispatch_queue
     query = (
@@ -223,13 +223,6 @@ async def pending_rows(conn: AsyncConnection, *, limit: int) -> list[PendingRow]
         )
         for r in await conn.execute(query)
     ]
-
-
-async def claim_row(db: Database, row: PendingRow, agent: AgentSlot, *, ack_timeout_ms: int) -> Claim | None:
-    """Claim one row the caller already matched to `agent`; None when another claimer (or a cancel, or
-    the expiry sweep) got to it first. The conditional update makes a double claim impossible."""
-    async with db.transaction() as conn:
-        return await claim_row_in(conn, row, agent, ack_timeout_ms=ack_timeout_ms)
 
 
 _CLAIM_ROW = (
@@ -254,7 +247,9 @@ _CLAIM_JOB = (
 async def claim_row_in(
     conn: AsyncConnection, row: PendingRow, agent: AgentSlot, *, ack_timeout_ms: int
 ) -> Claim | None:
-    """`claim_row` inside the caller's transaction (statements built once: this runs for every job)."""
+    """Claim one row the caller already matched to `agent`, in the caller's transaction; None when
+    another claimer (or a cancel, or the expiry sweep) got to it first. The conditional update makes a
+    double claim impossible. (Statements built once: this runs for every job.)"""
     now = utcnow()
     updated = await conn.execute(_CLAIM_ROW, {
         "v_queue_id": row.queue_id, "v_agent": agent.agent_id,

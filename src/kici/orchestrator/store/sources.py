@@ -291,6 +291,12 @@ async def list_sources(
     return [_source(row) for row in rows]
 
 
+async def enabled_sources_of_kind(conn: AsyncConnection, kind: SourceKind) -> list[Source]:
+    """Every org's enabled sources of one kind (for services that act on all of them, e.g. the poller)."""
+    query = _select().where(sources.c.kind == kind.value, sources.c.enabled.is_(True))
+    return [_source(row) for row in await conn.execute(query.order_by(sources.c.created_at, sources.c.id))]
+
+
 async def update_source(
     conn: AsyncConnection,
     source_id: str,
