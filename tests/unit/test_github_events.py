@@ -1,5 +1,5 @@
 """GitHub webhook normalization (`kici.engine.github_events`): every real fixture in
-`../shared/fixtures/github-webhooks` against its facts table, the push changed-files contract, odd payloads,
+`tests/fixtures/github-webhooks` against its facts table, the push changed-files contract, odd payloads,
 and the normalized events going through the real trigger matcher."""
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from kici.engine.lockfile import (
     WorkflowRunTrigger,
 )
 from kici.engine.triggers import match_trigger
+from tests.paths import GITHUB_FIXTURES
 
-FIXTURE_DIR = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "github-webhooks"
-_MISSING = f"GitHub webhook fixtures not found at {FIXTURE_DIR} (CI provides ../shared beside the repository)"
+FIXTURE_DIR = GITHUB_FIXTURES
 FIXTURE_FILES = sorted(FIXTURE_DIR.glob("*.json"))
-FIXTURES: list[Any] = FIXTURE_FILES or [pytest.param(None, marks=pytest.mark.skip(reason=_MISSING))]
+FIXTURES: list[Any] = FIXTURE_FILES
 
 HEAD = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
 BASE = "f95f852bd8fca8fcc58a9a2d6c842781e32a215e"
@@ -64,10 +64,7 @@ def event_name_of(path: Path) -> str:
 
 
 def load(name: str) -> tuple[bytes, dict[str, Any]]:
-    path = FIXTURE_DIR / name
-    if not path.is_file():
-        pytest.skip(_MISSING)
-    raw = path.read_bytes()
+    raw = (FIXTURE_DIR / name).read_bytes()
     return raw, json.loads(raw)
 
 
@@ -231,8 +228,6 @@ EXPECTED: dict[str, tuple[int | None, dict[str, Any] | str]] = {
 
 
 def test_every_fixture_has_an_expectation() -> None:
-    if not FIXTURE_FILES:
-        pytest.skip(_MISSING)
     assert sorted(p.name for p in FIXTURE_FILES) == sorted(EXPECTED)
 
 
@@ -270,9 +265,8 @@ def test_ignored_deliveries_keep_repo_and_installation() -> None:
 
 
 def test_normalizing_does_not_mutate_the_payload() -> None:
-    for path in FIXTURE_FILES or [None]:
-        if path is None:
-            pytest.skip(_MISSING)
+    assert FIXTURE_FILES
+    for path in FIXTURE_FILES:
         payload = json.loads(path.read_bytes())
         before = copy.deepcopy(payload)
         normalize_github(event_name_of(path), payload)
@@ -284,8 +278,6 @@ def test_normalizing_does_not_mutate_the_payload() -> None:
 
 def _facts_rows() -> list[dict[str, str]]:
     readme = FIXTURE_DIR / "README.md"
-    if not readme.is_file():
-        pytest.skip(_MISSING)
     text = readme.read_text(encoding="utf-8")
     table = text[text.index("<!-- facts:start -->") : text.index("<!-- facts:end -->")]
     lines = [line for line in table.splitlines() if line.startswith("| [")]
@@ -819,9 +811,8 @@ def _mutated_fixture(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     return event_name_of(path), payload
 
 
-@pytest.mark.skipif(not FIXTURE_FILES, reason=_MISSING)
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_mutated_fixture() if FIXTURE_FILES else st.nothing())
+@given(case=_mutated_fixture())
 def test_mutated_fixtures_never_raise(case: tuple[str, dict[str, Any]]) -> None:
     name, payload = case
     _check_result(normalize_github(name, payload))

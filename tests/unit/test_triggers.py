@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import weakref
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +55,7 @@ from kici.engine.triggers import (
     needs_changed_files,
     parse_json_path,
 )
+from tests.paths import GITHUB_FIXTURES
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -117,20 +116,10 @@ def why(trigger: Trigger, event: Event) -> str:
 
 PR_DEFAULT = list(PR_ACTIONS_DEFAULT)
 
-# Real GitHub payloads (octokit/webhooks examples). Tests that use them are skipped when they are absent.
-_FIXTURE_DIRS = [
-    os.environ.get("KICI_GITHUB_FIXTURES", ""),
-    str(Path(__file__).resolve().parents[1] / "fixtures" / "github-webhooks"),
-    "/work/shared/fixtures/github-webhooks",
-]
-
-
+# Real GitHub payloads (octokit/webhooks examples), committed under tests/fixtures.
 def gh(name: str) -> dict[str, Any]:
-    for d in _FIXTURE_DIRS:
-        if d and (Path(d) / name).is_file():
-            data: dict[str, Any] = json.loads((Path(d) / name).read_text(encoding="utf-8"))
-            return data
-    pytest.skip(f"GitHub webhook fixture {name} not available")
+    data: dict[str, Any] = json.loads((GITHUB_FIXTURES / name).read_text(encoding="utf-8"))
+    return data
 
 
 # ------------------------------------------------------------------------------------------------ §5.1-2 push

@@ -13,11 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kici.engine.webhook_auth import ip_allowed, sign_hmac_sha256, verify_bearer, verify_hmac_sha256
+from tests.paths import GITHUB_FIXTURES
 
-FIXTURE_DIR = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "github-webhooks"
-_MISSING = f"GitHub webhook fixtures not found at {FIXTURE_DIR} (CI provides ../shared beside the repository)"
-_SKIP = pytest.param(None, marks=pytest.mark.skip(reason=_MISSING))
-FIXTURES: list[Any] = sorted(FIXTURE_DIR.glob("*.json")) or [_SKIP]
+FIXTURE_DIR = GITHUB_FIXTURES
+FIXTURES: list[Any] = sorted(FIXTURE_DIR.glob("*.json"))
 
 SECRET = b"kici-test-webhook-secret"
 

@@ -128,6 +128,13 @@ class Settings(BaseModel):
         "(e.g. `/orch` serves `/orch/health`).",
     )
 
+    public_url: str | None = Field(
+        default=None,
+        description="The URL people use to reach this orchestrator from a browser (e.g. "
+        "`https://ci.example.com`, including `KICI_BASE_PATH` if a proxy keeps it). Links to runs — GitHub "
+        "check runs' details, notifications, the git hook's output — are built from it; unset, none are sent.",
+    )
+
     # -- secrets ----------------------------------------------------------------------------------
     secret_key: SecretStr | None = Field(
         default=None,
@@ -270,6 +277,16 @@ class Settings(BaseModel):
             raise ValueError("must be a path such as /orch (leading slash, no spaces, query or fragment)")
         return value
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL with no query or fragment")
+        return value
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -298,6 +315,9 @@ class Settings(BaseModel):
         return self
 
     # -- derived ----------------------------------------------------------------------------------
+    def run_url(self, run_id: str) -> str | None:
+        """The dashboard's page of a run (`<public url>/runs/<id>`), or None without `KICI_PUBLIC_URL`."""
+        return f"{self.public_url}/runs/{run_id}" if self.public_url else None
 
     @property
     def secret_key_file(self) -> Path:

@@ -270,3 +270,10 @@ def test_known_env_names_cover_the_brief() -> None:
         "KICI_DEDUP_TTL_SECONDS", "KICI_MAX_LOG_SIZE_BYTES", "KICI_PLATFORM_URL", "KICI_PLATFORM_TOKEN",
         "KICI_CONFIG",
     } <= known_env_names()
+
+
+def test_public_url_builds_run_links_and_refuses_junk() -> None:
+    assert load({"KICI_PUBLIC_URL": "https://ci.example.com/orch/"}).run_url("r1") == "https://ci.example.com/orch/runs/r1"
+    assert load({}).run_url("r1") is None
+    for bad in ("ci.example.com", "ftp://ci.example.com", "https://ci.example.com/?x=1"):
+        assert any("KICI_PUBLIC_URL" in line for line in error_lines({"KICI_PUBLIC_URL": bad})), bad

@@ -28,9 +28,9 @@ from kici.orchestrator.store.events import EventLogEntry, get_event_log
 from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source
 from tests.integration.orchestrator.test_providers_git import compile_into
 from tests.integration.orchestrator.test_providers_github import FakeGitHub, fake_github  # noqa: F401
+from tests.paths import GITHUB_FIXTURES
 
-FIXTURE_DIR = Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "github-webhooks"
-pytestmark = pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason=f"GitHub webhook fixtures not found at {FIXTURE_DIR}")
+FIXTURE_DIR = GITHUB_FIXTURES
 
 SECRET = "It's a Secret to Everybody"
 APP_ID = 29310
