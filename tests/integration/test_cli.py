@@ -191,6 +191,44 @@ s = workflow("s", on=push(), jobs=[job("j", steps=[show])])
     assert "secret 'NOPE' is not available (available: TOKEN)" in text
 
 
+LEAK_WORKFLOW = """
+import subprocess
+from kici import job, push, step, workflow
+
+def show(ctx):
+    ctx.sh('echo "python=$(command -v python || echo none)"; echo "PATH=$PATH"; env | sed "s/^/sh:/"')
+    child = subprocess.run(["sh", "-c", "env"], capture_output=True, text=True, check=True).stdout
+    for line in child.splitlines():
+        print("child:" + line)
+
+leak = workflow("leak", on=push(), jobs=[
+    job("show", steps=[show]),
+    job("explicit", env={"PYTHONPATH": "/from/the/job"}, steps=[step("sh", 'echo "job-pythonpath=$PYTHONPATH"')]),
+])
+"""
+
+
+def test_kici_virtualenv_does_not_leak_into_steps(repo_factory: Repo, tmp_path: Path) -> None:
+    """`kici` run from its virtualenv (bin first on PATH, VIRTUAL_ENV, PYTHONPATH): a step's `python`
+    is not KiCI's, and nothing of KiCI's environment reaches the step unless the workflow sets it."""
+    assert sys.prefix != sys.base_prefix, "the tests run from KiCI's virtualenv"
+    repo = repo_factory({".kici/workflows/leak.py": LEAK_WORKFLOW})
+    marker = tmp_path / "on-pythonpath"
+    marker.mkdir()
+    out = run_kici("run", "local", "push", "--branch", "main", cwd=repo, env={
+        "PATH": f"{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": sys.prefix,
+        "PYTHONPATH": str(marker)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line.split("│")[-1].strip() for line in out.stdout.splitlines()]
+    assert any("python=" in line for line in lines) and any("sh:PATH=" in line for line in lines)
+    assert any("child:PATH=" in line for line in lines)
+    leaks = [line for line in lines if sys.prefix in line or str(marker) in line
+             or any(f"{p}{name}=" in line for p in ("sh:", "child:")
+                    for name in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH"))]
+    assert leaks == [], leaks
+    assert "job-pythonpath=/from/the/job" in out.stdout
+
+
 def test_uncommitted_changes_run_in_an_isolated_copy(repo_factory: Repo) -> None:
     repo = repo_factory(pipeline())
     write_files(repo, {
