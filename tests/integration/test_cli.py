@@ -247,6 +247,31 @@ extra = workflow("extra", on=push(), jobs=[job("look", steps=[
     assert git(repo, "status", "--porcelain").count("\n") == 3  # the working tree is as we left it
 
 
+
+def test_staged_unstaged_and_untracked_changes_all_reach_the_steps(repo_factory: Repo) -> None:
+    """The working tree as it is: HEAD plus the index plus the working tree, deletions too."""
+    repo = repo_factory({
+        ".kici/workflows/look.py": """
+from kici import job, push, step, workflow
+look = workflow("look", on=push(), jobs=[job("look", steps=[step("show", 'for f in *.txt; do echo "$f=$(cat $f)"; done')])])
+""",
+        "kept.txt": "committed\n", "staged-edit.txt": "committed\n", "staged-del.txt": "committed\n",
+        "both.txt": "committed\n", "unstaged-del.txt": "committed\n",
+    })
+    write_files(repo, {"staged-edit.txt": "staged\n", "staged-new.txt": "staged new\n", "both.txt": "staged\n"})
+    git(repo, "add", "staged-edit.txt", "staged-new.txt", "both.txt")
+    git(repo, "rm", "-q", "staged-del.txt")
+    write_files(repo, {"both.txt": "unstaged on top\n", "untracked.txt": "untracked\n"})
+    (repo / "unstaged-del.txt").unlink()
+    before = git(repo, "status", "--porcelain")
+    out = run_kici("run", "local", "push", "--branch", "main", cwd=repo)
+    assert out.returncode == 0, out.stdout + out.stderr
+    seen = sorted(line.split("│")[-1].strip() for line in out.stdout.splitlines() if ".txt=" in line)
+    assert seen == ["both.txt=unstaged on top", "kept.txt=committed", "staged-edit.txt=staged",
+                    "staged-new.txt=staged new", "untracked.txt=untracked"], out.stdout
+    assert git(repo, "status", "--porcelain") == before  # the repository is left as it was
+
+
 def test_job_filter_runs_the_job_and_what_it_needs(repo_factory: Repo) -> None:
     repo = repo_factory(pipeline())
     out = run_kici("run", "local", "push", "--branch", "main", "--job", "test", "--json", cwd=repo)
