@@ -106,6 +106,8 @@ async def test_push_notification_runs_matching_workflows(env: Env) -> None:
     runs = await env.runs(body["delivery_id"])
     assert [r.workflow for r in runs] == ["ci"]
     assert runs[0].repo == "acme/app" and runs[0].sha == env.shas["main2"] and runs[0].ref == "refs/heads/main"
+    # the hook prints these: no KICI_PUBLIC_URL here, so no dashboard URL
+    assert body["run_ids"] == [runs[0].id] and body["runs"] == [{"id": runs[0].id, "url": None}]
     async with env.database.read() as conn:
         log = await get_event_log(conn, body["delivery_id"])
     assert log is not None and log.status == "processed" and log.provider == "git" and log.matched_count == 1
