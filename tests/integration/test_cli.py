@@ -26,7 +26,7 @@ lint = job("lint", steps=[step("ruff", "{lint_cmd}")])
 test = job("test", needs=[lint], steps=[step("pytest", "echo testing")])
 report = job("report", needs=[need(test, when="always")], steps=[step("summary", "echo report ran")])
 ci = workflow("ci", on=[push(branches=["main"]), pr(target="main", paths=["src/**", "!docs/**"])],
-              jobs=[lint, test, report])
+              jobs=[lint, test, report], description="Lint, then test, then report")
 """
 
 
@@ -99,6 +99,8 @@ def test_preview_human_output_and_bad_event(repo_factory: Repo) -> None:
     repo = repo_factory(pipeline())
     out = run_kici("preview", "push", "--branch", "main", cwd=repo)
     assert "✓ ci" in out.stdout and "• test  (needs lint)" in out.stdout
+    assert "\n    Lint, then test, then report\n" in out.stdout  # the workflow's description
+    assert preview(repo, "push", "--branch", "main")["workflows"][0]["description"] == "Lint, then test, then report"
     bad = run_kici("preview", "shove", cwd=repo)
     assert bad.returncode == 2 and "unknown event 'shove'" in bad.stderr
     bad_wf = run_kici("preview", "push", "--workflow", "nope", cwd=repo)

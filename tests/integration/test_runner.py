@@ -544,11 +544,13 @@ async def test_job_and_step_env_and_the_parent_environment(ws: Path, monkeypatch
                 "step_env_kici": sorted(l.split("=")[0] for l in env_out.splitlines() if l.startswith("KICI")),
                 "parent": "SOME_PARENT_VAR" in env_out or "SOME_PARENT_VAR" in os.environ,
                 "job": ctx.sh("echo $JOB_VAR $STEP_VAR", quiet=True).stdout.strip(),
+                "workflow": ctx.sh("echo $WF_VAR $OVERRIDDEN", quiet=True).stdout.strip(),
                 "cwd": ctx.sh("pwd", quiet=True).stdout.strip(),
             }
 
-        ci = workflow("ci", jobs=[job("j", env={"JOB_VAR": "job", "STEP_VAR": "job-level"},
-                                      steps=[step("look", look, env={"STEP_VAR": "step"})])])
+        ci = workflow("ci", env={"WF_VAR": "wf", "OVERRIDDEN": "wf-level"},
+                      jobs=[job("j", env={"JOB_VAR": "job", "STEP_VAR": "job-level", "OVERRIDDEN": "job"},
+                                steps=[step("look", look, env={"STEP_VAR": "step"})])])
         """,
     )
     spec = make_spec(ws)
@@ -561,6 +563,7 @@ async def test_job_and_step_env_and_the_parent_environment(ws: Path, monkeypatch
     assert outputs["step_env_kici"] == ["KICI_ENV", "KICI_PATH"]
     assert outputs["parent"] is False
     assert outputs["job"] == "job step"
+    assert outputs["workflow"] == "wf job"  # workflow env, overridden by the job's
     assert Path(outputs["cwd"]).resolve() == ws.resolve()
 
 
