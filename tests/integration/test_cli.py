@@ -255,7 +255,8 @@ def test_staged_unstaged_and_untracked_changes_all_reach_the_steps(repo_factory:
     repo = repo_factory({
         ".kici/workflows/look.py": """
 from kici import job, push, step, workflow
-look = workflow("look", on=push(), jobs=[job("look", steps=[step("show", 'for f in *.txt; do echo "$f=$(cat $f)"; done')])])
+show = step("show", 'for f in *.txt; do echo "$f=$(cat $f)"; done')
+look = workflow("look", on=push(), jobs=[job("look", steps=[show])])
 """,
         "kept.txt": "committed\n", "staged-edit.txt": "committed\n", "staged-del.txt": "committed\n",
         "both.txt": "committed\n", "unstaged-del.txt": "committed\n",

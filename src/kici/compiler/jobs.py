@@ -10,9 +10,9 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kici.compiler import unsupported
 from kici.compiler.errors import Collector
 from kici.compiler.lambdas import lambda_source
-from kici.compiler import unsupported
 from kici.compiler.triggers import convert_trigger, regex_flags
 from kici.engine import lockfile as lf
 from kici.engine.glob import glob_to_regex_source, is_glob
