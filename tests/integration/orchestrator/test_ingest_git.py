@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,11 @@ from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.poller import GitPoller
 from kici.orchestrator.ingest.service import ingest_for
+from kici.orchestrator.routes.admin_sources import hook_script
 from kici.orchestrator.store.events import get_event_log
 from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source
 from tests.integration.orchestrator.conftest import StartOrchestrator
-from tests.integration.orchestrator.test_providers_git import GitRepo
+from tests.integration.orchestrator.test_providers_git import GIT_ENV, GitRepo
 
 SECRET = "hook-secret"
 ZERO = "0" * 40
@@ -214,6 +217,27 @@ async def test_through_a_real_orchestrator_process(start_orchestrator: StartOrch
         async with database.read() as conn:
             runs = list(await conn.execute(sa.select(schema.runs.c.workflow)))
         assert [r.workflow for r in runs] == ["ci"]
+
+        # the generated hook, as post-commit: it prints the run it started — only the id, since this
+        # orchestrator has no KICI_PUBLIC_URL — and, for a repeated notification, that nothing started
+        if all(shutil.which(tool) for tool in ("curl", "openssl")):
+            hook = repo.path / ".git" / "hooks" / "post-commit"
+            hook.write_text(hook_script("local", f"{url}/webhook/default/git/local", SECRET))
+            hook.chmod(0o700)
+            repo.write("src/c.py", "c = 1\n")
+            repo.git("add", "-A")
+            committed = await asyncio.to_thread(
+                subprocess.run, ["git", "-C", str(repo.path), "commit", "-m", "hooked"], capture_output=True,
+                text=True, env=GIT_ENV, check=True, timeout=60)
+            async with database.read() as conn:
+                run_ids = [r.id for r in await conn.execute(
+                    sa.select(schema.runs.c.id).where(schema.runs.c.sha == repo.git("rev-parse", "HEAD")))]
+            assert len(run_ids) == 1
+            assert f"kici: refs/heads/main: run {run_ids[0]}\n" in committed.stderr, committed.stderr
+            again = await asyncio.to_thread(
+                subprocess.run, ["sh", str(hook)], cwd=repo.path, capture_output=True, text=True, env=GIT_ENV,
+                stdin=subprocess.DEVNULL, check=True, timeout=60)
+            assert again.stdout == "kici: refs/heads/main: no run started (already notified)\n", again
     finally:
         await database.close()
         await asyncio.to_thread(proc.stop)
