@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kici.cli.concurrency import GroupRequest, GroupSlots, requested_groups
+from kici.cli.local_run import changed_paths
 from kici.cli.secrets_file import SecretsFileError, parse_secrets
 from kici.engine import lockfile as lf
 from kici.engine.events import Event
@@ -58,8 +59,6 @@ def test_slots_exclude_each_other_and_release(tmp_path: Path) -> None:
 
 
 def test_changed_paths_read_git_status_porcelain_z() -> None:
-    from kici.cli.local_run import changed_paths
-
     status = b"M  staged.txt\0 M unstaged.txt\0MM both.txt\0A  new.txt\0D  gone.txt\0 D removed.txt\0?? sub/x y.txt\0"
     assert changed_paths(status) == ["staged.txt", "unstaged.txt", "both.txt", "new.txt", "gone.txt", "removed.txt",
                                      "sub/x y.txt"]
