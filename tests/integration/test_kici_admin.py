@@ -23,6 +23,7 @@ from tests.integration.orchestrator.conftest import OrchestratorProcess, insert_
 from tests.integration.orchestrator.test_providers_git import GIT_ENV, GitRepo, compile_into
 
 OWNER_TOKEN = "kici_e2e_pinned_owner_token_0123456789abcdef"
+PUBLIC_URL = "https://ci.example.test/kici"
 
 
 class Orchestrator:
@@ -37,7 +38,8 @@ def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestra
     tmp = tmp_path_factory.mktemp("orchestrator")
     data_dir = tmp / "data"
     env = orchestrator_env(
-        tmp, {"KICI_PORT": "0", "KICI_DATA_DIR": str(data_dir), "KICI_BOOTSTRAP_ADMIN_TOKEN": OWNER_TOKEN}
+        tmp, {"KICI_PORT": "0", "KICI_DATA_DIR": str(data_dir), "KICI_BOOTSTRAP_ADMIN_TOKEN": OWNER_TOKEN,
+              "KICI_PUBLIC_URL": PUBLIC_URL}
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "kici.orchestrator"],
@@ -384,31 +386,39 @@ def test_git_hook_notifies_the_orchestrator(orchestrator: Orchestrator, tmp_path
     repo = GitRepo(tmp_path / "hooked")
     compile_into(repo.path, HOOK_WORKFLOWS)
     repo.commit("lock file")
-    ok(kici_admin("source", "add", "git", "hooked", "--url", str(repo.path), "--repo", "acme/hooked", url=url))
+    added = ok(kici_admin("source", "add", "git", "hooked", "--url", str(repo.path), "--repo", "acme/hooked",
+                          url=url))
+    # a working repository: the hook to install is post-commit, at the repository's own hooks directory
+    hook = repo.path / ".git" / "hooks" / "post-commit"
+    assert f"kici-admin source hook hooked > {hook} && chmod 700 {hook}" in added, added
+    assert "post-receive" not in added
     script = ok(kici_admin("source", "hook", "hooked", url=url))
     assert script.startswith("#!/bin/sh") and "/webhook/default/git/hooked" in script
-    hook = repo.path / ".git" / "hooks" / "post-commit"
     hook.write_text(script)
     hook.chmod(0o755)
 
     repo.write("README", "hello\n")
-    sha = repo.commit("a commit the hook reports")
-    deadline = time.monotonic() + 30
-    found: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        found = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/hooked", "--json", url=url)))
-        if any(r["sha"] == sha for r in found):
-            break
-        time.sleep(0.2)
+    repo.git("add", "-A")
+    committed = subprocess.run(["git", "-C", str(repo.path), "commit", "-m", "a commit the hook reports"],
+                               capture_output=True, text=True, env=GIT_ENV, check=True, timeout=60)
+    sha = repo.git("rev-parse", "HEAD")
+    # the run exists once the hook has returned: the webhook answers after creating it
+    found = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/hooked", "--json", url=url)))
     run = next((r for r in found if r["sha"] == sha), None)
-    assert run is not None, f"no run for {sha} within 30 s: {found}; log: {orchestrator.process.lines[-20:]}"
+    assert run is not None, f"no run for {sha}: {found}; log: {orchestrator.process.lines[-20:]}"
     assert run["workflow"] == "ci" and run["ref"] == "refs/heads/main"
+    # and the hook said so, with the run's dashboard URL (KICI_PUBLIC_URL is set); git sends a hook's
+    # output to the terminal's stderr
+    assert f"kici: refs/heads/main: run {run['id']} {PUBLIC_URL}/runs/{run['id']}" in committed.stderr, (
+        committed.stdout + committed.stderr)
 
     # a wrong secret is refused (401) yet never fails the commit, and starts nothing
     hook.write_text(script.replace("KICI_WEBHOOK_SECRET='", "KICI_WEBHOOK_SECRET='wrong"))
-    other = repo.commit("not reported")
-    assert other != sha
-    time.sleep(0.5)
+    refused = subprocess.run(["git", "-C", str(repo.path), "commit", "--allow-empty", "-m", "not reported"],
+                             capture_output=True, text=True, env=GIT_ENV, check=True, timeout=60)
+    assert "kici hook: could not notify" in refused.stderr and "401" in refused.stderr, refused.stderr
+    assert repo.git("rev-parse", "HEAD") != sha
+    # the hook has returned, so the orchestrator has answered: no run was started
     found = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/hooked", "--json", url=url)))
     assert [r["sha"] for r in found] == [sha]
     ok(kici_admin("source", "remove", "hooked", url=url))
@@ -423,28 +433,30 @@ def test_git_hook_as_post_receive(orchestrator: Orchestrator, tmp_path: Path) ->
     url = orchestrator.url
     server = tmp_path / "server.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(server)], check=True, env=GIT_ENV)
-    ok(kici_admin("source", "add", "git", "pushed", "--url", str(server), "--repo", "acme/pushed", url=url))
-    script = ok(kici_admin("source", "hook", "pushed", "--url", url, url=url))
+    added = ok(kici_admin("source", "add", "git", "pushed", "--url", str(server), "--repo", "acme/pushed", url=url))
     hook = server / "hooks" / "post-receive"
+    assert f"kici-admin source hook pushed > {hook} && chmod 700 {hook}" in added, added  # a bare repository
+    script = ok(kici_admin("source", "hook", "pushed", "--url", url, url=url))
     hook.write_text(script)
     hook.chmod(0o700)
 
     work = GitRepo(tmp_path / "work")
     compile_into(work.path, HOOK_WORKFLOWS)
-    first = work.commit("first")
-    work.git("push", "-q", str(server), "main")
-    work.write("README", "more\n")
-    sha = work.commit("second")
-    work.git("push", "-q", str(server), "main")
-    deadline = time.monotonic() + 30
-    shas: list[str] = []
-    while time.monotonic() < deadline:
-        shas = [r["sha"] for r in json.loads(ok(kici_admin("runs", "list", "--repo", "acme/pushed", "--json",
-                                                             url=url)))]
-        if first in shas and sha in shas:
-            break
-        time.sleep(0.2)
-    assert first in shas and sha in shas, shas
+    pushed: list[subprocess.CompletedProcess[str]] = []
+    shas = []
+    for message in ("first", "second"):
+        work.write("README", f"{message}\n")
+        shas.append(work.commit(message))
+        pushed.append(subprocess.run(["git", "-C", str(work.path), "push", str(server), "main"],
+                                     capture_output=True, text=True, env=GIT_ENV, check=True, timeout=60))
+    # the push has returned after the hook, which waited for the orchestrator's answer
+    runs = json.loads(ok(kici_admin("runs", "list", "--repo", "acme/pushed", "--json", url=url)))
+    by_sha = {r["sha"]: r["id"] for r in runs}
+    assert set(shas) <= set(by_sha), runs
+    for sha, push in zip(shas, pushed, strict=True):
+        # what the hook prints reaches the pusher as "remote: …"
+        line = f"remote: kici: refs/heads/main: run {by_sha[sha]} {PUBLIC_URL}/runs/{by_sha[sha]}"
+        assert line in push.stderr, push.stderr
 
     hook.write_text(script.replace(url, "http://127.0.0.1:1"))
     work.write("README", "unreachable\n")

@@ -315,6 +315,15 @@ def test_retry_int_uses_the_default_schedule() -> None:
     assert retry_policy(custom) is custom
 
 
+
+def test_retry_backoff_and_max_delay_shape_the_waits() -> None:
+    """`Retry(backoff=, max_delay=)`: the waits the runner sleeps between attempts (`wait_before`)."""
+    exponential = Retry(6, delay=0.5, backoff="exponential", max_delay=3)
+    assert [exponential.wait_before(n) for n in range(2, 7)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    fixed = Retry(4, delay=2, backoff="fixed", max_delay=30)
+    assert [fixed.wait_before(n) for n in range(2, 5)] == [2.0, 2.0, 2.0]
+    assert Retry(3, delay=5, backoff="fixed", max_delay=1).wait_before(2) == 1.0
+
 async def test_retry_attempts_and_waits(ws: Path) -> None:
     stamps = ws / "stamps"
     write_workflow(
@@ -544,11 +553,13 @@ async def test_job_and_step_env_and_the_parent_environment(ws: Path, monkeypatch
                 "step_env_kici": sorted(l.split("=")[0] for l in env_out.splitlines() if l.startswith("KICI")),
                 "parent": "SOME_PARENT_VAR" in env_out or "SOME_PARENT_VAR" in os.environ,
                 "job": ctx.sh("echo $JOB_VAR $STEP_VAR", quiet=True).stdout.strip(),
+                "workflow": ctx.sh("echo $WF_VAR $OVERRIDDEN", quiet=True).stdout.strip(),
                 "cwd": ctx.sh("pwd", quiet=True).stdout.strip(),
             }
 
-        ci = workflow("ci", jobs=[job("j", env={"JOB_VAR": "job", "STEP_VAR": "job-level"},
-                                      steps=[step("look", look, env={"STEP_VAR": "step"})])])
+        ci = workflow("ci", env={"WF_VAR": "wf", "OVERRIDDEN": "wf-level"},
+                      jobs=[job("j", env={"JOB_VAR": "job", "STEP_VAR": "job-level", "OVERRIDDEN": "job"},
+                                steps=[step("look", look, env={"STEP_VAR": "step"})])])
         """,
     )
     spec = make_spec(ws)
@@ -561,6 +572,7 @@ async def test_job_and_step_env_and_the_parent_environment(ws: Path, monkeypatch
     assert outputs["step_env_kici"] == ["KICI_ENV", "KICI_PATH"]
     assert outputs["parent"] is False
     assert outputs["job"] == "job step"
+    assert outputs["workflow"] == "wf job"  # workflow env, overridden by the job's
     assert Path(outputs["cwd"]).resolve() == ws.resolve()
 
 
@@ -620,6 +632,40 @@ async def test_failing_job_rule_skips_the_job(ws: Path) -> None:
     run = await run_job(make_spec(ws))
     assert run.result.status == "success" and created.exists()
 
+
+
+async def test_skip_switches_a_job_and_a_step_off(ws: Path) -> None:
+    """`kici.skip()` is a rule that always fails: the job (or step) it is on is skipped."""
+    write_workflow(
+        ws,
+        """
+        ci = workflow("ci", jobs=[job("j", rules=[skip("switched off")], steps=["echo never"]),
+                                  job("k", steps=[step("off", "echo never", rules=[skip()]), "echo on"])])
+        """,
+    )
+    run = await run_job(make_spec(ws))
+    assert run.result.status == "skipped" and run.states() == ["skipped"]
+    assert any("switched off" in line for line in run.logs(SETUP_STEP_INDEX, "system"))
+    run = await run_job(make_spec(ws, job="k"))
+    assert run.result.status == "success" and run.states() == ["skipped", "success"]
+
+
+async def test_run_shorthand_is_the_job_s_one_step(ws: Path) -> None:
+    """`job(name, run=...)`: a shell command or a callable as the job's single step, named after the job."""
+    write_workflow(
+        ws,
+        """
+        def build(ctx):
+            return {"built": "yes"}
+
+        ci = workflow("ci", jobs=[job("j", run="echo from-run"), job("k", run=build)])
+        """,
+    )
+    run = await run_job(make_spec(ws))
+    assert run.result.status == "success" and run.states() == ["success"]
+    assert "from-run" in run.logs(0)
+    run = await run_job(make_spec(ws, job="k"))
+    assert run.result.status == "success" and run.final(0).outputs == {"built": "yes"}
 
 async def test_workflow_rules_apply_to_the_job(ws: Path) -> None:
     write_workflow(

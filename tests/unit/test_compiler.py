@@ -141,15 +141,13 @@ def test_inline_lambda_values_are_stored_as_source(tmp_path: Path) -> None:
     lock = compile_one(
         tmp_path,
         """
-d = job("deploy", run="true", environment=lambda event: "prod" if event.branch == "main" else "staging",
-        concurrency_group=lambda event: f"deploy-{event.branch}")
+d = job("deploy", run="true", concurrency_group=lambda event: f"deploy-{event.branch}")
 ci = workflow("ci", on=push(), jobs=[d], concurrency={"group": "ci", "cancel_in_progress": False})
 """,
     )
     job = lock.workflows[0].jobs[0]
     assert isinstance(job.concurrency_group, lf.InlineExpr)
     assert job.concurrency_group.expression == "lambda event: f'deploy-{event.branch}'"
-    assert job.environments is not None and job.environments[0].dynamic
     assert lock.workflows[0].concurrency == lf.Concurrency(has_group=True, group="ci", cancel_in_progress=False, max=1)
 
 
@@ -210,7 +208,7 @@ ci = workflow("ci", on=push(), jobs=[j])
          "matrix values must be JSON values"),
         ('ci = workflow("ci", on=pr(events=["opend"]), jobs=[job("j", run="true")])', "unknown action 'opend'"),
         ('ci = workflow("ci", on=schedule("every day"), jobs=[job("j", run="true")])', "must have 5 fields"),
-        ('a = job("a", run="true", environment=lambda e: open("x"))\nci = workflow("ci", on=push(), jobs=[a])',
+        ('a = job("a", run="true", concurrency_group=lambda e: open("x"))\nci = workflow("ci", on=push(), jobs=[a])',
          "not a pure expression"),
         ('a = job("a", run="true", timeout=-1)\nci = workflow("ci", on=push(), jobs=[a])', "positive number"),
     ],

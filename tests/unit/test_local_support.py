@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kici.cli.concurrency import GroupRequest, GroupSlots, requested_groups
+from kici.cli.local_run import changed_paths
 from kici.cli.secrets_file import SecretsFileError, parse_secrets
 from kici.engine import lockfile as lf
 from kici.engine.events import Event
@@ -55,3 +56,12 @@ def test_slots_exclude_each_other_and_release(tmp_path: Path) -> None:
     assert other_repo.acquire(request, messages.append)  # groups are per repository
     for slots in (second, third, other_repo):
         slots.release()
+
+
+def test_changed_paths_read_git_status_porcelain_z() -> None:
+    status = b"M  staged.txt\0 M unstaged.txt\0MM both.txt\0A  new.txt\0D  gone.txt\0 D removed.txt\0?? sub/x y.txt\0"
+    assert changed_paths(status) == ["staged.txt", "unstaged.txt", "both.txt", "new.txt", "gone.txt", "removed.txt",
+                                     "sub/x y.txt"]
+    # relative to the project's directory inside the repository; an untracked nested repository is one entry
+    assert changed_paths(b"M  app/a.py\0M  other/b.py\0?? app/vendor/\0", "app/") == ["a.py", "vendor"]
+    assert changed_paths(b"") == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from kici.compiler.errors import CompileFailed
 from kici.compiler.project import Project, compile_project
 
 HERE = Path(__file__).resolve().parent
@@ -23,10 +25,22 @@ def test_workflow_files_type_check_strictly(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_typed_workflow_compiles(tmp_path: Path) -> None:
+def test_typed_workflow_compiles_except_for_unsupported_options(tmp_path: Path) -> None:
+    """The typed workflow uses every part of the SDK, including options nothing enforces yet: those are
+    refused by name (tests/unit/test_sdk_options.py), the rest compiles once they are taken out."""
     (tmp_path / ".kici/workflows").mkdir(parents=True)
-    shutil.copy(TYPED, tmp_path / ".kici/workflows/ci.py")
+    source = TYPED.read_text()
+    (tmp_path / ".kici/workflows/ci.py").write_text(source)
+    with pytest.raises(CompileFailed) as failed:
+        compile_project(Project(root=tmp_path, kici_dir=tmp_path / ".kici"))
+    assert sorted(e.message.split(" is not supported yet")[0] for e in failed.value.errors) == [
+        "`cache=`", "`environment=`", "`kici_event()`"]
+    for unsupported in (', cache=Cache("k", ["~/.cache"])', "environment=lambda event: event.branch,\n     ",
+                        ' kici_event("x", match={"$.a": 1}),'):
+        assert unsupported in source
+        source = source.replace(unsupported, "")
+    (tmp_path / ".kici/workflows/ci.py").write_text(source)
     lock = compile_project(Project(root=tmp_path, kici_dir=tmp_path / ".kici"))
     wf = lock.workflows[0]
     assert [j.name for j in wf.jobs] == ["test", "deploy", "off"]
-    assert [t.type for t in wf.triggers] == ["push", "tag", "pr", "tag", "schedule", "kici_event", "dispatch"]
+    assert [t.type for t in wf.triggers] == ["push", "tag", "pr", "tag", "schedule", "dispatch"]

@@ -21,6 +21,7 @@ from click.core import ParameterSource
 from kici.admin.client import DEFAULT_TIMEOUT_S, AdminClient, AdminCLIError, check_base_url
 from kici.admin.follow import RunLogs, Watcher, print_logs
 from kici.admin.follow import follow as follow_logs
+from kici.admin.git_hooks import install_advice
 from kici.admin.output import duration, print_fields, print_json, print_table
 
 DEFAULT_URL = "http://127.0.0.1:4000"
@@ -610,8 +611,7 @@ def _create_source(kind: str, name: str, config: dict[str, Any], secret_values: 
         click.echo(f"    {value}")
         click.echo("")
     if kind == "git":
-        click.echo(f"Install the git hook: kici-admin source hook {created['name']} > .git/hooks/post-receive "
-                   "&& chmod 700 .git/hooks/post-receive")
+        click.echo(install_advice(created["name"], str(config.get("url", ""))))
 
 
 @cli.group()
@@ -818,10 +818,12 @@ def source_disable(name: str, as_json: bool) -> None:
 @click.option("--url", "hook_url", metavar="ORCHESTRATOR_URL",
               help="The orchestrator's URL as the git host reaches it (default: kici-admin's --url).")
 def source_hook(name: str, hook_url: str | None) -> None:
-    """Print a git hook script for a git source (works as post-receive and post-commit).
+    """Print a git hook script for a git source: post-commit in a working repository, post-receive in a
+    bare one. After each commit or push it prints the runs that started (with their URLs when the
+    orchestrator has KICI_PUBLIC_URL).
 
     It embeds the source's webhook secret: install it readable by its owner only, e.g.
-    `kici-admin source hook NAME > .git/hooks/post-receive && chmod 700 .git/hooks/post-receive`.
+    `kici-admin source hook NAME > .git/hooks/post-commit && chmod 700 .git/hooks/post-commit`.
     """
     client = _client()
     url = check_base_url(hook_url) if hook_url else client.base_url

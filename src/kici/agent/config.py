@@ -57,9 +57,11 @@ class AgentSettings(BaseModel):
 
     # -- orchestrator -----------------------------------------------------------------------------
     orchestrator_url: str = Field(
-        description="Base URL of the orchestrator (`http://`, `https://`, `ws://` or `wss://`, optionally "
+        description="URL of the orchestrator (`http://`, `https://`, `ws://` or `wss://`, optionally "
         "with a base path such as `https://ci.example.com/orch`). The agent connects to its `/ws` endpoint; "
-        "`http` becomes `ws` and `https` becomes `wss`. Required.",
+        "`http` becomes `ws` and `https` becomes `wss`. The WebSocket endpoint itself is accepted too: "
+        "`ws://host:4000`, `ws://host:4000/` and `ws://host:4000/ws` all connect to `ws://host:4000/ws`, and "
+        "`wss://host/orch/ws` to the same endpoint as `wss://host/orch`. Required.",
         json_schema_extra=_doc_default("— (required)"),
     )
     agent_token: SecretStr = Field(
@@ -203,10 +205,17 @@ class AgentSettings(BaseModel):
 
 
 def websocket_url(base: str) -> str:
-    """`{base}/ws` with http → ws and https → wss; a base path is kept."""
-    parts = urlsplit(base.rstrip("/"))
+    """`{base}/ws` with http → ws and https → wss; a base path is kept.
+
+    Operators often write the WebSocket endpoint itself (`ws://host:4000/ws`): a URL whose path already
+    ends in `/ws` is that endpoint, not a base path, so `/ws` is not appended twice.
+    """
+    parts = urlsplit(base.strip())
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
+    path = parts.path.rstrip("/")
+    if not path.endswith("/ws"):
+        path += "/ws"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 def env_name(field: str) -> str:

@@ -35,7 +35,9 @@ other KiCI tools are ignored: {exempt}.
 None of these variables reaches a job: steps get an environment built from an allow-list (`PATH`, `HOME`,
 `USER`, `SHELL`, `LANG`, `LC_ALL`, `TERM`, `TMPDIR`, `TZ`) plus the job's own variables, `CI=true`,
 `KICI=true`, `KICI_RUN_ID`, `KICI_JOB_ID` and `FORCE_COLOR=1` (tools keep their colours in the log; a
-workflow or job `env` may set it to `0`).
+workflow or job `env` may set it to `0`). `PATH` loses the `bin` directories of the agent's own interpreter
+and virtualenv, and `VIRTUAL_ENV`, `PYTHONHOME` and `PYTHONPATH` do not reach steps unless a workflow, job
+or step `env` sets them.
 """
 
 OUTRO = """

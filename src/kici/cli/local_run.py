@@ -251,8 +251,22 @@ def _with_needs(wf: Workflow, names: set[str]) -> set[str]:
     return out
 
 
+def changed_paths(status: bytes, prefix: str = "") -> list[str]:
+    """Paths (relative to the directory `prefix` names inside the repository) that differ from HEAD,
+    from `git status --porcelain=v1 -z --no-renames` output: entries are `XY path`, NUL-terminated."""
+    out: list[str] = []
+    for entry in status.decode(errors="surrogateescape").split("\0"):
+        if len(entry) < 4:
+            continue
+        path = entry[3:].rstrip("/")
+        if path.startswith(prefix):
+            out.append(path[len(prefix):])
+    return out
+
+
 class Snapshot:
-    """HEAD plus uncommitted changes (untracked files too, ignored ones not) in a fresh clone.
+    """HEAD plus every uncommitted change in a fresh clone: staged and unstaged edits, staged new files,
+    deletions (staged or not) and untracked files (ignored ones not) — the working tree as it is.
 
     `start()` launches the git processes and returns at once, so they run while the CLI compiles;
     `finish()` waits for them and lays the working-tree changes over the clone."""
@@ -261,8 +275,8 @@ class Snapshot:
         self.root = root
         self.dest = dest
         self._clone: asyncio.subprocess.Process | None = None
-        self._changed: asyncio.subprocess.Process | None = None
-        self._deleted: asyncio.subprocess.Process | None = None
+        self._status: asyncio.subprocess.Process | None = None
+        self._prefix: asyncio.subprocess.Process | None = None
 
     async def _git(self, *args: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -272,35 +286,46 @@ class Snapshot:
 
     async def start(self) -> None:
         self._clone = await self._git("clone", "--quiet", "--shared", "--no-hardlinks", str(self.root), str(self.dest))
-        self._changed = await self._git("ls-files", "-z", "--modified", "--others", "--exclude-standard")
-        self._deleted = await self._git("ls-files", "-z", "--deleted")
+        # `git status` compares HEAD with the index AND the index with the working tree: `ls-files
+        # --modified` only did the latter, so a staged edit ran at its committed version and a staged new
+        # file was missing. Without renames a move is a deletion plus a new file; paths are relative to the
+        # top of the repository, hence the prefix of `root` inside it.
+        self._status = await self._git("status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
+                                       "--ignore-submodules=all", "--", ".")
+        self._prefix = await self._git("rev-parse", "--show-prefix")
 
     async def finish(self) -> Path:
-        assert self._clone and self._changed and self._deleted
-        (_, clone_err), (changed, _), (deleted_out, _) = await asyncio.gather(
-            self._clone.communicate(), self._changed.communicate(), self._deleted.communicate()
+        assert self._clone and self._status and self._prefix
+        (_, clone_err), (status, _), (prefix_out, _) = await asyncio.gather(
+            self._clone.communicate(), self._status.communicate(), self._prefix.communicate()
         )
-        if self._changed.returncode != 0:
+        if self._status.returncode != 0:
             # not a git repository: a plain copy, minus what must stay private
             shutil.rmtree(self.dest, ignore_errors=True)
             shutil.copytree(self.root, self.dest, symlinks=True, ignore=shutil.ignore_patterns(".git", ".secrets"))
             return self.dest
         if self._clone.returncode != 0:
             raise RuntimeError(f"could not copy the repository: {clone_err.decode(errors='replace').strip()}")
-        deleted = set(deleted_out.decode().split("\0")) - {""}
-        for rel in set(changed.decode().split("\0")) - {""}:
-            src, dst = self.root / rel, self.dest / rel
-            if rel in deleted or not (src.exists() or src.is_symlink()):
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst, follow_symlinks=False)
-        for rel in deleted:
-            with contextlib.suppress(FileNotFoundError):
-                (self.dest / rel).unlink()
+        prefix = prefix_out.decode().strip()
+        for rel in changed_paths(status, prefix):
+            self._apply(rel)
         return self.dest
 
+    def _apply(self, rel: str) -> None:
+        """Make `dest/rel` what `root/rel` is in the working tree: a copy of it, or gone."""
+        src, dst = self.root / rel, self.dest / rel
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.is_dir() and not (src.is_dir() and not src.is_symlink()):
+            shutil.rmtree(dst)
+        if src.is_symlink() or src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst, follow_symlinks=False)
+        elif src.is_dir():  # an untracked nested repository is listed as one directory
+            shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
+
     async def abandon(self) -> None:
-        for proc in (self._clone, self._changed, self._deleted):
+        for proc in (self._clone, self._status, self._prefix):
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -28,6 +28,7 @@ def run_preview(event: str, *, job_filter: tuple[str, ...], as_json: bool, **kw:
             {
                 "workflow": wf.name,
                 "file": wf.source.file,
+                "description": wf.description,
                 "matched": decision.matched,
                 "trigger": None if decision.match is None else {
                     "index": decision.match.trigger_index,
@@ -52,6 +53,8 @@ def run_preview(event: str, *, job_filter: tuple[str, ...], as_json: bool, **kw:
             click.secho(f"✓ {r['workflow']}", fg="green", bold=True, nl=False)
             click.echo(f"  ({r['file']}) — trigger #{r['trigger']['index'] + 1} {r['trigger']['type']}: "
                        f"{r['trigger']['reason']}")
+            if r["description"]:
+                click.echo(f"    {r['description']}")
             for j in r["jobs"]:
                 needs = ", ".join(n["name"] for n in j["needs"])
                 click.echo(f"    • {j['name']}" + (f"  (needs {needs})" if needs else ""))

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kici.compiler import unsupported
 from kici.compiler.errors import Collector
 from kici.compiler.lambdas import lambda_source
 from kici.compiler.triggers import convert_trigger, regex_flags
@@ -41,6 +42,7 @@ def millis(value: Any, where: Collector, what: str) -> int | None:
 
 def convert_workflow(wf: d.Workflow, file: str, export: str, content_hash: str, where: Collector) -> lf.Workflow:
     triggers: list[lf.Trigger] = []
+    unsupported.refuse_options(wf, unsupported.WORKFLOW_OPTIONS, where)
     for t in wf.on:
         triggers.extend(convert_trigger(t, where))
     if not wf.jobs:
@@ -86,6 +88,7 @@ def convert_job(
     if not isinstance(job, d.Job):
         where.error(f"{job!r} is not a job (use kici.job(...))")
         return lf.Job(name=name, steps=[])
+    unsupported.refuse_options(job, unsupported.JOB_OPTIONS, where)
     if job.has_run and job.has_steps:
         where.error("`run` and `steps` cannot be combined; use one of them")
     if not job.steps:
@@ -124,6 +127,7 @@ def convert_job(
 
 
 def convert_step(step: d.Step, name: str, file: str, where: Collector) -> lf.Step:
+    unsupported.refuse_options(step, unsupported.STEP_OPTIONS, where)
     if not callable(step.fn):
         where.error("a step must be a callable or a shell command")
     return lf.Step(

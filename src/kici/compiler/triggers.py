@@ -7,6 +7,7 @@ import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kici.compiler import unsupported
 from kici.compiler.errors import Collector
 from kici.engine import lockfile as lf
 from kici.engine.events import PR_ACTIONS_DEFAULT
@@ -151,6 +152,7 @@ def convert_trigger(trigger: Any, where: Collector) -> list[lf.Trigger]:
         return []
     o = trigger.options
     kind = trigger.kind
+    unsupported.refuse_trigger(kind, dict(o), where)
     if kind == "push":
         out: list[lf.Trigger] = []
         tags = branch_patterns(o["tags"], where, "push tags")

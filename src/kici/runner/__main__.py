@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
 def _main(runner: Runner, started: float) -> NoReturn:
     protocol = runner.protocol
     reaper.become_subreaper()
+    # `runner_env` set these so this interpreter could import kici; they are in sys.path now. A Python
+    # step's own subprocesses inherit os.environ, and KiCI's environment must not leak into them.
+    for name in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
+        os.environ.pop(name, None)
 
     # stdin: the spec, then control lines. Steps get /dev/null as stdin instead.
     line, rest = _read_line(0)

@@ -19,11 +19,50 @@ from pathlib import Path
 ALLOWED_ENV = ("PATH", "HOME", "USER", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR", "TZ")
 """Variables of the parent's environment that reach the runner and (through `safe_base_env`) steps."""
 
+SHARED_BIN_DIRS = frozenset({"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"})
+"""Directories every program on the machine relies on: never dropped from PATH, even when the KiCI
+interpreter lives there (a system-wide install has no environment of its own to hide)."""
+
+
+def kici_bin_dirs(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The `bin` directories of KiCI's own interpreter and virtualenv (`sys.prefix`, `sys.base_prefix`,
+    `$VIRTUAL_ENV` and the interpreter's directory), as given and resolved, minus `SHARED_BIN_DIRS`.
+
+    A step that finds these first on PATH runs `python`, `pytest` or `ruff` from KiCI's environment
+    instead of the machine's or the project's: the agent's and the CLI's environment must not leak.
+    """
+    environ = os.environ if environ is None else environ
+    candidates = [Path(sys.prefix) / "bin", Path(sys.base_prefix) / "bin", Path(sys.executable).parent]
+    if environ.get("VIRTUAL_ENV"):
+        candidates.append(Path(environ["VIRTUAL_ENV"]) / "bin")
+    found: set[str] = set()
+    for candidate in candidates:
+        for form in (os.path.normpath(candidate), os.path.realpath(candidate)):
+            if form not in SHARED_BIN_DIRS and os.path.realpath(form) not in SHARED_BIN_DIRS:
+                found.add(form)
+    return frozenset(found)
+
+
+def step_path(path: str, environ: Mapping[str, str] | None = None) -> str:
+    """`path` without KiCI's own interpreter and virtualenv directories (see `kici_bin_dirs`)."""
+    hidden = kici_bin_dirs(environ)
+    kept = [
+        entry for entry in path.split(os.pathsep)
+        if entry and os.path.normpath(entry) not in hidden and os.path.realpath(entry) not in hidden
+    ]
+    return os.pathsep.join(kept)
+
 
 def safe_base_env(extra: Mapping[str, str] | None = None, *, source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The allow-listed part of this process's environment (plus `extra`), for `JobSpec.env`."""
+    """The allow-listed part of this process's environment (plus `extra`), for `JobSpec.env`.
+
+    PATH loses KiCI's own interpreter directories (`step_path`); VIRTUAL_ENV, PYTHONHOME and PYTHONPATH
+    are not on the allow-list, so they reach a step only when the workflow, job, step or `extra` sets them.
+    """
     source = os.environ if source is None else source
     env = {key: source[key] for key in ALLOWED_ENV if key in source}
+    if "PATH" in env:
+        env["PATH"] = step_path(env["PATH"], source)
     if extra:
         env.update({str(k): str(v) for k, v in extra.items()})
     return env

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -390,6 +392,62 @@ async def test_the_step_environment_has_no_agent_settings_or_token(
     # the shell's environment is the step's; the Python lines show the runner process's own
     assert "sh:FROM_DISPATCH=yes" in lines and f"sh:KICI_JOB_ID={message['job_id']}" in lines
     assert "sh:CI=true" in lines and "sh:FORCE_COLOR=1" in lines
+
+
+
+LEAK = """
+import os
+import subprocess
+
+def show(ctx):
+    ctx.sh('echo "python=$(command -v python || echo none)"; echo "PATH=$PATH"; env | sed "s/^/sh:/"')
+    child = subprocess.run(["sh", "-c", "env"], capture_output=True, text=True, check=True).stdout
+    for line in child.splitlines():
+        print("child:" + line)
+
+e = job("e", steps=[step("show", show)])
+j = job("j", env={"PYTHONPATH": "/from/the/job"}, steps=[step("sh", 'echo "job-pythonpath=$PYTHONPATH"')])
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[e, j])
+"""
+
+
+def kici_venv_leaks(lines: list[str]) -> list[str]:
+    """Lines showing KiCI's own virtualenv or the interpreter's variables in a step's environment."""
+    venv = str(Path(sys.prefix))
+    return [line for line in lines if venv in line
+            or line.split(":", 1)[-1].startswith(("VIRTUAL_ENV=", "PYTHONHOME=", "PYTHONPATH="))]
+
+
+async def test_the_agent_environment_and_virtualenv_do_not_leak_into_steps(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """An agent started from KiCI's virtualenv (its bin first on PATH, VIRTUAL_ENV and PYTHONPATH set):
+    `python` in a step must not be KiCI's interpreter, and none of it reaches the step's environment."""
+    assert sys.prefix != sys.base_prefix, "the tests run from KiCI's virtualenv"
+    repo = workflow_repo(tmp_path / "repo", LEAK)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    extra_path = tmp_path / "on-pythonpath"
+    extra_path.mkdir()
+    start_agent(orchestrator, KICI_LABELS="leaktest", PATH=f"{venv_bin}:{os.environ['PATH']}",
+                VIRTUAL_ENV=sys.prefix, PYTHONPATH=str(extra_path))
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "e")
+    message["repo_url"] = str(repo.path)
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", final
+    lines = orchestrator.log_lines(message["job_id"], 0)
+    assert any(line.startswith("python=") for line in lines) and any(line.startswith("sh:PATH=") for line in lines)
+    assert any(line.startswith("child:PATH=") for line in lines)
+    assert kici_venv_leaks(lines) == [], lines
+    assert not [line for line in lines if str(extra_path) in line]
+    # a workflow or job may still set them explicitly
+    message = dispatch(repo, "j")
+    message["repo_url"] = str(repo.path)
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", final
+    assert "job-pythonpath=/from/the/job" in orchestrator.log_lines(message["job_id"], 0)
 
 
 LOUD = """

@@ -58,3 +58,29 @@ async def test_registers_with_the_real_orchestrator_and_is_refused_outside_its_t
     assert await unknown.wait_exit() == 1
     assert "rejected this agent: invalid or revoked agent token" in unknown.output
     orchestrator.stop()
+
+
+@pytest.mark.parametrize("base_path", ["", "/orch"])
+async def test_every_form_of_the_orchestrator_url_connects(
+    start_orchestrator: StartOrchestrator, start_agent: AgentFactory, tmp_path: Path, base_path: str  # noqa: F811
+) -> None:
+    """Operators write the base URL, the same with a slash, or the WebSocket endpoint itself (`…/ws`):
+    each must reach `/ws` (a doubled `/ws/ws` was refused with 403 and retried forever)."""
+    data = tmp_path / "orch-data"
+    env = {"KICI_DATA_DIR": str(data)}
+    if base_path:
+        env["KICI_BASE_PATH"] = base_path
+    orchestrator = start_orchestrator(env)
+    await asyncio.to_thread(orchestrator.wait_for_event, "orchestrator.ready")
+    url = orchestrator.url.rstrip("/")
+    assert url.startswith("http://") and url.endswith(base_path)
+    token = await _agent_token(url, data, ["linux"])
+    host_url = url.removeprefix("http://")
+    forms = [f"ws://{host_url}", f"ws://{host_url}/", f"ws://{host_url}/ws", f"http://{host_url}/ws/", url]
+    for form in forms:
+        agent = start_agent(KICI_ORCHESTRATOR_URL=form, KICI_AGENT_TOKEN=token, KICI_LABELS="linux")
+        await wait_until(lambda agent=agent: agent.events("connection.registered"), 20,  # type: ignore[misc]
+                         f"the agent given {form} to register")
+        agent.signal(15)
+        assert await agent.wait_exit() == 0, agent.output
+    orchestrator.stop()

@@ -76,6 +76,10 @@ def test_websocket_url_and_backoff() -> None:
     assert websocket_url("http://h:4000") == "ws://h:4000/ws"
     assert websocket_url("https://h/base/") == "wss://h/base/ws"
     assert websocket_url("wss://h/b") == "wss://h/b/ws"
+    # the WebSocket endpoint itself is accepted as well as the base URL
+    for given in ("ws://h:4000", "ws://h:4000/", "ws://h:4000/ws", "ws://h:4000/ws/", "http://h:4000/ws"):
+        assert websocket_url(given) == "ws://h:4000/ws", given
+    assert websocket_url("wss://h/orch/ws") == websocket_url("https://h/orch") == "wss://h/orch/ws"
     assert [backoff_delay_ms(n, 60_000, rand=0) for n in range(3)] == [1000, 1500, 2250]
     assert backoff_delay_ms(2, 60_000, rand=1) == 2250 * 1.5
     assert backoff_delay_ms(40, 60_000, rand=0.5) == 60_000

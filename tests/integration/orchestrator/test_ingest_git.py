@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,11 @@ from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.poller import GitPoller
 from kici.orchestrator.ingest.service import ingest_for
+from kici.orchestrator.routes.admin_sources import hook_script
 from kici.orchestrator.store.events import get_event_log
 from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source
 from tests.integration.orchestrator.conftest import StartOrchestrator
-from tests.integration.orchestrator.test_providers_git import GitRepo
+from tests.integration.orchestrator.test_providers_git import GIT_ENV, GitRepo
 
 SECRET = "hook-secret"
 ZERO = "0" * 40
@@ -106,6 +109,8 @@ async def test_push_notification_runs_matching_workflows(env: Env) -> None:
     runs = await env.runs(body["delivery_id"])
     assert [r.workflow for r in runs] == ["ci"]
     assert runs[0].repo == "acme/app" and runs[0].sha == env.shas["main2"] and runs[0].ref == "refs/heads/main"
+    # the hook prints these: no KICI_PUBLIC_URL here, so no dashboard URL
+    assert body["run_ids"] == [runs[0].id] and body["runs"] == [{"id": runs[0].id, "url": None}]
     async with env.database.read() as conn:
         log = await get_event_log(conn, body["delivery_id"])
     assert log is not None and log.status == "processed" and log.provider == "git" and log.matched_count == 1
@@ -212,6 +217,27 @@ async def test_through_a_real_orchestrator_process(start_orchestrator: StartOrch
         async with database.read() as conn:
             runs = list(await conn.execute(sa.select(schema.runs.c.workflow)))
         assert [r.workflow for r in runs] == ["ci"]
+
+        # the generated hook, as post-commit: it prints the run it started — only the id, since this
+        # orchestrator has no KICI_PUBLIC_URL — and, for a repeated notification, that nothing started
+        if all(shutil.which(tool) for tool in ("curl", "openssl")):
+            hook = repo.path / ".git" / "hooks" / "post-commit"
+            hook.write_text(hook_script("local", f"{url}/webhook/default/git/local", SECRET))
+            hook.chmod(0o700)
+            repo.write("src/c.py", "c = 1\n")
+            repo.git("add", "-A")
+            committed = await asyncio.to_thread(
+                subprocess.run, ["git", "-C", str(repo.path), "commit", "-m", "hooked"], capture_output=True,
+                text=True, env=GIT_ENV, check=True, timeout=60)
+            async with database.read() as conn:
+                run_ids = [r.id for r in await conn.execute(
+                    sa.select(schema.runs.c.id).where(schema.runs.c.sha == repo.git("rev-parse", "HEAD")))]
+            assert len(run_ids) == 1
+            assert f"kici: refs/heads/main: run {run_ids[0]}\n" in committed.stderr, committed.stderr
+            again = await asyncio.to_thread(
+                subprocess.run, ["sh", str(hook)], cwd=repo.path, capture_output=True, text=True, env=GIT_ENV,
+                stdin=subprocess.DEVNULL, check=True, timeout=60)
+            assert again.stdout == "kici: refs/heads/main: no run started (already notified)\n", again
     finally:
         await database.close()
         await asyncio.to_thread(proc.stop)

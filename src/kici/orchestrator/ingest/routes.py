@@ -156,9 +156,12 @@ def _filtered(delivery_id: str, reason: str | None) -> JSONResponse:
     return JSONResponse({"status": "filtered", "reason": reason, "delivery_id": delivery_id}, status_code=200)
 
 
-def _accepted(delivery_id: str, result_status: EventLogStatus, runs: list[str]) -> JSONResponse:
+def _accepted(state: AppState, delivery_id: str, result_status: EventLogStatus, runs: list[str]) -> JSONResponse:
+    """202 with the runs created: `run_ids`, and `runs` with each run's dashboard URL (null without
+    `KICI_PUBLIC_URL`) — what the git hook prints after a commit or push."""
     return JSONResponse(
-        {"status": "accepted", "delivery_id": delivery_id, "outcome": result_status.value, "run_ids": runs},
+        {"status": "accepted", "delivery_id": delivery_id, "outcome": result_status.value, "run_ids": runs,
+         "runs": [{"id": run_id, "url": state.settings.run_url(run_id)} for run_id in runs]},
         status_code=202,
     )
 
@@ -238,10 +241,10 @@ async def github_webhook(
                 await event_store.finish_event_log(
                     conn, delivery_id, EventLogStatus.FAILED, org_id=org_id, reason=str(exc)[:2000]
                 )
-            return _accepted(delivery_id, EventLogStatus.FAILED, [])
+            return _accepted(state, delivery_id, EventLogStatus.FAILED, [])
         delivery = Delivery(org_id, delivery_id, source, normalized.event)
         result = await process_delivery(state, ingest, delivery, provider)
-    return _accepted(delivery_id, result.status, result.run_ids)
+    return _accepted(state, delivery_id, result.status, result.run_ids)
 
 
 # -- git --------------------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ async def accept_git_push(
         return _filtered(delivery_id, reason)
     provider = ingest.provider(source, secrets)
     result = await process_delivery(state, ingest, Delivery(org_id, delivery_id, source, event), provider)
-    return _accepted(delivery_id, result.status, result.run_ids)
+    return _accepted(state, delivery_id, result.status, result.run_ids)
 
 
 # -- generic ----------------------------------------------------------------------------------------
@@ -477,7 +480,7 @@ async def generic_webhook(
                 conn, delivery_id, EventLogStatus.LOCKFILE_MISSING, org_id=org_id,
                 reason="the source has no usable lock_source (an enabled git or github source of this org)",
             )
-        return _accepted(delivery_id, EventLogStatus.LOCKFILE_MISSING, [])
+        return _accepted(state, delivery_id, EventLogStatus.LOCKFILE_MISSING, [])
     lock_secrets = await _secrets(state, ingest, lock_source)
     if isinstance(lock_secrets, JSONResponse):
         lock_secrets = {}
@@ -489,9 +492,9 @@ async def generic_webhook(
                 await event_store.finish_event_log(
                     conn, delivery_id, EventLogStatus.FAILED, org_id=org_id, reason=str(exc)[:2000]
                 )
-            return _accepted(delivery_id, EventLogStatus.FAILED, [])
+            return _accepted(state, delivery_id, EventLogStatus.FAILED, [])
         result = await process_delivery(state, ingest, Delivery(org_id, delivery_id, source, event), provider)
-    return _accepted(delivery_id, result.status, result.run_ids)
+    return _accepted(state, delivery_id, result.status, result.run_ids)
 
 
 async def _lock_source(state: AppState, org_id: str, source: Source) -> Source | None:

@@ -243,23 +243,44 @@ def _sh_quote(value: str) -> str:
 
 
 def hook_script(name: str, webhook_url: str, secret: str) -> str:
-    """A POSIX sh git hook that notifies `webhook_url` of ref updates, signed with `secret`."""
+    """A POSIX sh git hook that notifies `webhook_url` of ref updates, signed with `secret`, and prints the
+    runs the orchestrator started (id and, with `KICI_PUBLIC_URL`, the dashboard URL)."""
     display = " ".join(name.split())
     return f"""#!/bin/sh
 # KiCI git hook for the git source {display!r}.
 #
-# Install it as .git/hooks/post-receive (on the repository pushed to) or .git/hooks/post-commit (on a
-# local repository committed to); it tells the orchestrator which ref moved, from which commit to which.
+# Install it as .git/hooks/post-commit on a working repository (the one you commit to) or as
+# hooks/post-receive on a bare repository (the one you push to); it tells the orchestrator which ref
+# moved, from which commit to which, and prints the runs that started ("kici: run <id> <url>").
 # As post-receive it reads "old new ref" lines on stdin; as post-commit it notifies HEAD's branch with
 # HEAD~1 -> HEAD.
 #
 # THIS FILE CONTAINS THE SOURCE'S WEBHOOK SECRET: keep it readable by its owner only (chmod 0700).
 # It never fails or blocks the git operation for long: errors are ignored, requests time out quickly.
-# Needs: openssl, curl.
+# Needs: openssl, curl, sed, tr.
 
 KICI_WEBHOOK_URL={_sh_quote(webhook_url)}
 KICI_WEBHOOK_SECRET={_sh_quote(secret)}
 KICI_ZERO=0000000000000000000000000000000000000000
+
+kici_report() {{
+    # $1 = the orchestrator's JSON answer, $2 = ref. One line per run it started; the answer holds
+    # "runs":[{{"id":"...","url":"..." or null}},...] (ids and URLs never contain quotes).
+    kici_runs=$(printf '%s' "$1" | tr -d '\\n' | sed -n 's/.*"runs": *\\[\\([^]]*\\)\\].*/\\1/p' | tr '}}' '\\n' \\
+        | sed -n 's/.*"id": *"\\([^"]*\\)".*"url": *"\\([^"]*\\)".*/\\1 \\2/p; t; s/.*"id": *"\\([^"]*\\)".*/\\1/p')
+    if [ -n "$kici_runs" ]; then
+        printf '%s\\n' "$kici_runs" | while read -r kici_id kici_url; do
+            echo "kici: $2: run $kici_id${{kici_url:+ $kici_url}}"
+        done
+        return 0
+    fi
+    # why not: the pipeline's outcome, else the reason or status (filtered), else a duplicate notification
+    kici_flat=$(printf '%s' "$1" | tr -d '\\n')
+    kici_why=$(printf '%s' "$kici_flat" | sed -n 's/.*"outcome": *"\\([^"]*\\)".*/\\1/p')
+    [ -n "$kici_why" ] || kici_why=$(printf '%s' "$kici_flat" \\
+        | sed -n 's/.*"reason": *"\\([^"]*\\)".*/\\1/p; t; s/.*"status": *"\\([^"]*\\)".*/\\1/p')
+    echo "kici: $2: no run started (${{kici_why:-already notified}})"
+}}
 
 kici_notify() {{
     # $1 = old sha, $2 = new sha, $3 = ref
@@ -268,11 +289,14 @@ kici_notify() {{
     kici_sig=$(printf '%s' "$kici_body" | openssl dgst -sha256 -hmac "$KICI_WEBHOOK_SECRET" 2>/dev/null \\
         | sed 's/^.*= *//')
     [ -n "$kici_sig" ] || {{ echo "kici hook: openssl failed; orchestrator not notified" >&2; return 0; }}
-    curl -sS -o /dev/null --connect-timeout 3 --max-time 10 -X POST \\
+    if kici_answer=$(curl -sS -f --connect-timeout 3 --max-time 10 -X POST \\
         -H 'Content-Type: application/json' \\
         -H "X-Hub-Signature-256: sha256=$kici_sig" \\
-        --data-binary "$kici_body" "$KICI_WEBHOOK_URL" >/dev/null 2>&1 \\
-        || echo "kici hook: could not notify $KICI_WEBHOOK_URL" >&2
+        --data-binary "$kici_body" "$KICI_WEBHOOK_URL" 2>&1); then
+        kici_report "$kici_answer" "$3"
+    else
+        echo "kici hook: could not notify $KICI_WEBHOOK_URL: $kici_answer" >&2
+    fi
     return 0
 }}
 
