@@ -48,6 +48,13 @@ class FakeGitHub:
         self.tokens: set[str] = set()
         self.hits: Counter[str] = Counter()
         self.fail_with: int | None = None
+        # check runs (the reporting tests): what was asked for, and what exists
+        self.token_scopes: dict[str, dict[str, Any]] = {}  # token → the access_tokens request body
+        self.check_runs: dict[int, dict[str, Any]] = {}  # id → the check run as GitHub would show it
+        self.check_calls: list[tuple[str, int | None, dict[str, Any]]] = []  # (POST|PATCH, id, body), answered 2xx
+        self.check_failures: list[tuple[int, dict[str, str]]] = []  # answers given before behaving again
+        self.check_calls_changed = threading.Condition()
+        self._lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +72,14 @@ class FakeGitHub:
             def do_POST(self) -> None:
                 fake.handle(self, "POST")
 
+            def do_PATCH(self) -> None:
+                fake.handle(self, "PATCH")
+
+            def body(self) -> Any:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                return json.loads(raw) if raw else None
+
             def do_GET(self) -> None:
                 fake.handle(self, "GET")
 
@@ -76,6 +91,69 @@ class FakeGitHub:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    # -- check runs (POST /repos/{o}/{r}/check-runs, PATCH /repos/{o}/{r}/check-runs/{id})
+    def _check_run(self, h: Any, method: str, repo: str, check_run_id: int | None) -> None:
+        body = h.body() or {}
+        token = (h.headers.get("Authorization") or "").removeprefix("token ")
+        scope = self.token_scopes.get(token)
+        if token not in self.tokens or scope is None:
+            h._send(401, {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"})
+            return
+        if scope.get("permissions") != {"checks": "write"} or scope.get("repositories") != [repo.split("/")[1]]:
+            h._send(403, {"message": "Resource not accessible by integration", "status": "403"})
+            return
+        with self._lock:
+            if self.check_failures:
+                status, headers = self.check_failures.pop(0)
+                data = json.dumps({"message": "Server Error" if status >= 500 else "API rate limit exceeded"}).encode()
+                h.send_response(status)
+                for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                                   **headers}.items():
+                    h.send_header(key, value)
+                h.end_headers()
+                h.wfile.write(data)
+                return
+            if method == "POST":
+                missing = [k for k in ("name", "head_sha") if not body.get(k)]
+                if missing:
+                    h._send(422, {"message": "Invalid request.", "errors": [f"{missing[0]} wasn't supplied."]})
+                    return
+                check_run_id = len(self.check_runs) + 1000
+                self.check_runs[check_run_id] = {"id": check_run_id, "node_id": f"CR_{check_run_id}",
+                                                 "html_url": f"https://github.com/{repo}/runs/{check_run_id}",
+                                                 "app": {"id": self.app_id}, "repo": repo, **body}
+                status = 201
+            elif check_run_id not in self.check_runs:
+                self._not_found(h, "checks/runs#update-a-check-run")
+                return
+            else:
+                self.check_runs[check_run_id].update(body)
+                status = 200
+            if body.get("conclusion") and body.get("status") not in (None, "completed"):
+                h._send(422, {"message": "Invalid request.", "errors": ["conclusion needs status completed"]})
+                return
+            answer = dict(self.check_runs[check_run_id])
+        with self.check_calls_changed:
+            self.check_calls.append((method, check_run_id, body))
+            self.check_calls_changed.notify_all()
+        h._send(status, answer)
+
+    def wait_check_calls(self, predicate: Any, timeout: float = 20.0) -> list[tuple[str, int | None, dict[str, Any]]]:
+        """Wait (bounded) until `predicate(check_calls)` holds; the calls."""
+        deadline = time.monotonic() + timeout
+        with self.check_calls_changed:
+            while not predicate(self.check_calls):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"fake GitHub: condition not met in {timeout}s; calls: {self.check_calls}")
+                self.check_calls_changed.wait(left)
+            return list(self.check_calls)
+
+    def check_run_named(self, name: str) -> dict[str, Any]:
+        found = [c for c in self.check_runs.values() if c.get("name") == name]
+        assert len(found) == 1, (name, [c.get("name") for c in self.check_runs.values()])
+        return found[0]
 
     # -- helpers for tests
     def lock_fetches(self, repo: str | None = None) -> int:
@@ -117,11 +195,13 @@ class FakeGitHub:
             return
         parts = path.strip("/").split("/")
         if method == "POST" and parts[:2] == ["app", "installations"] and parts[3:] == ["access_tokens"]:
+            scope = h.body() or {}
             if not self._jwt_ok(h.headers.get("Authorization")):
                 h._send(401, {"message": "A JSON web token could not be decoded", "status": "401"})
                 return
             token = "ghs_" + secrets.token_hex(18)
             self.tokens.add(token)
+            self.token_scopes[token] = scope
             expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
             h._send(
                 201,
@@ -132,6 +212,9 @@ class FakeGitHub:
                     "repository_selection": "selected",
                 },
             )
+            return
+        if parts[0] == "repos" and len(parts) in (4, 5) and parts[3] == "check-runs" and method in ("POST", "PATCH"):
+            self._check_run(h, method, f"{parts[1]}/{parts[2]}", int(parts[4]) if len(parts) == 5 else None)
             return
         if method != "GET" or parts[0] != "repos" or len(parts) < 4:
             self._not_found(h, "")

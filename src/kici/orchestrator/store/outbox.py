@@ -160,9 +160,9 @@ async def next_due(conn: AsyncConnection) -> dt.datetime | None:
         report_outbox.c.status == ReportStatus.PENDING.value
     )
     value = (await conn.execute(query)).scalar_one_or_none()
-    if isinstance(value, dt.datetime) and value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value
+    if not isinstance(value, dt.datetime):
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 async def claim(conn: AsyncConnection, head_id: int, *, worker: str, now: dt.datetime, lease: dt.timedelta) -> bool:

@@ -596,6 +596,20 @@ async def list_runs(
     return [RunRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
 
 
+async def latest_runs_at(
+    conn: AsyncConnection, *, org_id: str, repo: str, sha: str, source_id: str | None = None
+) -> list[RunRecord]:
+    """The newest run of each workflow at commit `sha` of `repo` (of `source_id` when given), by workflow."""
+    query = sa.select(runs).where(runs.c.org_id == org_id, runs.c.repo == repo, runs.c.sha == sha)
+    if source_id is not None:
+        query = query.where(runs.c.source_id == source_id)
+    newest: dict[str, RunRecord] = {}
+    for row in await conn.execute(query.order_by(runs.c.created_at, runs.c.id)):
+        record = RunRecord.model_validate(dict(row._mapping))
+        newest[record.workflow] = record
+    return [newest[name] for name in sorted(newest)]
+
+
 def _job(row: Any) -> JobRecord:
     values = dict(row._mapping)
     values["runs_on"] = values.get("runs_on") or []

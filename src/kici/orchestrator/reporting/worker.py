@@ -1,0 +1,180 @@
+"""The reporting worker: claims due outbox keys, sends them, records the outcome.
+
+One pass (`run_once`): read the due heads of ordering keys, lease them with conditional UPDATEs (so any
+number of orchestrators share the outbox and each key is sent by one of them at a time, in order), send
+up to `KICI_REPORT_CONCURRENCY` at once, then mark each key's rows sent, due again later (exponential
+back-off with jitter, or the rate limit's reset), or failed (a final answer, or still failing
+`KICI_REPORT_GIVE_UP_AFTER_MS` after the first failure). The loop runs passes while there is work, and
+otherwise sleeps until woken (a state change in this process), the next retry is due, or
+`KICI_REPORT_POLL_MS` passes (rows written by another orchestrator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from kici.orchestrator.app import AppState, Readiness
+from kici.orchestrator.db.schema import ReportKind, utcnow
+from kici.orchestrator.ingest.service import Ingest
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.reporting.github_checks import CheckRunSender
+from kici.orchestrator.reporting.notifications import NotificationSender
+from kici.orchestrator.reporting.outcome import Outcome
+from kici.orchestrator.storage.logs import FilesystemLogStorage
+from kici.orchestrator.store import outbox
+from kici.orchestrator.store.outbox import ReportRecord
+
+LEASE = dt.timedelta(seconds=120)
+"""A claimed key's lease: longer than any one send (HTTP timeouts are 10–30 s), short enough that a
+crashed orchestrator's keys are taken over soon."""
+
+
+def backoff(attempts: int, base_ms: int, max_ms: int, *, rng: Callable[[], float] = random.random) -> dt.timedelta:
+    """The delay before attempt `attempts + 1`: base * 2^attempts, capped, with jitter (50 to 100 %)."""
+    delay = min(max_ms, base_ms * (2 ** min(attempts, 30)))
+    return dt.timedelta(milliseconds=delay * (0.5 + rng() / 2))
+
+
+class ReportWorker:
+    def __init__(
+        self,
+        state: AppState,
+        ingest: Ingest,
+        logs: FilesystemLogStorage,
+        *,
+        client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
+    ) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.ingest = ingest
+        self.logs = logs
+        self.client_factory = client_factory
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, readiness: Readiness) -> None:
+        self._task = asyncio.create_task(self._loop(readiness), name="kici-reporting")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.close()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def wake(self) -> None:
+        """Something was written to the outbox: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def _loop(self, readiness: Readiness) -> None:
+        while not readiness.prepared:
+            await asyncio.sleep(0.05)
+        poll = self.settings.report_poll_ms / 1000
+        while True:
+            self._wake.clear()
+            try:
+                handled = await self.run_once()
+            except Exception as exc:  # the database is away, say: try again at the next poll
+                log_event("reporting.pass_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+                handled = 0
+            if handled:
+                continue
+            timeout = poll
+            with contextlib.suppress(Exception):
+                async with self.state.database.read() as conn:
+                    due = await outbox.next_due(conn)
+                if due is not None:
+                    timeout = min(poll, max(0.0, (due - utcnow()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = self.client_factory()
+        return self._client
+
+    async def run_once(self) -> int:
+        """Claim and send what is due now; how many keys were handled."""
+        db = self.state.database
+        now = utcnow()
+        async with db.read() as conn:
+            heads = await outbox.claimable_heads(conn, now=now, limit=self.settings.report_concurrency * 4)
+        if not heads:
+            return 0
+        claimed: list[ReportRecord] = []
+        async with db.transaction() as conn:
+            for head in heads:
+                if await outbox.claim(conn, head.id, worker=self.worker_id, now=now, lease=LEASE):
+                    claimed.append(head)
+        if not claimed:
+            return 0
+        limit = asyncio.Semaphore(self.settings.report_concurrency)
+
+        async def one(head: ReportRecord) -> None:
+            async with limit:
+                await self._handle(head)
+
+        await asyncio.gather(*(one(h) for h in claimed))
+        return len(claimed)
+
+    async def _handle(self, head: ReportRecord) -> None:
+        db = self.state.database
+        if head.kind == ReportKind.CHECK_RUN.value:
+            # compaction: the job's current state covers every pending update of its check run
+            async with db.read() as conn:
+                group = [r.id for r in await outbox.pending_of_key(conn, head.ordering_key) if r.id >= head.id]
+        else:
+            group = [head.id]
+        client = self._http()
+        try:
+            if head.kind == ReportKind.CHECK_RUN.value:
+                outcome = await CheckRunSender(self.state, self.ingest, self.logs, client).send(head, utcnow())
+            else:
+                outcome = await NotificationSender(self.state, self.ingest, client).send(head, utcnow())
+        except Exception as exc:  # a bug or a database hiccup: retry like a failed send, keep the loop alive
+            outcome = Outcome.retry(f"internal error: {type(exc).__name__}: {exc}")
+        await self._record(head, group, outcome)
+
+    async def _record(self, head: ReportRecord, group: list[int], outcome: Outcome) -> None:
+        now = utcnow()
+        fields: dict[str, Any] = {"report_id": head.id, "kind": head.kind, "report_event": head.event,
+                                  "run_id": head.run_id, "job_id": head.job_id}
+        async with self.state.database.transaction() as conn:
+            if outcome.kind == "sent":
+                await outbox.mark_sent(conn, group, now=now)
+                return
+            error = outcome.error or "unknown error"
+            give_up = dt.timedelta(milliseconds=self.settings.report_give_up_after_ms)
+            give_up_at = (head.first_failed_at or now) + give_up
+            if outcome.kind == "failed" or now >= give_up_at:
+                await outbox.mark_failed(conn, group, error=error)
+                log_event("reporting.failed", level="error", error=error, attempts=head.attempts + 1, **fields)
+                return
+            retry_at = outcome.retry_at or now + backoff(
+                head.attempts, self.settings.report_retry_base_ms, self.settings.report_retry_max_ms
+            )
+            await outbox.mark_retry(conn, group, error=error, next_attempt_at=retry_at, now=now)
+        log_event("reporting.retry", level="warning", error=error, attempts=head.attempts + 1,
+                  retry_at=retry_at.isoformat(), **fields)
