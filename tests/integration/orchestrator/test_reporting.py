@@ -134,7 +134,9 @@ class Harness:
     key: bytes
     workers: list[ReportWorker] = field(default_factory=list)
 
-    async def new_run(self, wf: Workflow, *, source: Source | None = None, installation: int | None = INSTALLATION) -> str:
+    async def new_run(
+        self, wf: Workflow, *, source: Source | None = None, installation: int | None = INSTALLATION
+    ) -> str:
         source = source or self.source
         event = Event(type="push", name="push", repo=REPO, sha=SHA, ref="refs/heads/main", branch="main",
                       payload={"installation": {"id": installation}} if installation else {})
@@ -491,7 +493,8 @@ async def test_notifications_are_signed_retried_and_in_order(harness: Harness, r
     assert first_try["delivery_id"] == delivered[0][1]["delivery_id"]  # the same id on every retry
     run_event = delivered[2][1]
     assert run_event["run_id"] == run_id and run_event["status"] == "failed" and run_event["repo"] == REPO
-    assert run_event["sha"] == SHA and run_event["workflow"] == "ci" and run_event["url"] == f"{PUBLIC_URL}/runs/{run_id}"
+    assert run_event["sha"] == SHA and run_event["workflow"] == "ci"
+    assert run_event["url"] == f"{PUBLIC_URL}/runs/{run_id}"
     assert sorted((j["name"], j["status"]) for j in run_event["jobs"]) == [("build", "success"), ("test", "failed")]
     assert delivered[0][1]["job"]["name"] == "build"
     # the global URL got run.finished only (no job events without KICI_NOTIFY_JOB_EVENTS); it is unreachable
@@ -564,7 +567,9 @@ async def test_push_and_pull_request_deliveries_produce_check_runs(hooks: Hooks)
     await hooks.drain()
     await _run_jobs(h, pr.json()["run_ids"], "failed")
     await hooks.drain()
-    by_sha = sorted((c["head_sha"][:7], c["name"], c["status"], c.get("conclusion")) for c in h.fake.check_runs.values())
+    by_sha = sorted(
+        (c["head_sha"][:7], c["name"], c["status"], c.get("conclusion")) for c in h.fake.check_runs.values()
+    )
     push_sha = json.loads((GITHUB_FIXTURES / "push.branch-created.json").read_bytes())["after"][:7]
     pr_sha = json.loads((GITHUB_FIXTURES / "pull_request.opened.json").read_bytes())["pull_request"]["head"]["sha"][:7]
     assert by_sha == sorted([(push_sha, "ci / build", "completed", "success"),
@@ -586,7 +591,8 @@ async def test_rerequested_check_run_and_suite_rerun(hooks: Hooks) -> None:
     body = {
         "action": "rerequested",
         "check_run": {
-            "id": build["id"], "name": build["name"], "head_sha": build["head_sha"], "external_id": build["external_id"],
+            "id": build["id"], "name": build["name"], "head_sha": build["head_sha"],
+            "external_id": build["external_id"],
             "status": "completed", "conclusion": "failure", "app": {"id": APP_ID},
             "check_suite": {"id": 118578147, "head_sha": build["head_sha"]},
         },
