@@ -441,6 +441,43 @@ def queue_list(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.group()
+def reports() -> None:
+    """Reports: GitHub check-run updates and notifications owed by the orchestrator (list, retry)."""
+
+
+@reports.command("list")
+@click.option("--status", type=click.Choice(("pending", "sent", "failed")), help="Only this status.")
+@click.option("--run", "run_id", metavar="RUN_ID", help="Only this run's reports.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many.")
+@json_option
+def reports_list(status: str | None, run_id: str | None, limit: int, as_json: bool) -> None:
+    """List reports, newest first (pending and failed ones show their last error)."""
+    found = _client().get("/reports", status=status, run_id=run_id, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**r, "to": r.get("target") or "github"} for r in found]
+    print_table(
+        rows,
+        [("id", "id"), ("kind", "kind"), ("event", "event"), ("status", "status"), ("attempts", "attempts"),
+         ("to", "to"), ("next_attempt_at", "next attempt"), ("run_id", "run"), ("last_error", "last error")],
+        empty="No reports.",
+    )
+
+
+@reports.command("retry")
+@click.argument("report_id", type=click.IntRange(min=1), metavar="ID")
+@json_option
+def reports_retry(report_id: int, as_json: bool) -> None:
+    """Send a failed report again (it becomes pending, due now)."""
+    retried = _client().post(f"/reports/{report_id}/retry")
+    if as_json:
+        print_json(retried)
+    else:
+        click.echo(f"Report {retried['id']} ({retried['kind']} {retried['event']}) is pending again.")
+
+
+@cli.group()
 def audit() -> None:
     """The audit log: denied admin requests (who, which permission, which path)."""
 
