@@ -83,8 +83,8 @@ async def _targets(admin: Admin) -> dict[str, str]:
         failed_report = outbox.run_finished_rows({"notify": [{"url": "http://receiver.invalid/h"}]}, "default", run)
         await outbox.insert_rows(conn, [{**r, "status": "failed"} for r in failed_report])
         report = (await outbox.list_reports(conn, org_id="default", run_id=run, limit=1))[0].id
-    return {"report": str(report), "auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
-            "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
+    return {"auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
+            "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
 
 
