@@ -90,23 +90,47 @@ class ReportWorker:
         while not readiness.prepared:
             await asyncio.sleep(0.05)
         poll = self.settings.report_poll_ms / 1000
-        while True:
-            self._wake.clear()
-            try:
-                handled = await self.run_once()
-            except Exception as exc:  # the database is away, say: try again at the next poll
-                log_event("reporting.pass_failed", level="error", error=f"{type(exc).__name__}: {exc}")
-                handled = 0
-            if handled:
-                continue
-            timeout = poll
+        concurrency = self.settings.report_concurrency
+        in_flight: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            self._wake.set()  # a slot is free, and the key's next row may be due
+
+        try:
+            while True:
+                self._wake.clear()
+                claimed: list[ReportRecord] = []
+                if len(in_flight) < concurrency:
+                    try:
+                        claimed = await self._claim(concurrency - len(in_flight))
+                    except Exception as exc:  # the database is away, say: try again at the next poll
+                        log_event("reporting.pass_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+                # a pipeline, not batches: a report that becomes due is claimed as soon as a slot is free,
+                # without waiting for slow sends of the same pass
+                for head in claimed:
+                    task = asyncio.create_task(self._handle(head), name=f"kici-report-{head.id}")
+                    in_flight.add(task)
+                    task.add_done_callback(done)
+                if claimed and len(in_flight) < concurrency:
+                    continue
+                await self._sleep(poll, busy=bool(in_flight))
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _sleep(self, poll: float, *, busy: bool) -> None:
+        """Until woken, the next retry is due, or `poll` passes (rows written by another process)."""
+        timeout = poll
+        if not busy:
             with contextlib.suppress(Exception):
                 async with self.state.database.read() as conn:
                     due = await outbox.next_due(conn)
                 if due is not None:
-                    timeout = min(poll, max(0.0, (due - utcnow()).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                    timeout = min(poll, max(0.0, (due - utcnow()).total_seconds()) + 0.001)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     # -- one pass --------------------------------------------------------------------------------
 
@@ -115,28 +139,25 @@ class ReportWorker:
             self._client = self.client_factory()
         return self._client
 
-    async def run_once(self) -> int:
-        """Claim and send what is due now; how many keys were handled."""
+    async def _claim(self, limit: int) -> list[ReportRecord]:
+        """Lease up to `limit` due keys (their heads)."""
         db = self.state.database
         now = utcnow()
         async with db.read() as conn:
-            heads = await outbox.claimable_heads(conn, now=now, limit=self.settings.report_concurrency * 4)
+            heads = await outbox.claimable_heads(conn, now=now, limit=limit)
         if not heads:
-            return 0
+            return []
         claimed: list[ReportRecord] = []
         async with db.transaction() as conn:
             for head in heads:
                 if await outbox.claim(conn, head.id, worker=self.worker_id, now=now, lease=LEASE):
                     claimed.append(head)
-        if not claimed:
-            return 0
-        limit = asyncio.Semaphore(self.settings.report_concurrency)
+        return claimed
 
-        async def one(head: ReportRecord) -> None:
-            async with limit:
-                await self._handle(head)
-
-        await asyncio.gather(*(one(h) for h in claimed))
+    async def run_once(self) -> int:
+        """Claim what is due now and send it (all of it before returning); how many keys were handled."""
+        claimed = await self._claim(self.settings.report_concurrency)
+        await asyncio.gather(*(self._handle(h) for h in claimed))
         return len(claimed)
 
     async def _handle(self, head: ReportRecord) -> None:

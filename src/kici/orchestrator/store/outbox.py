@@ -128,10 +128,10 @@ def _record(row: Any) -> ReportRecord:
     return ReportRecord.model_validate(dict(row._mapping))
 
 
-async def claimable_heads(conn: AsyncConnection, *, now: dt.datetime, limit: int) -> list[ReportRecord]:
-    """Heads of ordering keys that are due and not leased, oldest first."""
+def _is_head() -> sa.ColumnElement[bool]:
+    """No earlier pending row of the same ordering key."""
     earlier = report_outbox.alias("earlier")
-    has_earlier = (
+    return ~(
         sa.select(earlier.c.id)
         .where(
             earlier.c.ordering_key == report_outbox.c.ordering_key,
@@ -140,13 +140,17 @@ async def claimable_heads(conn: AsyncConnection, *, now: dt.datetime, limit: int
         )
         .exists()
     )
+
+
+async def claimable_heads(conn: AsyncConnection, *, now: dt.datetime, limit: int) -> list[ReportRecord]:
+    """Heads of ordering keys that are due and not leased, oldest first."""
     query = (
         sa.select(report_outbox)
         .where(
             report_outbox.c.status == ReportStatus.PENDING.value,
             report_outbox.c.next_attempt_at <= now,
             sa.or_(report_outbox.c.claimed_until.is_(None), report_outbox.c.claimed_until < now),
-            ~has_earlier,
+            _is_head(),
         )
         .order_by(report_outbox.c.id)
         .limit(limit)
@@ -155,11 +159,16 @@ async def claimable_heads(conn: AsyncConnection, *, now: dt.datetime, limit: int
 
 
 async def next_due(conn: AsyncConnection) -> dt.datetime | None:
-    """When the earliest pending row becomes due (for the worker's sleep)."""
-    query = sa.select(sa.func.min(report_outbox.c.next_attempt_at)).where(
-        report_outbox.c.status == ReportStatus.PENDING.value
+    """When the next key head becomes due or its lease ends (for the worker's sleep); None: none pending.
+    Rows behind a head wait for it, so only heads count."""
+    due = sa.case(
+        (report_outbox.c.claimed_until > report_outbox.c.next_attempt_at, report_outbox.c.claimed_until),
+        else_=report_outbox.c.next_attempt_at,
     )
+    query = sa.select(sa.func.min(due)).where(report_outbox.c.status == ReportStatus.PENDING.value, _is_head())
     value = (await conn.execute(query)).scalar_one_or_none()
+    if isinstance(value, str):  # SQLite: a CASE over timestamps comes back as text
+        value = dt.datetime.fromisoformat(value)
     if not isinstance(value, dt.datetime):
         return None
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
