@@ -6,12 +6,16 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
+import re
 import secrets
+import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -55,6 +59,9 @@ class FakeGitHub:
         self.check_failures: list[tuple[int, dict[str, str]]] = []  # answers given before behaving again
         self.check_calls_changed = threading.Condition()
         self._lock = threading.Lock()
+        # git over HTTPS as github.com serves it (smart HTTP through `git http-backend`), for real agents
+        self.git_repos: dict[str, Path] = {}  # "owner/name" → a repository on disk
+        self.git_auth: list[str] = []  # the installation tokens clones presented
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,6 +98,47 @@ class FakeGitHub:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    # -- git smart HTTP (what an agent's clone talks to)
+    def _git(self, h: Any, method: str, repo: str, rest: str, query: str) -> None:
+        auth = h.headers.get("Authorization") or ""
+        token = ""
+        if auth.startswith("Basic "):
+            user, _, token = base64.b64decode(auth[len("Basic "):]).decode().partition(":")
+            token = token if user == "x-access-token" else ""
+        if token not in self.tokens:
+            h.send_response(401)
+            h.send_header("WWW-Authenticate", 'Basic realm="GitHub"')
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        self.git_auth.append(token)
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        root = self.git_repos[repo]
+        env = {
+            "PATH": os.environ.get("PATH", ""), "GIT_PROJECT_ROOT": str(root.parent), "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": f"/{root.name}{rest}", "QUERY_STRING": query, "REQUEST_METHOD": method,
+            "CONTENT_TYPE": h.headers.get("Content-Type") or "", "CONTENT_LENGTH": str(len(body)),
+            "GIT_PROTOCOL": h.headers.get("Git-Protocol") or "", "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_CONTENT_ENCODING": h.headers.get("Content-Encoding") or "",
+        }
+        done = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, timeout=60)
+        head, _, payload = done.stdout.partition(b"\r\n\r\n")
+        status = 200
+        headers: list[tuple[str, str]] = []
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.strip().split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        h.send_response(status)
+        for key, value in headers:
+            h.send_header(key, value)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
 
     # -- check runs (POST /repos/{o}/{r}/check-runs, PATCH /repos/{o}/{r}/check-runs/{id})
     def _check_run(self, h: Any, method: str, repo: str, check_run_id: int | None) -> None:
@@ -189,6 +237,10 @@ class FakeGitHub:
         parsed = urlparse(h.path)
         path = unquote(parsed.path)
         query = parse_qs(parsed.query)
+        served = re.fullmatch(r"/([^/]+/[^/]+)\.git(/.*)", path)
+        if served and served.group(1) in self.git_repos:
+            self._git(h, method, served.group(1), served.group(2), parsed.query)
+            return
         self.hits[f"{method} {path}"] += 1
         if self.fail_with is not None:
             h._send(self.fail_with, {"message": "Server Error"})
