@@ -119,7 +119,7 @@ class FakeChecksAPI:
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def bench(database_url: str | None, rate: float, seconds: float, tmp: Path) -> dict[str, Any]:
