@@ -117,6 +117,15 @@ class FakeChecksAPI:
         self.server.server_close()
 
 
+def cpu_reference() -> float:
+    """Seconds for a fixed pure-Python loop: how fast this (shared) host was during the run."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(3_000_000):
+        total += i * i % 7
+    return round(time.perf_counter() - start, 3)
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -220,7 +229,8 @@ def main() -> None:
     seconds = 5.0 if args.quick else args.seconds
     with tempfile.TemporaryDirectory(prefix="kici-bench-report-") as tmp:
         result = asyncio.run(bench(args.database_url, args.rate, seconds, Path(tmp)))
-    result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                         "host_cpu_reference_s": cpu_reference(), "load_average": os.getloadavg()}
     print(json.dumps(result, indent=2))
 
 

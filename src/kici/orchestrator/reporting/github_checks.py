@@ -166,7 +166,9 @@ class CheckRunSender:
         async with db.read() as conn:
             run = await run_store.get_run(conn, report.run_id)
             job = await run_store.get_job(conn, report.job_id)
-            steps = await run_store.list_steps(conn, report.job_id) if job is not None else []
+            # the step table is shown once the job has started (a queued job has no steps yet)
+            started = job is not None and job.started_at is not None
+            steps = await run_store.list_steps(conn, report.job_id) if started else []
             source = await get_source(conn, run.source_id) if run is not None and run.source_id else None
             check_run_id = await check_runs.get_check_run_id(conn, report.job_id)
         if run is None or job is None:
