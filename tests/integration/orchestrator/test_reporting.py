@@ -622,6 +622,10 @@ async def test_rerequested_check_run_and_suite_rerun(hooks: Hooks) -> None:
     assert (await hooks.deliver("check_run", json.dumps(body).encode())).json()["status"] == "filtered"
     body["action"] = "completed"
     assert (await hooks.deliver("check_run", json.dumps(body).encode())).json()["status"] == "filtered"
+    suite_body["action"] = "completed"
+    suite_body["check_suite"]["app"] = {"id": APP_ID}
+    echo = (await hooks.deliver("check_suite", json.dumps(suite_body).encode())).json()
+    assert echo["status"] == "filtered" and "echo" in echo["reason"]
     async with h.database.read() as conn:
         count = (await conn.execute(sa.select(sa.func.count()).select_from(schema.runs))).scalar_one()
     assert count == 2 + 1 + 2

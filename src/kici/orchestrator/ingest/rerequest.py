@@ -6,8 +6,8 @@
   rerun of the latest run of each workflow.
 
 Only runs of the delivering source (and org) are rerun. The delivery's event log row says what happened.
-Check run deliveries for the App's own check-run updates (`created`, `completed`) are filtered here: they
-only echo what KiCI just reported.
+Deliveries that echo the App's own reports (`check_run` `created` / `completed`, `check_suite`
+`completed`) are filtered here: they only repeat what KiCI just reported.
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ def handles(event_name: str, payload: Any, source: Source) -> bool:
     action = payload.get("action")
     if action == "rerequested":
         return True
-    app = (payload.get(event_name) or {}).get("app") if isinstance(payload.get(event_name), Mapping) else None
+    body = payload.get(event_name)
+    app = body.get("app") if isinstance(body, Mapping) else None
     own = isinstance(app, Mapping) and app.get("id") == source.config.get("app_id")
-    return event_name == "check_run" and own and action in ("created", "completed")
+    echoes = ("created", "completed") if event_name == "check_run" else ("completed",)
+    return own and action in echoes
 
 
 async def _originals(state: AppState, org_id: str, source: Source, event_name: str,
@@ -73,8 +75,8 @@ async def handle_rerequest(
     state: AppState, org_id: str, delivery_id: str, source: Source, event_name: str, payload: Mapping[str, Any]
 ) -> RerequestResult:
     if payload.get("action") != "rerequested":
-        result = RerequestResult(EventLogStatus.FILTERED, f"{event_name}.{payload.get('action')}: this App's own "
-                                 "check run update")
+        action = payload.get("action")
+        result = RerequestResult(EventLogStatus.FILTERED, f"{event_name}.{action}: an echo of this App's own report")
     else:
         originals, what = await _originals(state, org_id, source, event_name, payload)
         if not originals:
