@@ -251,6 +251,12 @@ class Settings(BaseModel):
         "`failed` (kept; `kici-admin reports retry ID` sends it again).",
     )
 
+    report_retention_hours: int = Field(
+        default=168, ge=1,
+        description="How long sent reports stay in the outbox (`kici-admin reports list --status sent`) "
+        "before they are deleted. Pending and failed reports are never deleted.",
+    )
+
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @property

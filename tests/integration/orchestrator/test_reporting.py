@@ -427,6 +427,19 @@ async def test_give_up_marks_failed_and_retry_sends_it(harness: Harness) -> None
     assert harness.fake.check_run_named("ci / build")["status"] == "queued"
 
 
+async def test_sent_reports_are_pruned_after_the_retention(harness: Harness) -> None:
+    await harness.new_run(workflow())
+    await harness.new_run(workflow())
+    await harness.drain()
+    old, recent = await harness.rows()
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=harness.settings.report_retention_hours + 1)
+    async with harness.database.transaction() as conn:
+        await conn.execute(schema.report_outbox.update().where(schema.report_outbox.c.id == old.id)
+                           .values(sent_at=long_ago))
+    assert await harness.worker.prune() == 1
+    assert [r.id for r in await harness.rows()] == [recent.id]
+
+
 async def test_a_422_is_final(harness: Harness) -> None:
     run_id = await harness.new_run(workflow())
     async with harness.database.transaction() as conn:  # a commit GitHub does not know

@@ -17,6 +17,7 @@ import datetime as dt
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,10 @@ from kici.orchestrator.reporting.outcome import Outcome
 from kici.orchestrator.storage.logs import FilesystemLogStorage
 from kici.orchestrator.store import outbox
 from kici.orchestrator.store.outbox import ReportRecord
+
+PRUNE_INTERVAL_S = 600.0
+"""How often sent reports past `KICI_REPORT_RETENTION_HOURS` are deleted (by any orchestrator: a DELETE of
+rows nobody else changes is harmless to repeat)."""
 
 LEASE = dt.timedelta(seconds=120)
 """A claimed key's lease: longer than any one send (HTTP timeouts are 10–30 s), short enough that a
@@ -63,6 +68,7 @@ class ReportWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
+        self._pruned_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -100,6 +106,12 @@ class ReportWorker:
         try:
             while True:
                 self._wake.clear()
+                if time.monotonic() - self._pruned_at > PRUNE_INTERVAL_S:
+                    self._pruned_at = time.monotonic()
+                    try:
+                        await self.prune()
+                    except Exception as exc:
+                        log_event("reporting.prune_failed", level="error", error=f"{type(exc).__name__}: {exc}")
                 claimed: list[ReportRecord] = []
                 if len(in_flight) < concurrency:
                     try:
@@ -153,6 +165,20 @@ class ReportWorker:
                 if await outbox.claim(conn, head.id, worker=self.worker_id, now=now, lease=LEASE):
                     claimed.append(head)
         return claimed
+
+    async def prune(self) -> int:
+        """Delete sent reports older than the retention; how many."""
+        cutoff = utcnow() - dt.timedelta(hours=self.settings.report_retention_hours)
+        total = 0
+        while True:
+            async with self.state.database.transaction() as conn:
+                deleted = await outbox.delete_sent_before(conn, cutoff)
+            total += deleted
+            if deleted < 1000:
+                break
+        if total:
+            log_event("reporting.pruned", reports=total)
+        return total
 
     async def run_once(self) -> int:
         """Claim what is due now and send it (all of it before returning); how many keys were handled."""

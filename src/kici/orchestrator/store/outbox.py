@@ -274,6 +274,19 @@ async def retry_report(conn: AsyncConnection, report_id: int, *, now: dt.datetim
     return result.rowcount == 1
 
 
+async def delete_sent_before(conn: AsyncConnection, cutoff: dt.datetime, *, limit: int = 1000) -> int:
+    """Delete up to `limit` reports sent before `cutoff` (the oldest first); how many."""
+    doomed = (
+        sa.select(report_outbox.c.id)
+        .where(report_outbox.c.status == ReportStatus.SENT.value, report_outbox.c.sent_at < cutoff)
+        .order_by(report_outbox.c.id)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    result = await conn.execute(report_outbox.delete().where(report_outbox.c.id.in_(doomed)))
+    return int(result.rowcount or 0)
+
+
 async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
     query = sa.select(report_outbox.c.status, sa.func.count()).group_by(report_outbox.c.status)
     return {str(status): int(n) for status, n in await conn.execute(query)}
