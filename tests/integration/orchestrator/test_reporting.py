@@ -592,6 +592,19 @@ async def test_push_and_pull_request_deliveries_produce_check_runs(hooks: Hooks)
     assert h.fake.hits["POST /app/installations/1/access_tokens"] >= 1
 
 
+async def test_corrupt_lock_file_reports_a_failing_check_run(hooks: Hooks) -> None:
+    h = hooks.h
+    fixture = json.loads((GITHUB_FIXTURES / "push.branch-created.json").read_bytes())
+    h.fake.files[(HELLO, fixture["after"])] = b'{"schemaVersion": 999}'
+    response = await hooks.deliver("push", (GITHUB_FIXTURES / "push.branch-created.json").read_bytes())
+    assert response.status_code == 202 and response.json()["outcome"] == "lockfile_corrupt", response.text
+    [run_id] = response.json()["run_ids"]
+    await hooks.drain()
+    check = h.fake.check_run_named("lock_resolution")
+    assert (check["status"], check["conclusion"], check["external_id"]) == ("completed", "failure", run_id)
+    assert "lock file could not be read" in check["output"]["summary"] and check["head_sha"] == fixture["after"]
+
+
 async def test_rerequested_check_run_and_suite_rerun(hooks: Hooks) -> None:
     h = hooks.h
     push = await hooks.deliver("push", (GITHUB_FIXTURES / "push.branch-created.json").read_bytes())

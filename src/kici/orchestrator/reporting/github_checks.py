@@ -159,59 +159,88 @@ class CheckRunSender:
         self.logs = logs
         self.client = client
 
-    async def send(self, report: ReportRecord, now: dt.datetime) -> Outcome:
-        db = self.state.database
-        if report.job_id is None:
-            return Outcome.failed("check run report without a job")
-        async with db.read() as conn:
-            run = await run_store.get_run(conn, report.run_id)
-            job = await run_store.get_job(conn, report.job_id)
-            # the step table is shown once the job has started (a queued job has no steps yet)
-            started = job is not None and job.started_at is not None
-            steps = await run_store.list_steps(conn, report.job_id) if started else []
-            source = await get_source(conn, run.source_id) if run is not None and run.source_id else None
-            check_run_id = await check_runs.get_check_run_id(conn, report.job_id)
-        if run is None or job is None:
-            return Outcome.failed("the run or job no longer exists")
+    async def _context(self, run: RunRecord) -> tuple[str, int, int, str] | Outcome:
+        """(API URL, installation, App id, private key) of the run's GitHub source, or why not."""
+        async with self.state.database.read() as conn:
+            source = await get_source(conn, run.source_id) if run.source_id else None
         github = (run.reporting or {}).get("github") or {}
         if source is None or source.kind is not SourceKind.GITHUB or not github.get("installation_id"):
             return Outcome.failed("the run's GitHub source no longer exists")
         try:
-            secrets = await self.ingest.open_secrets(db, source, self.state.secret_key)
+            secrets = await self.ingest.open_secrets(self.state.database, source, self.state.secret_key)
         except ValueError as exc:
             return Outcome.failed(f"cannot open the GitHub App key of source {source.name!r}: {exc}")
         private_key = secrets.get("private_key")
         if not private_key:
             return Outcome.failed(f"GitHub source {source.name!r} has no private_key secret")
         api_url = str(source.config.get("api_url") or DEFAULT_GITHUB_API_URL).rstrip("/")
-        installation = int(github["installation_id"])
-        name = run.repo.split("/", 1)[-1]
+        return api_url, int(github["installation_id"]), int(source.config["app_id"]), private_key
+
+    async def _call(
+        self, run: RunRecord, method: str, path: str, body: dict[str, Any], now: dt.datetime, what: str
+    ) -> tuple[Outcome, httpx.Response | None]:
+        """One check-runs API call with the repository's `checks: write` token."""
+        context = await self._context(run)
+        if isinstance(context, Outcome):
+            return context, None
+        api_url, installation, app_id, private_key = context
+        repositories = [run.repo.split("/", 1)[-1]]
+        try:
+            token = await self.ingest.tokens.get(
+                self.client, api_url, installation, app_id, private_key,
+                repositories=repositories, permissions=CHECKS_PERMISSIONS,
+            )
+            response = await request(self.client, method, f"{api_url}/repos/{repo_path(run.repo)}/{path}",
+                                     headers={"Authorization": f"token {token}"}, json=body)
+        except ProviderError as exc:  # unreachable, or GitHub refused the token (its status is in the text)
+            return Outcome.retry(str(exc)), None
+        if response.status_code == 401:  # the token was revoked or expired early: mint a new one next time
+            self.ingest.tokens.forget(api_url, installation, repositories=repositories, permissions=CHECKS_PERMISSIONS)
+            return Outcome.retry("GitHub answered 401 to the installation token; retrying with a new one"), None
+        return classify(response, now, f"GitHub {what}", message_of(response)), response
+
+    async def _send_failed_run(self, run: RunRecord, now: dt.datetime) -> Outcome:
+        """The check run of a run that failed before it had jobs: created completed, never updated."""
+        body: dict[str, Any] = {
+            "name": run.workflow, "head_sha": run.sha, "external_id": run.id, "status": "completed",
+            "conclusion": "failure", "completed_at": _iso(run.finished_at or run.created_at),
+            "output": {"title": "The run failed before it had jobs",
+                       "summary": _clip(run.failure_reason or "the run failed")},
+        }
+        details_url = self.state.settings.run_url(run.id)
+        if details_url:
+            body["details_url"] = details_url
+        outcome, _response = await self._call(run, "POST", "check-runs", body, now, "create check run")
+        return outcome
+
+    async def send(self, report: ReportRecord, now: dt.datetime) -> Outcome:
+        db = self.state.database
+        if report.job_id is None:
+            async with db.read() as conn:
+                failed_run = await run_store.get_run(conn, report.run_id)
+            if failed_run is None:
+                return Outcome.failed("the run no longer exists")
+            return await self._send_failed_run(failed_run, now)
+        async with db.read() as conn:
+            run = await run_store.get_run(conn, report.run_id)
+            job = await run_store.get_job(conn, report.job_id)
+            # the step table is shown once the job has started (a queued job has no steps yet)
+            started = job is not None and job.started_at is not None
+            steps = await run_store.list_steps(conn, report.job_id) if started else []
+            check_run_id = await check_runs.get_check_run_id(conn, report.job_id)
+        if run is None or job is None:
+            return Outcome.failed("the run or job no longer exists")
         _status, conclusion = check_status(job)
         tail: list[str] = []
         if conclusion in ("failure", "timed_out"):
             tail = [line.line for line in await self.logs.tail(run.id, job.id, lines=LOG_TAIL_LINES)]
         body = check_body(run, job, steps, tail, self.state.settings.run_url(run.id), create=check_run_id is None)
-        repositories = [name]
-        try:
-            path = repo_path(run.repo)
-            token = await self.ingest.tokens.get(
-                self.client, api_url, installation, int(source.config["app_id"]), private_key,
-                repositories=repositories, permissions=CHECKS_PERMISSIONS,
-            )
-            if check_run_id is None:
-                response = await request(self.client, "POST", f"{api_url}/repos/{path}/check-runs",
-                                         headers={"Authorization": f"token {token}"}, json=body)
-            else:
-                response = await request(self.client, "PATCH", f"{api_url}/repos/{path}/check-runs/{check_run_id}",
-                                         headers={"Authorization": f"token {token}"}, json=body)
-        except ProviderError as exc:  # unreachable, or GitHub refused the token (its status is in the text)
-            return Outcome.retry(str(exc))
-        if response.status_code == 401:  # the token was revoked or expired early: mint a new one next time
-            self.ingest.tokens.forget(api_url, installation, repositories=repositories, permissions=CHECKS_PERMISSIONS)
-            return Outcome.retry("GitHub answered 401 to the installation token; retrying with a new one")
-        action = "create check run" if check_run_id is None else f"update check run {check_run_id}"
-        outcome = classify(response, now, f"GitHub {action}", message_of(response))
-        if outcome.kind == "sent" and check_run_id is None:
+        if check_run_id is None:
+            outcome, response = await self._call(run, "POST", "check-runs", body, now, "create check run")
+        else:
+            outcome, response = await self._call(run, "PATCH", f"check-runs/{check_run_id}", body, now,
+                                                 f"update check run {check_run_id}")
+        if outcome.kind == "sent" and check_run_id is None and response is not None:
             created = response.json()
             new_id = created.get("id") if isinstance(created, dict) else None
             if not isinstance(new_id, int):

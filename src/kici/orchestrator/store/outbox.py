@@ -99,6 +99,21 @@ def job_rows(
     return rows
 
 
+def failed_run_rows(
+    reporting: Mapping[str, Any] | None, org_id: str, run_id: str, *, now: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """A run that failed before it had jobs (a corrupt lock file): one check run for the run itself (so
+    the author sees it on the commit), and `run.finished` for each notification URL."""
+    if not reporting:
+        return []
+    now = now or utcnow()
+    rows = []
+    if reporting.get("github"):
+        rows.append(_row(org_id, ReportKind.CHECK_RUN, f"check_run:run:{run_id}", run_id, None, CHECK_COMPLETED,
+                         None, now))
+    return rows + run_finished_rows(reporting, org_id, run_id, now=now)
+
+
 def run_finished_rows(
     reporting: Mapping[str, Any] | None, org_id: str, run_id: str, *, now: dt.datetime | None = None
 ) -> list[dict[str, Any]]:

@@ -560,7 +560,7 @@ async def create_failed_run(
         )
     )
     _remember_reporting(run_id, org_id, reporting)
-    await outbox.insert_rows(conn, outbox.run_finished_rows(reporting, org_id, run_id, now=now))
+    await outbox.insert_rows(conn, outbox.failed_run_rows(reporting, org_id, run_id, now=now))
     return run_id
 
 
