@@ -41,13 +41,14 @@ class Services:
         from kici.orchestrator.dispatch.sweeps import Sweeper
         from kici.orchestrator.ingest.poller import GitPoller
         from kici.orchestrator.ingest.service import ingest_for
+        from kici.orchestrator.reporting.metrics import ReportMetrics
         from kici.orchestrator.reporting.worker import ReportWorker
 
         state = app.state.kici
         logs = FilesystemLogStorage(default_log_root(state.settings.data_dir))
         ingest = ingest_for(app)
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
-        reporter = ReportWorker(state, ingest, logs)
+        reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
                    reporter=reporter)

@@ -590,6 +590,10 @@ async def test_push_and_pull_request_deliveries_produce_check_runs(hooks: Hooks)
                              (pr_sha, "lint / lint", "completed", "failure")])
     # the installation of each delivery was used for its token
     assert h.fake.hits["POST /app/installations/1/access_tokens"] >= 1
+    metrics = (await hooks.http.get("/metrics")).text
+    sent = next(line for line in metrics.splitlines() if line.startswith('kici_reports_sent_total{kind="check_run"}'))
+    # 3 check runs created, 3 completed: each job's in_progress and completed were sent as one update
+    assert float(sent.split()[-1]) == 6 and len(h.fake.check_calls) == 6
 
 
 async def test_corrupt_lock_file_reports_a_failing_check_run(hooks: Hooks) -> None:

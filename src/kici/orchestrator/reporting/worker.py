@@ -29,6 +29,7 @@ from kici.orchestrator.db.schema import ReportKind, utcnow
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.reporting.github_checks import CheckRunSender
+from kici.orchestrator.reporting.metrics import ReportMetrics
 from kici.orchestrator.reporting.notifications import NotificationSender
 from kici.orchestrator.reporting.outcome import Outcome
 from kici.orchestrator.storage.logs import FilesystemLogStorage
@@ -38,6 +39,9 @@ from kici.orchestrator.store.outbox import ReportRecord
 PRUNE_INTERVAL_S = 600.0
 """How often sent reports past `KICI_REPORT_RETENTION_HOURS` are deleted (by any orchestrator: a DELETE of
 rows nobody else changes is harmless to repeat)."""
+
+PENDING_COUNT_INTERVAL_S = 10.0
+"""How often `kici_reports_pending` is refreshed."""
 
 LEASE = dt.timedelta(seconds=120)
 """A claimed key's lease: longer than any one send (HTTP timeouts are 10–30 s), short enough that a
@@ -58,6 +62,7 @@ class ReportWorker:
         logs: FilesystemLogStorage,
         *,
         client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
+        metrics: ReportMetrics | None = None,
     ) -> None:
         self.state = state
         self.settings = state.settings
@@ -69,6 +74,8 @@ class ReportWorker:
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._pruned_at = 0.0
+        self.metrics = metrics
+        self._counted_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -106,6 +113,12 @@ class ReportWorker:
         try:
             while True:
                 self._wake.clear()
+                if self.metrics is not None and time.monotonic() - self._counted_at > PENDING_COUNT_INTERVAL_S:
+                    self._counted_at = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        async with self.state.database.read() as conn:
+                            counts = await outbox.count_by_status(conn)
+                        self.metrics.pending.set(counts.get("pending", 0))
                 if time.monotonic() - self._pruned_at > PRUNE_INTERVAL_S:
                     self._pruned_at = time.monotonic()
                     try:
@@ -195,6 +208,7 @@ class ReportWorker:
         else:
             group = [head.id]
         client = self._http()
+        started = time.monotonic()
         try:
             if head.kind == ReportKind.CHECK_RUN.value:
                 outcome = await CheckRunSender(self.state, self.ingest, self.logs, client).send(head, utcnow())
@@ -202,6 +216,8 @@ class ReportWorker:
                 outcome = await NotificationSender(self.state, self.ingest, client).send(head, utcnow())
         except Exception as exc:  # a bug or a database hiccup: retry like a failed send, keep the loop alive
             outcome = Outcome.retry(f"internal error: {type(exc).__name__}: {exc}")
+        if self.metrics is not None:
+            self.metrics.send_seconds.labels(head.kind).observe(time.monotonic() - started)
         await self._record(head, group, outcome)
 
     async def _record(self, head: ReportRecord, group: list[int], outcome: Outcome) -> None:
@@ -211,17 +227,23 @@ class ReportWorker:
         async with self.state.database.transaction() as conn:
             if outcome.kind == "sent":
                 await outbox.mark_sent(conn, group, now=now)
+                if self.metrics is not None:
+                    self.metrics.sent.labels(head.kind).inc()
                 return
             error = outcome.error or "unknown error"
             give_up = dt.timedelta(milliseconds=self.settings.report_give_up_after_ms)
             give_up_at = (head.first_failed_at or now) + give_up
             if outcome.kind == "failed" or now >= give_up_at:
                 await outbox.mark_failed(conn, group, error=error)
+                if self.metrics is not None:
+                    self.metrics.failed.labels(head.kind).inc()
                 log_event("reporting.failed", level="error", error=error, attempts=head.attempts + 1, **fields)
                 return
             retry_at = outcome.retry_at or now + backoff(
                 head.attempts, self.settings.report_retry_base_ms, self.settings.report_retry_max_ms
             )
             await outbox.mark_retry(conn, group, error=error, next_attempt_at=retry_at, now=now)
+            if self.metrics is not None:
+                self.metrics.retries.labels(head.kind).inc()
         log_event("reporting.retry", level="warning", error=error, attempts=head.attempts + 1,
                   retry_at=retry_at.isoformat(), **fields)
