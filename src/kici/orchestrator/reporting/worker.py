@@ -117,8 +117,8 @@ class ReportWorker:
                     self._counted_at = time.monotonic()
                     with contextlib.suppress(Exception):
                         async with self.state.database.read() as conn:
-                            counts = await outbox.count_by_status(conn)
-                        self.metrics.pending.set(counts.get("pending", 0))
+                            pending = await outbox.count_pending(conn)
+                        self.metrics.pending.set(pending)
                 if time.monotonic() - self._pruned_at > PRUNE_INTERVAL_S:
                     self._pruned_at = time.monotonic()
                     try:
@@ -218,7 +218,11 @@ class ReportWorker:
             outcome = Outcome.retry(f"internal error: {type(exc).__name__}: {exc}")
         if self.metrics is not None:
             self.metrics.send_seconds.labels(head.kind).observe(time.monotonic() - started)
-        await self._record(head, group, outcome)
+        try:
+            await self._record(head, group, outcome)
+        except Exception as exc:  # the database went away: the lease runs out and the key is sent again
+            log_event("reporting.record_failed", level="error", report_id=head.id, outcome=outcome.kind,
+                      error=f"{type(exc).__name__}: {exc}")
 
     async def _record(self, head: ReportRecord, group: list[int], outcome: Outcome) -> None:
         now = utcnow()

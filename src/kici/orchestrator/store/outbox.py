@@ -302,6 +302,13 @@ async def delete_sent_before(conn: AsyncConnection, cutoff: dt.datetime, *, limi
     return int(result.rowcount or 0)
 
 
+async def count_pending(conn: AsyncConnection) -> int:
+    query = sa.select(sa.func.count()).select_from(report_outbox).where(
+        report_outbox.c.status == ReportStatus.PENDING.value
+    )
+    return int((await conn.execute(query)).scalar_one())
+
+
 async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
     query = sa.select(report_outbox.c.status, sa.func.count()).group_by(report_outbox.c.status)
     return {str(status): int(n) for status, n in await conn.execute(query)}
