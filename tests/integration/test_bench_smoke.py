@@ -33,3 +33,8 @@ def test_dispatch_bench_runs() -> None:
     sqlite = result["sqlite"]
     assert sqlite["latency"]["dispatched"] == sqlite["latency"]["webhooks"] > 0
     assert sqlite["throughput"]["completed_jobs_per_s"] > 0
+
+
+def test_report_latency_bench_runs() -> None:
+    result = run_bench(str(BENCH / "report_latency.py"), "--seconds", "1")
+    assert result["jobs"] == 20 and result["lost"] == 0 and result["latency_ms"]["median"] > 0

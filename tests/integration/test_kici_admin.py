@@ -18,7 +18,7 @@ import pytest
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import EventLogStatus
-from kici.orchestrator.store import agents, events, tokens
+from kici.orchestrator.store import agents, events, outbox, tokens
 from tests.integration.orchestrator.conftest import OrchestratorProcess, insert_job, insert_run, orchestrator_env
 from tests.integration.orchestrator.test_providers_git import GIT_ENV, GitRepo, compile_into
 
@@ -480,3 +480,77 @@ def test_audit_list_shows_denials(orchestrator: Orchestrator) -> None:
     assert any(e["status"] == 401 and e["reason"] == "unknown_token" for e in entries)
     listed = ok(kici_admin("audit", "list", url=orchestrator.url))
     assert "permission_denied" in listed and "tokens:write" in listed
+
+
+# -- reports and notification options -------------------------------------------------------------------
+
+
+def _seed_reports(database_url: str) -> tuple[str, dict[str, int]]:
+    async def seed() -> tuple[str, dict[str, int]]:
+        db = Database.connect(database_url)
+        try:
+            async with db.transaction() as conn:
+                run = await insert_run(conn, workflow="reports", repo="acme/reports")
+                targets = {"notify": [{"url": f"http://receiver.invalid/{p}"} for p in ("gone", "ok")]}
+                rows = outbox.run_finished_rows(targets, "default", run)
+                rows[0] |= {"status": "failed", "attempts": 3}
+                rows[1] |= {"status": "sent"}
+                for row in rows:  # one INSERT each: a multi-row INSERT needs the same columns in every row
+                    await outbox.insert_rows(conn, [row])
+                await conn.execute(schema.report_outbox.update().where(schema.report_outbox.c.status == "failed")
+                                   .values(last_error="POST http://receiver.invalid/gone: HTTP 410"))
+                found = await outbox.list_reports(conn, org_id="default", run_id=run)
+            return run, {str(r.target): r.id for r in found}
+        finally:
+            await db.close()
+
+    return asyncio.run(seed())
+
+
+def test_reports_list_and_retry(orchestrator: Orchestrator) -> None:
+    url = orchestrator.url
+    run, ids = _seed_reports(orchestrator.database_url)
+    failed_id, sent_id = ids["http://receiver.invalid/gone"], ids["http://receiver.invalid/ok"]
+    listed = json.loads(ok(kici_admin("reports", "list", "--status", "failed", "--json", url=url)))
+    mine = next(r for r in listed if r["id"] == failed_id)
+    assert (mine["kind"], mine["event"], mine["attempts"], mine["run_id"]) == ("notification", "run.finished", 3, run)
+    assert mine["last_error"].endswith("HTTP 410")
+    rows = table(ok(kici_admin("reports", "list", "--run", run, url=url)))
+    assert rows[0][:7] == ["ID", "KIND", "EVENT", "STATUS", "ATTEMPTS", "TO", "NEXT"]
+    assert {(r[0], r[3]) for r in rows[1:]} == {(str(failed_id), "failed"), (str(sent_id), "sent")}
+    assert "is pending again" in ok(kici_admin("reports", "retry", str(failed_id), url=url))
+    # sent again at once: this orchestrator has no KICI_NOTIFY_SECRET, so the attempt fails for good again
+    deadline = time.monotonic() + 20
+    while True:
+        again = {r["id"]: r for r in json.loads(ok(kici_admin("reports", "list", "--run", run, "--json", url=url)))}
+        if again[failed_id]["attempts"] == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert again[failed_id]["status"] == "failed" and "no notify secret" in again[failed_id]["last_error"]
+    not_failed = kici_admin("reports", "retry", str(sent_id), url=url)
+    assert one_line_error(not_failed, 1) == (
+        f"kici-admin: error: report {sent_id} is sent, not failed; only a failed report can be retried (HTTP 409)"
+    )
+    assert "(HTTP 404)" in one_line_error(kici_admin("reports", "retry", "999999", url=url), 1)
+    assert "Invalid value for 'ID'" in one_line_error(kici_admin("reports", "retry", "x", url=url), 2)
+
+
+def test_source_notify_options(orchestrator: Orchestrator) -> None:
+    url = orchestrator.url
+    created = json.loads(ok(kici_admin(
+        "source", "add", "git", "cli-notify", "--url", "/srv/notify.git", "--notify-url", "https://hooks.example/a",
+        "--notify-url", "https://hooks.example/b", "--notify-job-events", "--notify-secret", "sign-me", "--json",
+        url=url,
+    )))
+    assert created["config"]["notify_urls"] == ["https://hooks.example/a", "https://hooks.example/b"]
+    assert created["config"]["notify_job_events"] is True
+    assert created["secret_fields"] == ["notify_secret", "webhook_secret"]
+    updated = json.loads(ok(kici_admin("source", "update", "cli-notify", "--notify-url", "https://hooks.example/c",
+                                       "--no-notify-job-events", "--json", url=url)))
+    assert updated["config"]["notify_urls"] == ["https://hooks.example/c"]
+    assert updated["config"]["notify_job_events"] is False
+    bad = kici_admin("source", "update", "cli-notify", "--notify-url", "ftp://nope", url=url)
+    assert one_line_error(bad, 1) == (
+        "kici-admin: error: config.notify_urls: 'ftp://nope' is not an http(s) URL (HTTP 422)"
+    )
+    ok(kici_admin("source", "remove", "cli-notify", url=url))

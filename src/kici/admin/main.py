@@ -442,6 +442,43 @@ def queue_list(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.group()
+def reports() -> None:
+    """Reports: GitHub check-run updates and notifications owed by the orchestrator (list, retry)."""
+
+
+@reports.command("list")
+@click.option("--status", type=click.Choice(("pending", "sent", "failed")), help="Only this status.")
+@click.option("--run", "run_id", metavar="RUN_ID", help="Only this run's reports.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many.")
+@json_option
+def reports_list(status: str | None, run_id: str | None, limit: int, as_json: bool) -> None:
+    """List reports, newest first (pending and failed ones show their last error)."""
+    found = _client().get("/reports", status=status, run_id=run_id, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**r, "to": r.get("target") or "github"} for r in found]
+    print_table(
+        rows,
+        [("id", "id"), ("kind", "kind"), ("event", "event"), ("status", "status"), ("attempts", "attempts"),
+         ("to", "to"), ("next_attempt_at", "next attempt"), ("run_id", "run"), ("last_error", "last error")],
+        empty="No reports.",
+    )
+
+
+@reports.command("retry")
+@click.argument("report_id", type=click.IntRange(min=1), metavar="ID")
+@json_option
+def reports_retry(report_id: int, as_json: bool) -> None:
+    """Send a failed report again (it becomes pending, due now)."""
+    retried = _client().post(f"/reports/{report_id}/retry")
+    if as_json:
+        print_json(retried)
+    else:
+        click.echo(f"Report {retried['id']} ({retried['kind']} {retried['event']}) is pending again.")
+
+
+@cli.group()
 def audit() -> None:
     """The audit log: denied admin requests (who, which permission, which path)."""
 
@@ -614,6 +651,20 @@ def _create_source(kind: str, name: str, config: dict[str, Any], secret_values: 
         click.echo(install_advice(created["name"], str(config.get("url", ""))))
 
 
+def notify_options(command: Any) -> Any:
+    """`--notify-url`, `--notify-job-events`, `--notify-secret` for `source add …`."""
+    command = click.option("--notify-secret", help="Key that signs this source's notifications (default: the "
+                           "orchestrator's KICI_NOTIFY_SECRET).")(command)
+    command = click.option("--notify-job-events", is_flag=True, default=None,
+                           help="Also notify job.finished, not only run.finished.")(command)
+    return click.option("--notify-url", "notify_urls", multiple=True, metavar="URL",
+                        help="POST a signed event to URL when a run of this source finishes (repeatable).")(command)
+
+
+def _notify_config(notify_urls: tuple[str, ...], notify_job_events: bool | None) -> dict[str, Any]:
+    return {"notify_urls": list(notify_urls) or None, "notify_job_events": notify_job_events}
+
+
 @cli.group()
 def source() -> None:
     """Sources: where events come from (git, github, generic)."""
@@ -633,13 +684,19 @@ def source_add() -> None:
 @click.option("--repo", help="The repository name events carry (default: derived from the URL).")
 @click.option("--default-branch", help="Default: main.")
 @click.option("--mirror", is_flag=True, default=None, help="Read through a bare mirror even for a local path.")
+@notify_options
 @json_option
 def source_add_git(name: str, repo_url: str, secret: str | None, poll: int | None, repo: str | None,
-                   default_branch: str | None, mirror: bool | None, as_json: bool) -> None:
+                   default_branch: str | None, mirror: bool | None, notify_urls: tuple[str, ...],
+                   notify_job_events: bool | None, notify_secret: str | None, as_json: bool) -> None:
     """Add a git source notified by a git hook (see `source hook`)."""
     generated = {} if secret else {"webhook_secret": _new_secret()}
-    config = {"url": repo_url, "poll_seconds": poll, "repo": repo, "default_branch": default_branch, "mirror": mirror}
-    _create_source("git", name, config, {"webhook_secret": secret or generated["webhook_secret"]}, generated, as_json)
+    config = {"url": repo_url, "poll_seconds": poll, "repo": repo, "default_branch": default_branch, "mirror": mirror,
+              **_notify_config(notify_urls, notify_job_events)}
+    secret_values = {"webhook_secret": secret or generated["webhook_secret"]}
+    if notify_secret:
+        secret_values["notify_secret"] = notify_secret
+    _create_source("git", name, config, secret_values, generated, as_json)
 
 
 @source_add.command("github")
@@ -649,13 +706,19 @@ def source_add_git(name: str, repo_url: str, secret: str | None, poll: int | Non
 @click.option("--webhook-secret", required=True, help="The GitHub App's webhook secret.")
 @click.option("--api-url", help="GitHub API URL (default https://api.github.com; GitHub Enterprise: …/api/v3).")
 @click.option("--installation-id", type=click.IntRange(min=1), help="Default: taken from each delivery.")
+@notify_options
 @json_option
 def source_add_github(name: str, app_id: int, private_key_file: str, webhook_secret: str, api_url: str | None,
-                      installation_id: int | None, as_json: bool) -> None:
-    """Add a GitHub App source."""
+                      installation_id: int | None, notify_urls: tuple[str, ...], notify_job_events: bool | None,
+                      notify_secret: str | None, as_json: bool) -> None:
+    """Add a GitHub App source (its runs are reported as check runs)."""
     key = _read_file(private_key_file, "private key file")
-    config = {"app_id": app_id, "api_url": api_url, "installation_id": installation_id}
-    _create_source("github", name, config, {"private_key": key, "webhook_secret": webhook_secret}, {}, as_json)
+    config = {"app_id": app_id, "api_url": api_url, "installation_id": installation_id,
+              **_notify_config(notify_urls, notify_job_events)}
+    secret_values = {"private_key": key, "webhook_secret": webhook_secret}
+    if notify_secret:
+        secret_values["notify_secret"] = notify_secret
+    _create_source("github", name, config, secret_values, {}, as_json)
 
 
 @source_add.command("generic")
@@ -674,12 +737,14 @@ def source_add_github(name: str, app_id: int, private_key_file: str, webhook_sec
 @click.option("--lock-source", help="The git or github source whose lock file the events run.")
 @click.option("--repo", help="For a github lock source: owner/name.")
 @click.option("--ref", help="The branch whose head is read (default: main).")
+@notify_options
 @json_option
 def source_add_generic(name: str, auth: str, secret: str | None, allow_ips: tuple[str, ...],
                        events: list[str] | None, event_header: str | None, event_path: str | None,
                        signature_header: str | None, idempotency_header: str | None, dedup_window: int | None,
                        rate_limit: int | None, max_payload_bytes: int | None, lock_source: str | None,
-                       repo: str | None, ref: str | None, as_json: bool) -> None:
+                       repo: str | None, ref: str | None, notify_urls: tuple[str, ...],
+                       notify_job_events: bool | None, notify_secret: str | None, as_json: bool) -> None:
     """Add a generic webhook source."""
     field_name = GENERIC_SECRET_FIELD.get(auth)
     if secret and field_name is None:
@@ -691,8 +756,10 @@ def source_add_generic(name: str, auth: str, secret: str | None, allow_ips: tupl
         "event_header": event_header, "event_path": event_path, "signature_header": signature_header,
         "idempotency_header": idempotency_header, "dedup_window_seconds": dedup_window,
         "rate_limit_rpm": rate_limit, "max_payload_bytes": max_payload_bytes, "lock_source": lock_source,
-        "repo": repo, "ref": ref,
+        "repo": repo, "ref": ref, **_notify_config(notify_urls, notify_job_events),
     }
+    if notify_secret:
+        secret_values["notify_secret"] = notify_secret
     _create_source("generic", name, config, secret_values, generated, as_json)
 
 
@@ -743,12 +810,21 @@ def _key_value(_: click.Context, param: click.Parameter, values: tuple[str, ...]
 @click.option("--secret-file", "secret_files", multiple=True, callback=_key_value, metavar="FIELD=PATH",
               help="Set a secret from a file (e.g. private_key=app.pem).")
 @click.option("--remove-secret", "secret_removes", multiple=True, metavar="FIELD", help="Remove a secret.")
+@click.option("--notify-url", "notify_urls", multiple=True, metavar="URL",
+              help="Replace the source's notification URLs (repeatable; `--unset notify_urls` removes them).")
+@click.option("--notify-job-events/--no-notify-job-events", default=None, help="Also notify job.finished.")
+@click.option("--notify-secret", help="Set the key that signs this source's notifications.")
 @json_option
 def source_update(name: str, repo_url: str | None, poll: int | None, sets: list[tuple[str, str]],
                   unsets: tuple[str, ...], secret_sets: list[tuple[str, str]], secret_files: list[tuple[str, str]],
-                  secret_removes: tuple[str, ...], as_json: bool) -> None:
+                  secret_removes: tuple[str, ...], notify_urls: tuple[str, ...], notify_job_events: bool | None,
+                  notify_secret: str | None, as_json: bool) -> None:
     """Change a source's config and/or secrets (only what is given changes)."""
     config: dict[str, Any] = {}
+    if notify_urls:
+        config["notify_urls"] = list(notify_urls)
+    if notify_job_events is not None:
+        config["notify_job_events"] = notify_job_events
     for key, raw in sets:
         try:
             config[key] = json.loads(raw)
@@ -762,9 +838,11 @@ def source_update(name: str, repo_url: str | None, poll: int | None, sets: list[
     secret_values: dict[str, str | None] = dict.fromkeys(secret_removes)
     secret_values.update(dict(secret_sets))
     secret_values.update({k: _read_file(p, f"{k} file") for k, p in secret_files})
+    if notify_secret:
+        secret_values["notify_secret"] = notify_secret
     if not config and not secret_values:
-        raise click.UsageError("nothing to change: give --url, --poll, --set, --unset, --secret, --secret-file "
-                               "or --remove-secret")
+        raise click.UsageError("nothing to change: give --url, --poll, --set, --unset, --secret, --secret-file, "
+                               "--remove-secret or a --notify option")
     body: dict[str, Any] = {}
     if config:
         body["config"] = config

@@ -53,6 +53,10 @@ class Permission(StrEnum):
     SOURCES_READ = "sources:read"
     SOURCES_WRITE = "sources:write"
     EVENTS_READ = "events:read"
+    REPORTS_READ = "reports:read"
+    """List the reporting outbox (check runs, notifications)."""
+    REPORTS_RETRY = "reports:retry"
+    """Send a failed report again."""
     AUDIT_READ = "audit:read"
     SECRETS_WRITE = "secrets:write"
     KEY_ROTATE = "key:rotate"
@@ -72,6 +76,7 @@ ROLE_PERMISSIONS: Mapping[AdminRole, frozenset[Permission]] = {
             Permission.SOURCES_READ,
             Permission.EVENTS_READ,
             Permission.AUDIT_READ,
+            Permission.REPORTS_READ,
         }
     ),
 }

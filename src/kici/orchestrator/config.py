@@ -212,6 +212,51 @@ class Settings(BaseModel):
         description="Per-step log cap sent to agents; output beyond it is replaced by one truncation marker.",
     )
 
+    # -- reporting --------------------------------------------------------------------------------
+    notify_urls: list[str] = Field(
+        default_factory=list,
+        description="Comma-separated URLs that receive a signed JSON event (`run.finished`, and "
+        "`job.finished` with `KICI_NOTIFY_JOB_EVENTS`) for every run, whatever its source. Sources can add "
+        "their own (`notify_urls` in the source's config). See docs/operator/notifications.md.",
+        json_schema_extra=_doc_default("none"),
+    )
+    notify_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key that signs notifications (`X-Signature-256: sha256=<hex>`). Required "
+        "when `KICI_NOTIFY_URLS` is set; also signs a source's notifications when the source has no "
+        "`notify_secret` of its own.",
+    )
+    notify_job_events: bool = Field(
+        default=False, description="Also send `job.finished` to `KICI_NOTIFY_URLS` when each job finishes."
+    )
+    report_poll_ms: int = Field(
+        default=1000, ge=10,
+        description="How often the reporting worker looks for due reports without being woken (state "
+        "changes in this process wake it at once); the fallback for reports written by another process.",
+    )
+    report_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Reports (check runs, notifications) sent at the same time."
+    )
+    report_retry_base_ms: int = Field(
+        default=1000, ge=1,
+        description="First retry delay of a report that failed (5xx, network error); doubled per attempt, "
+        "with jitter, up to `KICI_REPORT_RETRY_MAX_MS`. A rate limit waits for GitHub's reset instead.",
+    )
+    report_retry_max_ms: int = Field(
+        default=300_000, ge=1, description="Upper bound of the retry delay of a report."
+    )
+    report_give_up_after_ms: int = Field(
+        default=86_400_000, ge=1,
+        description="How long a report keeps being retried after its first failure before it is marked "
+        "`failed` (kept; `kici-admin reports retry ID` sends it again).",
+    )
+
+    report_retention_hours: int = Field(
+        default=168, ge=1,
+        description="How long sent reports stay in the outbox (`kici-admin reports list --status sent`) "
+        "before they are deleted. Pending and failed reports are never deleted.",
+    )
+
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @property
@@ -287,6 +332,21 @@ class Settings(BaseModel):
             raise ValueError("must be an http:// or https:// URL with no query or fragment")
         return value
 
+    @field_validator("notify_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("notify_urls")
+    @classmethod
+    def _notify_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.match(r"^https?://[^\s/?#]+(/[^\s]*)?$", url):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return value
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -306,6 +366,14 @@ class Settings(BaseModel):
         if len(token) < 16 or any(c.isspace() for c in token):
             raise ValueError("must be at least 16 characters with no whitespace")
         return value
+
+    @model_validator(mode="after")
+    def _notify_needs_secret(self) -> Settings:
+        if self.notify_urls and self.notify_secret is None:
+            raise ValueError(
+                "KICI_NOTIFY_URLS needs KICI_NOTIFY_SECRET (the key notifications are signed with)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mode_needs_platform(self) -> Settings:
@@ -479,7 +547,7 @@ def _lenient_bool(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-_SECRET_FIELDS = frozenset({"secret_key", "bootstrap_admin_token", "platform_token"})
+_SECRET_FIELDS = frozenset({"secret_key", "bootstrap_admin_token", "platform_token", "notify_secret"})
 
 
 def _validation_lines(

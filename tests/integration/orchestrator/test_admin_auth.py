@@ -21,7 +21,7 @@ from kici.orchestrator.auth import ROLE_PERMISSIONS, Permission
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, new_id
-from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store import audit, outbox, tokens
 from kici.orchestrator.store.agents import register_agent
 from kici.orchestrator.store.events import begin_delivery
 from kici.orchestrator.store.sources import create_source
@@ -80,8 +80,11 @@ async def _targets(admin: Admin) -> dict[str, str]:
                              labels=["linux"], max_concurrency=1, version="1.0", hostname="h")
         delivery = f"delivery-{new_id()}"
         await begin_delivery(conn, delivery_id=delivery, provider="git", ttl_seconds=60)
+        failed_report = outbox.run_finished_rows({"notify": [{"url": "http://receiver.invalid/h"}]}, "default", run)
+        await outbox.insert_rows(conn, [{**r, "status": "failed"} for r in failed_report])
+        report = (await outbox.list_reports(conn, org_id="default", run_id=run, limit=1))[0].id
     return {"auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
-            "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
+            "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
 
 
@@ -127,6 +130,8 @@ ROUTES = [
     Route("POST", "/runs/{run_id}/cancel", (Permission.RUNS_CANCEL,), 200, path="/runs/{run}/cancel",
           body={"force": False}),
     Route("GET", "/audit", (Permission.AUDIT_READ,), 200),
+    Route("GET", "/reports", (Permission.REPORTS_READ,), 200),
+    Route("POST", "/reports/{report_id}/retry", (Permission.REPORTS_RETRY,), 200, path="/reports/{report}/retry"),
     Route("GET", "/sources", (Permission.SOURCES_READ,), 200),
     Route("POST", "/sources", (Permission.SOURCES_WRITE,), 201,
           body={"kind": "generic", "name": "{new_name}", "config": {"auth": "none"}}),

@@ -6,12 +6,16 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
+import re
 import secrets
+import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -48,6 +52,16 @@ class FakeGitHub:
         self.tokens: set[str] = set()
         self.hits: Counter[str] = Counter()
         self.fail_with: int | None = None
+        # check runs (the reporting tests): what was asked for, and what exists
+        self.token_scopes: dict[str, dict[str, Any]] = {}  # token → the access_tokens request body
+        self.check_runs: dict[int, dict[str, Any]] = {}  # id → the check run as GitHub would show it
+        self.check_calls: list[tuple[str, int | None, dict[str, Any]]] = []  # (POST|PATCH, id, body), answered 2xx
+        self.check_failures: list[tuple[int, dict[str, str]]] = []  # answers given before behaving again
+        self.check_calls_changed = threading.Condition()
+        self._lock = threading.Lock()
+        # git over HTTPS as github.com serves it (smart HTTP through `git http-backend`), for real agents
+        self.git_repos: dict[str, Path] = {}  # "owner/name" → a repository on disk
+        self.git_auth: list[str] = []  # the installation tokens clones presented
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +79,14 @@ class FakeGitHub:
             def do_POST(self) -> None:
                 fake.handle(self, "POST")
 
+            def do_PATCH(self) -> None:
+                fake.handle(self, "PATCH")
+
+            def body(self) -> Any:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                return json.loads(raw) if raw else None
+
             def do_GET(self) -> None:
                 fake.handle(self, "GET")
 
@@ -76,6 +98,110 @@ class FakeGitHub:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    # -- git smart HTTP (what an agent's clone talks to)
+    def _git(self, h: Any, method: str, repo: str, rest: str, query: str) -> None:
+        auth = h.headers.get("Authorization") or ""
+        token = ""
+        if auth.startswith("Basic "):
+            user, _, token = base64.b64decode(auth[len("Basic "):]).decode().partition(":")
+            token = token if user == "x-access-token" else ""
+        if token not in self.tokens:
+            h.send_response(401)
+            h.send_header("WWW-Authenticate", 'Basic realm="GitHub"')
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        self.git_auth.append(token)
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        root = self.git_repos[repo]
+        env = {
+            "PATH": os.environ.get("PATH", ""), "GIT_PROJECT_ROOT": str(root.parent), "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": f"/{root.name}{rest}", "QUERY_STRING": query, "REQUEST_METHOD": method,
+            "CONTENT_TYPE": h.headers.get("Content-Type") or "", "CONTENT_LENGTH": str(len(body)),
+            "GIT_PROTOCOL": h.headers.get("Git-Protocol") or "", "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_CONTENT_ENCODING": h.headers.get("Content-Encoding") or "",
+        }
+        done = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, timeout=60)
+        head, _, payload = done.stdout.partition(b"\r\n\r\n")
+        status = 200
+        headers: list[tuple[str, str]] = []
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.strip().split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        h.send_response(status)
+        for key, value in headers:
+            h.send_header(key, value)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    # -- check runs (POST /repos/{o}/{r}/check-runs, PATCH /repos/{o}/{r}/check-runs/{id})
+    def _check_run(self, h: Any, method: str, repo: str, check_run_id: int | None) -> None:
+        body = h.body() or {}
+        token = (h.headers.get("Authorization") or "").removeprefix("token ")
+        scope = self.token_scopes.get(token)
+        if token not in self.tokens or scope is None:
+            h._send(401, {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"})
+            return
+        if scope.get("permissions") != {"checks": "write"} or scope.get("repositories") != [repo.split("/")[1]]:
+            h._send(403, {"message": "Resource not accessible by integration", "status": "403"})
+            return
+        with self._lock:
+            if self.check_failures:
+                status, headers = self.check_failures.pop(0)
+                data = json.dumps({"message": "Server Error" if status >= 500 else "API rate limit exceeded"}).encode()
+                h.send_response(status)
+                for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                                   **headers}.items():
+                    h.send_header(key, value)
+                h.end_headers()
+                h.wfile.write(data)
+                return
+            if method == "POST":
+                missing = [k for k in ("name", "head_sha") if not body.get(k)]
+                if missing:
+                    h._send(422, {"message": "Invalid request.", "errors": [f"{missing[0]} wasn't supplied."]})
+                    return
+                check_run_id = len(self.check_runs) + 1000
+                self.check_runs[check_run_id] = {"id": check_run_id, "node_id": f"CR_{check_run_id}",
+                                                 "html_url": f"https://github.com/{repo}/runs/{check_run_id}",
+                                                 "app": {"id": self.app_id}, "repo": repo, **body}
+                status = 201
+            elif check_run_id not in self.check_runs:
+                self._not_found(h, "checks/runs#update-a-check-run")
+                return
+            else:
+                self.check_runs[check_run_id].update(body)
+                status = 200
+            if body.get("conclusion") and body.get("status") not in (None, "completed"):
+                h._send(422, {"message": "Invalid request.", "errors": ["conclusion needs status completed"]})
+                return
+            answer = dict(self.check_runs[check_run_id])
+        with self.check_calls_changed:
+            self.check_calls.append((method, check_run_id, body))
+            self.check_calls_changed.notify_all()
+        h._send(status, answer)
+
+    def wait_check_calls(self, predicate: Any, timeout: float = 20.0) -> list[tuple[str, int | None, dict[str, Any]]]:
+        """Wait (bounded) until `predicate(check_calls)` holds; the calls."""
+        deadline = time.monotonic() + timeout
+        with self.check_calls_changed:
+            while not predicate(self.check_calls):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"fake GitHub: condition not met in {timeout}s; calls: {self.check_calls}")
+                self.check_calls_changed.wait(left)
+            return list(self.check_calls)
+
+    def check_run_named(self, name: str) -> dict[str, Any]:
+        found = [c for c in self.check_runs.values() if c.get("name") == name]
+        assert len(found) == 1, (name, [c.get("name") for c in self.check_runs.values()])
+        return found[0]
 
     # -- helpers for tests
     def lock_fetches(self, repo: str | None = None) -> int:
@@ -111,17 +237,23 @@ class FakeGitHub:
         parsed = urlparse(h.path)
         path = unquote(parsed.path)
         query = parse_qs(parsed.query)
+        served = re.fullmatch(r"/([^/]+/[^/]+)\.git(/.*)", path)
+        if served and served.group(1) in self.git_repos:
+            self._git(h, method, served.group(1), served.group(2), parsed.query)
+            return
         self.hits[f"{method} {path}"] += 1
         if self.fail_with is not None:
             h._send(self.fail_with, {"message": "Server Error"})
             return
         parts = path.strip("/").split("/")
         if method == "POST" and parts[:2] == ["app", "installations"] and parts[3:] == ["access_tokens"]:
+            scope = h.body() or {}
             if not self._jwt_ok(h.headers.get("Authorization")):
                 h._send(401, {"message": "A JSON web token could not be decoded", "status": "401"})
                 return
             token = "ghs_" + secrets.token_hex(18)
             self.tokens.add(token)
+            self.token_scopes[token] = scope
             expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
             h._send(
                 201,
@@ -132,6 +264,9 @@ class FakeGitHub:
                     "repository_selection": "selected",
                 },
             )
+            return
+        if parts[0] == "repos" and len(parts) in (4, 5) and parts[3] == "check-runs" and method in ("POST", "PATCH"):
+            self._check_run(h, method, f"{parts[1]}/{parts[2]}", int(parts[4]) if len(parts) == 5 else None)
             return
         if method != "GET" or parts[0] != "repos" or len(parts) < 4:
             self._not_found(h, "")

@@ -236,6 +236,9 @@ runs = sa.Table(
     # The run's workflow as in the lock file at its commit (camelCase lock-file JSON): what dispatch needs
     # (file, export, jobs, env, timeouts) and what a rerun replays, without fetching the lock file again.
     sa.Column("workflow_spec", JSON_TYPE, nullable=True),
+    # Where the run's progress is reported (GitHub check runs, notification URLs), decided once when the
+    # run is created (`kici.orchestrator.reporting.targets`); NULL: nowhere, and no outbox row is written.
+    sa.Column("reporting", JSON_TYPE, nullable=True),
     _created_at(),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),
@@ -373,6 +376,62 @@ audit_log = sa.Table(
     _created_at(),
     sa.Index(None, "org_id", "created_at"),
     _check_in("outcome", AuditOutcome),
+)
+
+
+class ReportStatus(StrEnum):
+    """`pending → sent`; `pending → failed` (gave up; `kici-admin reports retry` makes it pending again)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class ReportKind(StrEnum):
+    CHECK_RUN = "check_run"
+    NOTIFICATION = "notification"
+
+
+_OUTBOX_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+
+report_outbox = sa.Table(
+    "report_outbox",
+    metadata,
+    # the id orders the rows of one ordering key: a row is sent only after every earlier one of its key
+    sa.Column("id", _OUTBOX_ID, primary_key=True, autoincrement=True),
+    _org_id(),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("ordering_key", sa.Text, nullable=False),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.Text, nullable=True),
+    sa.Column("event", sa.Text, nullable=False),  # queued / in_progress / completed; run.finished / job.finished
+    sa.Column("target", sa.Text, nullable=True),  # a notification's URL
+    sa.Column("delivery_id", sa.Text, nullable=False, default=new_id),  # the receiver's idempotency key
+    sa.Column("status", sa.Text, nullable=False, default=ReportStatus.PENDING.value),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.Column("claimed_until", UtcDateTime, nullable=True),  # a worker's lease on the row's ordering key
+    sa.Column("claimed_by", sa.Text, nullable=True),
+    sa.Column("first_failed_at", UtcDateTime, nullable=True),  # the give-up clock starts here
+    sa.Column("last_error", sa.Text, nullable=True),
+    _created_at(),
+    sa.Column("sent_at", UtcDateTime, nullable=True),
+    sa.Index(None, "status", "ordering_key", "id"),
+    sa.Index(None, "run_id"),
+    _check_in("status", ReportStatus),
+    _check_in("kind", ReportKind),
+)
+
+github_check_runs = sa.Table(
+    "github_check_runs",
+    metadata,
+    # the check run GitHub created for a job (`external_id` = the job id), so later updates PATCH it
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("repo", sa.Text, nullable=False),
+    sa.Column("check_run_id", sa.BigInteger, nullable=False),
+    _created_at(),
+    sa.Index(None, "run_id"),
 )
 
 

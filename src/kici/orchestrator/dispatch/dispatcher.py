@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -104,6 +104,8 @@ class Dispatcher:
         self._deferred: dict[str, float] = {}
         """Job id → monotonic time before which a job whose dispatch failed for a passing reason waits."""
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
+        self.report_wake: Callable[[], None] = lambda: None
+        """Told after writes that may have queued reports (the reporting worker's `wake`)."""
         registry.listener = self
         ingest.on_runs_created = self.runs_created
 
@@ -176,6 +178,7 @@ class Dispatcher:
     async def runs_created(self, run_ids: Iterable[str]) -> None:
         self.metrics.runs_created.inc(len(list(run_ids)))
         self.wake()
+        self.report_wake()
 
     async def registered(self, agent: AgentConnection) -> list[str]:
         reported = [job_id for _run_id, job_id in agent.in_flight_jobs]
@@ -392,6 +395,7 @@ class Dispatcher:
         return sent
 
     async def cancel_jobs(self, run_id: str, running: Iterable[tuple[str, str]], *, reason: str, force: bool) -> None:
+        self.report_wake()  # called after a cancel committed: its jobs' reports are due
         for job_id, agent_id in running:
             await self.send_cancel(agent_id, run_id, job_id, reason=reason, force=force)
 
@@ -467,6 +471,7 @@ class Dispatcher:
             log_event("job.status_ignored", level="debug", agent_id=agent.agent_id, job_id=update.job_id,
                       state=update.state)
             return
+        self.report_wake()
         if update.state == "running":
             return
         slots = self._slots_of(agent)

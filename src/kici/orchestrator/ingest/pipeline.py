@@ -30,6 +30,7 @@ from kici.orchestrator.db.schema import EventLogStatus
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import LockFileSource, LockFileTooLarge, ProviderError
+from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store.runs import NewRun, create_failed_run, create_run
 from kici.orchestrator.store.sources import Source
@@ -145,6 +146,7 @@ async def _corrupt(state: AppState, ingest: Ingest, delivery: Delivery, event: E
             delivery_id=delivery.delivery_id,
             source_id=delivery.source.id,
             reason=f"lock file could not be read: {reason}",
+            reporting=reporting_targets(state.settings, delivery.source, event),
         )
         await event_store.finish_event_log(
             conn, delivery.delivery_id, EventLogStatus.LOCKFILE_CORRUPT, org_id=delivery.org_id, reason=reason
@@ -168,6 +170,7 @@ async def _match_and_create(
     settings = state.settings
     run_ids: list[str] = []
     reason = f"matched {', '.join(matched)}" if matched else "no workflow matched"
+    reporting = reporting_targets(settings, delivery.source, event) if matched else None
     async with state.database.transaction() as conn:
         for name in matched:
             workflow = lock.workflow(name)
@@ -184,6 +187,7 @@ async def _match_and_create(
                     lock_content_hash=lock.content_hash,
                     delivery_id=delivery.delivery_id,
                     source_id=delivery.source.id,
+                    reporting=reporting,
                 ),
                 queue_max_depth=settings.queue_max_depth,
                 queue_timeout_ms=settings.queue_timeout_ms,

@@ -30,6 +30,7 @@ from kici.engine.triggers import json_path_get
 from kici.engine.webhook_auth import ip_allowed, verify_bearer, verify_hmac_sha256
 from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.db.schema import EventLogStatus, SourceKind
+from kici.orchestrator.ingest import rerequest
 from kici.orchestrator.ingest.pipeline import Delivery, process_delivery
 from kici.orchestrator.ingest.service import Ingest, get_ingest
 from kici.orchestrator.logs import log_event
@@ -231,6 +232,12 @@ async def github_webhook(
     )
     if not fresh:
         return _duplicate(delivery_id)
+    if rerequest.handles(event_name, payload, source):
+        rerun = await rerequest.handle_rerequest(state, org_id, delivery_id, source, event_name, payload)
+        if rerun.status is not EventLogStatus.PROCESSED:
+            return _filtered(delivery_id, rerun.reason)
+        await ingest.runs_created(rerun.run_ids)
+        return _accepted(delivery_id, rerun.status, rerun.run_ids)
     if normalized.event is None:
         return _filtered(delivery_id, normalized.ignored_reason)
     async with ingest.http_client() as client:

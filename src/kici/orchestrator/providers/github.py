@@ -21,6 +21,7 @@ import base64
 import datetime as dt
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -72,27 +73,47 @@ class _Token:
     expires_monotonic: float
 
 
+_TokenKey = tuple[str, int, tuple[str, ...], tuple[tuple[str, str], ...]]
+
+
 class InstallationTokens:
-    """Installation tokens per (api_url, installation id), shared by every request of the process."""
+    """Installation tokens per (api_url, installation id, repositories, permissions), shared by every
+    request of the process. A token asked for with `repositories`/`permissions` is scoped down to them
+    (the reporting worker's `checks: write` token for one repository); without, it has the installation's
+    full access (what reading lock files and cloning use)."""
 
     def __init__(self) -> None:
-        self._tokens: dict[tuple[str, int], _Token] = {}
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._tokens: dict[_TokenKey, _Token] = {}
+        self._locks: dict[_TokenKey, asyncio.Lock] = {}
 
     async def get(
-        self, client: httpx.AsyncClient, api_url: str, installation_id: int, app_id: int, private_key: str
+        self,
+        client: httpx.AsyncClient,
+        api_url: str,
+        installation_id: int,
+        app_id: int,
+        private_key: str,
+        *,
+        repositories: Sequence[str] = (),
+        permissions: Mapping[str, str] | None = None,
     ) -> str:
-        key = (api_url, installation_id)
+        key = _token_key(api_url, installation_id, repositories, permissions)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             cached = self._tokens.get(key)
             if cached is not None and cached.expires_monotonic > time.monotonic():
                 return cached.value
+            scope: dict[str, object] = {}
+            if repositories:
+                scope["repositories"] = list(repositories)
+            if permissions:
+                scope["permissions"] = dict(permissions)
             response = await _request(
                 client,
                 "POST",
                 f"{api_url}/app/installations/{installation_id}/access_tokens",
                 headers={"Authorization": f"Bearer {app_jwt(app_id, private_key)}"},
+                **({"json": scope} if scope else {}),
             )
             if response.status_code != 201:
                 raise ProviderError(
@@ -114,8 +135,36 @@ class InstallationTokens:
             self._tokens[key] = _Token(token, time.monotonic() + lifetime - TOKEN_REFRESH_MARGIN_SECONDS)
             return token
 
-    def forget(self, api_url: str, installation_id: int) -> None:
-        self._tokens.pop((api_url, installation_id), None)
+    def forget(
+        self,
+        api_url: str,
+        installation_id: int,
+        *,
+        repositories: Sequence[str] = (),
+        permissions: Mapping[str, str] | None = None,
+    ) -> None:
+        self._tokens.pop(_token_key(api_url, installation_id, repositories, permissions), None)
+
+
+def _token_key(
+    api_url: str, installation_id: int, repositories: Sequence[str], permissions: Mapping[str, str] | None
+) -> _TokenKey:
+    return (api_url, installation_id, tuple(sorted(repositories)), tuple(sorted((permissions or {}).items())))
+
+
+def message_of(response: httpx.Response) -> str:
+    """GitHub's `message` of an error response (or the start of its body)."""
+    return _message(response)
+
+
+async def request(client: httpx.AsyncClient, method: str, url: str, **kwargs: object) -> httpx.Response:
+    """A GitHub REST call with GitHub's headers; `ProviderError` when GitHub cannot be reached."""
+    return await _request(client, method, url, **kwargs)
+
+
+def repo_path(repo: str) -> str:
+    """`owner/name`, each part URL-quoted; `ProviderError` for anything else."""
+    return _repo_path(repo)
 
 
 def _message(response: httpx.Response) -> str:

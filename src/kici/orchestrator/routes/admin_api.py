@@ -12,6 +12,7 @@ from kici.orchestrator.routes import (
     admin_audit,
     admin_events,
     admin_queue,
+    admin_reports,
     admin_runs,
     admin_sources,
     admin_system,
@@ -29,6 +30,7 @@ router.include_router(admin_audit.router)
 router.include_router(admin_queue.router)
 router.include_router(admin_agents.router)
 router.include_router(admin_events.router)
+router.include_router(admin_reports.router)
 
 
 @router.api_route(

@@ -8,9 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from kici.engine.events import Event
-from kici.engine.lockfile import Workflow
 from kici.engine.states import RunStatus, is_terminal
+from kici.orchestrator import reruns
 from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -212,32 +211,11 @@ async def rerun_run(
     principal: Annotated[Principal, Depends(require(Permission.RUNS_RERUN))],
 ) -> RerunResponse:
     original = await _run(state, principal, run_id)
-    if not original.workflow_spec:
-        raise AdminError(409, f"run {run_id} failed before it had jobs ({original.failure_reason}); push a fix instead")
-    settings = state.settings
     try:
         async with state.database.transaction() as conn:
-            created = await runs.create_run(
-                conn,
-                runs.NewRun(
-                    org_id=original.org_id,
-                    workflow=Workflow.model_validate(original.workflow_spec),
-                    event=Event.model_validate(original.event),
-                    repo=original.repo,
-                    ref=original.ref,
-                    sha=original.sha,
-                    lock_content_hash=original.lock_content_hash,
-                    delivery_id=None,
-                    source_id=original.source_id,
-                    original_run_id=original.original_run_id or original.id,
-                ),
-                queue_max_depth=settings.queue_max_depth,
-                queue_timeout_ms=settings.queue_timeout_ms,
-            )
-            rerun = await runs.get_run(conn, created.run_id)
-    except ValueError as exc:
-        raise AdminError(409, f"run {run_id} cannot be rerun: {exc}") from None
-    assert rerun is not None
+            rerun = await reruns.rerun(conn, state.settings, original)
+    except reruns.RerunRefused as exc:
+        raise AdminError(409, str(exc)) from None
     log_event("run.rerun", run_id=rerun.id, original_run_id=run_id, by_token_id=principal.token.id)
     await services_of(request.app).dispatcher.runs_created([rerun.id])
     return RerunResponse(run=RunInfo.of(rerun))

@@ -18,7 +18,7 @@ import json
 import queue
 import re
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from pydantic import BaseModel
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_READ_LINES = 5000
 TAIL_PROBE_BYTES = 64 * 1024
+TAIL_READ_BYTES = 512 * 1024
 
 
 class LogLineOut(BaseModel):
@@ -245,6 +246,24 @@ class FilesystemLogStorage:
         except (FileNotFoundError, NotADirectoryError):  # nothing written (yet)
             return LogPage(lines=[], next=cursor, at_end=True)
         return LogPage(lines=out, next=cursor, at_end=at_end)
+
+    async def tail(self, run_id: str, job_id: str, *, lines: int = 50) -> list[LogLineOut]:
+        """The job's last `lines` lines (as stored: masked by the agent). Reads only the end of the file:
+        a read from an offset inside a record skips that torn record, as after a crash."""
+        path = self._path(run_id, job_id)
+        await asyncio.to_thread(self._writer.barrier)
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        last: deque[LogLineOut] = deque(maxlen=max(1, lines))
+        cursor = max(0, size - TAIL_READ_BYTES)
+        while True:
+            page = await self.read(run_id, job_id, after=cursor, limit=MAX_READ_LINES)
+            last.extend(page.lines)
+            if page.at_end or page.next == cursor:
+                return list(last)
+            cursor = page.next
 
     async def delete_run(self, run_id: str) -> None:
         async with self._lock:

@@ -51,6 +51,7 @@ from kici.orchestrator.db.schema import (
     steps,
     utcnow,
 )
+from kici.orchestrator.store import outbox
 from kici.orchestrator.store.jobs import KeepFirst, set_job_status, set_jobs_status
 
 QUEUE_FULL_ERROR = "queue full"
@@ -112,6 +113,8 @@ class RunRecord(_Frozen):
     finished_at: dt.datetime | None
     workflow_spec: dict[str, Any] | None = None
     """The workflow's lock-file entry (None for a run that failed before it had one)."""
+    reporting: dict[str, Any] | None = None
+    """Where the run is reported (`kici.orchestrator.reporting.targets`); None: nowhere."""
 
     @property
     def finished(self) -> bool:
@@ -172,6 +175,8 @@ class NewRun:
     source_id: str | None
     parent_run_id: str | None = None
     original_run_id: str | None = None
+    reporting: Mapping[str, Any] | None = None
+    """Where the run is reported (GitHub check runs, notification URLs); None or empty: nowhere."""
 
 
 @dataclass(frozen=True)
@@ -246,9 +251,50 @@ def _exact_values(matchers: Iterable[dict[str, Any]]) -> list[str]:
 async def lock_run(conn: AsyncConnection, run_id: str) -> str | None:
     """Lock the run row for the rest of the transaction (PostgreSQL; SQLite writers are serialized
     already) and return its status, or None when there is no such run."""
-    query = sa.select(runs.c.status).where(runs.c.id == run_id).with_for_update()
-    status = (await conn.execute(query)).scalar_one_or_none()
-    return None if status is None else str(status)
+    query = sa.select(runs.c.status, runs.c.org_id, runs.c.reporting).where(runs.c.id == run_id).with_for_update()
+    row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    _remember_reporting(run_id, str(row.org_id), row.reporting)
+    return str(row.status)
+
+
+# A run's reporting targets are decided when it is created and never change, so every orchestrator may
+# keep them (read for free by the lock statements below): a status change of an unreported run then
+# costs no statement at all for reporting, and a reported one a single outbox INSERT.
+_REPORTING: OrderedDict[str, tuple[str, dict[str, Any] | None]] = OrderedDict()
+REPORTING_CACHED_RUNS = 4096
+
+
+def _remember_reporting(run_id: str, org_id: str, reporting: Mapping[str, Any] | None) -> None:
+    _REPORTING[run_id] = (org_id, dict(reporting) if reporting else None)
+    _REPORTING.move_to_end(run_id)
+    while len(_REPORTING) > REPORTING_CACHED_RUNS:
+        _REPORTING.popitem(last=False)
+
+
+async def _reporting_of(conn: AsyncConnection, run_id: str) -> tuple[str, dict[str, Any] | None]:
+    found = _REPORTING.get(run_id)
+    if found is None:  # evicted between the lock and now: read it again
+        row = (await conn.execute(sa.select(runs.c.org_id, runs.c.reporting).where(runs.c.id == run_id))).first()
+        org_id, reporting = (str(row.org_id), row.reporting) if row is not None else (DEFAULT_ORG_ID, None)
+        _remember_reporting(run_id, org_id, reporting)
+        found = _REPORTING[run_id]
+    return found
+
+
+async def report_jobs(
+    conn: AsyncConnection, run_id: str, job_ids: Sequence[str], event: str, *, run_finished: bool = False
+) -> None:
+    """Write the outbox rows owed for `job_ids` reaching `event` (and for the run finishing), in the
+    caller's transaction. Nothing at all for a run reported nowhere."""
+    org_id, reporting = await _reporting_of(conn, run_id)
+    if not reporting:
+        return
+    rows = outbox.job_rows(reporting, org_id, run_id, job_ids, event)
+    if run_finished:
+        rows += outbox.run_finished_rows(reporting, org_id, run_id)
+    await outbox.insert_rows(conn, rows)
 
 
 async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
@@ -259,13 +305,13 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
 
 
 _LOCK_JOB_WITH_ROW = (
-    sa.select(runs.c.id, runs.c.status)
+    sa.select(runs.c.id, runs.c.status, runs.c.org_id, runs.c.reporting)
     .select_from(jobs.join(runs, runs.c.id == jobs.c.run_id).join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id))
     .where(jobs.c.id == sa.bindparam("v_job_id"))
     .with_for_update(of=[runs, dispatch_queue])
 )
 _LOCK_JOB_RUN_ONLY = (
-    sa.select(runs.c.id, runs.c.status)
+    sa.select(runs.c.id, runs.c.status, runs.c.org_id, runs.c.reporting)
     .join(jobs, jobs.c.run_id == runs.c.id)
     .where(jobs.c.id == sa.bindparam("v_job_id"))
     .with_for_update(of=runs)
@@ -278,11 +324,13 @@ async def _lock_job_run(conn: AsyncConnection, job_id: str) -> tuple[str, str] |
 
     A job that has a queue row (every job an agent reports on) is locked with its run and row in one
     statement; one that has none yet (still `pending`) by locking just its run."""
-    both = (await conn.execute(_LOCK_JOB_WITH_ROW, {"v_job_id": job_id})).first()
-    if both is not None:
-        return str(both.id), str(both.status)
-    row = (await conn.execute(_LOCK_JOB_RUN_ONLY, {"v_job_id": job_id})).first()
-    return (str(row.id), str(row.status)) if row is not None else None
+    row = (await conn.execute(_LOCK_JOB_WITH_ROW, {"v_job_id": job_id})).first()
+    if row is None:
+        row = (await conn.execute(_LOCK_JOB_RUN_ONLY, {"v_job_id": job_id})).first()
+    if row is None:
+        return None
+    _remember_reporting(str(row.id), str(row.org_id), row.reporting)
+    return str(row.id), str(row.status)
 
 
 _CLOSE_QUEUE_ROW = (
@@ -415,9 +463,11 @@ async def create_run(
             "original_run_id": new.original_run_id,
             "timeout_ms": new.workflow.timeout,
             "workflow_spec": new.workflow.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "reporting": dict(new.reporting) if new.reporting else None,
             "created_at": now,
         },
     )
+    _remember_reporting(run_id, new.org_id, new.reporting)
     job_ids: dict[str, str] = {}
     job_rows: list[dict[str, Any]] = []
     need_rows: list[dict[str, Any]] = []
@@ -454,6 +504,10 @@ async def create_run(
     for need_row in need_rows:
         edges.setdefault(need_row["job_name"], []).append((need_row["upstream_name"], need_row["run_on"]))
     _remember_edges(run_id, edges)  # (a run created by this process never needs to read its edges back)
+    # before settling: a job that fails or is skipped right here must report `queued` first
+    await outbox.insert_rows(
+        conn, outbox.job_rows(new.reporting, new.org_id, run_id, job_ids.values(), outbox.CHECK_QUEUED, now=now)
+    )
     settled = await settle_run(
         conn, run_id, limits=QueueLimits(max_depth=queue_max_depth, timeout_ms=queue_timeout_ms), now=now
     )
@@ -480,6 +534,7 @@ async def create_failed_run(
     source_id: str | None,
     reason: str,
     lock_content_hash: str | None = None,
+    reporting: Mapping[str, Any] | None = None,
 ) -> str:
     """A run that failed before it had jobs (e.g. a corrupt lock file: `lock_resolution`); its id."""
     now = utcnow()
@@ -499,10 +554,13 @@ async def create_failed_run(
             source_id=source_id,
             lock_content_hash=lock_content_hash,
             failure_reason=reason,
+            reporting=dict(reporting) if reporting else None,
             created_at=now,
             finished_at=now,
         )
     )
+    _remember_reporting(run_id, org_id, reporting)
+    await outbox.insert_rows(conn, outbox.failed_run_rows(reporting, org_id, run_id, now=now))
     return run_id
 
 
@@ -536,6 +594,20 @@ async def list_runs(
         query = query.where(runs.c.created_at < before)
     query = query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(max(0, limit))
     return [RunRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
+
+
+async def latest_runs_at(
+    conn: AsyncConnection, *, org_id: str, repo: str, sha: str, source_id: str | None = None
+) -> list[RunRecord]:
+    """The newest run of each workflow at commit `sha` of `repo` (of `source_id` when given), by workflow."""
+    query = sa.select(runs).where(runs.c.org_id == org_id, runs.c.repo == repo, runs.c.sha == sha)
+    if source_id is not None:
+        query = query.where(runs.c.source_id == source_id)
+    newest: dict[str, RunRecord] = {}
+    for row in await conn.execute(query.order_by(runs.c.created_at, runs.c.id)):
+        record = RunRecord.model_validate(dict(row._mapping))
+        newest[record.workflow] = record
+    return [newest[name] for name in sorted(newest)]
 
 
 def _job(row: Any) -> JobRecord:
@@ -622,6 +694,7 @@ async def record_job_state(
     if state == "running":
         # the job started: its dispatch is acknowledged, and the row follows an agent-side recovery too
         await conn.execute(_STARTED_QUEUE_ROW, {"v_job_id": job_id})
+        await report_jobs(conn, run_id, [job_id], outbox.CHECK_IN_PROGRESS)
         # A job starting makes no other job ready and finishes nothing: all a full settle would do is move
         # a pending run to running, so do just that (the run row is locked, its status read above).
         if run_status != RunStatus.PENDING.value:
@@ -633,7 +706,7 @@ async def record_job_state(
         )
         return SettleResult([], [], RunStatus.RUNNING.value)
     await close_queue_row(conn, job_id, target.value)
-    return await settle_run(conn, run_id, limits=limits, now=now, locked_status=run_status)
+    return await settle_run(conn, run_id, limits=limits, now=now, locked_status=run_status, finished_jobs=[job_id])
 
 
 async def finish_job(
@@ -658,7 +731,7 @@ async def finish_job(
     if not await set_job_status(conn, job_id, target, event, values=values, owned_by=owned_by):
         return False
     await close_queue_row(conn, job_id, target.value)
-    await settle_run(conn, run_id, limits=limits)
+    await settle_run(conn, run_id, limits=limits, finished_jobs=[job_id])
     return True
 
 
@@ -707,6 +780,7 @@ async def settle_run(
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
     now: dt.datetime | None = None,
     locked_status: str | None = None,
+    finished_jobs: Sequence[str] = (),
 ) -> SettleResult:
     """Run the needs scheduler for the run until nothing changes, then aggregate its status.
 
@@ -715,6 +789,9 @@ async def settle_run(
     pending jobs are cancelled instead. When every job is terminal the run gets
     `aggregate_run_status` (a cancelling run that would be `success` is `cancelled`) and `finished_at`;
     the first started job moves a pending run to `running`.
+
+    `finished_jobs`: jobs the caller just moved to a terminal state; their reports are written with the
+    ones this settle owes (jobs skipped, cancelled or failed here, the run finishing), in one INSERT.
     """
     now = now or utcnow()
     # `locked_status`: the caller locked the run in this transaction already and read its status
@@ -722,6 +799,8 @@ async def settle_run(
     if run_status is None:
         return SettleResult([], [], None)
     if is_run_terminal(run_status):
+        if finished_jobs:
+            await report_jobs(conn, run_id, finished_jobs, outbox.CHECK_COMPLETED)
         return SettleResult([], [], run_status)
     rows = list(await conn.execute(_SETTLE_JOBS, {"v_run_id": run_id}))
     edges = await _needs_edges(conn, run_id)
@@ -804,6 +883,9 @@ async def settle_run(
         )
         if result.rowcount == 1:
             final_status = RunStatus.RUNNING.value
+    completed = [*finished_jobs, *skipped, *failed, *cancelled]
+    if completed or finished:
+        await report_jobs(conn, run_id, completed, outbox.CHECK_COMPLETED, run_finished=finished)
     return SettleResult(queued, skipped, final_status, failed=failed, cancelled=cancelled, finished=finished)
 
 
@@ -918,7 +1000,7 @@ async def cancel_run(
             failure_reason=sa.func.coalesce(runs.c.failure_reason, cancel_reason),
         )
     )
-    settled = await settle_run(conn, run_id, now=now)
+    settled = await settle_run(conn, run_id, now=now, finished_jobs=cancelled_jobs)
     final = settled.run_status or RunStatus.CANCELLING.value
     status: Literal["cancelling", "cancelled"] = "cancelling" if final == RunStatus.CANCELLING.value else "cancelled"
     return CancelResult(status=status, cancelled_jobs=cancelled_jobs + settled.cancelled, running=running,

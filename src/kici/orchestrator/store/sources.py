@@ -10,6 +10,7 @@ Secrets per kind:
 - `github`: `webhook_secret` (X-Hub-Signature-256), `private_key` (the GitHub App's PEM key).
 - `git`: `webhook_secret` (the HMAC a post-receive / post-commit hook signs its notification with).
 - `generic`: `hmac_secret` (auth `hmac_sha256`), `bearer_token` (auth `bearer_token`).
+- every kind: `notify_secret` (signs the source's outgoing notifications; default `KICI_NOTIFY_SECRET`).
 
 Config per kind (validated on create and update):
 - `github`: `app_id` (required, integer), `api_url` (default https://api.github.com), `installation_id`
@@ -22,6 +23,8 @@ Config per kind (validated on create and update):
   `dedup_window_seconds`, `rate_limit_rpm`, `max_payload_bytes`; and where its events' workflows come
   from: `lock_source` (the name or id of a `git` or `github` source of the same org), `repo` (for a
   github lock source: `owner/name`) and `ref` (the branch whose head is read; default: `main`).
+- every kind: `notify_urls` (URLs that receive the source's runs' signed `run.finished` events) and
+  `notify_job_events` (also `job.finished`); see docs/operator/notifications.md.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,9 +63,9 @@ DEFAULT_GITHUB_API_URL = "https://api.github.com"
 GENERIC_AUTH_METHODS = frozenset({"hmac_sha256", "bearer_token", "ip_allowlist", "none"})
 
 SECRET_FIELDS: dict[SourceKind, frozenset[str]] = {
-    SourceKind.GITHUB: frozenset({"webhook_secret", "private_key"}),
-    SourceKind.GIT: frozenset({"webhook_secret"}),
-    SourceKind.GENERIC: frozenset({"hmac_secret", "bearer_token"}),
+    SourceKind.GITHUB: frozenset({"webhook_secret", "private_key", "notify_secret"}),
+    SourceKind.GIT: frozenset({"webhook_secret", "notify_secret"}),
+    SourceKind.GENERIC: frozenset({"hmac_secret", "bearer_token", "notify_secret"}),
 }
 
 _BLOB_VERSION = 1
@@ -116,6 +120,7 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
         raise SourceError("config must be an object")
     out = dict(config)
     _positive_int(out, "max_payload_bytes")
+    _notify(out)
     if kind is SourceKind.GITHUB:
         if isinstance(out.get("app_id"), str) and out["app_id"].strip().isdigit():
             out["app_id"] = int(out["app_id"].strip())
@@ -147,6 +152,20 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
         if auth == "ip_allowlist" and not out.get("allowed_ips"):
             raise SourceError("config.allowed_ips is required for auth ip_allowlist")
     return out
+
+
+def _notify(config: dict[str, Any]) -> None:
+    urls = config.get("notify_urls")
+    if urls is not None:
+        if isinstance(urls, str):
+            urls = config["notify_urls"] = [u.strip() for u in urls.split(",") if u.strip()]
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise SourceError("config.notify_urls must be a list of URLs")
+        for url in urls:
+            if not re.match(r"^https?://[^\s/?#]+(/\S*)?$", url):
+                raise SourceError(f"config.notify_urls: {url!r} is not an http(s) URL")
+    if "notify_job_events" in config and not isinstance(config["notify_job_events"], bool):
+        raise SourceError("config.notify_job_events must be true or false")
 
 
 def _check_secret_names(kind: SourceKind, names: Mapping[str, Any]) -> None:

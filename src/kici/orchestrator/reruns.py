@@ -1,0 +1,54 @@
+"""Linked reruns: a run's workflow again at the same commit with the same event (`original_run_id` points
+at the first run of the chain). Used by `POST /api/v1/admin/runs/{id}/rerun` and by GitHub's "Re-run"
+buttons (`check_run` / `check_suite` `rerequested` deliveries)."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kici.engine.events import Event
+from kici.engine.lockfile import Workflow
+from kici.orchestrator.config import Settings
+from kici.orchestrator.reporting.targets import reporting_targets
+from kici.orchestrator.store import runs
+from kici.orchestrator.store.runs import RunRecord
+from kici.orchestrator.store.sources import get_source
+
+
+class RerunRefused(Exception):
+    """The run cannot be rerun (the message says why)."""
+
+
+async def rerun(conn: AsyncConnection, settings: Settings, original: RunRecord) -> RunRecord:
+    """Create the rerun in the caller's transaction (reported like a new run of its source, to today's
+    targets); `RerunRefused` for a run that never had jobs or whose workflow cannot be planned."""
+    if not original.workflow_spec:
+        raise RerunRefused(
+            f"run {original.id} failed before it had jobs ({original.failure_reason}); push a fix instead"
+        )
+    event = Event.model_validate(original.event)
+    source = await get_source(conn, original.source_id) if original.source_id else None
+    try:
+        created = await runs.create_run(
+            conn,
+            runs.NewRun(
+                org_id=original.org_id,
+                workflow=Workflow.model_validate(original.workflow_spec),
+                event=event,
+                repo=original.repo,
+                ref=original.ref,
+                sha=original.sha,
+                lock_content_hash=original.lock_content_hash,
+                delivery_id=None,
+                source_id=original.source_id,
+                original_run_id=original.original_run_id or original.id,
+                reporting=reporting_targets(settings, source, event),
+            ),
+            queue_max_depth=settings.queue_max_depth,
+            queue_timeout_ms=settings.queue_timeout_ms,
+        )
+    except ValueError as exc:
+        raise RerunRefused(f"run {original.id} cannot be rerun: {exc}") from None
+    found = await runs.get_run(conn, created.run_id)
+    assert found is not None
+    return found
