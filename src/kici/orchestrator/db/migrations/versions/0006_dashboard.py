@@ -46,7 +46,9 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("UPDATE runs SET branch = event->>'branch', \"trigger\" = event->>'type'")
     else:
-        op.execute("UPDATE runs SET branch = json_extract(event, '$.branch'), \"trigger\" = json_extract(event, '$.type')")
+        op.execute(
+            "UPDATE runs SET branch = json_extract(event, '$.branch'), \"trigger\" = json_extract(event, '$.type')"
+        )
     for name, columns in _RUN_INDEXES.items():
         op.create_index(name, "runs", columns)
     op.create_table(
