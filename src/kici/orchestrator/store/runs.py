@@ -791,6 +791,11 @@ async def _needs_edges(conn: AsyncConnection, run_id: str) -> dict[str, list[tup
     return edges
 
 
+async def list_needs(conn: AsyncConnection, run_id: str) -> dict[str, list[str]]:
+    """A run's needs edges for display: planned job name → the lock job names it waits for."""
+    return {name: [upstream for upstream, _ in ups] for name, ups in (await _needs_edges(conn, run_id)).items()}
+
+
 def _remember_edges(run_id: str, edges: dict[str, list[tuple[str, list[str]]]]) -> None:
     _EDGES[run_id] = edges
     while len(_EDGES) > EDGES_CACHED_RUNS:
