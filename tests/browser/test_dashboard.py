@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.browser.conftest import ARTIFACTS, REPO_ROOT
 from tests.e2e.conftest import OWNER_TOKEN, WORKFLOW_HEADER, System, wait_for
 
