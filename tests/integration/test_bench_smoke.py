@@ -33,3 +33,10 @@ def test_dispatch_bench_runs() -> None:
     sqlite = result["sqlite"]
     assert sqlite["latency"]["dispatched"] == sqlite["latency"]["webhooks"] > 0
     assert sqlite["throughput"]["completed_jobs_per_s"] > 0
+
+
+def test_dashboard_bench_runs() -> None:
+    result = run_bench(str(BENCH / "dashboard.py"), "--quick")
+    sqlite = result["sqlite"]
+    assert sqlite["runs_page"]["newest"]["samples"] == 3 and sqlite["run_page"]["last_page"]["bytes"] > 0
+    assert sqlite["live_log"]["lines"] == 10

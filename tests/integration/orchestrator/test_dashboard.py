@@ -431,3 +431,31 @@ async def test_public_mode_reads_without_session_but_acts_with_one(public_dash: 
         assert (await http.post(f"/runs/{run_id}/cancel")).status_code == 401
     async with public_dash.session(AdminRole.OWNER) as http:
         assert 'id="cancel"' in (await http.get(f"/runs/{run_id}")).text
+
+
+async def test_under_a_base_path(database: Database, tmp_path: Path) -> None:
+    app, made = await _make_app(database, tmp_path, base_path="/ci")
+    try:
+        run_id, job_id = await _seed_run(made)
+        async with database.transaction() as conn:
+            await conn.execute(sa.update(schema.jobs).where(schema.jobs.c.id == job_id)
+                               .values(outputs={"greet": {"greeting": "hi"}}))
+        async with made.client() as http:
+            response = await http.get(f"/ci/runs/{run_id}")
+            assert response.status_code == 303
+            assert response.headers["location"] == f"/ci/login?next=%2Fci%2Fruns%2F{run_id}"
+            page = await http.get("/ci/login")
+            assert 'href="/ci/static/app.css' in page.text and 'action="/ci/login"' in page.text
+            signed = await http.post("/ci/login", data={"token": made.tokens[AdminRole.VIEWER],
+                                                        "csrf_token": _hidden(page.text, "csrf_token"),
+                                                        "next": f"/ci/runs/{run_id}"})
+            assert signed.headers["location"] == f"/ci/runs/{run_id}"
+            cookie = next(h for h in signed.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE))
+            assert "Path=/ci" in cookie
+            run_page = (await http.get(f"/ci/runs/{run_id}")).text
+            assert 'href="/ci/agents"' in run_page and f"/ci/runs/{run_id}/jobs/{job_id}/log.txt" in run_page
+            assert "Outputs of build" in run_page and "greeting" in run_page
+            assert (await http.get("/ci/static/app.js")).status_code == 200
+            assert (await http.get("/")).status_code == 404
+    finally:
+        services_of(app).logs.close()

@@ -71,17 +71,18 @@ class _Style:
             elif code == 49:
                 self.bg = None
             elif code in (38, 48):
-                # 38;5;N (256 colours) or 38;2;R;G;B (true colour): keep N < 16, skip the rest
+                # 38;5;N (256 colours) or 38;2;R;G;B (true colour): N < 16 is one of ours; any other
+                # colour shows as the default one
+                colour: int | None = None
                 if i + 2 < len(codes) and codes[i + 1] == 5:
-                    n = codes[i + 2]
-                    if n < 16:
-                        if code == 38:
-                            self.fg = n
-                        else:
-                            self.bg = n
+                    colour = codes[i + 2] if codes[i + 2] < 16 else None
                     i += 2
                 elif i + 1 < len(codes) and codes[i + 1] == 2:
                     i += 4
+                if code == 38:
+                    self.fg = colour
+                else:
+                    self.bg = colour
             i += 1
 
 
