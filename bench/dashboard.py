@@ -67,6 +67,7 @@ class LogAgent:
         self.jobs: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.follow = asyncio.Event()
         self.done = asyncio.Event()
+        self.playing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.ws = await connect(self.url, open_timeout=10, max_size=None)
@@ -87,7 +88,9 @@ class LogAgent:
             async for frame in self.ws:
                 message = json.loads(frame)
                 if message["type"] == "job.dispatch":
-                    asyncio.create_task(self.play(message["run_id"], message["job_id"]))
+                    task = asyncio.create_task(self.play(message["run_id"], message["job_id"]))
+                    self.playing.add(task)
+                    task.add_done_callback(self.playing.discard)
 
     async def play(self, run_id: str, job_id: str) -> None:
         ids = {"run_id": run_id, "job_id": job_id}
