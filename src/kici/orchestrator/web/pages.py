@@ -302,6 +302,7 @@ class LogView:
                 current = line.step
             self.rows.append(("line", (line.n, Markup(ansi_to_html(line.line)))))  # escaped by ansi_to_html
         self.last_step = current
+        self.last_line = lines[-1].n if lines else 0
 
 
 def _step_title(step: int, names: dict[int, str]) -> str:
@@ -414,23 +415,30 @@ async def live_log(request: Request, run_id: str, job: str, state: State) -> Res
     start = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     cursor = _int(start) or 0
     step = _int(request.query_params.get("step"))
+    # the last line number the page already shows (the cursor may point at the chunk holding it)
+    shown = _int(request.query_params.get("shown")) or 0
     async with state.database.read() as conn:
         steps = await runs.list_steps(conn, found.id)
     template = _env.get_template("_log_rows.html")
 
     async def events() -> AsyncIterator[str]:
-        nonlocal cursor, step, steps
+        nonlocal cursor, step, steps, shown
         started = time.monotonic()
         checked = 0.0
         finished = is_terminal(found.status)
         yield "retry: 1000\n\n"
         while time.monotonic() - started < LIVE_MAX_S:
             page = await logs.read(run.id, found.id, after=cursor, limit=1000)
-            if page.lines:
-                if any(x.step not in {s.step_index for s in steps} and x.step >= 0 for x in page.lines):
+            fresh = [x for x in page.lines if x.n > shown]
+            if not fresh and page.lines:
+                cursor = page.next
+                continue
+            if fresh:
+                shown = fresh[-1].n
+                if any(x.step not in {s.step_index for s in steps} and x.step >= 0 for x in fresh):
                     async with state.database.read() as conn:
                         steps = await runs.list_steps(conn, found.id)
-                view = LogView(page.lines, steps, page=0, pages=0, total=0, cursor=page.next, first_step=step)
+                view = LogView(fresh, steps, page=0, pages=0, total=0, cursor=page.next, first_step=step)
                 step = view.last_step
                 html = template.render(log=view, link_base="?" + urlencode({"job": found.name}))
                 cursor = page.next
