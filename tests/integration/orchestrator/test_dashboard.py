@@ -228,12 +228,15 @@ PAGES: list[tuple[str, str, str | None]] = [
     ("GET", "/", "runs:read"),
     ("GET", "/runs/{run}", "runs:read"),
     ("GET", "/runs/{run}/jobs/{job}/log.txt", "runs:read"),
+    ("GET", "/runs/{finished}/jobs/{finished_job}/live", "runs:read"),
+    ("GET", "/?fragment=rows", "runs:read"),
     ("GET", "/agents", "agents:read"),
     ("GET", "/queue", "queue:read"),
     ("GET", "/sources", "sources:read"),
     ("GET", "/audit", "audit:read"),
     ("POST", "/runs/{run}/cancel", "runs:cancel"),
     ("POST", "/runs/{finished}/rerun", "runs:rerun"),
+    ("POST", "/logout", None),
 ]
 
 
@@ -262,12 +265,13 @@ async def test_rbac_matrix(database: Database, tmp_path: Path, public: bool) -> 
         for who in [*ROLES, ANON]:
             for method, template, permission in PAGES:
                 run_id, job_id = await _seed_run(made)
-                finished, _ = await _seed_run(made, status="success")
-                path = template.format(run=run_id, job=job_id, finished=finished)
+                finished, finished_job = await _seed_run(made, status="success")
+                path = template.format(run=run_id, job=job_id, finished=finished, finished_job=finished_job)
                 response = await _request_as(made, who, method, path, run_id)
                 if who == ANON:
                     ok = public and permission in ("runs:read", "agents:read", "queue:read")
-                    expected = {200} if ok else ({303} if method == "GET" else {401})
+                    signed_out = {401} if method == "POST" or "fragment" in path else {303}
+                    expected = {200} if ok else signed_out
                 elif _allowed(who, permission):
                     expected = {303} if method == "POST" else {200}
                 else:
