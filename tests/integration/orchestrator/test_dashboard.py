@@ -142,7 +142,7 @@ async def test_cookie_is_secure_over_https(database: Database, tmp_path: Path) -
 
 
 async def test_open_redirects_are_refused(dash: Dash) -> None:
-    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example"):
+    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example", "/\t/evil.example"):
         async with dash.client() as http:
             response = await dash.login(http, AdminRole.VIEWER, next=target)
             assert response.headers["location"] == "/", target
@@ -342,6 +342,7 @@ async def test_runs_page_filters_escapes_and_live_fragment(dash: Dash) -> None:
         assert fragment.status_code == 200 and fragment.text.lstrip().startswith("<tr")
         bad = await http.get("/", params={"sha": "zz"})
         assert bad.status_code == 422 and "sha (query)" in bad.text
+        assert (await http.get("/", params={"before": "not-a-cursor"})).status_code == 422
 
 
 async def test_runs_page_pages_by_cursor(dash: Dash) -> None:
@@ -463,3 +464,13 @@ async def test_under_a_base_path(database: Database, tmp_path: Path) -> None:
             assert (await http.get("/")).status_code == 404
     finally:
         services_of(app).logs.close()
+
+
+async def test_run_that_failed_before_it_had_jobs(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        run_id = await insert_run(conn, status="failed", failure_reason="lock_resolution: <bad> lock file")
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = await http.get(f"/runs/{run_id}")
+        assert page.status_code == 200
+        assert "lock_resolution: &lt;bad&gt; lock file" in page.text and 'id="log"' not in page.text
+        assert (await http.get("/runs/nope")).status_code == 404

@@ -162,8 +162,12 @@ def _render(request: Request, template: str, viewer: Viewer | None, *, status_co
 def _safe_next(state: AppState, target: str | None) -> str:
     """Only a path on this dashboard (no scheme, no other host) is followed after sign-in."""
     base = state.settings.base_path
-    if target and target.startswith((base + "/") if base else "/") and not target.startswith("//") and (
-        "\\" not in target
+    if (
+        target
+        and target.startswith((base + "/") if base else "/")
+        and not target.startswith("//")
+        and "\\" not in target
+        and not any(ord(c) < 32 or ord(c) == 127 for c in target)  # browsers drop tabs: "/\t/evil" → "//evil"
     ):
         return target
     return base + "/"
