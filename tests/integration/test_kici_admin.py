@@ -216,6 +216,7 @@ def test_runs_list_filters_and_cursor_paging(orchestrator: Orchestrator) -> None
     by_sha = json.loads(ok(kici_admin("runs", "list", "--sha", "3333333", "--json", url=url)))
     assert [r["id"] for r in by_sha] == [made[3]]
     assert "No runs." in ok(kici_admin("runs", "list", "--workflow", "paged", "--branch", "main", url=url))
+    assert "No runs." in ok(kici_admin("runs", "list", "--workflow", "paged", "--trigger", "pr", url=url))
     bad = kici_admin("runs", "list", "--before", "nonsense", url=url)
     assert "before (query)" in one_line_error(bad, 1)
 

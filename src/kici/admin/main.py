@@ -291,17 +291,18 @@ def _short_sha(value: Any) -> str | None:
 @click.option("--branch", help="Only runs of this branch (a pull request's head branch).")
 @click.option("--sha", help="Only runs of this commit (a full SHA or a prefix).")
 @click.option("--source", help="Only runs from this source (name or id).")
+@click.option("--trigger", help="Only runs started by this event type (push, pr, tag, schedule, …).")
 @click.option("--before", metavar="CURSOR", help="The next page: the cursor printed after the previous page.")
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True, help="At most this many runs.")
 @json_option
 def runs_list(
     status: str | None, repo: str | None, workflow: str | None, branch: str | None, sha: str | None,
-    source: str | None, before: str | None, limit: int, as_json: bool,
+    source: str | None, trigger: str | None, before: str | None, limit: int, as_json: bool,
 ) -> None:
     """List runs, newest first. When more runs follow, the command that lists them is printed to stderr."""
     found, next_cursor = _client().get_page(
         "/runs", "X-Next-Cursor", status=status, repo=repo, workflow=workflow, branch=branch, sha=sha,
-        source=source, before=before, limit=limit,
+        source=source, trigger=trigger, before=before, limit=limit,
     )
     if as_json:
         print_json(found)
