@@ -474,3 +474,16 @@ async def test_run_that_failed_before_it_had_jobs(dash: Dash) -> None:
         assert page.status_code == 200
         assert "lock_resolution: &lt;bad&gt; lock file" in page.text and 'id="log"' not in page.text
         assert (await http.get("/runs/nope")).status_code == 404
+
+
+async def test_agents_page_lists_busy_jobs(dash: Dash) -> None:
+    run_id, job_id = await _seed_run(dash)
+    async with dash.database.transaction() as conn:
+        await conn.execute(sa.insert(schema.agents).values(id="linux-1", labels=["linux", "<x>"], max_concurrency=2,
+                                                           version="9.9", hostname="box", connected=True,
+                                                           last_seen_at=T0, registered_at=T0))
+        await conn.execute(sa.update(schema.jobs).where(schema.jobs.c.id == job_id).values(agent_id="linux-1"))
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get("/agents")).text
+    assert "linux-1" in page and "&lt;x&gt;" in page and "1 / 2" in page and "9.9" in page
+    assert f'href="/runs/{run_id}?job=build"' in page

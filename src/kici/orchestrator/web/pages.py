@@ -29,6 +29,7 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.routes import admin_agents, admin_audit, admin_queue, admin_runs, admin_sources
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogLineOut
+from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import audit, runs, sessions, tokens
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.web import graph as job_graph
@@ -508,7 +509,9 @@ async def rerun(request: Request, run_id: str, state: State) -> Response:
 async def agents_page(request: Request, state: State) -> Response:
     viewer = await require_viewer(request, state, Permission.AGENTS_READ)
     found = await admin_agents.list_agents(state, viewer.principal)
-    return _render(request, "agents.html", viewer, agents=found)
+    async with state.database.read() as conn:
+        busy = await agent_store.busy_jobs(conn, [a.id for a in found])
+    return _render(request, "agents.html", viewer, agents=found, busy=busy)
 
 
 def _why_waiting(entry: admin_queue.QueueEntry, agents: list[admin_agents.AgentInfo]) -> str:
