@@ -7,7 +7,8 @@ webhooks over HTTP, and a signed-in HTTP client standing in for the browser.
   byte of `/runs/<id>` (opens at the log's last page), of its first page and of the page of its middle line;
 - live log: the agent sends a one-line chunk every 100 ms carrying its send time; a client follows the
   job's server-sent-event stream (`/runs/<id>/jobs/<job>/live`) and records, per line, the delay from the
-  agent's send to the line arriving in the stream.
+  agent's send to the line arriving in the stream; then the same with the run page open in headless
+  Chromium, to the line appearing in the page's DOM (`--no-browser` skips that part).
 
 Prints one JSON object.
 
@@ -185,6 +186,55 @@ async def wait_run(client: httpx.AsyncClient, base: str, delivery: str, source_i
     raise RuntimeError(f"no run for delivery {delivery}")
 
 
+def _summary(delays: list[float]) -> dict[str, Any]:
+    return {"lines": len(delays), "median_ms": round(statistics.median(delays), 1),
+            "p95_ms": round(percentile(delays, 95), 1), "max_ms": round(max(delays), 1)}
+
+
+OBSERVE_LOG = """() => {
+  window.__delays = [];
+  new MutationObserver(records => {
+    const now = Date.now() / 1000;
+    for (const r of records) for (const node of r.addedNodes) {
+      const m = /sent (\\d+\\.\\d+)/.exec(node.textContent || "");
+      if (m) window.__delays.push((now - parseFloat(m[1])) * 1000);
+    }
+  }).observe(document.getElementById("log"), { childList: true });
+}"""
+
+
+async def browser_delays(client: httpx.AsyncClient, base: str, run_id: str, agent: LogAgent) -> dict[str, Any]:
+    """The run page in headless Chromium (the distribution's), signed in with the client's session: the
+    delay from the agent sending each line to the page's DOM showing it (a MutationObserver's clock)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        try:
+            context = await browser.new_context()
+            host = base.split("//", 1)[1].split(":")[0]
+            await context.add_cookies([{"name": c.name, "value": c.value or "", "domain": host, "path": "/"}
+                                       for c in client.cookies.jar])
+            page = await context.new_page()
+            opened = asyncio.get_running_loop().create_future()
+            page.on("request", lambda r: "/live" in r.url and not opened.done() and opened.set_result(True))
+            await page.goto(f"{base}/runs/{run_id}")
+            await page.evaluate(OBSERVE_LOG)
+            await asyncio.wait_for(opened, 10)  # the page's EventSource asked for the stream
+            await asyncio.sleep(0.5)  # and the server has had time to answer its first poll
+            agent.follow.set()
+            await asyncio.wait_for(agent.done.wait(), 120)
+            await asyncio.sleep(0.5)  # the last line's way to the page
+            delays = [float(x) for x in await page.evaluate("window.__delays")]
+        finally:
+            await browser.close()
+    return _summary(delays)
+
+
 async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     repo = work / "repo"
     sha = make_repo(repo, 1)
@@ -267,12 +317,15 @@ async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> 
                         delays.append((now - float(sent)) * 1000)
                     if line.startswith("event: end"):
                         break
-            result["live_log"] = {
-                "lines": len(delays),
-                "median_ms": round(statistics.median(delays), 1),
-                "p95_ms": round(percentile(delays, 95), 1),
-                "max_ms": round(max(delays), 1),
-            }
+            result["live_log"] = _summary(delays)
+            if args.browser:
+                agent.follow.clear()
+                agent.done.clear()
+                delivery = f"live-browser-{uuid.uuid4().hex[:8]}"
+                await post_push(client, hook, "main", sha, delivery)
+                await wait_run(client, orch.url, delivery, source["id"])
+                live_run, _ = await asyncio.wait_for(agent.jobs.get(), 60)
+                result["live_log_chromium"] = await browser_delays(client, orch.url, live_run, agent)
     finally:
         if agent is not None:
             await agent.stop()
@@ -311,6 +364,8 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=os.environ.get(
         "KICI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script works")
+    parser.add_argument("--no-browser", dest="browser", action="store_false",
+                        help="skip the live-log measurement in Chromium (/usr/bin/chromium, playwright)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.lines, args.samples, args.live_lines = 300, 5_000, 3, 10

@@ -39,4 +39,4 @@ def test_dashboard_bench_runs() -> None:
     result = run_bench(str(BENCH / "dashboard.py"), "--quick")
     sqlite = result["sqlite"]
     assert sqlite["runs_page"]["newest"]["samples"] == 3 and sqlite["run_page"]["last_page"]["bytes"] > 0
-    assert sqlite["live_log"]["lines"] == 10
+    assert sqlite["live_log"]["lines"] == sqlite["live_log_chromium"]["lines"] == 10
