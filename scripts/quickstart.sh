@@ -4,7 +4,8 @@
 #     run local;
 #  2. the real thing on the embedded default (SQLite, no configuration): an orchestrator and an agent are
 #     started, the repository is registered as a `git` source with its post-commit hook, a commit starts
-#     a run, and `kici-admin runs watch` shows it live until it succeeds.
+#     a run, and `kici-admin runs watch` shows it live until it succeeds. The web dashboard's URL and the
+#     token to sign in with are printed (open it while the run goes on).
 # Unattended. Everything it started is stopped and the temporary directory removed when it ends (also on
 # Ctrl-C) — unless `--keep` is given: then orchestrator and agent keep running and it prints how to use
 # and stop them.
@@ -113,6 +114,7 @@ for _ in $(seq 1 300); do
 done
 ready || { echo "the orchestrator did not become ready"; cat "$demo/orchestrator.log"; exit 1; }
 echo "orchestrator ready at $url"
+echo "Dashboard: $url/  (sign in with the token $admin_token)"
 export KICI_ADMIN_URL="$url" KICI_ADMIN_TOKEN="$admin_token"
 ADMIN="$BIN/kici-admin"
 
@@ -154,6 +156,9 @@ step "kici-admin runs watch $run_id"
 "$ADMIN" runs jobs "$run_id"
 
 step "done"
+echo "Dashboard: $url/runs/$run_id — sign in at $url/login with the token:"
+echo "  $admin_token"
+echo "  (an owner token; \`kici-admin token create --name NAME --role viewer\` makes read-only ones for a team)"
 echo "The orchestrator's API is at $url/api/v1/admin (schema: $url/openapi.json), e.g.:"
 echo "  KICI_ADMIN_URL=$url KICI_ADMIN_TOKEN=$admin_token $ADMIN runs list"
 echo "  curl -H 'Authorization: Bearer $admin_token' $url/api/v1/admin/runs"
@@ -161,6 +166,7 @@ echo "Metrics: $url/metrics    Health: $url/health"
 if $keep; then
   trap - EXIT
   echo
+  echo "The dashboard stays up at $url/ (token above)."
   echo "Still running (--keep): orchestrator pid ${pids[0]}, agent pid ${pids[1]}; sample repository $demo/repo."
   echo "Commit in $demo/repo to start more runs. Stop everything with:"
   echo "  kill ${pids[0]} ${pids[1]} && rm -rf $demo"

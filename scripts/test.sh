@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv if missing, installs KiCI with its test extras, then runs ruff, mypy (strict on engine/,
-# orchestrator/, admin/ and agent/) and the whole pytest suite. Extra arguments go to pytest.
+# orchestrator/, admin/ and agent/) and the whole pytest suite. Extra arguments go to pytest. Installs the
+# distribution's Chromium (apt-get, when root) if /usr/bin/chromium is missing, for the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
@@ -10,6 +11,17 @@ echo "== ruff"
 .venv/bin/ruff check src tests bench
 echo "== mypy (strict: engine, orchestrator, admin, agent)"
 .venv/bin/mypy
+# The dashboard's browser tests (tests/browser) drive the distribution's Chromium, never a downloaded one.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "== /usr/bin/chromium is missing: installing the distribution's chromium (apt-get) for the browser tests"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    else
+        echo "== /usr/bin/chromium is missing and this is not root with apt-get: install the 'chromium' package," \
+             "or the browser tests (tests/browser) fail" >&2
+    fi
+fi
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"

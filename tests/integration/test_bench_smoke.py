@@ -38,3 +38,8 @@ def test_dispatch_bench_runs() -> None:
 def test_report_latency_bench_runs() -> None:
     result = run_bench(str(BENCH / "report_latency.py"), "--seconds", "1")
     assert result["jobs"] == 20 and result["lost"] == 0 and result["latency_ms"]["median"] > 0
+def test_dashboard_bench_runs() -> None:
+    result = run_bench(str(BENCH / "dashboard.py"), "--quick")
+    sqlite = result["sqlite"]
+    assert sqlite["runs_page"]["newest"]["samples"] == 3 and sqlite["run_page"]["last_page"]["bytes"] > 0
+    assert sqlite["live_log"]["lines"] == sqlite["live_log_chromium"]["lines"] == 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import shutil
@@ -197,6 +198,29 @@ def test_runs(orchestrator: Orchestrator) -> None:
     )
     bad = kici_admin("runs", "list", "--status", "done", url=url)
     assert "unknown run status 'done'" in one_line_error(bad, 1)
+
+
+def test_runs_list_filters_and_cursor_paging(orchestrator: Orchestrator) -> None:
+    url = orchestrator.url
+    made = [
+        _insert_run(orchestrator.database_url, workflow="paged", repo="acme/paged", sha=f"{i:x}" * 40, branch="dev",
+                    created_at=dt.datetime(2026, 11, 1, 8, i, tzinfo=dt.UTC))[0]
+        for i in range(5)
+    ]
+    newest_first = made[::-1]
+    first = kici_admin("runs", "list", "--workflow", "paged", "--branch", "dev", "--limit", "2", "--json", url=url)
+    assert [r["id"] for r in json.loads(ok(first))] == newest_first[:2]
+    hint = first.stderr.strip()
+    assert hint.startswith("More runs: kici-admin runs list --before ")
+    cursor = hint.split("--before ")[1].split()[0]
+    second = kici_admin("runs", "list", "--workflow", "paged", "--before", cursor, "--limit", "2", "--json", url=url)
+    assert [r["id"] for r in json.loads(ok(second))] == newest_first[2:4]
+    by_sha = json.loads(ok(kici_admin("runs", "list", "--sha", "3333333", "--json", url=url)))
+    assert [r["id"] for r in by_sha] == [made[3]]
+    assert "No runs." in ok(kici_admin("runs", "list", "--workflow", "paged", "--branch", "main", url=url))
+    assert "No runs." in ok(kici_admin("runs", "list", "--workflow", "paged", "--trigger", "pr", url=url))
+    bad = kici_admin("runs", "list", "--before", "nonsense", url=url)
+    assert "before (query)" in one_line_error(bad, 1)
 
 
 def test_connection_and_usage_errors(orchestrator: Orchestrator, tmp_path: Path) -> None:

@@ -85,6 +85,11 @@ class AdminClient:
         """A plain-text answer (e.g. a hook script)."""
         return self._send("GET", path, json=None, params=params).text
 
+    def get_page(self, path: str, cursor_header: str, **params: Any) -> tuple[Any, str | None]:
+        """A JSON list answer and the cursor of the next page from `cursor_header` (None on the last page)."""
+        response = self._send("GET", path, json=None, params=params)
+        return response.json(), response.headers.get(cursor_header)
+
     def _send(self, method: str, path: str, *, json: Any, params: dict[str, Any] | None) -> httpx.Response:
         clean_params = {k: v for k, v in (params or {}).items() if v is not None}
         try:

@@ -25,7 +25,7 @@ from kici.admin.git_hooks import install_advice
 from kici.admin.output import duration, print_fields, print_json, print_table
 
 DEFAULT_URL = "http://127.0.0.1:4000"
-ROLES = ("owner", "admin", "auditor")
+ROLES = ("owner", "admin", "auditor", "viewer")
 
 T = TypeVar("T")
 
@@ -289,21 +289,34 @@ def _short_sha(value: Any) -> str | None:
 @click.option("--status", help="Only runs with this status (several separated by commas).")
 @click.option("--repo", help="Only runs of this repository (e.g. acme/app).")
 @click.option("--workflow", help="Only runs of this workflow.")
+@click.option("--branch", help="Only runs of this branch (a pull request's head branch).")
+@click.option("--sha", help="Only runs of this commit (a full SHA or a prefix).")
+@click.option("--source", help="Only runs from this source (name or id).")
+@click.option("--trigger", help="Only runs started by this event type (push, pr, tag, schedule, …).")
+@click.option("--before", metavar="CURSOR", help="The next page: the cursor printed after the previous page.")
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True, help="At most this many runs.")
 @json_option
-def runs_list(status: str | None, repo: str | None, workflow: str | None, limit: int, as_json: bool) -> None:
-    """List runs, newest first."""
-    found = _client().get("/runs", status=status, repo=repo, workflow=workflow, limit=limit)
+def runs_list(
+    status: str | None, repo: str | None, workflow: str | None, branch: str | None, sha: str | None,
+    source: str | None, trigger: str | None, before: str | None, limit: int, as_json: bool,
+) -> None:
+    """List runs, newest first. When more runs follow, the command that lists them is printed to stderr."""
+    found, next_cursor = _client().get_page(
+        "/runs", "X-Next-Cursor", status=status, repo=repo, workflow=workflow, branch=branch, sha=sha,
+        source=source, trigger=trigger, before=before, limit=limit,
+    )
     if as_json:
         print_json(found)
-        return
-    rows = [{**r, "sha": _short_sha(r.get("sha"))} for r in found]
-    print_table(
-        rows,
-        [("id", "id"), ("workflow", "workflow"), ("status", "status"), ("repo", "repo"), ("ref", "ref"),
-         ("sha", "sha"), ("created_at", "created")],
-        empty="No runs.",
-    )
+    else:
+        rows = [{**r, "sha": _short_sha(r.get("sha"))} for r in found]
+        print_table(
+            rows,
+            [("id", "id"), ("workflow", "workflow"), ("status", "status"), ("repo", "repo"), ("ref", "ref"),
+             ("sha", "sha"), ("created_at", "created")],
+            empty="No runs.",
+        )
+    if next_cursor:
+        click.echo(f"More runs: kici-admin runs list --before {next_cursor} (with the same filters)", err=True)
 
 
 @runs.command("show")

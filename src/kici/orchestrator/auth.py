@@ -79,9 +79,17 @@ ROLE_PERMISSIONS: Mapping[AdminRole, frozenset[Permission]] = {
             Permission.REPORTS_READ,
         }
     ),
+    AdminRole.VIEWER: frozenset(
+        {
+            Permission.RUNS_READ,
+            Permission.QUEUE_READ,
+            Permission.AGENTS_READ,
+        }
+    ),
 }
 """owner: everything. admin: everything but owner-token management and key rotation. auditor: read-only
-(no token listings: who holds which credential is not an auditor's business here)."""
+(no token listings: who holds which credential is not an auditor's business here). viewer: what a team's
+developers need on the dashboard — runs, their jobs and logs, agents, the queue — and nothing else."""
 
 
 def permissions_of(role: AdminRole | str) -> frozenset[Permission]:

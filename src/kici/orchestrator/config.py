@@ -149,6 +149,19 @@ class Settings(BaseModel):
         "`<data dir>/bootstrap-admin-token` (mode 0600) and printed once to the terminal.",
     )
 
+    # -- dashboard --------------------------------------------------------------------------------
+    dashboard_public: bool = Field(
+        default=False,
+        description="Let anyone who can reach the orchestrator read the dashboard without signing in, with the "
+        "`viewer` role's rights (runs, jobs, logs, agents, queue) in the default org — for open-source "
+        "projects. Actions (cancel, rerun) still need a signed-in role that may do them.",
+    )
+    dashboard_session_ttl_seconds: int = Field(
+        default=43_200, ge=60,
+        description="How long a dashboard sign-in lasts before the admin token must be entered again. Signing "
+        "out or revoking the token ends a session at once.",
+    )
+
     # -- operation --------------------------------------------------------------------------------
     dev: bool = Field(
         default=False, description="Development mode: an unknown `KICI_*` variable only warns instead of "

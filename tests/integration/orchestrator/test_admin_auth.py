@@ -29,7 +29,7 @@ from kici.orchestrator.store.sources import create_source
 from .conftest import WORKFLOW_SPEC, insert_job, insert_run
 
 API = "/api/v1/admin"
-ROLES = [AdminRole.OWNER, AdminRole.ADMIN, AdminRole.AUDITOR]
+ROLES = list(AdminRole)
 SECRET_KEY = os.urandom(32)
 
 
@@ -200,8 +200,10 @@ def test_matrix_covers_every_admin_route(tmp_path: Path) -> None:
 
 
 def test_role_table() -> None:
-    owner, admin, auditor = (ROLE_PERMISSIONS[r] for r in ROLES)
+    owner, admin, auditor, viewer = (ROLE_PERMISSIONS[r] for r in ROLES)
     assert owner == frozenset(Permission)
+    assert viewer == {Permission.RUNS_READ, Permission.QUEUE_READ, Permission.AGENTS_READ}
+    assert viewer < auditor
     assert owner - admin == {Permission.TOKENS_OWNER, Permission.KEY_ROTATE}
     assert auditor < admin
     assert all(p.value.endswith(":read") for p in auditor)
@@ -275,7 +277,7 @@ async def test_validation_errors_are_one_line(admin: Admin) -> None:
     response = await admin.request(AdminRole.OWNER, "POST", "/tokens", json={"role": "root"})
     assert response.status_code == 422
     assert response.json() == {
-        "error": "invalid request: name: Field required; role: Input should be 'owner', 'admin' or 'auditor'"
+        "error": "invalid request: name: Field required; role: Input should be 'owner', 'admin', 'auditor' or 'viewer'"
     }
     bad_json = await admin.request(
         AdminRole.OWNER, "POST", "/tokens", content=b"{not json", headers={"Content-Type": "application/json"}

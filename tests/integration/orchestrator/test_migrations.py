@@ -21,16 +21,18 @@ from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.migrate import MigrationError, head_revision, migrate, migration_status
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, VERSION_TABLE, metadata
 
-from .conftest import insert_run, orchestrator_env
+from .conftest import REVISIONS, insert_run, orchestrator_env
+
+HEAD = REVISIONS[-1]
 
 
 async def test_migrate_empty_database_to_head(database_url: str) -> None:
     before = await migration_status(database_url)
     assert before.current is None and not before.up_to_date
-    assert before.pending[-1] == before.head == head_revision() == "0003"
+    assert before.pending == REVISIONS and before.head == head_revision() == HEAD
 
     result = await migrate(database_url)
-    assert (result.before, result.after, result.applied) == (None, "0003", ("0001", "0002", "0003"))
+    assert (result.before, result.after, result.applied) == (None, HEAD, REVISIONS)
 
     after = await migration_status(database_url)
     assert after.up_to_date and after.current == after.head and after.pending == ()
@@ -39,7 +41,7 @@ async def test_migrate_empty_database_to_head(database_url: str) -> None:
 async def test_migrating_twice_is_a_no_op(database_url: str) -> None:
     await migrate(database_url)
     again = await migrate(database_url)
-    assert again.applied == () and again.before == again.after == "0003"
+    assert again.applied == () and again.before == again.after == HEAD
 
 
 async def test_migrated_schema_matches_schema_module(database: Database) -> None:
@@ -145,5 +147,5 @@ def test_concurrent_migrators_do_not_collide(database_url: str, tmp_path: Path) 
                 proc.wait()
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
     applied = sorted(out.strip() for out, _ in outputs)
-    assert applied == ["applied=", "applied=0001,0002,0003"]
+    assert applied == ["applied=", "applied=" + ",".join(REVISIONS)]
 

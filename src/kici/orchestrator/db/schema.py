@@ -33,6 +33,7 @@ class AdminRole(StrEnum):
     OWNER = "owner"
     ADMIN = "admin"
     AUDITOR = "auditor"
+    VIEWER = "viewer"
 
 
 class SourceKind(StrEnum):
@@ -242,10 +243,20 @@ runs = sa.Table(
     _created_at(),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),
+    # What the runs list filters on, copied from the event at creation (the event JSON is not indexable
+    # the same way on both databases): the branch (a PR's head branch) and the event type ("trigger").
+    sa.Column("branch", sa.Text, nullable=True),
+    sa.Column("trigger", sa.Text, nullable=True),
     sa.Index(None, "org_id", "created_at"),
     sa.Index(None, "org_id", "status", "created_at"),
     sa.Index(None, "repo", "sha"),
     sa.Index(None, "delivery_id"),
+    # the runs list's filters (store.runs.find_runs): each one an index ending in the page order
+    sa.Index(None, "org_id", "workflow", "created_at"),
+    sa.Index(None, "org_id", "repo", "created_at"),
+    sa.Index(None, "org_id", "branch", "created_at"),
+    sa.Index(None, "org_id", "source_id", "created_at"),
+    sa.Index(None, "org_id", "sha"),
     _check_in("status", RunStatus),
 )
 
@@ -350,6 +361,26 @@ git_refs = sa.Table(
     sa.Column("ref", sa.Text, primary_key=True),
     sa.Column("sha", sa.Text, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+)
+
+
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    # A dashboard sign-in: the browser holds an opaque secret (cookie); only its SHA-256 is stored. A
+    # session lives no longer than its admin token (CASCADE, and sign-ins check `revoked_at` of both).
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("token_id", sa.Text, sa.ForeignKey("admin_tokens.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_hash", sa.Text, nullable=False, unique=True),
+    _created_at(),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("client", sa.Text, nullable=True),
+    sa.Column("user_agent", sa.Text, nullable=True),
+    sa.Index(None, "token_id"),
+    sa.Index(None, "expires_at"),
 )
 
 

@@ -237,7 +237,7 @@ async def github_webhook(
         if rerun.status is not EventLogStatus.PROCESSED:
             return _filtered(delivery_id, rerun.reason)
         await ingest.runs_created(rerun.run_ids)
-        return _accepted(delivery_id, rerun.status, rerun.run_ids)
+        return _accepted(state, delivery_id, rerun.status, rerun.run_ids)
     if normalized.event is None:
         return _filtered(delivery_id, normalized.ignored_reason)
     async with ingest.http_client() as client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from kici.engine.states import RunStatus, is_terminal
@@ -22,7 +22,7 @@ from kici.orchestrator.auth import (
 )
 from kici.orchestrator.logs import log_context, log_event
 from kici.orchestrator.services import services_of
-from kici.orchestrator.store import runs
+from kici.orchestrator.store import runs, sources
 from kici.orchestrator.store.runs import JobRecord, RunRecord
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
@@ -47,10 +47,15 @@ class RunInfo(BaseModel):
     cancelled_by: str | None
     original_run_id: str | None
     parent_run_id: str | None
+    branch: str | None = Field(default=None, description="The event's branch (a PR's head branch)")
+    trigger: str | None = Field(default=None, description="The event type (`push`, `pr`, `tag`, …)")
+    cursor: str = Field(default="", description="Pass as `before` to list the runs older than this one")
 
     @classmethod
     def of(cls, run: RunRecord) -> RunInfo:
-        return cls.model_validate(run.model_dump(include=set(cls.model_fields)))
+        return cls.model_validate(
+            {**run.model_dump(include=set(cls.model_fields)), "cursor": runs.run_cursor(run)}
+        )
 
 
 class RunDetail(RunInfo):
@@ -62,7 +67,9 @@ class RunDetail(RunInfo):
 
     @classmethod
     def of(cls, run: RunRecord) -> RunDetail:
-        return cls.model_validate(run.model_dump(include=set(cls.model_fields)))
+        return cls.model_validate(
+            {**run.model_dump(include=set(cls.model_fields)), "cursor": runs.run_cursor(run)}
+        )
 
 
 class JobInfo(BaseModel):
@@ -114,21 +121,75 @@ def _statuses(value: str | None) -> list[str] | None:
     return wanted
 
 
-@router.get("/runs", summary="List runs, newest first")
+NEXT_CURSOR_HEADER = "X-Next-Cursor"
+
+
+@router.get(
+    "/runs",
+    summary="List runs, newest first",
+    description=f"Filters combine with AND. Paging: pass the last run's `cursor` (or the `{NEXT_CURSOR_HEADER}` "
+    "response header, present when there are more runs) as `before`.",
+)
 async def list_runs(
+    response: Response,
     state: State,
     principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))],
     status: Annotated[str | None, Query(description="A run status, or several separated by commas")] = None,
     repo: str | None = None,
     workflow: str | None = None,
+    branch: Annotated[str | None, Query(description="The event's branch (a PR's head branch)")] = None,
+    sha: Annotated[str | None, Query(description="A commit SHA or a prefix of one (hex)")] = None,
+    source: Annotated[str | None, Query(description="A source's name or id")] = None,
+    trigger: Annotated[str | None, Query(description="The event type: push, pr, tag, schedule, …")] = None,
+    before: Annotated[str | None, Query(description="Cursor: runs older than the run it came from")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
 ) -> list[RunInfo]:
-    statuses = _statuses(status)
+    page = await find_runs_page(
+        state, principal.token.org_id, RunQuery(status=status, repo=repo, workflow=workflow, branch=branch,
+                                                sha=sha, source=source, trigger=trigger, before=before, limit=limit)
+    )
+    if page.next is not None:
+        response.headers[NEXT_CURSOR_HEADER] = page.next
+    return [RunInfo.of(r) for r in page.runs]
+
+
+class RunQuery(BaseModel):
+    """The runs list's query parameters, as the REST route and the dashboard's runs page take them."""
+
+    status: str | None = None
+    repo: str | None = None
+    workflow: str | None = None
+    branch: str | None = None
+    sha: str | None = None
+    source: str | None = None
+    trigger: str | None = None
+    before: str | None = None
+    limit: int = 50
+
+
+async def find_runs_page(state: AppState, org_id: str, query: RunQuery) -> runs.RunPage:
+    """One page of the runs list (the REST route and the dashboard both call this). Bad values are
+    `AdminError(422)` naming the parameter. `source` is a source name, else taken as a source id."""
+
+    def blank(value: str | None) -> str | None:
+        return value.strip() if value is not None and value.strip() else None
+
+    statuses = _statuses(query.status)
+    source_id = blank(query.source)
     async with state.database.read() as conn:
-        found = await runs.list_runs(
-            conn, org_id=principal.token.org_id, status=statuses, repo=repo, workflow=workflow, limit=limit
+        if source_id is not None:
+            named = await sources.get_source_by_name(conn, org_id, source_id)
+            source_id = named.id if named is not None else source_id
+        where = runs.RunFilter(
+            status=statuses, repo=blank(query.repo), workflow=blank(query.workflow), branch=blank(query.branch),
+            sha=blank(query.sha), source_id=source_id, trigger=blank(query.trigger),
         )
-    return [RunInfo.of(r) for r in found]
+        try:
+            return await runs.find_runs(conn, org_id=org_id, where=where, limit=query.limit, before=blank(query.before))
+        except runs.BadCursor as exc:
+            raise AdminError(422, f"invalid request: before (query): {exc}") from None
+        except ValueError as exc:
+            raise AdminError(422, f"invalid request: sha (query): {exc}") from None
 
 
 async def _run(state: AppState, principal: Principal, run_id: str) -> RunRecord:

@@ -44,7 +44,7 @@ def _clean_name(value: str) -> str:
 
 class AdminTokenCreate(BaseModel):
     name: str = NAME_FIELD
-    role: AdminRole = Field(description="owner, admin or auditor; only owners may create owner tokens")
+    role: AdminRole = Field(description="owner, admin, auditor or viewer; only owners may create owner tokens")
 
     _name = field_validator("name")(_clean_name)
 

@@ -280,6 +280,95 @@ class FilesystemLogStorage:
     def close(self) -> None:
         self._writer.close()
 
+    # -- random access for the dashboard (a 200,000-line log is shown a page at a time) ---------------
+
+    async def line_count(self, run_id: str, job_id: str) -> int:
+        """Lines stored so far (0 when none)."""
+        path = self._path(run_id, job_id)
+        await asyncio.to_thread(self._writer.barrier)
+        last = await asyncio.to_thread(_last_record, path)
+        return 0 if last is None else int(last.get("n", 1)) - 1 + len(last.get("lines", []))
+
+    async def seek_line(self, run_id: str, job_id: str, n: int) -> int:
+        """A cursor (for `read`'s `after`) at the chunk holding line `n`, found by bisecting the file on
+        byte offsets (records are in line order), so the cost does not grow with the log's length."""
+        path = self._path(run_id, job_id)
+        await asyncio.to_thread(self._writer.barrier)
+        return await asyncio.to_thread(_seek_line, path, n)
+
+    async def search(self, run_id: str, job_id: str, needle: str, *, limit: int = 200) -> tuple[list[LogLineOut], bool]:
+        """Lines containing `needle` (case-insensitive), first `limit`; and whether there were more."""
+        path = self._path(run_id, job_id)
+        await asyncio.to_thread(self._writer.barrier)
+        return await asyncio.to_thread(_search, path, needle.casefold(), limit)
+
+
+def _record_at(handle: BinaryIO, offset: int) -> tuple[int, dict[str, Any]] | None:
+    """The first complete record starting at or after byte `offset`: (its offset, the record)."""
+    handle.seek(offset)
+    if offset > 0:
+        handle.readline()  # the rest of the record `offset` fell into
+    while True:
+        start = handle.tell()
+        raw = handle.readline()
+        if not raw.endswith(b"\n"):
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            return start, record
+
+
+def _seek_line(path: Path, n: int) -> int:
+    try:
+        size = path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    with open(path, "rb") as handle:
+        low, high = 0, size  # invariant: the chunk holding line n starts at or after `low`'s record
+        best = 0
+        while low < high:
+            mid = (low + high) // 2
+            found = _record_at(handle, mid)
+            if found is None:
+                high = mid
+                continue
+            start, record = found
+            if int(record["n"]) <= n:
+                best = start
+                low = start + 1
+            else:
+                high = mid
+        return best
+
+
+def _search(path: Path, needle: str, limit: int) -> tuple[list[LogLineOut], bool]:
+    out: list[LogLineOut] = []
+    # A cheap byte prefilter on each record, where the needle appears in the JSON as it is (plain ASCII
+    # with nothing JSON escapes); other records are decoded and case-folded line by line.
+    plain = needle.isascii() and '"' not in needle and "\\" not in needle and all(c >= " " for c in needle)
+    needle_bytes = needle.encode("ascii") if plain else None
+    try:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if needle_bytes is not None and raw.isascii() and needle_bytes not in raw.lower():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                first, step = int(record["n"]), int(record["step"])
+                for i, text in enumerate(record["lines"]):
+                    if needle in str(text).casefold():
+                        if len(out) >= limit:
+                            return out, True
+                        out.append(LogLineOut(n=first + i, step=step, line=str(text)))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return out, False
+
 
 def _last_record(path: Path) -> dict[str, Any] | None:
     """The last complete record of a log file (None when there is none)."""

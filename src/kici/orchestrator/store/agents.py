@@ -75,6 +75,21 @@ async def running_job_counts(conn: AsyncConnection, agent_ids: Sequence[str] | N
     return {str(row.agent_id): int(row.n) for row in await conn.execute(query)}
 
 
+async def busy_jobs(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """Per agent id, its busy jobs (`BUSY_JOB_STATES`) as (run id, job id, job name), for the dashboard."""
+    if not agent_ids:
+        return {}
+    query = (
+        sa.select(jobs.c.agent_id, jobs.c.run_id, jobs.c.id, jobs.c.name)
+        .where(jobs.c.agent_id.in_(list(agent_ids)), jobs.c.status.in_(BUSY_JOB_STATES))
+        .order_by(jobs.c.agent_id, jobs.c.started_at)
+    )
+    found: dict[str, list[tuple[str, str, str]]] = {}
+    for row in await conn.execute(query):
+        found.setdefault(str(row.agent_id), []).append((str(row.run_id), str(row.id), str(row.name)))
+    return found
+
+
 async def register_agent(
     conn: AsyncConnection,
     *,

@@ -18,7 +18,10 @@ Rules kept by this module:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +118,10 @@ class RunRecord(_Frozen):
     """The workflow's lock-file entry (None for a run that failed before it had one)."""
     reporting: dict[str, Any] | None = None
     """Where the run is reported (`kici.orchestrator.reporting.targets`); None: nowhere."""
+    branch: str | None = None
+    """The event's branch (a PR's head branch), copied for the runs list's filter."""
+    trigger: str | None = None
+    """The event's type (`push`, `pr`, …), copied for the runs list's filter."""
 
     @property
     def finished(self) -> bool:
@@ -465,6 +472,8 @@ async def create_run(
             "workflow_spec": new.workflow.model_dump(by_alias=True, exclude_none=True, mode="json"),
             "reporting": dict(new.reporting) if new.reporting else None,
             "created_at": now,
+            "branch": new.event.branch,
+            "trigger": new.event.type,
         },
     )
     _remember_reporting(run_id, new.org_id, new.reporting)
@@ -557,6 +566,8 @@ async def create_failed_run(
             reporting=dict(reporting) if reporting else None,
             created_at=now,
             finished_at=now,
+            branch=event_json.get("branch"),
+            trigger=event_json.get("type"),
         )
     )
     _remember_reporting(run_id, org_id, reporting)
@@ -608,6 +619,90 @@ async def latest_runs_at(
         record = RunRecord.model_validate(dict(row._mapping))
         newest[record.workflow] = record
     return [newest[name] for name in sorted(newest)]
+@dataclass(frozen=True)
+class RunFilter:
+    """What the runs list (REST, CLI, dashboard) narrows on; None = any. `sha` is a full SHA or a prefix."""
+
+    status: Sequence[str] | None = None
+    repo: str | None = None
+    workflow: str | None = None
+    branch: str | None = None
+    sha: str | None = None
+    source_id: str | None = None
+    trigger: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunRecord]
+    next: str | None
+    """Cursor of the page after this one (pass as `before`); None on the last page."""
+
+
+class BadCursor(ValueError):
+    """A `before` cursor that this module did not make."""
+
+
+def run_cursor(run: RunRecord) -> str:
+    """An opaque cursor just past `run` in the newest-first order: its (created_at, id), base64url."""
+    raw = json.dumps([run.created_at.astimezone(dt.UTC).isoformat(), run.id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, run_id = json.loads(raw)
+        at = dt.datetime.fromisoformat(created)
+        if at.tzinfo is None or not isinstance(run_id, str):
+            raise ValueError
+    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
+        raise BadCursor(f"not a runs cursor: {cursor[:40]!r}") from None
+    return at, run_id
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+async def find_runs(
+    conn: AsyncConnection,
+    *,
+    org_id: str = DEFAULT_ORG_ID,
+    where: RunFilter = RunFilter(),
+    limit: int = 50,
+    before: str | None = None,
+) -> RunPage:
+    """One page of runs, newest first, in one query: each filter has an index ending in `created_at`, and
+    the cursor is keyset paging on (created_at, id), so a page deep in history costs what the first does.
+    Raises `BadCursor` for a cursor not made by `run_cursor` and `ValueError` for a `sha` that is not hex."""
+    query = sa.select(runs).where(runs.c.org_id == org_id)
+    if where.status:
+        query = query.where(runs.c.status.in_(list(where.status)))
+    for column, value in (
+        (runs.c.repo, where.repo),
+        (runs.c.workflow, where.workflow),
+        (runs.c.branch, where.branch),
+        (runs.c.source_id, where.source_id),
+        (runs.c.trigger, where.trigger),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if where.sha is not None:
+        sha = where.sha.lower()
+        if not sha or not set(sha) <= _HEX:
+            raise ValueError(f"not a commit SHA or SHA prefix: {where.sha!r}")
+        # a prefix as a range, which the (org_id, sha) index serves on both databases (LIKE would not)
+        query = query.where(runs.c.sha == sha) if len(sha) >= 40 else query.where(
+            runs.c.sha >= sha, runs.c.sha < sha + "g"
+        )
+    if before is not None:
+        at, run_id = _decode_cursor(before)
+        query = query.where(sa.or_(runs.c.created_at < at, sa.and_(runs.c.created_at == at, runs.c.id < run_id)))
+    query = query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(max(0, limit) + 1)
+    found = [RunRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
+    more = len(found) > limit
+    found = found[:limit]
+    return RunPage(runs=found, next=run_cursor(found[-1]) if more and found else None)
 
 
 def _job(row: Any) -> JobRecord:
@@ -765,6 +860,11 @@ async def _needs_edges(conn: AsyncConnection, run_id: str) -> dict[str, list[tup
         edges.setdefault(need.job_name, []).append((need.upstream_name, list(need.run_on)))
     _remember_edges(run_id, edges)
     return edges
+
+
+async def list_needs(conn: AsyncConnection, run_id: str) -> dict[str, list[str]]:
+    """A run's needs edges for display: planned job name → the lock job names it waits for."""
+    return {name: [upstream for upstream, _ in ups] for name, ups in (await _needs_edges(conn, run_id)).items()}
 
 
 def _remember_edges(run_id: str, edges: dict[str, list[tuple[str, list[str]]]]) -> None:
