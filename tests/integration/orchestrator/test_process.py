@@ -229,7 +229,7 @@ def test_auto_migrate_false_waits_for_migrations(start_orchestrator: StartOrches
     orchestrator = start_orchestrator({"KICI_DATA_DIR": str(tmp_path / "d"), "KICI_AUTO_MIGRATE": "false"})
     try:
         pending = orchestrator.wait_for_event("db.migrations_pending")
-        assert pending["pending"] == ["0001", "0002"]
+        assert pending["pending"] == ["0001", "0002", "0005"]
         ready = get(orchestrator.url, "/ready")
         assert ready.status_code == 503 and "kici-orchestrator migrate" in ready.json()["reason"]
         migrate = subprocess.run(
