@@ -47,7 +47,7 @@ from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import AgentSlot, Claim
-from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult
+from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult, Superseded
 from kici.orchestrator.store.sources import Source, get_source
 
 SOURCE_CACHE_S = 10.0
@@ -106,6 +106,7 @@ class Dispatcher:
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
         registry.listener = self
         ingest.on_runs_created = self.runs_created
+        ingest.on_superseded = self.cancel_superseded
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -394,6 +395,12 @@ class Dispatcher:
     async def cancel_jobs(self, run_id: str, running: Iterable[tuple[str, str]], *, reason: str, force: bool) -> None:
         for job_id, agent_id in running:
             await self.send_cancel(agent_id, run_id, job_id, reason=reason, force=force)
+
+    async def cancel_superseded(self, superseded: Iterable[Superseded]) -> None:
+        """Tell the agents of runs a new run cancelled (`cancel_in_progress`) to stop their jobs."""
+        for old in superseded:
+            log_event("run.superseded", run_id=old.run_id, reason=old.reason)
+            await self.cancel_jobs(old.run_id, old.running, reason=old.reason, force=False)
 
     # -- agent messages ----------------------------------------------------------------------------
 

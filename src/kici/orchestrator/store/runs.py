@@ -723,6 +723,21 @@ async def list_steps(conn: AsyncConnection, job_id: str) -> list[StepRecord]:
     return [StepRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
 
 
+async def list_run_steps(conn: AsyncConnection, run_id: str) -> dict[str, list[StepRecord]]:
+    """Every step of every job of the run, in one query: job id → its steps in order."""
+    query = (
+        sa.select(steps)
+        .join(jobs, jobs.c.id == steps.c.job_id)
+        .where(jobs.c.run_id == run_id)
+        .order_by(steps.c.job_id, steps.c.step_index)
+    )
+    found: dict[str, list[StepRecord]] = {}
+    for row in await conn.execute(query):
+        record = StepRecord.model_validate(dict(row._mapping))
+        found.setdefault(record.job_id, []).append(record)
+    return found
+
+
 # -- tracking ----------------------------------------------------------------------------------------
 
 
