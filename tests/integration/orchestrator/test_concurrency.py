@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
+from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 
 from .dispatch_harness import Orchestrator, SimAgent, serve_orchestrator, until, workflow
@@ -179,3 +182,22 @@ async def test_concurrency_max(database: Database, tmp_path: Path) -> None:
         await finish(agent, first_two[0])
         [*_, fourth] = await agent.wait_for("job.dispatch", 4)
         assert fourth["run_id"] == created[3].run_id
+
+
+async def test_reconcile_sweep_admits_a_waiter_left_behind(database: Database, tmp_path: Path) -> None:
+    """A release that found the next waiting run's row locked by another transaction leaves it waiting with
+    a free place; the sweep admits it on its next tick."""
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=2) as agent:
+        await agent.connect()
+        wf = workflow([{"name": "build"}], concurrency={"group": "left-behind"})
+        first = await orch.create_run(wf)
+        second = await orch.create_run(wf)
+        assert second.waiting == "concurrency: left-behind"
+        await agent.wait_for("job.dispatch")
+        # what such a release leaves: the holder's place released, nobody admitted
+        async with database.transaction() as conn:
+            await conn.execute(
+                sa.update(schema.runs).where(schema.runs.c.id == first.run_id).values(concurrency_state="released")
+            )
+        [_, dispatch] = await agent.wait_for("job.dispatch", 2)
+        assert dispatch["run_id"] == second.run_id
