@@ -4,13 +4,16 @@ and what the admin API shows while a run or job waits."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from kici.engine.events import Event
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.store import runs as run_store
 
 from .dispatch_harness import Orchestrator, SimAgent, serve_orchestrator, until, workflow
 
@@ -201,3 +204,71 @@ async def test_reconcile_sweep_admits_a_waiter_left_behind(database: Database, t
             )
         [_, dispatch] = await agent.wait_for("job.dispatch", 2)
         assert dispatch["run_id"] == second.run_id
+
+
+async def test_group_stays_exact_with_two_orchestrators(database: Database, database_url: str) -> None:
+    """Two orchestrators' engines on one database create runs of one group at the same time, finish the
+    holders and cancel waiting runs concurrently: never more than one run holds the group, and runs are
+    admitted in creation order (the cancelled ones skipped)."""
+    other = Database.connect(database_url)
+    engines = [database, other]
+    wf = workflow([{"name": "build"}, {"name": "deploy", "needs": [{"name": "build"}], "concurrencyGroup": "env"}],
+                  concurrency={"group": "race"})
+
+    async def create(db: Database) -> str:
+        async with db.transaction() as conn:
+            created = await run_store.create_run(conn, run_store.NewRun(
+                org_id="default", workflow=wf, event=Event(type="push", branch="main", sha="f" * 40, repo="acme/x"),
+                repo="acme/x", ref="refs/heads/main", sha="f" * 40, lock_content_hash=None, delivery_id=None,
+                source_id=None), queue_max_depth=1000, queue_timeout_ms=0)
+        return created.run_id
+
+    async def holders() -> list[str]:
+        async with database.read() as conn:
+            rows = await conn.execute(sa.select(schema.runs.c.id).where(
+                schema.runs.c.concurrency_state == "holding"))
+            return [str(r) for r in rows.scalars()]
+
+    async def finish_run(db: Database, run_id: str) -> None:
+        for name in ("build", "deploy"):
+            async with db.read() as conn:
+                job = next(j for j in await run_store.list_jobs(conn, run_id) if j.name == name)
+            for state in ("running", "success"):
+                async with db.transaction() as conn:
+                    assert await run_store.record_job_state(conn, job.id, state=state, agent_id=None) is not None
+
+    async def cancel(db: Database, run_id: str) -> None:
+        async with db.transaction() as conn:
+            await run_store.cancel_run(conn, run_id, by="test", force=False)
+
+    try:
+        run_ids = await asyncio.gather(*(create(engines[i % 2]) for i in range(10)))
+        async with database.read() as conn:
+            created_at = {r: (await run_store.get_run(conn, r)).created_at for r in run_ids}  # type: ignore[union-attr]
+        by_age = sorted(run_ids, key=lambda r: (created_at[r], r))
+        cancelled = {by_age[3], by_age[6]}
+        admitted: list[str] = []
+        round_ = 0
+        while True:
+            found = await holders()
+            assert len(found) <= 1, found
+            if not found:
+                break
+            admitted.append(found[0])
+            work = [finish_run(engines[round_ % 2], found[0])]
+            # a waiting run is cancelled by the other orchestrator while the holder finishes
+            doomed = [r for r in by_age if r in cancelled and created_at[r] > created_at[found[0]]]
+            if doomed:
+                work.append(cancel(engines[(round_ + 1) % 2], doomed[0]))
+                cancelled.discard(doomed[0])
+                cancelled.add(f"done:{doomed[0]}")
+            await asyncio.gather(*work)
+            round_ += 1
+        done = {c.removeprefix("done:") for c in cancelled}
+        assert admitted == [r for r in by_age if r not in done]
+        async with database.read() as conn:
+            statuses = {r: (await run_store.get_run(conn, r)).status for r in run_ids}  # type: ignore[union-attr]
+        assert {r for r, s in statuses.items() if s == "cancelled"} == done
+        assert all(s == "success" for r, s in statuses.items() if r not in done)
+    finally:
+        await other.close()
