@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from kici.engine.events import Event
@@ -272,3 +273,16 @@ async def test_group_stays_exact_with_two_orchestrators(database: Database, data
         assert all(s == "success" for r, s in statuses.items() if r not in done)
     finally:
         await other.close()
+
+
+async def test_group_expression_that_fails_writes_nothing(database: Database) -> None:
+    wf = workflow([{"name": "build"}],
+                  concurrency={"group": {"_type": "inline", "expression": 'lambda event: event.inputs["env"]'}})
+    new = run_store.NewRun(
+        org_id="default", workflow=wf, event=Event(type="push", branch="main", sha="e" * 40, repo="acme/y"),
+        repo="acme/y", ref="refs/heads/main", sha="e" * 40, lock_content_hash=None, delivery_id=None, source_id=None)
+    with pytest.raises(ValueError, match=r"workflow 'ci': concurrency group: .*env"):
+        async with database.transaction() as conn:
+            await run_store.create_run(conn, new, queue_max_depth=10, queue_timeout_ms=0)
+    async with database.read() as conn:
+        assert await run_store.list_runs(conn, repo="acme/y") == []
