@@ -14,6 +14,10 @@ Rules kept by this module:
   everywhere (a claim, which locks no run, takes queue row → job), so these writers cannot deadlock.
 - `settle_run` is the only place that enqueues dependents, skips them and finishes a run; it recomputes
   everything from the database, so calling it again (or after a restart) is harmless.
+- Concurrency groups (`store.concurrency`) are entered and left inside `settle_run` too: a run or job
+  that ends leaves its group and the next waiting member is admitted in the same transaction. Their lock
+  (one per organization) is taken after the run's row; while it is held, other runs' rows are only taken
+  with SKIP LOCKED, so the order run rows → concurrency lock holds everywhere.
 """
 
 from __future__ import annotations
