@@ -12,7 +12,7 @@ from .conftest import WORKFLOW_HEADER, System, wait_for
 # ends it: its last note is (within 50 ms) when it died. Pure Python, no child processes: the kill
 # sends SIGTERM to anything the step forks during the grace period too.
 STUBBORN = """\
-import pathlib, signal, sys, time
+import os, pathlib, signal, sys, time
 
 marks, name = pathlib.Path(sys.argv[1]), sys.argv[2]
 
@@ -24,8 +24,9 @@ def on_term(*_: object) -> None:
 
 signal.signal(signal.SIGTERM, on_term)
 print("started", flush=True)
-while True:
-    (marks / f"{name}.alive").write_text(str(time.time()))
+while True:  # written aside and renamed: a SIGKILL never leaves a half-written note
+    (marks / f"{name}.alive.tmp").write_text(str(time.time()))
+    os.replace(marks / f"{name}.alive.tmp", marks / f"{name}.alive")
     time.sleep(0.05)
 """
 
