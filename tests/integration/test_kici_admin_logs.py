@@ -40,6 +40,9 @@ class Phase:
     run_status: str
     jobs: dict[str, tuple[str, int]]
     """Per job name: its status and how many of its lines exist by now."""
+    times: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per job name: timestamps the job list reports (`started_at`, `finished_at`, …)."""
+    wait_reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Script:
     """Per job name, every (step, text) it will log."""
     phases: list[Phase]
     failure_reason: str | None = None
+    steps: dict[str, list[str]] = field(default_factory=lambda: {
+        "build": ["compile", "package"], "test": ["pytest"], "test-unit": ["pytest"]})
+    """Per job name, its step names by index (what `GET runs/{id}/jobs` reports with each job)."""
     phase: int = -1
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -75,7 +81,9 @@ class Script:
             {"id": job_id, "name": name, "job": name, "status": phase.jobs[name][0],
              "agent": "agent-7" if phase.jobs[name][0] != "queued" else None, "attempt": 1, "matrix": None,
              "error": None, "failure_category": None, "created_at": "2026-11-27T08:00:00Z", "queued_at": None,
-             "started_at": None, "finished_at": None}
+             "started_at": None, "finished_at": None, "wait_reason": phase.wait_reasons.get(name),
+             "steps": [{"index": i, "name": step} for i, step in enumerate(self.steps.get(name, []))],
+             **phase.times.get(name, {})}
             for job_id, name in self.jobs
         ]
 
@@ -230,9 +238,12 @@ def test_logs_of_every_job_in_plan_order(fake: Fake, capsys: pytest.CaptureFixtu
     code, out, err = kici_admin(fake, "runs", "logs", RUN, capsys=capsys, monkeypatch=monkeypatch)
     assert (code, err) == (0, "")
     assert out.splitlines() == [
+        "build     | ── setup ──",
         "build     | checking out acme/app",
+        "build     | ── step 1: compile ──",
         "build     | compiling",
         "build     | compiled 12 files",
+        "test-unit | ── step 1: pytest ──",
         "test-unit | collected 3 tests",
         "test-unit | 3 passed",
     ]
@@ -248,7 +259,7 @@ def test_logs_of_one_job_have_no_prefix(fake: Fake, capsys: pytest.CaptureFixtur
     for selector in ("test-unit", "job-t"):
         code, out, _ = kici_admin(fake, "runs", "logs", RUN, "--job", selector, capsys=capsys,
                                   monkeypatch=monkeypatch)
-        assert (code, out) == (0, "collected 3 tests\n3 passed\n")
+        assert (code, out) == (0, "── step 1: pytest ──\ncollected 3 tests\n3 passed\n")
     code, out, err = kici_admin(fake, "runs", "logs", RUN, "--job", "deploy", capsys=capsys, monkeypatch=monkeypatch)
     assert (code, out) == (1, "")
     assert err == f"kici-admin: error: run {RUN} has no job 'deploy' (its jobs: build, test-unit)\n"
@@ -263,11 +274,15 @@ def test_logs_follow_until_the_run_finished_and_logs_are_complete(
     code, out, err = kici_admin(fake, "runs", "logs", RUN, "--follow", capsys=capsys, monkeypatch=monkeypatch)
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "build | checking out",  # round 1
-        "build | compiling",  # round 2
+        "build | ── setup ──",  # round 1
+        "build | checking out",
+        "build | ── step 1: compile ──",  # round 2
+        "build | compiling",
         "build | linking",
+        "test  | ── step 1: pytest ──",
         "test  | collected 2 tests",
-        "build | packaging",  # round 3: the run is finished, the last lines are still read
+        "build | ── step 2: package ──",  # round 3: the run is finished, the last lines are still read
+        "build | packaging",
         "build | done",
         "test  | test_a ok",
         "test  | test_b ok",
@@ -299,6 +314,7 @@ def test_follow_ctrl_c_exits_130(fake: Fake) -> None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
+        assert proc.stdout.readline() == "── step 1: compile ──\n"
         assert proc.stdout.readline() == "started, never finishing\n"
         time.sleep(0.3)  # inside the poll loop: asleep or mid-request
         proc.send_signal(signal.SIGINT)
@@ -321,11 +337,15 @@ def test_watch_shows_status_changes_lines_and_a_summary(fake: Fake, capsys: pyte
         f"Run {RUN} (ci on acme/app refs/heads/main): running",
         "== build running on agent-7",
         "== test  queued",
+        "build | ── setup ──",
         "build | checking out",
         "== test  running on agent-7",
+        "build | ── step 1: compile ──",
         "build | compiling",
         "build | linking",
+        "test  | ── step 1: pytest ──",
         "test  | collected 2 tests",
+        "build | ── step 2: package ──",
         "build | packaging",
         "build | done",
         "test  | test_a ok",
@@ -333,6 +353,57 @@ def test_watch_shows_status_changes_lines_and_a_summary(fake: Fake, capsys: pyte
         "== build success",
         "== test  success",
         f"Run {RUN} success in 1m05s (jobs: 2 success)",
+    ]
+
+
+def late_script() -> Script:
+    """A watch attached late: `build` finished and `lint` started before the first look (lint started
+    after build finished), `test` waits for its concurrency group; then lint finishes, after which test
+    starts and finishes."""
+    at = "2026-11-27T08:00:{:02d}Z".format
+    build = {"started_at": at(1), "finished_at": at(10)}
+    lint_running = {"started_at": at(11)}
+    return Script(
+        jobs=[("job-b", "build"), ("job-l", "lint"), ("job-t", "test")],
+        lines={"build": [(0, "compiled")], "lint": [(0, "linted")], "test": [(0, "tested")]},
+        steps={"build": ["compile"], "lint": ["ruff"], "test": ["pytest"]},
+        phases=[
+            Phase("running", {"build": ("success", 1), "lint": ("running", 1), "test": ("waiting", 0)},
+                  times={"build": build, "lint": lint_running}, wait_reasons={"test": "concurrency: prod"}),
+            # one round later test started (08:00:21) *after* lint finished (08:00:20): both changes
+            # come in the same round and must print in the order they happened, not in plan order
+            Phase("running", {"build": ("success", 1), "lint": ("success", 1), "test": ("running", 0)},
+                  times={"build": build, "lint": {**lint_running, "finished_at": at(20)},
+                         "test": {"started_at": at(21)}}),
+            Phase("success", {"build": ("success", 1), "lint": ("success", 1), "test": ("success", 1)},
+                  times={"build": build, "lint": {**lint_running, "finished_at": at(20)},
+                         "test": {"started_at": at(21), "finished_at": at(30)}}),
+        ],
+    )
+
+
+def test_watch_attached_late_prints_states_in_order(fake: Fake, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.load(late_script())
+    code, out, err = kici_admin(fake, "runs", "watch", RUN, capsys=capsys, monkeypatch=monkeypatch)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"Run {RUN} (ci on acme/app refs/heads/main): running",
+        # attach: the state of every job, in plan order (before the fix a finished job came last)
+        "== build success",
+        "== lint  running on agent-7",
+        "== test  waiting (concurrency: prod)",
+        "build | ── step 1: compile ──",
+        "build | compiled",
+        "lint  | ── step 1: ruff ──",
+        "lint  | linted",
+        # then changes in the order they happened: lint ended before test started
+        "== lint  success",
+        "== test  running on agent-7",
+        "test  | ── step 1: pytest ──",
+        "test  | tested",
+        "== test  success",
+        f"Run {RUN} success in 1m05s (jobs: 3 success)",
     ]
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import click
 
 from kici.admin.client import AdminClient, AdminCLIError
-from kici.admin.output import duration
+from kici.admin.output import duration, status_text
 
 POLL_INTERVAL_S = 0.5
 PAGE_SIZE = 1000
@@ -46,6 +46,13 @@ class JobLog:
     agent: str | None = None
     after: int = 0
     complete: bool = False
+    index: int = 0
+    """Position in the run's plan order."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """The job as the API last answered it (times, wait reason, steps)."""
+
+    def step_name(self, index: int) -> str | None:
+        return next((str(s.get("name")) for s in self.info.get("steps") or [] if s.get("index") == index), None)
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,12 @@ class RunLogs:
             listed = chosen
         known = {j.id: j for j in self.jobs}
         jobs = []
-        for item in listed:
+        for index, item in enumerate(listed):
             job = known.get(str(item["id"])) or JobLog(id=str(item["id"]), name=str(item["name"]), status="")
             job.status = str(item.get("status"))
             job.agent = item.get("agent")
+            job.index = index
+            job.info = item
             jobs.append(job)
         self.jobs = jobs
         return jobs
@@ -110,11 +119,19 @@ class RunLogs:
         return all(j.complete for j in self.jobs)
 
 
+SETUP_STEP = -1
+"""The step index of a job's setup output (clone, drift check)."""
+
+
 class LinePrinter:
-    """Prints log lines; prefixed by the job's name (padded to the longest) when several jobs are shown."""
+    """Prints log lines; prefixed by the job's name (padded to the longest) when several jobs are shown.
+    A header line (`── step 2: test ──`; steps numbered from 1) goes before the first line of each step of
+    a job, and again when another step's lines came in between."""
 
     def __init__(self, logs: RunLogs) -> None:
         self.logs = logs
+        self.current: dict[str, int] = {}
+        """Job id → the step whose lines it printed last."""
 
     def prefix(self, job: JobLog) -> str:
         if len(self.logs.jobs) < 2:
@@ -122,8 +139,18 @@ class LinePrinter:
         width = max(len(j.name) for j in self.logs.jobs)
         return f"{job.name:<{width}} | "
 
+    def header(self, job: JobLog, step: int) -> str:
+        if step == SETUP_STEP:
+            return "── setup ──"
+        name = job.step_name(step)
+        return f"── step {step + 1}: {name} ──" if name else f"── step {step + 1} ──"
+
     def __call__(self, line: LogLine) -> None:
-        click.echo(self.prefix(line.job) + line.line)
+        prefix = self.prefix(line.job)
+        if self.current.get(line.job.id) != line.step:
+            self.current[line.job.id] = line.step
+            click.echo(prefix + self.header(line.job, line.step))
+        click.echo(prefix + line.line)
 
 
 def print_logs(logs: RunLogs) -> None:
@@ -183,39 +210,75 @@ def _elapsed(run: dict[str, Any]) -> str | None:
     return duration((end - start).total_seconds())
 
 
+def _changed_at(job: JobLog) -> dt.datetime:
+    """When the job reached its current status, as far as the API says (for ordering changes)."""
+    info = job.info
+    if job.status not in ACTIVE_JOB_STATUSES:
+        key = "finished_at"
+    elif job.status in ("running", "recovering", "cancelling"):
+        key = "started_at"
+    elif job.status == "queued":
+        key = "queued_at"
+    else:
+        key = "created_at"
+    found = _parse_time(info.get(key)) or _parse_time(info.get("created_at"))
+    return found or dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
 class Watcher:
     """`runs watch`: the run's and its jobs' status changes, and log lines as they arrive, then one summary
-    line. A job's move to a final status is shown after the lines read in the same round, so it comes after
-    the job's last lines; every other change is shown before them."""
+    line.
+
+    Attaching (the first round) prints every job's current status in plan order, whatever happened
+    before — a watch attached late must not show a finished job after one that started after it. From
+    then on changes are printed in the order they happened (by the job's own timestamps, plan order for
+    ties). A job's move to a final status is shown after the lines read in the same round, so it comes
+    after the job's last lines — and so is every change that happened after it, to keep the order; the
+    changes before it are shown before the lines."""
 
     def __init__(self, logs: RunLogs) -> None:
         self.logs = logs
         self.lines = LinePrinter(logs)
         self.seen: dict[str, str] = {}
         self.run_status: str | None = None
+        self.deferred: list[JobLog] = []
+        """This round's changes from the first move to a final status on: shown after the round's lines."""
 
-    def _changes(self, *, final: bool) -> None:
+    def _show(self, job: JobLog, width: int) -> None:
+        self.seen[job.id] = job.status
+        on = f" on {job.agent}" if job.agent and job.status in ("running", "recovering") else ""
+        click.echo(f"== {job.name:<{width}} {status_text({**job.info, 'status': job.status})}{on}")
+
+    def _changes(self) -> None:
         width = max((len(j.name) for j in self.logs.jobs), default=0)
-        for job in self.logs.jobs:
-            if self.seen.get(job.id) == job.status or (job.status not in ACTIVE_JOB_STATUSES) != final:
-                continue
-            self.seen[job.id] = job.status
-            on = f" on {job.agent}" if job.agent and job.status in ("running", "recovering") else ""
-            click.echo(f"== {job.name:<{width}} {job.status}{on}")
+        changed = sorted(
+            (job for job in self.logs.jobs if self.seen.get(job.id) != job.status),
+            key=lambda j: (_changed_at(j), j.index),
+        )
+        first_final = next((i for i, j in enumerate(changed) if j.status not in ACTIVE_JOB_STATUSES), len(changed))
+        for job in changed[:first_final]:
+            self._show(job, width)
+        self.deferred = changed[first_final:]
 
     def before(self, run: dict[str, Any]) -> None:
         status = str(run.get("status"))
         if self.run_status is None:
             ref = f" {run['ref']}" if run.get("ref") else ""
             click.echo(f"Run {run.get('id', self.logs.run_id)} ({run.get('workflow')} on {run.get('repo')}{ref}): "
-                       f"{status}")
+                       f"{status_text(run)}")
+            width = max((len(j.name) for j in self.logs.jobs), default=0)
+            for job in self.logs.jobs:  # the state at attach time, in plan order
+                self._show(job, width)
         elif status != self.run_status and not run_finished(run):
             click.echo(f"== run {status}")  # the final status is the summary's
         self.run_status = status
-        self._changes(final=False)
+        self._changes()
 
     def after(self, _run: dict[str, Any]) -> None:
-        self._changes(final=True)
+        width = max((len(j.name) for j in self.logs.jobs), default=0)
+        for job in self.deferred:
+            self._show(job, width)
+        self.deferred = []
 
     def summary(self, run: dict[str, Any]) -> str:
         counts: dict[str, int] = {}

@@ -22,7 +22,7 @@ from kici.admin.client import DEFAULT_TIMEOUT_S, AdminClient, AdminCLIError, che
 from kici.admin.follow import RunLogs, Watcher, print_logs
 from kici.admin.follow import follow as follow_logs
 from kici.admin.git_hooks import install_advice
-from kici.admin.output import duration, print_fields, print_json, print_table
+from kici.admin.output import duration, millis_text, print_fields, print_json, print_table, status_text
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 ROLES = ("owner", "admin", "auditor", "viewer")
@@ -308,7 +308,7 @@ def runs_list(
     if as_json:
         print_json(found)
     else:
-        rows = [{**r, "sha": _short_sha(r.get("sha"))} for r in found]
+        rows = [{**r, "sha": _short_sha(r.get("sha")), "status": status_text(r)} for r in found]
         print_table(
             rows,
             [("id", "id"), ("workflow", "workflow"), ("status", "status"), ("repo", "repo"), ("ref", "ref"),
@@ -323,18 +323,38 @@ def runs_list(
 @click.argument("run_id", metavar="ID")
 @json_option
 def runs_show(run_id: str, as_json: bool) -> None:
-    """Show one run."""
+    """Show one run: its fields, then each job with its steps (status, duration) and outputs."""
     run = _client().get(f"/runs/{run_id}")
     if as_json:
         print_json(run)
         return
     print_fields(
-        run,
+        {**run, "status": status_text(run)},
         [("id", "Run"), ("workflow", "Workflow"), ("status", "Status"), ("repo", "Repository"), ("ref", "Ref"),
          ("sha", "Commit"), ("created_at", "Created"), ("started_at", "Started"), ("finished_at", "Finished"),
          ("failure_reason", "Reason"), ("cancelled_by", "Cancelled by"), ("delivery_id", "Delivery"),
          ("original_run_id", "Re-run of")],
     )
+    _print_jobs_detail(run.get("jobs") or [])
+
+
+def _print_jobs_detail(jobs: list[dict[str, Any]]) -> None:
+    """`Jobs:` then one line per job and one indented line per step (numbered from 1, as in `runs logs`)."""
+    if not jobs:
+        return
+    click.echo("\nJobs:")
+    width = max(len(str(j.get("name"))) for j in jobs)
+    for job in jobs:
+        agent = f"  on {job['agent']}" if job.get("agent") else ""
+        error = f"  {job['error']}" if job.get("error") else ""
+        click.echo(f"  {job.get('name')!s:<{width}}  {status_text(job)}{agent}{error}")
+        for step in job.get("steps") or []:
+            took = millis_text(step.get("duration_ms"))
+            step_error = f"  {step['error']}" if step.get("error") else ""
+            click.echo(f"    {int(step.get('index', 0)) + 1}. {step.get('name')}  {step.get('status')}"
+                       f"{'  ' + took if took else ''}{step_error}")
+        if job.get("outputs"):
+            click.echo(f"    outputs: {json.dumps(job['outputs'], sort_keys=True)}")
 
 
 @runs.command("jobs")
@@ -347,7 +367,7 @@ def runs_jobs(run_id: str, as_json: bool) -> None:
         print_json(found)
         return
     print_table(
-        found,
+        [{**j, "status": status_text(j)} for j in found],
         [("id", "id"), ("name", "name"), ("status", "status"), ("agent", "agent"), ("attempt", "attempt"),
          ("started_at", "started"), ("finished_at", "finished"), ("error", "error")],
         empty="No jobs.",
@@ -389,7 +409,8 @@ def _until_interrupted(action: Callable[[], T]) -> T:
 def runs_logs(run_id: str, job: str | None, follow: bool) -> None:
     """Print a run's job logs.
 
-    Every job's, in plan order, each line starting with its job's name; or only the one --job names."""
+    Every job's, in plan order, each line starting with its job's name; or only the one --job names. A
+    header line (`── step 2: test ──`, numbered from 1) starts each step's lines."""
     logs = RunLogs(_client(), run_id, job=job)
     if follow:
         _until_interrupted(lambda: follow_logs(logs))

@@ -45,6 +45,23 @@ def print_fields(obj: Mapping[str, Any], keys: Sequence[tuple[str, str]]) -> Non
         click.echo(f"{label + ':':<{width + 1}} {cell(obj.get(key))}")
 
 
+def status_text(item: Mapping[str, Any]) -> str:
+    """A run's or job's status as people read it: a run or job that waits for its concurrency group
+    shows `waiting (concurrency: <group>)` (the run's own status is `pending` meanwhile)."""
+    reason = item.get("wait_reason")
+    if reason and item.get("status") in ("pending", "waiting"):
+        return f"waiting ({reason})"
+    return str(item.get("status"))
+
+
+def millis_text(value: Any) -> str | None:
+    """A duration in milliseconds as `0.8s`, `12.3s`, or `duration()` from a minute up."""
+    if not isinstance(value, int | float):
+        return None
+    secs = value / 1000
+    return f"{secs:.1f}s" if secs < 60 else duration(secs)
+
+
 def duration(seconds: float | None) -> str | None:
     """`45s`, `3m12s`, `2h05m`, `3d04h`: two units are enough to read an age at a glance."""
     if seconds is None:

@@ -261,8 +261,18 @@ class JobManager:
     async def _cancel_runner(self, job: Job, runner: RunnerProcess) -> None:
         assert job.cancel_requested is not None
         force, reason = job.cancel_requested
-        grace = FORCE_CANCEL_GRACE_S if force else self.settings.cancel_grace_ms / 1000
-        await runner.cancel(force=force, grace=grace, reason=reason)
+        await runner.cancel(force=force, grace=self._cancel_grace(job, force=force), reason=reason)
+
+    def _cancel_grace(self, job: Job, *, force: bool) -> float:
+        """Seconds the runner gets to stop after a cancel before its whole tree is killed: the agent's
+        `cancel_grace_ms`, stretched to cover the job's `grace_period` (which the runner itself waits
+        between SIGTERM and SIGKILL of the step's commands) plus the force-kill margin."""
+        if force:
+            return FORCE_CANCEL_GRACE_S
+        grace = self.settings.cancel_grace_ms / 1000
+        if job.dispatch.grace_period_ms is not None:
+            grace = max(grace, job.dispatch.grace_period_ms / 1000 + FORCE_CANCEL_GRACE_S)
+        return grace
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -416,6 +426,7 @@ class JobManager:
             upstream_outputs=dispatch.upstream_outputs,
             expected_content_hash=dispatch.content_hash,
             job_timeout_ms=dispatch.job_timeout_ms,
+            grace_period_ms=dispatch.grace_period_ms,
             kici_dir=KICI_DIR,
             run_id=dispatch.run_id,
             job_id=dispatch.job_id,

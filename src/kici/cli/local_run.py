@@ -502,6 +502,7 @@ class LocalExecutor:
             expected_content_hash=wf.content_hash,
             default_step_timeout_ms=self.step_timeout_ms or 30 * 60 * 1000,
             job_timeout_ms=lock_job.timeout if lock_job else None,
+            grace_period_ms=lock_job.grace_period if lock_job else None,
             kici_dir=self.prepared.project.kici_rel,
             run_status=job.run_status,  # type: ignore[arg-type]
         )

@@ -210,6 +210,9 @@ class JobDispatch(Message):
     token: str | None = None
     """Clone credential (sent in an HTTP header by the agent, never on a command line)."""
     job_timeout_ms: int | None = None
+    grace_period_ms: int | None = None
+    """The job's `grace_period` (lock file): on a cancel, how long its commands get between SIGTERM and
+    SIGKILL; None → the runner's default (5 s)."""
     max_log_size_bytes: int | None = None
     attempt: int = 1
     timestamp: float

@@ -55,6 +55,9 @@ class JobSpec(_Msg):
     """Drift gate: the lock file's contentHash; the runner recomputes it and refuses to run on mismatch."""
     default_step_timeout_ms: int = 30 * 60 * 1000
     job_timeout_ms: int | None = None
+    grace_period_ms: int | None = None
+    """The job's `grace_period` from the lock file: how long cancelled commands get between SIGTERM and
+    SIGKILL (None: the runner's default)."""
     hook_timeout_ms: int = 5 * 60 * 1000
     kici_dir: str = ".kici"
     run_id: str | None = None

@@ -4,6 +4,8 @@ buttons (`check_run` / `check_suite` `rerequested` deliveries)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.events import Event
@@ -19,7 +21,15 @@ class RerunRefused(Exception):
     """The run cannot be rerun (the message says why)."""
 
 
-async def rerun(conn: AsyncConnection, settings: Settings, original: RunRecord) -> RunRecord:
+@dataclass(frozen=True)
+class Rerun:
+    run: RunRecord
+    superseded: list[runs.Superseded]
+    """Older runs of its concurrency group it cancelled (`cancel_in_progress`): their agents are told
+    after the commit (`Dispatcher.cancel_superseded`)."""
+
+
+async def rerun(conn: AsyncConnection, settings: Settings, original: RunRecord) -> Rerun:
     """Create the rerun in the caller's transaction (reported like a new run of its source, to today's
     targets); `RerunRefused` for a run that never had jobs or whose workflow cannot be planned."""
     if not original.workflow_spec:
@@ -51,4 +61,4 @@ async def rerun(conn: AsyncConnection, settings: Settings, original: RunRecord) 
         raise RerunRefused(f"run {original.id} cannot be rerun: {exc}") from None
     found = await runs.get_run(conn, created.run_id)
     assert found is not None
-    return found
+    return Rerun(found, list(created.superseded))

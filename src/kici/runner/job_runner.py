@@ -333,7 +333,9 @@ class JobRunner:
     def run(self) -> dict[str, Any]:
         """Run the job (after the import); returns the JobResult fields."""
         job = self.job_def
-        if job.grace_period is not None:
+        if self.spec.grace_period_ms is not None:  # the lock file's value, as the orchestrator sent it
+            self.kill_grace = max(0.0, self.spec.grace_period_ms / 1000)
+        elif job.grace_period is not None:
             self.kill_grace = max(0.0, seconds(job.grace_period) or 0.0)
         self.step_names = step_names(job.steps)
         self.protocol.job_started(self.step_names)

@@ -42,6 +42,7 @@ class Spec:
     expected_content_hash: str | None = None
     default_step_timeout_ms: int = 30 * 60 * 1000
     job_timeout_ms: int | None = None
+    grace_period_ms: int | None = None
     hook_timeout_ms: int = 5 * 60 * 1000
     kici_dir: str = ".kici"
     run_id: str | None = None
@@ -52,7 +53,9 @@ class Spec:
 _STR_FIELDS = ("workspace", "workflow_file", "export", "workflow", "job", "display_name", "kici_dir")
 _DICT_FIELDS = ("event", "env", "secrets", "upstream_outputs")
 _INT_FIELDS = ("default_step_timeout_ms", "hook_timeout_ms")
-_NULLABLE = ("matrix", "expected_content_hash", "job_timeout_ms", "run_id", "job_id", "run_status")
+_NULLABLE = (
+    "matrix", "expected_content_hash", "job_timeout_ms", "grace_period_ms", "run_id", "job_id", "run_status",
+)
 
 
 def parse_spec(line: bytes | str) -> Spec:

@@ -50,7 +50,8 @@ async def until(condition: Callable[[], Awaitable[bool]], *, within: float = 10.
         await asyncio.sleep(0.02)
 
 
-def workflow(jobs: list[dict[str, Any]], *, name: str = "ci", timeout: int | None = None) -> Workflow:
+def workflow(jobs: list[dict[str, Any]], *, name: str = "ci", timeout: int | None = None,
+             concurrency: dict[str, Any] | None = None) -> Workflow:
     spec: dict[str, Any] = {
         "name": name,
         "source": {"file": ".kici/workflows/ci.py", "export": f"#{name}"},
@@ -61,6 +62,8 @@ def workflow(jobs: list[dict[str, Any]], *, name: str = "ci", timeout: int | Non
     }
     if timeout is not None:
         spec["timeout"] = timeout
+    if concurrency is not None:
+        spec["concurrency"] = {"hasGroup": True, **concurrency}
     return Workflow.model_validate(spec)
 
 
@@ -93,19 +96,20 @@ class Orchestrator:
             self.agent_tokens[key] = created.plaintext
         return self.agent_tokens[key]
 
-    async def create_run(self, wf: Workflow, *, sha: str = "a" * 40) -> run_store.CreatedRun:
+    async def create_run(self, wf: Workflow, *, sha: str = "a" * 40, branch: str = "main") -> run_store.CreatedRun:
         settings: Settings = self.app.state.kici.settings
         async with self.database.transaction() as conn:
             created = await run_store.create_run(
                 conn,
                 run_store.NewRun(
-                    org_id="default", workflow=wf, event=Event(type="push", branch="main", sha=sha, repo="acme/app"),
-                    repo="acme/app", ref="refs/heads/main", sha=sha, lock_content_hash="l" * 64,
+                    org_id="default", workflow=wf, event=Event(type="push", branch=branch, sha=sha, repo="acme/app"),
+                    repo="acme/app", ref=f"refs/heads/{branch}", sha=sha, lock_content_hash="l" * 64,
                     delivery_id=None, source_id=self.source_id,
                 ),
                 queue_max_depth=settings.queue_max_depth,
                 queue_timeout_ms=settings.queue_timeout_ms,
             )
+        await self.services.dispatcher.cancel_superseded(created.superseded)
         await self.services.dispatcher.runs_created([created.run_id])
         return created
 

@@ -480,3 +480,12 @@ async def test_a_job_whose_source_is_gone_fails_clearly(database: Database, tmp_
         job = await orch.wait_job(created.run_id, "build", "failed")
         assert job.error == f"cannot dispatch: source {orch.source_id} no longer exists"
         assert agent.received("job.dispatch") == []
+
+
+async def test_dispatch_carries_the_grace_period(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=2) as agent:
+        await agent.connect()
+        await orch.create_run(workflow([{"name": "graceful", "gracePeriod": 1500}, {"name": "plain"}]))
+        dispatches = {d["display_name"]: d for d in await agent.wait_for("job.dispatch", 2)}
+        assert dispatches["graceful"]["grace_period_ms"] == 1500
+        assert dispatches["plain"].get("grace_period_ms") is None

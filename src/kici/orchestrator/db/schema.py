@@ -52,6 +52,23 @@ class EventLogStatus(StrEnum):
     FAILED = "failed"
 
 
+class ConcurrencyScope(StrEnum):
+    """What a concurrency group limits: whole runs (workflow `concurrency`) or single jobs
+    (job `concurrency_group`). The two are separate namespaces."""
+
+    RUN = "run"
+    JOB = "job"
+
+
+class ConcurrencyState(StrEnum):
+    """A run's or job's place in its concurrency group: `waiting → holding → released` (or straight to
+    `released` when it ends while waiting)."""
+
+    WAITING = "waiting"
+    HOLDING = "holding"
+    RELEASED = "released"
+
+
 class QueueStatus(StrEnum):
     """`pending → dispatched → completed | failed`; `dispatched ↔ recovering → failed`; `pending → expired`."""
 
@@ -240,6 +257,11 @@ runs = sa.Table(
     # Where the run's progress is reported (GitHub check runs, notification URLs), decided once when the
     # run is created (`kici.orchestrator.reporting.targets`); NULL: nowhere, and no outbox row is written.
     sa.Column("reporting", JSON_TYPE, nullable=True),
+    # Workflow `concurrency`: the group the run joined at creation (no FK: see `concurrency_groups`), its
+    # place in it, and why it waits ("concurrency: <group>") while it does.
+    sa.Column("concurrency_group_id", sa.Text, nullable=True),
+    sa.Column("concurrency_state", sa.Text, nullable=True),
+    sa.Column("wait_reason", sa.Text, nullable=True),
     _created_at(),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),
@@ -257,7 +279,9 @@ runs = sa.Table(
     sa.Index(None, "org_id", "branch", "created_at"),
     sa.Index(None, "org_id", "source_id", "created_at"),
     sa.Index(None, "org_id", "sha"),
+    sa.Index(None, "concurrency_group_id", "concurrency_state", "created_at"),
     _check_in("status", RunStatus),
+    _check_in("concurrency_state", ConcurrencyState),
 )
 
 jobs = sa.Table(
@@ -279,6 +303,10 @@ jobs = sa.Table(
     sa.Column("runs_on", JSON_TYPE, nullable=False, default=list),
     sa.Column("exclude_labels", JSON_TYPE, nullable=False, default=list),
     sa.Column("last_heartbeat_at", UtcDateTime, nullable=True),
+    # Job `concurrency_group`, as on runs.
+    sa.Column("concurrency_group_id", sa.Text, nullable=True),
+    sa.Column("concurrency_state", sa.Text, nullable=True),
+    sa.Column("wait_reason", sa.Text, nullable=True),
     _created_at(),
     sa.Column("queued_at", UtcDateTime, nullable=True),
     sa.Column("started_at", UtcDateTime, nullable=True),
@@ -286,7 +314,9 @@ jobs = sa.Table(
     sa.UniqueConstraint("run_id", "name"),
     sa.Index(None, "status", "last_heartbeat_at"),  # the stale-job sweep
     sa.Index(None, "agent_id"),
+    sa.Index(None, "concurrency_group_id", "concurrency_state", "created_at"),
     _check_in("status", JobState),
+    _check_in("concurrency_state", ConcurrencyState),
 )
 
 job_needs = sa.Table(
@@ -333,6 +363,24 @@ dispatch_queue = sa.Table(
     sa.Index(None, "agent_id"),
     sa.Index(None, "run_id"),
     _check_in("status", QueueStatus),
+)
+
+concurrency_groups = sa.Table(
+    "concurrency_groups",
+    metadata,
+    # One row per group ever used: the row every change to the group's members locks first (`SELECT …
+    # FOR UPDATE`), so admissions and releases of one group are serialized across orchestrators. Rows
+    # are tiny and kept (a group name is a branch or environment name); runs and jobs reference them by
+    # id without a foreign key so neither side's deletion has to care about the other.
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("repo", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("max_running", sa.Integer, nullable=False, default=1),
+    _created_at(),
+    sa.UniqueConstraint("org_id", "scope", "repo", "name"),
+    _check_in("scope", ConcurrencyScope),
 )
 
 agents = sa.Table(

@@ -47,7 +47,7 @@ from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import AgentSlot, Claim
-from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult
+from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult, Superseded
 from kici.orchestrator.store.sources import Source, get_source
 
 SOURCE_CACHE_S = 10.0
@@ -108,6 +108,7 @@ class Dispatcher:
         """Told after writes that may have queued reports (the reporting worker's `wake`)."""
         registry.listener = self
         ingest.on_runs_created = self.runs_created
+        ingest.on_superseded = self.cancel_superseded
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -398,6 +399,12 @@ class Dispatcher:
         self.report_wake()  # called after a cancel committed: its jobs' reports are due
         for job_id, agent_id in running:
             await self.send_cancel(agent_id, run_id, job_id, reason=reason, force=force)
+
+    async def cancel_superseded(self, superseded: Iterable[Superseded]) -> None:
+        """Tell the agents of runs a new run cancelled (`cancel_in_progress`) to stop their jobs."""
+        for old in superseded:
+            log_event("run.superseded", run_id=old.run_id, reason=old.reason)
+            await self.cancel_jobs(old.run_id, old.running, reason=old.reason, force=False)
 
     # -- agent messages ----------------------------------------------------------------------------
 

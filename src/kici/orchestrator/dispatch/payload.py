@@ -149,6 +149,7 @@ def build_dispatch(
         upstream_outputs=context.upstream_outputs,
         token=access.token,
         job_timeout_ms=lock_job.timeout if lock_job is not None else None,
+        grace_period_ms=lock_job.grace_period if lock_job is not None else None,
         max_log_size_bytes=max_log_size_bytes,
         attempt=attempt,
         timestamp=time.time(),

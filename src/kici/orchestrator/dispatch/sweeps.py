@@ -8,6 +8,7 @@ it, so in a cluster exactly one node runs each sweep per tick; SQLite has a sing
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -16,9 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from kici.engine.protocol import CloseCode
 from kici.orchestrator.app import Readiness
 from kici.orchestrator.background import PeriodicTask
-from kici.orchestrator.db.schema import utcnow
+from kici.orchestrator.db.schema import ConcurrencyScope, utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import concurrency as concurrency_store
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
@@ -50,6 +52,7 @@ class Sweeper:
             ("queue_expiry", self.queue_expiry),
             ("recovery_windows", self.recovery_windows),
             ("workflow_timeouts", self.workflow_timeouts),
+            ("concurrency", self.concurrency),
             ("dedup_cache", self.dedup_cache),
             ("queue_depth", self.queue_depth),
         ):
@@ -140,6 +143,25 @@ class Sweeper:
             log_event("sweep.workflow_timeout", level="warning", run_id=run_id, status=result.status)
             self._later(partial(self.dispatcher.cancel_jobs, run_id, result.running, reason=WORKFLOW_TIMEOUT,
                                 force=False))
+
+    async def concurrency(self, conn: AsyncConnection) -> None:
+        """Concurrency groups with a member waiting for more than a tick and a free place: admit it. A
+        release admits the next member itself in its own transaction; this only catches a member whose
+        run another transaction held at that moment (it is never waited for, see `store.concurrency`)."""
+        older_than = utcnow() - dt.timedelta(milliseconds=self.settings.sweep_interval_ms)
+        admitted = 0
+        for org_id, scope, group_id in await concurrency_store.groups_with_waiters(conn, older_than=older_than):
+            await concurrency_store.serialize(conn, org_id)
+            group = await concurrency_store.get_group(conn, group_id)
+            if group is None:
+                continue
+            if scope == ConcurrencyScope.RUN.value:
+                admitted += len(await run_store.admit_runs(conn, group, limits=self.dispatcher.limits))
+            else:
+                admitted += await run_store.admit_waiting_jobs(conn, group, limits=self.dispatcher.limits)
+        if admitted:
+            log_event("sweep.concurrency_admitted", level="warning", admitted=admitted)
+            self._later(partial(self.dispatcher.runs_created, []))
 
     async def dedup_cache(self, conn: AsyncConnection) -> None:
         await event_store.purge_expired_dedup(conn)

@@ -32,7 +32,7 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import LockFileSource, LockFileTooLarge, ProviderError
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.store import events as event_store
-from kici.orchestrator.store.runs import NewRun, create_failed_run, create_run
+from kici.orchestrator.store.runs import NewRun, Superseded, create_failed_run, create_run
 from kici.orchestrator.store.sources import Source
 
 LOCK_RESOLUTION_WORKFLOW = "lock_resolution"
@@ -53,6 +53,7 @@ class PipelineResult:
     reason: str | None = None
     run_ids: list[str] = field(default_factory=list)
     matched: list[str] = field(default_factory=list)
+    superseded: list[Superseded] = field(default_factory=list)
 
 
 def _lock_commit(event: Event) -> str | None:
@@ -81,6 +82,7 @@ async def process_delivery(
                 conn, delivery.delivery_id, EventLogStatus.FAILED, org_id=delivery.org_id, reason=reason[:2000]
             )
         return PipelineResult(EventLogStatus.FAILED, reason)
+    await ingest.superseded(result.superseded)
     await ingest.runs_created(result.run_ids)
     log_event(
         "ingest.delivery_processed",
@@ -169,6 +171,7 @@ async def _match_and_create(
     matched = [d.workflow for d in decisions if d.matched]
     settings = state.settings
     run_ids: list[str] = []
+    superseded: list[Superseded] = []
     reason = f"matched {', '.join(matched)}" if matched else "no workflow matched"
     reporting = reporting_targets(settings, delivery.source, event) if matched else None
     async with state.database.transaction() as conn:
@@ -193,6 +196,7 @@ async def _match_and_create(
                 queue_timeout_ms=settings.queue_timeout_ms,
             )
             run_ids.append(created.run_id)
+            superseded += created.superseded
         await event_store.finish_event_log(
             conn,
             delivery.delivery_id,
@@ -202,4 +206,4 @@ async def _match_and_create(
             matched_count=len(matched),
             sha=sha,
         )
-    return PipelineResult(EventLogStatus.PROCESSED, reason, run_ids, matched)
+    return PipelineResult(EventLogStatus.PROCESSED, reason, run_ids, matched, superseded)

@@ -22,7 +22,7 @@ from kici.orchestrator.db.schema import EventLogStatus
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store import runs as run_store
-from kici.orchestrator.store.runs import RunRecord
+from kici.orchestrator.store.runs import RunRecord, Superseded
 from kici.orchestrator.store.sources import Source
 
 RERUN_EVENTS = frozenset({"check_run", "check_suite"})
@@ -33,6 +33,7 @@ class RerequestResult:
     status: EventLogStatus
     reason: str
     run_ids: list[str] = field(default_factory=list)
+    superseded: list[Superseded] = field(default_factory=list)
 
 
 def handles(event_name: str, payload: Any, source: Source) -> bool:
@@ -84,15 +85,19 @@ async def handle_rerequest(
         else:
             run_ids: list[str] = []
             refused: list[str] = []
+            superseded: list[Superseded] = []
             async with state.database.transaction() as conn:
                 for original in originals:
                     try:
-                        run_ids.append((await reruns.rerun(conn, state.settings, original)).id)
+                        rerun = await reruns.rerun(conn, state.settings, original)
                     except reruns.RerunRefused as exc:
                         refused.append(str(exc))
+                    else:
+                        run_ids.append(rerun.run.id)
+                        superseded += rerun.superseded
             reason = f"{what}: reran {len(run_ids)} run(s)" + (f"; {'; '.join(refused)}" if refused else "")
             status = EventLogStatus.PROCESSED if run_ids else EventLogStatus.FILTERED
-            result = RerequestResult(status, reason, run_ids)
+            result = RerequestResult(status, reason, run_ids, superseded)
             for original, new_id in zip(originals, run_ids, strict=False):
                 log_event("run.rerun", run_id=new_id, original_run_id=original.id, by="github " + event_name)
     async with state.database.transaction() as conn:

@@ -236,6 +236,7 @@ async def github_webhook(
         rerun = await rerequest.handle_rerequest(state, org_id, delivery_id, source, event_name, payload)
         if rerun.status is not EventLogStatus.PROCESSED:
             return _filtered(delivery_id, rerun.reason)
+        await ingest.superseded(rerun.superseded)
         await ingest.runs_created(rerun.run_ids)
         return _accepted(state, delivery_id, rerun.status, rerun.run_ids)
     if normalized.event is None:

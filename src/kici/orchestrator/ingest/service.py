@@ -24,11 +24,13 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import LockFileSource, ProviderError
 from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.providers.github import GitHubProvider, InstallationTokens
+from kici.orchestrator.store.runs import Superseded
 from kici.orchestrator.store.sources import DEFAULT_GITHUB_API_URL, Source, load_source_secrets
 
 SECRETS_CACHE_MAX = 256
 
 RunsCreatedHook = Callable[[Sequence[str]], Awaitable[None] | None]
+SupersededHook = Callable[[Sequence[Superseded]], Awaitable[None]]
 
 
 class RateLimiter:
@@ -57,6 +59,9 @@ class Ingest:
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     on_runs_created: RunsCreatedHook | None = None
     """Called with the ids of the runs one delivery created, after they are committed."""
+    on_superseded: SupersededHook | None = None
+    """Called with the runs a delivery's new runs cancelled (`cancel_in_progress`), after the commit,
+    to send `job.cancel` to their agents."""
     http_client: Callable[[], httpx.AsyncClient] = field(default=lambda: httpx.AsyncClient())
     git_providers: dict[str, GitProvider] = field(default_factory=dict)
     secrets: dict[tuple[str, dt.datetime], dict[str, str]] = field(default_factory=dict)
@@ -81,6 +86,14 @@ class Ingest:
             cache=LockFileCache(settings.lockfile_cache_max, settings.lockfile_cache_ttl_ms),
             mirror_root=settings.data_dir / "git-mirrors",
         )
+
+    async def superseded(self, cancelled: Sequence[Superseded]) -> None:
+        if not cancelled or self.on_superseded is None:
+            return
+        try:
+            await self.on_superseded(list(cancelled))
+        except Exception as exc:  # committed already; agents not told now learn it on their next status
+            log_event("ingest.supersede_hook_failed", level="warning", error=f"{type(exc).__name__}: {exc}")
 
     async def runs_created(self, run_ids: Sequence[str]) -> None:
         if not run_ids or self.on_runs_created is None:

@@ -23,7 +23,7 @@ from kici.orchestrator.auth import (
 from kici.orchestrator.logs import log_context, log_event
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import runs, sources
-from kici.orchestrator.store.runs import JobRecord, RunRecord
+from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
 
@@ -50,6 +50,9 @@ class RunInfo(BaseModel):
     branch: str | None = Field(default=None, description="The event's branch (a PR's head branch)")
     trigger: str | None = Field(default=None, description="The event type (`push`, `pr`, `tag`, …)")
     cursor: str = Field(default="", description="Pass as `before` to list the runs older than this one")
+    wait_reason: str | None = Field(
+        default=None, description="Why a pending run waits, e.g. `concurrency: deploy-main`; null otherwise"
+    )
 
     @classmethod
     def of(cls, run: RunRecord) -> RunInfo:
@@ -58,18 +61,19 @@ class RunInfo(BaseModel):
         )
 
 
-class RunDetail(RunInfo):
-    event: dict[str, Any] = Field(description="The normalized event that started the run")
-    source_id: str | None
-    lock_content_hash: str | None
-    workflow_content_hash: str | None
-    timeout_ms: int | None
+class StepInfo(BaseModel):
+    index: int = Field(description="0-based position of the step in its job")
+    name: str
+    status: str = Field(description="`running`, `success`, `failed`, `skipped`, … as the agent reported it")
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    duration_ms: int | None
+    error: str | None
 
     @classmethod
-    def of(cls, run: RunRecord) -> RunDetail:
-        return cls.model_validate(
-            {**run.model_dump(include=set(cls.model_fields)), "cursor": runs.run_cursor(run)}
-        )
+    def of(cls, step: StepRecord) -> StepInfo:
+        return cls(index=step.step_index, name=step.name, status=step.status, started_at=step.started_at,
+                   finished_at=step.finished_at, duration_ms=step.duration_ms, error=step.error)
 
 
 class JobInfo(BaseModel):
@@ -86,11 +90,38 @@ class JobInfo(BaseModel):
     queued_at: dt.datetime | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    wait_reason: str | None = Field(
+        default=None, description="Why a `waiting` job waits, e.g. `concurrency: prod`; null otherwise"
+    )
+    outputs: dict[str, Any] | None = Field(default=None, description="The job's outputs, once it has finished")
+    steps: list[StepInfo] = Field(default_factory=list, description="The job's steps as its agent reported them")
 
     @classmethod
-    def of(cls, job: JobRecord) -> JobInfo:
-        values = job.model_dump(include=set(cls.model_fields) - {"agent"})
-        return cls(**values, agent=job.agent_id)
+    def of(cls, job: JobRecord, steps: list[StepRecord] | None = None) -> JobInfo:
+        values = job.model_dump(include=set(cls.model_fields) - {"agent", "steps"})
+        return cls(**values, agent=job.agent_id, steps=[StepInfo.of(s) for s in steps or []])
+
+
+class RunDetail(RunInfo):
+    event: dict[str, Any] = Field(description="The normalized event that started the run")
+    source_id: str | None
+    lock_content_hash: str | None
+    workflow_content_hash: str | None
+    timeout_ms: int | None
+    jobs: list[JobInfo] = Field(default_factory=list, description="The run's jobs in plan order, with their steps")
+
+    @classmethod
+    def of(cls, run: RunRecord, jobs: list[JobInfo] | None = None) -> RunDetail:
+        return cls.model_validate(
+            {**run.model_dump(include=set(cls.model_fields)), "jobs": jobs or [], "cursor": runs.run_cursor(run)}
+        )
+
+
+async def _jobs_with_steps(state: AppState, run_id: str) -> list[JobInfo]:
+    async with state.database.read() as conn:
+        found = await runs.list_jobs(conn, run_id)
+        steps = await runs.list_run_steps(conn, run_id)
+    return [JobInfo.of(j, steps.get(j.id)) for j in found]
 
 
 class CancelRequest(BaseModel):
@@ -204,7 +235,8 @@ async def _run(state: AppState, principal: Principal, run_id: str) -> RunRecord:
 async def show_run(
     run_id: str, state: State, principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))]
 ) -> RunDetail:
-    return RunDetail.of(await _run(state, principal, run_id))
+    run = await _run(state, principal, run_id)
+    return RunDetail.of(run, await _jobs_with_steps(state, run_id))
 
 
 @router.get("/runs/{run_id}/jobs", summary="List a run's jobs", responses=_NOT_FOUND)
@@ -212,9 +244,7 @@ async def list_run_jobs(
     run_id: str, state: State, principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))]
 ) -> list[JobInfo]:
     await _run(state, principal, run_id)
-    async with state.database.read() as conn:
-        found = await runs.list_jobs(conn, run_id)
-    return [JobInfo.of(j) for j in found]
+    return await _jobs_with_steps(state, run_id)
 
 
 @router.post(
@@ -274,11 +304,14 @@ async def rerun_run(
     original = await _run(state, principal, run_id)
     try:
         async with state.database.transaction() as conn:
-            rerun = await reruns.rerun(conn, state.settings, original)
+            created = await reruns.rerun(conn, state.settings, original)
     except reruns.RerunRefused as exc:
         raise AdminError(409, str(exc)) from None
+    rerun = created.run
     log_event("run.rerun", run_id=rerun.id, original_run_id=run_id, by_token_id=principal.token.id)
-    await services_of(request.app).dispatcher.runs_created([rerun.id])
+    dispatcher = services_of(request.app).dispatcher
+    await dispatcher.cancel_superseded(created.superseded)
+    await dispatcher.runs_created([rerun.id])
     return RerunResponse(run=RunInfo.of(rerun))
 
 

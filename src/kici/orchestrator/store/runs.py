@@ -14,6 +14,10 @@ Rules kept by this module:
   everywhere (a claim, which locks no run, takes queue row → job), so these writers cannot deadlock.
 - `settle_run` is the only place that enqueues dependents, skips them and finishes a run; it recomputes
   everything from the database, so calling it again (or after a restart) is harmless.
+- Concurrency groups (`store.concurrency`) are entered and left inside `settle_run` too: a run or job
+  that ends leaves its group and the next waiting member is admitted in the same transaction. Their lock
+  (one per organization) is taken after the run's row; while it is held, other runs' rows are only taken
+  with SKIP LOCKED, so the order run rows → concurrency lock holds everywhere.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.events import Event
+from kici.engine.inline_expr import InlineExprError, resolve_str
 from kici.engine.lockfile import LabelMatcher, Workflow
 from kici.engine.needs import decide
-from kici.engine.plan import plan_workflow
+from kici.engine.plan import PlannedJob, plan_workflow
 from kici.engine.states import (
     JobEvent,
     JobState,
@@ -45,6 +50,8 @@ from kici.engine.states import (
 )
 from kici.orchestrator.db.schema import (
     DEFAULT_ORG_ID,
+    ConcurrencyScope,
+    ConcurrencyState,
     QueueStatus,
     dispatch_queue,
     job_needs,
@@ -54,6 +61,8 @@ from kici.orchestrator.db.schema import (
     steps,
     utcnow,
 )
+from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import concurrency as groups
 from kici.orchestrator.store import outbox
 from kici.orchestrator.store.jobs import KeepFirst, set_job_status, set_jobs_status
 
@@ -122,6 +131,10 @@ class RunRecord(_Frozen):
     """The event's branch (a PR's head branch), copied for the runs list's filter."""
     trigger: str | None = None
     """The event's type (`push`, `pr`, …), copied for the runs list's filter."""
+    concurrency_group_id: str | None = None
+    concurrency_state: str | None = None
+    wait_reason: str | None = None
+    """`concurrency: <group>` while the run waits for its workflow concurrency group."""
 
     @property
     def finished(self) -> bool:
@@ -152,6 +165,10 @@ class JobRecord(_Frozen):
     queued_at: dt.datetime | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    concurrency_group_id: str | None = None
+    concurrency_state: str | None = None
+    wait_reason: str | None = None
+    """`concurrency: <group>` while the job waits (for its run's group or its own)."""
 
 
 class StepRecord(_Frozen):
@@ -199,6 +216,19 @@ class CreatedRun:
     """Job ids skipped because an upstream failed to enqueue."""
     run_status: str = RunStatus.PENDING.value
     """The run's status after creation: `pending`, or final when nothing could be queued."""
+    superseded: list[Superseded] = field(default_factory=list)
+    """Older runs of its concurrency group this run cancelled (`cancel_in_progress`): the caller sends
+    `job.cancel` for their `running` jobs once the transaction has committed."""
+    waiting: str | None = None
+    """`concurrency: <group>` when the run waits for its group."""
+
+
+@dataclass(frozen=True)
+class Superseded:
+    run_id: str
+    reason: str
+    running: list[tuple[str, str]]
+    """`(job_id, agent_id)` pairs to send `job.cancel` to."""
 
 
 @dataclass(frozen=True)
@@ -255,15 +285,48 @@ def _exact_values(matchers: Iterable[dict[str, Any]]) -> list[str]:
     return [str(m["value"]) for m in matchers if m.get("kind") == "exact" and m.get("value")]
 
 
+@dataclass(frozen=True)
+class LockedRun:
+    """What the locking read of a run returns: its status and its place in a concurrency group."""
+
+    id: str
+    status: str
+    org_id: str = DEFAULT_ORG_ID
+    group_id: str | None = None
+    slot: str | None = None
+    wait_reason: str | None = None
+
+    @property
+    def gated(self) -> bool:
+        """The run waits for its workflow concurrency group: its ready jobs wait too."""
+        return self.slot == ConcurrencyState.WAITING.value
+
+
+_RUN_LOCK_COLUMNS = (
+    runs.c.id, runs.c.org_id, runs.c.status, runs.c.concurrency_group_id, runs.c.concurrency_state, runs.c.wait_reason,
+    runs.c.reporting,
+)
+_LOCK_RUN = sa.select(*_RUN_LOCK_COLUMNS).where(runs.c.id == sa.bindparam("v_run_id")).with_for_update()
+
+
+def _locked(row: Any) -> LockedRun:
+    _remember_reporting(str(row.id), str(row.org_id), row.reporting)
+    return LockedRun(
+        str(row.id), str(row.status), str(row.org_id), row.concurrency_group_id, row.concurrency_state, row.wait_reason
+    )
+
+
+async def lock_run_row(conn: AsyncConnection, run_id: str) -> LockedRun | None:
+    """`lock_run` with the run's concurrency place."""
+    row = (await conn.execute(_LOCK_RUN, {"v_run_id": run_id})).first()
+    return _locked(row) if row is not None else None
+
+
 async def lock_run(conn: AsyncConnection, run_id: str) -> str | None:
     """Lock the run row for the rest of the transaction (PostgreSQL; SQLite writers are serialized
     already) and return its status, or None when there is no such run."""
-    query = sa.select(runs.c.status, runs.c.org_id, runs.c.reporting).where(runs.c.id == run_id).with_for_update()
-    row = (await conn.execute(query)).first()
-    if row is None:
-        return None
-    _remember_reporting(run_id, str(row.org_id), row.reporting)
-    return str(row.status)
+    locked = await lock_run_row(conn, run_id)
+    return None if locked is None else locked.status
 
 
 # A run's reporting targets are decided when it is created and never change, so every orchestrator may
@@ -308,17 +371,17 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> str | None:
     """Take the locks a change to one job needs, in the module's order — its run, then its queue row —
     and return the run id (None for an unknown job)."""
     locked = await _lock_job_run(conn, job_id)
-    return locked[0] if locked is not None else None
+    return locked.id if locked is not None else None
 
 
 _LOCK_JOB_WITH_ROW = (
-    sa.select(runs.c.id, runs.c.status, runs.c.org_id, runs.c.reporting)
+    sa.select(*_RUN_LOCK_COLUMNS)
     .select_from(jobs.join(runs, runs.c.id == jobs.c.run_id).join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id))
     .where(jobs.c.id == sa.bindparam("v_job_id"))
     .with_for_update(of=[runs, dispatch_queue])
 )
 _LOCK_JOB_RUN_ONLY = (
-    sa.select(runs.c.id, runs.c.status, runs.c.org_id, runs.c.reporting)
+    sa.select(*_RUN_LOCK_COLUMNS)
     .join(jobs, jobs.c.run_id == runs.c.id)
     .where(jobs.c.id == sa.bindparam("v_job_id"))
     .with_for_update(of=runs)
@@ -326,18 +389,16 @@ _LOCK_JOB_RUN_ONLY = (
 # (the hot statements of the dispatch path are built once, at import: see store/jobs.py `_status_update`)
 
 
-async def _lock_job_run(conn: AsyncConnection, job_id: str) -> tuple[str, str] | None:
-    """`lock_job`, also returning the run's status: (run id, run status).
+async def _lock_job_run(conn: AsyncConnection, job_id: str) -> LockedRun | None:
+    """`lock_job`, also returning what the run's lock read.
 
     A job that has a queue row (every job an agent reports on) is locked with its run and row in one
     statement; one that has none yet (still `pending`) by locking just its run."""
-    row = (await conn.execute(_LOCK_JOB_WITH_ROW, {"v_job_id": job_id})).first()
-    if row is None:
-        row = (await conn.execute(_LOCK_JOB_RUN_ONLY, {"v_job_id": job_id})).first()
-    if row is None:
-        return None
-    _remember_reporting(str(row.id), str(row.org_id), row.reporting)
-    return str(row.id), str(row.status)
+    both = (await conn.execute(_LOCK_JOB_WITH_ROW, {"v_job_id": job_id})).first()
+    if both is not None:
+        return _locked(both)
+    row = (await conn.execute(_LOCK_JOB_RUN_ONLY, {"v_job_id": job_id})).first()
+    return _locked(row) if row is not None else None
 
 
 _CLOSE_QUEUE_ROW = (
@@ -387,9 +448,20 @@ class _Enqueuer:
     depth: int | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    async def enqueue(self, conn: AsyncConnection, row: Any) -> bool:
+    released: list[str] = field(default_factory=list)
+    """Jobs leaving `waiting` (TIMER_DONE), flushed with their own guarded UPDATE."""
+
+    async def enqueue(self, conn: AsyncConnection, row: Any, *, from_waiting: bool = False) -> bool:
         """`pending → queued` plus a `pending` queue row (written by `flush`); or `pending → failed`
-        ("queue full") at once. True when queued."""
+        ("queue full") at once. True when queued.
+
+        `from_waiting`: a job released from a concurrency wait (`waiting → queued`). It skips the depth
+        check: it was accepted when its run was created and has only waited its turn since, and the
+        state machine has no `waiting → failed` edge to record a refusal with."""
+        if from_waiting:
+            self.released.append(row.id)
+            self._row(row)
+            return True
         if self.depth is None:
             self.depth = await queue_depth(conn)
         if self.depth >= self.limits.max_depth:
@@ -401,6 +473,10 @@ class _Enqueuer:
                 values={"error": QUEUE_FULL_ERROR, "failure_category": "queue_full", "finished_at": self.now},
             )
             return False
+        self._row(row)
+        return True
+
+    def _row(self, row: Any) -> None:
         timeout = self.limits.timeout_ms
         self.rows.append(
             {
@@ -417,20 +493,22 @@ class _Enqueuer:
                 "created_at": self.now + dt.timedelta(microseconds=len(self.rows)),
             }
         )
-        self.depth += 1
-        return True
+        if self.depth is not None:
+            self.depth += 1
 
     async def flush(self, conn: AsyncConnection) -> None:
         if not self.rows:
             return
-        moved = await set_jobs_status(
-            conn, [r["job_id"] for r in self.rows], JobState.QUEUED, JobEvent.ENQUEUE,
-            values={"queued_at": self.now, "needs_satisfied": True},
-        )
-        if moved != len(self.rows):  # every job was read `pending` under the run lock: all of them move
+        released = set(self.released)
+        fresh = [r["job_id"] for r in self.rows if r["job_id"] not in released]
+        values = {"queued_at": self.now, "needs_satisfied": True, "wait_reason": None}
+        moved = await set_jobs_status(conn, fresh, JobState.QUEUED, JobEvent.ENQUEUE, values=values)
+        moved += await set_jobs_status(conn, list(released), JobState.QUEUED, JobEvent.TIMER_DONE, values=values)
+        if moved != len(self.rows):  # every job was read `pending`/`waiting` under its run's lock: all move
             raise RuntimeError(f"enqueue moved {moved} of {len(self.rows)} jobs")
         await conn.execute(dispatch_queue.insert(), self.rows)
         self.rows = []
+        self.released = []
 
 
 # -- creation ----------------------------------------------------------------------------------------
@@ -449,6 +527,7 @@ async def create_run(
     from planning (a matrix that cannot expand) propagates before anything is written.
     """
     planned = plan_workflow(new.workflow)
+    run_group, job_group_names = _concurrency_groups(new, planned)
     now = utcnow()
     run_id = new_id()
     await conn.execute(  # parameters, not .values(): building a 20-column VALUES clause per run is costly
@@ -477,6 +556,12 @@ async def create_run(
         },
     )
     _remember_reporting(run_id, new.org_id, new.reporting)
+    job_group_ids: dict[str, str] = {}
+    for name in sorted(set(job_group_names.values())):
+        group = await groups.ensure_group(
+            conn, org_id=new.org_id, scope=ConcurrencyScope.JOB, repo=new.repo, name=name, max_running=1
+        )
+        job_group_ids[name] = group.id
     job_ids: dict[str, str] = {}
     job_rows: list[dict[str, Any]] = []
     need_rows: list[dict[str, Any]] = []
@@ -497,6 +582,7 @@ async def create_run(
                 "needs_satisfied": not job.needs,
                 "runs_on": _matchers_json(lock_job.runs_on if lock_job else None),
                 "exclude_labels": _matchers_json(lock_job.exclude_labels if lock_job else None),
+                "concurrency_group_id": job_group_ids.get(job_group_names.get(job.name, "")),
                 # one microsecond apart: jobs list (and queue) in plan order
                 "created_at": now + dt.timedelta(microseconds=index),
             }
@@ -517,9 +603,17 @@ async def create_run(
     await outbox.insert_rows(
         conn, outbox.job_rows(new.reporting, new.org_id, run_id, job_ids.values(), outbox.CHECK_QUEUED, now=now)
     )
-    settled = await settle_run(
-        conn, run_id, limits=QueueLimits(max_depth=queue_max_depth, timeout_ms=queue_timeout_ms), now=now
-    )
+    limits = QueueLimits(max_depth=queue_max_depth, timeout_ms=queue_timeout_ms)
+    superseded: list[Superseded] = []
+    if run_group is None:
+        settled = await settle_run(conn, run_id, limits=limits, now=now, locked=LockedRun(
+            run_id, RunStatus.PENDING.value, new.org_id))
+    else:
+        settled, superseded = await _join_workflow_group(conn, run_id, new, run_group, limits=limits, now=now)
+    waiting = None
+    if run_group is not None:
+        state = await lock_run_row(conn, run_id)
+        waiting = state.wait_reason if state is not None and state.gated else None
     return CreatedRun(
         run_id=run_id,
         job_ids=job_ids,
@@ -527,7 +621,76 @@ async def create_run(
         failed=settled.failed,
         skipped=settled.skipped,
         run_status=settled.run_status or RunStatus.PENDING.value,
+        superseded=superseded,
+        waiting=waiting,
     )
+
+
+def _concurrency_groups(new: NewRun, planned: list[PlannedJob]) -> tuple[str | None, dict[str, str]]:
+    """The run's workflow concurrency group and each planned job's `concurrency_group`, evaluated
+    against the run's event (static strings, or `lambda event: …` through the restricted evaluator). An
+    empty name means no group. `ValueError` naming the workflow or job when an expression fails."""
+    run_group: str | None = None
+    conc = new.workflow.concurrency
+    if conc is not None and conc.group is not None:
+        try:
+            run_group = resolve_str(conc.group, new.event) or None
+        except InlineExprError as exc:
+            raise ValueError(f"workflow {new.workflow.name!r}: concurrency group: {exc}") from None
+    job_groups: dict[str, str] = {}
+    for job in planned:
+        spec = job.lock_job.concurrency_group if job.lock_job is not None else None
+        if spec is None:
+            continue
+        try:
+            name = resolve_str(spec, new.event)
+        except InlineExprError as exc:
+            raise ValueError(f"workflow {new.workflow.name!r}: job {job.job!r}: concurrency_group: {exc}") from None
+        if name:
+            job_groups[job.name] = name
+    return run_group, job_groups
+
+
+async def _join_workflow_group(
+    conn: AsyncConnection, run_id: str, new: NewRun, name: str, *, limits: QueueLimits, now: dt.datetime
+) -> tuple[SettleResult, list[Superseded]]:
+    """A new run enters its workflow concurrency group: with `cancel_in_progress` it first cancels the
+    group's older runs (waiting ones at once; running ones keep their place until their jobs stop), then
+    it is admitted when the group has a free place, else it waits in FIFO order."""
+    conc = new.workflow.concurrency
+    assert conc is not None
+    group = await groups.ensure_group(
+        conn, org_id=new.org_id, scope=ConcurrencyScope.RUN, repo=new.repo, name=name, max_running=conc.max or 1
+    )
+    older: list[str] = []
+    wanted: list[str] = []
+    if conc.cancel_in_progress:
+        # lock order is run rows → concurrency lock: lock the runs to cancel first (without waiting when
+        # this transaction holds the concurrency lock already, e.g. for an earlier run of one delivery)
+        wanted = [rid for rid, _ in await groups.active_runs(conn, group.id, exclude=run_id)]
+        older = await groups.lock_runs(conn, wanted, skip_locked=groups.holds_lock(conn))
+    await groups.serialize(conn, new.org_id)
+    await groups.join_run(conn, run_id, group)
+    superseded: list[Superseded] = []
+    if conc.cancel_in_progress:
+        # a run another orchestrator created meanwhile: under the lock now, so take it if it is free
+        raced = [rid for rid, _ in await groups.active_runs(conn, group.id, exclude=run_id) if rid not in older]
+        older += await groups.lock_runs(conn, raced, skip_locked=True)
+        missed = sorted(set(wanted + raced) - set(older))
+        if missed:
+            log_event("concurrency.supersede_skipped", level="warning", run_id=run_id, group=name, runs=missed)
+        reason = f"superseded by run {run_id} ({groups.wait_reason(name)})"
+        # newest first: a waiting run cancelled never frees a place for an older one about to be cancelled
+        for old in reversed(older):
+            try:
+                result = await cancel_run(conn, old, by=f"run {run_id}", force=False, reason=reason)
+            except (RunNotFound, RunFinished):
+                continue
+            superseded.append(Superseded(old, reason, result.running))
+    admitted = await admit_runs(conn, group, limits=limits, now=now)
+    if run_id in admitted:
+        return admitted[run_id], superseded
+    return await settle_run(conn, run_id, limits=limits, now=now), superseded
 
 
 async def create_failed_run(
@@ -728,6 +891,21 @@ async def list_steps(conn: AsyncConnection, job_id: str) -> list[StepRecord]:
     return [StepRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]
 
 
+async def list_run_steps(conn: AsyncConnection, run_id: str) -> dict[str, list[StepRecord]]:
+    """Every step of every job of the run, in one query: job id → its steps in order."""
+    query = (
+        sa.select(steps)
+        .join(jobs, jobs.c.id == steps.c.job_id)
+        .where(jobs.c.run_id == run_id)
+        .order_by(steps.c.job_id, steps.c.step_index)
+    )
+    found: dict[str, list[StepRecord]] = {}
+    for row in await conn.execute(query):
+        record = StepRecord.model_validate(dict(row._mapping))
+        found.setdefault(record.job_id, []).append(record)
+    return found
+
+
 # -- tracking ----------------------------------------------------------------------------------------
 
 
@@ -765,7 +943,7 @@ async def record_job_state(
     locked = await _lock_job_run(conn, job_id)
     if locked is None:
         return None
-    run_id, run_status = locked
+    run_id, run_status = locked.id, locked.status
     now = utcnow()
     values: dict[str, Any] = {}
     if state == "running":
@@ -801,7 +979,7 @@ async def record_job_state(
         )
         return SettleResult([], [], RunStatus.RUNNING.value)
     await close_queue_row(conn, job_id, target.value)
-    return await settle_run(conn, run_id, limits=limits, now=now, locked_status=run_status, finished_jobs=[job_id])
+    return await settle_run(conn, run_id, limits=limits, now=now, locked=locked, finished_jobs=[job_id])
 
 
 async def finish_job(
@@ -833,7 +1011,7 @@ async def finish_job(
 _SETTLE_JOBS = (
     sa.select(
         jobs.c.id, jobs.c.run_id, jobs.c.org_id, jobs.c.name, jobs.c.job, jobs.c.status,
-        jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.error,
+        jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.error, jobs.c.concurrency_group_id, jobs.c.concurrency_state,
     )
     .where(jobs.c.run_id == sa.bindparam("v_run_id"))
     .order_by(jobs.c.created_at, jobs.c.name)
@@ -879,7 +1057,7 @@ async def settle_run(
     *,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
     now: dt.datetime | None = None,
-    locked_status: str | None = None,
+    locked: LockedRun | None = None,
     finished_jobs: Sequence[str] = (),
 ) -> SettleResult:
     """Run the needs scheduler for the run until nothing changes, then aggregate its status.
@@ -892,12 +1070,19 @@ async def settle_run(
 
     `finished_jobs`: jobs the caller just moved to a terminal state; their reports are written with the
     ones this settle owes (jobs skipped, cancelled or failed here, the run finishing), in one INSERT.
+
+    Concurrency: in a run waiting for its workflow group, ready jobs go `waiting` instead of `queued`
+    (and leave it when the run is admitted); a ready job with a `concurrency_group` joins its group and
+    is queued only when admitted. A job that ends leaves its group, a run that ends leaves its group, and
+    the next waiting members are admitted in the same transaction.
     """
     now = now or utcnow()
-    # `locked_status`: the caller locked the run in this transaction already and read its status
-    run_status = locked_status if locked_status is not None else await lock_run(conn, run_id)
-    if run_status is None:
+    # `locked`: the caller locked the run in this transaction already and read it
+    if locked is None:
+        locked = await lock_run_row(conn, run_id)
+    if locked is None:
         return SettleResult([], [], None)
+    run_status = locked.status
     if is_run_terminal(run_status):
         if finished_jobs:
             await report_jobs(conn, run_id, finished_jobs, outbox.CHECK_COMPLETED)
@@ -914,12 +1099,21 @@ async def settle_run(
     skipped: list[str] = []
     failed: list[str] = []
     cancelled: list[str] = []
+    gate: list[Any] = []
+    """Ready jobs with a `concurrency_group`: they join it below and are queued if admitted."""
+    gated: set[str] = set()
     enqueuer = _Enqueuer(limits, now)
     cancelling = run_status == RunStatus.CANCELLING.value
     for _ in range(len(rows) + 1):
         changed = False
         for row in rows:
-            if status[row.name] != JobState.PENDING.value:
+            current = status[row.name]
+            # a job waiting only because its run waited is ready again once the run is admitted
+            released = (
+                current == JobState.WAITING.value and row.concurrency_state is None and not locked.gated
+                and not cancelling and row.id not in gated
+            )
+            if current != JobState.PENDING.value and not released:
                 continue
             if cancelling:
                 if await set_job_status(conn, row.id, JobState.CANCELLED, JobEvent.CANCEL):
@@ -927,20 +1121,33 @@ async def settle_run(
                     cancelled.append(row.id)
                     changed = True
                 continue
-            # a need on a lock job is a need on each of its children; a job with no children is satisfied
-            needs = [
-                (child, run_on) for upstream, run_on in edges.get(row.name, []) for child in children.get(upstream, [])
-            ]
-            decision = decide(needs, status)
-            if decision == "wait":
+            if not released:
+                # a need on a lock job is a need on each of its children; a job with no children is satisfied
+                needs = [
+                    (child, run_on)
+                    for upstream, run_on in edges.get(row.name, [])
+                    for child in children.get(upstream, [])
+                ]
+                decision = decide(needs, status)
+                if decision == "wait":
+                    continue
+                if decision == "skip":
+                    if await set_job_status(conn, row.id, JobState.SKIPPED, JobEvent.SKIP):
+                        status[row.name] = JobState.SKIPPED.value
+                        skipped.append(row.id)
+                        changed = True
+                    continue
+            if locked.gated:  # the run waits for its workflow concurrency group: the job waits with it
+                wait = {"wait_reason": locked.wait_reason, "needs_satisfied": True}
+                if await set_job_status(conn, row.id, JobState.WAITING, JobEvent.WAIT, values=wait):
+                    status[row.name] = JobState.WAITING.value
                 continue
-            if decision == "skip":
-                if await set_job_status(conn, row.id, JobState.SKIPPED, JobEvent.SKIP):
-                    status[row.name] = JobState.SKIPPED.value
-                    skipped.append(row.id)
-                    changed = True
+            if row.concurrency_group_id is not None:
+                if row.id not in gated:
+                    gate.append(row)
+                    gated.add(row.id)
                 continue
-            if await enqueuer.enqueue(conn, row):
+            if await enqueuer.enqueue(conn, row, from_waiting=released):
                 status[row.name] = JobState.QUEUED.value
                 queued.append(row.id)
             else:
@@ -950,6 +1157,12 @@ async def settle_run(
             changed = True
         if not changed:
             break
+    leaving = [
+        row for row in rows
+        if row.concurrency_group_id is not None and row.concurrency_state in _IN_GROUP and is_terminal(status[row.name])
+    ]
+    if gate or leaving:
+        await _job_groups(conn, locked, gate, leaving, status, enqueuer, queued)
     await enqueuer.flush(conn)
 
     final_status = run_status
@@ -975,6 +1188,8 @@ async def settle_run(
         )
         if result.rowcount == 1:
             final_status, finished = target.value, True
+            if locked.group_id is not None and locked.slot in _IN_GROUP:
+                await _leave_run_group(conn, locked, limits=limits, now=now)
     elif aggregate == RunStatus.RUNNING and run_status == RunStatus.PENDING.value:
         result = await conn.execute(
             runs.update()
@@ -987,6 +1202,130 @@ async def settle_run(
     if completed or finished:
         await report_jobs(conn, run_id, completed, outbox.CHECK_COMPLETED, run_finished=finished)
     return SettleResult(queued, skipped, final_status, failed=failed, cancelled=cancelled, finished=finished)
+
+
+_IN_GROUP = (ConcurrencyState.WAITING.value, ConcurrencyState.HOLDING.value)
+
+_WAITING_JOB = sa.select(
+    jobs.c.id, jobs.c.run_id, jobs.c.org_id, jobs.c.name, jobs.c.status, jobs.c.runs_on, jobs.c.exclude_labels
+).where(jobs.c.id == sa.bindparam("v_job_id"))
+
+
+async def _job_groups(
+    conn: AsyncConnection,
+    locked: LockedRun,
+    gate: list[Any],
+    leaving: list[Any],
+    status: dict[str, str],
+    enqueuer: _Enqueuer,
+    queued: list[str],
+) -> None:
+    """Job concurrency groups for one settle: jobs that ended leave their group, ready ones join theirs,
+    then each touched group admits its oldest waiting jobs into its free places (this run's own ready
+    jobs included: FIFO across runs). Own jobs not admitted wait (`pending → waiting`)."""
+    await groups.serialize(conn, locked.org_id)
+    await groups.set_job_state(conn, [row.id for row in leaving], ConcurrencyState.RELEASED)
+    touched = {row.concurrency_group_id for row in leaving} | {row.concurrency_group_id for row in gate}
+    found = {gid: await groups.get_group(conn, gid) for gid in sorted(touched)}
+    for row in gate:
+        group = found[row.concurrency_group_id]
+        if group is not None:
+            await groups.join_job(conn, row.id, group)
+    own = {row.id: row for row in gate}
+    admitted: set[str] = set()
+    for gid in sorted(touched):
+        group = found[gid]
+        if group is not None:
+            admitted |= await _admit_jobs(conn, group, own, status, enqueuer, locked.id)
+    for row in gate:
+        if row.id in admitted:
+            status[row.name] = JobState.QUEUED.value
+            queued.append(row.id)
+        elif status[row.name] == JobState.PENDING.value:
+            group = found[row.concurrency_group_id]
+            reason = groups.wait_reason(group.name) if group is not None else None
+            values = {"wait_reason": reason, "needs_satisfied": True}
+            if await set_job_status(conn, row.id, JobState.WAITING, JobEvent.WAIT, values=values):
+                status[row.name] = JobState.WAITING.value
+
+
+async def _admit_jobs(
+    conn: AsyncConnection,
+    group: groups.Group,
+    own: dict[str, Any],
+    status: dict[str, str],
+    enqueuer: _Enqueuer,
+    run_id: str,
+) -> set[str]:
+    """Admit the group's oldest waiting jobs while it has free places; the ids of `own` jobs admitted."""
+    admitted: set[str] = set()
+    while True:
+        waiting = await groups.next_waiting_jobs(conn, group)
+        if not waiting:
+            return admitted
+        first = waiting[0]
+        row = own.get(first.id)
+        if row is None:
+            # another run's job (or one of this run's from an earlier settle): lock its run without waiting
+            # (lock order); a run held elsewhere is being changed right now — its holder or the reconcile
+            # sweep admits the job later, and FIFO says nobody may overtake it meanwhile
+            if first.run_id != run_id and not await groups.lock_runs(conn, [first.run_id], skip_locked=True):
+                return admitted
+            row = (await conn.execute(_WAITING_JOB, {"v_job_id": first.id})).first()
+            if row is None or str(row.status) != JobState.WAITING.value:
+                await groups.set_job_state(conn, [first.id], ConcurrencyState.RELEASED)
+                continue
+            await groups.set_job_state(conn, [first.id], ConcurrencyState.HOLDING)
+            await enqueuer.enqueue(conn, row, from_waiting=True)
+            if row.name in status and first.run_id == run_id:
+                status[row.name] = JobState.QUEUED.value
+            continue
+        await groups.set_job_state(conn, [first.id], ConcurrencyState.HOLDING)
+        from_waiting = status[row.name] == JobState.WAITING.value
+        if await enqueuer.enqueue(conn, row, from_waiting=from_waiting):
+            admitted.add(first.id)
+        else:  # the queue is full: the job failed, and its place goes to the next one
+            status[row.name] = JobState.FAILED.value
+            await groups.set_job_state(conn, [first.id], ConcurrencyState.RELEASED)
+
+
+async def _leave_run_group(conn: AsyncConnection, locked: LockedRun, *, limits: QueueLimits, now: dt.datetime) -> None:
+    """The run ended: its place in its workflow concurrency group goes to the next waiting run."""
+    assert locked.group_id is not None
+    await groups.serialize(conn, locked.org_id)
+    await groups.set_run_state(conn, locked.id, ConcurrencyState.RELEASED)
+    group = await groups.get_group(conn, locked.group_id)
+    if group is not None:
+        await admit_runs(conn, group, limits=limits, now=now)
+
+
+async def admit_runs(
+    conn: AsyncConnection, group: groups.Group, *, limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    now: dt.datetime | None = None,
+) -> dict[str, SettleResult]:
+    """Admit the group's oldest waiting runs while it has free places (the caller holds the concurrency
+    lock): each goes `holding` and is settled, which queues its ready jobs. Stops at a waiting run whose
+    row another transaction holds (see `store.concurrency`)."""
+    results: dict[str, SettleResult] = {}
+    while True:
+        waiting = await groups.next_waiting_runs(conn, group)
+        if not waiting or not await groups.lock_runs(conn, waiting[:1], skip_locked=True):
+            return results
+        await groups.set_run_state(conn, waiting[0], ConcurrencyState.HOLDING)
+        locked = await lock_run_row(conn, waiting[0])
+        if locked is not None:
+            results[waiting[0]] = await settle_run(conn, waiting[0], limits=limits, now=now, locked=locked)
+
+
+async def admit_waiting_jobs(
+    conn: AsyncConnection, group: groups.Group, *, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> int:
+    """The reconcile sweep's job-group pass: admit waiting jobs into free places (caller holds the lock)."""
+    enqueuer = _Enqueuer(limits, utcnow())
+    await _admit_jobs(conn, group, {}, {}, enqueuer, "")
+    count = len(enqueuer.rows)
+    await enqueuer.flush(conn)
+    return count
 
 
 async def record_step(
