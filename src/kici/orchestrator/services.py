@@ -1,5 +1,5 @@
 """The orchestrator's background services, assembled per app and run by its lifespan: log storage, the
-dispatcher (which listens to agent sessions and to new runs), the sweeps and the git poller."""
+dispatcher (which listens to agent sessions and to new runs), the sweeps, the git poller and the scheduler."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from kici.orchestrator.dispatch.dispatcher import Dispatcher
     from kici.orchestrator.dispatch.sweeps import Sweeper
     from kici.orchestrator.ingest.poller import GitPoller
+    from kici.orchestrator.scheduling.scheduler import Scheduler
 
 
 STOP_TIMEOUT_S = 3.0
@@ -30,6 +31,7 @@ class Services:
     dispatcher: Dispatcher
     sweeper: Sweeper
     poller: GitPoller
+    scheduler: Scheduler
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
@@ -38,22 +40,26 @@ class Services:
         from kici.orchestrator.dispatch.sweeps import Sweeper
         from kici.orchestrator.ingest.poller import GitPoller
         from kici.orchestrator.ingest.service import ingest_for
+        from kici.orchestrator.scheduling.scheduler import Scheduler
 
         state = app.state.kici
         logs = FilesystemLogStorage(default_log_root(state.settings.data_dir))
         ingest = ingest_for(app)
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
-        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest))
+        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
+                   scheduler=Scheduler(state, ingest))
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)
         await self.sweeper.start(readiness)
         await self.poller.start(readiness)
+        await self.scheduler.start(readiness)
 
     async def stop(self) -> None:
         """Stop the background services, each within `STOP_TIMEOUT_S` (a stuck one is logged and left
         behind: the process is exiting, and a bounded shutdown matters more than a tidy one)."""
         for name, stop in (
+            ("scheduler", self.scheduler.stop),
             ("poller", self.poller.stop),
             ("sweeper", self.sweeper.stop),
             ("dispatcher", self.dispatcher.stop),

@@ -176,6 +176,24 @@ class GitProvider:
                 heads[ref] = sha
         return heads
 
+    async def head_branch(self) -> str | None:
+        """The branch the repository's HEAD names (a bare or remote repository's default branch; for a
+        working repository, the branch checked out), or None when HEAD is detached or unreadable."""
+        if self._worktree is not None:
+            if not self._worktree.exists():
+                raise ProviderError(f"git source path {self._worktree} does not exist")
+            code, out, _ = await self._git("symbolic-ref", "--quiet", "HEAD", check=False)
+        else:
+            async with self._mirror_lock:
+                await self._init_mirror()
+            code, out, _ = await self._git("ls-remote", "--symref", "--", self.url, "HEAD", check=False)
+            lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("ref: ")]
+            out = lines[0][len("ref: "):].split("\t")[0].encode() if lines else b""
+        ref = out.decode(errors="replace").strip()
+        if code != 0 or not ref.startswith("refs/heads/"):
+            return None
+        return ref[len("refs/heads/"):]
+
     async def resolve_ref(self, repo: str, ref: str) -> str | None:
         ref = check_ref(ref)
         if self._mirror is not None:

@@ -11,8 +11,10 @@ from kici.orchestrator.routes import (
     admin_agents,
     admin_audit,
     admin_events,
+    admin_manual_runs,
     admin_queue,
     admin_runs,
+    admin_schedules,
     admin_sources,
     admin_system,
     admin_tokens,
@@ -24,6 +26,8 @@ router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"], route_class=AdminRoute)
 router.include_router(admin_system.router)
 router.include_router(admin_tokens.router)
 router.include_router(admin_runs.router)
+router.include_router(admin_manual_runs.router)
+router.include_router(admin_schedules.router)
 router.include_router(admin_sources.router)
 router.include_router(admin_audit.router)
 router.include_router(admin_queue.router)
