@@ -145,5 +145,5 @@ def test_concurrent_migrators_do_not_collide(database_url: str, tmp_path: Path) 
                 proc.wait()
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
     applied = sorted(out.strip() for out, _ in outputs)
-    assert applied == ["applied=", "applied=0001,0002"]
+    assert applied == ["applied=", "applied=0001,0002,0004"]
 

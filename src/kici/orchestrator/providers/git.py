@@ -177,11 +177,19 @@ class GitProvider:
         return heads
 
     async def head_branch(self) -> str | None:
-        """The branch the repository's HEAD names (a bare or remote repository's default branch; for a
-        working repository, the branch checked out), or None when HEAD is detached or unreadable."""
+        """The repository's default branch as git knows it: the branch HEAD names in a bare or remote
+        repository. A working repository's HEAD is whatever is checked out, so there `main` (or `master`)
+        wins when it exists, and HEAD's branch is the last resort. None when nothing names a branch."""
         if self._worktree is not None:
             if not self._worktree.exists():
                 raise ProviderError(f"git source path {self._worktree} does not exist")
+            _, bare, _ = await self._git("rev-parse", "--is-bare-repository", check=False)
+            if bare.strip() != b"true":
+                for candidate in ("main", "master"):
+                    code, _, _ = await self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{candidate}",
+                                                 check=False)
+                    if code == 0:
+                        return candidate
             code, out, _ = await self._git("symbolic-ref", "--quiet", "HEAD", check=False)
         else:
             async with self._mirror_lock:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 from kici.engine.events import Event
 from kici.engine.lockfile import LockFileError, ScheduleTrigger
+from prometheus_client import CollectorRegistry, Counter
+
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.db.schema import utcnow
@@ -40,11 +42,29 @@ RETRY_AFTER_S = 60.0
 DUE_BATCH = 100
 
 
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ticks = Counter("kici_scheduler_ticks", "Scheduler ticks completed (each reads the due schedules).",
+                             registry=registry)
+        self.fired = Counter("kici_schedules_fired", "Schedule slots this orchestrator fired (runs created).",
+                             registry=registry)
+        self.failed = Counter("kici_schedule_fire_failures", "Fires that failed (host unreadable, …); retried.",
+                              registry=registry)
+
+
 class Scheduler:
-    def __init__(self, state: AppState, ingest: Ingest, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        ingest: Ingest,
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
         self.state = state
         self.ingest = ingest
         self.clock = clock
+        self.metrics = metrics or SchedulerMetrics(state.metrics.registry)
         self._retry_at: dict[str, float] = {}
         """Registration id → monotonic time before which a failing registration is not retried. A local
         back-off only: correctness lives in the database (another node may retry sooner, harmlessly)."""
@@ -72,10 +92,13 @@ class Scheduler:
                 log_event("schedule.fire_failed", level="warning", schedule_id=schedule.id,
                           workflow=schedule.workflow, repo=schedule.repo, error=reason, retry_in_s=RETRY_AFTER_S)
                 self._retry_at[schedule.id] = time.monotonic() + RETRY_AFTER_S
+                self.metrics.failed.inc()
                 continue
             self._retry_at.pop(schedule.id, None)
             if run_id is not None:
                 created.append(run_id)
+        self.metrics.fired.inc(len(created))
+        self.metrics.ticks.inc()
         if created:
             await self.ingest.runs_created(created)
         return created
