@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
 import datetime as dt
 import zoneinfo
 from pathlib import Path
@@ -14,8 +15,11 @@ from prometheus_client import CollectorRegistry
 
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.service import ingest_for
+from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.scheduling.scheduler import Scheduler, SchedulerMetrics
 from tests.integration.orchestrator.schedule_harness import WORKFLOWS, Clock, orchestrator, schedule_repo
+from tests.integration.orchestrator.test_providers_git import GitRepo, compile_into
+from tests.integration.orchestrator.test_providers_github import INSTALLATION_ID, FakeGitHub
 
 ZERO = "0" * 40
 
@@ -176,3 +180,49 @@ async def test_schedules_listing_by_source(database: Database, tmp_path: Path) -
         # deleting the source removes its schedules
         assert (await orch.admin("DELETE", "/sources/local")).status_code == 200
         assert await orch.schedules() == []
+
+
+async def test_github_source_registers_and_fires_through_the_api(database: Database, tmp_path: Path) -> None:
+    fake = FakeGitHub()
+    try:
+        lock = compile_into(tmp_path / "work", WORKFLOWS)
+        sha = "e" * 40
+        fake.files[("acme/app", sha)] = lock
+        fake.refs[("acme/app", "release")] = sha
+        fake.repositories["acme/app"] = {"default_branch": "release"}
+        fake.installations["acme/app"] = INSTALLATION_ID
+        fake.installation_repos[INSTALLATION_ID] = ["acme/app"]
+        async with orchestrator(database, tmp_path / "data") as orch:
+            created = await orch.admin("POST", "/sources", json={
+                "kind": "github", "name": "gh",
+                "config": {"app_id": fake.app_id, "api_url": fake.url, "installation_id": INSTALLATION_ID},
+                "secrets": {"private_key": fake.private_key_pem, "webhook_secret": "w"},
+            })
+            assert created.status_code == 201, created.text
+            [listed] = await orch.schedules()
+            assert (listed["source"], listed["repo"], listed["branch"], listed["lock_commit"]) == (
+                "gh", "acme/app", "release", sha)
+            orch.scheduler.clock = Clock(_at(listed["next_fire_at"]) + dt.timedelta(seconds=1))
+            [run_id] = await orch.scheduler.tick()
+            [run] = await orch.runs("nightly")
+            assert run.id == run_id and run.sha == sha and run.ref == "refs/heads/release"
+    finally:
+        fake.close()
+
+
+async def test_default_branch_of_git_repositories(tmp_path: Path) -> None:
+    """A git source without `default_branch`: a bare (or remote) repository's HEAD; a working repository's
+    `main`/`master` whatever is checked out."""
+    work = GitRepo(tmp_path / "work", branch="trunk")
+    work.write("a", "a\n")
+    work.commit()
+    work.git("checkout", "-q", "-b", "feature")
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work.path), str(bare)], check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(bare), "symbolic-ref", "HEAD", "refs/heads/trunk"], check=True)
+    mirrors = tmp_path / "mirrors"
+    assert await GitProvider("s", str(bare), mirror_root=mirrors).head_branch() == "trunk"
+    assert await GitProvider("s", f"file://{bare}", mirror_root=mirrors, force_mirror=True).head_branch() == "trunk"
+    assert await GitProvider("s", str(work.path), mirror_root=mirrors).head_branch() == "feature"
+    work.git("branch", "main", "trunk")
+    assert await GitProvider("s", str(work.path), mirror_root=mirrors).head_branch() == "main"

@@ -135,7 +135,7 @@ async def start_run(
     workflow = lock.workflow(body.workflow)
     if workflow is None:
         raise AdminError(404, f"no workflow {body.workflow!r} in the lock file at {sha[:12]} "
-                              f"(workflows: {', '.join(w.name for w in lock.workflows) or 'none'})")
+                              f"(workflows: {', '.join(sorted(w.name for w in lock.workflows)) or 'none'})")
     trigger = next((t for t in workflow.triggers if isinstance(t, DispatchTrigger)), None)
     if trigger is None:
         raise AdminError(422, f"invalid request: workflow: {workflow.name!r} has no dispatch() trigger, so it "
