@@ -89,7 +89,8 @@ async def test_refs_workflows_and_sources(database: Database, tmp_path: Path) ->
             "unknown ref": (start(ref="no-such-branch", inputs=inputs), 422,
                             "invalid request: ref: 'no-such-branch' not found in acme/app"),
             "unknown sha": (start(sha="1" * 40, inputs=inputs), 422, None),
-            "bad sha": (start(sha="not-a-sha", inputs=inputs), 422, "invalid request: sha: not a commit id: 'not-a-sha'"),
+            "bad sha": (start(sha="not-a-sha", inputs=inputs), 422,
+                        "invalid request: sha: not a commit id: 'not-a-sha'"),
             "ref and sha": (start(ref="main", sha=first), 422, "invalid request: give either ref or sha, not both"),
             "no workflow": ({"source": "local"}, 422, "invalid request: workflow: Field required"),
             "extra field": (start(branch="main"), 422, "invalid request: branch: Extra inputs are not permitted"),
@@ -106,7 +107,8 @@ async def test_refs_workflows_and_sources(database: Database, tmp_path: Path) ->
         assert denied.status_code == 403 and "runs:write" in denied.json()["error"]
         assert (await orch.admin("POST", "/sources/local/disable")).status_code == 200
         disabled = await orch.admin("POST", "/runs", json=start(inputs=inputs))
-        assert disabled.status_code == 422 and disabled.json() == {"error": "invalid request: source: 'local' is disabled"}
+        assert disabled.status_code == 422
+        assert disabled.json() == {"error": "invalid request: source: 'local' is disabled"}
         assert len(await orch.runs()) == 3
 
 

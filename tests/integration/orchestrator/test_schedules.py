@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
 import datetime as dt
+import subprocess
 import zoneinfo
 from pathlib import Path
 

@@ -20,10 +20,10 @@ import datetime as dt
 import time
 from collections.abc import Callable
 
-from kici.engine.events import Event
-from kici.engine.lockfile import LockFileError, ScheduleTrigger
 from prometheus_client import CollectorRegistry, Counter
 
+from kici.engine.events import Event
+from kici.engine.lockfile import LockFileError, ScheduleTrigger
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.db.schema import utcnow
