@@ -33,3 +33,9 @@ def test_dispatch_bench_runs() -> None:
     sqlite = result["sqlite"]
     assert sqlite["latency"]["dispatched"] == sqlite["latency"]["webhooks"] > 0
     assert sqlite["throughput"]["completed_jobs_per_s"] > 0
+
+
+def test_scheduler_bench_runs() -> None:
+    result = run_bench(str(BENCH / "scheduler.py"), "--quick", "--db", "sqlite")
+    sqlite = result["sqlite"]
+    assert sqlite["schedules"] == 50 and sqlite["with_schedules"]["scheduler_ticks"] > 0
