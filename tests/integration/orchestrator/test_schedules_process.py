@@ -119,12 +119,9 @@ def test_manual_runs_through_the_cli(start_orchestrator: StartOrchestrator, data
     assert table.returncode == 0 and "nightly" in table.stdout and "* * * * *" in table.stdout
 
 
-def _slot_fired(orch: OrchestratorProcess, after: dt.datetime | None = None) -> dict[str, Any] | None:
-    for event in orch.events():
-        if event.get("event") == "schedule.fired":
-            if after is None or dt.datetime.fromisoformat(event["slot"]) > after:
-                return event
-    return None
+def _slot_fired(orch: OrchestratorProcess) -> dict[str, Any] | None:
+    fires = _fires(orch)
+    return fires[0] if fires else None
 
 
 @pytest.mark.slow
