@@ -210,6 +210,8 @@ ci = workflow("ci", on=push(), jobs=[j])
          "matrix values must be JSON values"),
         ('ci = workflow("ci", on=pr(events=["opend"]), jobs=[job("j", run="true")])', "unknown action 'opend'"),
         ('ci = workflow("ci", on=schedule("every day"), jobs=[job("j", run="true")])', "must have 5 fields"),
+        ('ci = workflow("ci", on=schedule("61 * * * *"), jobs=[job("j", run="true")])', "is not valid"),
+        ('ci = workflow("ci", on=schedule("0 0 * * * *"), jobs=[job("j", run="true")])', "must have 5 fields"),
         ('a = job("a", run="true", environment=lambda e: open("x"))\nci = workflow("ci", on=push(), jobs=[a])',
          "not a pure expression"),
         ('a = job("a", run="true", timeout=-1)\nci = workflow("ci", on=push(), jobs=[a])', "positive number"),
