@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -30,6 +31,7 @@ from kici.orchestrator.providers.base import (
 )
 
 GIT_TIMEOUT_SECONDS = 120.0
+HEAD_BRANCH_TTL_S = 60.0
 
 
 def local_path(url: str) -> Path | None:
@@ -61,6 +63,8 @@ class GitProvider:
         digest = hashlib.sha256(url.encode()).hexdigest()[:24]
         self._mirror = None if path is not None else mirror_root / f"{digest}.git"
         self._mirror_lock = asyncio.Lock()
+        self._head_branch: tuple[float, str | None] | None = None
+        """(valid until, branch) of the last `head_branch` answer."""
 
     @property
     def cache_prefix(self) -> str:
@@ -179,7 +183,18 @@ class GitProvider:
     async def head_branch(self) -> str | None:
         """The repository's default branch as git knows it: the branch HEAD names in a bare or remote
         repository. A working repository's HEAD is whatever is checked out, so there `main` (or `master`)
-        wins when it exists, and HEAD's branch is the last resort. None when nothing names a branch."""
+        wins when it exists, and HEAD's branch is the last resort. None when nothing names a branch.
+
+        Remembered for `HEAD_BRANCH_TTL_S`: every push asks (is it the default branch?), and a default
+        branch changes rarely."""
+        now = time.monotonic()
+        if self._head_branch is not None and self._head_branch[0] > now:
+            return self._head_branch[1]
+        branch = await self._read_head_branch()
+        self._head_branch = (now + HEAD_BRANCH_TTL_S, branch)
+        return branch
+
+    async def _read_head_branch(self) -> str | None:
         if self._worktree is not None:
             if not self._worktree.exists():
                 raise ProviderError(f"git source path {self._worktree} does not exist")
