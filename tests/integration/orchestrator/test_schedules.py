@@ -226,3 +226,19 @@ async def test_default_branch_of_git_repositories(tmp_path: Path) -> None:
     assert await GitProvider("s", str(work.path), mirror_root=mirrors).head_branch() == "feature"
     work.git("branch", "main", "trunk")
     assert await GitProvider("s", str(work.path), mirror_root=mirrors).head_branch() == "main"
+
+
+async def test_many_schedules_due_together_fire_in_one_tick(database: Database, tmp_path: Path) -> None:
+    many = "from kici import job, schedule, step, workflow\n" + "".join(
+        f'w{i} = workflow("w{i}", on=[schedule("0 3 * * *")], jobs=[job("j", steps=[step("s", "echo")])])\n'
+        for i in range(20)
+    )
+    repo, head = schedule_repo(tmp_path / "repo", many)
+    async with orchestrator(database, tmp_path / "data") as orch:
+        await orch.add_git_source(repo)
+        listed = await orch.schedules()
+        assert len(listed) == 20 and len({s["next_fire_at"] for s in listed}) == 1
+        orch.scheduler.clock = Clock(_at(listed[0]["next_fire_at"]) + dt.timedelta(seconds=1))
+        assert len(await orch.scheduler.tick()) == 20
+        runs = await orch.runs()
+        assert sorted(r.workflow for r in runs) == sorted(f"w{i}" for i in range(20)) and {r.sha for r in runs} == {head}

@@ -82,11 +82,12 @@ class Scheduler:
         async with self.state.database.read() as conn:
             due = await schedule_store.due_schedules(conn, now=now, limit=DUE_BATCH)
         created: list[str] = []
+        heads: dict[tuple[str, str, str], str | None] = {}
         for schedule in due:
             if self._retry_at.get(schedule.id, 0.0) > time.monotonic():
                 continue
             try:
-                run_id = await self.fire(schedule, now)
+                run_id = await self.fire(schedule, now, heads=heads)
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, ProviderError | LockFileError) else f"{type(exc).__name__}: {exc}"
                 log_event("schedule.fire_failed", level="warning", schedule_id=schedule.id,
@@ -103,9 +104,16 @@ class Scheduler:
             await self.ingest.runs_created(created)
         return created
 
-    async def fire(self, schedule: ScheduleRecord, now: dt.datetime) -> str | None:
+    async def fire(
+        self,
+        schedule: ScheduleRecord,
+        now: dt.datetime,
+        *,
+        heads: dict[tuple[str, str, str], str | None] | None = None,
+    ) -> str | None:
         """Fire one due registration: the run id, or None when nothing was created (another orchestrator
-        fired it, the source is gone or disabled, the workflow no longer has the trigger)."""
+        fired it, the source is gone or disabled, the workflow no longer has the trigger). `heads` shares
+        branch heads between the fires of one tick (many nightly jobs of one repository fire together)."""
         seen = schedule.next_fire_at
         next_at = next_fire(schedule.cron, schedule.timezone, max(now, seen))
         async with self.state.database.read() as conn:
@@ -114,7 +122,13 @@ class Scheduler:
             await self._skip(schedule, next_at, "the source is disabled")
             return None
         async with open_provider(self.state, self.ingest, source) as provider:
-            sha = await provider.resolve_ref(schedule.repo, schedule.branch)
+            key = (source.id, schedule.repo, schedule.branch)
+            if heads is not None and key in heads:
+                sha = heads[key]
+            else:
+                sha = await provider.resolve_ref(schedule.repo, schedule.branch)
+                if heads is not None:
+                    heads[key] = sha
             if sha is None:
                 await self._skip(schedule, next_at, f"branch {schedule.branch!r} not found")
                 return None
