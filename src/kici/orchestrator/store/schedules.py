@@ -61,6 +61,18 @@ class ScheduleListing(ScheduleRecord):
     """The source's name."""
 
 
+_UPDATE_REGISTRATION = (
+    schedules.update()
+    .where(schedules.c.id == sa.bindparam("b_id"))
+    .values(
+        cron=sa.bindparam("b_cron"), timezone=sa.bindparam("b_timezone"), branch=sa.bindparam("b_branch"),
+        lock_commit=sa.bindparam("b_lock_commit"), inputs=sa.bindparam("b_inputs", type_=schedules.c.inputs.type),
+        next_fire_at=sa.bindparam("b_next_fire_at", type_=schedules.c.next_fire_at.type),
+        updated_at=sa.bindparam("b_updated_at", type_=schedules.c.updated_at.type),
+    )
+)
+
+
 @dataclass(frozen=True)
 class ReplaceResult:
     added: list[str]
@@ -98,28 +110,39 @@ async def replace_registrations(
     if gone:
         await conn.execute(schedules.delete().where(schedules.c.id.in_(gone)))
         result.removed.extend(sorted(f"{k[0]}#{k[1]}" for k in current if k not in wanted))
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
     for key, reg in sorted(wanted.items()):
         label = f"{reg.workflow}#{reg.trigger_index}"
-        values: dict[str, Any] = {
-            "branch": branch, "lock_commit": lock_commit, "inputs": dict(reg.inputs), "updated_at": now,
-        }
         row = current.get(key)
         if row is None:
-            await conn.execute(
-                schedules.insert().values(
-                    id=new_id(), org_id=org_id, source_id=source_id, repo=repo, workflow=reg.workflow,
-                    trigger_index=reg.trigger_index, cron=reg.cron, timezone=reg.timezone,
-                    next_fire_at=next_fire(reg.cron, reg.timezone, now), created_at=now, **values,
-                )
-            )
+            inserts.append({
+                "id": new_id(), "org_id": org_id, "source_id": source_id, "repo": repo, "workflow": reg.workflow,
+                "trigger_index": reg.trigger_index, "cron": reg.cron, "timezone": reg.timezone,
+                "next_fire_at": next_fire(reg.cron, reg.timezone, now), "created_at": now, "branch": branch,
+                "lock_commit": lock_commit, "inputs": dict(reg.inputs), "updated_at": now,
+            })
             result.added.append(label)
             continue
         if (row.cron, row.timezone) != (reg.cron, reg.timezone):
-            values.update(cron=reg.cron, timezone=reg.timezone, next_fire_at=next_fire(reg.cron, reg.timezone, now))
+            next_at = next_fire(reg.cron, reg.timezone, now)
             result.changed.append(label)
         else:
+            next_at = row.next_fire_at
             result.kept.append(label)
-        await conn.execute(schedules.update().where(schedules.c.id == row.id).values(**values))
+        if (row.cron, row.timezone, row.branch, row.lock_commit, row.inputs, row.next_fire_at) == (
+            reg.cron, reg.timezone, branch, lock_commit, reg.inputs, next_at
+        ):
+            continue  # nothing to write (a re-read of the same commit)
+        updates.append({
+            "b_id": row.id, "b_cron": reg.cron, "b_timezone": reg.timezone, "b_branch": branch,
+            "b_lock_commit": lock_commit, "b_inputs": dict(reg.inputs), "b_next_fire_at": next_at, "b_updated_at": now,
+        })
+    # one statement each, executed for many rows: a lock file with a thousand schedules is one round trip
+    if inserts:
+        await conn.execute(schedules.insert(), inserts)
+    if updates:
+        await conn.execute(_UPDATE_REGISTRATION, updates)
     return result
 
 
