@@ -17,6 +17,8 @@ from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.scheduling.scheduler import Scheduler, SchedulerMetrics
+from kici.orchestrator.services import services_of
+from kici.orchestrator.store.sources import create_source
 from tests.integration.orchestrator.schedule_harness import WORKFLOWS, Clock, orchestrator, schedule_repo
 from tests.integration.orchestrator.test_providers_git import GitRepo, compile_into
 from tests.integration.orchestrator.test_providers_github import INSTALLATION_ID, FakeGitHub
@@ -243,3 +245,17 @@ async def test_many_schedules_due_together_fire_in_one_tick(database: Database, 
         runs = await orch.runs()
         assert sorted(r.workflow for r in runs) == sorted(f"w{i}" for i in range(20))
         assert {r.sha for r in runs} == {head}
+
+
+async def test_first_poll_registers_schedules(database: Database, tmp_path: Path) -> None:
+    """A polled git source created behind the API's back (no refresh at `source add`): its first poll, which
+    reports no pushes, reads the default branch's schedules."""
+    repo, head = schedule_repo(tmp_path / "repo")
+    async with orchestrator(database, tmp_path / "data") as orch:
+        async with database.transaction() as conn:
+            source = await create_source(conn, key=None, name="polled", kind="git",
+                                         config={"url": str(repo.path), "repo": "acme/app", "poll_seconds": 60})
+        assert await orch.schedules() == []
+        assert await services_of(orch.app).poller.poll(source.id) == []  # the baseline: no pushes reported
+        [listed] = await orch.schedules()
+        assert (listed["source"], listed["workflow"], listed["lock_commit"]) == ("polled", "nightly", head)
