@@ -11,11 +11,13 @@ import subprocess
 import zoneinfo
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.providers.git import GitProvider
+from kici.orchestrator.scheduling.cron import CronError, check_cron, next_fire
 from kici.orchestrator.scheduling.scheduler import Scheduler, SchedulerMetrics
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store.sources import create_source
@@ -259,3 +261,25 @@ async def test_first_poll_registers_schedules(database: Database, tmp_path: Path
         assert await services_of(orch.app).poller.poll(source.id) == []  # the baseline: no pushes reported
         [listed] = await orch.schedules()
         assert (listed["source"], listed["workflow"], listed["lock_commit"]) == ("polled", "nightly", head)
+
+
+def test_cron_slots_follow_the_time_zone() -> None:
+    utc = dt.UTC
+
+    def at(*args: int) -> dt.datetime:
+        return dt.datetime(*args, tzinfo=utc)
+
+    assert next_fire("* * * * *", "UTC", at(2026, 12, 4, 21, 30, 0)) == at(2026, 12, 4, 21, 31)
+    assert next_fire("@daily", "UTC", at(2026, 12, 4, 21, 30)) == at(2026, 12, 5)
+    # 09:00 on weekdays in New York, from a Friday evening: Monday 14:00 UTC (EST)
+    assert next_fire("0 9 * * 1-5", "America/New_York", at(2026, 12, 4, 21, 0)) == at(2026, 12, 7, 14)
+    # spring forward in Berlin: 02:30 does not exist on 29 March; it fires at 03:00 local (01:00 UTC)
+    assert next_fire("30 2 * * *", "Europe/Berlin", at(2026, 3, 28, 23, 0)) == at(2026, 3, 29, 1, 0)
+    # fall back: 02:30 happens twice on 25 October; it fires once (summer time), then the next day
+    first = next_fire("30 2 * * *", "Europe/Berlin", at(2026, 10, 25, 0, 0))
+    assert first == at(2026, 10, 25, 0, 30)
+    assert next_fire("30 2 * * *", "Europe/Berlin", first) == at(2026, 10, 26, 1, 30)
+    for cron, timezone, problem in (("61 * * * *", "UTC", "is not valid"), ("* * *", "UTC", "5 fields"),
+                                    ("* * * * *", "Mars/Olympus", "unknown time zone")):
+        with pytest.raises(CronError, match=problem):
+            check_cron(cron, timezone)

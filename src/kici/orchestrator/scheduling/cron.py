@@ -44,7 +44,12 @@ def next_fire(cron: str, timezone: str, after: dt.datetime) -> dt.datetime:
         raise ValueError("next_fire needs an aware datetime")
     start = after.astimezone(_zone(timezone))
     try:
-        slot = croniter(cron, start).get_next(dt.datetime)
+        slots = croniter(cron, start)
+        slot = slots.get_next(dt.datetime)
+        # When clocks go back, croniter repeats the wall-clock times of the repeated hour (02:30 summer
+        # time, then 02:30 winter time). A wall-clock time that has already passed does not fire again.
+        while slot.replace(tzinfo=None) <= start.replace(tzinfo=None):
+            slot = slots.get_next(dt.datetime)
     except (ValueError, KeyError) as exc:
         raise CronError(f"cron expression {cron!r} is not valid: {exc}") from exc
     assert isinstance(slot, dt.datetime)
