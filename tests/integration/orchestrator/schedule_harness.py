@@ -45,6 +45,18 @@ deploy = workflow(
     })],
     jobs=[job("ship", runs_on=["linux"], steps=[step("s", "echo s")])],
 )
+release = workflow(
+    "release",
+    on=[dispatch(inputs={
+        "version": inputs.string(required=True, description="the version to release"),
+        "target": inputs.environment(required=True, description="where to deploy"),
+        "notes": inputs.string(default="none"),
+        "fallback": inputs.environment(default="staging"),
+        "retries": inputs.number(default=2, description="how often to retry"),
+        "verbose": inputs.boolean(required=True),
+    })],
+    jobs=[job("ship", runs_on=["linux"], steps=[step("s", "echo s")])],
+)
 ci = workflow("ci", on=[push(branches=["main"])], jobs=[job("t", runs_on=["linux"], steps=[step("t", "echo t")])])
 """
 

@@ -63,6 +63,25 @@ async def test_inputs_validated(database: Database, tmp_path: Path) -> None:
         assert typed.json()["event"]["inputs"] == {"count": 2.5, "mode": "slow", "dry_run": False}
         assert typed.json()["sha"] == head, "no ref: the head of the default branch"
 
+        # every input kind: required strings and environments, defaults of each type
+        release = {"source": "local", "workflow": "release"}
+        for inputs, message in (
+            ({"target": "prod", "verbose": True}, "input 'version' is required"),
+            ({"version": "1.2", "verbose": True}, "input 'target' is required"),
+            ({"version": "1.2", "target": "prod"}, "input 'verbose' is required"),
+            ({"version": True, "target": "prod", "verbose": True}, "input 'version' must be a string, not True"),
+            ({"version": "1.2", "target": "prod", "verbose": 3}, "input 'verbose' must be true or false, not 3"),
+        ):
+            refused = await orch.admin("POST", "/runs", json={**release, "inputs": inputs})
+            assert refused.status_code == 422 and refused.json() == {"error": f"invalid request: inputs: {message}"}
+        full = await orch.admin("POST", "/runs", json={**release, "inputs": {"version": 1.5, "target": "prod",
+                                                                             "verbose": "off"}})
+        assert full.status_code == 201, full.text
+        assert full.json()["event"]["inputs"] == {
+            "version": "1.5", "target": "prod", "notes": "none", "fallback": "staging", "retries": 2, "verbose": False,
+        }
+        assert len(await orch.runs()) == 3
+
 
 async def test_refs_workflows_and_sources(database: Database, tmp_path: Path) -> None:
     repo, first = schedule_repo(tmp_path / "repo")
