@@ -102,6 +102,10 @@ async def _finish(state: AppState, delivery: Delivery, status: EventLogStatus, r
 async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider: LockFileSource) -> PipelineResult:
     event = delivery.event
     repo = event.repo or ""
+    if event.default_branch is None and isinstance(provider, GitProvider):
+        # a git source without a configured default branch: the repository's (what new branches are
+        # compared with, and whose pushes register schedules)
+        event = event.model_copy(update={"default_branch": await git_default_branch(delivery.source, provider)})
     if event.sha is None:
         branch = event.branch or event.target_branch or event.default_branch
         if branch is None:
@@ -144,12 +148,7 @@ async def _register_schedules(
         return
     source = delivery.source
     try:
-        default: str | None
-        if isinstance(provider, GitProvider):
-            default = await git_default_branch(source, provider)
-        else:
-            default = event.default_branch
-        if event.branch != default:
+        if event.default_branch is None or event.branch != event.default_branch:
             return
         await register_from_lock(state, source=source, repo=event.repo or "", branch=event.branch,
                                  sha=event.sha, lock=lock)
