@@ -673,8 +673,8 @@ def source_add() -> None:
 @click.option("--poll", type=click.IntRange(min=1), metavar="SECONDS",
               help="Also poll the branches every SECONDS (stored as config.poll_seconds).")
 @click.option("--repo", help="The repository name events carry (default: derived from the URL).")
-@click.option("--default-branch", help="The branch whose lock file registers schedules (default: a bare or remote "
-              "repository's HEAD; in a working repository main, else master).")
+@click.option("--default-branch", help="New branches are compared with it; its lock file registers schedules "
+              "(default: a bare or remote repository's HEAD; in a working repository main, else master).")
 @click.option("--mirror", is_flag=True, default=None, help="Read through a bare mirror even for a local path.")
 @json_option
 def source_add_git(name: str, repo_url: str, secret: str | None, poll: int | None, repo: str | None,
