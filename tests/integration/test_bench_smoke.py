@@ -43,3 +43,7 @@ def test_dashboard_bench_runs() -> None:
     sqlite = result["sqlite"]
     assert sqlite["runs_page"]["newest"]["samples"] == 3 and sqlite["run_page"]["last_page"]["bytes"] > 0
     assert sqlite["live_log"]["lines"] == sqlite["live_log_chromium"]["lines"] == 10
+def test_scheduler_bench_runs() -> None:
+    result = run_bench(str(BENCH / "scheduler.py"), "--quick", "--db", "sqlite")
+    sqlite = result["sqlite"]
+    assert sqlite["schedules"] == 50 and sqlite["with_schedules"]["scheduler_ticks"] > 0

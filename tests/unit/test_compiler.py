@@ -201,6 +201,8 @@ ci = workflow("ci", on=push(), jobs=[j])
         ('ci = workflow("ci", on=tag("*(*|@)"), jobs=[job("j", run="true")])', "backtrack catastrophically"),
         ('ci = workflow("ci", on=schedule("0 * * * *", inputs={"x": inputs.string()}), jobs=[job("j", run="true")])',
          "has no default"),
+        ('ci = workflow("ci", on=schedule("61 * * * *"), jobs=[job("j", run="true")])', "is not valid"),
+        ('ci = workflow("ci", on=schedule("0 0 * * * *"), jobs=[job("j", run="true")])', "must have 5 fields"),
         ('ci = workflow("ci", on=push(), jobs=[])', "at least one job"),
         ('a = job("a", run="true", env={"K": object()})\nci = workflow("ci", on=push(), jobs=[a])',
          "is not a string or number"),

@@ -278,7 +278,7 @@ def db_migrate(status_only: bool, as_json: bool) -> None:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list, show, jobs, logs, watch, cancel, rerun."""
+    """Runs: list, show, jobs, logs, watch, cancel, rerun, start."""
 
 
 def _short_sha(value: Any) -> str | None:
@@ -443,6 +443,48 @@ def runs_rerun(run_id: str, as_json: bool) -> None:
     new = result["run"]
     click.echo(f"Started run {new['id']} ({new.get('workflow')}, {new.get('status')}), a re-run of {run_id}.")
     click.echo(f"Watch it: kici-admin runs watch {new['id']}")
+
+
+def _input_pairs(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE")
+        if key.strip() in pairs:
+            raise click.BadParameter(f"input {key.strip()!r} given twice")
+        pairs[key.strip()] = value
+    return pairs
+
+
+@runs.command("start")
+@click.argument("workflow")
+@click.option("--source", required=True, metavar="NAME", help="The source (name or id) holding the workflow.")
+@click.option("--ref", metavar="REF", help="Branch or tag to run at (default: the head of the default branch).")
+@click.option("--sha", metavar="SHA", help="Commit to run at (instead of --ref).")
+@click.option("--repo", metavar="OWNER/NAME", help="The repository, for a GitHub source (a git source has one).")
+@click.option("--input", "inputs", multiple=True, metavar="KEY=VALUE", callback=_input_pairs,
+              help="A value for one of the workflow's dispatch inputs (repeatable); converted and checked "
+              "against the declared type by the orchestrator.")
+@json_option
+def runs_start(workflow: str, source: str, ref: str | None, sha: str | None, repo: str | None,
+               inputs: dict[str, str], as_json: bool) -> None:
+    """Start WORKFLOW by hand through its dispatch() trigger."""
+    if ref is not None and sha is not None:
+        raise click.UsageError("give --ref or --sha, not both")
+    body: dict[str, Any] = {"source": source, "workflow": workflow, "inputs": inputs}
+    for key, value in (("ref", ref), ("sha", sha), ("repo", repo)):
+        if value is not None:
+            body[key] = value
+    run = _client().post("/runs", body)
+    if as_json:
+        print_json(run)
+        return
+    given = run.get("event", {}).get("inputs") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(given.items()))
+    click.echo(f"Started run {run['id']} ({run['workflow']} at {_short_sha(run['sha'])}"
+               f"{', inputs ' + shown if shown else ''}).")
+    click.echo(f"Watch it: kici-admin runs watch {run['id']}")
 
 
 # -- queue, agents, events ------------------------------------------------------------------------
@@ -716,7 +758,8 @@ def source_add() -> None:
 @click.option("--poll", type=click.IntRange(min=1), metavar="SECONDS",
               help="Also poll the branches every SECONDS (stored as config.poll_seconds).")
 @click.option("--repo", help="The repository name events carry (default: derived from the URL).")
-@click.option("--default-branch", help="Default: main.")
+@click.option("--default-branch", help="New branches are compared with it; its lock file registers schedules "
+              "(default: a bare or remote repository's HEAD; in a working repository main, else master).")
 @click.option("--mirror", is_flag=True, default=None, help="Read through a bare mirror even for a local path.")
 @notify_options
 @json_option
@@ -947,6 +990,29 @@ def source_hook(name: str, hook_url: str | None) -> None:
 
 def _error(prefix: str, message: str) -> None:
     click.echo(f"{prefix}: error: {' '.join(message.split())}", err=True)
+
+
+
+@cli.group()
+def schedules() -> None:
+    """Schedules: the schedule() triggers registered from each source's default branch."""
+
+
+@schedules.command("list")
+@click.option("--source", metavar="NAME", help="Only this source's schedules.")
+@json_option
+def schedules_list(source: str | None, as_json: bool) -> None:
+    """List registered schedules with their next and last fire times."""
+    found = _client().get("/schedules", source=source)
+    if as_json:
+        print_json(found)
+        return
+    print_table(
+        found,
+        [("workflow", "workflow"), ("cron", "cron"), ("timezone", "timezone"), ("next_fire_at", "next fire"),
+         ("last_fired_at", "last fire"), ("source", "source"), ("repo", "repo"), ("branch", "branch")],
+        empty="No schedules (none of the sources' default branches has a schedule() trigger).",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -137,11 +137,16 @@ def validate_cron(expr: str) -> str | None:
     if text in _CRON_MACROS:
         return None
     fields = text.split()
-    if len(fields) not in (5, 6):
+    if len(fields) != 5:
         return f"cron expression {expr!r} must have 5 fields (minute hour day month weekday)"
     for f in fields:
         if not _CRON_FIELD.match(f):
             return f"cron expression {expr!r}: bad field {f!r}"
+    # the orchestrator's scheduler evaluates it with croniter: refuse here what it would refuse there
+    from croniter import croniter
+
+    if not croniter.is_valid(text):
+        return f"cron expression {expr!r} is not valid (a value out of range, or an unknown name)"
     return None
 
 

@@ -48,6 +48,8 @@ class Permission(StrEnum):
     RUNS_READ = "runs:read"
     RUNS_CANCEL = "runs:cancel"
     RUNS_RERUN = "runs:rerun"
+    RUNS_WRITE = "runs:write"
+    """Start a run by hand (`POST /runs`, a workflow's `dispatch()` trigger)."""
     QUEUE_READ = "queue:read"
     AGENTS_READ = "agents:read"
     SOURCES_READ = "sources:read"

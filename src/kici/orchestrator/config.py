@@ -199,6 +199,12 @@ class Settings(BaseModel):
         description="Interval of the sweeps: stale jobs, dispatch-ack deadlines, queue expiry, recovery "
         "windows, workflow timeouts.",
     )
+    scheduler_interval_ms: int = Field(
+        default=1000, ge=100, le=60_000,
+        description="How often the scheduler looks for due `schedule()` triggers. A tick reads only the "
+        "registrations whose next fire time has passed (an indexed query), so a short interval is cheap; it "
+        "bounds how late after the cron minute a scheduled run starts.",
+    )
     job_heartbeat_interval_ms: int = Field(
         default=60_000, ge=1000, description="Interval at which agents send `job.heartbeat` for running jobs."
     )

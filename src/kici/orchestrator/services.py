@@ -1,6 +1,6 @@
 """The orchestrator's background services, assembled per app and run by its lifespan: log storage, the
-dispatcher (which listens to agent sessions and to new runs), the sweeps, the git poller and the reporting
-worker (GitHub check runs, notifications)."""
+dispatcher (which listens to agent sessions and to new runs), the sweeps, the git poller, the scheduler and
+the reporting worker (GitHub check runs, notifications)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kici.orchestrator.dispatch.sweeps import Sweeper
     from kici.orchestrator.ingest.poller import GitPoller
     from kici.orchestrator.reporting.worker import ReportWorker
+    from kici.orchestrator.scheduling.scheduler import Scheduler
 
 
 STOP_TIMEOUT_S = 3.0
@@ -33,6 +34,7 @@ class Services:
     sweeper: Sweeper
     poller: GitPoller
     reporter: ReportWorker
+    scheduler: Scheduler
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
@@ -43,6 +45,7 @@ class Services:
         from kici.orchestrator.ingest.service import ingest_for
         from kici.orchestrator.reporting.metrics import ReportMetrics
         from kici.orchestrator.reporting.worker import ReportWorker
+        from kici.orchestrator.scheduling.scheduler import Scheduler
 
         state = app.state.kici
         logs = FilesystemLogStorage(default_log_root(state.settings.data_dir))
@@ -51,12 +54,13 @@ class Services:
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
-                   reporter=reporter)
+                   reporter=reporter, scheduler=Scheduler(state, ingest))
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)
         await self.sweeper.start(readiness)
         await self.poller.start(readiness)
+        await self.scheduler.start(readiness)
         await self.reporter.start(readiness)
 
     async def stop(self) -> None:
@@ -64,6 +68,7 @@ class Services:
         behind: the process is exiting, and a bounded shutdown matters more than a tidy one)."""
         for name, stop in (
             ("reporter", self.reporter.stop),
+            ("scheduler", self.scheduler.stop),
             ("poller", self.poller.stop),
             ("sweeper", self.sweeper.stop),
             ("dispatcher", self.dispatcher.stop),

@@ -127,6 +127,10 @@ ROUTES = [
     Route("GET", "/runs/{run_id}/jobs", (Permission.RUNS_READ,), 200, path="/runs/{run}/jobs"),
     Route("GET", "/runs/{run_id}/jobs/{job}/logs", (Permission.RUNS_READ,), 200, path="/runs/{run}/jobs/build/logs"),
     Route("POST", "/runs/{run_id}/rerun", (Permission.RUNS_RERUN,), 201, path="/runs/{run}/rerun"),
+    # past the permission check the handler looks the source up (a full start is in test_manual_runs.py)
+    Route("POST", "/runs", (Permission.RUNS_WRITE,), 404, body={"source": "no-such-source", "workflow": "deploy"},
+          label="(unknown source)"),
+    Route("GET", "/schedules", (Permission.RUNS_READ,), 200),
     Route("POST", "/runs/{run_id}/cancel", (Permission.RUNS_CANCEL,), 200, path="/runs/{run}/cancel",
           body={"force": False}),
     Route("GET", "/audit", (Permission.AUDIT_READ,), 200),

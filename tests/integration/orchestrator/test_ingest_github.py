@@ -25,6 +25,7 @@ from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.store.events import EventLogEntry, get_event_log
+from kici.orchestrator.store.schedules import list_schedules
 from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source
 from tests.integration.orchestrator.test_providers_git import compile_into
 from tests.integration.orchestrator.test_providers_github import FakeGitHub, fake_github  # noqa: F401
@@ -422,3 +423,17 @@ async def test_oversized_lock_file_is_a_corrupt_one(env: Env, monkeypatch: pytes
     assert response.status_code == 202 and response.json()["outcome"] == "lockfile_corrupt"
     runs = await env.runs(delivery)
     assert len(runs) == 1 and runs[0].status == "failed" and "over the 100-byte limit" in (runs[0].failure_reason or "")
+
+
+async def test_push_to_the_default_branch_registers_schedules(env: Env, tmp_path: Path) -> None:
+    """The payload's `repository.default_branch` says which pushes (re)register a repository's schedules."""
+    scheduled = compile_into(tmp_path / "scheduled", 'from kici import job, schedule, step, workflow\n'
+                             'nightly = workflow("nightly", on=[schedule("30 2 * * *", timezone="Asia/Tokyo")],\n'
+                             '                   jobs=[job("j", steps=[step("s", "echo s")])])\n')
+    env.fake.files[(HELLO, INITIAL)] = scheduled
+    assert (await env.deliver("push.branch-created.json")).status_code == 202  # refs/heads/master, the default
+    async with env.database.read() as conn:
+        [registered] = await list_schedules(conn)
+    assert (registered.repo, registered.branch, registered.workflow, registered.lock_commit) == (
+        HELLO, "master", "nightly", INITIAL)
+    assert (registered.cron, registered.timezone, registered.source) == ("30 2 * * *", "Asia/Tokyo", "github")

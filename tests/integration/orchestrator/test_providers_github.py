@@ -49,7 +49,10 @@ class FakeGitHub:
         self.files: dict[tuple[str, str], bytes] = {}  # (repo, sha) → lock file bytes
         self.compare: dict[tuple[str, str, str], list[str]] = {}  # (repo, base, head) → filenames
         self.refs: dict[tuple[str, str], str] = {}  # (repo, branch) → sha
+        self.repositories: dict[str, dict[str, Any]] = {}  # repo → fields of GET /repos/{r} (default_branch)
+        self.installation_repos: dict[int, list[str]] = {}  # installation id → repos (GET /installation/repositories)
         self.tokens: set[str] = set()
+        self.token_installations: dict[str, int] = {}  # token → the installation it was minted for
         self.hits: Counter[str] = Counter()
         self.fail_with: int | None = None
         # check runs (the reporting tests): what was asked for, and what exists
@@ -233,6 +236,43 @@ class FakeGitHub:
             404, {"message": "Not Found", "documentation_url": f"https://docs.github.com/rest/{doc}", "status": "404"}
         )
 
+    def _installation_for_token(self, h: Any) -> int | None:
+        auth = h.headers.get("Authorization") or ""
+        token = auth[len("token "):] if auth.startswith("token ") else ""
+        return self.token_installations.get(token)
+
+    def _repo_body(self, repo: str) -> dict[str, Any]:
+        owner, name = repo.split("/")
+        fields = self.repositories.get(repo, {})
+        return {
+            "id": abs(hash(repo)) % 10**9, "node_id": "R_x", "name": name, "full_name": repo, "private": True,
+            "owner": {"login": owner, "id": 1, "type": "Organization"},
+            "html_url": f"https://github.com/{repo}", "default_branch": fields.get("default_branch", "main"),
+            "visibility": "private", **fields,
+        }
+
+    def _repository(self, h: Any, repo: str) -> None:
+        """`GET /repos/{owner}/{repo}` with an installation token that can see the repository."""
+        installation = self._installation_for_token(h)
+        if installation is None or self.installations.get(repo) != installation or repo not in self.repositories:
+            self._not_found(h, "repos/repos#get-a-repository")
+            return
+        h._send(200, self._repo_body(repo))
+
+    def _installation_repositories(self, h: Any, query: dict[str, list[str]]) -> None:
+        """`GET /installation/repositories` (paged by `per_page`/`page`) with an installation token."""
+        installation = self._installation_for_token(h)
+        if installation is None:
+            h._send(401, {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest",
+                          "status": "401"})
+            return
+        repos = self.installation_repos.get(installation, [])
+        per_page = int(query.get("per_page", ["30"])[0])
+        page = int(query.get("page", ["1"])[0])
+        chunk = repos[(page - 1) * per_page : page * per_page]
+        h._send(200, {"total_count": len(repos), "repository_selection": "selected",
+                      "repositories": [self._repo_body(r) for r in chunk]})
+
     def handle(self, h: Any, method: str) -> None:
         parsed = urlparse(h.path)
         path = unquote(parsed.path)
@@ -254,6 +294,8 @@ class FakeGitHub:
             token = "ghs_" + secrets.token_hex(18)
             self.tokens.add(token)
             self.token_scopes[token] = scope
+            if parts[2].isdigit():
+                self.token_installations[token] = int(parts[2])
             expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
             h._send(
                 201,
@@ -268,10 +310,16 @@ class FakeGitHub:
         if parts[0] == "repos" and len(parts) in (4, 5) and parts[3] == "check-runs" and method in ("POST", "PATCH"):
             self._check_run(h, method, f"{parts[1]}/{parts[2]}", int(parts[4]) if len(parts) == 5 else None)
             return
-        if method != "GET" or parts[0] != "repos" or len(parts) < 4:
+        if method == "GET" and parts == ["installation", "repositories"]:
+            self._installation_repositories(h, query)
+            return
+        if method != "GET" or parts[0] != "repos" or len(parts) < 3:
             self._not_found(h, "")
             return
         repo = f"{parts[1]}/{parts[2]}"
+        if len(parts) == 3:
+            self._repository(h, repo)
+            return
         if parts[3] == "installation":
             if not self._jwt_ok(h.headers.get("Authorization")) or repo not in self.installations:
                 self._not_found(h, "apps/apps#get-a-repository-installation-for-the-authenticated-app")

@@ -411,6 +411,30 @@ git_refs = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
 )
 
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    # one `schedule()` trigger registered from the lock file on a source's default branch
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("source_id", sa.Text, sa.ForeignKey("sources.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("repo", sa.Text, nullable=False),  # a GitHub source serves several repositories
+    sa.Column("workflow", sa.Text, nullable=False),
+    sa.Column("trigger_index", sa.Integer, nullable=False),  # the trigger's position in the workflow's `triggers`
+    sa.Column("cron", sa.Text, nullable=False),
+    sa.Column("timezone", sa.Text, nullable=False),
+    sa.Column("branch", sa.Text, nullable=False),  # the default branch the registration was read from
+    sa.Column("inputs", JSON_TYPE, nullable=False, default=dict),
+    sa.Column("lock_commit", sa.Text, nullable=False),  # the commit whose lock file registered it
+    sa.Column("next_fire_at", UtcDateTime, nullable=False),
+    sa.Column("last_fired_at", UtcDateTime, nullable=True),  # the cron slot of the last fire
+    sa.Column("last_run_id", sa.Text, nullable=True),  # no FK: runs may be purged, the schedule stays
+    _created_at(),
+    sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.UniqueConstraint("source_id", "repo", "workflow", "trigger_index"),
+    sa.Index(None, "next_fire_at"),  # the scheduler's tick reads only due rows
+)
+
 
 dashboard_sessions = sa.Table(
     "dashboard_sessions",

@@ -9,7 +9,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class DispatchMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.runs_created = Counter("kici_runs_created", "Runs created from webhooks or reruns.", registry=registry)
+        self.runs_created = Counter(
+            "kici_runs_created", "Runs created from webhooks, reruns, schedules or manual starts.", registry=registry
+        )
         self.runs_finished = Counter(
             "kici_runs_finished", "Runs that reached a final status, by status.", ["status"], registry=registry
         )

@@ -30,7 +30,9 @@ from kici.orchestrator.db.schema import EventLogStatus
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import LockFileSource, LockFileTooLarge, ProviderError
+from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.reporting.targets import reporting_targets
+from kici.orchestrator.scheduling.registrations import git_default_branch, register_from_lock
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store.runs import NewRun, Superseded, create_failed_run, create_run
 from kici.orchestrator.store.sources import Source
@@ -103,6 +105,10 @@ async def _finish(state: AppState, delivery: Delivery, status: EventLogStatus, r
 async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider: LockFileSource) -> PipelineResult:
     event = delivery.event
     repo = event.repo or ""
+    if event.default_branch is None and isinstance(provider, GitProvider):
+        # a git source without a configured default branch: the repository's (what new branches are
+        # compared with, and whose pushes register schedules)
+        event = event.model_copy(update={"default_branch": await git_default_branch(delivery.source, provider)})
     if event.sha is None:
         branch = event.branch or event.target_branch or event.default_branch
         if branch is None:
@@ -124,6 +130,7 @@ async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider
     except LockFileTooLarge as exc:
         return await _corrupt(state, ingest, delivery, event, str(exc))
     if content is None:
+        await _register_schedules(state, delivery, event, provider, None)
         return await _finish(
             state, delivery, EventLogStatus.LOCKFILE_MISSING, f"no .kici/kici.lock.json at {lock_sha}"
         )
@@ -131,7 +138,26 @@ async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider
         lock = ingest.cache.parsed(content)
     except LockFileError as exc:
         return await _corrupt(state, ingest, delivery, event, str(exc))
+    await _register_schedules(state, delivery, event, provider, lock)
     return await _match_and_create(state, delivery, event, lock, provider)
+
+
+async def _register_schedules(
+    state: AppState, delivery: Delivery, event: Event, provider: LockFileSource, lock: LockFile | None
+) -> None:
+    """A push to the default branch replaces the repository's schedule registrations with the lock file's
+    (none when it has no lock file). A failure here is logged: the push's own runs still happen."""
+    if event.type != "push" or event.branch is None or event.sha is None:
+        return
+    source = delivery.source
+    try:
+        if event.default_branch is None or event.branch != event.default_branch:
+            return
+        await register_from_lock(state, source=source, repo=event.repo or "", branch=event.branch,
+                                 sha=event.sha, lock=lock)
+    except Exception as exc:
+        log_event("schedules.refresh_failed", level="warning", source=source.name, repo=event.repo,
+                  error=f"{type(exc).__name__}: {exc}")
 
 
 async def _corrupt(state: AppState, ingest: Ingest, delivery: Delivery, event: Event, reason: str) -> PipelineResult:

@@ -26,6 +26,7 @@ from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import ProviderError
 from kici.orchestrator.providers.git import GitProvider
+from kici.orchestrator.scheduling.registrations import refresh_source_logged
 from kici.orchestrator.store import git_refs as git_ref_store
 from kici.orchestrator.store.sources import Source, enabled_sources_of_kind, get_source
 
@@ -97,6 +98,8 @@ class GitPoller:
                 await git_ref_store.forget_heads(conn, source_id, gone)
         if first and heads:
             log_event("poll.baseline", source=source.name, branches=len(heads))
+            # no push will report the default branch's current lock file: read its schedules now
+            await refresh_source_logged(self.state, self.ingest, source)
         return moved
 
     async def _notify(self, source: Source, ref: str, before: str, after: str) -> None:

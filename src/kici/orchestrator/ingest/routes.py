@@ -276,7 +276,8 @@ def normalize_git_push(payload: Any, *, source: Source, delivery_id: str) -> tup
         return None, result.ignored_reason
     config = source.config
     repo = str(config.get("repo") or repo_name_from_url(str(config["url"])))
-    default_branch = str(config.get("default_branch") or "main")
+    # unset: the pipeline asks the repository (`scheduling.registrations.git_default_branch`)
+    default_branch = config.get("default_branch") or None
     return result.event.model_copy(
         update={"repo": repo, "default_branch": default_branch, "payload": payload, "source": source.name}
     ), None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -30,6 +31,7 @@ from kici.orchestrator.providers.base import (
 )
 
 GIT_TIMEOUT_SECONDS = 120.0
+HEAD_BRANCH_TTL_S = 60.0
 
 
 def local_path(url: str) -> Path | None:
@@ -61,6 +63,8 @@ class GitProvider:
         digest = hashlib.sha256(url.encode()).hexdigest()[:24]
         self._mirror = None if path is not None else mirror_root / f"{digest}.git"
         self._mirror_lock = asyncio.Lock()
+        self._head_branch: tuple[float, str | None] | None = None
+        """(valid until, branch) of the last `head_branch` answer."""
 
     @property
     def cache_prefix(self) -> str:
@@ -175,6 +179,43 @@ class GitProvider:
             if ref and sha:
                 heads[ref] = sha
         return heads
+
+    async def head_branch(self) -> str | None:
+        """The repository's default branch as git knows it: the branch HEAD names in a bare or remote
+        repository. A working repository's HEAD is whatever is checked out, so there `main` (or `master`)
+        wins when it exists, and HEAD's branch is the last resort. None when nothing names a branch.
+
+        Remembered for `HEAD_BRANCH_TTL_S`: every push asks (is it the default branch?), and a default
+        branch changes rarely."""
+        now = time.monotonic()
+        if self._head_branch is not None and self._head_branch[0] > now:
+            return self._head_branch[1]
+        branch = await self._read_head_branch()
+        self._head_branch = (now + HEAD_BRANCH_TTL_S, branch)
+        return branch
+
+    async def _read_head_branch(self) -> str | None:
+        if self._worktree is not None:
+            if not self._worktree.exists():
+                raise ProviderError(f"git source path {self._worktree} does not exist")
+            _, bare, _ = await self._git("rev-parse", "--is-bare-repository", check=False)
+            if bare.strip() != b"true":
+                for candidate in ("main", "master"):
+                    code, _, _ = await self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{candidate}",
+                                                 check=False)
+                    if code == 0:
+                        return candidate
+            code, out, _ = await self._git("symbolic-ref", "--quiet", "HEAD", check=False)
+        else:
+            async with self._mirror_lock:
+                await self._init_mirror()
+            code, out, _ = await self._git("ls-remote", "--symref", "--", self.url, "HEAD", check=False)
+            lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("ref: ")]
+            out = lines[0][len("ref: "):].split("\t")[0].encode() if lines else b""
+        ref = out.decode(errors="replace").strip()
+        if code != 0 or not ref.startswith("refs/heads/"):
+            return None
+        return ref[len("refs/heads/"):]
 
     async def resolve_ref(self, repo: str, ref: str) -> str | None:
         ref = check_ref(ref)

@@ -242,7 +242,8 @@ class GitHubProvider:
             if accept:
                 headers["Accept"] = accept
             response = await _request(
-                self.client, "GET", f"{self.api_url}/repos/{_repo_path(repo)}/{path}", params=params, headers=headers
+                self.client, "GET", f"{self.api_url}/repos/{_repo_path(repo)}" + (f"/{path}" if path else ""),
+                params=params, headers=headers,
             )
             if response.status_code == 401 and attempt == 1:  # revoked or expired early: mint a new one
                 self.tokens.forget(self.api_url, installation)
@@ -306,3 +307,45 @@ class GitHubProvider:
         body = response.json()
         sha = body.get("sha") if isinstance(body, dict) else None
         return sha if isinstance(sha, str) else None
+
+    async def default_branch(self, repo: str) -> str | None:
+        """The repository's default branch (`GET /repos/{owner}/{repo}`); None when it is not visible."""
+        response = await self._get(repo, "")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise ProviderError(f"GitHub repository API: HTTP {response.status_code} {_message(response)}")
+        body = response.json()
+        branch = body.get("default_branch") if isinstance(body, dict) else None
+        return branch if isinstance(branch, str) and branch else None
+
+    async def installation_repositories(self) -> list[tuple[str, str | None]]:
+        """`(owner/name, default branch)` of every repository the installation can see
+        (`GET /installation/repositories`, all pages); needs a configured `installation_id`."""
+        if self.installation_id is None:
+            raise ProviderError("the source has no installation_id: its repositories cannot be listed")
+        found: list[tuple[str, str | None]] = []
+        page = 1
+        while True:
+            token = await self.tokens.get(
+                self.client, self.api_url, self.installation_id, self.app_id, self.private_key
+            )
+            response = await _request(
+                self.client, "GET", f"{self.api_url}/installation/repositories",
+                params={"per_page": "100", "page": str(page)}, headers={"Authorization": f"token {token}"},
+            )
+            if response.status_code != 200:
+                raise ProviderError(f"GitHub installation repositories API: HTTP {response.status_code} "
+                                    f"{_message(response)}")
+            body = response.json()
+            repos = body.get("repositories") if isinstance(body, dict) else None
+            if not isinstance(repos, list):
+                raise ProviderError("GitHub installation repositories API: no `repositories` list")
+            for item in repos:
+                if isinstance(item, dict) and isinstance(item.get("full_name"), str):
+                    branch = item.get("default_branch")
+                    found.append((item["full_name"], branch if isinstance(branch, str) else None))
+            total = body.get("total_count")
+            if not repos or not isinstance(total, int) or len(found) >= total:
+                return found
+            page += 1

@@ -11,9 +11,11 @@ from kici.orchestrator.routes import (
     admin_agents,
     admin_audit,
     admin_events,
+    admin_manual_runs,
     admin_queue,
     admin_reports,
     admin_runs,
+    admin_schedules,
     admin_sources,
     admin_system,
     admin_tokens,
@@ -25,6 +27,8 @@ router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"], route_class=AdminRoute)
 router.include_router(admin_system.router)
 router.include_router(admin_tokens.router)
 router.include_router(admin_runs.router)
+router.include_router(admin_manual_runs.router)
+router.include_router(admin_schedules.router)
 router.include_router(admin_sources.router)
 router.include_router(admin_audit.router)
 router.include_router(admin_queue.router)

@@ -29,7 +29,9 @@ from kici.orchestrator.auth import (
     require,
 )
 from kici.orchestrator.db.schema import SourceKind
+from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.scheduling.registrations import refresh_source_logged
 from kici.orchestrator.store import sources as store
 from kici.orchestrator.store.sources import Source, SourceError
 
@@ -119,7 +121,7 @@ async def list_sources(
 
 
 @router.post("/sources", status_code=201, summary="Create a source", responses=_CONFLICT)
-async def create_source(body: SourceCreate, state: State, principal: Writer) -> SourceInfo:
+async def create_source(body: SourceCreate, request: Request, state: State, principal: Writer) -> SourceInfo:
     org_id = principal.token.org_id
     key = _key(state, body.secrets)
     try:
@@ -136,6 +138,9 @@ async def create_source(body: SourceCreate, state: State, principal: Writer) -> 
         raise AdminError(409, f"a source named {body.name.strip()!r} already exists") from None
     log_event("admin.source_created", source_id=created.id, source=created.name, kind=created.kind.value,
               by_token_id=principal.token.id)
+    if created.enabled:
+        # the schedules of its default branch are registered now, not at the first push
+        await refresh_source_logged(state, ingest_for(request.app), created)
     return SourceInfo.of(created, state.settings.base_path)
 
 
