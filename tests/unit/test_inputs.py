@@ -38,3 +38,9 @@ def test_numbers_keep_their_kind() -> None:
     spec = InputSpec(type="number")
     assert coerce_input("n", spec, "3") == 3 and isinstance(coerce_input("n", spec, "3"), int)
     assert coerce_input("n", spec, 1.5) == 1.5
+
+
+def test_a_missing_required_input_is_described() -> None:
+    specs = {"target": InputSpec(type="string", required=True, description="where to deploy")}
+    with pytest.raises(InputError, match=r"input 'target' \(where to deploy\) is required"):
+        resolve_inputs(specs, {})

@@ -29,20 +29,16 @@ RUNNER = "tests/integration/test_runner.py"
 DISPATCH = "tests/integration/orchestrator/test_dispatch.py"
 TRIGGERS = "tests/unit/test_triggers.py"
 
-# Tests other engineers are adding in parallel (issue 8); they exist once their branches are merged.
-# The lead empties this set at merge, which turns their existence check on.
+# Tests of the orchestrator-side options (issue 8).
 CONCURRENCY_FIFO = "tests/integration/orchestrator/test_concurrency.py::test_workflow_concurrency_fifo"
 CANCEL_IN_PROGRESS = "tests/integration/orchestrator/test_concurrency.py::test_workflow_cancel_in_progress"
 CONCURRENCY_MAX = "tests/integration/orchestrator/test_concurrency.py::test_concurrency_max"
 JOB_CONCURRENCY_GROUP = "tests/integration/orchestrator/test_concurrency.py::test_job_concurrency_group"
 GRACE_PERIOD = "tests/e2e/test_grace_period.py::test_grace_period_used_for_cancel"
 SCHEDULE = "tests/integration/orchestrator/test_schedules.py::test_every_minute_fires_once"
+SCHEDULE_TIMEZONE = "tests/integration/orchestrator/test_schedules.py::test_cron_slots_follow_the_time_zone"
 DISPATCH_INPUTS = "tests/integration/orchestrator/test_manual_runs.py::test_inputs_validated"
-ADDED_BY_PARALLEL_WORK = {
-    CONCURRENCY_FIFO, CANCEL_IN_PROGRESS, CONCURRENCY_MAX, JOB_CONCURRENCY_GROUP, GRACE_PERIOD, SCHEDULE,
-    DISPATCH_INPUTS,
-}
-
+INPUT_DESCRIPTION = "tests/unit/test_inputs.py::test_a_missing_required_input_is_described"
 
 def enforced(node_id: str) -> tuple[str, str]:
     return ("enforced", node_id)
@@ -164,7 +160,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "tag(patterns)": enforced(f"{TRIGGERS}::test_tag_trigger"),
     "schedule()": enforced(SCHEDULE),
     "schedule(cron)": enforced(SCHEDULE),
-    "schedule(timezone)": enforced(SCHEDULE),
+    "schedule(timezone)": enforced(SCHEDULE_TIMEZONE),
     "schedule(inputs)": enforced(SCHEDULE),
     "dispatch()": enforced(f"{TRIGGERS}::test_dispatch_trigger"),
     "dispatch(types)": enforced(f"{TRIGGERS}::test_dispatch_trigger"),
@@ -230,9 +226,10 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job_complete(source)": refused(_trigger('job_complete(source="s")'), _not_supported("`job_complete()`")),
     # -- kici.inputs: typed inputs of dispatch() and schedule()
     **{f"inputs.{kind}({param})": enforced(DISPATCH_INPUTS)
-       for kind in ("string", "number", "boolean", "environment") for param in ("description", "required", "default")},
-    **{f"inputs.choice({param})": enforced(DISPATCH_INPUTS)
-       for param in ("options", "description", "required", "default")},
+       for kind in ("string", "number", "boolean", "environment") for param in ("required", "default")},
+    **{f"inputs.choice({param})": enforced(DISPATCH_INPUTS) for param in ("options", "required", "default")},
+    **{f"inputs.{kind}(description)": enforced(INPUT_DESCRIPTION)
+       for kind in ("string", "number", "boolean", "environment", "choice")},
 }
 
 
@@ -285,8 +282,6 @@ ENFORCED = sorted({entry[1] for entry in OPTIONS.values() if entry[0] == "enforc
 
 @pytest.mark.parametrize("node_id", ENFORCED)
 def test_the_enforcing_test_exists(node_id: str) -> None:
-    if node_id in ADDED_BY_PARALLEL_WORK:
-        pytest.skip("added by parallel work on issue 8: checked once merged (the lead empties ADDED_BY_PARALLEL_WORK)")
     file, _, function = node_id.partition("::")
     path = ROOT / file
     assert path.is_file(), f"{node_id}: no such file"

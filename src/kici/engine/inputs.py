@@ -67,7 +67,8 @@ def resolve_inputs(specs: Mapping[str, InputSpec] | None, raw: Mapping[str, Any]
         elif spec.default is not None:
             out[name] = spec.default
         elif spec.required:
-            raise InputError(f"input {name!r} is required")
+            about = f" ({spec.description})" if spec.description else ""
+            raise InputError(f"input {name!r}{about} is required")
     return out
 
 
