@@ -27,10 +27,8 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -46,9 +44,8 @@ from dispatch import (  # the sibling benchmark's orchestrator and webhook helpe
     WEBHOOK_SECRET,
     Orchestrator,
     cpu_reference,
-    drop_postgres,
-    fresh_postgres,
     make_repo,
+    on_each_database,
     percentile,
     post_push,
 )
@@ -339,18 +336,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     "cpus": os.cpu_count(), "host_cpu_reference_s": cpu_reference()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    work = Path(tempfile.mkdtemp(prefix=f"kici-bench-dashboard-{args.db}-"))
-    try:
-        if args.db == "sqlite":
-            result["sqlite"] = await bench_one(f"sqlite:///{work / 'kici.db'}", work, args)
-        else:
-            url, name = await fresh_postgres(args.postgres_url)
-            try:
-                result["postgresql"] = await bench_one(url, work, args)
-            finally:
-                await drop_postgres(args.postgres_url, name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result.update(await on_each_database(args, "kici-bench-dashboard", bench_one))
     return result
 
 

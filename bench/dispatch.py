@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +339,28 @@ async def _wait(check: Any, within: float) -> None:
         await asyncio.sleep(0.1)
 
 
+async def on_each_database(
+    args: argparse.Namespace, prefix: str, bench_one: Callable[[str, Path, argparse.Namespace], Awaitable[Any]]
+) -> dict[str, Any]:
+    """`bench_one(database_url, work_dir, args)` on SQLite and/or a fresh PostgreSQL database (`args.db`:
+    sqlite, postgresql or both), each in a temp dir removed afterwards: {db: its result}."""
+    results: dict[str, Any] = {}
+    for db in (["sqlite", "postgresql"] if args.db == "both" else [args.db]):
+        work = Path(tempfile.mkdtemp(prefix=f"{prefix}-{db}-"))
+        try:
+            if db == "sqlite":
+                results[db] = await bench_one(f"sqlite:///{work / 'kici.db'}", work, args)
+            else:
+                url, name = await fresh_postgres(args.postgres_url)
+                try:
+                    results[db] = await bench_one(url, work, args)
+                finally:
+                    await drop_postgres(args.postgres_url, name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 async def fresh_postgres(base_url: str) -> tuple[str, str]:
     import asyncpg
 
@@ -375,20 +398,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     "cpus": os.cpu_count(), "host_cpu_reference_s": cpu_reference()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    databases = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    for db in databases:
-        work = Path(tempfile.mkdtemp(prefix=f"kici-bench-{db}-"))
-        try:
-            if db == "sqlite":
-                result[db] = await bench_one(f"sqlite:///{work / 'kici.db'}", work, args)
-            else:
-                url, name = await fresh_postgres(args.postgres_url)
-                try:
-                    result[db] = await bench_one(url, work, args)
-                finally:
-                    await drop_postgres(args.postgres_url, name)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    result.update(await on_each_database(args, "kici-bench", bench_one))
     return result
 
 

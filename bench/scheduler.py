@@ -21,9 +21,7 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,8 @@ from dispatch import (  # the sibling benchmark's orchestrator helpers
     ADMIN_TOKEN,
     Orchestrator,
     cpu_reference,
-    drop_postgres,
-    fresh_postgres,
     git,
+    on_each_database,
 )
 
 from kici.engine import lockfile as lf
@@ -132,20 +129,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "scheduler_interval_ms": 1000,
     }
-    databases = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    for db in databases:
-        work = Path(tempfile.mkdtemp(prefix=f"kici-bench-sched-{db}-"))
-        try:
-            if db == "sqlite":
-                result[db] = await bench_one(f"sqlite:///{work / 'kici.db'}", work, args)
-            else:
-                url, name = await fresh_postgres(args.postgres_url)
-                try:
-                    result[db] = await bench_one(url, work, args)
-                finally:
-                    await drop_postgres(args.postgres_url, name)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    result.update(await on_each_database(args, "kici-bench-sched", bench_one))
     return result
 
 

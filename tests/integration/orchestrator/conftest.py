@@ -9,6 +9,7 @@ variable the PostgreSQL variants skip — except under `CI=true`, where they fai
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -55,6 +56,14 @@ async def _pg_execute(url: str, *statements: str) -> None:
         await conn.close()
 
 
+def _pg_run(url: str, *statements: str) -> None:
+    """Run `statements` on their own connection, from sync code. In a thread of its own: a session fixture
+    is set up from inside whichever test first asks for it, and that may be an async test whose event
+    loop is running (where `asyncio.run` refuses)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, _pg_execute(url, *statements)).result()
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> str:
     url = os.environ.get(PG_ENV, "").strip()
@@ -70,7 +79,7 @@ def postgres_session_url(postgres_admin_url: str) -> Iterator[str]:
     """A fresh database for this test session, dropped at the end."""
     name = f"kici_t_{secrets.token_hex(6)}"
     try:
-        asyncio.run(_pg_execute(postgres_admin_url, f'CREATE DATABASE "{name}"'))
+        _pg_run(postgres_admin_url, f'CREATE DATABASE "{name}"')
     except Exception as exc:  # unreachable server, bad credentials: a set variable means "test PostgreSQL"
         pytest.fail(f"{PG_ENV}={postgres_admin_url}: cannot create a test database: {type(exc).__name__}: {exc}")
     url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
@@ -78,11 +87,11 @@ def postgres_session_url(postgres_admin_url: str) -> Iterator[str]:
         yield url
     finally:
         # FORCE (PostgreSQL 13+) ends connections a failed test may have left behind
-        asyncio.run(_pg_execute(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _pg_run(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def reset_postgres_schema(url: str) -> None:
-    asyncio.run(_pg_execute(url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"))
+    _pg_run(url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
