@@ -231,3 +231,9 @@ async def revoke_agent_token(conn: AsyncConnection, token_id: str, *, org_id: st
         .values(revoked_at=utcnow())
     )
     return result.rowcount == 1
+
+
+async def agent_token_active(conn: AsyncConnection, token_id: str) -> bool:
+    """Whether the agent token exists and is not revoked (connected agents re-check this)."""
+    row = (await conn.execute(sa.select(agent_tokens.c.revoked_at).where(agent_tokens.c.id == token_id))).first()
+    return row is not None and row.revoked_at is None
