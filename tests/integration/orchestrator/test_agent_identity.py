@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def _handshake(orch: Orchestrator, token: str, agent_id: str, labels: list[str],
-                     in_flight: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], int | None, str]:
+                     in_flight: list[tuple[str, str]], **extra: Any) -> tuple[list[dict[str, Any]], int | None, str]:
     """Authenticate with `token`, register as `agent_id`; everything received until the close."""
     received: list[dict[str, Any]] = []
     async with connect(orch.ws_url, open_timeout=5, close_timeout=2) as ws:
@@ -38,7 +38,7 @@ async def _handshake(orch: Orchestrator, token: str, agent_id: str, labels: list
         assert received[0]["type"] == "auth.success", received
         await ws.send(json.dumps({
             "type": "agent.register", "message_id": "m-1", "agent_id": agent_id, "labels": labels,
-            "in_flight_jobs": [{"run_id": r, "job_id": j} for r, j in in_flight],
+            "in_flight_jobs": [{"run_id": r, "job_id": j} for r, j in in_flight], **extra,
         }))
         try:
             async with asyncio.timeout(5):
@@ -185,6 +185,26 @@ async def test_a_revocation_made_elsewhere_closes_the_connection_at_the_next_tok
             assert token_id is not None and await revoke_agent_token(conn, token_id)
         assert await agent.wait_closed(within=5) == 4010
         assert agent.received("auth.failure")[0]["reason"] == "agent token revoked"
+
+
+async def test_root_steps_need_a_token_that_allows_them(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch:
+        async with database.transaction() as conn:
+            plain = await create_agent_token(conn, name="plain", labels=["linux"])
+            rooted = await create_agent_token(conn, name="rooted", labels=["linux"], allow_root_steps=True)
+        # root agent, steps as root (reported either way): refused with a reason and an audit row
+        for extra in ({"running_as_uid": 0}, {"running_as_uid": 0, "step_uid": 0}, {"running_as_uid": 1000, "step_uid": 0}):
+            received, code, _ = await _handshake(orch, plain.plaintext, "root-box", ["linux"], [], **extra)
+            assert code == 4010 and "root" in received[-1]["reason"], (extra, received)
+        assert len(await _denials(orch)) == 3
+        # root agent whose steps run as an unprivileged user: accepted
+        received, _, _ = await _handshake(orch, plain.plaintext, "root-box", ["linux"], [],
+                                          running_as_uid=0, step_uid=65534)
+        assert received[-1]["type"] == "register.ack"
+        # a token that allows root steps: accepted
+        received, _, _ = await _handshake(orch, rooted.plaintext, "root-box-2", ["linux"], [],
+                                          running_as_uid=0, step_uid=0)
+        assert received[-1]["type"] == "register.ack"
 
 
 async def _status(orch: Orchestrator, run_id: str, name: str, status: str) -> bool:

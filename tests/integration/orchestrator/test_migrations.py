@@ -27,10 +27,10 @@ from .conftest import insert_run, orchestrator_env
 async def test_migrate_empty_database_to_head(database_url: str) -> None:
     before = await migration_status(database_url)
     assert before.current is None and not before.up_to_date
-    assert before.pending[-1] == before.head == head_revision() == "0002"
+    assert before.pending[-1] == before.head == head_revision() == "0007"
 
     result = await migrate(database_url)
-    assert (result.before, result.after, result.applied) == (None, "0002", ("0001", "0002"))
+    assert (result.before, result.after, result.applied) == (None, "0007", ("0001", "0002", "0007"))
 
     after = await migration_status(database_url)
     assert after.up_to_date and after.current == after.head and after.pending == ()
@@ -39,7 +39,7 @@ async def test_migrate_empty_database_to_head(database_url: str) -> None:
 async def test_migrating_twice_is_a_no_op(database_url: str) -> None:
     await migrate(database_url)
     again = await migrate(database_url)
-    assert again.applied == () and again.before == again.after == "0002"
+    assert again.applied == () and again.before == again.after == "0007"
 
 
 async def test_migrated_schema_matches_schema_module(database: Database) -> None:
@@ -145,5 +145,5 @@ def test_concurrent_migrators_do_not_collide(database_url: str, tmp_path: Path) 
                 proc.wait()
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
     applied = sorted(out.strip() for out, _ in outputs)
-    assert applied == ["applied=", "applied=0001,0002"]
+    assert applied == ["applied=", "applied=0001,0002,0007"]
 

@@ -211,9 +211,9 @@ def test_migrate_command(database_url: str, tmp_path: Path) -> None:
 
     status = run("--status")
     assert status.returncode == 0, status.stderr
-    assert "current: (empty database)" in status.stdout and "pending: 0001, 0002" in status.stdout
+    assert "current: (empty database)" in status.stdout and "pending: 0001, 0002, 0007" in status.stdout
     applied = run()
-    assert applied.returncode == 0 and "applied 0001, 0002" in applied.stdout
+    assert applied.returncode == 0 and "applied 0001, 0002, 0007" in applied.stdout
 
 
 def test_migrate_command_reports_an_unreachable_database(tmp_path: Path) -> None:
@@ -229,7 +229,7 @@ def test_auto_migrate_false_waits_for_migrations(start_orchestrator: StartOrches
     orchestrator = start_orchestrator({"KICI_DATA_DIR": str(tmp_path / "d"), "KICI_AUTO_MIGRATE": "false"})
     try:
         pending = orchestrator.wait_for_event("db.migrations_pending")
-        assert pending["pending"] == ["0001", "0002"]
+        assert pending["pending"] == ["0001", "0002", "0007"]
         ready = get(orchestrator.url, "/ready")
         assert ready.status_code == 503 and "kici-orchestrator migrate" in ready.json()["reason"]
         migrate = subprocess.run(

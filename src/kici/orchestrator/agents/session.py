@@ -242,6 +242,13 @@ class AgentSession:
                 close_code=int(p.CloseCode.AUTH_FAILED),
             )
             raise await self._close(p.CloseCode.AUTH_FAILED, str(exc), reply=p.AuthFailure(reason=str(exc))) from None
+        step_uid = message.step_uid if message.step_uid is not None else message.running_as_uid
+        if step_uid == 0 and not token.allow_root_steps:
+            detail = (
+                "this agent would run job steps as root and its token does not allow root steps; set "
+                "KICI_AGENT_STEP_USER to an unprivileged user, or create the token with --allow-root-steps"
+            )
+            raise await self._refuse(message.agent_id, detail)
         agent = AgentConnection(
             agent_id=message.agent_id,
             connection_id=self.connection_id,
@@ -297,9 +304,13 @@ class AgentSession:
             await listener.ready(agent)
 
     async def _refuse_binding(self, agent_id: str) -> _Closed:
-        """Another token registered this agent id first: `auth.failure` + 4010 and a `denied` audit row."""
-        assert self.token is not None
+        """Another token registered this agent id first."""
         detail = f"agent id {agent_id!r} is bound to another agent token; use a new agent id with this token"
+        return await self._refuse(agent_id, detail)
+
+    async def _refuse(self, agent_id: str, detail: str) -> _Closed:
+        """A registration the token does not allow: `auth.failure` + 4010 and a `denied` audit row."""
+        assert self.token is not None
         self._log("agent.register_failed", agent_id=agent_id, reason=detail, close_code=int(p.CloseCode.AUTH_FAILED),
                   level="warning")
         client = self.ws.client

@@ -144,6 +144,11 @@ class AgentTokenCreate(BaseModel):
     labels: list[str] = Field(
         default_factory=list, description="Labels an agent using this token may register with"
     )
+    allow_root_steps: bool = Field(
+        default=False,
+        description="Agents using this token may run job steps as root. Without it, an agent that would run "
+        "steps as root (it runs as root with no usable step user) is refused at registration.",
+    )
 
     _name = field_validator("name")(_clean_name)
 
@@ -157,6 +162,7 @@ class AgentTokenInfo(BaseModel):
     id: str
     name: str
     labels: list[str]
+    allow_root_steps: bool
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     revoked_at: dt.datetime | None
@@ -167,6 +173,7 @@ class AgentTokenInfo(BaseModel):
             id=token.id,
             name=token.name,
             labels=list(token.labels),
+            allow_root_steps=token.allow_root_steps,
             created_at=token.created_at,
             last_used_at=token.last_used_at,
             revoked_at=token.revoked_at,
@@ -185,10 +192,11 @@ async def create_agent_token(
 ) -> AgentTokenCreated:
     async with state.database.transaction() as conn:
         created = await tokens.create_agent_token(
-            conn, name=body.name, labels=body.labels, org_id=principal.token.org_id
+            conn, name=body.name, labels=body.labels, org_id=principal.token.org_id,
+            allow_root_steps=body.allow_root_steps,
         )
     log_event("admin.agent_token_created", agent_token_id=created.token.id, labels=body.labels,
-              by_token_id=principal.token.id)
+              allow_root_steps=body.allow_root_steps or None, by_token_id=principal.token.id)
     return AgentTokenCreated(**AgentTokenInfo.of(created.token).model_dump(), token=created.plaintext)
 
 
