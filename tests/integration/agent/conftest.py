@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,11 +186,11 @@ async def orchestrator() -> AsyncIterator[FakeOrchestrator]:
 
 
 class AgentProcess:
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, command: Sequence[str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kici.agent"], env=dict(env), stdin=subprocess.DEVNULL,
+            list(command or [sys.executable, "-m", "kici.agent"]), env=dict(env), stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -264,9 +264,9 @@ async def start_agent(tmp_path: Path, agent_env: Callable[..., dict[str, str]]) 
     started: list[AgentProcess] = []
 
     def start(orchestrator: FakeOrchestrator | None = None, *, env: Mapping[str, str] | None = None,
-              **settings: str) -> AgentProcess:
+              command: Sequence[str] | None = None, **settings: str) -> AgentProcess:
         full = dict(env) if env is not None else agent_env(orchestrator, **settings)
-        agent = AgentProcess(full, tmp_path / f"agent-{len(started)}.log")
+        agent = AgentProcess(full, tmp_path / f"agent-{len(started)}.log", command)
         started.append(agent)
         return agent
 

@@ -193,7 +193,10 @@ async def test_root_steps_need_a_token_that_allows_them(database: Database, tmp_
             plain = await create_agent_token(conn, name="plain", labels=["linux"])
             rooted = await create_agent_token(conn, name="rooted", labels=["linux"], allow_root_steps=True)
         # root agent, steps as root (reported either way): refused with a reason and an audit row
-        for extra in ({"running_as_uid": 0}, {"running_as_uid": 0, "step_uid": 0}, {"running_as_uid": 1000, "step_uid": 0}):
+        refused: list[dict[str, Any]] = [
+            {"running_as_uid": 0}, {"running_as_uid": 0, "step_uid": 0}, {"running_as_uid": 1000, "step_uid": 0},
+        ]
+        for extra in refused:
             received, code, _ = await _handshake(orch, plain.plaintext, "root-box", ["linux"], [], **extra)
             assert code == 4010 and "root" in received[-1]["reason"], (extra, received)
         assert len(await _denials(orch)) == 3

@@ -11,7 +11,8 @@ Sequence (`kici.engine.protocol` has the messages and close codes):
    upserted as connected; reply `register.ack`.
    Before the ack, the registry's listener reclaims the agent's in-flight jobs (named in
    `register.ack.reclaimed_jobs`); after it, the listener may dispatch.
-3. Afterwards (the token is looked up again every `token_recheck_s`; revoked → `auth.failure` + 4010): `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
+3. Afterwards (the token is looked up again every `token_recheck_s`; revoked → `auth.failure` + 4010):
+   `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
    memory, the listener told), everything else goes to the registry's listener. Silence (no valid frame) for
    `heartbeat_timeout_s` → 4004; an invalid frame → `error` + 4003.
 4. On disconnect: row `connected=false`, and the agent's jobs go `recovering` for twice the maximum
