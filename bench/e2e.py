@@ -125,7 +125,9 @@ class Bench:
 
     async def start(self, agents: int) -> None:
         await self.orch.wait_ready(self.client)
-        token = (await self.admin("POST", "/agent-tokens", json={"name": "bench", "labels": [], "allow_root_steps": os.geteuid() == 0}))["token"]
+        # as root (CI), `nobody` may not be able to run this Python: the agents' steps then run as root
+        body = {"name": "bench", "labels": [], "allow_root_steps": os.geteuid() == 0}
+        token = (await self.admin("POST", "/agent-tokens", json=body))["token"]
         await self.admin("POST", "/sources", json={"name": "bench", "kind": "git", "config": {"url": str(self.repo)},
                                                    "secrets": {"webhook_secret": WEBHOOK_SECRET}})
         for i in range(agents):

@@ -72,27 +72,45 @@ class _Token:
     expires_monotonic: float
 
 
+CLONE_PERMISSIONS = {"contents": "read"}
+"""What a token handed to an agent may do: read the one repository's contents (clone/fetch), nothing else."""
+
+
 class InstallationTokens:
-    """Installation tokens per (api_url, installation id), shared by every request of the process."""
+    """Installation tokens per (api_url, installation id, repository scope), shared by every request of
+    the process. Scope None: the orchestrator's own token (all of the App's permissions, for its API
+    reads); a repository name: a token limited to that repository with `contents: read` (`CLONE_PERMISSIONS`),
+    the only kind that ever leaves the orchestrator (in `job.dispatch`)."""
 
     def __init__(self) -> None:
-        self._tokens: dict[tuple[str, int], _Token] = {}
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._tokens: dict[tuple[str, int, str | None], _Token] = {}
+        self._locks: dict[tuple[str, int, str | None], asyncio.Lock] = {}
 
     async def get(
-        self, client: httpx.AsyncClient, api_url: str, installation_id: int, app_id: int, private_key: str
+        self,
+        client: httpx.AsyncClient,
+        api_url: str,
+        installation_id: int,
+        app_id: int,
+        private_key: str,
+        *,
+        repository: str | None = None,
     ) -> str:
-        key = (api_url, installation_id)
+        key = (api_url, installation_id, repository)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             cached = self._tokens.get(key)
             if cached is not None and cached.expires_monotonic > time.monotonic():
                 return cached.value
+            scope: dict[str, object] = {}
+            if repository is not None:
+                scope = {"json": {"repositories": [repository], "permissions": dict(CLONE_PERMISSIONS)}}
             response = await _request(
                 client,
                 "POST",
                 f"{api_url}/app/installations/{installation_id}/access_tokens",
                 headers={"Authorization": f"Bearer {app_jwt(app_id, private_key)}"},
+                **scope,
             )
             if response.status_code != 201:
                 raise ProviderError(
@@ -114,8 +132,8 @@ class InstallationTokens:
             self._tokens[key] = _Token(token, time.monotonic() + lifetime - TOKEN_REFRESH_MARGIN_SECONDS)
             return token
 
-    def forget(self, api_url: str, installation_id: int) -> None:
-        self._tokens.pop((api_url, installation_id), None)
+    def forget(self, api_url: str, installation_id: int, repository: str | None = None) -> None:
+        self._tokens.pop((api_url, installation_id, repository), None)
 
 
 def _message(response: httpx.Response) -> str:
@@ -202,13 +220,16 @@ class GitHubProvider:
         raise AssertionError("unreachable")
 
     async def clone_access(self, repo: str) -> CloneAccess:
-        """`https://<host>/<owner>/<name>.git` with a fresh installation token (GitHub Enterprise: the host
-        of the API URL)."""
+        """`https://<host>/<owner>/<name>.git` with an installation token scoped to that one repository and
+        `contents: read` (GitHub Enterprise: the host of the API URL). The token goes to an agent, and from
+        there within reach of the job's steps: it must not open anything else."""
         path = _repo_path(repo)
         parsed = urlsplit(self.api_url)
         host = "github.com" if parsed.hostname == "api.github.com" else parsed.netloc
         installation = await self._installation_id(repo)
-        token = await self.tokens.get(self.client, self.api_url, installation, self.app_id, self.private_key)
+        token = await self.tokens.get(
+            self.client, self.api_url, installation, self.app_id, self.private_key, repository=repo.split("/")[1]
+        )
         return CloneAccess(f"{parsed.scheme or 'https'}://{host}/{path}.git", token)
 
     async def read_lock_file(self, repo: str, sha: str) -> bytes | None:
