@@ -109,3 +109,21 @@ async def test_a_root_agent_running_root_steps_needs_a_token_that_allows_them(
     agent.signal(15)
     assert await agent.wait_exit() == 0
     orchestrator.stop()
+
+
+async def test_revoking_the_token_stops_the_running_agent_at_once(
+    start_orchestrator: StartOrchestrator, start_agent: AgentFactory, tmp_path: Path  # noqa: F811
+) -> None:
+    data = tmp_path / "orch-data"
+    orchestrator = start_orchestrator({"KICI_DATA_DIR": str(data)})
+    await asyncio.to_thread(orchestrator.wait_for_event, "orchestrator.ready")
+    token = await _agent_token(orchestrator.url, data, ["linux"])
+    agent = start_agent(KICI_ORCHESTRATOR_URL=orchestrator.url, KICI_AGENT_TOKEN=token, KICI_LABELS="linux")
+    await wait_until(lambda: agent.events("connection.registered"), 20, "the agent to register")
+    admin = (data / "bootstrap-admin-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=orchestrator.url, headers={"Authorization": f"Bearer {admin}"}) as client:
+        [listed] = (await client.get("/api/v1/admin/agent-tokens")).json()
+        assert (await client.delete(f"/api/v1/admin/agent-tokens/{listed['id']}")).status_code == 200
+    assert await agent.wait_exit(timeout=10) == 1  # well before any heartbeat or token re-check interval
+    assert "rejected this agent: agent token revoked" in agent.output
+    orchestrator.stop()
