@@ -220,6 +220,11 @@ async def revoke_agent_token(
 ) -> AgentTokenInfo:
     org_id = principal.token.org_id
     limits = QueueLimits(state.settings.queue_max_depth, state.settings.queue_timeout_ms)
+    dispatcher = services_of(request.app).dispatcher
+    registry = agent_registry(request.app)
+    for agent in registry.connected_agents():
+        if agent.token_id == token_id:  # nothing new for them while they are being cut off
+            dispatcher.retire(agent.agent_id)
     async with state.database.transaction() as conn:
         if not await tokens.revoke_agent_token(conn, token_id, org_id=org_id):
             raise AdminError(404, f"no active agent token with id {token_id!r}")
@@ -231,8 +236,7 @@ async def revoke_agent_token(
         await agent_store.mark_token_agents_disconnected(conn, token_id)
     # connections to this process end now; other orchestrator processes notice at their next token
     # re-check (`agent_token_recheck_s`)
-    closed = await agent_registry(request.app).disconnect_token(token_id, "agent token revoked")
-    dispatcher = services_of(request.app).dispatcher
+    closed = await registry.disconnect_token(token_id, "agent token revoked")
     dispatcher.forget([*requeued, *failed])
     dispatcher.wake()
     log_event("admin.agent_token_revoked", agent_token_id=token_id, by_token_id=principal.token.id,
