@@ -20,6 +20,7 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 TOKEN_ENV = "KICI_AGENT_TOKEN"
 TOKEN_FD_FLAG = "--token-fd"
@@ -75,9 +76,15 @@ def reexec_without_token(environ: Mapping[str, str], argv: list[str]) -> None:
         os.close(write_fd)
     os.set_inheritable(read_fd, True)
     env = {key: value for key, value in environ.items() if key != TOKEN_ENV}
+    # `-P`: the new image must not import from the current directory (a `kici-agent` console script never
+    # did); a kici that is not installed (a source tree) is found through PYTHONPATH instead
+    package_root = str(Path(__file__).resolve().parents[2])
+    if Path(package_root).name not in ("site-packages", "dist-packages"):
+        paths = [package_root, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "kici.agent", TOKEN_FD_FLAG, str(read_fd), *argv], env)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "kici.agent", TOKEN_FD_FLAG, str(read_fd), *argv], env)
 
 
 def read_token_fd(raw: str) -> str:
