@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,29 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from kici.engine.events import Event
 from kici.engine.protocol import PROTOCOL_VERSION
+from kici.orchestrator.app import create_app
+from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import audit as audit_store
-from kici.orchestrator.store.tokens import create_agent_token, revoke_agent_token
+from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store.sources import create_source
+from kici.orchestrator.store.tokens import create_admin_token, create_agent_token, revoke_agent_token
 
-from .dispatch_harness import FAST_TIMEOUTS, Orchestrator, SimAgent, exact, serve_orchestrator, until, workflow
+from .dispatch_harness import (
+    FAST_TIMEOUTS,
+    Orchestrator,
+    SimAgent,
+    exact,
+    serve_app,
+    serve_orchestrator,
+    until,
+    workflow,
+)
+from .test_providers_github import APP_ID, FakeGitHub, fake_github  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,3 +229,46 @@ async def test_root_steps_need_a_token_that_allows_them(database: Database, tmp_
 
 async def _status(orch: Orchestrator, run_id: str, name: str, status: str) -> bool:
     return (await orch.jobs(run_id))[name].status == status
+
+
+async def test_the_clone_token_in_a_dispatch_opens_one_repository_read_only(
+    database: Database, tmp_path: Path, fake_github: FakeGitHub  # noqa: F811
+) -> None:
+    """Defect 4's agent-facing half: what `job.dispatch` carries for a GitHub source is an installation
+    token scoped to the run's repository with `contents: read` (checked against the fake GitHub's record
+    of what it minted)."""
+    key = os.urandom(32)
+    fake_github.installations["Codertocat/Hello-World"] = 42
+    settings = Settings(data_dir=tmp_path / "data", database_url=database.url, sweep_interval_ms=100,
+                        dispatch_poll_ms=200)
+    app = create_app(settings, database, secret_key=key)
+    app.state.agent_timeouts = FAST_TIMEOUTS
+    async with database.transaction() as conn:
+        source = await create_source(
+            conn, key=key, name="gh", kind="github", config={"app_id": APP_ID, "api_url": fake_github.url},
+            secrets={"webhook_secret": "s3cret", "private_key": fake_github.private_key_pem},
+        )
+        owner = await create_admin_token(conn, name="owner", role=AdminRole.OWNER)
+    async with serve_app(app, lifespan="on") as port:
+        orch = Orchestrator(app, database, f"http://127.0.0.1:{port}", owner.plaintext, source.id)
+        agent = SimAgent(orch, "builder-1", [])
+        await agent.connect()
+        sha = "c" * 40
+        async with database.transaction() as conn:
+            created = await run_store.create_run(
+                conn,
+                run_store.NewRun(
+                    org_id="default", workflow=workflow([{"name": "build"}]),
+                    event=Event(type="push", branch="main", sha=sha, repo="Codertocat/Hello-World"),
+                    repo="Codertocat/Hello-World", ref="refs/heads/main", sha=sha, lock_content_hash="l" * 64,
+                    delivery_id=None, source_id=source.id,
+                ),
+                queue_max_depth=settings.queue_max_depth, queue_timeout_ms=settings.queue_timeout_ms,
+            )
+        await orch.services.dispatcher.runs_created([created.run_id])
+        [dispatch] = await agent.wait_for("job.dispatch")
+        assert dispatch["repo_url"].endswith("/Codertocat/Hello-World.git")
+        assert fake_github.token_scopes[dispatch["token"]] == {
+            "repositories": ["Hello-World"], "permissions": {"contents": "read"},
+        }
+        await agent.close()
