@@ -70,6 +70,7 @@ class Agent:
         env.update({
             "KICI_ORCHESTRATOR_URL": url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
             "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info",
+            **({"KICI_AGENT_STEP_USER": "root"} if os.geteuid() == 0 else {}),
         })
         self.handle = open(self.log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "kici.agent"], env=env, stdout=self.handle,

@@ -251,6 +251,11 @@ def agent_env(tmp_path: Path) -> Callable[..., dict[str, str]]:
             "KICI_CANCEL_GRACE_MS": "5000",
             "HOME": str(tmp_path / "home"),
         }
+        if os.geteuid() == 0:
+            # as root the agent would pick `nobody` as step user where `nobody` can run this Python, and this
+            # harness's private tmp dirs would then be out of the steps' reach: root steps, the same on every
+            # machine (test_token_secrecy exercises the step user on purpose)
+            env["KICI_AGENT_STEP_USER"] = "root"
         if orchestrator is not None:
             env["KICI_ORCHESTRATOR_URL"] = orchestrator.url
         env.update(settings)

@@ -207,6 +207,7 @@ async def test_a_step_of_an_unprivileged_agent_cannot_get_the_token(
     home.mkdir()
     _chown_tree(shared_dir, NOBODY.pw_uid, NOBODY.pw_gid)
     env = agent_env(orchestrator, KICI_WORK_DIR=str(work), HOME=str(home), **_system_python_env())
+    env.pop("KICI_AGENT_STEP_USER", None)
     assert env["KICI_AGENT_TOKEN"] == TOKEN
     agent = start_agent(env=env, command=[
         "setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups", "--",
@@ -315,3 +316,39 @@ async def test_a_token_in_the_environment_is_gone_from_the_agents_environ(
             finally:
                 os.close(handle)
             assert TOKEN.encode() not in data
+
+
+async def test_a_root_agent_without_a_step_user_setting_picks_one_or_says_why_not(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, agent_env: Any
+) -> None:
+    """Unset `KICI_AGENT_STEP_USER`: `kici-step`, else `nobody`, if it can run the agent's Python (the test
+    venv's, here); if none can, a warning and steps as root, reported as such at registration."""
+    env = agent_env(orchestrator)
+    env.pop("KICI_AGENT_STEP_USER", None)
+    agent = start_agent(env=env)
+    registered = await orchestrator.wait_registered()
+    assert registered.register is not None and registered.register["running_as_uid"] == 0
+    candidates = [entry for entry in (_passwd("kici-step"), NOBODY) if entry is not None]
+    usable = [entry for entry in candidates if _can_run(entry, sys.executable)]
+    if usable:
+        assert registered.register["step_uid"] == usable[0].pw_uid
+    else:
+        assert registered.register["step_uid"] == 0
+        [warning] = [e for e in agent.events("config.warning") if "no usable step user" in e.get("message", "")]
+        assert "KICI_AGENT_STEP_USER" in warning["message"]
+
+
+def _passwd(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+def _can_run(entry: pwd.struct_passwd, python: str) -> bool:
+    try:
+        probe = subprocess.run([python, "-c", "import kici.runner"], user=entry.pw_uid, group=entry.pw_gid,
+                               extra_groups=[], capture_output=True, timeout=60, check=False, cwd="/")
+    except PermissionError:  # the interpreter itself is out of the user's reach
+        return False
+    return probe.returncode == 0
