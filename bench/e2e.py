@@ -70,6 +70,7 @@ class Agent:
         env.update({
             "KICI_ORCHESTRATOR_URL": url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
             "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info",
+            **({"KICI_AGENT_STEP_USER": "root"} if os.geteuid() == 0 else {}),
         })
         self.handle = open(self.log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "kici.agent"], env=env, stdout=self.handle,
@@ -125,7 +126,9 @@ class Bench:
 
     async def start(self, agents: int) -> None:
         await self.orch.wait_ready(self.client)
-        token = (await self.admin("POST", "/agent-tokens", json={"name": "bench", "labels": []}))["token"]
+        # as root (CI), `nobody` may not be able to run this Python: the agents' steps then run as root
+        body = {"name": "bench", "labels": [], "allow_root_steps": os.geteuid() == 0}
+        token = (await self.admin("POST", "/agent-tokens", json=body))["token"]
         await self.admin("POST", "/sources", json={"name": "bench", "kind": "git", "config": {"url": str(self.repo)},
                                                    "secrets": {"webhook_secret": WEBHOOK_SECRET}})
         for i in range(agents):
@@ -281,7 +284,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["latency"] = await bench.latency(shas["main"])
         result["logs"] = await bench.log_throughput(shas["logs"])
         for i in range(1, args.agents):
-            token = (await bench.admin("POST", "/agent-tokens", json={"name": f"bench-{i}", "labels": []}))["token"]
+            token = (await bench.admin("POST", "/agent-tokens", json={"name": f"bench-{i}", "labels": [],
+                                                                 "allow_root_steps": os.geteuid() == 0}))["token"]
             bench.agents.append(Agent(f"agent-{i}", bench.orch.url, token, work / f"agent-{i}", args.lines))
         deadline = time.monotonic() + 60
         while len(await bench.admin("GET", "/agents?connected=true")) < args.agents:

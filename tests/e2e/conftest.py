@@ -133,7 +133,9 @@ class System:
         env = kici_env({
             "KICI_ORCHESTRATOR_URL": self.url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
             "KICI_LABELS": labels, "KICI_WORK_DIR": str(work), "KICI_MAX_RECONNECT_DELAY_MS": "1000",
-            "KICI_JOB_HEARTBEAT_INTERVAL_MS": "1000", "KICI_LOG_LEVEL": "debug", **extra,
+            "KICI_JOB_HEARTBEAT_INTERVAL_MS": "1000", "KICI_LOG_LEVEL": "debug",
+            # as root: root steps on every machine (the tokens allow them), whoever else could run this Python
+            **({"KICI_AGENT_STEP_USER": "root"} if os.geteuid() == 0 else {}), **extra,
         })
         handle = open(log, "w")  # noqa: SIM115 - the child writes to it until it exits
         proc = subprocess.Popen([sys.executable, "-m", "kici.agent"], env=env, cwd=work,
@@ -157,8 +159,10 @@ class System:
 
     def agent_token(self, labels: str) -> str:
         if labels not in self._agent_tokens:
+            # the tests run as root and `nobody` cannot run the test venv's Python: steps run as root
             response = self.admin("POST", "/agent-tokens", json={
-                "name": f"e2e-{labels or 'any'}", "labels": [x for x in labels.split(",") if x]})
+                "name": f"e2e-{labels or 'any'}", "labels": [x for x in labels.split(",") if x],
+                "allow_root_steps": os.geteuid() == 0})
             assert response.status_code == 201, response.text
             self._agent_tokens[labels] = response.json()["token"]
         return self._agent_tokens[labels]

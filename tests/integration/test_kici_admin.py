@@ -146,8 +146,11 @@ def test_agent_token(orchestrator: Orchestrator) -> None:
         ok(kici_admin("agent-token", "create", "--name", "pool", "--labels", "linux,gpu", "--json", url=url))
     )
     assert created["token"].startswith("kat_") and created["labels"] == ["linux", "gpu"]
+    assert created["allow_root_steps"] is False
     human = ok(kici_admin("agent-token", "create", "--name", "pool-2", url=url))
     assert "labels none" in human and "    kat_" in human
+    rooted = ok(kici_admin("agent-token", "create", "--name", "root-pool", "--allow-root-steps", url=url))
+    assert "root steps allowed" in rooted
     rows = table(ok(kici_admin("agent-token", "list", url=url)))
     assert next(row for row in rows if row[1] == "pool")[1:3] == ["pool", "linux,gpu"]
     assert created["token"] not in ok(kici_admin("agent-token", "list", "--json", url=url))

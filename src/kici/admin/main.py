@@ -204,14 +204,19 @@ def agent_token() -> None:
 @click.option("--name", required=True, help="Which agent or agent pool uses the token.")
 @click.option("--labels", callback=_labels, metavar="A,B,…",
               help="Comma-separated labels agents using this token may register with.")
+@click.option("--allow-root-steps", is_flag=True,
+              help="Let agents using this token run job steps as root (refused otherwise).")
 @json_option
-def agent_token_create(name: str, labels: list[str], as_json: bool) -> None:
+def agent_token_create(name: str, labels: list[str], allow_root_steps: bool, as_json: bool) -> None:
     """Create an agent token (its value is printed once)."""
-    created = _client().post("/agent-tokens", {"name": name, "labels": labels})
+    created = _client().post("/agent-tokens", {"name": name, "labels": labels, "allow_root_steps": allow_root_steps})
     if as_json:
         print_json(created)
     else:
-        _show_created(created, "agent token", "labels " + (",".join(created["labels"]) or "none"))
+        detail = "labels " + (",".join(created["labels"]) or "none")
+        if created.get("allow_root_steps"):
+            detail += ", root steps allowed"
+        _show_created(created, "agent token", detail)
 
 
 @agent_token.command("list")

@@ -66,8 +66,26 @@ class AgentSettings(BaseModel):
     )
     agent_token: SecretStr = Field(
         description="Agent token (`kat_…`) minted with `kici-admin agent-token create`; sent in `auth.request`. "
-        "Required. Never logged and never visible to job steps.",
+        "Required unless `KICI_AGENT_TOKEN_FILE` is set (exactly one of the two). Never logged and never "
+        "visible to job steps: the agent re-executes itself at once without this variable (the token travels "
+        "over a pipe that is closed after reading), so not even `/proc/<agent pid>/environ` holds it.",
         json_schema_extra=_doc_default("— (required)"),
+    )
+    agent_token_file: Path | None = Field(
+        default=None,
+        description="File holding the agent token (surrounding whitespace ignored), instead of "
+        "`KICI_AGENT_TOKEN`. Read once at start-up. Must not lie inside `KICI_WORK_DIR`; keep it mode 0600, "
+        "owned by a user job steps do not run as (see [security](security.md)).",
+        json_schema_extra=_doc_default("unset"),
+    )
+    agent_step_user: str = Field(
+        default="",
+        description="Only for an agent running as root: the user (name or numeric uid) job steps run as; the "
+        "runner child drops to it and the job's workspace is handed to it. Unset: `kici-step` if that user "
+        "exists, else `nobody` — whichever can run the agent's Python; if neither can, steps would run as root, "
+        "which the orchestrator refuses unless the agent token allows root steps. `root` runs steps as root "
+        "on purpose (the token must allow it). Ignored (with a warning) when the agent does not run as root.",
+        json_schema_extra=_doc_default("`kici-step`, else `nobody`"),
     )
     agent_id: str = Field(
         default="",
@@ -252,10 +270,33 @@ def _lenient_bool(value: Any) -> bool:
 
 
 _SECRET_FIELDS = frozenset({"agent_token"})
+MAX_TOKEN_BYTES = 4096
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> tuple[AgentSettings, list[str]]:
-    """Settings from `KICI_*` variables plus the warnings to log once logging is up.
+def _read_token_file(path: Path, work_dir: Path) -> str:
+    """The token in `path`; ValueError saying what is wrong (never echoing the content)."""
+    resolved = path.expanduser().absolute()
+    real, real_work = os.path.realpath(resolved), os.path.realpath(work_dir)
+    if real == real_work or real.startswith(real_work.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{resolved} is inside KICI_WORK_DIR ({work_dir}); keep the token outside it")
+    try:
+        with open(resolved, "rb") as handle:
+            data = handle.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {resolved}: {exc.strerror or exc}") from None
+    if len(data) > MAX_TOKEN_BYTES:
+        raise ValueError(f"{resolved} is larger than {MAX_TOKEN_BYTES} bytes; it must hold only the token")
+    text = data.decode("utf-8", "replace").strip()
+    if not text:
+        raise ValueError(f"{resolved} is empty")
+    return text
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, token: str | None = None
+) -> tuple[AgentSettings, list[str]]:
+    """Settings from `KICI_*` variables plus the warnings to log once logging is up. `token` is the agent
+    token handed over by the re-executing parent (it stands for `KICI_AGENT_TOKEN`).
 
     Raises `SettingsError` with one line per problem (every problem at once, so one attempt shows all).
     An empty variable counts as not set.
@@ -267,14 +308,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> tuple[AgentSettin
         if value is not None and value.strip() != "":
             values[name] = value
     values.setdefault("work_dir", str(default_work_dir(environ)))
+    if token is not None:
+        values["agent_token"] = token
 
     errors: list[str] = []
+    token_file = values.pop("agent_token_file", None)
+    if token_file is not None:
+        if "agent_token" in values:
+            errors.append("KICI_AGENT_TOKEN_FILE: set either KICI_AGENT_TOKEN or KICI_AGENT_TOKEN_FILE, not both")
+        else:
+            try:
+                values["agent_token"] = _read_token_file(Path(token_file), Path(values["work_dir"]).expanduser())
+                values["agent_token_file"] = token_file
+            except ValueError as exc:
+                errors.append(f"KICI_AGENT_TOKEN_FILE: {exc}")
+                values["agent_token"] = "unreadable"  # reported above; keeps "is required" from adding noise
     warnings: list[str] = []
     unknown = unknown_env_vars(environ)
     if unknown and _lenient_bool(values.get("dev", False)):
         warnings = [f"unknown variable {n} ignored ({_did_you_mean(n, known_env_names())})" for n in unknown]
     else:
-        errors = [
+        errors += [
             f"unknown variable {n} ({_did_you_mean(n, known_env_names())}); set KICI_DEV=true to start anyway"
             for n in unknown
         ]
@@ -286,7 +340,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> tuple[AgentSettin
             field = str(error["loc"][0]) if error["loc"] else ""
             msg = error["msg"].removeprefix("Value error, ")
             if error["type"] == "missing":
-                msg = "is required"
+                msg = "is required" + (" (or set KICI_AGENT_TOKEN_FILE)" if field == "agent_token" else "")
             shown = "" if field in _SECRET_FIELDS or field not in values else f" (got {values[field]!r})"
             errors.append(f"{env_name(field)}: {msg}{shown}" if field else msg)
     if errors or settings is None:

@@ -24,11 +24,12 @@ INTRO = """\
      Do not edit by hand: change the field descriptions and regenerate. -->
 
 `kici-agent` reads its settings from environment variables only. `KICI_ORCHESTRATOR_URL` and
-`KICI_AGENT_TOKEN` are required; everything else has a default.
+`KICI_AGENT_TOKEN` (or `KICI_AGENT_TOKEN_FILE`) are required; everything else has a default.
 
 Start-up stops with exit code 2 and one line per problem on stderr, naming the variable, when a value is
 invalid, a required variable is missing, a label uses the reserved `kici:` prefix, the requested sandbox
-is not available on the machine, or a `KICI_*` variable is unknown (with a "did you mean" suggestion;
+is not available on the machine, `KICI_AGENT_STEP_USER` names a user that does not exist or cannot run
+the agent's Python, or a `KICI_*` variable is unknown (with a "did you mean" suggestion;
 `KICI_DEV=true` turns that into a warning). An empty variable counts as not set. Variables belonging to
 other KiCI tools are ignored: {exempt}.
 
@@ -42,7 +43,8 @@ or step `env` sets them.
 
 OUTRO = """
 Durations ending in `_MS` are milliseconds. Booleans accept `true`/`false`, `1`/`0`, `yes`/`no`,
-`on`/`off`. `KICI_AGENT_TOKEN` is never logged or echoed in error messages.
+`on`/`off`. `KICI_AGENT_TOKEN` and the content of `KICI_AGENT_TOKEN_FILE` are never logged or echoed in
+error messages; how the token is kept from job steps is in [security](security.md).
 """
 
 

@@ -30,6 +30,7 @@ from kici.agent.git import CloneCancelled, CloneError, Cloner
 from kici.agent.log import log_event
 from kici.agent.logs import FLUSH_INTERVAL_S, LogStreamer
 from kici.agent.sandbox import SandboxBackend
+from kici.agent.step_user import StepUser, give_tree, identity_env
 from kici.engine import protocol as p
 from kici.engine.content_hash import workflow_content_hash
 from kici.engine.events import Event
@@ -117,8 +118,13 @@ class Counters:
 class JobManager:
     """Implements `connection.AgentHooks`; `connection` must be set before messages arrive."""
 
-    def __init__(self, settings: AgentSettings, agent_id: str, labels: list[str], backend: SandboxBackend) -> None:
+    def __init__(
+        self, settings: AgentSettings, agent_id: str, labels: list[str], backend: SandboxBackend,
+        step_user: StepUser | None = None,
+    ) -> None:
         self.settings = settings
+        self.step_user = step_user
+        """Who job steps run as when the agent runs as root (None: the agent's own user)."""
         self.agent_id = agent_id
         self.labels = labels
         self.backend = backend
@@ -166,6 +172,7 @@ class JobManager:
             cpu_count=os.cpu_count(),
             total_memory_mb=_total_memory_mb(),
             running_as_uid=os.getuid() if hasattr(os, "getuid") else None,
+            step_uid=self.step_user.uid if self.step_user is not None else os.getuid(),
             in_flight_jobs=[p.InFlightJob(job_id=j.job_id, run_id=j.run_id) for j in self.jobs.values()
                             if not j.abandoned],
         )
@@ -370,7 +377,9 @@ class JobManager:
             return JobResult(status="failed", error=error, failure_category="drift")
 
         spec = self.job_spec(job)
-        runner = await self.backend.start(spec)
+        if self.step_user is not None:  # the checkout becomes the step user's: steps may write to it
+            await asyncio.to_thread(give_tree, job.workspace, self.step_user)
+        runner = await self.backend.start(spec, run_as=self.step_user.run_as if self.step_user else None)
         job.runner = runner
         if dispatch.token:
             runner.masker.add(dispatch.token)
@@ -410,8 +419,8 @@ class JobManager:
         dispatch = job.dispatch
         # FORCE_COLOR: tools keep their colours although their output goes to a pipe (log viewers render
         # ANSI); a workflow or job env may set it back to 0
-        env = safe_base_env({"FORCE_COLOR": "1", **dispatch.env, "CI": "true", "KICI": "true",
-                             "KICI_RUN_ID": dispatch.run_id, "KICI_JOB_ID": dispatch.job_id})
+        env = safe_base_env({**identity_env(self.step_user), "FORCE_COLOR": "1", **dispatch.env, "CI": "true",
+                             "KICI": "true", "KICI_RUN_ID": dispatch.run_id, "KICI_JOB_ID": dispatch.job_id})
         return JobSpec(
             workspace=str(job.workspace),
             workflow_file=dispatch.workflow_file,

@@ -1,14 +1,19 @@
 """`kici-agent`: connect to the orchestrator, take jobs, run them, until stopped.
 
 Exit codes: 0 after a drain (SIGUSR1) or a graceful stop (SIGTERM/SIGINT); 1 when the orchestrator
-rejects the agent's token or registration (not retried: a new token is needed); 2 for bad settings or an
-unavailable sandbox.
+rejects the agent's token or registration (not retried: a new token is needed); 2 for bad settings, an
+unusable step user or an unavailable sandbox.
+
+Start-up protects the agent token from job steps (`kici.agent.secrecy`): the process marks itself
+non-dumpable, and a token given in `KICI_AGENT_TOKEN` makes it re-execute itself once without the
+variable (`--token-fd N`, internal: the token arrives over that pipe).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -23,14 +28,27 @@ from kici.agent.health import HealthServer, prometheus_text, uptime_since
 from kici.agent.jobs import JobManager, kici_version
 from kici.agent.log import log_event
 from kici.agent.sandbox import SandboxBackend, SandboxUnavailable, get_backend
+from kici.agent.secrecy import (
+    TOKEN_FD_FLAG,
+    SecrecyError,
+    is_dumpable,
+    make_non_dumpable,
+    read_token_fd,
+    reexec_without_token,
+)
+from kici.agent.step_user import StepUser, StepUserError
+from kici.agent.step_user import resolve as resolve_step_user
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, agent_id: str, backend: SandboxBackend) -> None:
+    def __init__(
+        self, settings: AgentSettings, agent_id: str, backend: SandboxBackend, step_user: StepUser | None = None
+    ) -> None:
         self.settings = settings
         self.agent_id = agent_id
         self.labels = agent_labels(settings)
-        self.jobs = JobManager(settings, agent_id, self.labels, backend)
+        self.step_user = step_user
+        self.jobs = JobManager(settings, agent_id, self.labels, backend, step_user)
         self.connection = Connection(
             settings.websocket_url,
             settings.agent_token.get_secret_value(),
@@ -149,7 +167,8 @@ class Agent:
                 return 2
         log_event("agent.started", agent_id=self.agent_id, labels=self.labels, url=self.settings.websocket_url,
                   max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name, version=kici_version(),
-                  kici_hash=kici_build_hash())
+                  kici_hash=kici_build_hash(), uid=os.getuid(),
+                  step_user=self.step_user.name if self.step_user else None, non_dumpable=is_dumpable() is False)
         connection = asyncio.create_task(self.connection.run())
         code = 0
         try:
@@ -184,7 +203,21 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # first of all: nothing of this process (its memory will hold the token) is readable by its own user
+    try:
+        make_non_dumpable()
+    except SecrecyError as exc:
+        print(f"kici-agent: {exc}", file=sys.stderr)
+        sys.exit(2)
     args = sys.argv[1:] if argv is None else argv
+    handed_token: str | None = None
+    if len(args) >= 2 and args[0] == TOKEN_FD_FLAG:
+        try:
+            handed_token = read_token_fd(args[1])
+        except SecrecyError as exc:
+            print(f"kici-agent: {exc}", file=sys.stderr)
+            sys.exit(2)
+        args = args[2:]
     if args and args[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nSettings come from KICI_* environment variables; see "
               "docs/operator/agent/configuration.md.")
@@ -195,8 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     if args:
         print(f"kici-agent: unexpected argument {args[0]!r} (settings come from KICI_* variables)", file=sys.stderr)
         sys.exit(2)
+    if handed_token is None:
+        try:  # the token must not stay in this process's initial environment (/proc/<pid>/environ)
+            reexec_without_token(os.environ, args)
+        except (SecrecyError, OSError) as exc:
+            print(f"kici-agent: cannot re-execute without KICI_AGENT_TOKEN: {exc}", file=sys.stderr)
+            sys.exit(2)
     try:
-        settings, warnings = load_settings()
+        settings, warnings = load_settings(token=handed_token)
     except SettingsError as exc:
         for line in exc.lines:
             print(f"kici-agent: {line}", file=sys.stderr)
@@ -208,8 +247,15 @@ def main(argv: list[str] | None = None) -> None:
         print("kici-agent: git was not found on PATH; the agent needs it to clone repositories", file=sys.stderr)
         sys.exit(2)
     try:
+        step_user, user_warnings = resolve_step_user(settings.agent_step_user)
+    except StepUserError as exc:
+        print(f"kici-agent: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for warning in user_warnings:
+        log_event("config.warning", level="warning", message=warning)
+    try:
         backend = get_backend(settings.sandbox)
-        workspace.prepare_work_dir(settings.work_dir)
+        workspace.prepare_work_dir(settings.work_dir, step_user=step_user is not None)
         agent_id = resolve_agent_id(settings)
     except SandboxUnavailable as exc:
         print(f"kici-agent: {exc}", file=sys.stderr)
@@ -217,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         print(f"kici-agent: KICI_WORK_DIR ({settings.work_dir}): {exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(asyncio.run(Agent(settings, agent_id, backend).run()))
+    sys.exit(asyncio.run(Agent(settings, agent_id, backend, step_user).run()))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,16 @@ from kici.agent.log import log_event
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def prepare_work_dir(work_dir: Path) -> None:
+def prepare_work_dir(work_dir: Path, *, step_user: bool = False) -> None:
+    """Create the work dir and `jobs/` (0700). With a separate step user the two are 0711: the step user
+    must pass through to its workspace (itself 0700 and the step user's), but can list neither."""
+    mode = 0o711 if step_user else 0o700
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     jobs = work_dir / "jobs"
     jobs.mkdir(exist_ok=True, mode=0o700)
-    os.chmod(jobs, 0o700)  # checkouts may hold private code: other local users never get in
+    if step_user:
+        os.chmod(work_dir, mode)
+    os.chmod(jobs, mode)  # checkouts may hold private code: other local users never get in
 
 
 def job_dir(jobs_dir: Path, job_id: str) -> Path:

@@ -77,6 +77,9 @@ class AgentRegister(Message):
     cpu_count: int | None = None
     total_memory_mb: int | None = None
     running_as_uid: int | None = None
+    step_uid: int | None = None
+    """The uid job steps run as (None: the agent's own, `running_as_uid`). 0 needs a token that allows
+    root steps."""
     in_flight_jobs: list[InFlightJob] = []
 
 

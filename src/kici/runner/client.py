@@ -79,14 +79,15 @@ class RunnerProcess:
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
         argv_prefix: Sequence[str] = (),
+        run_as: tuple[int, int] | None = None,
     ) -> RunnerProcess:
-        """Start a runner for `spec` in a new session and hand it the spec.
+        """Start a runner for `spec` in a new session and hand it the spec (as the user `run_as`, when given).
 
         `env` is the runner process's own environment (default `runner_env()`); steps never see it, they
         get `spec.env`. `argv_prefix` goes before the interpreter (a sandbox wrapper such as `bwrap …`,
         which must keep the protocol fd open).
         """
-        self = await cls.spawn(python=python, env=env, argv_prefix=argv_prefix)
+        self = await cls.spawn(python=python, env=env, argv_prefix=argv_prefix, run_as=run_as)
         await self.hand(spec)
         return self
 
@@ -97,9 +98,10 @@ class RunnerProcess:
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
         argv_prefix: Sequence[str] = (),
+        run_as: tuple[int, int] | None = None,
     ) -> RunnerProcess:
         """Start a runner that waits for its spec (see `hand`). An unused one is ended with `kill()`."""
-        return await cls.adopt(popen_runner(python=python, env=env, argv_prefix=argv_prefix))
+        return await cls.adopt(popen_runner(python=python, env=env, argv_prefix=argv_prefix, run_as=run_as))
 
     @classmethod
     async def adopt(cls, spawned: Spawned) -> RunnerProcess:

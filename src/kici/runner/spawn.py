@@ -113,11 +113,18 @@ def popen_runner(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
     argv_prefix: Sequence[str] = (),
+    run_as: tuple[int, int] | None = None,
 ) -> Spawned:
-    """Start `python -m kici.runner` in a new session; it waits for its spec on stdin."""
+    """Start `python -m kici.runner` in a new session; it waits for its spec on stdin. `run_as` (uid, gid):
+    the runner drops to that user (no supplementary groups) before it executes anything, and its scratch
+    directory is that user's."""
     scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
     environment = dict(env) if env is not None else runner_env()
     environment["TMPDIR"] = scratch
+    identity: dict[str, object] = {}
+    if run_as is not None:
+        os.chown(scratch, run_as[0], run_as[1])
+        identity = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
     read_fd, write_fd = os.pipe()
     try:
         popen = subprocess.Popen(
@@ -128,6 +135,7 @@ def popen_runner(
             env=environment,
             pass_fds=(write_fd,),
             start_new_session=True,
+            **identity,  # type: ignore[arg-type]
         )
     except BaseException:
         os.close(read_fd)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,11 +186,11 @@ async def orchestrator() -> AsyncIterator[FakeOrchestrator]:
 
 
 class AgentProcess:
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, command: Sequence[str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kici.agent"], env=dict(env), stdin=subprocess.DEVNULL,
+            list(command or [sys.executable, "-m", "kici.agent"]), env=dict(env), stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -251,6 +251,11 @@ def agent_env(tmp_path: Path) -> Callable[..., dict[str, str]]:
             "KICI_CANCEL_GRACE_MS": "5000",
             "HOME": str(tmp_path / "home"),
         }
+        if os.geteuid() == 0:
+            # as root the agent would pick `nobody` as step user where `nobody` can run this Python, and this
+            # harness's private tmp dirs would then be out of the steps' reach: root steps, the same on every
+            # machine (test_token_secrecy exercises the step user on purpose)
+            env["KICI_AGENT_STEP_USER"] = "root"
         if orchestrator is not None:
             env["KICI_ORCHESTRATOR_URL"] = orchestrator.url
         env.update(settings)
@@ -264,9 +269,9 @@ async def start_agent(tmp_path: Path, agent_env: Callable[..., dict[str, str]]) 
     started: list[AgentProcess] = []
 
     def start(orchestrator: FakeOrchestrator | None = None, *, env: Mapping[str, str] | None = None,
-              **settings: str) -> AgentProcess:
+              command: Sequence[str] | None = None, **settings: str) -> AgentProcess:
         full = dict(env) if env is not None else agent_env(orchestrator, **settings)
-        agent = AgentProcess(full, tmp_path / f"agent-{len(started)}.log")
+        agent = AgentProcess(full, tmp_path / f"agent-{len(started)}.log", command)
         started.append(agent)
         return agent
 

@@ -5,6 +5,7 @@ dispatcher is not part of this tree yet, so jobs are exercised against the fake 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import httpx
@@ -17,10 +18,14 @@ from .conftest import AgentFactory, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-async def _agent_token(url: str, data: Path, labels: list[str]) -> str:
+async def _agent_token(url: str, data: Path, labels: list[str], *, root_steps: bool | None = None) -> str:
+    """A new agent token. The tests run as root, where `nobody` cannot run the test venv's Python, so the
+    agent's steps run as root: by default the token allows that when the tests run as root."""
     admin = (data / "bootstrap-admin-token").read_text().strip()
+    allow = os.geteuid() == 0 if root_steps is None else root_steps
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {admin}"}) as client:
-        response = await client.post("/api/v1/admin/agent-tokens", json={"name": "pool", "labels": labels})
+        response = await client.post("/api/v1/admin/agent-tokens",
+                                     json={"name": "pool", "labels": labels, "allow_root_steps": allow})
         assert response.status_code == 201, response.text
         return str(response.json()["token"])
 
@@ -83,4 +88,42 @@ async def test_every_form_of_the_orchestrator_url_connects(
                          f"the agent given {form} to register")
         agent.signal(15)
         assert await agent.wait_exit() == 0, agent.output
+    orchestrator.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: an agent running steps as root")
+async def test_a_root_agent_running_root_steps_needs_a_token_that_allows_them(
+    start_orchestrator: StartOrchestrator, start_agent: AgentFactory, tmp_path: Path  # noqa: F811
+) -> None:
+    data = tmp_path / "orch-data"
+    orchestrator = start_orchestrator({"KICI_DATA_DIR": str(data)})
+    await asyncio.to_thread(orchestrator.wait_for_event, "orchestrator.ready")
+    plain = await _agent_token(orchestrator.url, data, ["linux"], root_steps=False)
+    refused = start_agent(KICI_ORCHESTRATOR_URL=orchestrator.url, KICI_AGENT_TOKEN=plain, KICI_AGENT_STEP_USER="root")
+    assert await refused.wait_exit() == 1
+    assert "would run job steps as root and its token does not allow root steps" in refused.output
+    rooted = await _agent_token(orchestrator.url, data, ["linux"], root_steps=True)
+    agent = start_agent(KICI_ORCHESTRATOR_URL=orchestrator.url, KICI_AGENT_TOKEN=rooted, KICI_AGENT_STEP_USER="root",
+                        KICI_AGENT_ID="root-steps-ok")
+    await wait_until(lambda: agent.events("connection.registered"), 20, "the agent to register")
+    agent.signal(15)
+    assert await agent.wait_exit() == 0
+    orchestrator.stop()
+
+
+async def test_revoking_the_token_stops_the_running_agent_at_once(
+    start_orchestrator: StartOrchestrator, start_agent: AgentFactory, tmp_path: Path  # noqa: F811
+) -> None:
+    data = tmp_path / "orch-data"
+    orchestrator = start_orchestrator({"KICI_DATA_DIR": str(data)})
+    await asyncio.to_thread(orchestrator.wait_for_event, "orchestrator.ready")
+    token = await _agent_token(orchestrator.url, data, ["linux"])
+    agent = start_agent(KICI_ORCHESTRATOR_URL=orchestrator.url, KICI_AGENT_TOKEN=token, KICI_LABELS="linux")
+    await wait_until(lambda: agent.events("connection.registered"), 20, "the agent to register")
+    admin = (data / "bootstrap-admin-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=orchestrator.url, headers={"Authorization": f"Bearer {admin}"}) as client:
+        [listed] = (await client.get("/api/v1/admin/agent-tokens")).json()
+        assert (await client.delete(f"/api/v1/admin/agent-tokens/{listed['id']}")).status_code == 200
+    assert await agent.wait_exit(timeout=10) == 1  # well before any heartbeat or token re-check interval
+    assert "rejected this agent: agent token revoked" in agent.output
     orchestrator.stop()

@@ -274,7 +274,7 @@ async def test_invalid_frame_after_registration_is_4003(orchestrator: Orchestrat
     await eventually_disconnected(orchestrator)
 
 
-async def test_agent_id_held_by_another_token_is_4003(orchestrator: Orchestrator) -> None:
+async def test_agent_id_held_by_another_token_is_4010(orchestrator: Orchestrator) -> None:
     async with orchestrator.database.transaction() as conn:
         other = await create_agent_token(conn, name="other", labels=["linux"])
     async with agent_socket(orchestrator) as first, agent_socket(orchestrator) as second:
@@ -283,7 +283,8 @@ async def test_agent_id_held_by_another_token_is_4003(orchestrator: Orchestrator
         assert (await recv(second))["type"] == "auth.success"
         await send(second, register("agent-1"))
         received, code, _ = await until_closed(second)
-        assert code == 4003 and received[0]["code"] == "INVALID_MESSAGE"
+        assert code == 4010 and received[0]["type"] == "auth.failure"
+        assert "bound to another agent token" in received[0]["reason"]
         # the first connection is untouched
         row = await agent_row(orchestrator)
         assert row is not None and row.connected and row.agent_token_id == orchestrator.token_id

@@ -416,6 +416,7 @@ async def test_orchestrator_restart_recovers_jobs_for_the_reconnecting_agent(dat
         await orch.wait_job(created.run_id, "build", "running")
         await agent.close()
         await orch.wait_job(created.run_id, "build", "recovering")
+        tokens = dict(orch.agent_tokens)  # the agent id is bound to its token: it comes back with the same one
     # What a crashed orchestrator leaves behind: the agent still "connected", its job running, its row
     # dispatched (a clean shutdown would have released them as above).
     async with database.transaction() as conn:
@@ -424,6 +425,7 @@ async def test_orchestrator_restart_recovers_jobs_for_the_reconnecting_agent(dat
         await conn.execute(schema.dispatch_queue.update().where(schema.dispatch_queue.c.job_id == dispatch["job_id"])
                            .values(status="dispatched", recovery_deadline=None))
     async with serve_orchestrator(database, tmp_path / "second") as orch:
+        orch.agent_tokens.update(tokens)
         await orch.wait_job(created.run_id, "build", "recovering")
         again = SimAgent(orch, "a1", [])
         ack = await again.connect(in_flight=[(created.run_id, dispatch["job_id"])])

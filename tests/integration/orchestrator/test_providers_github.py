@@ -53,10 +53,14 @@ class FakeGitHub:
         self.installation_repos: dict[int, list[str]] = {}  # installation id → repos (GET /installation/repositories)
         self.tokens: set[str] = set()
         self.token_installations: dict[str, int] = {}  # token → the installation it was minted for
+        self.token_requests: list[dict[str, Any]] = []
+        """The JSON bodies of `POST …/access_tokens` ({} for none), in order."""
+        self.token_scopes: dict[str, dict[str, Any]] = {}
+        """Per minted token: `repositories` (None: every repository of the installation) and `permissions`."""
+        self.app_permissions = {"contents": "write", "checks": "write", "metadata": "read", "pull_requests": "write"}
         self.hits: Counter[str] = Counter()
         self.fail_with: int | None = None
         # check runs (the reporting tests): what was asked for, and what exists
-        self.token_scopes: dict[str, dict[str, Any]] = {}  # token → the access_tokens request body
         self.check_runs: dict[int, dict[str, Any]] = {}  # id → the check run as GitHub would show it
         self.check_calls: list[tuple[str, int | None, dict[str, Any]]] = []  # (POST|PATCH, id, body), answered 2xx
         self.check_failures: list[tuple[int, dict[str, str]]] = []  # answers given before behaving again
@@ -287,25 +291,34 @@ class FakeGitHub:
             return
         parts = path.strip("/").split("/")
         if method == "POST" and parts[:2] == ["app", "installations"] and parts[3:] == ["access_tokens"]:
-            scope = h.body() or {}
             if not self._jwt_ok(h.headers.get("Authorization")):
                 h._send(401, {"message": "A JSON web token could not be decoded", "status": "401"})
                 return
+            length = int(h.headers.get("Content-Length") or 0)
+            body = json.loads(h.rfile.read(length)) if length else {}
+            self.token_requests.append(body)
+            permissions = body.get("permissions") or dict(self.app_permissions)
+            excess = {k: v for k, v in permissions.items() if self.app_permissions.get(k) not in (v, "write")}
+            if excess:  # GitHub: a token cannot have more than the App was granted
+                h._send(422, {"message": "The permissions requested are not granted to this installation.",
+                              "status": "422"})
+                return
             token = "ghs_" + secrets.token_hex(18)
             self.tokens.add(token)
-            self.token_scopes[token] = scope
+            repositories = body.get("repositories")
+            self.token_scopes[token] = {"repositories": repositories, "permissions": permissions}
             if parts[2].isdigit():
                 self.token_installations[token] = int(parts[2])
             expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            h._send(
-                201,
-                {
-                    "token": token,
-                    "expires_at": expires,
-                    "permissions": {"contents": "read", "metadata": "read"},
-                    "repository_selection": "selected",
-                },
-            )
+            reply: dict[str, Any] = {
+                "token": token,
+                "expires_at": expires,
+                "permissions": {**permissions, "metadata": "read"},
+                "repository_selection": "selected" if repositories else "all",
+            }
+            if repositories:
+                reply["repositories"] = [{"name": name, "private": True} for name in repositories]
+            h._send(201, reply)
             return
         if parts[0] == "repos" and len(parts) in (4, 5) and parts[3] == "check-runs" and method in ("POST", "PATCH"):
             self._check_run(h, method, f"{parts[1]}/{parts[2]}", int(parts[4]) if len(parts) == 5 else None)
@@ -465,6 +478,32 @@ async def test_reads_lock_file_changed_files_and_refs(fake_github: FakeGitHub) -
         # one installation token for all of it, reused by a second provider sharing the token cache
         await provider(fake_github, client, tokens).read_lock_file(repo, sha)
     assert fake_github.hits[f"POST /app/installations/{INSTALLATION_ID}/access_tokens"] == 1
+
+
+async def test_clone_tokens_are_scoped_to_the_one_repository_with_contents_read(fake_github: FakeGitHub) -> None:
+    """Issue 9, defect 4: the token that goes to agents opens one repository, read-only."""
+    repo, sha = "Codertocat/Hello-World", "a" * 40
+    fake_github.files[(repo, sha)] = b"{}"
+    tokens = InstallationTokens()
+    async with httpx.AsyncClient() as client:
+        gh = provider(fake_github, client, tokens)
+        await gh.read_lock_file(repo, sha)  # the orchestrator's own token: unscoped
+        access = await gh.clone_access(repo)
+        assert access.url.endswith("/Codertocat/Hello-World.git")
+        assert fake_github.token_scopes[access.token] == {
+            "repositories": ["Hello-World"], "permissions": {"contents": "read"},
+        }
+        assert fake_github.token_requests == [
+            {}, {"repositories": ["Hello-World"], "permissions": {"contents": "read"}},
+        ]
+        own = next(t for t, scope in fake_github.token_scopes.items() if scope["repositories"] is None)
+        assert own != access.token
+        # cached per repository; another repository gets its own token
+        assert (await gh.clone_access(repo)).token == access.token
+        other = await gh.clone_access("Codertocat/Spoon-Knife")
+        assert other.token != access.token
+        assert fake_github.token_scopes[other.token]["repositories"] == ["Spoon-Knife"]
+    assert len(fake_github.token_requests) == 3
 
 
 async def test_installation_is_looked_up_when_not_known(fake_github: FakeGitHub) -> None:

@@ -24,9 +24,10 @@ class SandboxBackend(ABC):
     def argv_prefix(self, spec: JobSpec) -> Sequence[str]:
         """The command the runner's interpreter is started under (empty: none)."""
 
-    async def start(self, spec: JobSpec) -> RunnerProcess:
-        """Start the job's runner (in its own session, with the allow-listed environment)."""
-        return await RunnerProcess.start(spec, argv_prefix=self.argv_prefix(spec))
+    async def start(self, spec: JobSpec, *, run_as: tuple[int, int] | None = None) -> RunnerProcess:
+        """Start the job's runner (in its own session, with the allow-listed environment; as the user
+        `run_as` (uid, gid) when given)."""
+        return await RunnerProcess.start(spec, argv_prefix=self.argv_prefix(spec), run_as=run_as)
 
     async def kill(self, runner: RunnerProcess, grace: float) -> None:
         """End the runner's whole process tree (TERM, `grace` seconds, KILL)."""

@@ -16,7 +16,15 @@ from typing import Protocol
 from prometheus_client import Gauge
 from starlette.websockets import WebSocket
 
-from kici.engine.protocol import AgentMessage, AgentStatus, Message, close_reason, encode
+from kici.engine.protocol import (
+    AgentMessage,
+    AgentStatus,
+    AuthFailure,
+    CloseCode,
+    Message,
+    close_reason,
+    encode,
+)
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.metrics import Metrics
 
@@ -132,6 +140,17 @@ class AgentRegistry:
         except Exception:
             return False
         return True
+
+    async def disconnect_token(self, token_id: str, reason: str) -> list[str]:
+        """Close every connection of this process authenticated with `token_id` (`auth.failure` + 4010: the
+        agent stops instead of reconnecting). The agent ids closed."""
+        closed: list[str] = []
+        for agent in [a for a in self._agents.values() if a.token_id == token_id]:
+            with contextlib.suppress(Exception):  # the peer may be gone already; close anyway
+                await agent.send(AuthFailure(reason=reason))
+            await agent.close(CloseCode.AUTH_FAILED, reason)
+            closed.append(agent.agent_id)
+        return closed
 
     def lock(self, agent_id: str) -> asyncio.Lock:
         """Serialises registration and disconnect handling of one agent id, so the `agents` row always

@@ -5,12 +5,14 @@ Sequence (`kici.engine.protocol` has the messages and close codes):
    `protocolVersion < 1` → 4005; unknown or revoked token → `auth.failure` + 4010; else `auth.success`.
 2. `agent.register` within `register_s` (else 4002; anything else → 4003). Labels: the user labels must be
    valid and within the token's labels; self-reported `kici:os:*`, `kici:arch:*`, `kici:host:*` are
-   allowed; anything else → `auth.failure` + 4010. An agent id connected here under another token → 4003;
-   under the same token the new connection replaces the old one (closed with 1001). The `agents` row is
+   allowed; anything else → `auth.failure` + 4010. An agent id is bound to the agent token that first
+   registered it: another token registering it (connected or not) → `auth.failure` + 4010 and a `denied`
+   audit row; under the same token the new connection replaces the old one (closed with 1001). The `agents` row is
    upserted as connected; reply `register.ack`.
    Before the ack, the registry's listener reclaims the agent's in-flight jobs (named in
    `register.ack.reclaimed_jobs`); after it, the listener may dispatch.
-3. Afterwards: `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
+3. Afterwards (the token is looked up again every `token_recheck_s`; revoked → `auth.failure` + 4010):
+   `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
    memory, the listener told), everything else goes to the registry's listener. Silence (no valid frame) for
    `heartbeat_timeout_s` → 4004; an invalid frame → `error` + 4003.
 4. On disconnect: row `connected=false`, and the agent's jobs go `recovering` for twice the maximum
@@ -34,10 +36,12 @@ from kici.engine.labels import MAX_LABEL_LENGTH, RESERVED_PREFIX, validate_user_
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import agents as agent_store
+from kici.orchestrator.store import audit as audit_store
 from kici.orchestrator.store import queue as queue_store
-from kici.orchestrator.store.tokens import AgentToken, verify_agent_token
+from kici.orchestrator.store.tokens import AgentToken, agent_token_active, verify_agent_token
 
 SELF_REPORTED_PREFIXES = tuple(f"{RESERVED_PREFIX}{kind}:" for kind in ("os", "arch", "host"))
 INVALID_MESSAGE = "INVALID_MESSAGE"
@@ -54,6 +58,9 @@ class AgentTimeouts:
     heartbeat_timeout_s: float = p.HEARTBEAT_TIMEOUT_S
     last_seen_write_s: float = 60.0
     """Minimum interval between two `last_seen_at` writes caused by heartbeats."""
+    token_recheck_s: float = 30.0
+    """How often a connected agent's token is looked up again: a revocation made by another orchestrator
+    process closes the connection within this time (the process that revoked closes it at once)."""
 
 
 class _Closed(Exception):
@@ -236,6 +243,13 @@ class AgentSession:
                 close_code=int(p.CloseCode.AUTH_FAILED),
             )
             raise await self._close(p.CloseCode.AUTH_FAILED, str(exc), reply=p.AuthFailure(reason=str(exc))) from None
+        step_uid = message.step_uid if message.step_uid is not None else message.running_as_uid
+        if step_uid == 0 and not token.allow_root_steps:
+            detail = (
+                "this agent would run job steps as root and its token does not allow root steps; set "
+                "KICI_AGENT_STEP_USER to an unprivileged user, or create the token with --allow-root-steps"
+            )
+            raise await self._refuse(message.agent_id, detail)
         agent = AgentConnection(
             agent_id=message.agent_id,
             connection_id=self.connection_id,
@@ -252,25 +266,27 @@ class AgentSession:
         )
         async with self.registry.lock(agent.agent_id):
             current = self.registry.get(agent.agent_id)
-            if current is not None and current.token_id != token.id:
-                detail = f"agent id {agent.agent_id!r} is connected under another token"
-                self._log(
-                    "agent.register_failed", agent_id=agent.agent_id, reason=detail,
-                    close_code=int(p.CloseCode.INVALID_MESSAGE),
-                )
-                raise await self._invalid(detail)
+            bound_elsewhere = current is not None and current.token_id != token.id
+            refused = bound_elsewhere
             async with self.database.transaction() as conn:
-                await agent_store.register_agent(
-                    conn,
-                    agent_id=agent.agent_id,
-                    org_id=token.org_id,
-                    agent_token_id=token.id,
-                    labels=labels,
-                    max_concurrency=agent.max_concurrency,
-                    version=agent.version,
-                    hostname=agent.hostname,
-                    now=agent.connected_at,
-                )
+                existing = await agent_store.get_agent(conn, agent.agent_id)
+                # an agent id belongs to the token that first registered it, connected or not: another
+                # token could otherwise reclaim the agent's jobs and report them finished
+                refused = refused or (existing is not None and existing.agent_token_id != token.id)
+                if not refused:
+                    await agent_store.register_agent(
+                        conn,
+                        agent_id=agent.agent_id,
+                        org_id=token.org_id,
+                        agent_token_id=token.id,
+                        labels=labels,
+                        max_concurrency=agent.max_concurrency,
+                        version=agent.version,
+                        hostname=agent.hostname,
+                        now=agent.connected_at,
+                    )
+            if refused:
+                raise await self._refuse_binding(agent.agent_id)
             replaced = self.registry.claim(agent)
             self.agent = agent
             self._last_seen_write = time.monotonic()
@@ -288,11 +304,34 @@ class AgentSession:
         if listener is not None:
             await listener.ready(agent)
 
+    async def _refuse_binding(self, agent_id: str) -> _Closed:
+        """Another token registered this agent id first."""
+        detail = f"agent id {agent_id!r} is bound to another agent token; use a new agent id with this token"
+        return await self._refuse(agent_id, detail)
+
+    async def _refuse(self, agent_id: str, detail: str) -> _Closed:
+        """A registration the token does not allow: `auth.failure` + 4010 and a `denied` audit row."""
+        assert self.token is not None
+        self._log("agent.register_failed", agent_id=agent_id, reason=detail, close_code=int(p.CloseCode.AUTH_FAILED),
+                  level="warning")
+        client = self.ws.client
+        async with self.database.transaction() as conn:
+            await audit_store.record(
+                conn, action="agent.register", outcome=AuditOutcome.DENIED, org_id=self.token.org_id,
+                reason=detail, token_id=self.token.id, path="/ws",
+                client=f"{client.host}:{client.port}" if client else None,
+            )
+        return await self._close(p.CloseCode.AUTH_FAILED, detail, reply=p.AuthFailure(reason=detail))
+
     async def _serve(self) -> None:
         agent = self.agent
         assert agent is not None
         unhealthy_logged = False
+        next_token_check = time.monotonic() + self.timeouts.token_recheck_s
         while True:
+            if time.monotonic() >= next_token_check:
+                await self._recheck_token()
+                next_token_check = time.monotonic() + self.timeouts.token_recheck_s
             silent = time.monotonic() - agent.last_seen_monotonic
             if silent >= self.timeouts.heartbeat_timeout_s:
                 self._log("agent.heartbeat_timeout", silent_s=round(silent, 1),
@@ -304,6 +343,7 @@ class AgentSession:
             wait = self.timeouts.heartbeat_timeout_s - silent
             if not unhealthy_logged:
                 wait = min(wait, self.timeouts.heartbeat_unhealthy_s - silent)
+            wait = min(wait, next_token_check - time.monotonic())
             try:
                 frame = await self._receive(max(wait, 0.0))
             except TimeoutError:
@@ -323,6 +363,15 @@ class AgentSession:
                 await self.registry.listener.message(agent, message)
             else:
                 self._log("agent.message_unhandled", level="debug", message_type=message.type)
+
+    async def _recheck_token(self) -> None:
+        assert self.token is not None
+        async with self.database.read() as conn:
+            active = await agent_token_active(conn, self.token.id)
+        if not active:
+            reason = "agent token revoked"
+            self._log("agent.token_revoked", close_code=int(p.CloseCode.AUTH_FAILED), level="warning")
+            raise await self._close(p.CloseCode.AUTH_FAILED, reason, reply=p.AuthFailure(reason=reason))
 
     async def _heartbeat(self, agent: AgentConnection) -> None:
         now = time.monotonic()

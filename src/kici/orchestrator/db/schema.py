@@ -196,6 +196,8 @@ agent_tokens = sa.Table(
     _created_at(),
     sa.Column("last_used_at", UtcDateTime, nullable=True),
     sa.Column("revoked_at", UtcDateTime, nullable=True),
+    # whether its agents may run job steps as root (an agent running as root without a step user)
+    sa.Column("allow_root_steps", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
 )
 
 dedup_cache = sa.Table(

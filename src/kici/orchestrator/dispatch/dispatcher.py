@@ -184,7 +184,9 @@ class Dispatcher:
     async def registered(self, agent: AgentConnection) -> list[str]:
         reported = [job_id for _run_id, job_id in agent.in_flight_jobs]
         async with self.db.transaction() as conn:
-            reclaimed = await queue_store.reclaim(conn, agent.agent_id, reported, limits=self.limits)
+            reclaimed = await queue_store.reclaim(
+                conn, agent.agent_id, reported, limits=self.limits, labels=list(agent.labels)
+            )
         self._slots[agent.agent_id] = _Slots(agent.connection_id, set(reclaimed))
         if reported:
             log_event("dispatch.reclaimed", agent_id=agent.agent_id, reported=reported, reclaimed=reclaimed)

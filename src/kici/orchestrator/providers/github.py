@@ -73,6 +73,10 @@ class _Token:
     expires_monotonic: float
 
 
+CLONE_PERMISSIONS = {"contents": "read"}
+"""What a token handed to an agent may do: read the one repository's contents (clone/fetch), nothing else."""
+
+
 _TokenKey = tuple[str, int, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
@@ -252,13 +256,17 @@ class GitHubProvider:
         raise AssertionError("unreachable")
 
     async def clone_access(self, repo: str) -> CloneAccess:
-        """`https://<host>/<owner>/<name>.git` with a fresh installation token (GitHub Enterprise: the host
-        of the API URL)."""
+        """`https://<host>/<owner>/<name>.git` with an installation token scoped to that one repository and
+        `contents: read` (GitHub Enterprise: the host of the API URL). The token goes to an agent, and from
+        there within reach of the job's steps: it must not open anything else."""
         path = _repo_path(repo)
         parsed = urlsplit(self.api_url)
         host = "github.com" if parsed.hostname == "api.github.com" else parsed.netloc
         installation = await self._installation_id(repo)
-        token = await self.tokens.get(self.client, self.api_url, installation, self.app_id, self.private_key)
+        token = await self.tokens.get(
+            self.client, self.api_url, installation, self.app_id, self.private_key,
+            repositories=[repo.split("/")[1]], permissions=CLONE_PERMISSIONS,
+        )
         return CloneAccess(f"{parsed.scheme or 'https'}://{host}/{path}.git", token)
 
     async def read_lock_file(self, repo: str, sha: str) -> bytes | None:

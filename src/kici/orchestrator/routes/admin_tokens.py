@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, field_validator
 
 from kici.engine.labels import validate_user_labels
+from kici.orchestrator.agents import agent_registry
 from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -23,7 +24,11 @@ from kici.orchestrator.auth import (
 )
 from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.services import services_of
+from kici.orchestrator.store import agents as agent_store
+from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import tokens
+from kici.orchestrator.store.runs import QueueLimits
 from kici.orchestrator.store.tokens import AdminToken, AgentToken
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
@@ -139,6 +144,11 @@ class AgentTokenCreate(BaseModel):
     labels: list[str] = Field(
         default_factory=list, description="Labels an agent using this token may register with"
     )
+    allow_root_steps: bool = Field(
+        default=False,
+        description="Agents using this token may run job steps as root. Without it, an agent that would run "
+        "steps as root (it runs as root with no usable step user) is refused at registration.",
+    )
 
     _name = field_validator("name")(_clean_name)
 
@@ -152,6 +162,7 @@ class AgentTokenInfo(BaseModel):
     id: str
     name: str
     labels: list[str]
+    allow_root_steps: bool
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     revoked_at: dt.datetime | None
@@ -162,6 +173,7 @@ class AgentTokenInfo(BaseModel):
             id=token.id,
             name=token.name,
             labels=list(token.labels),
+            allow_root_steps=token.allow_root_steps,
             created_at=token.created_at,
             last_used_at=token.last_used_at,
             revoked_at=token.revoked_at,
@@ -180,10 +192,11 @@ async def create_agent_token(
 ) -> AgentTokenCreated:
     async with state.database.transaction() as conn:
         created = await tokens.create_agent_token(
-            conn, name=body.name, labels=body.labels, org_id=principal.token.org_id
+            conn, name=body.name, labels=body.labels, org_id=principal.token.org_id,
+            allow_root_steps=body.allow_root_steps,
         )
     log_event("admin.agent_token_created", agent_token_id=created.token.id, labels=body.labels,
-              by_token_id=principal.token.id)
+              allow_root_steps=body.allow_root_steps or None, by_token_id=principal.token.id)
     return AgentTokenCreated(**AgentTokenInfo.of(created.token).model_dump(), token=created.plaintext)
 
 
@@ -201,14 +214,32 @@ async def list_agent_tokens(
 @router.delete("/agent-tokens/{token_id}", summary="Revoke an agent token", responses={404: {"model": ErrorResponse}})
 async def revoke_agent_token(
     token_id: str,
+    request: Request,
     state: State,
     principal: Annotated[Principal, Depends(require(Permission.AGENT_TOKENS_WRITE))],
 ) -> AgentTokenInfo:
     org_id = principal.token.org_id
+    limits = QueueLimits(state.settings.queue_max_depth, state.settings.queue_timeout_ms)
+    dispatcher = services_of(request.app).dispatcher
+    registry = agent_registry(request.app)
+    for agent in registry.connected_agents():
+        if agent.token_id == token_id:  # nothing new for them while they are being cut off
+            dispatcher.retire(agent.agent_id)
     async with state.database.transaction() as conn:
         if not await tokens.revoke_agent_token(conn, token_id, org_id=org_id):
             raise AdminError(404, f"no active agent token with id {token_id!r}")
         revoked = next(t for t in await tokens.list_agent_tokens(conn, org_id=org_id, include_revoked=True)
                        if t.id == token_id)
-    log_event("admin.agent_token_revoked", agent_token_id=token_id, by_token_id=principal.token.id)
+        # in the same transaction: no agent of this token can report on its jobs any more
+        agent_ids = await agent_store.agents_of_token(conn, token_id)
+        requeued, failed = await queue_store.settle_revoked_agents(conn, agent_ids, limits=limits)
+        await agent_store.mark_token_agents_disconnected(conn, token_id)
+    # connections to this process end now; other orchestrator processes notice at their next token
+    # re-check (`agent_token_recheck_s`)
+    closed = await registry.disconnect_token(token_id, "agent token revoked")
+    dispatcher.forget([*requeued, *failed])
+    dispatcher.wake()
+    log_event("admin.agent_token_revoked", agent_token_id=token_id, by_token_id=principal.token.id,
+              agents=agent_ids or None, disconnected=closed or None, jobs_requeued=requeued or None,
+              jobs_failed=failed or None)
     return AgentTokenInfo.of(revoked)

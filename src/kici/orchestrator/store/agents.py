@@ -102,7 +102,8 @@ async def register_agent(
     hostname: str | None,
     now: dt.datetime | None = None,
 ) -> AgentRecord:
-    """Insert or update the agent's row as connected; `registered_at` is the latest registration."""
+    """Insert or update the agent's row as connected; `registered_at` is the latest registration. An id
+    bound to another token is never rebound (the insert then fails on the primary key)."""
     now = now or utcnow()
     values: dict[str, Any] = {
         "org_id": org_id,
@@ -115,7 +116,11 @@ async def register_agent(
         "last_seen_at": now,
         "registered_at": now,
     }
-    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(**values))
+    # only the row bound to this token is updated: a row of another token makes the insert fail instead
+    # (the session refuses that case before; this keeps two orchestrators racing from rebinding an id)
+    result = await conn.execute(
+        agents.update().where(agents.c.id == agent_id, agents.c.agent_token_id == agent_token_id).values(**values)
+    )
     if result.rowcount == 0:
         await conn.execute(agents.insert().values(id=agent_id, **values))
     record = await get_agent(conn, agent_id)
@@ -139,3 +144,18 @@ async def mark_agent_disconnected(
         values["last_seen_at"] = last_seen_at
     result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(**values))
     return result.rowcount == 1
+
+
+async def agents_of_token(conn: AsyncConnection, agent_token_id: str) -> list[str]:
+    """Ids of the agents bound to this agent token."""
+    rows = await conn.execute(sa.select(agents.c.id).where(agents.c.agent_token_id == agent_token_id))
+    return sorted(str(row.id) for row in rows)
+
+
+async def mark_token_agents_disconnected(conn: AsyncConnection, agent_token_id: str) -> int:
+    """The token was revoked: none of its agents counts as connected any more."""
+    result = await conn.execute(
+        agents.update().where(agents.c.agent_token_id == agent_token_id, agents.c.connected.is_(True))
+        .values(connected=False)
+    )
+    return int(result.rowcount or 0)

@@ -489,15 +489,18 @@ async def reclaim(
     *,
     release_missing: bool = True,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    labels: Sequence[str] | None = None,
 ) -> list[str]:
     """The agent (re)registered reporting `job_ids` in flight: those of its recovering jobs resume
     (`recovering → running`, row `dispatched`), and those still `dispatched` to it (a reconnect that
     replaced a connection before its loss was noticed) stay. With `release_missing`, its other jobs are
-    settled now instead of at the window's end: never started → requeued, started → failed. The ids
-    reclaimed."""
+    settled now instead of at the window's end: never started → requeued, started → failed. With `labels`
+    (the agent's labels now), a reported job whose `runs_on`/`exclude_labels` they no longer satisfy is
+    settled the same way instead of reclaimed. The ids reclaimed."""
     held = (QueueStatus.RECOVERING.value, QueueStatus.DISPATCHED.value)
     rows = await conn.execute(
-        sa.select(dispatch_queue.c.job_id, dispatch_queue.c.status.label("row_status"), jobs.c.status)
+        sa.select(dispatch_queue.c.job_id, dispatch_queue.c.status.label("row_status"), jobs.c.status,
+                  jobs.c.runs_on, jobs.c.exclude_labels)
         .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
         .where(dispatch_queue.c.agent_id == agent_id, dispatch_queue.c.status.in_(held))
     )
@@ -506,7 +509,19 @@ async def reclaim(
     for row in list(rows):
         job_id = str(row.job_id)
         await run_store.lock_job(conn, job_id)
-        if job_id in wanted:
+        # the agent's labels may have changed since the dispatch: a job it no longer qualifies for is not
+        # handed back (its outcome could not be trusted to have run where the workflow asked)
+        fits = labels is None or job_matches_agent(_matchers(row.runs_on), _matchers(row.exclude_labels), labels)
+        if job_id in wanted and not fits:
+            if row.status == JobState.QUEUED.value:
+                await _requeue(conn, job_id, agent_id, QueueStatus(row.row_status))
+            else:
+                await run_store.finish_job(
+                    conn, job_id, JobState.FAILED, JobEvent.FAIL,
+                    error="the agent reconnected without the labels this job runs on", failure_category="agent_lost",
+                    limits=limits,
+                )
+        elif job_id in wanted:
             if row.status == JobState.RECOVERING.value:
                 await set_job_status(conn, job_id, JobState.RUNNING, JobEvent.START, owned_by=agent_id)
             await conn.execute(
@@ -524,6 +539,40 @@ async def reclaim(
                     error="the agent reconnected without this job", failure_category="agent_lost", limits=limits,
                 )
     return reclaimed
+
+
+REVOKED_TOKEN_ERROR = "the agent's token was revoked"
+
+
+async def settle_revoked_agents(
+    conn: AsyncConnection, agent_ids: Sequence[str], *, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> tuple[list[str], list[str]]:
+    """The agents' token was revoked: what they held can never be reported by them again. Jobs not yet
+    started go back to the queue; started ones (running, recovering, cancelling) fail. (requeued, failed)."""
+    if not agent_ids:
+        return [], []
+    held = (QueueStatus.RECOVERING.value, QueueStatus.DISPATCHED.value)
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.job_id, dispatch_queue.c.agent_id, dispatch_queue.c.status.label("row_status"),
+                  jobs.c.status)
+        .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
+        .where(dispatch_queue.c.agent_id.in_(list(agent_ids)), dispatch_queue.c.status.in_(held))
+        .order_by(dispatch_queue.c.created_at)
+    )
+    requeued: list[str] = []
+    failed: list[str] = []
+    for row in list(rows):
+        job_id = str(row.job_id)
+        await run_store.lock_job(conn, job_id)
+        if row.status == JobState.QUEUED.value:
+            if await _requeue(conn, job_id, str(row.agent_id), QueueStatus(row.row_status)):
+                requeued.append(job_id)
+        elif await run_store.finish_job(
+            conn, job_id, JobState.FAILED, JobEvent.FAIL, error=REVOKED_TOKEN_ERROR, failure_category="agent_lost",
+            limits=limits,
+        ):
+            failed.append(job_id)
+    return requeued, failed
 
 
 async def fail_unrecovered(

@@ -59,6 +59,8 @@ class AdminToken(_Record):
 
 class AgentToken(_Record):
     labels: list[str]
+    allow_root_steps: bool = False
+    """Agents using it may run job steps as root (otherwise an agent reporting root steps is refused)."""
 
 
 class CreatedAdminToken(BaseModel):
@@ -178,9 +180,15 @@ async def set_admin_token_role(conn: AsyncConnection, token_id: str, role: Admin
 
 
 async def create_agent_token(
-    conn: AsyncConnection, *, name: str, labels: Sequence[str] = (), org_id: str = DEFAULT_ORG_ID
+    conn: AsyncConnection,
+    *,
+    name: str,
+    labels: Sequence[str] = (),
+    org_id: str = DEFAULT_ORG_ID,
+    allow_root_steps: bool = False,
 ) -> CreatedAgentToken:
-    """A new agent token; `labels` are the labels an agent using it may register with."""
+    """A new agent token; `labels` are the labels an agent using it may register with;
+    `allow_root_steps` lets its agents run job steps as root."""
     plaintext = generate_agent_token()
     token_id = new_id()
     values = {
@@ -188,6 +196,7 @@ async def create_agent_token(
         "org_id": org_id,
         "name": name,
         "labels": list(labels),
+        "allow_root_steps": allow_root_steps,
         "token_hash": hash_token(plaintext),
         "created_at": utcnow(),
     }
@@ -231,3 +240,9 @@ async def revoke_agent_token(conn: AsyncConnection, token_id: str, *, org_id: st
         .values(revoked_at=utcnow())
     )
     return result.rowcount == 1
+
+
+async def agent_token_active(conn: AsyncConnection, token_id: str) -> bool:
+    """Whether the agent token exists and is not revoked (connected agents re-check this)."""
+    row = (await conn.execute(sa.select(agent_tokens.c.revoked_at).where(agent_tokens.c.id == token_id))).first()
+    return row is not None and row.revoked_at is None
