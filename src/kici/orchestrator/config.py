@@ -138,9 +138,9 @@ class Settings(BaseModel):
     # -- secrets ----------------------------------------------------------------------------------
     secret_key: SecretStr | None = Field(
         default=None,
-        description="64 hex characters (32 bytes) used to encrypt source secrets at rest (AES-256-GCM). "
-        "When unset, one is generated into `<data dir>/secret-key` (mode 0600) on first start; keep it "
-        "with your backups.",
+        description="64 hex characters (32 bytes) used to encrypt source secrets and scoped secrets at rest "
+        "(AES-256-GCM). When neither this nor `KICI_SECRET_KEY_FILE` is set, one is generated into "
+        "`<data dir>/secret-key` (mode 0600) on first start; keep it with your backups.",
     )
     secret_key_file: Path | None = Field(
         default=None,
@@ -151,7 +151,7 @@ class Settings(BaseModel):
         default=None,
         description="The previous secret key (64 hex characters), during a key rotation only: values not yet "
         "re-encrypted are opened with it when the current key does not open them. Never used to encrypt. "
-        "Remove it once `kici-admin rotate-key` reports nothing remaining (docs/operator/secrets.md).",
+        "Remove it once `kici-admin rotate-key` reports nothing remaining (operator guide: Secrets).",
     )
     secret_key_old_file: Path | None = Field(
         default=None,

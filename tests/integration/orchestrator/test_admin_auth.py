@@ -86,7 +86,8 @@ async def _targets(admin: Admin) -> dict[str, str]:
         report = (await outbox.list_reports(conn, org_id="default", run_id=run, limit=1))[0].id
         secret = f"S_{new_id()[:8]}"
         await secrets.set_secret(conn, Keyring(SECRET_KEY), name=secret, scope="repo:acme/app", value="v")
-    return {"secret": secret, "secret_name": f"N_{new_id()[:8]}","auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
+    return {"secret": secret, "secret_name": f"N_{new_id()[:8]}",
+            "auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
             "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
 
