@@ -6,11 +6,17 @@ while `kici-admin rotate-key` runs — and a restart without the old key after w
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
+import pty
 import secrets
+import select
 import subprocess
 import sys
+import termios
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -163,3 +169,61 @@ def test_secrets_and_an_online_key_rotation(start_orchestrator: StartOrchestrato
     for output in seen:
         assert VALUE not in output and PEM not in output and "-----BEGIN KEY" not in output and BEARER not in output
         assert old_key not in output and new_key not in output
+
+
+def _read_until(fd: int, wanted: bytes, seen: bytearray, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {wanted!r} in {bytes(seen)!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            assert chunk, f"terminal closed before {wanted!r}: {bytes(seen)!r}"
+            seen += chunk
+
+
+def test_secret_set_prompts_without_echo_on_a_terminal(start_orchestrator: StartOrchestrator, tmp_path: Path) -> None:
+    orchestrator = start(start_orchestrator, {"KICI_DATA_DIR": str(tmp_path / "data")})
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # the prompt reads /dev/tty: make the pty the child's terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kici.admin", "secret", "set", "TYPED", "--scope", "org"],
+        env=kici_env({"KICI_ADMIN_URL": orchestrator.url, "KICI_ADMIN_TOKEN": TOKEN}),
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True, preexec_fn=controlling_terminal,
+    )
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, b"Value:", seen)
+        os.write(master, VALUE.encode() + b"\n")
+        _read_until(master, b"confirmation:", seen)
+        os.write(master, VALUE.encode() + b"\n")
+        _read_until(master, b"(fingerprint ", seen)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        orchestrator.stop()
+    assert b"Created secret TYPED in scope org" in seen
+    assert VALUE.encode() not in seen  # typed without echo
+    values = asyncio.run(_open_typed(str(tmp_path / "data" / "kici.db")))
+    assert values == VALUE
+
+
+async def _open_typed(sqlite_path: str) -> str | None:
+    database = Database.connect(f"sqlite:///{sqlite_path}")
+    try:
+        key = bytes.fromhex((Path(sqlite_path).parent / "secret-key").read_text().strip())
+        async with database.read() as conn:
+            return await secret_store.open_secret(conn, Keyring(key), name="TYPED", scope="org")
+    finally:
+        await database.close()
