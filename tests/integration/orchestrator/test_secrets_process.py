@@ -55,6 +55,15 @@ def start(start_orchestrator: StartOrchestrator, env: dict[str, str]) -> Orchest
     return orchestrator
 
 
+async def _set_under_another_key(database_url: str) -> None:
+    database = Database.connect(database_url)
+    try:
+        async with database.transaction() as conn:
+            await secret_store.set_secret(conn, Keyring(bytes(32)), name="LOST", scope="org", value="unreadable")
+    finally:
+        await database.close()
+
+
 async def _open_all(database_url: str, keys: Keyring) -> tuple[dict[str, str | None], dict[str, str]]:
     database = Database.connect(database_url)
     try:
@@ -136,15 +145,21 @@ def test_secrets_and_an_online_key_rotation(start_orchestrator: StartOrchestrato
         result = json.loads(rotated.stdout)
         assert (result["secrets_resealed"], result["source_secrets_resealed"]) == (2, 1), result
         assert (result["failed"], result["remaining"]) == ([], 0)
-        again = admin(rotating.url, "rotate-key")
-        assert again.returncode == 0 and "Nothing remains under another key" in again.stdout, again.stdout
         stop.set()
         sender.join(timeout=30)
         assert statuses and set(statuses) == {accepted}, statuses
+        # A value under a third key: named, left alone, exit 1; deleting it lets the rotation finish.
+        asyncio.run(_set_under_another_key(database_url))
+        stuck = admin(rotating.url, "rotate-key")
+        assert stuck.returncode == 1 and "cannot open secret LOST (org)" in stuck.stderr, stuck.stderr
+        assert "1 values are still sealed under another key" in stuck.stderr
+        assert admin(rotating.url, "secret", "delete", "LOST", "--scope", "org").returncode == 0
+        again = admin(rotating.url, "rotate-key")
+        assert again.returncode == 0 and "Nothing remains under another key" in again.stdout, again.stdout
         audit_rows = admin(rotating.url, "audit", "list", "--json")
         actions = [r["action"] for r in json.loads(audit_rows.stdout)]
-        assert actions.count("key.rotate") == 2 and actions.count("secret.set") == 3
-        assert actions.count("secret.delete") == 1
+        assert actions.count("key.rotate") == 3 and actions.count("secret.set") == 3
+        assert actions.count("secret.delete") == 2
         seen += [rotated.stdout, rotated.stderr, audit_rows.stdout]
     finally:
         stop.set()
