@@ -47,3 +47,9 @@ def test_scheduler_bench_runs() -> None:
     result = run_bench(str(BENCH / "scheduler.py"), "--quick", "--db", "sqlite")
     sqlite = result["sqlite"]
     assert sqlite["schedules"] == 50 and sqlite["with_schedules"]["scheduler_ticks"] > 0
+
+
+def test_rotate_key_bench_runs() -> None:
+    result = run_bench(str(BENCH / "rotate_key.py"), "--quick", "--db", "sqlite")
+    sqlite = result["sqlite"]
+    assert sqlite["resealed"] == 200 + 2 * 10 and sqlite["rows_per_s"] > 0

@@ -118,8 +118,11 @@ class AdminClient:
     def patch(self, path: str, body: Any = None) -> Any:
         return self.request("PATCH", path, json=body)
 
-    def delete(self, path: str) -> Any:
-        return self.request("DELETE", path)
+    def put(self, path: str, body: Any = None) -> Any:
+        return self.request("PUT", path, json=body)
+
+    def delete(self, path: str, **params: Any) -> Any:
+        return self.request("DELETE", path, params=params)
 
 
 def _is_admin_error(response: httpx.Response) -> bool:

@@ -1020,6 +1020,112 @@ def schedules_list(source: str | None, as_json: bool) -> None:
     )
 
 
+# -- secrets and key rotation -----------------------------------------------------------------------
+
+SECRET_COLUMNS = [("name", "name"), ("scope", "scope"), ("fingerprint", "fingerprint"), ("updated_at", "updated"),
+                  ("created_at", "created"), ("updated_by", "updated by")]
+SCOPE_HELP = "org, repo:<owner/name> or env:<environment>."
+
+
+@cli.group()
+def secret() -> None:
+    """Scoped secrets: set, list, delete. Values go in, never come out."""
+
+
+def _without_final_newline(text: str) -> str:
+    # `echo value |` and most editors end the input with a newline that is not part of the value.
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _secret_value(from_file: str | None) -> str:
+    """The value from --from-file, else stdin when it is not a terminal, else a hidden prompt (typed twice)."""
+    if from_file is not None:
+        value = _without_final_newline(_read_file(from_file, "secret file"))
+    elif not sys.stdin.isatty():
+        try:
+            value = _without_final_newline(sys.stdin.read())
+        except UnicodeDecodeError:
+            raise AdminCLIError("the value on stdin is not UTF-8 text", exit_code=2) from None
+    else:
+        value = click.prompt("Value", hide_input=True, confirmation_prompt=True, err=True)
+    if not value:
+        raise AdminCLIError("the secret value is empty", exit_code=2)
+    return value
+
+
+@secret.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("stray", nargs=-1, type=click.UNPROCESSED, metavar="")
+@click.option("--scope", required=True, help="The secret's scope: " + SCOPE_HELP)
+@click.option("--from-file", metavar="PATH", help="Read the value from this file (one final newline is dropped).")
+@json_option
+def secret_set(name: str, stray: tuple[str, ...], scope: str, from_file: str | None, as_json: bool) -> None:
+    """Create or replace secret NAME. The value is read from --from-file, from stdin, or from a hidden
+    prompt — never from the command line, where `ps` and shell history would show it."""
+    if stray:
+        # Never echo them: one of them may well be the value.
+        raise AdminCLIError(
+            f"unexpected argument(s) after NAME ({len(stray)} not shown): the value is never taken from the "
+            "command line; pipe it on stdin, use --from-file PATH, or type it at the prompt",
+            exit_code=2,
+        )
+    value = _secret_value(from_file)
+    stored = _client().put(f"/secrets/{_path_part(name)}", {"scope": scope, "value": value})
+    if as_json:
+        print_json(stored)
+        return
+    verb = "Created" if stored.get("created") else "Updated"
+    click.echo(f"{verb} secret {stored['name']} in scope {stored['scope']} (fingerprint {stored['fingerprint']}).")
+
+
+@secret.command("list")
+@click.option("--scope", help="Only this scope: " + SCOPE_HELP)
+@json_option
+def secret_list(scope: str | None, as_json: bool) -> None:
+    """List secrets: names, scopes, fingerprints and dates (never values)."""
+    found = _client().get("/secrets", scope=scope)
+    if as_json:
+        print_json(found)
+        return
+    print_table(found, SECRET_COLUMNS, empty="No secrets" + (f" in scope {scope}." if scope else "."))
+
+
+@secret.command("delete")
+@click.argument("name")
+@click.option("--scope", required=True, help="The secret's scope: " + SCOPE_HELP)
+@json_option
+def secret_delete(name: str, scope: str, as_json: bool) -> None:
+    """Delete secret NAME from SCOPE."""
+    deleted = _client().delete(f"/secrets/{_path_part(name)}", scope=scope)
+    if as_json:
+        print_json(deleted)
+        return
+    click.echo(f"Deleted secret {deleted['name']} from scope {deleted['scope']}.")
+
+
+@cli.command("rotate-key")
+@json_option
+def rotate_key(as_json: bool) -> int:
+    """Re-encrypt every secret and source secret under the orchestrator's current key (KICI_SECRET_KEY),
+    opening what is not yet re-encrypted with KICI_SECRET_KEY_OLD. Safe to interrupt and to run again.
+    Exits 1 when some value could not be opened."""
+    result = _client().post("/rotate-key")
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"Key {result['key_id']} (old key: {result['old_key_id'] or 'none configured'}): "
+                   f"{result['secrets_resealed']} secrets and {result['source_secrets_resealed']} source secrets "
+                   "re-encrypted.")
+        for failed in result["failed"]:
+            click.echo(f"  cannot open {failed} with the current or the old key", err=True)
+        if result["remaining"]:
+            click.echo(f"{result['remaining']} values are still sealed under another key: keep "
+                       "KICI_SECRET_KEY_OLD until they are re-encrypted or deleted.", err=True)
+        else:
+            click.echo("Nothing remains under another key: KICI_SECRET_KEY_OLD can be removed.")
+    return 1 if result["failed"] or result["remaining"] else 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run `kici-admin`; exits with 0, 1 (API or network error) or 2 (usage error)."""
     try:

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 
 from kici.orchestrator.agents import mount_agents
 from kici.orchestrator.config import Settings
+from kici.orchestrator.crypto import Keyring
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.metrics import Metrics, MetricsMiddleware
 from kici.orchestrator.services import Services
@@ -49,7 +50,14 @@ class AppState:
     readiness: Readiness
     version: str
     secret_key: bytes | None = None
+    old_secret_key: bytes | None = None
+    """`KICI_SECRET_KEY_OLD`: opens values not yet re-sealed during a key rotation; never seals."""
     started_monotonic: float = field(default_factory=time.monotonic)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keys to open sealed values with: current, then old."""
+        return Keyring(current=self.secret_key, old=self.old_secret_key)
 
 
 def app_state(request: Request) -> AppState:
@@ -64,6 +72,7 @@ def create_app(
     *,
     readiness: Readiness | None = None,
     secret_key: bytes | None = None,
+    old_secret_key: bytes | None = None,
 ) -> FastAPI:
     """The orchestrator app. `readiness` defaults to "prepared" (the caller migrated the database)."""
     from kici.orchestrator.ingest import routes as ingest_routes
@@ -98,6 +107,7 @@ def create_app(
         readiness=readiness or Readiness(),
         version=version,
         secret_key=secret_key,
+        old_secret_key=old_secret_key,
     )
     # Routers declare their full paths and are mounted only under the base path (see route_label).
     app.include_router(health.router, prefix=base)

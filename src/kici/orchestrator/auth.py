@@ -60,8 +60,12 @@ class Permission(StrEnum):
     REPORTS_RETRY = "reports:retry"
     """Send a failed report again."""
     AUDIT_READ = "audit:read"
+    SECRETS_READ_METADATA = "secrets:read-metadata"
+    """List scoped secrets: names, scopes, fingerprints and dates (no route ever returns a value)."""
     SECRETS_WRITE = "secrets:write"
+    """Set and delete scoped secrets."""
     KEY_ROTATE = "key:rotate"
+    """Re-encrypt every stored secret under the current secret key (`rotate-key`)."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})
@@ -79,6 +83,7 @@ ROLE_PERMISSIONS: Mapping[AdminRole, frozenset[Permission]] = {
             Permission.EVENTS_READ,
             Permission.AUDIT_READ,
             Permission.REPORTS_READ,
+            Permission.SECRETS_READ_METADATA,
         }
     ),
     AdminRole.VIEWER: frozenset(

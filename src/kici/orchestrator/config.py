@@ -138,9 +138,25 @@ class Settings(BaseModel):
     # -- secrets ----------------------------------------------------------------------------------
     secret_key: SecretStr | None = Field(
         default=None,
-        description="64 hex characters (32 bytes) used to encrypt source secrets at rest (AES-256-GCM). "
-        "When unset, one is generated into `<data dir>/secret-key` (mode 0600) on first start; keep it "
-        "with your backups.",
+        description="64 hex characters (32 bytes) used to encrypt source secrets and scoped secrets at rest "
+        "(AES-256-GCM). When neither this nor `KICI_SECRET_KEY_FILE` is set, one is generated into "
+        "`<data dir>/secret-key` (mode 0600) on first start; keep it with your backups.",
+    )
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="A file holding the secret key (64 hex characters), instead of `KICI_SECRET_KEY` — for a key "
+        "kept in a mounted secret. Setting both is an error.",
+    )
+    secret_key_old: SecretStr | None = Field(
+        default=None,
+        description="The previous secret key (64 hex characters), during a key rotation only: values not yet "
+        "re-encrypted are opened with it when the current key does not open them. Never used to encrypt. "
+        "Remove it once `kici-admin rotate-key` reports nothing remaining (operator guide: Secrets).",
+    )
+    secret_key_old_file: Path | None = Field(
+        default=None,
+        description="A file holding the previous secret key, instead of `KICI_SECRET_KEY_OLD` (e.g. the "
+        "`<data dir>/secret-key` that was generated before). Setting both is an error.",
     )
     bootstrap_admin_token: SecretStr | None = Field(
         default=None,
@@ -305,7 +321,7 @@ class Settings(BaseModel):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("data_dir", "config")
+    @field_validator("data_dir", "config", "secret_key_file", "secret_key_old_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser().absolute() if value is not None else None
@@ -366,7 +382,7 @@ class Settings(BaseModel):
                 raise ValueError(f"{url!r} is not an http:// or https:// URL")
         return value
 
-    @field_validator("secret_key")
+    @field_validator("secret_key", "secret_key_old")
     @classmethod
     def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not _HEX64.match(value.get_secret_value().strip()):
@@ -385,6 +401,14 @@ class Settings(BaseModel):
         if len(token) < 16 or any(c.isspace() for c in token):
             raise ValueError("must be at least 16 characters with no whitespace")
         return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        if self.secret_key is not None and self.secret_key_file is not None:
+            raise ValueError("set KICI_SECRET_KEY or KICI_SECRET_KEY_FILE, not both")
+        if self.secret_key_old is not None and self.secret_key_old_file is not None:
+            raise ValueError("set KICI_SECRET_KEY_OLD or KICI_SECRET_KEY_OLD_FILE, not both")
+        return self
 
     @model_validator(mode="after")
     def _notify_needs_secret(self) -> Settings:
@@ -407,7 +431,8 @@ class Settings(BaseModel):
         return f"{self.public_url}/runs/{run_id}" if self.public_url else None
 
     @property
-    def secret_key_file(self) -> Path:
+    def generated_secret_key_file(self) -> Path:
+        """Where the secret key is generated when neither KICI_SECRET_KEY nor KICI_SECRET_KEY_FILE is set."""
         return self.data_dir / "secret-key"
 
     @property
@@ -566,7 +591,9 @@ def _lenient_bool(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-_SECRET_FIELDS = frozenset({"secret_key", "bootstrap_admin_token", "platform_token", "notify_secret"})
+_SECRET_FIELDS = frozenset(
+    {"secret_key", "secret_key_old", "bootstrap_admin_token", "platform_token", "notify_secret"}
+)
 
 
 def _validation_lines(

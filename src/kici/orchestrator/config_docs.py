@@ -50,8 +50,8 @@ set. Variables belonging to other KiCI tools are ignored: {exempt}.
 
 OUTRO = """
 Durations ending in `_MS` are milliseconds. Booleans accept `true`/`false`, `1`/`0`, `yes`/`no`,
-`on`/`off`. Secrets (`KICI_SECRET_KEY`, `KICI_BOOTSTRAP_ADMIN_TOKEN`, `KICI_PLATFORM_TOKEN`) are never
-logged or echoed in error messages.
+`on`/`off`. Secrets (`KICI_SECRET_KEY`, `KICI_SECRET_KEY_OLD`, `KICI_BOOTSTRAP_ADMIN_TOKEN`,
+`KICI_PLATFORM_TOKEN`) are never logged or echoed in error messages.
 """
 
 

@@ -71,12 +71,37 @@ def _tighten(path: Path) -> None:
         log_event("data_dir.file_permissions_fixed", level="warning", path=str(path), was=oct(mode), now="0o600")
 
 
+def _read_key_file(path: Path, setting: str) -> bytes:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise DataDirError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+    if not _HEX64.match(text):
+        raise DataDirError(f"{setting}: {path} must hold 64 hex characters (32 bytes)")
+    return bytes.fromhex(text)
+
+
+def load_old_secret_key(settings: Settings) -> bytes | None:
+    """The previous key during a rotation (`KICI_SECRET_KEY_OLD` or `_OLD_FILE`); None outside one."""
+    if settings.secret_key_old is not None:
+        return bytes.fromhex(settings.secret_key_old.get_secret_value())
+    if settings.secret_key_old_file is not None:
+        return _read_key_file(settings.secret_key_old_file, "KICI_SECRET_KEY_OLD_FILE")
+    return None
+
+
 def load_or_create_secret_key(settings: Settings) -> bytes:
-    """The 32-byte secret key: `KICI_SECRET_KEY`, else `<data dir>/secret-key`, generated on first use."""
-    path = settings.secret_key_file
-    if settings.secret_key is not None:
-        key = bytes.fromhex(settings.secret_key.get_secret_value())
-        _warn_if_file_key_differs(path, key)
+    """The 32-byte secret key: `KICI_SECRET_KEY`, else the file `KICI_SECRET_KEY_FILE` names, else
+    `<data dir>/secret-key`, generated on first use."""
+    path = settings.generated_secret_key_file
+    if settings.secret_key is not None or settings.secret_key_file is not None:
+        if settings.secret_key is not None:
+            key = bytes.fromhex(settings.secret_key.get_secret_value())
+        else:
+            assert settings.secret_key_file is not None
+            key = _read_key_file(settings.secret_key_file, "KICI_SECRET_KEY_FILE")
+        if settings.secret_key_file != path:
+            _warn_if_file_key_differs(path, key, load_old_secret_key(settings))
         return key
     try:
         if write_private_file(path, secrets.token_hex(32) + "\n"):
@@ -91,14 +116,15 @@ def load_or_create_secret_key(settings: Settings) -> bytes:
     return bytes.fromhex(text)
 
 
-def _warn_if_file_key_differs(path: Path, key: bytes) -> None:
+def _warn_if_file_key_differs(path: Path, key: bytes, old_key: bytes | None) -> None:
     # Switching from the generated file to KICI_SECRET_KEY with a different value would make every secret
     # encrypted so far unreadable; say so at start rather than at the first failed decryption.
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError:
         return
-    if _HEX64.match(text) and bytes.fromhex(text) != key:
+    # During a rotation away from the generated key, that key is the old one: it still opens what it sealed.
+    if _HEX64.match(text) and bytes.fromhex(text) not in (key, old_key):
         log_event("secret_key.mismatch", level="warning", path=str(path),
                   hint="KICI_SECRET_KEY differs from the generated key file; secrets encrypted with the file's "
                   "key cannot be decrypted with KICI_SECRET_KEY")

@@ -57,13 +57,24 @@ def serve(config: Path | None) -> None:
     """Serve HTTP (webhooks, admin API, health) until SIGTERM or SIGINT."""
     settings = _settings(config)
     from kici.orchestrator import server
-    from kici.orchestrator.datadir import DataDirError, ensure_data_dir, load_or_create_secret_key
+    from kici.orchestrator.datadir import (
+        DataDirError,
+        ensure_data_dir,
+        load_old_secret_key,
+        load_or_create_secret_key,
+    )
 
     try:
         ensure_data_dir(settings.data_dir)
         secret_key = load_or_create_secret_key(settings)
+        old_secret_key = load_old_secret_key(settings)
     except DataDirError as exc:
         _fail(str(exc), 1)
+    from kici.orchestrator.crypto import key_id
+
+    # Key ids (HMACs, not the keys) let an operator check which key is current during a rotation.
+    log_event("secret_key.loaded", key_id=key_id(secret_key),
+              old_key_id=key_id(old_secret_key) if old_secret_key is not None else None)
     try:
         sock = server.bind_socket(settings.host, settings.port)
     except OSError as exc:
@@ -77,7 +88,7 @@ def serve(config: Path | None) -> None:
         # The relay client is a later increment; say so rather than pretend to be connected.
         log_event("mode.relay_client_unavailable", level="warning", mode=settings.mode,
                   hint="this version serves direct HTTP only; the kici-relay connection is not implemented yet")
-    sys.exit(asyncio.run(server.serve(settings, sock, secret_key)))
+    sys.exit(asyncio.run(server.serve(settings, sock, secret_key, old_secret_key)))
 
 
 @cli.command("migrate")

@@ -74,12 +74,14 @@ def print_bootstrap_token(generated: GeneratedToken) -> None:
     )
 
 
-async def serve(settings: Settings, sock: socket.socket, secret_key: bytes) -> int:
+async def serve(
+    settings: Settings, sock: socket.socket, secret_key: bytes, old_secret_key: bytes | None = None
+) -> int:
     """Serve on `sock` until a signal (exit code 0) or a fatal start-up error (1). The database is
     prepared in the background so `/health` answers from the first moment."""
     database = Database.connect(settings.database_url)
     readiness = Readiness(prepared=False)
-    app = create_app(settings, database, readiness=readiness, secret_key=secret_key)
+    app = create_app(settings, database, readiness=readiness, secret_key=secret_key, old_secret_key=old_secret_key)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app,

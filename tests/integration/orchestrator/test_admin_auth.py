@@ -19,9 +19,10 @@ import pytest
 from kici.orchestrator.app import create_app
 from kici.orchestrator.auth import ROLE_PERMISSIONS, Permission
 from kici.orchestrator.config import Settings
+from kici.orchestrator.crypto import Keyring
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, new_id
-from kici.orchestrator.store import audit, outbox, tokens
+from kici.orchestrator.store import audit, outbox, secrets, tokens
 from kici.orchestrator.store.agents import register_agent
 from kici.orchestrator.store.events import begin_delivery
 from kici.orchestrator.store.sources import create_source
@@ -83,7 +84,10 @@ async def _targets(admin: Admin) -> dict[str, str]:
         failed_report = outbox.run_finished_rows({"notify": [{"url": "http://receiver.invalid/h"}]}, "default", run)
         await outbox.insert_rows(conn, [{**r, "status": "failed"} for r in failed_report])
         report = (await outbox.list_reports(conn, org_id="default", run_id=run, limit=1))[0].id
-    return {"auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
+        secret = f"S_{new_id()[:8]}"
+        await secrets.set_secret(conn, Keyring(SECRET_KEY), name=secret, scope="repo:acme/app", value="v")
+    return {"secret": secret, "secret_name": f"N_{new_id()[:8]}",
+            "auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
             "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
 
@@ -100,6 +104,8 @@ class Route:
     """The path requested, with `{placeholders}` from `_targets`; defaults to `route`."""
     body: dict[str, Any] | None = None
     label: str = ""
+    params: dict[str, str] | None = None
+    """Query parameters sent (not part of the audited path)."""
 
     @property
     def id(self) -> str:
@@ -153,6 +159,12 @@ ROUTES = [
     Route("GET", "/events/{delivery_id}", (Permission.EVENTS_READ,), 200, path="/events/{delivery}"),
     Route("GET", "/sources/{id_or_name}/hook", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}/hook",
           label="(reveals the secret)"),
+    Route("GET", "/secrets", (Permission.SECRETS_READ_METADATA,), 200),
+    Route("PUT", "/secrets/{name}", (Permission.SECRETS_WRITE,), 201, path="/secrets/{secret_name}",
+          body={"scope": "org", "value": "v"}),
+    Route("DELETE", "/secrets/{name}", (Permission.SECRETS_WRITE,), 200, path="/secrets/{secret}",
+          params={"scope": "repo:acme/app"}),
+    Route("POST", "/rotate-key", (Permission.KEY_ROTATE,), 200),
 ]
 
 
@@ -170,7 +182,8 @@ async def test_role_matrix(admin: Admin, route: Route, caplog: pytest.LogCapture
         path = (route.path or route.route).format(**targets)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="kici.orchestrator"):
-            response = await admin.request(role, route.method, path, json=_format(route.body, targets))
+            response = await admin.request(role, route.method, path, json=_format(route.body, targets),
+                                           params=route.params)
         missing = [p for p in route.needs if p not in ROLE_PERMISSIONS[role]]
         if missing:
             assert response.status_code == 403, (role, response.text)
@@ -210,7 +223,8 @@ def test_role_table() -> None:
     assert viewer < auditor
     assert owner - admin == {Permission.TOKENS_OWNER, Permission.KEY_ROTATE}
     assert auditor < admin
-    assert all(p.value.endswith(":read") for p in auditor)
+    assert all(p.value.endswith((":read", ":read-metadata")) for p in auditor)
+    assert Permission.SECRETS_READ_METADATA in auditor and Permission.SECRETS_WRITE not in auditor
 
 
 # -- authentication ---------------------------------------------------------------------------------

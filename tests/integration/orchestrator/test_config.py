@@ -277,3 +277,16 @@ def test_public_url_builds_run_links_and_refuses_junk() -> None:
     assert load({}).run_url("r1") is None
     for bad in ("ci.example.com", "ftp://ci.example.com", "https://ci.example.com/?x=1"):
         assert any("KICI_PUBLIC_URL" in line for line in error_lines({"KICI_PUBLIC_URL": bad})), bad
+
+
+def test_old_key_settings_and_one_source_per_key(tmp_path: Path) -> None:
+    settings = load({"KICI_SECRET_KEY_OLD": KEY, "KICI_SECRET_KEY_FILE": str(tmp_path / "k")})
+    assert settings.secret_key_old is not None and settings.secret_key_old.get_secret_value() == KEY
+    assert settings.secret_key_file == tmp_path / "k"
+    assert load({"KICI_SECRET_KEY_OLD_FILE": "old-key"}).secret_key_old_file == Path("old-key").absolute()
+    [line] = error_lines({"KICI_SECRET_KEY_OLD": "hunter2-old"})
+    assert line.startswith("KICI_SECRET_KEY_OLD:") and "64 hex characters" in line and "hunter2" not in line
+    [line] = error_lines({"KICI_SECRET_KEY": KEY, "KICI_SECRET_KEY_FILE": "/k"})
+    assert line == "set KICI_SECRET_KEY or KICI_SECRET_KEY_FILE, not both"
+    [line] = error_lines({"KICI_SECRET_KEY_OLD": KEY, "KICI_SECRET_KEY_OLD_FILE": "/k"})
+    assert line == "set KICI_SECRET_KEY_OLD or KICI_SECRET_KEY_OLD_FILE, not both"

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from kici.orchestrator.config import Settings
-from kici.orchestrator.datadir import DataDirError, ensure_data_dir, load_or_create_secret_key, write_private_file
+from kici.orchestrator.datadir import (
+    DataDirError,
+    ensure_data_dir,
+    load_old_secret_key,
+    load_or_create_secret_key,
+    write_private_file,
+)
 from kici.orchestrator.logs import configure_logging
 
 
@@ -89,3 +95,22 @@ def test_private_file_replace_is_atomic_and_private(tmp_path: Path) -> None:
     assert write_private_file(path, "three\n", replace=True)
     assert path.read_text() == "three\n" and mode(path) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["token"]  # no temp file left behind
+
+
+def test_key_files_and_the_old_key(tmp_path: Path, log: io.StringIO) -> None:
+    key_file, old_file = tmp_path / "new-key", tmp_path / "secret-key"
+    key_file.write_text("cd" * 32 + "\n")
+    write_private_file(old_file, "ab" * 32 + "\n")  # the generated key, now the old one
+    rotating = settings(tmp_path, secret_key_file=key_file, secret_key_old_file=old_file)
+    assert load_or_create_secret_key(rotating) == bytes.fromhex("cd" * 32)
+    assert load_old_secret_key(rotating) == bytes.fromhex("ab" * 32)
+    assert events(log) == []  # the data dir's key is the old key: no mismatch warning
+    assert load_old_secret_key(settings(tmp_path, secret_key_old="ef" * 32)) == bytes.fromhex("ef" * 32)
+    assert load_old_secret_key(settings(tmp_path)) is None
+    assert load_or_create_secret_key(settings(tmp_path, secret_key_file=key_file)) == bytes.fromhex("cd" * 32)
+    assert events(log) == ["secret_key.mismatch"]
+    key_file.write_text("short\n")
+    with pytest.raises(DataDirError, match=r"KICI_SECRET_KEY_FILE: .* must hold 64 hex characters"):
+        load_or_create_secret_key(settings(tmp_path, secret_key_file=key_file))
+    with pytest.raises(DataDirError, match="KICI_SECRET_KEY_OLD_FILE: cannot read"):
+        load_old_secret_key(settings(tmp_path, secret_key_old_file=tmp_path / "missing"))

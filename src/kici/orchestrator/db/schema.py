@@ -540,5 +540,25 @@ github_check_runs = sa.Table(
 )
 
 
+scoped_secrets = sa.Table(
+    "scoped_secrets",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("scope", sa.Text, nullable=False),  # `org`, `repo:<owner/name>` or `env:<environment>`
+    sa.Column("name", sa.Text, nullable=False),
+    # AES-256-GCM under the secret key, associated data `secret:{org}:{scope}:{name}` (kici.orchestrator.crypto)
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=False),  # which key sealed `value` (crypto.key_id); rotation's work list
+    sa.Column("fingerprint", sa.Text, nullable=False),  # HMAC of the value under a key derived from the secret key
+    sa.Column("created_by", sa.Text, nullable=True),  # admin token id; no FK: the row outlives a deleted token
+    sa.Column("updated_by", sa.Text, nullable=True),
+    _created_at(),
+    sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.UniqueConstraint("org_id", "scope", "name"),
+    sa.Index(None, "key_id"),
+)
+
+
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

@@ -370,7 +370,7 @@ class Dispatcher:
             self._sources[run.source_id] = (time.monotonic() + SOURCE_CACHE_S, source)
         try:
             secrets = (
-                await self.ingest.open_secrets(self.db, source, self.state.secret_key)
+                await self.ingest.open_secrets(self.db, source, self.state.keyring)
                 if source.kind is SourceKind.GITHUB
                 else {}
             )

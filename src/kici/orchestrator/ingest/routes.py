@@ -112,7 +112,7 @@ def _limit(source: Source) -> int:
 
 async def _secrets(state: AppState, ingest: Ingest, source: Source) -> dict[str, str] | JSONResponse:
     try:
-        return await ingest.open_secrets(state.database, source, state.secret_key)
+        return await ingest.open_secrets(state.database, source, state.keyring)
     except SourceError as exc:
         log_event("ingest.source_secrets_unreadable", level="error", source=source.name, error=str(exc))
         return _error(500, "the source's secrets cannot be opened (wrong secret key?)")

@@ -17,6 +17,7 @@ from fastapi import Request
 from starlette.applications import Starlette
 
 from kici.orchestrator.config import Settings
+from kici.orchestrator.crypto import Keyring
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.lockcache import LockFileCache
@@ -67,7 +68,7 @@ class Ingest:
     secrets: dict[tuple[str, dt.datetime], dict[str, str]] = field(default_factory=dict)
     """Opened source secrets by (source id, last change), so a burst of deliveries decrypts them once."""
 
-    async def open_secrets(self, db: Database, source: Source, key: bytes | None) -> dict[str, str]:
+    async def open_secrets(self, db: Database, source: Source, key: Keyring | bytes | None) -> dict[str, str]:
         """The source's secrets, decrypted once per change of the source (the cache key is its id and
         `updated_at`, so an update is never served stale). `SourceError` when they cannot be opened."""
         cache_key = (source.id, source.updated_at)

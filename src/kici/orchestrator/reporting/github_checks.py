@@ -167,7 +167,7 @@ class CheckRunSender:
         if source is None or source.kind is not SourceKind.GITHUB or not github.get("installation_id"):
             return Outcome.failed("the run's GitHub source no longer exists")
         try:
-            secrets = await self.ingest.open_secrets(self.state.database, source, self.state.secret_key)
+            secrets = await self.ingest.open_secrets(self.state.database, source, self.state.keyring)
         except ValueError as exc:
             return Outcome.failed(f"cannot open the GitHub App key of source {source.name!r}: {exc}")
         private_key = secrets.get("private_key")

@@ -82,7 +82,7 @@ class NotificationSender:
             async with self.state.database.read() as conn:
                 source = await get_source(conn, run.source_id)
             if source is not None and "notify_secret" in source.secret_fields:
-                secrets = await self.ingest.open_secrets(self.state.database, source, self.state.secret_key)
+                secrets = await self.ingest.open_secrets(self.state.database, source, self.state.keyring)
                 if secrets.get("notify_secret"):
                     return secrets["notify_secret"]
         configured = self.state.settings.notify_secret

@@ -16,6 +16,7 @@ from kici.orchestrator.routes import (
     admin_reports,
     admin_runs,
     admin_schedules,
+    admin_secrets,
     admin_sources,
     admin_system,
     admin_tokens,
@@ -30,6 +31,7 @@ router.include_router(admin_runs.router)
 router.include_router(admin_manual_runs.router)
 router.include_router(admin_schedules.router)
 router.include_router(admin_sources.router)
+router.include_router(admin_secrets.router)
 router.include_router(admin_audit.router)
 router.include_router(admin_queue.router)
 router.include_router(admin_agents.router)

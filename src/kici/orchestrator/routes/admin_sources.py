@@ -226,7 +226,7 @@ async def source_hook(
         if source.kind is not SourceKind.GIT:
             raise AdminError(409, f"source {source.name!r} is a {source.kind.value} source; hooks are for git sources")
         try:
-            secrets = await store.load_source_secrets(conn, source.id, state.secret_key)
+            secrets = await store.load_source_secrets(conn, source.id, state.keyring)
         except SourceError as exc:
             raise AdminError(500, f"the source's secrets cannot be opened: {exc}") from None
     secret = secrets.get("webhook_secret")

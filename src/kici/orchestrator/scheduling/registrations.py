@@ -92,7 +92,7 @@ async def open_provider(state: AppState, ingest: Ingest, source: Source) -> Asyn
     if source.kind is SourceKind.GIT:
         yield ingest.provider(source, {})
         return
-    secrets = await ingest.open_secrets(state.database, source, state.secret_key)
+    secrets = await ingest.open_secrets(state.database, source, state.keyring)
     async with ingest.http_client() as client:
         yield ingest.provider(source, secrets, client=client)
 

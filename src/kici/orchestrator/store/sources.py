@@ -40,21 +40,24 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kici.orchestrator.crypto import CryptoError, open_sealed, seal, source_aad
+from kici.orchestrator.crypto import CryptoError, Keyring, as_keyring, key_id, open_any, seal, source_aad
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, SourceKind, new_id, sources, utcnow
 
 __all__ = [
     "DEFAULT_GITHUB_API_URL",
     "GENERIC_AUTH_METHODS",
     "SECRET_FIELDS",
+    "ResealBatch",
     "Source",
     "SourceError",
+    "count_stale_source_secrets",
     "create_source",
     "delete_source",
     "get_source",
     "get_source_by_name",
     "list_sources",
     "load_source_secrets",
+    "reseal_source_secrets",
     "set_source_enabled",
     "update_source",
 ]
@@ -180,34 +183,48 @@ def _check_secret_names(kind: SourceKind, names: Mapping[str, Any]) -> None:
 
 def _decode_blob(blob: bytes | None) -> dict[str, str]:
     """field → base64 of the sealed value."""
+    return _read_blob(blob)[0]
+
+
+def _read_blob(blob: bytes | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(field → base64 of the sealed value, field → id of the key that sealed it). Blobs written before
+    key ids were recorded have none: those fields are opened by trying each key."""
     if not blob:
-        return {}
+        return {}, {}
     try:
         data = json.loads(blob)
     except ValueError:
         raise SourceError("source secrets are unreadable (not a KiCI secrets blob)") from None
     if not isinstance(data, dict) or data.get("v") != _BLOB_VERSION or not isinstance(data.get("fields"), dict):
         raise SourceError("source secrets are unreadable (unknown blob version)")
-    return {str(k): str(v) for k, v in data["fields"].items()}
+    recorded = data.get("key_ids")
+    key_ids: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    return {str(k): str(v) for k, v in data["fields"].items()}, {str(k): str(v) for k, v in key_ids.items()}
 
 
-def _encode_blob(fields: Mapping[str, str]) -> bytes | None:
+def _encode_blob(fields: Mapping[str, str], key_ids: Mapping[str, str]) -> bytes | None:
     if not fields:
         return None
-    return json.dumps({"v": _BLOB_VERSION, "fields": dict(sorted(fields.items()))}).encode()
+    kept = {name: key_ids[name] for name in sorted(fields) if name in key_ids}
+    return json.dumps({"v": _BLOB_VERSION, "fields": dict(sorted(fields.items())), "key_ids": kept}).encode()
 
 
-def _seal_fields(key: bytes | None, source_id: str, values: Mapping[str, str]) -> dict[str, str]:
+def _seal_fields(
+    key: Keyring | bytes | None, source_id: str, values: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The values sealed under the current key, and that key's id per field."""
+    current = as_keyring(key).current
     sealed: dict[str, str] = {}
     for name, value in values.items():
         if not isinstance(value, str) or not value:
             raise SourceError(f"secret {name!r} must be a non-empty string")
         try:
-            blob = seal(key, value.encode("utf-8"), source_aad(source_id, name))
+            blob = seal(current, value.encode("utf-8"), source_aad(source_id, name))
         except CryptoError as exc:
             raise SourceError(str(exc)) from None
         sealed[name] = base64.b64encode(blob).decode("ascii")
-    return sealed
+    ids = {name: key_id(current) for name in sealed} if current is not None else {}
+    return sealed, ids
 
 
 # -- rows -------------------------------------------------------------------------------------------
@@ -229,7 +246,7 @@ def _select() -> sa.Select[Any]:
 async def create_source(
     conn: AsyncConnection,
     *,
-    key: bytes | None,
+    key: Keyring | bytes | None,
     name: str,
     kind: SourceKind | str,
     config: Mapping[str, Any] | None = None,
@@ -257,7 +274,7 @@ async def create_source(
             kind=kind.value,
             enabled=enabled,
             config=checked,
-            secrets=_encode_blob(_seal_fields(key, source_id, secrets)),
+            secrets=_encode_blob(*_seal_fields(key, source_id, secrets)),
             created_at=now,
             updated_at=now,
         )
@@ -320,7 +337,7 @@ async def update_source(
     conn: AsyncConnection,
     source_id: str,
     *,
-    key: bytes | None = None,
+    key: Keyring | bytes | None = None,
     org_id: str | None = None,
     name: str | None = None,
     config: Mapping[str, Any] | None = None,
@@ -345,12 +362,14 @@ async def update_source(
         values["config"] = validate_config(kind, config)
     if secrets is not None:
         _check_secret_names(kind, secrets)
-        fields = _decode_blob(current.secrets)
+        fields, key_ids = _read_blob(current.secrets)
         for field_name, value in secrets.items():
             if value is None:
                 fields.pop(field_name, None)
-        fields.update(_seal_fields(key, source_id, {k: v for k, v in secrets.items() if v is not None}))
-        values["secrets"] = _encode_blob(fields)
+        sealed, sealed_ids = _seal_fields(key, source_id, {k: v for k, v in secrets.items() if v is not None})
+        fields.update(sealed)
+        key_ids.update(sealed_ids)
+        values["secrets"] = _encode_blob(fields, key_ids)
     await conn.execute(sources.update().where(sources.c.id == source_id).values(**values))
     return await get_source(conn, source_id)
 
@@ -373,16 +392,80 @@ async def delete_source(conn: AsyncConnection, source_id: str, *, org_id: str | 
     return result.rowcount == 1
 
 
-async def load_source_secrets(conn: AsyncConnection, source_id: str, key: bytes | None) -> dict[str, str]:
-    """The plaintext secrets of a source (for the ingest path only; never returned by the API).
-    `SourceError` when a secret cannot be opened (another key, a tampered or moved blob)."""
+async def load_source_secrets(
+    conn: AsyncConnection, source_id: str, key: Keyring | bytes | None
+) -> dict[str, str]:
+    """The plaintext secrets of a source (for the ingest path only; never returned by the API), opened
+    with the current key, else the old one during a rotation. `SourceError` when a secret cannot be opened
+    (another key, a tampered or moved blob)."""
     blob = (await conn.execute(sa.select(sources.c.secrets).where(sources.c.id == source_id))).scalar_one_or_none()
     out: dict[str, str] = {}
     for field_name, encoded in _decode_blob(blob).items():
         try:
-            out[field_name] = open_sealed(key, base64.b64decode(encoded), source_aad(source_id, field_name)).decode(
-                "utf-8"
-            )
+            plain, _ = open_any(key, base64.b64decode(encoded), source_aad(source_id, field_name))
+            out[field_name] = plain.decode("utf-8")
         except (CryptoError, ValueError) as exc:
             raise SourceError(f"secret {field_name!r} of source {source_id}: {exc}") from None
     return out
+
+
+class ResealBatch(BaseModel):
+    """One batch of a key rotation over source secrets."""
+
+    examined: int
+    """Sources with secrets looked at in this batch (0: the pass is complete)."""
+    resealed: int
+    """Secret fields re-sealed under the current key."""
+    last_id: str | None
+    """Where the next batch starts (exclusive)."""
+    failed: list[str]
+    """`source <name>: field <field>` for each field no key could open (left as it was)."""
+
+
+async def reseal_source_secrets(
+    conn: AsyncConnection, keys: Keyring, *, after_id: str | None, limit: int
+) -> ResealBatch:
+    """Re-seal, under the current key, the secret fields of up to `limit` sources (by id, after `after_id`)
+    that another key sealed. Each row is rewritten only if it is unchanged since it was read (a conditional
+    UPDATE), so a concurrent `source update` is never overwritten; that writer sealed with the current key."""
+    current_id = keys.current_id
+    query = sa.select(sources.c.id, sources.c.name, sources.c.secrets).where(sources.c.secrets.is_not(None))
+    if after_id is not None:
+        query = query.where(sources.c.id > after_id)
+    rows = (await conn.execute(query.order_by(sources.c.id).limit(limit))).all()
+    resealed, failed = 0, []
+    for row in rows:
+        fields, key_ids = _read_blob(row.secrets)
+        stale = [name for name in fields if key_ids.get(name) != current_id]
+        if not stale:
+            continue
+        changed = 0
+        for name in stale:
+            try:
+                plain, _ = open_any(keys, base64.b64decode(fields[name]), source_aad(row.id, name))
+            except (CryptoError, ValueError):
+                failed.append(f"source {row.name}: field {name}")
+                continue
+            sealed, sealed_ids = _seal_fields(keys, row.id, {name: plain.decode("utf-8")})
+            fields.update(sealed)
+            key_ids.update(sealed_ids)
+            changed += 1
+        if changed:
+            result = await conn.execute(
+                sources.update()
+                .where(sources.c.id == row.id, sources.c.secrets == row.secrets)
+                .values(secrets=_encode_blob(fields, key_ids))
+            )
+            resealed += changed if result.rowcount == 1 else 0
+    return ResealBatch(examined=len(rows), resealed=resealed, last_id=rows[-1].id if rows else after_id,
+                       failed=failed)
+
+
+async def count_stale_source_secrets(conn: AsyncConnection, keys: Keyring) -> int:
+    """Secret fields of all sources not (known to be) sealed under the current key."""
+    current_id = keys.current_id
+    total = 0
+    for (blob,) in await conn.execute(sa.select(sources.c.secrets).where(sources.c.secrets.is_not(None))):
+        fields, key_ids = _read_blob(blob)
+        total += sum(1 for name in fields if key_ids.get(name) != current_id)
+    return total
