@@ -24,6 +24,7 @@ from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store import schedules as schedule_store
 from kici.orchestrator.store.sources import create_source
 from kici.orchestrator.web import CONTENT_SECURITY_POLICY
 from kici.orchestrator.web.access import SESSION_COOKIE
@@ -213,7 +214,7 @@ async def test_security_headers_on_pages_and_api(dash: Dash) -> None:
 async def test_pages_have_no_inline_script_or_style(dash: Dash) -> None:
     run_id, _ = await _seed_run(dash)
     async with dash.session(AdminRole.OWNER) as http:
-        for path in ("/", f"/runs/{run_id}", "/agents", "/queue", "/sources", "/audit", "/login"):
+        for path in ("/", f"/runs/{run_id}", "/schedules", "/agents", "/queue", "/sources", "/audit", "/login"):
             html = (await http.get(path)).text
             assert not re.search(r"<script(?![^>]*\bsrc=)", html), path
             assert " style=" not in html and "<style" not in html, path
@@ -230,6 +231,7 @@ PAGES: list[tuple[str, str, str | None]] = [
     ("GET", "/runs/{run}/jobs/{job}/log.txt", "runs:read"),
     ("GET", "/runs/{finished}/jobs/{finished_job}/live", "runs:read"),
     ("GET", "/?fragment=rows", "runs:read"),
+    ("GET", "/schedules", "runs:read"),
     ("GET", "/agents", "agents:read"),
     ("GET", "/queue", "queue:read"),
     ("GET", "/sources", "sources:read"),
@@ -295,6 +297,7 @@ async def test_buttons_only_for_roles_that_may(dash: Dash, role: AdminRole) -> N
     assert 'id="cancel"' not in done and 'id="rerun"' not in live
     assert (">Audit<" in nav) == _allowed(role, "audit:read")
     assert (">Sources<" in nav) == _allowed(role, "sources:read")
+    assert ">Schedules<" in nav  # every role may read runs, hence schedules (as GET /api/v1/admin/schedules)
 
 
 async def test_post_without_csrf_is_refused_and_does_nothing(dash: Dash) -> None:
@@ -487,3 +490,69 @@ async def test_agents_page_lists_busy_jobs(dash: Dash) -> None:
         page = (await http.get("/agents")).text
     assert "linux-1" in page and "&lt;x&gt;" in page and "1 / 2" in page and "9.9" in page
     assert f'href="/runs/{run_id}?job=build"' in page
+
+
+async def test_schedules_page(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        source = await create_source(conn, key=b"k" * 32, name="hooks", kind="generic", config={}, secrets={})
+        await schedule_store.replace_registrations(
+            conn, source_id=source.id, repo="acme/<app>", branch="main", lock_commit="f" * 40,
+            registrations=[schedule_store.Registration("nightly", 0, "0 3 * * *", "Europe/Berlin", {}),
+                           schedule_store.Registration("hourly", 1, "5 * * * *", "UTC", {})],
+            next_fire=lambda cron, tz, after: T0 + dt.timedelta(hours=1), now=T0,
+        )
+        [nightly] = [s for s in await schedule_store.list_schedules(conn) if s.workflow == "nightly"]
+        run_id = await insert_run(conn, workflow="nightly", repo="acme/<app>",
+                                  event={"type": "schedule", "branch": "main"}, trigger="schedule")
+        assert await schedule_store.claim_fire(conn, nightly.id, seen=nightly.next_fire_at, slot=T0,
+                                               next_at=T0 + dt.timedelta(days=1))
+        await schedule_store.set_last_run(conn, nightly.id, run_id)
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = await http.get("/schedules")
+    assert page.status_code == 200
+    html = page.text
+    assert "acme/&lt;app&gt;" in html and "acme/<app>" not in html
+    assert "<code>0 3 * * *</code>" in html and "Europe/Berlin" in html and "<code>5 * * * *</code>" in html
+    assert f'href="/runs/{run_id}">last run</a>' in html and "never" in html  # hourly has not fired
+    assert 'datetime="2026-11-28T08:00:00Z"' in html  # nightly's next fire (moved on by a day)
+    assert 'datetime="2026-11-27T08:00:00Z"' in html  # its last fire
+    assert "hooks" in html and "ffffffff" in html
+    assert "trigger=schedule" in html and "workflow=nightly" in html
+    assert html.count("data-schedule=") == 2
+
+
+async def test_schedules_page_empty(dash: Dash) -> None:
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = await http.get("/schedules")
+    assert page.status_code == 200 and "No schedule is registered." in page.text
+
+
+async def test_wait_reasons_on_the_runs_list_and_run_page(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        run_id = await insert_run(conn, workflow_spec=WORKFLOW_SPEC, status="pending", workflow="deploy",
+                                  wait_reason="concurrency: prod <eu>")
+        await insert_job(conn, run_id, "ship", status="pending", wait_reason="concurrency: ship-lock")
+        running = await insert_run(conn, workflow="other", status="running", wait_reason=None)
+    async with dash.session(AdminRole.VIEWER) as http:
+        listing = (await http.get("/")).text
+        fragment = (await http.get("/", params={"fragment": "rows"})).text
+        page = (await http.get(f"/runs/{run_id}")).text
+    for html in (listing, fragment):
+        assert "waiting (concurrency: prod &lt;eu&gt;)" in html
+        row = re.search(rf'<tr data-run="{running}">.*?</tr>', html, re.S)
+        assert row and ">running<" in row.group(0) and "waiting" not in row.group(0)
+    assert "waiting (concurrency: prod &lt;eu&gt;)" in page  # the run's header
+    assert "waiting (concurrency: ship-lock)" in page  # the job's row and graph node
+
+
+async def test_agents_page_shows_draining_agents(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        for agent_id, connected, draining in (("drainer", True, True), ("worker", True, False),
+                                              ("gone", False, True)):
+            await conn.execute(sa.insert(schema.agents).values(
+                id=agent_id, labels=["linux"], max_concurrency=1, connected=connected, draining=draining,
+                last_seen_at=T0, registered_at=T0))
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get("/agents")).text
+    states = dict(re.findall(r'<code title="([^"]+)">.*?<span class="badge [^"]+"[^>]*>([a-z]+)</span>', page, re.S))
+    assert states == {"drainer": "draining", "worker": "connected", "gone": "disconnected"}

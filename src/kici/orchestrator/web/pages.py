@@ -26,7 +26,14 @@ from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import AdminError, Permission
 from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.routes import admin_agents, admin_audit, admin_queue, admin_runs, admin_sources
+from kici.orchestrator.routes import (
+    admin_agents,
+    admin_audit,
+    admin_queue,
+    admin_runs,
+    admin_schedules,
+    admin_sources,
+)
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogLineOut
 from kici.orchestrator.store import agents as agent_store
@@ -113,7 +120,7 @@ def _commit_message(run: RunRecord) -> str | None:
     return str(message).splitlines()[0][:120] if message else None
 
 
-_env.globals.update(commit_message=_commit_message)
+_env.globals.update(commit_message=_commit_message, status_text=job_graph.status_text)
 
 
 class PageRoute(APIRoute):
@@ -542,6 +549,13 @@ async def sources_page(request: Request, state: State) -> Response:
     viewer = await require_viewer(request, state, Permission.SOURCES_READ)
     found = await admin_sources.list_sources(state, viewer.principal, None)
     return _render(request, "sources.html", viewer, sources=found)
+
+
+@router.get("/schedules")
+async def schedules_page(request: Request, state: State) -> Response:
+    viewer = await require_viewer(request, state, Permission.RUNS_READ)  # as GET /api/v1/admin/schedules
+    found = await admin_schedules.list_schedules(state, viewer.principal, None)
+    return _render(request, "schedules.html", viewer, schedules=found)
 
 
 @router.get("/audit")
