@@ -168,7 +168,43 @@ def test_a_200000_line_log_loads_and_scrolls(system: System, browser: Any, conte
     assert page.get_by_text("1 matching line").is_visible()
 
 
-DOC_SHOTS = ("runs", "run", "agents", "queue", "sources", "audit")
+SCHEDULED = WORKFLOW_HEADER + '''
+from kici import schedule
+
+nightly = workflow("nightly", on=[push(branches=["main"]), schedule("0 3 * * *", timezone="Europe/Berlin")],
+                   jobs=[job("suite", steps=[step("test", "echo testing")])])
+'''
+
+
+def test_schedules_page(system: System, browser: Any, contexts: list[Any]) -> None:
+    """A schedule registered by a push to the default branch is listed on the Schedules page, reached from
+    the navigation by a viewer; its workflow links to its runs."""
+    sha = commit_only(system, "nightly", SCHEDULED, "Run the suite every night")
+
+    def registered() -> list[dict[str, Any]]:
+        return [s for s in system.admin("GET", "/schedules").json() if s["workflow"] == "nightly"]
+
+    wait_for(lambda: registered() and registered()[0]["lock_commit"] == sha, what="the nightly schedule")
+    system.wait_run(sha, "success", "failed")
+    page = sign_in(new_context(browser, contexts, system), viewer_token(system))
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Schedules").click()
+    page.wait_for_url(re.compile(r"/schedules$"))
+    assert page.get_by_role("heading", name="Schedules").is_visible()
+    row = page.locator("table.schedules tbody tr", has_text="nightly")
+    cells = [c.strip() for c in row.locator("td").all_inner_texts()]
+    assert cells[1:3] == ["0 3 * * *", "Europe/Berlin"], cells
+    assert "never" in cells[4] and "main" in cells[6] and sha[:8] in cells[6]
+    next_fire = row.locator("td").nth(3).locator("time")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T0[12]:00:00Z", next_fire.get_attribute("datetime") or "")  # 03:00 Berlin
+    target = DOCS_IMAGES if os.environ.get("KICI_DOCS_SCREENSHOTS") == "1" else ARTIFACTS / "docs-images"
+    target.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target / "dashboard-schedules.png"))
+    row.get_by_role("link", name="nightly").click()
+    page.wait_for_url(re.compile(r"trigger=schedule"))
+    assert page.get_by_role("heading", name="Runs").is_visible()
+
+
+DOC_SHOTS = ("runs", "run", "schedules", "agents", "queue", "sources", "audit")
 
 
 def test_docs_screenshots(system: System, browser: Any, contexts: list[Any]) -> None:
@@ -187,5 +223,6 @@ def test_docs_screenshots(system: System, browser: Any, contexts: list[Any]) -> 
         page.goto(f"/{name}")
         page.screenshot(path=str(target / f"dashboard-{name}.png"))
     system.admin("POST", f"/runs/{run['id']}/cancel", json={"force": True})
-    assert all((target / f"dashboard-{name}.png").stat().st_size > 0 for name in DOC_SHOTS)
+    taken_here = [name for name in DOC_SHOTS if name != "schedules"]  # that one: test_schedules_page
+    assert all((target / f"dashboard-{name}.png").stat().st_size > 0 for name in taken_here)
     assert all((DOCS_IMAGES / f"dashboard-{name}.png").is_file() for name in DOC_SHOTS), "committed screenshots"

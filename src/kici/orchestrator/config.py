@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 import yaml
 from pydantic import (
@@ -402,9 +403,13 @@ class Settings(BaseModel):
         return self
 
     # -- derived ----------------------------------------------------------------------------------
-    def run_url(self, run_id: str) -> str | None:
-        """The dashboard's page of a run (`<public url>/runs/<id>`), or None without `KICI_PUBLIC_URL`."""
-        return f"{self.public_url}/runs/{run_id}" if self.public_url else None
+    def run_url(self, run_id: str, job: str | None = None) -> str | None:
+        """The dashboard's page of a run (`<public url>/runs/<id>`), opened on `job` (its name in the run)
+        when given, or None without `KICI_PUBLIC_URL`."""
+        if not self.public_url:
+            return None
+        url = f"{self.public_url}/runs/{run_id}"
+        return f"{url}?{urlencode({'job': job})}" if job is not None else url
 
     @property
     def secret_key_file(self) -> Path:
