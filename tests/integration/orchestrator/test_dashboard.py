@@ -556,3 +556,18 @@ async def test_agents_page_shows_draining_agents(dash: Dash) -> None:
         page = (await http.get("/agents")).text
     states = dict(re.findall(r'<code title="([^"]+)">.*?<span class="badge [^"]+"[^>]*>([a-z]+)</span>', page, re.S))
     assert states == {"drainer": "draining", "worker": "connected", "gone": "disconnected"}
+
+
+async def test_queue_page_lists_jobs_waiting_for_a_concurrency_group(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        run_id = await insert_run(conn, workflow="deploy", repo="acme/app", status="running")
+        await insert_job(conn, run_id, "ship (eu)", job="ship", status="waiting", wait_reason="concurrency: prod <1>")
+        await insert_job(conn, run_id, "lint", status="success")
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get("/queue")).text
+    rows = re.search(r'<tbody id="waiting-rows">(.*?)</tbody>', page, re.S)
+    assert rows and rows.group(1).count("<tr>") == 1
+    waiting = rows.group(1)
+    assert f'href="/runs/{run_id}?job=ship+%28eu%29"' in waiting and "deploy · acme/app" in waiting
+    assert "waiting (concurrency: prod &lt;1&gt;)" in waiting and "group prod &lt;1&gt;" in waiting
+    assert "lint" not in waiting

@@ -541,7 +541,9 @@ async def queue_page(request: Request, state: State) -> Response:
     entries = await admin_queue.list_queue(state, viewer.principal, None, 500)
     agents = await admin_agents.list_agents(state, viewer.principal) if viewer.can(Permission.AGENTS_READ) else []
     rows = [(e, _why_waiting(e, agents)) for e in entries]
-    return _render(request, "queue.html", viewer, rows=rows)
+    async with state.database.read() as conn:
+        waiting = await runs.list_waiting_jobs(conn, org_id=viewer.principal.token.org_id, limit=500)
+    return _render(request, "queue.html", viewer, rows=rows, waiting=waiting)
 
 
 @router.get("/sources")
