@@ -103,6 +103,18 @@ async def _seed_run(dash: Dash, **values: Any) -> tuple[str, str]:
     return run_id, job_id
 
 
+async def _seed_report(dash: Dash, run_id: str, job_id: str | None, *, status: str, kind: str = "check_run",
+                       target: str | None = None, error: str | None = None) -> int:
+    async with dash.database.transaction() as conn:
+        result = await conn.execute(sa.insert(schema.report_outbox).values(
+            org_id="default", kind=kind, ordering_key=f"{kind}:{job_id or run_id}:{target}", run_id=run_id,
+            job_id=job_id, event="completed" if kind == "check_run" else "run.finished", target=target,
+            delivery_id=f"d-{run_id}-{kind}", status=status, attempts=3 if status == "failed" else 0,
+            next_attempt_at=T0, created_at=T0, sent_at=T0 if status == "sent" else None, last_error=error,
+        ).returning(schema.report_outbox.c.id))
+        return int(result.scalar_one())
+
+
 # -- sign-in and sessions ----------------------------------------------------------------------------
 
 
@@ -238,6 +250,7 @@ PAGES: list[tuple[str, str, str | None]] = [
     ("GET", "/audit", "audit:read"),
     ("POST", "/runs/{run}/cancel", "runs:cancel"),
     ("POST", "/runs/{finished}/rerun", "runs:rerun"),
+    ("POST", "/runs/{finished}/reports/{report}/retry", "reports:retry"),
     ("POST", "/logout", None),
 ]
 
@@ -268,7 +281,9 @@ async def test_rbac_matrix(database: Database, tmp_path: Path, public: bool) -> 
             for method, template, permission in PAGES:
                 run_id, job_id = await _seed_run(made)
                 finished, finished_job = await _seed_run(made, status="success")
-                path = template.format(run=run_id, job=job_id, finished=finished, finished_job=finished_job)
+                report = await _seed_report(made, finished, finished_job, status="failed")
+                path = template.format(run=run_id, job=job_id, finished=finished, finished_job=finished_job,
+                                       report=report)
                 response = await _request_as(made, who, method, path, run_id)
                 if who == ANON:
                     ok = public and permission in ("runs:read", "agents:read", "queue:read")
@@ -571,3 +586,35 @@ async def test_queue_page_lists_jobs_waiting_for_a_concurrency_group(dash: Dash)
     assert f'href="/runs/{run_id}?job=ship+%28eu%29"' in waiting and "deploy · acme/app" in waiting
     assert "waiting (concurrency: prod &lt;1&gt;)" in waiting and "group prod &lt;1&gt;" in waiting
     assert "lint" not in waiting
+
+
+async def test_run_page_reports_and_retry(dash: Dash) -> None:
+    run_id, job_id = await _seed_run(dash, status="failed")
+    await _seed_report(dash, run_id, job_id, status="sent")
+    failed = await _seed_report(dash, run_id, None, status="failed", kind="notification", error="HTTP 500 <boom>",
+                                target="https://hooks.chat.example/services/T0/B0/SECRETXYZ?token=abc")
+    other_run, other_job = await _seed_run(dash, status="success")
+    foreign = await _seed_report(dash, other_run, other_job, status="failed")
+    async with dash.session(AdminRole.VIEWER) as http:
+        assert 'id="reports-h"' not in (await http.get(f"/runs/{run_id}")).text  # reports:read only
+    async with dash.session(AdminRole.AUDITOR) as http:
+        page = (await http.get(f"/runs/{run_id}")).text
+        assert 'id="reports-h"' in page and "check run" in page and "notification" in page
+        assert "https://hooks.chat.example" in page and "SECRETXYZ" not in page and "token=abc" not in page
+        assert "HTTP 500 &lt;boom&gt;" in page and ">Retry<" not in page
+    async with dash.session(AdminRole.ADMIN) as http:
+        page = (await http.get(f"/runs/{run_id}")).text
+        assert page.count(">Retry<") == 1 and f"/reports/{failed}/retry" in page
+        csrf = _hidden(page, "csrf_token")
+        assert (await http.post(f"/runs/{run_id}/reports/{failed}/retry")).status_code == 403  # no CSRF token
+        elsewhere = await http.post(f"/runs/{run_id}/reports/{foreign}/retry", data={"csrf_token": csrf})
+        assert elsewhere.status_code == 404
+        response = await http.post(f"/runs/{run_id}/reports/{failed}/retry", data={"csrf_token": csrf})
+        assert response.status_code == 303 and "notice=report-retried" in response.headers["location"]
+        again = await http.post(f"/runs/{run_id}/reports/{failed}/retry", data={"csrf_token": csrf})
+        assert again.status_code == 409 and "only a failed report can be retried" in again.text
+    async with dash.database.read() as conn:
+        statuses = dict((await conn.execute(sa.select(schema.report_outbox.c.id, schema.report_outbox.c.status))).all())
+        retried = await audit.list_audit(conn, outcome="allowed", limit=10)
+    assert statuses[failed] == "pending" and statuses[foreign] == "failed"
+    assert [(e.action, e.reason) for e in retried] == [("report.retry", f"report {failed}")]

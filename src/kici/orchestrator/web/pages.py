@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
@@ -30,6 +30,7 @@ from kici.orchestrator.routes import (
     admin_agents,
     admin_audit,
     admin_queue,
+    admin_reports,
     admin_runs,
     admin_schedules,
     admin_sources,
@@ -65,6 +66,8 @@ LIVE_STATUS_EVERY_S = 1.0
 LIVE_MAX_S = 3600.0
 """A stream ends after this long; the browser's EventSource reconnects from its last cursor."""
 RUNS_PAGE_SIZE = 50
+REPORTS_LIMIT = 100
+"""A run's reports shown on its page (check-run updates and notifications; newest first)."""
 
 State = Annotated[AppState, Depends(app_state)]
 
@@ -106,7 +109,16 @@ def _time(value: dt.datetime | None) -> Markup:
     return Markup('<time datetime="{0}" title="{1}">{1}</time>').format(iso, text)
 
 
-_env.filters.update(short=_short, when=_time, ms=_ms)
+def _url_origin(url: str | None) -> str:
+    """Only the scheme and host of a notification URL: its path or query often is the receiver's secret
+    (chat webhooks), and the dashboard renders no secret."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
+_env.filters.update(short=_short, when=_time, ms=_ms, origin=_url_origin)
 _env.globals.update(duration=_duration, Permission=Permission)
 
 
@@ -371,8 +383,12 @@ async def run_page(request: Request, run_id: str, state: State) -> Response:
             matches = [(x.n, Markup(ansi_to_html(x.line))) for x in found]  # escaped by ansi_to_html
         else:
             log = await _log_view(request, run, job, steps, _int(q.get("page")), _int(q.get("line")))
+    reports = None
+    if viewer.can(Permission.REPORTS_READ):  # as GET /api/v1/admin/reports?run_id=
+        reports = await admin_reports.list_reports(state, viewer.principal, None, run.id, REPORTS_LIMIT)
     context.update(log=log, matches=matches, more_matches=more_matches, search=search,
-                   job_live=job is not None and not is_terminal(job.status))
+                   job_live=job is not None and not is_terminal(job.status), reports=reports,
+                   job_names={j.id: j.name for j in jobs})
     return _render(request, "run.html", viewer, **context)
 
 
@@ -506,6 +522,21 @@ async def rerun(request: Request, run_id: str, state: State) -> Response:
     except AdminError as exc:
         raise HTTPException(exc.status_code, str(exc.detail)) from None
     return RedirectResponse(f"{state.settings.base_path}/runs/{result.run.id}?notice=rerun-started",
+                            status_code=303)
+
+
+@router.post("/runs/{run_id}/reports/{report_id}/retry")
+async def retry_report(request: Request, run_id: str, report_id: int, state: State) -> Response:
+    csrf_token = (await _form(request)).get(CSRF_FIELD, "")
+    viewer, run = await _action(request, state, run_id, Permission.REPORTS_RETRY, csrf_token)
+    mine = await admin_reports.list_reports(state, viewer.principal, None, run.id, admin_reports.MAX_LIMIT)
+    if not any(r.id == report_id for r in mine):
+        raise HTTPException(404, f"run {run.id} has no report {report_id}")
+    try:
+        await admin_reports.retry_report(report_id, request, state, viewer.principal)
+    except AdminError as exc:
+        raise HTTPException(exc.status_code, str(exc.detail)) from None
+    return RedirectResponse(f"{state.settings.base_path}/runs/{run.id}?notice=report-retried#reports-h",
                             status_code=303)
 
 
