@@ -38,7 +38,7 @@ from kici.orchestrator.routes import (
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogLineOut
 from kici.orchestrator.store import agents as agent_store
-from kici.orchestrator.store import audit, runs, sessions, tokens
+from kici.orchestrator.store import audit, outbox, runs, sessions, tokens
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.web import graph as job_graph
 from kici.orchestrator.web.access import (
@@ -529,8 +529,9 @@ async def rerun(request: Request, run_id: str, state: State) -> Response:
 async def retry_report(request: Request, run_id: str, report_id: int, state: State) -> Response:
     csrf_token = (await _form(request)).get(CSRF_FIELD, "")
     viewer, run = await _action(request, state, run_id, Permission.REPORTS_RETRY, csrf_token)
-    mine = await admin_reports.list_reports(state, viewer.principal, None, run.id, admin_reports.MAX_LIMIT)
-    if not any(r.id == report_id for r in mine):
+    async with state.database.read() as conn:
+        found = await outbox.get_report(conn, report_id)
+    if found is None or found.run_id != run.id:  # the run is the viewer's org's (checked by _action)
         raise HTTPException(404, f"run {run.id} has no report {report_id}")
     try:
         await admin_reports.retry_report(report_id, request, state, viewer.principal)
