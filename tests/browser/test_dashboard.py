@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,56 @@ def test_schedules_page(system: System, browser: Any, contexts: list[Any]) -> No
     row.get_by_role("link", name="nightly").click()
     page.wait_for_url(re.compile(r"trigger=schedule"))
     assert page.get_by_role("heading", name="Runs").is_visible()
+
+
+DRAINED = WORKFLOW_HEADER + '''
+import pathlib
+import time
+
+
+@step
+def hold(ctx: Context) -> None:
+    """Runs until `release` appears in GO (or 120 s pass), so the agent is busy while it drains."""
+    go = pathlib.Path({go!r})
+    ctx.log.info("holding")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (go / "release").exists():
+        time.sleep(0.05)
+
+
+held = workflow("held", on=[push(branches=["main"])], jobs=[job("hold", runs_on="drainer", steps=[hold])])
+'''
+
+
+def test_agents_page_shows_a_draining_agent(
+    system: System, browser: Any, contexts: list[Any], tmp_path: Path
+) -> None:
+    """SIGUSR1 to a busy agent: the Agents page shows it draining (from its agent.status) until its job is
+    done and it leaves."""
+    go = tmp_path / "go"
+    go.mkdir()
+    drainer = system.start_agent("drainer", labels="drainer")
+    try:
+        sha = commit_only(system, "held", DRAINED.format(go=str(go)), "hold the drainer busy")
+        run = system.wait_run(sha, "running")
+        wait_for(lambda: system.jobs(run["id"])["hold"]["status"] == "running", what="hold running")
+        page = sign_in(new_context(browser, contexts, system), viewer_token(system), "/agents")
+        row = page.locator("tbody tr", has_text="drainer")
+        assert row.locator(".badge").inner_text() == "connected"
+        drainer.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: any(a["id"] == "drainer" and a["draining"] for a in system.admin("GET", "/agents").json()),
+                 what="the orchestrator to know the agent drains")
+        page.reload()
+        assert row.locator(".badge").inner_text() == "draining"
+        assert row.get_by_role("link", name="hold").is_visible()  # its job, still running
+        (go / "release").touch()
+        system.wait_run(sha, "success", "failed")
+        assert drainer.proc.wait(timeout=30) == 0  # drained: it exits once its job is done
+        page.reload()
+        assert row.locator(".badge").inner_text() == "disconnected"
+    finally:
+        (go / "release").touch()
+        drainer.stop()
 
 
 DOC_SHOTS = ("runs", "run", "schedules", "agents", "queue", "sources", "audit")
