@@ -1,7 +1,7 @@
 """The dashboard in Chromium against a real orchestrator and agent: sign-in, the runs list updating by
 itself, a running step's log line on the run page within a second, cancel from the page, a viewer with
 no buttons and a 403 when forcing, CSRF-less posts refused, a 200,000-line log that loads and scrolls,
-and the screenshots in docs/images/."""
+the Schedules page, a draining agent on the Agents page, and the screenshots in docs/images/."""
 
 from __future__ import annotations
 

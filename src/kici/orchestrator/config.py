@@ -154,7 +154,7 @@ class Settings(BaseModel):
     dashboard_public: bool = Field(
         default=False,
         description="Let anyone who can reach the orchestrator read the dashboard without signing in, with the "
-        "`viewer` role's rights (runs, jobs, logs, agents, queue) in the default org — for open-source "
+        "`viewer` role's rights (runs, jobs, logs, schedules, agents, queue) in the default org — for open-source "
         "projects. Actions (cancel, rerun) still need a signed-in role that may do them.",
     )
     dashboard_session_ttl_seconds: int = Field(

@@ -1,7 +1,8 @@
 """The web dashboard in process, on SQLite and PostgreSQL: sign-in sessions (cookie flags, expiry, logout,
 revocation), CSRF, security headers, public mode, the RBAC matrix over every page and action for every
-role with and without a session, and the pages' content (escaping, ANSI, log paging, search, live log).
-The browser tests (tests/e2e/test_dashboard_browser.py) drive the same pages in Chromium."""
+role with and without a session, and the pages' content (escaping, ANSI, log paging, search, live log,
+schedules, wait reasons, draining agents, a run's reports).
+The browser tests (tests/browser/test_dashboard.py) drive the same pages in Chromium."""
 
 from __future__ import annotations
 
