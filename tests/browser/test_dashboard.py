@@ -1,12 +1,13 @@
 """The dashboard in Chromium against a real orchestrator and agent: sign-in, the runs list updating by
 itself, a running step's log line on the run page within a second, cancel from the page, a viewer with
 no buttons and a 403 when forcing, CSRF-less posts refused, a 200,000-line log that loads and scrolls,
-and the screenshots in docs/images/."""
+the Schedules page, a draining agent on the Agents page, and the screenshots in docs/images/."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,93 @@ def test_a_200000_line_log_loads_and_scrolls(system: System, browser: Any, conte
     assert page.get_by_text("1 matching line").is_visible()
 
 
-DOC_SHOTS = ("runs", "run", "agents", "queue", "sources", "audit")
+SCHEDULED = WORKFLOW_HEADER + '''
+from kici import schedule
+
+nightly = workflow("nightly", on=[push(branches=["main"]), schedule("0 3 * * *", timezone="Europe/Berlin")],
+                   jobs=[job("suite", steps=[step("test", "echo testing")])])
+'''
+
+
+def test_schedules_page(system: System, browser: Any, contexts: list[Any]) -> None:
+    """A schedule registered by a push to the default branch is listed on the Schedules page, reached from
+    the navigation by a viewer; its workflow links to its runs."""
+    sha = commit_only(system, "nightly", SCHEDULED, "Run the suite every night")
+
+    def registered() -> list[dict[str, Any]]:
+        return [s for s in system.admin("GET", "/schedules").json() if s["workflow"] == "nightly"]
+
+    wait_for(lambda: registered() and registered()[0]["lock_commit"] == sha, what="the nightly schedule")
+    system.wait_run(sha, "success", "failed")
+    page = sign_in(new_context(browser, contexts, system), viewer_token(system))
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Schedules").click()
+    page.wait_for_url(re.compile(r"/schedules$"))
+    assert page.get_by_role("heading", name="Schedules").is_visible()
+    row = page.locator("table.schedules tbody tr", has_text="nightly")
+    cells = [c.strip() for c in row.locator("td").all_inner_texts()]
+    assert cells[1:3] == ["0 3 * * *", "Europe/Berlin"], cells
+    assert "never" in cells[4] and "main" in cells[6] and sha[:8] in cells[6]
+    next_fire = row.locator("td").nth(3).locator("time")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T0[12]:00:00Z", next_fire.get_attribute("datetime") or "")  # 03:00 Berlin
+    target = DOCS_IMAGES if os.environ.get("KICI_DOCS_SCREENSHOTS") == "1" else ARTIFACTS / "docs-images"
+    target.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target / "dashboard-schedules.png"))
+    row.get_by_role("link", name="nightly").click()
+    page.wait_for_url(re.compile(r"trigger=schedule"))
+    assert page.get_by_role("heading", name="Runs").is_visible()
+
+
+DRAINED = WORKFLOW_HEADER + '''
+import pathlib
+import time
+
+
+@step
+def hold(ctx: Context) -> None:
+    """Runs until `release` appears in GO (or 120 s pass), so the agent is busy while it drains."""
+    go = pathlib.Path({go!r})
+    ctx.log.info("holding")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (go / "release").exists():
+        time.sleep(0.05)
+
+
+held = workflow("held", on=[push(branches=["main"])], jobs=[job("hold", runs_on="drainer", steps=[hold])])
+'''
+
+
+def test_agents_page_shows_a_draining_agent(
+    system: System, browser: Any, contexts: list[Any], tmp_path: Path
+) -> None:
+    """SIGUSR1 to a busy agent: the Agents page shows it draining (from its agent.status) until its job is
+    done and it leaves."""
+    go = tmp_path / "go"
+    go.mkdir()
+    drainer = system.start_agent("drainer", labels="drainer")
+    try:
+        sha = commit_only(system, "held", DRAINED.format(go=str(go)), "hold the drainer busy")
+        run = system.wait_run(sha, "running")
+        wait_for(lambda: system.jobs(run["id"])["hold"]["status"] == "running", what="hold running")
+        page = sign_in(new_context(browser, contexts, system), viewer_token(system), "/agents")
+        row = page.locator("tbody tr", has_text="drainer")
+        assert row.locator(".badge").inner_text() == "connected"
+        drainer.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: any(a["id"] == "drainer" and a["draining"] for a in system.admin("GET", "/agents").json()),
+                 what="the orchestrator to know the agent drains")
+        page.reload()
+        assert row.locator(".badge").inner_text() == "draining"
+        assert row.get_by_role("link", name="hold").is_visible()  # its job, still running
+        (go / "release").touch()
+        system.wait_run(sha, "success", "failed")
+        assert drainer.proc.wait(timeout=30) == 0  # drained: it exits once its job is done
+        page.reload()
+        assert row.locator(".badge").inner_text() == "disconnected"
+    finally:
+        (go / "release").touch()
+        drainer.stop()
+
+
+DOC_SHOTS = ("runs", "run", "schedules", "agents", "queue", "sources", "audit")
 
 
 def test_docs_screenshots(system: System, browser: Any, contexts: list[Any]) -> None:
@@ -187,5 +274,6 @@ def test_docs_screenshots(system: System, browser: Any, contexts: list[Any]) -> 
         page.goto(f"/{name}")
         page.screenshot(path=str(target / f"dashboard-{name}.png"))
     system.admin("POST", f"/runs/{run['id']}/cancel", json={"force": True})
-    assert all((target / f"dashboard-{name}.png").stat().st_size > 0 for name in DOC_SHOTS)
+    taken_here = [name for name in DOC_SHOTS if name != "schedules"]  # that one: test_schedules_page
+    assert all((target / f"dashboard-{name}.png").stat().st_size > 0 for name in taken_here)
     assert all((DOCS_IMAGES / f"dashboard-{name}.png").is_file() for name in DOC_SHOTS), "committed screenshots"

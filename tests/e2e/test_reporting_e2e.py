@@ -103,7 +103,7 @@ def test_github_push_reports_check_runs_through_an_outage_and_reruns(
     # in order, never an older state after a newer one (updates made during the outage may be compacted)
     seen = _statuses(fake, build["id"])
     assert seen[-1] == "completed" and seen == sorted(seen, key=["queued", "in_progress", "completed"].index)
-    assert build["head_sha"] == sha and build["details_url"] == f"{PUBLIC_URL}/runs/{run_id}"
+    assert build["head_sha"] == sha and build["details_url"] == f"{PUBLIC_URL}/runs/{run_id}?job=build"
     assert "test line 70" in test["output"]["text"] and "test line 20\n" not in test["output"]["text"]
     # (the fake answers check-run calls made with any other token 403: reporting used only scoped tokens)
     scoped = {"repositories": ["app"], "permissions": {"checks": "write"}}

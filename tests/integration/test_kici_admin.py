@@ -278,6 +278,7 @@ def _seed_lists(database_url: str) -> dict[str, str]:
                                                 agent_token_id=token.token.id, labels=["linux", "docker"],
                                                 max_concurrency=2, version="9.9", hostname=f"{agent_id}.lan")
                 await agents.mark_agent_disconnected(conn, "cli-agent-idle")
+                await agents.set_agent_draining(conn, "cli-agent-busy", True)
                 assert await events.begin_delivery(conn, delivery_id="cli-delivery-1", provider="git",
                                                    ttl_seconds=60, event="push", repo="acme/lists",
                                                    ref="refs/heads/main", sha="c" * 40)
@@ -315,10 +316,12 @@ def test_queue_agents_events(orchestrator: Orchestrator) -> None:
     rows = table(ok(kici_admin("agents", "list", "--connected", url=url)))
     assert rows[0] == ["ID", "HOSTNAME", "LABELS", "CONNECTED", "JOBS", "VERSION", "LAST", "SEEN"]
     assert [r[:6] for r in rows[1:] if r[0].startswith("cli-")] == [
-        ["cli-agent-busy", "cli-agent-busy.lan", "linux,docker", "yes", "1/2", "9.9"]]
+        ["cli-agent-busy", "cli-agent-busy.lan", "linux,docker", "draining", "1/2", "9.9"]]
     shown = ok(kici_admin("agents", "show", "cli-agent-idle", url=url))
     assert "Agent:      cli-agent-idle" in shown and "Connected:  no" in shown and "Jobs:       0/2" in shown
-    assert json.loads(ok(kici_admin("agents", "show", "cli-agent-busy", "--json", url=url)))["running_jobs"] == 1
+    shown_busy = json.loads(ok(kici_admin("agents", "show", "cli-agent-busy", "--json", url=url)))
+    assert (shown_busy["running_jobs"], shown_busy["draining"]) == (1, True)
+    assert "Connected:  draining" in ok(kici_admin("agents", "show", "cli-agent-busy", url=url))
     missing = kici_admin("agents", "show", "no-such-agent", url=url)
     assert one_line_error(missing, 1) == "kici-admin: error: no agent with id 'no-such-agent' (HTTP 404)"
 

@@ -588,7 +588,11 @@ def agents() -> None:
 
 
 def _agent_rows(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**a, "busy": f"{a.get('running_jobs', 0)}/{a.get('max_concurrency', '?')}"} for a in found]
+    """Table rows: jobs as `running/capacity`; a connected agent that drains shows `draining`."""
+    return [{
+        **a, "busy": f"{a.get('running_jobs', 0)}/{a.get('max_concurrency', '?')}",
+        "connected": "draining" if a.get("connected") and a.get("draining") else a.get("connected"),
+    } for a in found]
 
 
 @agents.command("list")

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 import yaml
 from pydantic import (
@@ -169,7 +170,7 @@ class Settings(BaseModel):
     dashboard_public: bool = Field(
         default=False,
         description="Let anyone who can reach the orchestrator read the dashboard without signing in, with the "
-        "`viewer` role's rights (runs, jobs, logs, agents, queue) in the default org — for open-source "
+        "`viewer` role's rights (runs, jobs, logs, schedules, agents, queue) in the default org — for open-source "
         "projects. Actions (cancel, rerun) still need a signed-in role that may do them.",
     )
     dashboard_session_ttl_seconds: int = Field(
@@ -426,9 +427,13 @@ class Settings(BaseModel):
         return self
 
     # -- derived ----------------------------------------------------------------------------------
-    def run_url(self, run_id: str) -> str | None:
-        """The dashboard's page of a run (`<public url>/runs/<id>`), or None without `KICI_PUBLIC_URL`."""
-        return f"{self.public_url}/runs/{run_id}" if self.public_url else None
+    def run_url(self, run_id: str, job: str | None = None) -> str | None:
+        """The dashboard's page of a run (`<public url>/runs/<id>`), opened on `job` (its name in the run)
+        when given, or None without `KICI_PUBLIC_URL`."""
+        if not self.public_url:
+            return None
+        url = f"{self.public_url}/runs/{run_id}"
+        return f"{url}?{urlencode({'job': job})}" if job is not None else url
 
     @property
     def generated_secret_key_file(self) -> Path:

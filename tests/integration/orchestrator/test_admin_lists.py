@@ -141,7 +141,7 @@ async def test_agents_list_show_and_running_jobs(api: Api) -> None:
     busy = listed[1]
     assert busy == {
         "id": "b-busy", "labels": ["linux", "docker"], "hostname": "b-busy.local", "version": "0.9.1",
-        "max_concurrency": 4, "connected": True, "last_seen_at": busy["last_seen_at"],
+        "max_concurrency": 4, "connected": True, "draining": False, "last_seen_at": busy["last_seen_at"],
         "registered_at": busy["registered_at"], "running_jobs": 3,
     }
     assert busy["last_seen_at"] is not None and "agent_token_id" not in busy

@@ -1,7 +1,8 @@
 """The web dashboard in process, on SQLite and PostgreSQL: sign-in sessions (cookie flags, expiry, logout,
 revocation), CSRF, security headers, public mode, the RBAC matrix over every page and action for every
-role with and without a session, and the pages' content (escaping, ANSI, log paging, search, live log).
-The browser tests (tests/e2e/test_dashboard_browser.py) drive the same pages in Chromium."""
+role with and without a session, and the pages' content (escaping, ANSI, log paging, search, live log,
+schedules, wait reasons, draining agents, a run's reports).
+The browser tests (tests/browser/test_dashboard.py) drive the same pages in Chromium."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store import schedules as schedule_store
 from kici.orchestrator.store.sources import create_source
 from kici.orchestrator.web import CONTENT_SECURITY_POLICY
 from kici.orchestrator.web.access import SESSION_COOKIE
@@ -100,6 +102,18 @@ async def _seed_run(dash: Dash, **values: Any) -> tuple[str, str]:
         run_id = await insert_run(conn, workflow_spec=WORKFLOW_SPEC, started_at=T0, **values)
         job_id = await insert_job(conn, run_id, "build", status=values.get("status", "running"))
     return run_id, job_id
+
+
+async def _seed_report(dash: Dash, run_id: str, job_id: str | None, *, status: str, kind: str = "check_run",
+                       target: str | None = None, error: str | None = None) -> int:
+    async with dash.database.transaction() as conn:
+        result = await conn.execute(sa.insert(schema.report_outbox).values(
+            org_id="default", kind=kind, ordering_key=f"{kind}:{job_id or run_id}:{target}", run_id=run_id,
+            job_id=job_id, event="completed" if kind == "check_run" else "run.finished", target=target,
+            delivery_id=f"d-{run_id}-{kind}", status=status, attempts=3 if status == "failed" else 0,
+            next_attempt_at=T0, created_at=T0, sent_at=T0 if status == "sent" else None, last_error=error,
+        ).returning(schema.report_outbox.c.id))
+        return int(result.scalar_one())
 
 
 # -- sign-in and sessions ----------------------------------------------------------------------------
@@ -213,7 +227,7 @@ async def test_security_headers_on_pages_and_api(dash: Dash) -> None:
 async def test_pages_have_no_inline_script_or_style(dash: Dash) -> None:
     run_id, _ = await _seed_run(dash)
     async with dash.session(AdminRole.OWNER) as http:
-        for path in ("/", f"/runs/{run_id}", "/agents", "/queue", "/sources", "/audit", "/login"):
+        for path in ("/", f"/runs/{run_id}", "/schedules", "/agents", "/queue", "/sources", "/audit", "/login"):
             html = (await http.get(path)).text
             assert not re.search(r"<script(?![^>]*\bsrc=)", html), path
             assert " style=" not in html and "<style" not in html, path
@@ -230,12 +244,14 @@ PAGES: list[tuple[str, str, str | None]] = [
     ("GET", "/runs/{run}/jobs/{job}/log.txt", "runs:read"),
     ("GET", "/runs/{finished}/jobs/{finished_job}/live", "runs:read"),
     ("GET", "/?fragment=rows", "runs:read"),
+    ("GET", "/schedules", "runs:read"),
     ("GET", "/agents", "agents:read"),
     ("GET", "/queue", "queue:read"),
     ("GET", "/sources", "sources:read"),
     ("GET", "/audit", "audit:read"),
     ("POST", "/runs/{run}/cancel", "runs:cancel"),
     ("POST", "/runs/{finished}/rerun", "runs:rerun"),
+    ("POST", "/runs/{finished}/reports/{report}/retry", "reports:retry"),
     ("POST", "/logout", None),
 ]
 
@@ -266,7 +282,9 @@ async def test_rbac_matrix(database: Database, tmp_path: Path, public: bool) -> 
             for method, template, permission in PAGES:
                 run_id, job_id = await _seed_run(made)
                 finished, finished_job = await _seed_run(made, status="success")
-                path = template.format(run=run_id, job=job_id, finished=finished, finished_job=finished_job)
+                report = await _seed_report(made, finished, finished_job, status="failed")
+                path = template.format(run=run_id, job=job_id, finished=finished, finished_job=finished_job,
+                                       report=report)
                 response = await _request_as(made, who, method, path, run_id)
                 if who == ANON:
                     ok = public and permission in ("runs:read", "agents:read", "queue:read")
@@ -295,6 +313,7 @@ async def test_buttons_only_for_roles_that_may(dash: Dash, role: AdminRole) -> N
     assert 'id="cancel"' not in done and 'id="rerun"' not in live
     assert (">Audit<" in nav) == _allowed(role, "audit:read")
     assert (">Sources<" in nav) == _allowed(role, "sources:read")
+    assert ">Schedules<" in nav  # every role may read runs, hence schedules (as GET /api/v1/admin/schedules)
 
 
 async def test_post_without_csrf_is_refused_and_does_nothing(dash: Dash) -> None:
@@ -487,3 +506,116 @@ async def test_agents_page_lists_busy_jobs(dash: Dash) -> None:
         page = (await http.get("/agents")).text
     assert "linux-1" in page and "&lt;x&gt;" in page and "1 / 2" in page and "9.9" in page
     assert f'href="/runs/{run_id}?job=build"' in page
+
+
+async def test_schedules_page(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        source = await create_source(conn, key=b"k" * 32, name="hooks", kind="generic", config={}, secrets={})
+        await schedule_store.replace_registrations(
+            conn, source_id=source.id, repo="acme/<app>", branch="main", lock_commit="f" * 40,
+            registrations=[schedule_store.Registration("nightly", 0, "0 3 * * *", "Europe/Berlin", {}),
+                           schedule_store.Registration("hourly", 1, "5 * * * *", "UTC", {})],
+            next_fire=lambda cron, tz, after: T0 + dt.timedelta(hours=1), now=T0,
+        )
+        [nightly] = [s for s in await schedule_store.list_schedules(conn) if s.workflow == "nightly"]
+        run_id = await insert_run(conn, workflow="nightly", repo="acme/<app>",
+                                  event={"type": "schedule", "branch": "main"}, trigger="schedule")
+        assert await schedule_store.claim_fire(conn, nightly.id, seen=nightly.next_fire_at, slot=T0,
+                                               next_at=T0 + dt.timedelta(days=1))
+        await schedule_store.set_last_run(conn, nightly.id, run_id)
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = await http.get("/schedules")
+    assert page.status_code == 200
+    html = page.text
+    assert "acme/&lt;app&gt;" in html and "acme/<app>" not in html
+    assert "<code>0 3 * * *</code>" in html and "Europe/Berlin" in html and "<code>5 * * * *</code>" in html
+    assert f'href="/runs/{run_id}">last run</a>' in html and "never" in html  # hourly has not fired
+    assert 'datetime="2026-11-28T08:00:00Z"' in html  # nightly's next fire (moved on by a day)
+    assert 'datetime="2026-11-27T08:00:00Z"' in html  # its last fire
+    assert "hooks" in html and "ffffffff" in html
+    assert "trigger=schedule" in html and "workflow=nightly" in html
+    assert html.count("data-schedule=") == 2
+
+
+async def test_schedules_page_empty(dash: Dash) -> None:
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = await http.get("/schedules")
+    assert page.status_code == 200 and "No schedule is registered." in page.text
+
+
+async def test_wait_reasons_on_the_runs_list_and_run_page(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        run_id = await insert_run(conn, workflow_spec=WORKFLOW_SPEC, status="pending", workflow="deploy",
+                                  wait_reason="concurrency: prod <eu>")
+        await insert_job(conn, run_id, "ship", status="pending", wait_reason="concurrency: ship-lock")
+        running = await insert_run(conn, workflow="other", status="running", wait_reason=None)
+    async with dash.session(AdminRole.VIEWER) as http:
+        listing = (await http.get("/")).text
+        fragment = (await http.get("/", params={"fragment": "rows"})).text
+        page = (await http.get(f"/runs/{run_id}")).text
+    for html in (listing, fragment):
+        assert "waiting (concurrency: prod &lt;eu&gt;)" in html
+        row = re.search(rf'<tr data-run="{running}">.*?</tr>', html, re.S)
+        assert row and ">running<" in row.group(0) and "waiting" not in row.group(0)
+    assert "waiting (concurrency: prod &lt;eu&gt;)" in page  # the run's header
+    assert "waiting (concurrency: ship-lock)" in page  # the job's row and graph node
+
+
+async def test_agents_page_shows_draining_agents(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        for agent_id, connected, draining in (("drainer", True, True), ("worker", True, False),
+                                              ("gone", False, True)):
+            await conn.execute(sa.insert(schema.agents).values(
+                id=agent_id, labels=["linux"], max_concurrency=1, connected=connected, draining=draining,
+                last_seen_at=T0, registered_at=T0))
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get("/agents")).text
+    states = dict(re.findall(r'<code title="([^"]+)">.*?<span class="badge [^"]+"[^>]*>([a-z]+)</span>', page, re.S))
+    assert states == {"drainer": "draining", "worker": "connected", "gone": "disconnected"}
+
+
+async def test_queue_page_lists_jobs_waiting_for_a_concurrency_group(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        run_id = await insert_run(conn, workflow="deploy", repo="acme/app", status="running")
+        await insert_job(conn, run_id, "ship (eu)", job="ship", status="waiting", wait_reason="concurrency: prod <1>")
+        await insert_job(conn, run_id, "lint", status="success")
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get("/queue")).text
+    rows = re.search(r'<tbody id="waiting-rows">(.*?)</tbody>', page, re.S)
+    assert rows and rows.group(1).count("<tr>") == 1
+    waiting = rows.group(1)
+    assert f'href="/runs/{run_id}?job=ship+%28eu%29"' in waiting and "deploy · acme/app" in waiting
+    assert "waiting (concurrency: prod &lt;1&gt;)" in waiting and "group prod &lt;1&gt;" in waiting
+    assert "lint" not in waiting
+
+
+async def test_run_page_reports_and_retry(dash: Dash) -> None:
+    run_id, job_id = await _seed_run(dash, status="failed")
+    await _seed_report(dash, run_id, job_id, status="sent")
+    failed = await _seed_report(dash, run_id, None, status="failed", kind="notification", error="HTTP 500 <boom>",
+                                target="https://hooks.chat.example/services/T0/B0/SECRETXYZ?token=abc")
+    other_run, other_job = await _seed_run(dash, status="success")
+    foreign = await _seed_report(dash, other_run, other_job, status="failed")
+    async with dash.session(AdminRole.VIEWER) as http:
+        assert 'id="reports-h"' not in (await http.get(f"/runs/{run_id}")).text  # reports:read only
+    async with dash.session(AdminRole.AUDITOR) as http:
+        page = (await http.get(f"/runs/{run_id}")).text
+        assert 'id="reports-h"' in page and "check run" in page and "notification" in page
+        assert "https://hooks.chat.example" in page and "SECRETXYZ" not in page and "token=abc" not in page
+        assert "HTTP 500 &lt;boom&gt;" in page and ">Retry<" not in page
+    async with dash.session(AdminRole.ADMIN) as http:
+        page = (await http.get(f"/runs/{run_id}")).text
+        assert page.count(">Retry<") == 1 and f"/reports/{failed}/retry" in page
+        csrf = _hidden(page, "csrf_token")
+        assert (await http.post(f"/runs/{run_id}/reports/{failed}/retry")).status_code == 403  # no CSRF token
+        elsewhere = await http.post(f"/runs/{run_id}/reports/{foreign}/retry", data={"csrf_token": csrf})
+        assert elsewhere.status_code == 404
+        response = await http.post(f"/runs/{run_id}/reports/{failed}/retry", data={"csrf_token": csrf})
+        assert response.status_code == 303 and "notice=report-retried" in response.headers["location"]
+        again = await http.post(f"/runs/{run_id}/reports/{failed}/retry", data={"csrf_token": csrf})
+        assert again.status_code == 409 and "only a failed report can be retried" in again.text
+    async with dash.database.read() as conn:
+        statuses = dict((await conn.execute(sa.select(schema.report_outbox.c.id, schema.report_outbox.c.status))).all())
+        retried = await audit.list_audit(conn, outcome="allowed", limit=10)
+    assert statuses[failed] == "pending" and statuses[foreign] == "failed"
+    assert [(e.action, e.reason) for e in retried] == [("report.retry", f"report {failed}")]

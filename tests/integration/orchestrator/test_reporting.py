@@ -317,7 +317,7 @@ async def test_check_runs_queued_in_progress_completed_with_conclusions(harness:
     for name in names:
         check = harness.fake.check_run_named(name)
         assert check["status"] == "queued" and check["head_sha"] == SHA and check["repo"] == REPO
-        assert check["details_url"] == f"{PUBLIC_URL}/runs/{run_id}"
+        assert check["details_url"] == f"{PUBLIC_URL}/runs/{run_id}?job={name.split(' / ')[1]}"
     jobs = await harness.jobs(run_id)
     assert harness.fake.check_run_named("ci / build")["external_id"] == jobs["build"].id
     # every token the reporting asked for: scoped to the one repository with checks: write

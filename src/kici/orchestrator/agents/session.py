@@ -356,7 +356,14 @@ class AgentSession:
             if isinstance(message, p.Heartbeat):
                 await self._heartbeat(agent)
             elif isinstance(message, p.AgentStatus):
+                was_draining = agent.status is not None and agent.status.draining
                 agent.status = message
+                if message.draining != was_draining:
+                    # in the database, so every orchestrator's agents list shows it (registration clears it)
+                    async with self.database.transaction() as conn:
+                        await agent_store.set_agent_draining(conn, agent.agent_id, message.draining)
+                    self._log("agent.draining" if message.draining else "agent.draining_ended",
+                              agent_id=agent.agent_id, active_jobs=message.active_jobs)
                 if self.registry.listener is not None:
                     await self.registry.listener.status(agent)
             elif self.registry.listener is not None:

@@ -398,6 +398,9 @@ agents = sa.Table(
     sa.Column("version", sa.Text, nullable=True),
     sa.Column("hostname", sa.Text, nullable=True),
     sa.Column("connected", sa.Boolean, nullable=False, default=False),
+    # the agent's last `agent.status` said it is draining (finishing its jobs, taking no new ones);
+    # cleared when it registers again
+    sa.Column("draining", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Column("last_seen_at", UtcDateTime, nullable=True),
     sa.Column("registered_at", UtcDateTime, nullable=False, default=utcnow),
     sa.Index(None, "connected"),

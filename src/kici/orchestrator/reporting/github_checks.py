@@ -6,7 +6,7 @@
   job);
 - output: a summary table of the steps (status, duration); for a failure, the failing step's error and
   the last `LOG_TAIL_LINES` lines of the job's log (masked by the agent), within GitHub's size limits;
-- `details_url`: the run's page when `KICI_PUBLIC_URL` is set.
+- `details_url`: the run's page opened on the job (its steps and log) when `KICI_PUBLIC_URL` is set.
 
 The state sent is the job's state *when sending*, so several pending updates collapse into one call.
 Tokens: an installation token scoped to the one repository with `checks: write`, minted and cached in the
@@ -234,7 +234,8 @@ class CheckRunSender:
         tail: list[str] = []
         if conclusion in ("failure", "timed_out"):
             tail = [line.line for line in await self.logs.tail(run.id, job.id, lines=LOG_TAIL_LINES)]
-        body = check_body(run, job, steps, tail, self.state.settings.run_url(run.id), create=check_run_id is None)
+        body = check_body(run, job, steps, tail, self.state.settings.run_url(run.id, job.name),
+                          create=check_run_id is None)
         if check_run_id is None:
             outcome, response = await self._call(run, "POST", "check-runs", body, now, "create check run")
         else:

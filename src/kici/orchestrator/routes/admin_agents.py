@@ -39,6 +39,9 @@ class AgentInfo(BaseModel):
     version: str | None
     max_concurrency: int = Field(description="Jobs the agent runs at once")
     connected: bool = Field(description="Whether an orchestrator holds a live, registered connection to it")
+    draining: bool = Field(
+        description="The agent said it is draining (finishing its jobs, taking no new ones; SIGUSR1 to the agent)"
+    )
     last_seen_at: dt.datetime | None
     registered_at: dt.datetime = Field(description="The agent's latest registration")
     running_jobs: int = Field(description="Jobs assigned to it that are running, recovering or cancelling")

@@ -34,6 +34,8 @@ class AgentRecord(BaseModel):
     version: str | None
     hostname: str | None
     connected: bool
+    draining: bool = False
+    """The agent's last `agent.status` said it is draining (cleared when it registers again)."""
     last_seen_at: dt.datetime | None
     registered_at: dt.datetime
 
@@ -113,6 +115,7 @@ async def register_agent(
         "version": version,
         "hostname": hostname,
         "connected": True,
+        "draining": False,  # a new connection starts taking jobs; its first agent.status says otherwise
         "last_seen_at": now,
         "registered_at": now,
     }
@@ -131,6 +134,12 @@ async def register_agent(
 async def touch_agent(conn: AsyncConnection, agent_id: str, *, now: dt.datetime | None = None) -> bool:
     """Record that the agent was seen (a heartbeat); False when there is no such row."""
     result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(last_seen_at=now or utcnow()))
+    return result.rowcount == 1
+
+
+async def set_agent_draining(conn: AsyncConnection, agent_id: str, draining: bool) -> bool:
+    """Record what the agent's `agent.status` said about draining; False when there is no such row."""
+    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(draining=draining))
     return result.rowcount == 1
 
 

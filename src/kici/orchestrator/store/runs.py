@@ -886,6 +886,34 @@ async def get_job(conn: AsyncConnection, job_id: str) -> JobRecord | None:
     return _job(row) if row is not None else None
 
 
+@dataclass(frozen=True)
+class WaitingJob:
+    job: JobRecord
+    workflow: str
+    repo: str
+
+
+async def list_waiting_jobs(conn: AsyncConnection, *, org_id: str = DEFAULT_ORG_ID,
+                            limit: int = 500) -> list[WaitingJob]:
+    """Jobs waiting for a concurrency group (their run's or their own), oldest first: they are not in
+    the dispatch queue yet, and the dashboard's Queue page says why they wait."""
+    query = (
+        sa.select(jobs, runs.c.workflow.label("w_workflow"), runs.c.repo.label("w_repo"))
+        .join(runs, runs.c.id == jobs.c.run_id)
+        .where(jobs.c.status == JobState.WAITING.value, jobs.c.org_id == org_id)
+        .order_by(jobs.c.created_at, jobs.c.id)
+        .limit(limit)
+    )
+    found = []
+    for row in await conn.execute(query):
+        values = dict(row._mapping)
+        workflow, repo = values.pop("w_workflow"), values.pop("w_repo")
+        values["runs_on"] = values.get("runs_on") or []
+        values["exclude_labels"] = values.get("exclude_labels") or []
+        found.append(WaitingJob(JobRecord.model_validate(values), str(workflow), str(repo)))
+    return found
+
+
 async def list_steps(conn: AsyncConnection, job_id: str) -> list[StepRecord]:
     query = sa.select(steps).where(steps.c.job_id == job_id).order_by(steps.c.step_index)
     return [StepRecord.model_validate(dict(row._mapping)) for row in await conn.execute(query)]

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kici.engine.states import is_terminal
-from kici.orchestrator.store.runs import JobRecord
+from kici.orchestrator.store.runs import JobRecord, RunRecord
 
 NODE_W = 190
 NODE_H = 46
@@ -37,7 +37,7 @@ class GraphNode:
     @property
     def summary(self) -> str:
         if len(self.jobs) == 1:
-            return self.jobs[0].status
+            return status_text(self.jobs[0])
         counts = Counter(j.status for j in self.jobs)
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
@@ -52,6 +52,14 @@ class GraphNode:
     @property
     def finished(self) -> bool:
         return all(is_terminal(j.status) for j in self.jobs)
+
+
+def status_text(item: RunRecord | JobRecord) -> str:
+    """A run's or job's status as people read it, as `kici-admin` prints it: one that waits for its
+    concurrency group shows `waiting (concurrency: <group>)` (its own status is `pending` meanwhile)."""
+    if item.wait_reason and item.status in ("pending", "waiting"):
+        return f"waiting ({item.wait_reason})"
+    return item.status
 
 
 @dataclass

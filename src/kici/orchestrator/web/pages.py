@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
@@ -26,11 +26,19 @@ from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import AdminError, Permission
 from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.routes import admin_agents, admin_audit, admin_queue, admin_runs, admin_sources
+from kici.orchestrator.routes import (
+    admin_agents,
+    admin_audit,
+    admin_queue,
+    admin_reports,
+    admin_runs,
+    admin_schedules,
+    admin_sources,
+)
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogLineOut
 from kici.orchestrator.store import agents as agent_store
-from kici.orchestrator.store import audit, runs, sessions, tokens
+from kici.orchestrator.store import audit, outbox, runs, sessions, tokens
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.web import graph as job_graph
 from kici.orchestrator.web.access import (
@@ -58,6 +66,8 @@ LIVE_STATUS_EVERY_S = 1.0
 LIVE_MAX_S = 3600.0
 """A stream ends after this long; the browser's EventSource reconnects from its last cursor."""
 RUNS_PAGE_SIZE = 50
+REPORTS_LIMIT = 100
+"""A run's reports shown on its page (check-run updates and notifications; newest first)."""
 
 State = Annotated[AppState, Depends(app_state)]
 
@@ -99,7 +109,16 @@ def _time(value: dt.datetime | None) -> Markup:
     return Markup('<time datetime="{0}" title="{1}">{1}</time>').format(iso, text)
 
 
-_env.filters.update(short=_short, when=_time, ms=_ms)
+def _url_origin(url: str | None) -> str:
+    """Only the scheme and host of a notification URL: its path or query often is the receiver's secret
+    (chat webhooks), and the dashboard renders no secret."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
+_env.filters.update(short=_short, when=_time, ms=_ms, origin=_url_origin)
 _env.globals.update(duration=_duration, Permission=Permission)
 
 
@@ -113,7 +132,7 @@ def _commit_message(run: RunRecord) -> str | None:
     return str(message).splitlines()[0][:120] if message else None
 
 
-_env.globals.update(commit_message=_commit_message)
+_env.globals.update(commit_message=_commit_message, status_text=job_graph.status_text)
 
 
 class PageRoute(APIRoute):
@@ -364,8 +383,12 @@ async def run_page(request: Request, run_id: str, state: State) -> Response:
             matches = [(x.n, Markup(ansi_to_html(x.line))) for x in found]  # escaped by ansi_to_html
         else:
             log = await _log_view(request, run, job, steps, _int(q.get("page")), _int(q.get("line")))
+    reports = None
+    if viewer.can(Permission.REPORTS_READ):  # as GET /api/v1/admin/reports?run_id=
+        reports = await admin_reports.list_reports(state, viewer.principal, None, run.id, REPORTS_LIMIT)
     context.update(log=log, matches=matches, more_matches=more_matches, search=search,
-                   job_live=job is not None and not is_terminal(job.status))
+                   job_live=job is not None and not is_terminal(job.status), reports=reports,
+                   job_names={j.id: j.name for j in jobs})
     return _render(request, "run.html", viewer, **context)
 
 
@@ -502,6 +525,22 @@ async def rerun(request: Request, run_id: str, state: State) -> Response:
                             status_code=303)
 
 
+@router.post("/runs/{run_id}/reports/{report_id}/retry")
+async def retry_report(request: Request, run_id: str, report_id: int, state: State) -> Response:
+    csrf_token = (await _form(request)).get(CSRF_FIELD, "")
+    viewer, run = await _action(request, state, run_id, Permission.REPORTS_RETRY, csrf_token)
+    async with state.database.read() as conn:
+        found = await outbox.get_report(conn, report_id)
+    if found is None or found.run_id != run.id:  # the run is the viewer's org's (checked by _action)
+        raise HTTPException(404, f"run {run.id} has no report {report_id}")
+    try:
+        await admin_reports.retry_report(report_id, request, state, viewer.principal)
+    except AdminError as exc:
+        raise HTTPException(exc.status_code, str(exc.detail)) from None
+    return RedirectResponse(f"{state.settings.base_path}/runs/{run.id}?notice=report-retried#reports-h",
+                            status_code=303)
+
+
 # -- agents, queue, sources, audit ------------------------------------------------------------------
 
 
@@ -534,7 +573,9 @@ async def queue_page(request: Request, state: State) -> Response:
     entries = await admin_queue.list_queue(state, viewer.principal, None, 500)
     agents = await admin_agents.list_agents(state, viewer.principal) if viewer.can(Permission.AGENTS_READ) else []
     rows = [(e, _why_waiting(e, agents)) for e in entries]
-    return _render(request, "queue.html", viewer, rows=rows)
+    async with state.database.read() as conn:
+        waiting = await runs.list_waiting_jobs(conn, org_id=viewer.principal.token.org_id, limit=500)
+    return _render(request, "queue.html", viewer, rows=rows, waiting=waiting)
 
 
 @router.get("/sources")
@@ -542,6 +583,13 @@ async def sources_page(request: Request, state: State) -> Response:
     viewer = await require_viewer(request, state, Permission.SOURCES_READ)
     found = await admin_sources.list_sources(state, viewer.principal, None)
     return _render(request, "sources.html", viewer, sources=found)
+
+
+@router.get("/schedules")
+async def schedules_page(request: Request, state: State) -> Response:
+    viewer = await require_viewer(request, state, Permission.RUNS_READ)  # as GET /api/v1/admin/schedules
+    found = await admin_schedules.list_schedules(state, viewer.principal, None)
+    return _render(request, "schedules.html", viewer, schedules=found)
 
 
 @router.get("/audit")
