@@ -66,8 +66,8 @@ async def test_inputs_validated(database: Database, tmp_path: Path) -> None:
         # every input kind: required strings and environments, defaults of each type
         release = {"source": "local", "workflow": "release"}
         for inputs, message in (
-            ({"target": "prod", "verbose": True}, "input 'version' is required"),
-            ({"version": "1.2", "verbose": True}, "input 'target' is required"),
+            ({"target": "prod", "verbose": True}, "input 'version' (the version to release) is required"),
+            ({"version": "1.2", "verbose": True}, "input 'target' (where to deploy) is required"),
             ({"version": "1.2", "target": "prod"}, "input 'verbose' is required"),
             ({"version": True, "target": "prod", "verbose": True}, "input 'version' must be a string, not True"),
             ({"version": "1.2", "target": "prod", "verbose": 3}, "input 'verbose' must be true or false, not 3"),
