@@ -119,10 +119,20 @@ export KICI_ADMIN_URL="$url" KICI_ADMIN_TOKEN="$admin_token"
 ADMIN="$BIN/kici-admin"
 
 step "an agent (labels: linux), connecting out to the orchestrator"
-agent_token=$("$ADMIN" agent-token create --name quickstart --labels linux --json \
+root_steps=()
+step_user=()
+if [ "$(id -u)" -eq 0 ]; then
+  # An agent running as root runs steps as an unprivileged user, which could not even read this demo's
+  # private temp dir: for the demo, steps run as root, allowed explicitly on the agent's token. A real
+  # deployment creates a step user instead (docs/operator/agent/getting-started.md).
+  echo "(running as root: this demo's agent runs its steps as root, allowed by its token's --allow-root-steps)"
+  root_steps=(--allow-root-steps)
+  step_user=(KICI_AGENT_STEP_USER=root)
+fi
+agent_token=$("$ADMIN" agent-token create --name quickstart --labels linux "${root_steps[@]}" --json \
   | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["token"])')
-KICI_ORCHESTRATOR_URL="$url" KICI_AGENT_TOKEN="$agent_token" KICI_AGENT_ID=quickstart-agent KICI_LABELS=linux \
-  KICI_WORK_DIR="$demo/agent" "$BIN/kici-agent" 2> "$demo/agent.log" &
+env "${step_user[@]}" KICI_ORCHESTRATOR_URL="$url" KICI_AGENT_TOKEN="$agent_token" KICI_AGENT_ID=quickstart-agent \
+  KICI_LABELS=linux KICI_WORK_DIR="$demo/agent" "$BIN/kici-agent" 2> "$demo/agent.log" &
 pids+=($!)
 for _ in $(seq 1 300); do
   "$ADMIN" agents list --connected 2>/dev/null | grep -q quickstart-agent && break
