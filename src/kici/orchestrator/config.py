@@ -266,9 +266,12 @@ class Settings(BaseModel):
         default=False, description="Also send `job.finished` to `KICI_NOTIFY_URLS` when each job finishes."
     )
     report_poll_ms: int = Field(
-        default=1000, ge=10,
-        description="How often the reporting worker looks for due reports without being woken (state "
-        "changes in this process wake it at once); the fallback for reports written by another process.",
+        # Not shorter by default: each idle pass is a few reads, and on SQLite one a second showed up as
+        # ~100 ms stalls in the webhook → dispatch p99 (bench/dispatch.py, docs/benchmarks.md).
+        default=5000, ge=10,
+        description="How often the reporting worker looks for due reports without being woken (job and "
+        "run state changes in this process wake it at once, and retries wake it when they are due); the "
+        "fallback for reports written by another orchestrator process or by a sweep (stale jobs, timeouts).",
     )
     report_concurrency: int = Field(
         default=8, ge=1, le=256, description="Reports (check runs, notifications) sent at the same time."

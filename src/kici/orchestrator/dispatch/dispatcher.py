@@ -177,9 +177,11 @@ class Dispatcher:
     # -- hooks ------------------------------------------------------------------------------------
 
     async def runs_created(self, run_ids: Iterable[str]) -> None:
-        self.metrics.runs_created.inc(len(list(run_ids)))
+        created = list(run_ids)
+        self.metrics.runs_created.inc(len(created))
         self.wake()
-        self.report_wake()
+        if any(run_store.may_be_reported(run_id) for run_id in created):
+            self.report_wake()
 
     async def registered(self, agent: AgentConnection) -> list[str]:
         reported = [job_id for _run_id, job_id in agent.in_flight_jobs]
@@ -480,7 +482,8 @@ class Dispatcher:
             log_event("job.status_ignored", level="debug", agent_id=agent.agent_id, job_id=update.job_id,
                       state=update.state)
             return
-        self.report_wake()
+        if run_store.may_be_reported(update.run_id):
+            self.report_wake()
         if update.state == "running":
             return
         slots = self._slots_of(agent)

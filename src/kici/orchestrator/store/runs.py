@@ -343,6 +343,14 @@ def _remember_reporting(run_id: str, org_id: str, reporting: Mapping[str, Any] |
         _REPORTING.popitem(last=False)
 
 
+def may_be_reported(run_id: str) -> bool:
+    """Whether a state change of the run may have written outbox rows: False only for a run this process
+    knows to be reported nowhere (a run's targets never change), so the reporting worker is not woken —
+    and does not query the outbox — for every job event of runs nobody reports."""
+    found = _REPORTING.get(run_id)
+    return found is None or found[1] is not None
+
+
 async def _reporting_of(conn: AsyncConnection, run_id: str) -> tuple[str, dict[str, Any] | None]:
     found = _REPORTING.get(run_id)
     if found is None:  # evicted between the lock and now: read it again
