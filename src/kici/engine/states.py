@@ -74,6 +74,16 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class RunTrust(StrEnum):
+    """What a source's trust policy decided for the event that created a run."""
+
+    TRUSTED = "trusted"
+    UNTRUSTED = "untrusted"
+    """Held before anything is dispatched, until approved or rejected (or the hold expires)."""
+    APPROVED = "approved"
+    """Untrusted code a trusted person approved, at the exact head SHA the run is for."""
+
+
 class InvalidTransitionError(ValueError):
     """`event` is not allowed in `state`; the caller ignores the message or reports a bug."""
 

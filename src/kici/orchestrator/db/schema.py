@@ -264,6 +264,10 @@ runs = sa.Table(
     sa.Column("concurrency_group_id", sa.Text, nullable=True),
     sa.Column("concurrency_state", sa.Text, nullable=True),
     sa.Column("wait_reason", sa.Text, nullable=True),
+    # What the source's trust policy decided for the run's event (`RunTrust`), and whether dispatch may
+    # resolve the secrets its jobs declare (false for untrusted code unless the policy allows it).
+    sa.Column("trust", sa.Text, nullable=False, server_default="trusted"),
+    sa.Column("secrets_allowed", sa.Boolean, nullable=False, server_default=sa.true()),
     _created_at(),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),

@@ -135,6 +135,10 @@ class RunRecord(_Frozen):
     concurrency_state: str | None = None
     wait_reason: str | None = None
     """`concurrency: <group>` while the run waits for its workflow concurrency group."""
+    trust: str = "trusted"
+    """`RunTrust`: what the source's trust policy decided for the run's event."""
+    secrets_allowed: bool = True
+    """Whether dispatch may resolve the secrets the run's jobs declare."""
 
     @property
     def finished(self) -> bool:
@@ -201,6 +205,9 @@ class NewRun:
     original_run_id: str | None = None
     reporting: Mapping[str, Any] | None = None
     """Where the run is reported (GitHub check runs, notification URLs); None or empty: nowhere."""
+    trust: str = "trusted"
+    """`RunTrust` value decided by the source's trust policy."""
+    secrets_allowed: bool = True
 
 
 @dataclass(frozen=True)
@@ -561,6 +568,8 @@ async def create_run(
             "created_at": now,
             "branch": new.event.branch,
             "trigger": new.event.type,
+            "trust": new.trust,
+            "secrets_allowed": new.secrets_allowed,
         },
     )
     _remember_reporting(run_id, new.org_id, new.reporting)
