@@ -485,6 +485,9 @@ audit_log = sa.Table(
     sa.Column("method", sa.Text, nullable=True),
     sa.Column("path", sa.Text, nullable=True),
     sa.Column("client", sa.Text, nullable=True),
+    # who did it (`token:<id>`, `github:<login>`, `system`) and what it changed (`secret:NAME@SCOPE`, `run:ID`, …)
+    sa.Column("actor", sa.Text, nullable=True),
+    sa.Column("target", sa.Text, nullable=True),
     _created_at(),
     sa.Index(None, "org_id", "created_at"),
     _check_in("outcome", AuditOutcome),

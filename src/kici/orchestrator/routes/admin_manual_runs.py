@@ -18,6 +18,7 @@ from kici.engine.events import Event
 from kici.engine.inputs import InputError, resolve_inputs
 from kici.engine.lockfile import DispatchTrigger, LockFileError
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -27,7 +28,7 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
-from kici.orchestrator.db.schema import AuditOutcome, SourceKind
+from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import ProviderError, check_ref, check_sha
@@ -36,7 +37,7 @@ from kici.orchestrator.providers.github import GitHubProvider
 from kici.orchestrator.routes.admin_runs import RunDetail
 from kici.orchestrator.scheduling.registrations import git_default_branch, git_repo_name, open_provider, read_lock
 from kici.orchestrator.services import services_of
-from kici.orchestrator.store import audit, runs
+from kici.orchestrator.store import runs
 from kici.orchestrator.store.sources import SourceError, get_source, get_source_by_name
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
@@ -172,12 +173,10 @@ async def start_run(
             queue_max_depth=settings.queue_max_depth,
             queue_timeout_ms=settings.queue_timeout_ms,
         )
-        await audit.record(
-            conn, action=AUDIT_ACTION, outcome=AuditOutcome.ALLOWED, org_id=org_id, status=201,
+        await record_mutation(
+            conn, request, principal, action=AUDIT_ACTION, target=f"run:{created.run_id}",
+            permission=Permission.RUNS_WRITE, status=201,
             reason=f"run {created.run_id}: workflow {workflow.name} at {sha[:12]} ({source.name})",
-            token_id=principal.token.id, role=principal.role.value, permission=Permission.RUNS_WRITE.value,
-            method=request.method, path=request.url.path,
-            client=request.client.host if request.client else None,
         )
         run = await runs.get_run(conn, created.run_id)
     assert run is not None

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -19,10 +20,10 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
-from kici.orchestrator.db.schema import AuditOutcome, ReportStatus
+from kici.orchestrator.db.schema import ReportStatus
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.services import services_of
-from kici.orchestrator.store import audit, outbox
+from kici.orchestrator.store import outbox
 from kici.orchestrator.store.outbox import ReportRecord
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
@@ -86,11 +87,9 @@ async def retry_report(
         if not await outbox.retry_report(conn, report_id):
             raise AdminError(409, f"report {report_id} is {found.status}, not {ReportStatus.FAILED.value}; "
                                   "only a failed report can be retried")
-        client = request.client.host if request.client else None
-        await audit.record(
-            conn, action="report.retry", outcome=AuditOutcome.ALLOWED, org_id=principal.token.org_id,
-            token_id=principal.token.id, role=principal.role.value, permission=Permission.REPORTS_RETRY.value,
-            method=request.method, path=request.url.path, client=client, reason=f"report {report_id}",
+        await record_mutation(
+            conn, request, principal, action="report.retry", target=f"report:{report_id}",
+            permission=Permission.REPORTS_RETRY, reason=f"report {report_id}",
         )
         retried = await outbox.get_report(conn, report_id)
     assert retried is not None

@@ -14,12 +14,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminError, AdminRoute, Permission, Principal, require
 from kici.orchestrator.crypto import CryptoError
-from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.key_rotation import RotationResult, rotate_key
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.store import audit
 from kici.orchestrator.store import secrets as store
 from kici.orchestrator.store.secrets import SecretError, SecretInfo
 
@@ -96,11 +95,10 @@ async def put_secret(
         async with state.database.transaction() as conn:
             info, created = await store.set_secret(conn, state.keyring, name=name, scope=body.scope,
                                                    value=body.value, org_id=org_id, actor=principal.token.id)
-            await audit.record(
-                conn, action="secret.set", outcome=AuditOutcome.ALLOWED, org_id=org_id, status=201 if created else 200,
+            await record_mutation(
+                conn, request, principal, action="secret.set", target=f"secret:{name}@{body.scope}",
+                permission=Permission.SECRETS_WRITE, status=201 if created else 200,
                 reason=f"secret {name} ({body.scope}) {'created' if created else 'updated'}",
-                token_id=principal.token.id, role=principal.role.value, permission=Permission.SECRETS_WRITE.value,
-                method=request.method, path=request.url.path, client=_client(request),
             )
     except SecretError as exc:
         raise AdminError(422, f"invalid request: value: {exc}") from None
@@ -124,11 +122,9 @@ async def delete_secret(
         info = await store.delete_secret(conn, name=name, scope=scope, org_id=org_id)
         if info is None:
             raise AdminError(404, f"no secret {name} in scope {scope}")
-        await audit.record(
-            conn, action="secret.delete", outcome=AuditOutcome.ALLOWED, org_id=org_id, status=200,
-            reason=f"secret {name} ({scope}) deleted", token_id=principal.token.id, role=principal.role.value,
-            permission=Permission.SECRETS_WRITE.value, method=request.method, path=request.url.path,
-            client=_client(request),
+        await record_mutation(
+            conn, request, principal, action="secret.delete", target=f"secret:{name}@{scope}",
+            permission=Permission.SECRETS_WRITE, reason=f"secret {name} ({scope}) deleted",
         )
     log_event("secret.deleted", name=name, scope=scope, by_token_id=principal.token.id)
     return SecretMetadata.of(info)
@@ -147,12 +143,11 @@ async def post_rotate_key(
     except CryptoError as exc:
         raise AdminError(503, str(exc)) from None
     async with state.database.transaction() as conn:
-        await audit.record(
-            conn, action="key.rotate", outcome=AuditOutcome.ALLOWED, org_id=principal.token.org_id, status=200,
+        await record_mutation(
+            conn, request, principal, action="key.rotate", target=f"key:{result.key_id}",
+            permission=Permission.KEY_ROTATE,
             reason=(f"key {result.key_id} (old {result.old_key_id or 'none'}): {result.secrets_resealed} secrets and "
                     f"{result.source_secrets_resealed} source secrets re-encrypted, {len(result.failed)} failed, "
                     f"{result.remaining} remaining"),
-            token_id=principal.token.id, role=principal.role.value, permission=Permission.KEY_ROTATE.value,
-            method=request.method, path=request.url.path, client=_client(request),
         )
     return result

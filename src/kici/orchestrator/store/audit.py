@@ -28,6 +28,8 @@ class AuditRecord(BaseModel):
     method: str | None
     path: str | None
     client: str | None
+    actor: str | None = None
+    target: str | None = None
     created_at: dt.datetime
 
 
