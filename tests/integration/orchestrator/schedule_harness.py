@@ -4,6 +4,7 @@ tests."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -128,3 +129,32 @@ async def orchestrator(database: Database, data_dir: Path) -> AsyncIterator[Orch
     app = create_app(Settings(data_dir=data_dir, database_url=database.url), database, secret_key=key)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orchestrator") as http:
         yield Orch(app, http, database, {r: c.plaintext for r, c in made.items()})
+
+
+def next_fire(database_url: str) -> dt.datetime | None:
+    """The (one) schedule registration's next slot, read from the database; None before it exists."""
+    async def read() -> dt.datetime | None:
+        db = Database.connect(database_url)
+        try:
+            async with db.transaction() as conn:
+                value = (await conn.execute(sa.select(schema.schedules.c.next_fire_at))).scalar_one_or_none()
+        finally:
+            await db.close()
+        assert value is None or isinstance(value, dt.datetime)
+        return value
+
+    return asyncio.run(read())
+
+
+def set_next_fire(database_url: str, when: dt.datetime) -> None:
+    """Move every schedule's next slot to `when`: a test brings a slot forward instead of waiting for a
+    minute boundary (or makes one overdue, as after a downtime)."""
+    async def update() -> None:
+        db = Database.connect(database_url)
+        try:
+            async with db.transaction() as conn:
+                await conn.execute(schema.schedules.update().values(next_fire_at=when))
+        finally:
+            await db.close()
+
+    asyncio.run(update())

@@ -2,7 +2,7 @@
 manual runs with valid and invalid inputs; a `* * * * *` schedule fires once per minute and not again
 after a restart (SQLite and PostgreSQL); two orchestrators on one PostgreSQL fire each slot exactly once.
 
-The schedule tests wait for real minute boundaries (bounded, each under ~75 s) and are marked `slow`."""
+The schedule tests bring the next slot forward in the database rather than wait for a minute boundary."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from tests.conftest import kici_env
 from tests.integration.orchestrator.conftest import OrchestratorProcess, StartOrchestrator
-from tests.integration.orchestrator.schedule_harness import schedule_repo
+from tests.integration.orchestrator.schedule_harness import next_fire, schedule_repo, set_next_fire
 
 PINNED = "pinned-admin-token-for-schedule-tests"
 
@@ -138,18 +138,23 @@ def test_every_minute_fires_once_across_a_restart(
     assert kici_admin(url, "source", "add", "git", "local", "--url", str(repo.path), "--json").returncode == 0
     # down for ten minutes, as far as the schedule knows: one late fire, no burst
     overdue = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10, seconds=30)
-    _set_next_fire(database_url, overdue)
+    set_next_fire(database_url, overdue)
     wait_until(lambda: any(dt.datetime.fromisoformat(e["slot"]) == overdue for e in _fires(first)), within=15,
                what="the overdue slot to fire")
     assert first.stop() == 0
     slots = [e["slot"] for e in _fires(first)]
     assert len(slots) == len(set(slots)) and len(runs_of(database_url, "nightly")) == len(slots)
 
+    # the fire moved the schedule to its next minute boundary
+    boundary = next_fire(database_url)
+    assert boundary is not None and boundary.second == 0 and boundary > overdue
     second = start_orchestrator(settings)
     url = ready(second)
-    # the next slot (the next minute boundary) fires once, in the restarted process
-    nxt = second.wait_for_event("schedule.fired", timeout=75)
-    assert nxt["slot"] not in slots and dt.datetime.fromisoformat(nxt["slot"]).second == 0
+    # the next slot fires once, in the restarted process (brought forward: no wait for a minute boundary)
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).replace(microsecond=0)
+    set_next_fire(database_url, soon)
+    nxt = second.wait_for_event("schedule.fired", timeout=20)
+    assert nxt["slot"] not in slots and dt.datetime.fromisoformat(nxt["slot"]) == soon
     ticks = metric(url, "kici_scheduler_ticks_total")
     wait_until(lambda: metric(url, "kici_scheduler_ticks_total") >= ticks + 2, within=15, what="two more ticks")
     assert [e["slot"] for e in _fires(second)] == [nxt["slot"]]
@@ -159,18 +164,6 @@ def test_every_minute_fires_once_across_a_restart(
 
 def _fires(orch: OrchestratorProcess) -> list[dict[str, Any]]:
     return [e for e in orch.events() if e.get("event") == "schedule.fired"]
-
-
-def _set_next_fire(database_url: str, when: dt.datetime) -> None:
-    async def update() -> None:
-        db = Database.connect(database_url)
-        try:
-            async with db.transaction() as conn:
-                await conn.execute(schema.schedules.update().values(next_fire_at=when))
-        finally:
-            await db.close()
-
-    asyncio.run(update())
 
 
 @pytest.mark.slow
@@ -187,9 +180,13 @@ def test_two_orchestrators_on_one_postgresql_fire_once(
     url_two = ready(two)
     assert kici_admin(url_one, "source", "add", "git", "local", "--url", str(repo.path), "--json").returncode == 0
 
-    # the next minute boundary: exactly one of the two fires it
-    fired = wait_until(lambda: _slot_fired(one) or _slot_fired(two), within=75, what="the next slot to fire")
+    # the next slot (brought forward: no wait for a minute boundary): exactly one of the two fires it
+    wait_until(lambda: next_fire(postgres_session_url) is not None, within=15, what="the schedule registered")
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).replace(microsecond=0)
+    set_next_fire(postgres_session_url, soon)
+    fired = wait_until(lambda: _slot_fired(one) or _slot_fired(two), within=20, what="the next slot to fire")
     slot = fired["slot"]
+    assert dt.datetime.fromisoformat(slot) == soon
     # both have ticked twice since (each saw the slot, or saw it already fired), and only one run exists
     ticks = (metric(url_one, "kici_scheduler_ticks_total"), metric(url_two, "kici_scheduler_ticks_total"))
     wait_until(lambda: metric(url_one, "kici_scheduler_ticks_total") >= ticks[0] + 2
