@@ -6,10 +6,14 @@ Handshake (`kici.engine.protocol`): `auth.request` → `auth.success` (or `auth.
 `agent.status`, a `heartbeat` every interval and a `job.heartbeat` per running job.
 
 Delivery: every message goes through one FIFO outbox, sent by one writer task, so `job.ack` always
-precedes the job's `running` status. Job messages that were sent are kept until a WebSocket ping sent
-after them is answered (the peer has read everything before the pong), so a connection that dies with
-data in flight loses nothing: unconfirmed messages are sent again after the next `register.ack` (log
-chunks keep their `seq`, which the orchestrator uses to store a chunk once). While offline, job messages
+precedes the job's `running` status. Job messages that were sent are kept until a `delivery.sync` sent
+after them is answered by `delivery.synced`: the orchestrator answers once everything before it is
+durable (in its database and log store). A WebSocket pong would only say the frames were read, and an
+orchestrator killed right after reading them would lose a job's result while the agent forgot the job —
+which then looked, after the reconnect, like a job the agent had dropped. So a connection or an
+orchestrator that dies with data in flight loses nothing: unconfirmed messages are sent again after the
+next `register.ack` (log chunks keep their `seq`, which the orchestrator uses to store a chunk once), and
+a finished job stays in `in_flight_jobs` until its terminal status is confirmed. While offline, job messages
 are buffered in bounded rings (events and log lines; oldest dropped first; terminal job statuses are
 never dropped); control messages and job heartbeats are not buffered. A job that lost messages gets one
 gap-marker line in its setup log ahead of its replayed messages.
@@ -137,6 +141,9 @@ class Connection:
         self._ws: ClientConnection | None = None
         self._generation = 0
         self._pinging = False
+        """A `delivery.sync` is out and not yet answered."""
+        self._sync_id = 0
+        self._syncs: dict[int, asyncio.Future[None]] = {}
         self._confirmers: set[asyncio.Task[None]] = set()
 
     # -- the outbox ---------------------------------------------------------------------------------
@@ -241,6 +248,10 @@ class Connection:
         self.registered = False
         self._generation += 1
         self._pinging = False
+        for waiter in self._syncs.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the connection ended before delivery.synced"))
+        self._syncs.clear()
         requeue = [i for i in self._unconfirmed if i.kind in ("event", "terminal", "log")]
         rest = [i for i in self._items if i.kind in ("event", "terminal", "log")]
         self._items = deque([*requeue, *rest])
@@ -403,6 +414,11 @@ class Connection:
                 if isinstance(message, p.ErrorMessage):
                     log_event("orchestrator.error", level="warning", code=message.code, message=message.message)
                     continue
+                if isinstance(message, p.DeliverySynced):
+                    waiter = self._syncs.pop(message.id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                    continue
                 # type and ids only: a dispatch carries secrets and the clone token
                 log_event("orchestrator.message", level="debug", type=message.type,
                           job_id=getattr(message, "job_id", None), run_id=getattr(message, "run_id", None))
@@ -427,7 +443,10 @@ class Connection:
                     self._unconfirmed.append(item)
             if self._unconfirmed and not self._pinging:
                 self._pinging = True
-                waiter = await ws.ping()
+                self._sync_id += 1
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._syncs[self._sync_id] = waiter
+                await ws.send(p.encode(p.DeliverySync(id=self._sync_id)))
                 task = asyncio.create_task(self._confirm(waiter, len(self._unconfirmed), generation))
                 self._confirmers.add(task)
                 task.add_done_callback(self._confirmers.discard)
@@ -437,7 +456,7 @@ class Connection:
                 continue  # woken between the checks above and the clear
             await self._wake.wait()
 
-    async def _confirm(self, waiter: Awaitable[float], count: int, generation: int) -> None:
+    async def _confirm(self, waiter: Awaitable[None], count: int, generation: int) -> None:
         try:
             await waiter
         except Exception:  # the connection went away: `_went_offline` requeues the unconfirmed messages
@@ -449,6 +468,7 @@ class Connection:
         for item in confirmed:
             if item.kind == "terminal" and item.job_id is not None:
                 self._next_seq.pop(item.job_id, None)
+                log_event("job.delivered", job_id=item.job_id, run_id=item.run_id)
                 self.hooks.on_delivered(item.job_id)
         self._update_flushed()
         self._wake.set()

@@ -153,6 +153,16 @@ class JobHeartbeat(Message):
     timestamp: float
 
 
+class DeliverySync(Message):
+    """Asks the orchestrator to confirm that every message the agent sent before this one has been
+    processed durably (written to the database and the log store). The agent keeps job messages, and
+    the jobs themselves, until that confirmation: a transport-level acknowledgement (a WebSocket pong)
+    only says the frames were read, and an orchestrator killed right after reading them loses them."""
+
+    type: Literal["delivery.sync"] = "delivery.sync"
+    id: int = Field(ge=0)
+
+
 AgentMessage = Annotated[
     AuthRequest
     | AgentRegister
@@ -163,7 +173,8 @@ AgentMessage = Annotated[
     | JobStatusUpdate
     | StepStatusUpdate
     | LogChunk
-    | JobHeartbeat,
+    | JobHeartbeat
+    | DeliverySync,
     Field(discriminator="type"),
 ]
 
@@ -235,8 +246,15 @@ class ErrorMessage(Message):
     message: str
 
 
+class DeliverySynced(Message):
+    """The answer to `delivery.sync` with the same id: everything the agent sent before it is durable."""
+
+    type: Literal["delivery.synced"] = "delivery.synced"
+    id: int = Field(ge=0)
+
+
 OrchestratorMessage = Annotated[
-    AuthSuccess | AuthFailure | RegisterAck | JobDispatch | JobCancel | ErrorMessage,
+    AuthSuccess | AuthFailure | RegisterAck | JobDispatch | JobCancel | ErrorMessage | DeliverySynced,
     Field(discriminator="type"),
 ]
 

@@ -59,6 +59,8 @@ class FakeOrchestrator:
     """The orchestrator side of the protocol, scripted by the test.
 
     `reclaim(in_flight_job_ids)` decides `register.ack.reclaimed_jobs` (default: all of them).
+    `delivery.sync` is answered with `delivery.synced` (and not recorded in `messages`) unless
+    `withhold_sync` is set, as by an orchestrator that read the agent's frames but died before storing them.
     `auth_failure` makes every auth.request fail with that reason; `close_code_on_auth` closes instead.
     """
 
@@ -72,6 +74,8 @@ class FakeOrchestrator:
         self.close_code_on_auth: int | None = None
         self.reclaim: Callable[[list[str]], list[str]] = lambda ids: ids
         self.connect_times: list[float] = []
+        self.withhold_sync = False
+        self.syncs = 0
 
     async def start(self, port: int = 0) -> None:
         self.server = await serve(self._handler, "127.0.0.1", port)
@@ -113,7 +117,13 @@ class FakeOrchestrator:
                 "reclaimed_jobs": self.reclaim(in_flight),
             }))
             async for frame in ws:
-                conn.messages.append(json.loads(frame))
+                message = json.loads(frame)
+                if message.get("type") == "delivery.sync":
+                    self.syncs += 1
+                    if not self.withhold_sync:
+                        await ws.send(json.dumps({"type": "delivery.synced", "id": message["id"]}))
+                    continue
+                conn.messages.append(message)
         except Exception:  # the agent went away mid-handshake: the test looks at what was recorded
             return
 

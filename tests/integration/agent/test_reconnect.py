@@ -132,3 +132,49 @@ async def test_reconnect_backoff_keeps_trying_until_the_orchestrator_is_back(
     await orchestrator.start(orchestrator.port)
     await orchestrator.wait_registered()
     assert agent.proc.poll() is None
+
+
+QUICK = """
+def hello(ctx):
+    print("hello-from-the-step")
+
+q = job("q", steps=[step("hello", hello)])
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[q])
+"""
+
+
+async def test_a_result_read_but_not_confirmed_is_sent_again_after_the_orchestrator_returns(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """An orchestrator killed after reading a job's terminal status but before storing it (modelled: it
+    reads everything and never answers `delivery.sync`) must not lose the result: the agent keeps the
+    finished job in `in_flight_jobs` and sends its messages again to the next orchestrator."""
+    orchestrator.withhold_sync = True
+    repo = workflow_repo(tmp_path / "repo", QUICK)
+    agent = start_agent(orchestrator)
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "q")
+    job_id = message["job_id"]
+    await orchestrator.send(message)
+    first = await orchestrator.wait_terminal(job_id)
+    assert first["state"] == "success"
+    await wait_until(lambda: orchestrator.syncs > 0, 10, "the agent to ask for a delivery sync")
+    assert agent.events("job.finished") and not agent.events("job.delivered")
+
+    await orchestrator.stop()  # read, never confirmed: as if killed before its writes committed
+    orchestrator.withhold_sync = False
+    await orchestrator.start(orchestrator.port)
+    conn = await orchestrator.wait_registered(count=2)
+    assert conn.register is not None
+    assert conn.register["in_flight_jobs"] == [{"job_id": job_id, "run_id": message["run_id"]}]
+    final = await orchestrator.wait_message(
+        lambda m: m in conn.messages and m["type"] == "job.status" and m["state"] != "running", what="terminal again")
+    assert final["job_id"] == job_id and final["state"] == "success"
+    assert "hello-from-the-step" in [line for m in conn.messages if m["type"] == "log.chunk" for line in m["lines"]]
+
+    # confirmed this time: the agent forgets the job, and a later reconnect no longer lists it
+    await wait_until(lambda: agent.events("job.delivered"), 10, "the result confirmed")
+    await orchestrator.stop()
+    await orchestrator.start(orchestrator.port)
+    conn = await orchestrator.wait_registered(count=3)
+    assert conn.register is not None and conn.register["in_flight_jobs"] == []

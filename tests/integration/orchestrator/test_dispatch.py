@@ -491,3 +491,32 @@ async def test_dispatch_carries_the_grace_period(database: Database, tmp_path: P
         dispatches = {d["display_name"]: d for d in await agent.wait_for("job.dispatch", 2)}
         assert dispatches["graceful"]["grace_period_ms"] == 1500
         assert dispatches["plain"].get("grace_period_ms") is None
+
+
+async def test_delivery_sync_is_answered_once_what_came_before_is_durable(database: Database, tmp_path: Path) -> None:
+    """`delivery.synced` is the agent's licence to forget a job's messages: by the time it arrives, the
+    job's status is committed and its log chunk is in the file (read raw here, with no flush of its own)."""
+    async with serve_orchestrator(database, tmp_path) as orch:
+        agent = SimAgent(orch, "a1", [])
+        await agent.connect()
+        created = await orch.create_run(workflow([{"name": "build"}]))
+        [dispatch] = await agent.wait_for("job.dispatch")
+        ids = {"run_id": created.run_id, "job_id": dispatch["job_id"]}
+        await agent.send({"type": "job.ack", **ids})
+        await agent.status(dispatch, "running")
+        await agent.send({"type": "log.chunk", **ids, "step_index": 0, "lines": ["built"], "timestamp": 1.0, "seq": 0})
+        await agent.status(dispatch, "success")
+        await agent.send({"type": "delivery.sync", "id": 7})
+        [synced] = await agent.wait_for("delivery.synced")
+        assert synced["id"] == 7
+        async with database.read() as conn:
+            jobs = schema.jobs
+            status = (await conn.execute(
+                jobs.select().with_only_columns(jobs.c.status).where(jobs.c.id == dispatch["job_id"])
+            )).scalar_one()
+        assert status == "success"
+        log_file = orch.services.logs.root / created.run_id / f"{dispatch['job_id']}.ndjson"
+        assert b'"built"' in log_file.read_bytes()
+        # a malformed sync is refused like any invalid frame
+        await agent.send({"type": "delivery.sync", "id": -1})
+        assert await agent.wait_closed() == 4003

@@ -172,20 +172,35 @@ async def test_disconnect_recover_reclaim_or_fail_after_the_window(database: Dat
     assert (await queue_row(database, ids["a"])).status == "dispatched"
     assert await report(database, ids["a"], "success", "agent-1")
 
-    # it drops again and never returns: the window ends, c fails
+    # it drops again and never returns: the window ends; c, dispatched but never started, goes back to the
+    # queue (nothing of it ran) rather than failing
     async with database.transaction() as conn:
         assert await q.release_agent_jobs(conn, "agent-1", recovery_deadline=later(120)) == [ids["c"]]
-        assert await q.fail_unrecovered(conn, now=later(60)) == []
-        assert await q.fail_unrecovered(conn, now=later(180)) == [ids["c"]]
+        assert await q.settle_unrecovered(conn, now=later(60)) == ([], [])
+        assert await q.settle_unrecovered(conn, now=later(180)) == ([], [ids["c"]])
     async with database.read() as conn:
         c = await store.get_job(conn, ids["c"])
-    assert c is not None and (c.status, c.error) == ("failed", "recovery timeout exceeded")
-    got = await claim(database, "agent-2", [])
-    assert got is not None and got.job_id == ids["d"]
-    await report(database, ids["d"], "running", "agent-2")
-    await report(database, ids["d"], "success", "agent-2")
+    assert c is not None and (c.status, c.error, c.agent_id) == ("queued", None, None)
+    assert (await queue_row(database, ids["c"])).status == "pending"
+    for name in ("c", "d"):
+        got = await claim(database, "agent-2", [])
+        assert got is not None and got.job_id == ids[name]
+        await report(database, ids[name], "running", "agent-2")
+        await report(database, ids[name], "success", "agent-2")
     run = await run_of(database, created.run_id)
-    assert run.status == "failed" and run.finished_at is not None
+    assert run.status == "failed" and run.finished_at is not None  # b failed
+
+    # a started job whose agent never comes back fails when the window ends
+    started = await create(database, workflow(job("e")))
+    got = await claim(database, "agent-3", [])
+    assert got is not None and got.job_id == started.job_ids["e"]
+    assert await report(database, got.job_id, "running", "agent-3")
+    async with database.transaction() as conn:
+        assert await q.release_agent_jobs(conn, "agent-3", recovery_deadline=later(120)) == [got.job_id]
+        assert await q.settle_unrecovered(conn, now=later(180)) == ([got.job_id], [])
+    async with database.read() as conn:
+        e = await store.get_job(conn, got.job_id)
+    assert e is not None and (e.status, e.error) == ("failed", "recovery timeout exceeded")
 
 
 async def test_cancel_expires_pending_rows_so_nothing_claims_them(database: Database) -> None:

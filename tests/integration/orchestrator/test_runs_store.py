@@ -437,6 +437,23 @@ async def test_stale_detection_uses_heartbeat_or_start(database: Database) -> No
     assert await queue_rows(database, created.run_id) == {"a": "failed", "b": "failed", "c": "pending"}
 
 
+async def test_stale_clocks_start_no_earlier_than_the_orchestrator(database: Database) -> None:
+    """Heartbeats that nobody could receive (no orchestrator running) do not count against an agent: with
+    the orchestrator started 30 s ago, a job silent for ten minutes is not stale yet under a 60 s
+    threshold; it is once the orchestrator itself has been up longer than the threshold."""
+    created = await create(database, workflow(job("a")))
+    await start(database, created.job_ids["a"], "agent-1")
+    now = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    restarted = now - dt.timedelta(seconds=30)
+    async with database.read() as conn:
+        assert await store.find_stale_jobs(conn, now=now, stale_after_ms=60_000) == [created.job_ids["a"]]
+        assert await store.find_stale_jobs(conn, now=now, stale_after_ms=60_000, clock_floor=restarted) == []
+        later = now + dt.timedelta(seconds=31)
+        assert await store.find_stale_jobs(conn, now=later, stale_after_ms=60_000, clock_floor=restarted) == [
+            created.job_ids["a"]
+        ]
+
+
 async def test_acknowledged_job_that_never_starts_goes_stale(database: Database) -> None:
     created = await create(database, workflow(job("a")))
     claim = await claim_next(database, AgentSlot("agent-1", []), ack_timeout_ms=10_000)

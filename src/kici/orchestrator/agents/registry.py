@@ -55,6 +55,11 @@ class AgentListener(Protocol):
         """The connection ended (not replaced by a newer one); `released` jobs went `recovering`."""
         ...
 
+    async def sync(self, agent: AgentConnection) -> None:
+        """`delivery.sync`: return once everything the agent sent before it is durable (the session then
+        answers `delivery.synced`); raises when it cannot be made so."""
+        ...
+
 
 @dataclass(eq=False)
 class AgentConnection:

@@ -355,6 +355,8 @@ class AgentSession:
             unhealthy_logged = False
             if isinstance(message, p.Heartbeat):
                 await self._heartbeat(agent)
+            elif isinstance(message, p.DeliverySync):
+                await self._sync(agent, message)
             elif isinstance(message, p.AgentStatus):
                 was_draining = agent.status is not None and agent.status.draining
                 agent.status = message
@@ -370,6 +372,18 @@ class AgentSession:
                 await self.registry.listener.message(agent, message)
             else:
                 self._log("agent.message_unhandled", level="debug", message_type=message.type)
+
+    async def _sync(self, agent: AgentConnection, message: p.DeliverySync) -> None:
+        # The messages before this one were handled in order by this loop (their database writes
+        # awaited); what is left is making appended log chunks durable. Unanswered, the agent keeps
+        # everything and sends it again after reconnecting: so on failure, close rather than confirm.
+        if self.registry.listener is not None:
+            try:
+                await self.registry.listener.sync(agent)
+            except OSError as exc:
+                self._log("agent.sync_failed", level="error", error=str(exc))
+                raise await self._close(p.CloseCode.INTERNAL_ERROR, "could not store the agent's messages") from None
+        await self._send(p.DeliverySynced(id=message.id))
 
     async def _recheck_token(self) -> None:
         assert self.token is not None

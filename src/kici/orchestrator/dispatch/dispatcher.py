@@ -432,6 +432,9 @@ class Dispatcher:
         elif isinstance(message, p.JobReject):
             await self._reject(agent, message)
 
+    async def sync(self, agent: AgentConnection) -> None:
+        await self.logs.flush()
+
     def _defer_ack(self, run_id: str, job_id: str, agent_id: str) -> None:
         """Write the ack a moment later unless the job's `running` (which clears the ack deadline too)
         arrives first, as it does from a healthy agent; the delay is well inside the ack timeout, so the

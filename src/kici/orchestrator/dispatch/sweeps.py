@@ -34,6 +34,8 @@ class Sweeper:
         self.db = dispatcher.db
         self.settings = dispatcher.settings
         self.metrics = dispatcher.metrics
+        self.started_at = utcnow()
+        """When this orchestrator started: stale clocks count from no earlier (`find_stale_jobs`)."""
         self._after_commit: list[Callable[[], Awaitable[object]]] = []
         """Messages to agents decided by the running sweep, sent once its transaction has committed."""
         self._periodic = PeriodicTask("sweeper", self.settings.sweep_interval_ms / 1000, self.tick)
@@ -100,7 +102,9 @@ class Sweeper:
 
     async def stale_jobs(self, conn: AsyncConnection) -> None:
         threshold = self.settings.heartbeat_stale_after_ms
-        found = await run_store.find_stale_jobs(conn, now=utcnow(), stale_after_ms=threshold)
+        found = await run_store.find_stale_jobs(
+            conn, now=utcnow(), stale_after_ms=threshold, clock_floor=self.started_at
+        )
         marked: list[str] = []
         for job_id in found:
             job = await run_store.get_job(conn, job_id)
@@ -124,11 +128,14 @@ class Sweeper:
             log_event("sweep.queue_expired", level="warning", jobs=expired)
 
     async def recovery_windows(self, conn: AsyncConnection) -> None:
-        failed = await queue_store.fail_unrecovered(conn, now=utcnow(), limits=self.dispatcher.limits)
+        failed, requeued = await queue_store.settle_unrecovered(conn, now=utcnow(), limits=self.dispatcher.limits)
         if failed:
             self.metrics.jobs_swept.labels("recovery_timeout").inc(len(failed))
-            self.dispatcher.forget(failed)
             log_event("sweep.recovery_timeouts", level="warning", jobs=failed)
+        if requeued:
+            log_event("sweep.recovery_requeued", jobs=requeued, reason="never started by the lost agent")
+        if failed or requeued:
+            self.dispatcher.forget([*failed, *requeued])
 
     async def workflow_timeouts(self, conn: AsyncConnection) -> None:
         for run_id in await run_store.find_overdue_runs(conn, now=utcnow()):

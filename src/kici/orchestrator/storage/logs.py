@@ -60,6 +60,11 @@ class LogStorage(Protocol):
     async def delete_run(self, run_id: str) -> None:
         ...
 
+    async def flush(self) -> None:
+        """Return once every chunk appended before the call is durable (survives this process being
+        killed); `OSError` when it could not be written."""
+        ...
+
 
 @dataclass
 class _JobLog:
@@ -276,6 +281,13 @@ class FilesystemLogStorage:
                 for child in directory.iterdir():
                     child.unlink(missing_ok=True)
                 directory.rmdir()
+
+    async def flush(self) -> None:
+        if not await asyncio.to_thread(self._writer.barrier):
+            raise OSError(f"writing job logs under {self.root} did not finish in time")
+        if self._writer.error is not None:
+            error, self._writer.error = self._writer.error, None
+            raise OSError(f"writing job logs under {self.root} failed: {error}")
 
     def close(self) -> None:
         self._writer.close()

@@ -575,13 +575,16 @@ async def settle_revoked_agents(
     return requeued, failed
 
 
-async def fail_unrecovered(
+async def settle_unrecovered(
     conn: AsyncConnection, *, now: dt.datetime, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
-) -> list[str]:
-    """Recovery windows that ended: the job fails ("recovery timeout exceeded"), its row `failed`, the
-    run is settled. The job ids."""
+) -> tuple[list[str], list[str]]:
+    """Recovery windows that ended. A job its agent had started fails ("recovery timeout exceeded"), its
+    row `failed`, the run settled; a job it never started (still `queued`: dispatched, perhaps never even
+    received) goes back to the queue — nothing of it ran, so there is nothing to recover and no reason to
+    fail it. (failed, requeued) job ids."""
     rows = await conn.execute(
-        sa.select(dispatch_queue.c.job_id)
+        sa.select(dispatch_queue.c.job_id, jobs.c.status)
+        .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
         .where(
             dispatch_queue.c.status == QueueStatus.RECOVERING.value,
             dispatch_queue.c.recovery_deadline.is_not(None),
@@ -590,10 +593,16 @@ async def fail_unrecovered(
         .order_by(dispatch_queue.c.created_at)
     )
     failed: list[str] = []
+    requeued: list[str] = []
     for row in list(rows):
-        if await run_store.finish_job(
-            conn, str(row.job_id), JobState.FAILED, JobEvent.FAIL,
+        job_id = str(row.job_id)
+        await run_store.lock_job(conn, job_id)
+        if row.status == JobState.QUEUED.value:
+            if await _requeue(conn, job_id, None, QueueStatus.RECOVERING):
+                requeued.append(job_id)
+        elif await run_store.finish_job(
+            conn, job_id, JobState.FAILED, JobEvent.FAIL,
             error=RECOVERY_TIMEOUT_ERROR, failure_category="agent_lost", limits=limits,
         ):
-            failed.append(str(row.job_id))
-    return failed
+            failed.append(job_id)
+    return failed, requeued

@@ -1504,10 +1504,18 @@ async def touch_heartbeat(conn: AsyncConnection, job_id: str, agent_id: str, now
     return result.rowcount == 1
 
 
-async def find_stale_jobs(conn: AsyncConnection, *, now: dt.datetime, stale_after_ms: int) -> list[str]:
+async def find_stale_jobs(
+    conn: AsyncConnection, *, now: dt.datetime, stale_after_ms: int, clock_floor: dt.datetime | None = None
+) -> list[str]:
     """Job ids gone silent: running (or cancelling) jobs whose last heartbeat — or start, without one — is
-    older than `stale_after_ms`, and jobs acknowledged by an agent that never reported them running."""
+    older than `stale_after_ms`, and jobs acknowledged by an agent that never reported them running.
+
+    `clock_floor` (the time this orchestrator started): no job's silence is counted from before it.
+    While no orchestrator was running nobody could receive a heartbeat, so an agent must not be presumed
+    lost for that time: every stale clock restarts when the orchestrator does."""
     cutoff = now - dt.timedelta(milliseconds=stale_after_ms)
+    if clock_floor is not None and clock_floor >= cutoff:
+        return []
     silent = sa.select(jobs.c.id).where(
         jobs.c.status.in_([JobState.RUNNING.value, JobState.CANCELLING.value]),
         sa.func.coalesce(jobs.c.last_heartbeat_at, jobs.c.started_at, jobs.c.queued_at) < cutoff,
