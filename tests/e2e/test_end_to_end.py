@@ -185,3 +185,42 @@ def test_redelivered_webhook_after_restart_creates_no_second_run(system: System)
     metrics = httpx.get(f"{system.url}/metrics", timeout=10).text
     assert 'kici_webhooks_received_total{outcome="duplicate",provider="git"} 1.0' in metrics, metrics
     assert len([r for r in system.runs() if r["sha"] == sha]) == 1
+
+
+def test_orchestrator_killed_repeatedly_loses_no_job(system: System, tmp_path: Path) -> None:
+    """kill -9 of the only orchestrator, three times while twelve short jobs run on two agents: every job
+    ends `success` and each step ran exactly once. Before results were confirmed as stored, a result that
+    reached an orchestrator killed before it committed was lost, and the job then failed as "the agent
+    reconnected without this job"."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    quick = WORKFLOW_HEADER + f'''
+
+work = job("work", matrix={{"i": list(range(12))}},
+           steps=[step("mark", 'echo ran >> "{marks}/$KICI_JOB"; sleep 1.5; echo done')])
+
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[work])
+'''
+    orchestrator = system.start_orchestrator()
+    system.register_source()
+    system.start_agent("a1", KICI_MAX_CONCURRENCY="2")
+    system.start_agent("a2", KICI_MAX_CONCURRENCY="2")
+    sha = system.commit({".kici/workflows/ci.py": quick}, "twelve jobs")
+    system.wait_run(sha, "running")
+    started = 0
+    for _ in range(3):  # a kill each time more jobs have started (while some have yet to)
+        if started == 12:
+            break
+        wait_for(lambda n=started: len(list(marks.iterdir())) > n, within=60, what="more jobs to start")
+        started = len(list(marks.iterdir()))
+        orchestrator.proc.send_signal(signal.SIGKILL)
+        orchestrator.proc.wait(timeout=10)
+        orchestrator = system.start_orchestrator()
+        wait_for(lambda: sum(a["connected"] for a in system.admin("GET", "/agents").json()) == 2, within=30,
+                 what="both agents to reconnect")
+    final = system.wait_run(sha, "success", "failed", within=120)
+    jobs = system.jobs(final["id"])
+    assert final["status"] == "success", {n: (j["status"], j.get("error")) for n, j in jobs.items()}
+    assert len(jobs) == 12
+    ran = {p.name: p.read_text().count("ran") for p in marks.iterdir()}
+    assert len(ran) == 12 and set(ran.values()) == {1}, ran
