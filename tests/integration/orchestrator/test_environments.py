@@ -1,0 +1,294 @@
+"""Deployment environments enforced by the orchestrator, on SQLite and PostgreSQL, over real HTTP and
+WebSockets with simulated agents: branch and tag rules, reviewers (eligibility, self-review, counting),
+rejection, the wait timer, one deployment at a time, variables in `job.dispatch`, and the admin API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from kici.engine.events import Event
+from kici.orchestrator.db import schema
+from kici.orchestrator.db.database import Database
+from kici.orchestrator.holds.environment import EnvironmentGate
+from kici.orchestrator.holds.gates import Approver, GateKind
+from kici.orchestrator.store import runs as run_store
+
+from .dispatch_harness import Orchestrator, SimAgent, serve_orchestrator, workflow
+
+PROD = [{"value": "production"}]
+ADMIN_1 = Approver(kind="token", name="t-admin-1", role="admin")
+ADMIN_2 = Approver(kind="token", name="t-admin-2", role="admin")
+AUDITOR = Approver(kind="token", name="t-auditor", role="auditor")
+
+
+def deploy_workflow(environment: list[dict[str, Any]] = PROD, *, notify: bool = False) -> Any:
+    jobs = [{"name": "build"}, {"name": "deploy", "needs": [{"name": "build"}], "environments": environment}]
+    if notify:
+        jobs.append({"name": "notify", "needs": [{"name": "deploy"}]})
+    return workflow(jobs)
+
+
+async def create_env(orch: Orchestrator, name: str = "production", **policy: Any) -> dict[str, Any]:
+    reply = await orch.admin("POST", "/environments", json={"name": name, **policy})
+    assert reply.status_code == 201, reply.text
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+async def start(orch: Orchestrator, wf: Any, *, ref: str = "refs/heads/main", actor: str | None = None) -> str:
+    """A run of `wf` at `ref` (a branch or a tag), its event's author `actor`."""
+    branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
+    tag = ref.removeprefix("refs/tags/") if ref.startswith("refs/tags/") else None
+    event = Event(type="tag" if tag else "push", branch=branch, tag=tag, sha="a" * 40, repo="acme/app", actor=actor)
+    async with orch.database.transaction() as conn:
+        created = await run_store.create_run(
+            conn,
+            run_store.NewRun(org_id="default", workflow=wf, event=event, repo="acme/app", ref=ref, sha="a" * 40,
+                             lock_content_hash="l" * 64, delivery_id=None, source_id=orch.source_id),
+            queue_max_depth=100, queue_timeout_ms=0,
+        )
+    await orch.services.dispatcher.runs_created([created.run_id])
+    return created.run_id
+
+
+async def finish(agent: SimAgent, dispatch: dict[str, Any], state: str = "success") -> None:
+    await agent.status(dispatch, "running")
+    await agent.status(dispatch, state)
+
+
+async def build_then_deploy_waits(orch: Orchestrator, agent: SimAgent, run_id: str, count: int) -> dict[str, Any]:
+    """Finish the run's `build` (the `count`-th dispatch) and return its `deploy` job once it waits."""
+    dispatches = await agent.wait_for("job.dispatch", count)
+    [build] = [d for d in dispatches if d["run_id"] == run_id and d["job"] == "build"]
+    await finish(agent, build)
+    job = await orch.wait_job(run_id, "deploy", "waiting", "queued", "failed")
+    return {"status": job.status, "wait_reason": job.wait_reason, "error": job.error, "id": job.id}
+
+
+async def decide(database: Database, verb: str, run_id: str, approver: Approver, reason: str | None = None) -> Any:
+    gate = EnvironmentGate()
+    async with database.transaction() as conn:
+        now = schema.utcnow()
+        if verb == "approve":
+            return await gate.approve(conn, run_id, approver, now=now)
+        return await gate.reject(conn, run_id, approver, reason, now=now)
+
+
+async def test_branch_and_tag_rules(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        await create_env(orch, branches=["main", "release/*"], tags=["v*"])
+
+        async def deployed(run_id: str, count: int) -> None:
+            [*_, deploy] = await agent.wait_for("job.dispatch", count)
+            assert deploy["run_id"] == run_id and deploy["job"] == "deploy"
+            await finish(agent, deploy)
+            await orch.wait_run(run_id, "success")
+
+        allowed = await start(orch, deploy_workflow())
+        job = await build_then_deploy_waits(orch, agent, allowed, 1)
+        assert job["status"] == "queued", job
+        await deployed(allowed, 2)
+        release = await start(orch, deploy_workflow(), ref="refs/heads/release/1.x")
+        assert (await build_then_deploy_waits(orch, agent, release, 3))["status"] == "queued"
+        await deployed(release, 4)
+
+        refused = await start(orch, deploy_workflow(notify=True), ref="refs/heads/feature/x")
+        job = await build_then_deploy_waits(orch, agent, refused, 5)
+        assert job["status"] == "failed"
+        assert job["error"] == "branch 'feature/x' is not allowed for environment 'production'"
+        run = await orch.wait_run(refused, "failed")
+        assert run.failure_reason == "job deploy: branch 'feature/x' is not allowed for environment 'production'"
+        assert (await orch.jobs(refused))["notify"].status == "skipped"
+
+        tagged = await start(orch, deploy_workflow(), ref="refs/tags/v1.2.0")
+        assert (await build_then_deploy_waits(orch, agent, tagged, 6))["status"] == "queued"
+        await deployed(tagged, 7)
+        bad_tag = await start(orch, deploy_workflow(), ref="refs/tags/nightly")
+        job = await build_then_deploy_waits(orch, agent, bad_tag, 8)
+        assert job["error"] == "tag 'nightly' is not allowed for environment 'production'"
+
+        unknown = await start(orch, deploy_workflow([{"value": "staging"}]))
+        job = await build_then_deploy_waits(orch, agent, unknown, 9)
+        assert job["status"] == "failed" and job["error"] == "environment 'staging' does not exist"
+        # only the allowed deployments were dispatched
+        deploys = [d["run_id"] for d in agent.received("job.dispatch") if d["job"] == "deploy"]
+        assert deploys == [allowed, release, tagged]
+
+
+async def test_reviewers_then_wait_timer(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        await create_env(orch, required_approvals=2, reviewer_roles=["admin", "MEMBER"], wait_timer_s=1,
+                         prevent_self_review=True, variables={"DEPLOY_URL": "https://prod.example"})
+        run_id = await start(orch, deploy_workflow(notify=True), actor="alice")
+        job = await build_then_deploy_waits(orch, agent, run_id, 1)
+        assert job["status"] == "waiting" and job["wait_reason"] == "environment: production, needs 2 approvals"
+        # the API shows it, and the held list (the gate's pending) names it with its approvals
+        detail = (await orch.admin("GET", f"/runs/{run_id}")).json()
+        shown = {j["name"]: j for j in detail["jobs"]}["deploy"]
+        assert shown["status"] == "waiting" and shown["wait_reason"] == "environment: production, needs 2 approvals"
+        async with database.read() as conn:
+            [pending] = await EnvironmentGate().pending(conn, org_id="default")
+        assert pending.kind == GateKind.ENVIRONMENT and pending.job_id == job["id"] and pending.run_id == run_id
+        assert pending.environment == "production" and pending.approvals_required == 2 and pending.approvals == []
+
+        # while a gate is pending the environment cannot be deleted
+        reply = await orch.admin("DELETE", "/environments/production")
+        assert reply.status_code == 409 and "1 job(s) waiting" in reply.json()["error"]
+
+        # ineligible: an auditor token, a GitHub contributor, the run's own author
+        outcome = await decide(database, "approve", run_id, AUDITOR)
+        assert outcome.decided == outcome.recorded == 0
+        assert outcome.refused is not None and "token:t-auditor may not approve" in outcome.refused
+        outcome = await decide(database, "approve", run_id, Approver(kind="github", name="mallory", role="CONTRIBUTOR"))
+        assert outcome.refused is not None and "github:mallory may not approve" in outcome.refused
+        outcome = await decide(database, "approve", run_id, Approver(kind="github", name="alice", role="MEMBER"))
+        assert outcome.refused is not None and "prevents self-review" in outcome.refused
+
+        # one approval: still waiting, one to go; the same approver twice counts once
+        outcome = await decide(database, "approve", run_id, ADMIN_1)
+        assert outcome.recorded == 1 and outcome.decided == 0 and outcome.refused is None
+        assert (await orch.jobs(run_id))["deploy"].wait_reason == "environment: production, needs 1 approval"
+        outcome = await decide(database, "approve", run_id, ADMIN_1)
+        assert outcome.recorded == 0 and outcome.refused is not None and "already approved" in outcome.refused
+
+        # the second approval starts the wait timer; the job is queued once it has run out
+        before = dt.datetime.now(dt.UTC)
+        outcome = await decide(database, "approve", run_id, Approver(kind="github", name="bob", role="MEMBER"))
+        assert outcome.decided == 1 and outcome.released_job_ids == []
+        waiting = (await orch.jobs(run_id))["deploy"]
+        assert waiting.status == "waiting"
+        assert waiting.wait_reason is not None
+        assert waiting.wait_reason.startswith("environment: production, wait timer until ")
+        [deploy] = [d for d in await agent.wait_for("job.dispatch", 2) if d["job"] == "deploy"]
+        assert dt.datetime.now(dt.UTC) - before >= dt.timedelta(seconds=1)
+        assert deploy["run_id"] == run_id
+        assert deploy["env"]["DEPLOY_URL"] == "https://prod.example"  # the environment's variables
+        async with database.read() as conn:
+            assert await EnvironmentGate().pending(conn, org_id="default") == []
+            row = (await conn.execute(sa.select(schema.environment_gates))).one()
+        assert row.status == "passed"
+        assert [a["approver"] for a in row.approvals] == ["token:t-admin-1", "github:bob"]
+        await finish(agent, deploy)
+        [notify] = [d for d in await agent.wait_for("job.dispatch", 3) if d["job"] == "notify"]
+        assert "DEPLOY_URL" not in notify["env"]  # only the environment's own jobs get its variables
+        await finish(agent, notify)
+        await orch.wait_run(run_id, "success")
+
+
+async def test_reject_cancels_the_job_and_settles_the_run(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        await create_env(orch, required_approvals=1)
+        run_id = await start(orch, deploy_workflow(notify=True))
+        job = await build_then_deploy_waits(orch, agent, run_id, 1)
+        assert job["wait_reason"] == "environment: production, needs 1 approval"
+
+        outcome = await decide(database, "reject", run_id, AUDITOR, "not today")
+        assert outcome.decided == 0 and outcome.refused is not None  # an auditor may not decide
+        outcome = await decide(database, "reject", run_id, ADMIN_1, "not today")
+        assert outcome.decided == 1 and outcome.refused is None
+        run = await orch.wait_run(run_id, "cancelled")
+        jobs = await orch.jobs(run_id)
+        assert jobs["deploy"].status == "cancelled"
+        assert jobs["deploy"].error == "deployment to environment 'production' rejected by token:t-admin-1: not today"
+        assert jobs["notify"].status == "skipped"
+        assert run.status == "cancelled"
+        # decided: nothing left for approvals, and the environment can go
+        outcome = await decide(database, "approve", run_id, ADMIN_2)
+        assert outcome.decided == outcome.recorded == 0
+        assert (await orch.admin("DELETE", "/environments/production")).status_code == 200
+        assert [d["job"] for d in agent.received("job.dispatch")] == ["build"]
+
+
+async def test_one_deployment_at_a_time(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=6) as agent:
+        await agent.connect()
+        await create_env(orch)
+        wf = workflow([{"name": "deploy", "environments": PROD}])
+        first = await start(orch, wf)
+        [first_deploy] = await agent.wait_for("job.dispatch")
+        second = await start(orch, wf)
+        job = await orch.wait_job(second, "deploy", "waiting")
+        assert job.wait_reason == "environment: production, waiting for the deployment in progress"
+        assert len(agent.received("job.dispatch")) == 1
+
+        await finish(agent, first_deploy)
+        await orch.wait_run(first, "success")
+        [_, second_deploy] = await agent.wait_for("job.dispatch", 2)
+        assert second_deploy["run_id"] == second
+
+
+async def test_environment_from_a_lambda_is_resolved_once_per_run(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        await create_env(orch, "staging", variables={"TARGET": "staging"})
+        expr = {"_type": "inline", "expression": 'lambda event: "production" if event.branch == "main" else "staging"'}
+        wf = workflow([{"name": "deploy", "environments": [{"value": expr, "dynamic": True}]}])
+        run_id = await start(orch, wf, ref="refs/heads/dev")
+        [dispatch] = await agent.wait_for("job.dispatch")
+        assert dispatch["env"]["TARGET"] == "staging"
+        assert (await orch.jobs(run_id))["deploy"].status == "queued"
+        async with database.read() as conn:
+            stored = (await conn.execute(sa.select(schema.jobs.c.environment).where(
+                schema.jobs.c.run_id == run_id))).scalar_one()
+        assert stored == "staging"
+        # an environment job may not also name a concurrency group: refused before anything is written
+        both = workflow([{"name": "deploy", "environments": PROD, "concurrencyGroup": "x"}])
+        with pytest.raises(ValueError, match="cannot be combined with concurrency_group"):
+            await start(orch, both)
+
+
+async def test_admin_api(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch:
+        created = await create_env(orch, branches=["main"], tags=["v*"], required_approvals=1,
+                                   reviewer_users=["github:carol"], wait_timer_s=300, variables={"A": "1"})
+        assert created["reviewers"] == ["github:carol"] and created["secrets"] == [] and created["pending"] == 0
+        again = await orch.admin("POST", "/environments", json={"name": "production"})
+        assert again.status_code == 409
+
+        for body, field in (
+            ({"name": "bad name"}, "name"),
+            ({"name": "x", "required_approvals": -1}, "required_approvals"),
+            ({"name": "x", "reviewer_roles": ["boss"]}, "reviewer_roles"),
+            ({"name": "x", "reviewer_users": ["carol"]}, "reviewer_users"),
+            ({"name": "x", "variables": {"KICI_RUN_ID": "x"}}, "variables"),
+            ({"name": "x", "wait_timer_s": 10**9}, "wait_timer_s"),
+        ):
+            reply = await orch.admin("POST", "/environments", json=body)
+            assert reply.status_code == 422 and field in reply.json()["error"], (body, reply.text)
+        assert [e["name"] for e in (await orch.admin("GET", "/environments")).json()] == ["production"]
+
+        reply = await orch.admin("PUT", "/environments/production", json={"wait_timer_s": 0, "tags": []})
+        assert reply.status_code == 200, reply.text
+        changed = reply.json()
+        assert changed["wait_timer_s"] == 0 and changed["tags"] == [] and changed["branches"] == ["main"]
+        assert (await orch.admin("PUT", "/environments/production", json={"tags": [""]})).status_code == 422
+        assert (await orch.admin("PUT", "/environments/nope", json={"tags": []})).status_code == 404
+        assert (await orch.admin("PUT", "/environments/production", json={})).status_code == 422
+
+        reply = await orch.admin("PUT", "/secrets/DEPLOY_KEY", json={"scope": "env:production", "value": "v"})
+        assert reply.status_code in (201, 503), reply.text
+        if reply.status_code == 201:
+            assert (await orch.admin("GET", "/environments/production")).json()["secrets"] == ["DEPLOY_KEY"]
+
+        assert (await orch.admin("DELETE", "/environments/production")).status_code == 200
+        assert (await orch.admin("GET", "/environments/production")).status_code == 404
+        async with database.read() as conn:
+            rows = (await conn.execute(
+                sa.select(schema.audit_log.c.action, schema.audit_log.c.target, schema.audit_log.c.actor)
+                .where(schema.audit_log.c.action.like("environment.%"))
+                .order_by(schema.audit_log.c.created_at)
+            )).all()
+        assert [(r.action, r.target) for r in rows] == [
+            ("environment.create", "environment:production"),
+            ("environment.update", "environment:production"),
+            ("environment.delete", "environment:production"),
+        ]
+        assert all(r.actor is not None and r.actor.startswith("token:") for r in rows)
