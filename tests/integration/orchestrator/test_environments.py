@@ -4,7 +4,11 @@ rejection, the wait timer, one deployment at a time, variables in `job.dispatch`
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from kici.orchestrator.db.database import Database
 from kici.orchestrator.holds.environment import EnvironmentGate
 from kici.orchestrator.holds.gates import Approver, GateKind
 from kici.orchestrator.store import runs as run_store
+from tests.conftest import kici_env
 
 from .dispatch_harness import Orchestrator, SimAgent, serve_orchestrator, workflow
 
@@ -292,3 +297,61 @@ async def test_admin_api(database: Database, tmp_path: Path) -> None:
             ("environment.delete", "environment:production"),
         ]
         assert all(r.actor is not None and r.actor.startswith("token:") for r in rows)
+
+
+async def kici_admin(orch: Orchestrator, *args: str) -> tuple[int, str, str]:
+    """`kici-admin ARGS` in a real subprocess against the live orchestrator."""
+    env = kici_env({"KICI_ADMIN_URL": orch.base_url, "KICI_ADMIN_TOKEN": orch.admin_token})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kici.admin", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        code, out, err = await kici_admin(
+            orch, "environment", "create", "production", "--branch", "main", "--tag", "v*", "--reviewers", "1",
+            "--reviewer-role", "admin", "--reviewer", "github:carol", "--wait-timer", "1h30m", "--var", "A=1",
+            "--var", "B=two words", "--json",
+        )
+        assert code == 0, err
+        created = json.loads(out)
+        assert created["branches"] == ["main"] and created["tags"] == ["v*"] and created["required_approvals"] == 1
+        assert created["reviewer_roles"] == ["admin"] and created["reviewer_users"] == ["github:carol"]
+        assert created["wait_timer_s"] == 5400 and created["variables"] == {"A": "1", "B": "two words"}
+
+        code, out, err = await kici_admin(orch, "environment", "set-policy", "production", "--wait-timer", "0",
+                                          "--clear", "tags", "--json")
+        assert code == 0, err
+        changed = json.loads(out)
+        assert changed["wait_timer_s"] == 0 and changed["tags"] == [] and changed["branches"] == ["main"]
+        assert changed["required_approvals"] == 1 and changed["variables"] == {"A": "1", "B": "two words"}
+
+        code, out, _ = await kici_admin(orch, "environment", "list")
+        assert code == 0 and "production" in out and "main" in out
+        code, _, err = await kici_admin(orch, "environment", "set-policy", "production", "--wait-timer", "soon")
+        assert code == 2 and "expected a duration" in err
+
+        # a job waiting for approval: `show` counts it, `delete` is refused (exit 1, the API's 409 message)
+        run_id = await start(orch, deploy_workflow())
+        assert (await build_then_deploy_waits(orch, agent, run_id, 1))["status"] == "waiting"
+        code, out, _ = await kici_admin(orch, "environment", "show", "production")
+        assert code == 0 and re.search(r"^Waiting jobs:\s+1$", out, re.MULTILINE), out
+        code, _, err = await kici_admin(orch, "environment", "delete", "production")
+        assert code == 1 and "1 job(s) waiting at its gate" in err
+        code, out, _ = await kici_admin(orch, "runs", "show", run_id)
+        assert code == 0 and "environment: production, needs 1 approval" in out
+
+        await decide(database, "reject", run_id, ADMIN_1)
+        await orch.wait_run(run_id, "cancelled")
+        code, out, err = await kici_admin(orch, "environment", "delete", "production")
+        assert code == 0 and "Deleted environment production." in out, err
