@@ -138,6 +138,7 @@ async def test_reviewers_then_wait_timer(database: Database, tmp_path: Path) -> 
         detail = (await orch.admin("GET", f"/runs/{run_id}")).json()
         shown = {j["name"]: j for j in detail["jobs"]}["deploy"]
         assert shown["status"] == "waiting" and shown["wait_reason"] == "environment: production, needs 2 approvals"
+        assert shown["environment"] == "production"
         async with database.read() as conn:
             [pending] = await EnvironmentGate().pending(conn, org_id="default")
         assert pending.kind == GateKind.ENVIRONMENT and pending.job_id == job["id"] and pending.run_id == run_id
@@ -210,6 +211,27 @@ async def test_reject_cancels_the_job_and_settles_the_run(database: Database, tm
         assert outcome.decided == outcome.recorded == 0
         assert (await orch.admin("DELETE", "/environments/production")).status_code == 200
         assert [d["job"] for d in agent.received("job.dispatch")] == ["build"]
+
+
+async def test_a_run_held_for_trust_is_left_to_the_trust_gate(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        await create_env(orch, required_approvals=1)
+        run_id = await start(orch, deploy_workflow())
+        assert (await build_then_deploy_waits(orch, agent, run_id, 1))["status"] == "waiting"
+        held = sa.update(schema.runs).where(schema.runs.c.id == run_id)
+        async with database.transaction() as conn:
+            await conn.execute(held.values(status="held"))
+        for verb in ("approve", "reject"):
+            outcome = await decide(database, verb, run_id, ADMIN_1)
+            assert outcome.decided == outcome.recorded == 0 and outcome.released_job_ids == []
+        assert (await orch.jobs(run_id))["deploy"].status == "waiting"
+        async with database.transaction() as conn:
+            await conn.execute(held.values(status="running"))
+        outcome = await decide(database, "approve", run_id, ADMIN_1)
+        assert outcome.decided == 1 and len(outcome.released_job_ids) == 1
+        [_, deploy] = await agent.wait_for("job.dispatch", 2)
+        assert deploy["job"] == "deploy" and deploy["job_id"] == outcome.released_job_ids[0]
 
 
 async def test_one_deployment_at_a_time(database: Database, tmp_path: Path) -> None:

@@ -173,7 +173,10 @@ class JobRecord(_Frozen):
     concurrency_group_id: str | None = None
     concurrency_state: str | None = None
     wait_reason: str | None = None
-    """`concurrency: <group>` while the job waits (for its run's group or its own)."""
+    """`concurrency: <group>` while the job waits (for its run's group or its own); `environment: <name>, …`
+    while it waits at its deployment environment's gate."""
+    environment: str | None = None
+    """The deployment environment the job deploys to, resolved when its run was created."""
 
 
 class StepRecord(_Frozen):
