@@ -18,9 +18,11 @@ import sqlalchemy as sa
 from kici.engine.events import Event
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.holds.environment import EnvironmentGate
 from kici.orchestrator.holds.gates import Approver, GateKind
 from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store.tokens import create_admin_token
 from tests.conftest import kici_env
 
 from .dispatch_harness import Orchestrator, SimAgent, serve_orchestrator, workflow
@@ -232,6 +234,21 @@ async def test_a_run_held_for_trust_is_left_to_the_trust_gate(database: Database
         assert outcome.decided == 1 and len(outcome.released_job_ids) == 1
         [_, deploy] = await agent.wait_for("job.dispatch", 2)
         assert deploy["job"] == "deploy" and deploy["job_id"] == outcome.released_job_ids[0]
+
+
+async def test_the_token_that_started_a_manual_run_may_not_approve_it(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        async with database.transaction() as conn:
+            deployer = await create_admin_token(conn, name="deployer", role=AdminRole.ADMIN)
+        await create_env(orch, required_approvals=1, prevent_self_review=True)
+        run_id = await start(orch, deploy_workflow(), actor="admin token 'deployer'")  # as a manual run records it
+        assert (await build_then_deploy_waits(orch, agent, run_id, 1))["status"] == "waiting"
+        own = Approver(kind="token", name=deployer.token.id, role="admin")
+        outcome = await decide(database, "approve", run_id, own)
+        assert outcome.decided == 0 and outcome.refused is not None and "prevents self-review" in outcome.refused
+        outcome = await decide(database, "approve", run_id, ADMIN_1)
+        assert outcome.decided == 1
 
 
 async def test_one_deployment_at_a_time(database: Database, tmp_path: Path) -> None:

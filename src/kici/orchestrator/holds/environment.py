@@ -24,15 +24,13 @@ from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.jobs import set_job_status
 
 
-def _author(event: Any) -> str | None:
+async def _is_author(conn: AsyncConnection, approver: Approver, event: Any) -> bool:
+    """The approver started the run: the event's actor is their GitHub login, or the admin token that
+    started a manual run."""
     actor = event.get("actor") if isinstance(event, dict) else None
-    return actor if isinstance(actor, str) and actor else None
-
-
-def _is_author(approver: Approver, event: Any) -> bool:
-    """The approver started the run: the event's actor is their GitHub login or their token label."""
-    author = _author(event)
-    return author is not None and author in (approver.name, approver.label)
+    if not isinstance(actor, str) or not actor:
+        return False
+    return actor in await env_store.run_authors(conn, approver.kind, approver.name)
 
 
 class EnvironmentGate:
@@ -82,7 +80,7 @@ class EnvironmentGate:
                     f"(reviewers: {', '.join(env.reviewers)})"
                 )
                 continue
-            if env.prevent_self_review and _is_author(approver, run["event"]):
+            if env.prevent_self_review and await _is_author(conn, approver, run["event"]):
                 refusals.append(f"{approver.label} started this run and environment {env.name!r} prevents self-review")
                 continue
             if any(a.get("approver") == approver.label for a in gate.approvals):

@@ -26,6 +26,7 @@ from kici.engine import glob
 from kici.orchestrator.db.schema import (
     DEFAULT_ORG_ID,
     EnvironmentGateStatus,
+    admin_tokens,
     environment_gates,
     environments,
     jobs,
@@ -454,3 +455,15 @@ async def job_environment(conn: AsyncConnection, job_id: str) -> str | None:
     """The environment the job deploys to, resolved when its run was created (None: no environment)."""
     found = (await conn.execute(sa.select(jobs.c.environment).where(jobs.c.id == job_id))).scalar_one_or_none()
     return str(found) if found is not None else None
+
+
+async def run_authors(conn: AsyncConnection, kind: str, name: str) -> set[str]:
+    """The values a run's event `actor` has when this approver started it: a GitHub login; for an admin
+    token its label and the `admin token '<name>'` a manual run records."""
+    if kind == "github":
+        return {name}
+    found = (await conn.execute(sa.select(admin_tokens.c.name).where(admin_tokens.c.id == name))).scalar_one_or_none()
+    authors = {f"{kind}:{name}"}
+    if found is not None:
+        authors.add(f"admin token {str(found)!r}")
+    return authors
