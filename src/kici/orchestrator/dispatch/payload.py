@@ -55,6 +55,9 @@ class DispatchContext:
     job: JobFacts
     workflow: Workflow
     upstream_outputs: dict[str, Any]
+    environment: str | None = None
+    """The job's deployment environment, resolved when its run was created (`jobs.environment`): the
+    `env:<environment>` scope its declared secrets are looked up in first."""
     environment_variables: dict[str, str] = field(default_factory=dict)
     """The plain variables of the job's deployment environment, if it has one."""
 
@@ -126,8 +129,9 @@ async def load_context(db: Database, claim: Claim, runs: RunCache, row: PendingR
         lock_job = workflow.job(job.job)
         needs_outputs = lock_job is not None and bool(lock_job.needs)
         outputs = upstream_outputs(workflow, job, await run_store.list_jobs(conn, run.id)) if needs_outputs else {}
-        variables = await env_store.variables_of_job(conn, job.id) if lock_job and lock_job.environments else {}
-    return DispatchContext(run, job, workflow, outputs, variables)
+        # a job with an environment always takes this path: its resolved name is on its row
+        variables = await env_store.variables_of_job(conn, job.id) if found.environment else {}
+    return DispatchContext(run, job, workflow, outputs, found.environment, variables)
 
 
 def build_dispatch(
