@@ -251,6 +251,29 @@ async def test_the_token_that_started_a_manual_run_may_not_approve_it(database: 
         assert outcome.decided == 1
 
 
+async def test_approved_while_the_run_waits_for_its_workflow_group(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        await create_env(orch, required_approvals=1)
+        wf = workflow([{"name": "deploy", "environments": PROD}], concurrency={"group": "ci"})
+        first = await start(orch, wf)
+        second = await start(orch, wf)  # waits for the workflow group; its deployment asks for approval already
+        for run_id in (first, second):
+            job = await orch.wait_job(run_id, "deploy", "waiting")
+            assert job.wait_reason == "environment: production, needs 1 approval"
+        # approved while its run still waits: the job waits with the run's reason, nothing is dispatched
+        assert (await decide(database, "approve", second, ADMIN_1)).decided == 1
+        assert (await orch.jobs(second))["deploy"].wait_reason == "concurrency: ci"
+        assert (await decide(database, "approve", first, ADMIN_1)).decided == 1
+        [deploy] = await agent.wait_for("job.dispatch")
+        assert deploy["run_id"] == first
+        await finish(agent, deploy)
+        await orch.wait_run(first, "success")
+        # the run admitted, its approved job goes through without asking again
+        [_, deploy] = await agent.wait_for("job.dispatch", 2)
+        assert deploy["run_id"] == second
+
+
 async def test_one_deployment_at_a_time(database: Database, tmp_path: Path) -> None:
     async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=6) as agent:
         await agent.connect()

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from kici.engine.states import JobEvent, JobState, RunStatus
 from kici.orchestrator.db.schema import EnvironmentGateStatus
 from kici.orchestrator.holds.gates import Approver, GateKind, GateOutcome, PendingGate
+from kici.orchestrator.store import concurrency as groups
 from kici.orchestrator.store import environments as env_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.jobs import set_job_status
@@ -159,8 +160,12 @@ async def release_due_timers(conn: AsyncConnection, *, now: dt.datetime, limit: 
     by_run: dict[str, list[str]] = {}
     for run_id, job_id in await env_store.due_timers(conn, now=now, limit=limit):
         by_run.setdefault(run_id, []).append(job_id)
+    # every run row first, in creation order and without waiting (lock order is run rows → concurrency
+    # lock, which the first settle below takes); a run busy elsewhere is released at the next tick
+    free = await groups.lock_runs(conn, list(by_run), skip_locked=True)
     queued: list[str] = []
-    for run_id, job_ids in by_run.items():
+    for run_id in free:
+        job_ids = by_run[run_id]
         locked = await run_store.lock_run_row(conn, run_id)
         if locked is None:
             continue
