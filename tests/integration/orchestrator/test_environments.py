@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ import pytest
 import sqlalchemy as sa
 
 from kici.engine.events import Event
+from kici.orchestrator.crypto import Keyring
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.holds.environment import EnvironmentGate
 from kici.orchestrator.holds.gates import Approver, GateKind
 from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store import secrets as secret_store
 from kici.orchestrator.store.tokens import create_admin_token
 from tests.conftest import kici_env
 
@@ -340,10 +343,13 @@ async def test_admin_api(database: Database, tmp_path: Path) -> None:
         assert (await orch.admin("PUT", "/environments/nope", json={"tags": []})).status_code == 404
         assert (await orch.admin("PUT", "/environments/production", json={})).status_code == 422
 
-        reply = await orch.admin("PUT", "/secrets/DEPLOY_KEY", json={"scope": "env:production", "value": "v"})
-        assert reply.status_code in (201, 503), reply.text
-        if reply.status_code == 201:
-            assert (await orch.admin("GET", "/environments/production")).json()["secrets"] == ["DEPLOY_KEY"]
+        # its secrets are scoped secrets `env:production`: `show` names them, never their values
+        async with database.transaction() as conn:
+            for name, scope in (("DEPLOY_KEY", "env:production"), ("API_KEY", "env:production"),
+                                ("OTHER", "env:staging"), ("ORG_WIDE", "org")):
+                await secret_store.set_secret(conn, Keyring(os.urandom(32)), name=name, scope=scope, value="v")
+        shown = (await orch.admin("GET", "/environments/production")).json()
+        assert shown["secrets"] == ["API_KEY", "DEPLOY_KEY"] and "v" not in json.dumps(shown["secrets"])
 
         assert (await orch.admin("DELETE", "/environments/production")).status_code == 200
         assert (await orch.admin("GET", "/environments/production")).status_code == 404
