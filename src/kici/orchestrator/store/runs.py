@@ -1253,6 +1253,8 @@ async def settle_run(
                         if await set_job_status(conn, row.id, JobState.WAITING, JobEvent.WAIT, values=wait):
                             status[row.name] = JobState.WAITING.value
                         continue
+                elif row.environment is not None and not env_gates[row.id].passed:
+                    continue  # never queued past an undecided or rejected gate
             if locked.gated:  # the run waits for its workflow concurrency group: the job waits with it
                 wait = {"wait_reason": locked.wait_reason, "needs_satisfied": True}
                 if await set_job_status(conn, row.id, JobState.WAITING, JobEvent.WAIT, values=wait):
