@@ -50,11 +50,20 @@ async def create_env(orch: Orchestrator, name: str = "production", **policy: Any
     return body
 
 
-async def start(orch: Orchestrator, wf: Any, *, ref: str = "refs/heads/main", actor: str | None = None) -> str:
-    """A run of `wf` at `ref` (a branch or a tag), its event's author `actor`."""
-    branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
-    tag = ref.removeprefix("refs/tags/") if ref.startswith("refs/tags/") else None
-    event = Event(type="tag" if tag else "push", branch=branch, tag=tag, sha="a" * 40, repo="acme/app", actor=actor)
+async def start(orch: Orchestrator, wf: Any, *, ref: str | None = "refs/heads/main", actor: str | None = None,
+                pull_request_from: str | None = None) -> str:
+    """A run of `wf` at `ref` (a branch or a tag), its event's author `actor`; or of a pull request whose
+    head branch is `pull_request_from` (no ref)."""
+    if pull_request_from is not None:
+        ref = None
+        event = Event(type="pr", action="opened", branch=pull_request_from, source_branch=pull_request_from,
+                      target_branch="main", sha="a" * 40, repo="acme/app", source_repo="mallory/app", actor=actor)
+    else:
+        assert ref is not None
+        branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
+        tag = ref.removeprefix("refs/tags/") if ref.startswith("refs/tags/") else None
+        event = Event(type="tag" if tag else "push", branch=branch, tag=tag, sha="a" * 40, repo="acme/app",
+                      actor=actor)
     async with orch.database.transaction() as conn:
         created = await run_store.create_run(
             conn,
@@ -126,6 +135,11 @@ async def test_branch_and_tag_rules(database: Database, tmp_path: Path) -> None:
         unknown = await start(orch, deploy_workflow([{"value": "staging"}]))
         job = await build_then_deploy_waits(orch, agent, unknown, 9)
         assert job["status"] == "failed" and job["error"] == "environment 'staging' does not exist"
+        # a pull request (here from a fork's branch named `main`) never matches a branch rule
+        from_fork = await start(orch, deploy_workflow(), pull_request_from="main")
+        job = await build_then_deploy_waits(orch, agent, from_fork, 10)
+        assert job["error"] == "a pull request's run is not allowed for environment 'production' (it allows only " \
+                               "branches and tags)"
         # only the allowed deployments were dispatched
         deploys = [d["run_id"] for d in agent.received("job.dispatch") if d["job"] == "deploy"]
         assert deploys == [allowed, release, tagged]

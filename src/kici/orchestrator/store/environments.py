@@ -87,10 +87,15 @@ class Environment(EnvironmentPolicy):
         named = [*self.reviewer_roles, *self.reviewer_users]
         return named or list(DEFAULT_REVIEWER_ROLES)
 
-    def ref_refusal(self, branch: str | None, tag: str | None) -> str | None:
-        """Why a run of this ref may not deploy here, or None when it may. No globs at all: every ref."""
+    def ref_refusal(self, branch: str | None, tag: str | None, *, pull_request: bool = False) -> str | None:
+        """Why a run of this ref may not deploy here, or None when it may. No globs at all: every ref.
+        A pull request's run never matches a branch rule: its head branch is named by whoever opened it
+        (a fork's `main` is not this repository's `main`)."""
         if not self.branches and not self.tags:
             return None
+        if pull_request:
+            return f"a pull request's run is not allowed for environment {self.name!r} (it allows only branches " \
+                   "and tags)"
         if tag is not None:
             if any(glob.matches(p, tag) for p in self.tags):
                 return None
@@ -301,8 +306,19 @@ def group_name(environment: str) -> str:
     return ENVIRONMENT_GROUP_PREFIX + environment
 
 
+PULL_REQUEST_EVENTS = ("pr", "review", "review_comment", "comment")
+"""Event types whose run is a pull request's: their `branch` is the PR's head branch, not a pushed one."""
+
+
+def is_pull_request(event: Mapping[str, Any] | None) -> bool:
+    return (event or {}).get("type") in PULL_REQUEST_EVENTS
+
+
 def ref_of(ref: str | None, event: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
-    """(branch, tag) of a run, from its ref (`refs/heads/…`, `refs/tags/…`), else from its event."""
+    """(branch, tag) of a run, from its ref (`refs/heads/…`, `refs/tags/…`), else from its event; none
+    for a pull request's run."""
+    if is_pull_request(event):
+        return None, None
     if ref is not None and ref.startswith("refs/tags/"):
         return None, ref[len("refs/tags/"):]
     if ref is not None and ref.startswith("refs/heads/"):
@@ -340,7 +356,7 @@ async def enter(
     if env is None:
         return Entry(error=f"environment {environment!r} does not exist")
     branch, tag = ref_of(run.get("ref"), run.get("event"))
-    refusal = env.ref_refusal(branch, tag)
+    refusal = env.ref_refusal(branch, tag, pull_request=is_pull_request(run.get("event")))
     if refusal is not None:
         return Entry(error=refusal)
     ready_at: dt.datetime | None = None
