@@ -151,6 +151,22 @@ ci = workflow("ci", on=push(), jobs=[d], concurrency={"group": "ci", "cancel_in_
     assert lock.workflows[0].concurrency == lf.Concurrency(has_group=True, group="ci", cancel_in_progress=False, max=1)
 
 
+def test_environment_compiles_static_or_as_a_lambda(tmp_path: Path) -> None:
+    lock = compile_one(
+        tmp_path,
+        """
+p = job("prod", run="true", environment="production")
+s = job("some", run="true", environment=lambda event: "production" if event.branch == "main" else "staging")
+ci = workflow("ci", on=push(), jobs=[p, s])
+""",
+    )
+    jobs = {j.name: j for j in lock.workflows[0].jobs}
+    assert jobs["prod"].environments == [lf.EnvironmentRef(value="production", dynamic=False)]
+    [ref] = jobs["some"].environments or []
+    assert ref.dynamic and isinstance(ref.value, lf.InlineExpr)
+    assert ref.value.expression.startswith("lambda event: 'production' if event.branch == 'main'")
+
+
 def test_outputs_flag_timeouts_retry_and_hooks(tmp_path: Path) -> None:
     lock = compile_one(
         tmp_path,
@@ -213,6 +229,10 @@ ci = workflow("ci", on=push(), jobs=[j])
         ('a = job("a", run="true", concurrency_group=lambda e: open("x"))\nci = workflow("ci", on=push(), jobs=[a])',
          "not a pure expression"),
         ('a = job("a", run="true", timeout=-1)\nci = workflow("ci", on=push(), jobs=[a])', "positive number"),
+        ('a = job("a", run="true", environment="p", concurrency_group="g")\nci = workflow("ci", on=push(), jobs=[a])',
+         "cannot be combined with `concurrency_group=`"),
+        ('a = job("a", run="true", environment=lambda e: open("x"))\nci = workflow("ci", on=push(), jobs=[a])',
+         "not a pure expression"),
     ],
 )
 def test_validation_errors_name_the_place_and_problem(tmp_path: Path, source: str, expected: str) -> None:

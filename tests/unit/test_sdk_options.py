@@ -37,6 +37,7 @@ JOB_CONCURRENCY_GROUP = "tests/integration/orchestrator/test_concurrency.py::tes
 GRACE_PERIOD = "tests/e2e/test_grace_period.py::test_grace_period_used_for_cancel"
 SCHEDULE = "tests/integration/orchestrator/test_schedules.py::test_every_minute_fires_once"
 SCHEDULE_TIMEZONE = "tests/integration/orchestrator/test_schedules.py::test_cron_slots_follow_the_time_zone"
+ENVIRONMENT_REVIEWERS = "tests/integration/orchestrator/test_environments.py::test_reviewers_then_wait_timer"
 DISPATCH_INPUTS = "tests/integration/orchestrator/test_manual_runs.py::test_inputs_validated"
 INPUT_DESCRIPTION = "tests/unit/test_inputs.py::test_a_missing_required_input_is_described"
 
@@ -95,7 +96,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(include)": enforced("tests/unit/test_matrix.py::test_include_merges_into_matching_combinations"),
     "job(exclude)": enforced("tests/unit/test_matrix.py::test_exclude_partial_keys_removes_every_match"),
     "job(env)": enforced(f"{RUNNER}::test_job_and_step_env_and_the_parent_environment"),
-    "job(environment)": refused(_job_with('environment="production"'), _not_supported("`environment=`", JOB)),
+    "job(environment)": enforced(ENVIRONMENT_REVIEWERS),
     "job(environments)": refused(_job_with('environments=["staging", "production"]'),
                                  _not_supported("`environments=`", JOB)),
     "job(concurrency_group)": enforced(JOB_CONCURRENCY_GROUP),

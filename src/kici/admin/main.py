@@ -7,6 +7,7 @@ command line — is one line on stderr; the exit code is 1 for API and network e
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sys
 from collections.abc import Callable, Sequence
@@ -1128,6 +1129,175 @@ def rotate_key(as_json: bool) -> int:
         else:
             click.echo("Nothing remains under another key: KICI_SECRET_KEY_OLD can be removed.")
     return 1 if result["failed"] or result["remaining"] else 0
+
+
+# -- deployment environments ------------------------------------------------------------------------
+
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _wait_timer(_: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """`90`, `90s`, `5m`, `1h30m`, `2d` → seconds."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"expected a duration like 90s, 5m, 1h30m or 2d, got {value!r}", param=param)
+    return sum(int(n) * _UNIT_S[u] for n, u in parts)
+
+
+_CLEARABLE = {"branches": "branches", "tags": "tags", "reviewer-roles": "reviewer_roles",
+              "reviewers": "reviewer_users", "vars": "variables"}
+
+
+def _environment_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The policy options shared by `environment create` and `environment set-policy`."""
+    options = [
+        click.option("--branch", "branches", multiple=True, metavar="GLOB",
+                     help="A branch allowed to deploy (glob, repeatable). No --branch and no --tag: every ref."),
+        click.option("--tag", "tags", multiple=True, metavar="GLOB",
+                     help="A tag allowed to deploy (glob, repeatable)."),
+        click.option("--reviewers", "required_approvals", type=click.IntRange(0, 10), metavar="N",
+                     help="Approvals a deployment needs (0: none)."),
+        click.option("--reviewer-role", "reviewer_roles", multiple=True, metavar="ROLE",
+                     help="Who may approve, by role (repeatable): admin-token roles owner/admin/auditor/viewer, "
+                          "GitHub associations OWNER/MEMBER/COLLABORATOR/… Default: owner, admin, OWNER, MEMBER."),
+        click.option("--reviewer", "reviewer_users", multiple=True, metavar="token:ID|github:LOGIN",
+                     help="A named reviewer (repeatable)."),
+        click.option("--prevent-self-review/--allow-self-review", "prevent_self_review", default=None,
+                     help="Whether the run's own author may approve it."),
+        click.option("--wait-timer", "wait_timer_s", callback=_wait_timer, metavar="DURATION",
+                     help="Wait this long after approval before deploying (90s, 5m, 1h, …; 0: no wait)."),
+        click.option("--var", "variables", multiple=True, callback=_key_value, metavar="KEY=VALUE",
+                     help="A plain (not secret) variable for the environment's jobs (repeatable; replaces all)."),
+        json_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _policy_body(given: dict[str, Any]) -> dict[str, Any]:
+    """The REST body for the options given on the command line (a repeatable option given replaces the list)."""
+    ctx = click.get_current_context()
+    body: dict[str, Any] = {}
+    for key, value in given.items():
+        if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+            continue
+        if key == "variables":
+            body[key] = dict(value)
+        elif isinstance(value, tuple):
+            body[key] = list(value)
+        else:
+            body[key] = value
+    return body
+
+
+def _print_environment(env: dict[str, Any]) -> None:
+    shown = {
+        **env,
+        "branches": ", ".join(env["branches"]) or "-",
+        "tags": ", ".join(env["tags"]) or "-",
+        "reviewers": ", ".join(env["reviewers"]),
+        "wait_timer_s": f"{env['wait_timer_s']}s",
+        "variables": ", ".join(f"{k}={v}" for k, v in sorted(env["variables"].items())) or "-",
+        "secrets": ", ".join(env["secrets"]) or "-",
+    }
+    if not env["branches"] and not env["tags"]:
+        shown["branches"] = "any (no branch or tag rule)"
+    print_fields(shown, [("name", "Environment"), ("branches", "Branches"), ("tags", "Tags"),
+                         ("required_approvals", "Approvals"), ("reviewers", "Reviewers"),
+                         ("prevent_self_review", "No self-review"), ("wait_timer_s", "Wait timer"),
+                         ("variables", "Variables"), ("secrets", "Secrets"), ("pending", "Waiting jobs"),
+                         ("updated_at", "Updated")])
+
+
+ENVIRONMENT_COLUMNS = [("name", "name"), ("rules", "refs"), ("required_approvals", "approvals"),
+                       ("wait", "wait timer"), ("secret_count", "secrets"), ("pending", "waiting")]
+
+
+@cli.group()
+def environment() -> None:
+    """Deployment environments: allowed refs, reviewers, wait timer, variables (secrets: `secret set --scope
+    env:NAME`)."""
+
+
+@environment.command("create")
+@click.argument("name")
+@_environment_options
+def environment_create(name: str, as_json: bool, **policy: Any) -> None:
+    """Create environment NAME."""
+    created = _client().post("/environments", {"name": name, **_policy_body(policy)})
+    if as_json:
+        print_json(created)
+        return
+    click.echo(f"Created environment {created['name']}.")
+    _print_environment(created)
+
+
+@environment.command("set-policy")
+@click.argument("name")
+@click.option("--clear", "clears", multiple=True, type=click.Choice(sorted(_CLEARABLE)),
+              help="Empty this list (repeatable).")
+@_environment_options
+def environment_set_policy(name: str, clears: tuple[str, ...], as_json: bool, **policy: Any) -> None:
+    """Change environment NAME: each option given replaces that part of its policy; the rest is kept."""
+    body = _policy_body(policy)
+    for clear in clears:
+        key = _CLEARABLE[clear]
+        if key in body:
+            raise click.UsageError(f"--clear {clear} contradicts the {clear} given")
+        body[key] = {} if key == "variables" else []
+    if not body:
+        raise click.UsageError("nothing to change: give at least one option")
+    changed = _client().put(f"/environments/{_path_part(name)}", body)
+    if as_json:
+        print_json(changed)
+        return
+    click.echo(f"Updated environment {changed['name']}.")
+    _print_environment(changed)
+
+
+@environment.command("list")
+@json_option
+def environment_list(as_json: bool) -> None:
+    """List environments."""
+    found = _client().get("/environments")
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**e, "rules": ", ".join([*e["branches"], *(f"tag:{t}" for t in e["tags"])]) or "any",
+             "wait": f"{e['wait_timer_s']}s", "secret_count": len(e["secrets"])} for e in found]
+    print_table(rows, ENVIRONMENT_COLUMNS, empty="No environments.")
+
+
+@environment.command("show")
+@click.argument("name")
+@json_option
+def environment_show(name: str, as_json: bool) -> None:
+    """Show environment NAME: its policy, variables and the names of its secrets."""
+    found = _client().get(f"/environments/{_path_part(name)}")
+    if as_json:
+        print_json(found)
+        return
+    _print_environment(found)
+
+
+@environment.command("delete")
+@click.argument("name")
+@json_option
+def environment_delete(name: str, as_json: bool) -> None:
+    """Delete environment NAME (refused while jobs wait at its gate). Its `env:NAME` secrets are kept."""
+    deleted = _client().delete(f"/environments/{_path_part(name)}")
+    if as_json:
+        print_json(deleted)
+        return
+    click.echo(f"Deleted environment {deleted['name']}.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -105,6 +105,9 @@ def convert_job(
         where.error(f"label(s) {', '.join(conflicts)} both required and excluded")
     matrix, include, exclude_m = _matrix(job, where)
     environments = _environments(job, where)
+    if job.environment is not None and job.concurrency_group is not None:
+        where.error("`environment=` cannot be combined with `concurrency_group=`: an environment already runs "
+                    "one deployment at a time")
     return lf.Job(
         name=name,
         runs_on=runs_on,

@@ -17,8 +17,7 @@ STEP_OPTIONS: dict[str, str] = {
 }
 JOB_OPTIONS: dict[str, str] = {
     "cache": "nothing restores or saves job caches",
-    "environment": "deployment environments, with their approvals and secrets, do not exist yet",
-    "environments": "deployment environments, with their approvals and secrets, do not exist yet",
+    "environments": "a job deploys to one environment; use `environment=`",
     "continue_on_error": "a job's failure always fails the run; put continue_on_error on its steps",
 }
 WORKFLOW_OPTIONS: dict[str, str] = {

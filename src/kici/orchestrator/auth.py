@@ -66,6 +66,10 @@ class Permission(StrEnum):
     """Set and delete scoped secrets."""
     KEY_ROTATE = "key:rotate"
     """Re-encrypt every stored secret under the current secret key (`rotate-key`)."""
+    ENVIRONMENTS_READ = "environments:read"
+    """List and show deployment environments (their policies, variables and secret names)."""
+    ENVIRONMENTS_WRITE = "environments:write"
+    """Create, change and delete deployment environments."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})
@@ -84,6 +88,7 @@ ROLE_PERMISSIONS: Mapping[AdminRole, frozenset[Permission]] = {
             Permission.AUDIT_READ,
             Permission.REPORTS_READ,
             Permission.SECRETS_READ_METADATA,
+            Permission.ENVIRONMENTS_READ,
         }
     ),
     AdminRole.VIEWER: frozenset(

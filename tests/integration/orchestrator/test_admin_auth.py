@@ -22,7 +22,7 @@ from kici.orchestrator.config import Settings
 from kici.orchestrator.crypto import Keyring
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, new_id
-from kici.orchestrator.store import audit, outbox, secrets, tokens
+from kici.orchestrator.store import audit, environments, outbox, secrets, tokens
 from kici.orchestrator.store.agents import register_agent
 from kici.orchestrator.store.events import begin_delivery
 from kici.orchestrator.store.sources import create_source
@@ -86,7 +86,9 @@ async def _targets(admin: Admin) -> dict[str, str]:
         report = (await outbox.list_reports(conn, org_id="default", run_id=run, limit=1))[0].id
         secret = f"S_{new_id()[:8]}"
         await secrets.set_secret(conn, Keyring(SECRET_KEY), name=secret, scope="repo:acme/app", value="v")
-    return {"secret": secret, "secret_name": f"N_{new_id()[:8]}",
+        environment = f"env-{new_id()[:8]}"
+        await environments.create_environment(conn, environment, environments.EnvironmentPolicy())
+    return {"secret": secret, "environment": environment, "secret_name": f"N_{new_id()[:8]}",
             "auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
             "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
@@ -165,6 +167,14 @@ ROUTES = [
     Route("DELETE", "/secrets/{name}", (Permission.SECRETS_WRITE,), 200, path="/secrets/{secret}",
           params={"scope": "repo:acme/app"}),
     Route("POST", "/rotate-key", (Permission.KEY_ROTATE,), 200),
+    Route("GET", "/environments", (Permission.ENVIRONMENTS_READ,), 200),
+    Route("POST", "/environments", (Permission.ENVIRONMENTS_WRITE,), 201,
+          body={"name": "{new_name}", "branches": ["main"], "required_approvals": 1}),
+    Route("GET", "/environments/{name}", (Permission.ENVIRONMENTS_READ,), 200, path="/environments/{environment}"),
+    Route("PUT", "/environments/{name}", (Permission.ENVIRONMENTS_WRITE,), 200, path="/environments/{environment}",
+          body={"wait_timer_s": 30}),
+    Route("DELETE", "/environments/{name}", (Permission.ENVIRONMENTS_WRITE,), 200,
+          path="/environments/{environment}"),
 ]
 
 

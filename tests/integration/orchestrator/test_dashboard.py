@@ -589,6 +589,20 @@ async def test_queue_page_lists_jobs_waiting_for_a_concurrency_group(dash: Dash)
     assert "lint" not in waiting
 
 
+async def test_queue_page_says_a_job_waits_for_its_environment(dash: Dash) -> None:
+    async with dash.database.transaction() as conn:
+        run_id = await insert_run(conn, workflow="deploy", repo="acme/app", status="running")
+        await insert_job(conn, run_id, "ship", status="waiting",
+                         wait_reason="environment: production, needs 1 approval")
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get("/queue")).text
+        run_page = (await http.get(f"/runs/{run_id}")).text
+    rows = re.search(r'<tbody id="waiting-rows">(.*?)</tbody>', page, re.S)
+    assert rows and "<td>environment: production, needs 1 approval</td>" in rows.group(1)
+    assert "concurrency group" not in rows.group(1)
+    assert "waiting (environment: production, needs 1 approval)" in run_page
+
+
 async def test_run_page_reports_and_retry(dash: Dash) -> None:
     run_id, job_id = await _seed_run(dash, status="failed")
     await _seed_report(dash, run_id, job_id, status="sent")

@@ -60,6 +60,18 @@ class ConcurrencyScope(StrEnum):
     JOB = "job"
 
 
+class EnvironmentGateStatus(StrEnum):
+    """Where a job stands at its deployment environment's gate (`environment_gates.status`)."""
+
+    APPROVAL = "approval"
+    """Waiting for reviewers' approvals."""
+    TIMER = "timer"
+    """Approved (or no approvals needed): waiting for the environment's wait timer."""
+    PASSED = "passed"
+    """Through the gate: the job goes on to the environment's one-deployment-at-a-time group."""
+    REJECTED = "rejected"
+
+
 class ConcurrencyState(StrEnum):
     """A run's or job's place in its concurrency group: `waiting → holding → released` (or straight to
     `released` when it ends while waiting)."""
@@ -313,6 +325,9 @@ jobs = sa.Table(
     sa.Column("concurrency_group_id", sa.Text, nullable=True),
     sa.Column("concurrency_state", sa.Text, nullable=True),
     sa.Column("wait_reason", sa.Text, nullable=True),
+    # The deployment environment the job deploys to, resolved once when the run was created (a lambda
+    # `environment=` evaluated against the event); None: no environment.
+    sa.Column("environment", sa.Text, nullable=True),
     _created_at(),
     sa.Column("queued_at", UtcDateTime, nullable=True),
     sa.Column("started_at", UtcDateTime, nullable=True),
@@ -567,6 +582,55 @@ scoped_secrets = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
     sa.UniqueConstraint("org_id", "scope", "name"),
     sa.Index(None, "key_id"),
+)
+
+
+environments = sa.Table(
+    "environments",
+    metadata,
+    # A deployment environment (`kici-admin environment create`): which refs may deploy to it, who must
+    # approve, how long to wait after approval, and plain variables handed to its jobs. Its secrets are
+    # `scoped_secrets` rows with scope `env:<name>`.
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("branches", JSON_TYPE, nullable=False, default=list),  # globs; both lists empty: every ref
+    sa.Column("tags", JSON_TYPE, nullable=False, default=list),
+    sa.Column("required_approvals", sa.Integer, nullable=False, default=0),
+    # who may approve: admin-token roles (`owner`, `admin`) and GitHub author associations (`OWNER`, …)
+    sa.Column("reviewer_roles", JSON_TYPE, nullable=False, default=list),
+    sa.Column("reviewer_users", JSON_TYPE, nullable=False, default=list),  # `token:<id>` / `github:<login>`
+    sa.Column("prevent_self_review", sa.Boolean, nullable=False, default=False),
+    sa.Column("wait_timer_s", sa.Integer, nullable=False, default=0),
+    sa.Column("variables", JSON_TYPE, nullable=False, default=dict),
+    sa.Column("created_by", sa.Text, nullable=True),
+    sa.Column("updated_by", sa.Text, nullable=True),
+    _created_at(),
+    sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.UniqueConstraint("org_id", "name"),
+)
+
+environment_gates = sa.Table(
+    "environment_gates",
+    metadata,
+    # One job's passage through its environment's gate, created when the job becomes ready: approvals
+    # recorded so far (who, role, when), then the wait timer, then `passed` (or `rejected`).
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    _org_id(),
+    sa.Column("environment", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("approvals_required", sa.Integer, nullable=False),
+    sa.Column("approvals", JSON_TYPE, nullable=False, default=list),
+    sa.Column("ready_at", UtcDateTime, nullable=True),  # the wait timer's end, once approved
+    sa.Column("decided_by", sa.Text, nullable=True),  # who rejected
+    sa.Column("reason", sa.Text, nullable=True),
+    _created_at(),
+    sa.Column("updated_at", UtcDateTime, nullable=False, default=utcnow),
+    sa.Index(None, "run_id"),
+    sa.Index(None, "org_id", "environment", "status"),
+    sa.Index(None, "status", "ready_at"),
+    _check_in("status", EnvironmentGateStatus),
 )
 
 

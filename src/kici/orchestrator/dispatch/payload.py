@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -16,6 +16,7 @@ from kici.engine.protocol import JobDispatch
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import new_id
 from kici.orchestrator.providers.base import CloneAccess
+from kici.orchestrator.store import environments as env_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import Claim, PendingRow
 from kici.orchestrator.store.runs import JobRecord, RunRecord
@@ -54,6 +55,11 @@ class DispatchContext:
     job: JobFacts
     workflow: Workflow
     upstream_outputs: dict[str, Any]
+    environment: str | None = None
+    """The job's deployment environment, resolved when its run was created (`jobs.environment`): the
+    `env:<environment>` scope its declared secrets are looked up in first."""
+    environment_variables: dict[str, str] = field(default_factory=dict)
+    """The plain variables of the job's deployment environment, if it has one."""
 
 
 def upstream_outputs(workflow: Workflow, job: JobFacts, run_jobs: list[JobRecord]) -> dict[str, Any]:
@@ -111,7 +117,8 @@ async def load_context(db: Database, claim: Claim, runs: RunCache, row: PendingR
     run in the cache, a job without needs reads nothing."""
     cached = runs.peek(claim.run_id)
     lock_job = cached[1].job(row.job) if cached is not None and row is not None else None
-    if cached is not None and row is not None and lock_job is not None and not lock_job.needs:
+    if cached is not None and row is not None and lock_job is not None and not lock_job.needs \
+            and not lock_job.environments:
         return DispatchContext(cached[0], JobFacts.of(row), cached[1], {})
     async with db.read() as conn:
         run, workflow = await runs.get(conn, claim.run_id)
@@ -122,7 +129,9 @@ async def load_context(db: Database, claim: Claim, runs: RunCache, row: PendingR
         lock_job = workflow.job(job.job)
         needs_outputs = lock_job is not None and bool(lock_job.needs)
         outputs = upstream_outputs(workflow, job, await run_store.list_jobs(conn, run.id)) if needs_outputs else {}
-    return DispatchContext(run, job, workflow, outputs)
+        # a job with an environment always takes this path: its resolved name is on its row
+        variables = await env_store.variables_of_job(conn, job.id) if found.environment else {}
+    return DispatchContext(run, job, workflow, outputs, found.environment, variables)
 
 
 def build_dispatch(
@@ -145,7 +154,9 @@ def build_dispatch(
         export=workflow.source.export,
         content_hash=workflow.content_hash,
         event=run.event,
-        env={"KICI_RUN_ID": run.id, "KICI_JOB_ID": job.id, "KICI_WORKFLOW": workflow.name, "KICI_JOB": job.name},
+        # the environment's variables first: KiCI's own names always win
+        env={**context.environment_variables, "KICI_RUN_ID": run.id, "KICI_JOB_ID": job.id,
+             "KICI_WORKFLOW": workflow.name, "KICI_JOB": job.name},
         upstream_outputs=context.upstream_outputs,
         token=access.token,
         job_timeout_ms=lock_job.timeout if lock_job is not None else None,

@@ -19,6 +19,7 @@ from kici.orchestrator.app import Readiness
 from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.db.schema import ConcurrencyScope, utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
+from kici.orchestrator.holds.environment import release_due_timers
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import concurrency as concurrency_store
 from kici.orchestrator.store import events as event_store
@@ -55,6 +56,7 @@ class Sweeper:
             ("recovery_windows", self.recovery_windows),
             ("workflow_timeouts", self.workflow_timeouts),
             ("concurrency", self.concurrency),
+            ("environment_timers", self.environment_timers),
             ("dedup_cache", self.dedup_cache),
             ("queue_depth", self.queue_depth),
         ):
@@ -168,6 +170,13 @@ class Sweeper:
                 admitted += await run_store.admit_waiting_jobs(conn, group, limits=self.dispatcher.limits)
         if admitted:
             log_event("sweep.concurrency_admitted", level="warning", admitted=admitted)
+            self._later(partial(self.dispatcher.runs_created, []))
+
+    async def environment_timers(self, conn: AsyncConnection) -> None:
+        """Jobs whose deployment environment's wait timer ran out pass their gate and are queued (or wait
+        for the deployment in progress); the timer's precision is this sweep's interval."""
+        queued = await release_due_timers(conn, now=utcnow())
+        if queued:
             self._later(partial(self.dispatcher.runs_created, []))
 
     async def dedup_cache(self, conn: AsyncConnection) -> None:

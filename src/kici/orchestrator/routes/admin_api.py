@@ -10,6 +10,7 @@ from kici.orchestrator.auth import AdminRoute, error_response
 from kici.orchestrator.routes import (
     admin_agents,
     admin_audit,
+    admin_environments,
     admin_events,
     admin_manual_runs,
     admin_queue,
@@ -37,6 +38,7 @@ router.include_router(admin_queue.router)
 router.include_router(admin_agents.router)
 router.include_router(admin_events.router)
 router.include_router(admin_reports.router)
+router.include_router(admin_environments.router)
 
 
 @router.api_route(

@@ -93,6 +93,9 @@ class JobInfo(BaseModel):
     wait_reason: str | None = Field(
         default=None, description="Why a `waiting` job waits, e.g. `concurrency: prod`; null otherwise"
     )
+    environment: str | None = Field(
+        default=None, description="The deployment environment the job deploys to (`environment=`), if any"
+    )
     outputs: dict[str, Any] | None = Field(default=None, description="The job's outputs, once it has finished")
     steps: list[StepInfo] = Field(default_factory=list, description="The job's steps as its agent reported them")
 

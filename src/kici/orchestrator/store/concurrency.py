@@ -40,8 +40,15 @@ _ACTIVE = (ConcurrencyState.WAITING.value, ConcurrencyState.HOLDING.value)
 
 
 def wait_reason(name: str) -> str:
-    """What `runs show` prints after `waiting`: `concurrency: <group>`."""
+    """What `runs show` prints after `waiting`: `concurrency: <group>`; for a deployment environment's
+    group (store.environments), that another deployment to it is in progress."""
+    if name.startswith(ENVIRONMENT_GROUP_PREFIX):
+        return f"environment: {name[len(ENVIRONMENT_GROUP_PREFIX):]}, waiting for the deployment in progress"
     return f"concurrency: {name}"
+
+
+ENVIRONMENT_GROUP_PREFIX = "environment:"
+"""Job groups named so belong to a deployment environment (one deployment at a time, repo `""`)."""
 
 
 @dataclass(frozen=True)

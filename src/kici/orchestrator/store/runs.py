@@ -63,6 +63,7 @@ from kici.orchestrator.db.schema import (
 )
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import concurrency as groups
+from kici.orchestrator.store import environments as env_store
 from kici.orchestrator.store import outbox
 from kici.orchestrator.store.jobs import KeepFirst, set_job_status, set_jobs_status
 
@@ -172,7 +173,10 @@ class JobRecord(_Frozen):
     concurrency_group_id: str | None = None
     concurrency_state: str | None = None
     wait_reason: str | None = None
-    """`concurrency: <group>` while the job waits (for its run's group or its own)."""
+    """`concurrency: <group>` while the job waits (for its run's group or its own); `environment: <name>, …`
+    while it waits at its deployment environment's gate."""
+    environment: str | None = None
+    """The deployment environment the job deploys to, resolved when its run was created."""
 
 
 class StepRecord(_Frozen):
@@ -543,6 +547,7 @@ async def create_run(
     """
     planned = plan_workflow(new.workflow)
     run_group, job_group_names = _concurrency_groups(new, planned)
+    job_environments = _job_environments(new, planned, job_group_names)
     now = utcnow()
     run_id = new_id()
     await conn.execute(  # parameters, not .values(): building a 20-column VALUES clause per run is costly
@@ -579,6 +584,14 @@ async def create_run(
             conn, org_id=new.org_id, scope=ConcurrencyScope.JOB, repo=new.repo, name=name, max_running=1
         )
         job_group_ids[name] = group.id
+    # a job deploying to an environment joins the environment's group: one deployment at a time, org-wide
+    env_group_ids: dict[str, str] = {}
+    for name in sorted(set(job_environments.values())):
+        group = await groups.ensure_group(
+            conn, org_id=new.org_id, scope=ConcurrencyScope.JOB, repo=env_store.GROUP_REPO,
+            name=env_store.group_name(name), max_running=1,
+        )
+        env_group_ids[name] = group.id
     job_ids: dict[str, str] = {}
     job_rows: list[dict[str, Any]] = []
     need_rows: list[dict[str, Any]] = []
@@ -599,7 +612,11 @@ async def create_run(
                 "needs_satisfied": not job.needs,
                 "runs_on": _matchers_json(lock_job.runs_on if lock_job else None),
                 "exclude_labels": _matchers_json(lock_job.exclude_labels if lock_job else None),
-                "concurrency_group_id": job_group_ids.get(job_group_names.get(job.name, "")),
+                "concurrency_group_id": (
+                    env_group_ids[job_environments[job.name]] if job.name in job_environments
+                    else job_group_ids.get(job_group_names.get(job.name, ""))
+                ),
+                "environment": job_environments.get(job.name),
                 # one microsecond apart: jobs list (and queue) in plan order
                 "created_at": now + dt.timedelta(microseconds=index),
             }
@@ -666,6 +683,34 @@ def _concurrency_groups(new: NewRun, planned: list[PlannedJob]) -> tuple[str | N
         if name:
             job_groups[job.name] = name
     return run_group, job_groups
+
+
+def _job_environments(new: NewRun, planned: list[PlannedJob], job_groups: Mapping[str, str]) -> dict[str, str]:
+    """Each planned job's deployment environment, resolved once against the run's event (a static name, or
+    `lambda event: …` through the restricted evaluator); an empty name means none. `ValueError` naming the
+    workflow and job when an expression fails, produces an invalid name, or the job also names a
+    `concurrency_group` (its environment is its group)."""
+    found: dict[str, str] = {}
+    for job in planned:
+        refs = job.lock_job.environments if job.lock_job is not None else None
+        if not refs:
+            continue
+        where = f"workflow {new.workflow.name!r}: job {job.job!r}: environment"
+        if len(refs) > 1:
+            raise ValueError(f"{where}: a job deploys to one environment, not {len(refs)}")
+        try:
+            name = resolve_str(refs[0].value, new.event)
+        except InlineExprError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if not name:
+            continue
+        if not env_store.NAME.match(name):
+            raise ValueError(f"{where}: {name[:100]!r} is not a valid environment name")
+        if job.name in job_groups:
+            raise ValueError(f"{where}: cannot be combined with concurrency_group (an environment runs one "
+                             "deployment at a time)")
+        found[job.name] = name
+    return found
 
 
 async def _join_workflow_group(
@@ -1057,6 +1102,7 @@ _SETTLE_JOBS = (
     sa.select(
         jobs.c.id, jobs.c.run_id, jobs.c.org_id, jobs.c.name, jobs.c.job, jobs.c.status,
         jobs.c.runs_on, jobs.c.exclude_labels, jobs.c.error, jobs.c.concurrency_group_id, jobs.c.concurrency_state,
+        jobs.c.environment,
     )
     .where(jobs.c.run_id == sa.bindparam("v_run_id"))
     .order_by(jobs.c.created_at, jobs.c.name)
@@ -1149,6 +1195,9 @@ async def settle_run(
     gated: set[str] = set()
     enqueuer = _Enqueuer(limits, now)
     cancelling = run_status == RunStatus.CANCELLING.value
+    # deployment environments: a job with one passes its gate (approvals, wait timer) before it may queue
+    env_gates = await env_store.gates_of_run(conn, run_id) if any(row.environment for row in rows) else {}
+    run_facts: dict[str, Any] | None = None
     for _ in range(len(rows) + 1):
         changed = False
         for row in rows:
@@ -1157,6 +1206,7 @@ async def settle_run(
             released = (
                 current == JobState.WAITING.value and row.concurrency_state is None and not locked.gated
                 and not cancelling and row.id not in gated
+                and (row.environment is None or (row.id in env_gates and env_gates[row.id].passed))
             )
             if current != JobState.PENDING.value and not released:
                 continue
@@ -1182,6 +1232,29 @@ async def settle_run(
                         skipped.append(row.id)
                         changed = True
                     continue
+                if row.environment is not None and row.id not in env_gates:
+                    if run_facts is None:
+                        run_facts = await env_store.run_facts(conn, run_id)
+                    entry = await env_store.enter(
+                        conn, job_id=row.id, run_id=run_id, org_id=row.org_id, environment=row.environment,
+                        now=now, run=run_facts,
+                    )
+                    env_gates = await env_store.gates_of_run(conn, run_id)
+                    if entry.error is not None:
+                        failure = {"error": entry.error, "failure_category": "environment", "finished_at": now}
+                        if await set_job_status(conn, row.id, JobState.FAILED, JobEvent.FAIL, values=failure):
+                            status[row.name] = JobState.FAILED.value
+                            errors[row.name] = entry.error
+                            failed.append(row.id)
+                            changed = True
+                        continue
+                    if entry.wait_reason is not None:
+                        wait = {"wait_reason": entry.wait_reason, "needs_satisfied": True}
+                        if await set_job_status(conn, row.id, JobState.WAITING, JobEvent.WAIT, values=wait):
+                            status[row.name] = JobState.WAITING.value
+                        continue
+                elif row.environment is not None and not env_gates[row.id].passed:
+                    continue  # never queued past an undecided or rejected gate
             if locked.gated:  # the run waits for its workflow concurrency group: the job waits with it
                 wait = {"wait_reason": locked.wait_reason, "needs_satisfied": True}
                 if await set_job_status(conn, row.id, JobState.WAITING, JobEvent.WAIT, values=wait):
