@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from kici.orchestrator.agents.registry import AgentRegistry
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.storage.blobs import BlobStore, blob_store_from_settings
 from kici.orchestrator.storage.logs import FilesystemLogStorage, default_log_root
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ class Services:
     poller: GitPoller
     reporter: ReportWorker
     scheduler: Scheduler
+    blobs: BlobStore
+    """Artifacts (and later caches): `KICI_STORAGE_BACKEND`; checked at start-up by `server.serve`."""
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
@@ -54,7 +57,8 @@ class Services:
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
-                   reporter=reporter, scheduler=Scheduler(state, ingest))
+                   reporter=reporter, scheduler=Scheduler(state, ingest),
+                   blobs=blob_store_from_settings(state.settings))
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)
@@ -73,6 +77,7 @@ class Services:
             ("sweeper", self.sweeper.stop),
             ("dispatcher", self.dispatcher.stop),
             ("logs", lambda: asyncio.to_thread(self.logs.close)),
+            ("blobs", self.blobs.close),
         ):
             started = time.monotonic()
             try:
