@@ -165,6 +165,10 @@ ROUTES = [
     Route("DELETE", "/secrets/{name}", (Permission.SECRETS_WRITE,), 200, path="/secrets/{secret}",
           params={"scope": "repo:acme/app"}),
     Route("POST", "/rotate-key", (Permission.KEY_ROTATE,), 200),
+    Route("GET", "/runs/{run_id}/artifacts", (Permission.RUNS_READ,), 200, path="/runs/{run}/artifacts"),
+    # past the permission check the handler looks the artifact up (downloads: tests/e2e/test_artifacts.py)
+    Route("GET", "/runs/{run_id}/artifacts/{artifact_id}", (Permission.RUNS_READ,), 404,
+          path="/runs/{run}/artifacts/no-such-artifact", label="(unknown artifact)"),
 ]
 
 
