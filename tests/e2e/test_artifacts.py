@@ -112,7 +112,16 @@ always = job("always", steps=[step("s", MAKE.format(name="always"))], artifacts=
 missing = job("missing", steps=[step("s", "true")], artifacts=["nothing/*.whl"])
 escape = job("escape", steps=[step("s", "mkdir -p out && ln -s /etc/hostname out/host")], artifacts=["out/*"])
 
-ci = workflow("ci", on=[push(branches=["main"])], jobs=[keep, drop, ok_only_on_failure, always, missing, escape])
+
+@step
+def ask_outside(ctx: Context) -> None:
+    ctx.upload_artifact("/etc/hostname")
+
+
+outside = job("outside", steps=[ask_outside])
+
+ci = workflow("ci", on=[push(branches=["main"])],
+              jobs=[keep, drop, ok_only_on_failure, always, missing, escape, outside])
 '''
 
 
@@ -125,10 +134,11 @@ def test_artifacts_on_failure_only_when_asked(system: System) -> None:
     jobs = system.jobs(run["id"])
     assert {n: j["status"] for n, j in jobs.items()} == {
         "keep": "failed", "drop": "failed", "ok": "success", "always": "success", "missing": "failed",
-        "escape": "failed"}
+        "escape": "failed", "outside": "failed"}
     listed = system.admin("GET", f"/runs/{run['id']}/artifacts").json()
     assert sorted((a["job"], a["path"]) for a in listed) == [("always", "out/always.txt"), ("keep", "out/keep.txt")]
     # a glob matching nothing and a symlink leaving the workspace fail the job, clearly
     assert "'nothing/*.whl' matched no file" in (jobs["missing"]["error"] or "")
     assert "symlink leaving the workspace" in (jobs["escape"]["error"] or "")
     assert any("matched no file" in line for line in system.log_lines(run["id"], "missing"))
+    assert "upload_artifact: '/etc/hostname' is outside the workspace" in (jobs["outside"]["error"] or "")

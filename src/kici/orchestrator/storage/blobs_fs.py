@@ -72,6 +72,7 @@ class FilesystemBlobStore:
 
     async def check(self) -> None:
         def probe() -> None:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._objects.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
             probe_file = self._tmp / f"probe-{uuid.uuid4().hex}"
