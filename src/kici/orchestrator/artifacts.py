@@ -6,7 +6,7 @@ Agents never hold storage credentials: they upload over HTTP with their agent to
 `PUT /api/v1/agent/jobs/{job_id}/artifacts/{path}` (kici.orchestrator.routes.agent_artifacts), accepted only
 while the job runs on an agent registered with that token. People read them with
 `kici-admin runs artifacts RUN_ID` and the admin API. They are kept as long as their run (like its logs):
-whatever deletes a run calls `delete_run_artifacts`.
+whatever deletes a run calls `Services.delete_run_data` (logs and artifacts).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ import pytest
 
 from kici.orchestrator import artifacts
 from kici.orchestrator.db.database import Database
+from kici.orchestrator.storage.blobs_s3 import S3BlobStore
 from kici.orchestrator.store import audit as audit_store
+from tests.s3server import free_ports
 
 from .dispatch_harness import Orchestrator, SimAgent, exact, serve_orchestrator, workflow
 
@@ -78,8 +80,8 @@ async def test_upload_list_download_and_replace(database: Database, tmp_path: Pa
             rows = [r for r in await audit_store.list_audit(conn) if r.action == "artifact.upload"]
         assert len(rows) == 3 and all(r.outcome == "allowed" and r.actor == "agent:builder-1" for r in rows)
 
-        # deleting the run's artifacts (as whatever deletes a run must) removes rows and blobs
-        assert await artifacts.delete_run_artifacts(database, orch.services.blobs, run_id) == 2
+        # deleting the run's data (as whatever deletes a run must) removes its artifacts' rows and blobs
+        await orch.services.delete_run_data(run_id)
         assert (await orch.admin("GET", f"/runs/{run_id}/artifacts")).json() == []
         assert await _blob_count(orch, run_id) == 0
         await agent.close()
@@ -157,3 +159,27 @@ async def test_unknown_run_and_artifact(database: Database, tmp_path: Path) -> N
         created = await orch.create_run(workflow([{"name": "build", "runs_on": exact("linux")}]))
         missing = await orch.admin("GET", f"/runs/{created.run_id}/artifacts/nope")
         assert missing.status_code == 404 and "no artifact" in missing.json()["error"]
+
+
+async def test_storage_down_answers_503_and_keeps_nothing(database: Database, tmp_path: Path) -> None:
+    async with serve_orchestrator(database, tmp_path) as orch:
+        agent, dispatch, token = await _running_job(orch)
+        run_id, job_id = dispatch["run_id"], dispatch["job_id"]
+        assert (await _put(orch, token, job_id, "kept.txt", b"kept")).status_code == 201
+        working = orch.services.blobs
+        # the store goes away: an S3 endpoint nothing listens on
+        orch.services.blobs = S3BlobStore(bucket="gone", endpoint=f"http://127.0.0.1:{free_ports(1)[0]}",
+                                          force_path_style=True, region="us-east-1")
+        try:
+            down = await _put(orch, token, job_id, "lost.txt", b"x" * 1000)
+            assert down.status_code == 503 and "artifact storage unavailable" in down.json()["error"]
+            listed = await orch.admin("GET", f"/runs/{run_id}/artifacts")
+            [kept] = listed.json()
+            assert kept["path"] == "kept.txt"
+            unavailable = await orch.admin("GET", f"/runs/{run_id}/artifacts/{kept['id']}")
+            assert unavailable.status_code == 503 and "artifact storage unavailable" in unavailable.json()["error"]
+        finally:
+            await orch.services.blobs.close()
+            orch.services.blobs = working
+        assert await _blob_count(orch, run_id) == 1
+        await agent.close()
