@@ -119,14 +119,16 @@ def ask_outside(ctx: Context) -> None:
 
 
 outside = job("outside", steps=[ask_outside])
+oversize = job("oversize", steps=[step("s", "mkdir -p out && head -c 200000 /dev/zero > out/big.bin")],
+               artifacts=["out/*"])
 
 ci = workflow("ci", on=[push(branches=["main"])],
-              jobs=[keep, drop, ok_only_on_failure, always, missing, escape, outside])
+              jobs=[keep, drop, ok_only_on_failure, always, missing, escape, outside, oversize])
 '''
 
 
 def test_artifacts_on_failure_only_when_asked(system: System) -> None:
-    system.start_orchestrator()
+    system.start_orchestrator(KICI_ARTIFACT_MAX_BYTES="100000")
     system.register_source()
     system.start_agent("a1", KICI_MAX_CONCURRENCY="3")
     sha = system.commit({".kici/workflows/ci.py": WHEN}, "artifacts when")
@@ -134,7 +136,7 @@ def test_artifacts_on_failure_only_when_asked(system: System) -> None:
     jobs = system.jobs(run["id"])
     assert {n: j["status"] for n, j in jobs.items()} == {
         "keep": "failed", "drop": "failed", "ok": "success", "always": "success", "missing": "failed",
-        "escape": "failed", "outside": "failed"}
+        "escape": "failed", "outside": "failed", "oversize": "failed"}
     listed = system.admin("GET", f"/runs/{run['id']}/artifacts").json()
     assert sorted((a["job"], a["path"]) for a in listed) == [("always", "out/always.txt"), ("keep", "out/keep.txt")]
     # a glob matching nothing and a symlink leaving the workspace fail the job, clearly
@@ -142,3 +144,26 @@ def test_artifacts_on_failure_only_when_asked(system: System) -> None:
     assert "symlink leaving the workspace" in (jobs["escape"]["error"] or "")
     assert any("matched no file" in line for line in system.log_lines(run["id"], "missing"))
     assert "upload_artifact: '/etc/hostname' is outside the workspace" in (jobs["outside"]["error"] or "")
+    assert "HTTP 413" in (jobs["oversize"]["error"] or "") and "KICI_ARTIFACT_MAX_BYTES" in jobs["oversize"]["error"]
+    assert all(j["failure_category"] == "artifacts" for n, j in jobs.items() if n in ("missing", "escape", "oversize"))
+
+
+def test_storage_gone_fails_the_job_clearly(system: System, s3_server: S3Server) -> None:
+    """The bucket disappears after start-up: the upload is refused (503, retried), the job fails with the
+    reason and category `artifacts`, and the agent carries on (the next job runs)."""
+    bucket = f"doomed-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    system.start_orchestrator(**{**s3_server.orchestrator_env(), "KICI_STORAGE_BUCKET": bucket})
+    system.register_source()
+    system.start_agent("a1")
+    client.delete_bucket(Bucket=bucket)
+    client.close()
+    sha = system.commit({".kici/workflows/ci.py": BUILD}, "build with artifacts")
+    run = system.wait_run(sha, "failed", "success", within=90)
+    build = system.jobs(run["id"])["build"]
+    assert build["status"] == "failed" and build["failure_category"] == "artifacts", build
+    assert "HTTP 503" in build["error"] and "artifact storage unavailable" in build["error"], build["error"]
+    assert system.admin("GET", f"/runs/{run['id']}/artifacts").json() == []
+    again = system.commit({"README.md": "next\n"}, "next")
+    assert system.wait_run(again, "failed", "success", within=90)["status"] == "failed"  # ran, same reason
