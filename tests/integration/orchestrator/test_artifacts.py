@@ -6,6 +6,7 @@ The full path with a real agent and both storage backends is tests/e2e/test_arti
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -149,6 +150,17 @@ async def test_size_limits(database: Database, tmp_path: Path) -> None:
         listed = (await orch.admin("GET", f"/runs/{run_id}/artifacts")).json()
         assert {a["path"]: a["size"] for a in listed} == {"one.bin": 1000, "two.bin": 500}
         assert await _blob_count(orch, run_id) == 2  # nothing of the refused uploads was kept
+
+        # concurrent uploads cannot pass the job's limit together (nor leave two rows for one path)
+        await orch.services.delete_run_data(run_id)
+        answers = await asyncio.gather(*(_put(orch, token, job_id, f"c{n}.bin", b"c" * 900) for n in range(4)),
+                                       *(_put(orch, token, job_id, "same.bin", b"s" * 10) for _ in range(3)))
+        assert sorted(r.status_code for r in answers[:4]) == [201, 413, 413, 413], [r.text for r in answers]
+        assert all(r.status_code in (201, 409) for r in answers[4:]), [r.text for r in answers[4:]]
+        listed = (await orch.admin("GET", f"/runs/{run_id}/artifacts")).json()
+        assert sorted(a["path"] for a in listed)[-1] == "same.bin" and len(listed) == 2
+        assert sum(a["size"] for a in listed) == 910
+        assert await _blob_count(orch, run_id) == 2
         await agent.close()
 
 

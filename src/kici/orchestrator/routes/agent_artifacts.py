@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from kici.engine.states import JobState
@@ -101,10 +102,15 @@ async def upload_artifact(job_id: str, path: str, request: Request, state: State
         return error_response(503, f"artifact storage unavailable: {exc}")
     content_type = artifacts.content_type_or_default(request.headers.get("content-type"))
     try:
-        async with state.database.transaction() as conn:
+        # one job's uploads commit one at a time, so the limit and the path's replacement see each other
+        async with state.database.transaction(lock=f"artifacts:{job_id}") as conn:
             current = await artifact_store.upload_target(conn, job_id)
             if current is None or current.status not in UPLOADABLE:  # finished while the body streamed
                 raise _Finished()
+            # checked again with the size known: concurrent uploads of one job must not pass the limit together
+            used = await artifact_store.job_bytes(conn, job_id, except_path=path)
+            if used + info.size > settings.artifact_job_max_bytes:
+                raise _OverJobLimit(used)
             _, replaced = await artifact_store.replace_artifact(
                 conn, org_id=target.org_id, run_id=target.run_id, job_id=job_id, path=path, size=info.size,
                 sha256=digest.hexdigest(), content_type=content_type, blob_key=key, artifact_id=artifact_id,
@@ -117,6 +123,13 @@ async def upload_artifact(job_id: str, path: str, request: Request, state: State
     except _Finished:
         await blobs.delete(key)
         return error_response(409, f"job {job_id!r} finished during the upload; nothing was kept")
+    except _OverJobLimit as over:
+        await blobs.delete(key)
+        return _too_large(path, settings.artifact_max_bytes, settings.artifact_job_max_bytes, over.used)
+    except IntegrityError:  # another upload of the same path committed first
+        await blobs.delete(key)
+        return error_response(409, f"artifact {path!r} of job {job_id!r} is being uploaded concurrently; "
+                                   "nothing was kept from this upload")
     except BaseException:
         await blobs.delete(key)  # no row points at it
         raise
@@ -132,6 +145,12 @@ async def upload_artifact(job_id: str, path: str, request: Request, state: State
 
 class _Finished(Exception):
     pass
+
+
+class _OverJobLimit(Exception):
+    def __init__(self, used: int) -> None:
+        super().__init__(used)
+        self.used = used
 
 
 def _too_large(path: str, per_artifact: int, per_job: int, used: int) -> Response:
