@@ -86,6 +86,8 @@ def test_artifacts_round_trip_with_a_real_agent(system: System, storage: Storage
     for path, content in EXPECTED.items():
         assert (target / "build" / path).read_bytes() == content, path
     assert not (target / "build" / "dist" / "notes.txt").exists()
+    unknown = system.kici_admin("runs", "artifacts", "no-such-run")
+    assert unknown.returncode == 1 and "no run with id 'no-such-run'" in unknown.stderr
     log = system.log_lines(run["id"], "build")
     assert any("[artifacts] uploaded dist/x-1.0-py3-none-any.whl" in line for line in log), log
 
