@@ -39,6 +39,7 @@ SCHEDULE = "tests/integration/orchestrator/test_schedules.py::test_every_minute_
 SCHEDULE_TIMEZONE = "tests/integration/orchestrator/test_schedules.py::test_cron_slots_follow_the_time_zone"
 ENVIRONMENT_REVIEWERS = "tests/integration/orchestrator/test_environments.py::test_reviewers_then_wait_timer"
 DISPATCH_INPUTS = "tests/integration/orchestrator/test_manual_runs.py::test_inputs_validated"
+ARTIFACTS = "tests/e2e/test_artifacts.py"
 INPUT_DESCRIPTION = "tests/unit/test_inputs.py::test_a_missing_required_input_is_described"
 
 def enforced(node_id: str) -> tuple[str, str]:
@@ -113,6 +114,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(on_cancel)": enforced(f"{RUNNER}::test_cancel_kills_the_whole_tree_and_runs_cancel_hooks"),
     "job(before_step)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
     "job(after_step)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
+    "job(artifacts)": enforced(f"{ARTIFACTS}::test_artifacts_round_trip_with_a_real_agent"),
+    "job(artifacts_when)": enforced(f"{ARTIFACTS}::test_artifacts_on_failure_only_when_asked"),
     # -- need(...), rule(...), skip(...), Retry, Concurrency, Cache
     "need(job)": enforced(f"{DISPATCH}::test_needs_dispatch_in_order_with_upstream_outputs"),
     "need(when)": enforced(f"{DISPATCH}::test_when_always_job_runs_after_a_failure"),

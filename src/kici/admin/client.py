@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -111,6 +114,35 @@ class AdminClient:
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
+
+    def download(self, path: str, dest: Path) -> tuple[int, str]:
+        """Stream a download into `dest` (written to a temporary file beside it, renamed when complete);
+        its size and SHA-256. A `X-Kici-Sha256` header that does not match the bytes received is an error,
+        and nothing is left at `dest`."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".part")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise AdminCLIError(f"{_api_message(response)} (HTTP {response.status_code})")
+                expected = response.headers.get("x-kici-sha256")
+                with open(partial, "wb") as handle:
+                    for chunk in response.iter_bytes():
+                        digest.update(chunk)
+                        size += len(chunk)
+                        handle.write(chunk)
+            if expected and expected != digest.hexdigest():
+                raise AdminCLIError(f"download of {dest.name} is corrupt: SHA-256 {digest.hexdigest()}, "
+                                    f"expected {expected}")
+            os.replace(partial, dest)
+        except httpx.HTTPError as exc:
+            raise AdminCLIError(f"download from {self.base_url} failed: {_reason(exc)}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        return size, digest.hexdigest()
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, json=body)

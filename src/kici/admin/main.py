@@ -284,7 +284,7 @@ def db_migrate(status_only: bool, as_json: bool) -> None:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list, show, jobs, logs, watch, cancel, rerun, start."""
+    """Runs: list, show, jobs, logs, watch, cancel, rerun, start, artifacts."""
 
 
 def _short_sha(value: Any) -> str | None:
@@ -422,6 +422,47 @@ def runs_logs(run_id: str, job: str | None, follow: bool) -> None:
         _until_interrupted(lambda: follow_logs(logs))
     else:
         _until_interrupted(lambda: print_logs(logs))
+
+
+@runs.command("artifacts")
+@click.argument("run_id", metavar="ID")
+@click.option("--download", "download_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Download every artifact into DIR/<job>/<path> (checked against its SHA-256).")
+@json_option
+def runs_artifacts(run_id: str, download_dir: Path | None, as_json: bool) -> None:
+    """List a run's artifacts (files its jobs uploaded), or download them with --download DIR."""
+    client = _client()
+    found = client.get(f"/runs/{_path_part(run_id)}/artifacts")
+    if download_dir is not None:
+        root = download_dir.absolute()
+        saved = []
+        for item in found:
+            dest = _artifact_dest(root, str(item["job"]), str(item["path"]))
+            size, sha = client.download(f"/runs/{_path_part(run_id)}/artifacts/{_path_part(item['id'])}", dest)
+            saved.append({**item, "file": str(dest)})
+            if not as_json:
+                click.echo(f"{dest}  ({size} bytes, sha256 {sha[:12]})")
+        if as_json:
+            print_json(saved)
+        elif not found:
+            click.echo("No artifacts.")
+        return
+    if as_json:
+        print_json(found)
+        return
+    print_table(found, [("id", "id"), ("job", "job"), ("path", "path"), ("size", "size"),
+                        ("sha256", "sha256"), ("created_at", "created")], empty="No artifacts.")
+
+
+def _artifact_dest(root: Path, job: str, path: str) -> Path:
+    """DIR/<job>/<path>, refusing anything that would land outside DIR (the server checks paths too)."""
+    job_dir = job.replace("/", "_").replace("\\", "_").strip() or "_"
+    if job_dir in (".", ".."):
+        job_dir = "_" + job_dir
+    dest = (root / job_dir / path).resolve()
+    if root.resolve() not in dest.parents:
+        raise AdminCLIError(f"artifact path {path!r} of job {job!r} would be written outside {root}")
+    return dest
 
 
 @runs.command("watch")

@@ -218,6 +218,11 @@ class AgentSettings(BaseModel):
         return websocket_url(self.orchestrator_url)
 
     @property
+    def http_base_url(self) -> str:
+        """The orchestrator's HTTP base (with its base path): where artifacts are uploaded."""
+        return http_base_url(self.orchestrator_url)
+
+    @property
     def jobs_dir(self) -> Path:
         return self.work_dir / "jobs"
 
@@ -233,6 +238,16 @@ def websocket_url(base: str) -> str:
     path = parts.path.rstrip("/")
     if not path.endswith("/ws"):
         path += "/ws"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def http_base_url(base: str) -> str:
+    """`base` with ws → http and wss → https, and without a trailing `/ws` (the WebSocket endpoint)."""
+    parts = urlsplit(base.strip())
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    if path.endswith("/ws"):
+        path = path[: -len("/ws")]
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 

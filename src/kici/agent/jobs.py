@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from kici.agent import workspace
+from kici.agent import artifacts, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname
 from kici.agent.connection import Connection, new_message_id
@@ -408,11 +408,37 @@ class JobManager:
         await self.backend.wait(runner)
         if result is None:  # pragma: no cover - the client always ends with a result
             result = JobResult(status="failed", error="runner ended without a result", failure_category="internal")
+        result = await self._upload_artifacts(job, result, setup_line)
         if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
             # the client's synthetic result: the runner died without reporting (killed, out of memory, …)
             result = result.model_copy(update={"error": f"workflow runner crashed: {result.error}"})
             for line in (result.error or "").splitlines():
                 setup_line(f"[error] {line}")
+        return result
+
+    async def _upload_artifacts(self, job: Job, result: JobResult, setup_line: Callable[[str], None]) -> JobResult:
+        """Upload the job's artifacts (its globs when the outcome matches `artifacts_when`, and whatever its
+        steps asked for); a glob matching nothing, a refused file or a failed upload fails a successful job
+        (category `artifacts`) after everything else was uploaded."""
+        dispatch = job.dispatch
+        when = dispatch.artifacts_when
+        wanted = when == "always" or (when == "success" and result.status == "success") or (
+            when == "on_failure" and result.status == "failed")
+        globs = dispatch.artifacts if wanted else []
+        if job.abandoned or (not globs and not result.artifacts):
+            return result
+        found = await asyncio.to_thread(artifacts.collect, job.workspace, globs, result.artifacts)
+        for problem in found.problems:
+            setup_line(f"[error] {problem}")
+        errors = list(found.problems)
+        if found.files:
+            errors += await artifacts.upload_all(
+                base_url=self.settings.http_base_url, token=self.settings.agent_token.get_secret_value(),
+                job_id=job.job_id, workspace=job.workspace, files=found.files, on_line=setup_line,
+            )
+        if errors and result.status == "success":
+            return JobResult(status="failed", outputs=result.outputs, error="\n".join(errors),
+                             failure_category="artifacts", artifacts=result.artifacts)
         return result
 
     def job_spec(self, job: Job) -> JobSpec:

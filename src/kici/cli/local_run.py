@@ -537,6 +537,10 @@ class LocalExecutor:
         if result.error:
             for line in result.error.splitlines():
                 self.printer.line(job, line, fg="red")
+        kept = [*(lock_job.artifacts or [] if lock_job else []), *result.artifacts]
+        if kept:  # said, not silently skipped: only an agent uploads artifacts (to its orchestrator)
+            self.printer.line(job, f"artifacts not uploaded by a local run (they stay in the workspace): "
+                                   f"{', '.join(kept)}", fg="yellow")
         mark = {"success": ("✓ success", "green"), "skipped": ("- skipped", "bright_black"),
                 "cancelled": ("⊘ cancelled", "yellow")}.get(result.status, ("✗ failed", "red"))
         self.printer.line(job, mark[0], fg=mark[1], bold=True)

@@ -126,6 +126,7 @@ def convert_job(
         cache=_cache(job.cache, where),
         hooks=_hooks(job, where, ("on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step")),
         continue_on_error=job.continue_on_error or None,
+        **_artifacts(job, where),
     )
 
 
@@ -437,3 +438,34 @@ def _hooks(owner: Any, where: Collector, names: Sequence[str]) -> lf.HookFlags |
             continue
         flags[f"has_{n}"] = True
     return lf.HookFlags(**flags) if flags else None
+
+
+ARTIFACT_WHEN = ("success", "on_failure", "always")
+
+
+def _artifacts(job: d.Job, where: Collector) -> dict[str, Any]:
+    """`artifacts=[globs]` and `artifacts_when=`: globs relative to the workspace, never climbing out of it."""
+    value, when = job.artifacts, job.artifacts_when
+    out: dict[str, Any] = {}
+    if when not in ARTIFACT_WHEN:
+        where.error(f"artifacts_when must be one of {', '.join(ARTIFACT_WHEN)}, not {when!r}")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        where.error(f"artifacts must be a list of glob patterns, not {type(value).__name__}")
+        return out
+    globs: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            where.error(f"artifacts: each entry must be a non-empty glob pattern, not {item!r}")
+        elif item.startswith("/") or "\\" in item or ".." in item.split("/"):
+            where.error(f"artifacts: {item!r} must be relative to the workspace, without `..`")
+        else:
+            globs.append(item)
+    if globs:
+        out["artifacts"] = globs
+        if when != "success" and when in ARTIFACT_WHEN:
+            out["artifacts_when"] = when
+    elif when != "success":
+        where.error("artifacts_when needs artifacts=[...]")
+    return out

@@ -385,6 +385,10 @@ class Job(LockModel):
     cache: list[CacheSpec] | None = None
     hooks: HookFlags | None = None
     continue_on_error: bool | None = None
+    artifacts: list[str] | None = None
+    """Globs (relative to the workspace) of the files the agent uploads after the job."""
+    artifacts_when: Literal["success", "on_failure", "always"] | None = None
+    """When: after a successful job (None: the default), a failed one, or always."""
 
 
 class Concurrency(LockModel):

@@ -228,6 +228,9 @@ class JobDispatch(Message):
     """The job's `grace_period` (lock file): on a cancel, how long its commands get between SIGTERM and
     SIGKILL; None → the runner's default (5 s)."""
     max_log_size_bytes: int | None = None
+    artifacts: list[str] = []
+    """The job's `artifacts` globs (lock file): files the agent uploads after the job."""
+    artifacts_when: Literal["success", "on_failure", "always"] = "success"
     attempt: int = 1
     timestamp: float
 

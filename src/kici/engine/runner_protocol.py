@@ -121,6 +121,8 @@ class JobResult(_Msg):
     error: str | None = None
     failure_category: str | None = None
     """`drift`, `import`, `step`, `hook`, `timeout`, `cancelled`, `internal` — for reports and retries."""
+    artifacts: list[str] = []
+    """Workspace-relative files the steps asked to keep (`ctx.upload_artifact`); the agent uploads them."""
 
 
 RunnerMessage = Annotated[

@@ -296,6 +296,49 @@ class Settings(BaseModel):
         "before they are deleted. Pending and failed reports are never deleted.",
     )
 
+    # -- blob storage and artifacts ----------------------------------------------------------------
+    storage_backend: Literal["fs", "s3"] = Field(
+        default="fs",
+        description="Where blobs (job artifacts) are kept: `fs`, files under `<data dir>/blobs` (embedded "
+        "default), or `s3`, an S3-compatible object store (AWS S3, SeaweedFS, MinIO) named by "
+        "`KICI_STORAGE_BUCKET` and `KICI_STORAGE_ENDPOINT`. With `s3` the orchestrator refuses to start when "
+        "the store cannot be reached or the bucket is missing (no fallback to `fs`). S3 credentials come from "
+        "the standard AWS chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE` and the shared "
+        "files, or an instance/container role), never from KiCI settings. See docs/operator/storage.md.",
+    )
+    storage_bucket: str | None = Field(
+        default=None, description="The S3 bucket (it must exist). Required with `KICI_STORAGE_BACKEND=s3`."
+    )
+    storage_prefix: str = Field(
+        default="",
+        description="Key prefix of every object KiCI writes in the bucket (e.g. `kici/`), so one bucket can "
+        "serve several installations or other tools.",
+        json_schema_extra=_doc_default("none (the bucket's root)"),
+    )
+    storage_endpoint: str | None = Field(
+        default=None,
+        description="URL of an S3-compatible server (`http://127.0.0.1:8333` for SeaweedFS, "
+        "`http://minio:9000`); unset for AWS S3 itself.",
+    )
+    storage_region: str | None = Field(
+        default=None,
+        description="S3 region (e.g. `eu-west-1`); unset, the AWS chain's (`AWS_REGION`, the config file).",
+    )
+    storage_force_path_style: bool = Field(
+        default=False,
+        description="Address objects as `ENDPOINT/BUCKET/KEY` instead of `BUCKET.ENDPOINT/KEY`: needed by "
+        "most self-hosted servers (SeaweedFS, MinIO) reached by IP address or a single host name.",
+    )
+    artifact_max_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=1,
+        description="Largest single artifact an agent may upload; a larger one is refused (413) and "
+        "nothing of it is kept.",
+    )
+    artifact_job_max_bytes: int = Field(
+        default=5 * 1024 * 1024 * 1024, ge=1,
+        description="Total size of the artifacts of one job; an upload that would go over it is refused (413).",
+    )
+
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @property
@@ -320,7 +363,7 @@ class Settings(BaseModel):
             data["database_url"] = sqlite_url_for(Path(data["data_dir"]).expanduser().absolute() / SQLITE_FILE_NAME)
         return data
 
-    @field_validator("mode", "log_level", "log_format", mode="before")
+    @field_validator("mode", "log_level", "log_format", "storage_backend", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -337,6 +380,13 @@ class Settings(BaseModel):
             parse_database_url(value)
         except DatabaseURLError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("storage_endpoint")
+    @classmethod
+    def _storage_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
         return value
 
     @field_validator("platform_url")
@@ -420,6 +470,12 @@ class Settings(BaseModel):
             raise ValueError(
                 "KICI_NOTIFY_URLS needs KICI_NOTIFY_SECRET (the key notifications are signed with)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> Settings:
+        if self.storage_backend == "s3" and not self.storage_bucket:
+            raise ValueError("KICI_STORAGE_BACKEND=s3 needs KICI_STORAGE_BUCKET (an existing bucket)")
         return self
 
     @model_validator(mode="after")

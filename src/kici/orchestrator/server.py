@@ -17,7 +17,8 @@ from kici.orchestrator.app import Readiness, create_app
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.startup import FatalStartupError, GeneratedToken, prepare_database
+from kici.orchestrator.services import services_of
+from kici.orchestrator.startup import FatalStartupError, GeneratedToken, check_blob_storage, prepare_database
 
 PROG = "kici-orchestrator"
 GRACEFUL_SHUTDOWN_S = 5
@@ -99,6 +100,8 @@ async def serve(
     async def prepare() -> None:
         nonlocal exit_code
         try:
+            readiness.waiting("checking the blob storage")
+            await check_blob_storage(settings, services_of(app).blobs)
             await prepare_database(settings, database, readiness, on_generated_token=print_bootstrap_token)
         except FatalStartupError as exc:
             log_event("orchestrator.startup_failed", level="error", reason=str(exc))

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kici.orchestrator.agents.registry import AgentRegistry
+from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.storage.blobs import BlobStore, blob_store_from_settings
 from kici.orchestrator.storage.logs import FilesystemLogStorage, default_log_root
 
 if TYPE_CHECKING:
@@ -35,6 +37,9 @@ class Services:
     poller: GitPoller
     reporter: ReportWorker
     scheduler: Scheduler
+    blobs: BlobStore
+    """Artifacts (and later caches): `KICI_STORAGE_BACKEND`; checked at start-up by `server.serve`."""
+    database: Database
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
@@ -54,7 +59,8 @@ class Services:
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
-                   reporter=reporter, scheduler=Scheduler(state, ingest))
+                   reporter=reporter, scheduler=Scheduler(state, ingest),
+                   blobs=blob_store_from_settings(state.settings), database=state.database)
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)
@@ -62,6 +68,14 @@ class Services:
         await self.poller.start(readiness)
         await self.scheduler.start(readiness)
         await self.reporter.start(readiness)
+
+    async def delete_run_data(self, run_id: str) -> None:
+        """Delete what a run keeps outside its database rows: its job logs and its artifacts (rows and
+        blobs). Whatever deletes runs (retention, an admin delete) calls this for each run it deletes."""
+        from kici.orchestrator.artifacts import delete_run_artifacts
+
+        await self.logs.delete_run(run_id)
+        await delete_run_artifacts(self.database, self.blobs, run_id)
 
     async def stop(self) -> None:
         """Stop the background services, each within `STOP_TIMEOUT_S` (a stuck one is logged and left
@@ -73,6 +87,7 @@ class Services:
             ("sweeper", self.sweeper.stop),
             ("dispatcher", self.dispatcher.stop),
             ("logs", lambda: asyncio.to_thread(self.logs.close)),
+            ("blobs", self.blobs.close),
         ):
             started = time.monotonic()
             try:

@@ -16,6 +16,7 @@ from kici.orchestrator.db.database import Database, DatabaseUnavailable
 from kici.orchestrator.db.migrate import MigrationError, migrate, migration_status
 from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.storage.blobs import BlobStore, BlobStoreUnavailable
 from kici.orchestrator.store import orgs, tokens
 
 BOOTSTRAP_TOKEN_NAME = "bootstrap"
@@ -111,6 +112,16 @@ async def bootstrap(settings: Settings, database: Database) -> GeneratedToken | 
     log_event("bootstrap.admin_token_created", token_id=created.token.id, file=str(path),
               hint="printed once on the terminal; also in the file (mode 0600)")
     return GeneratedToken(plaintext=created.plaintext, token_id=created.token.id, file=str(path))
+
+
+async def check_blob_storage(settings: Settings, blobs: BlobStore) -> None:
+    """Refuse to start on a blob store that cannot be used (an S3 endpoint that does not answer, a missing
+    bucket, refused credentials, an unwritable data dir), saying why: never a silent fallback to `fs`."""
+    try:
+        await blobs.check()
+    except BlobStoreUnavailable as exc:
+        raise FatalStartupError(f"blob storage (KICI_STORAGE_BACKEND={settings.storage_backend}): {exc}") from None
+    log_event("storage.ready", backend=blobs.name)
 
 
 async def prepare_database(

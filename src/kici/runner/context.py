@@ -337,6 +337,21 @@ class RunnerContext(Context):
         with self._lock:
             self.pending_paths.append(os.fspath(directory))
 
+    def upload_artifact(self, path: str | Path) -> str:
+        # checked now, so the step that asked fails with the reason; the agent checks again before uploading
+        root = self.workspace.resolve()
+        given = Path(os.fspath(path))
+        full = (given if given.is_absolute() else self.workspace / given).resolve()
+        if full != root and root not in full.parents:
+            raise ValueError(f"upload_artifact: {os.fspath(path)!r} is outside the workspace")
+        if not full.is_file():
+            raise ValueError(f"upload_artifact: {os.fspath(path)!r} is not a regular file")
+        relative = full.relative_to(root).as_posix()
+        with self._lock:
+            if relative not in self.runner.requested_artifacts:
+                self.runner.requested_artifacts.append(relative)
+        return relative
+
     # -- outputs
     def outputs_of(self, ref: Any) -> AttrDict:
         runner = self.runner

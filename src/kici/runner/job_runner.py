@@ -87,6 +87,8 @@ class JobRunner:
         self.job_def: Job
         self.step_names: list[str] = []
         self.step_outputs: dict[str, dict[str, Any]] = {}
+        self.requested_artifacts: list[str] = []
+        """Files steps asked for with `ctx.upload_artifact` (workspace-relative); sent with the result."""
         self.env_delta: dict[str, str] = {}
         self.paths: list[str] = []
         self.kill_grace = DEFAULT_KILL_GRACE
@@ -516,6 +518,9 @@ class JobRunner:
         self._hook(job.cleanup, "cleanup", SETUP_STEP_INDEX, None)
 
     def _result(self) -> dict[str, Any]:
+        return {**self._outcome(), "artifacts": list(self.requested_artifacts)}
+
+    def _outcome(self) -> dict[str, Any]:
         outputs = dict(self.step_outputs)
         if self.cancel_requested:
             return {"status": "cancelled", "outputs": outputs, "error": self.cancel_reason,

@@ -210,6 +210,7 @@ class ProtocolWriter:
         outputs: dict[str, Any] | None = None,
         error: str | None = None,
         failure_category: str | None = None,
+        artifacts: list[str] | None = None,
     ) -> bool:
         return self._write(
             {
@@ -218,6 +219,7 @@ class ProtocolWriter:
                 "outputs": outputs or {},
                 "error": error,
                 "failure_category": failure_category,
+                "artifacts": artifacts or [],
             },
             final=True,
         )

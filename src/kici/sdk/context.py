@@ -175,5 +175,11 @@ class Context(abc.ABC):
         """Prepend a directory to PATH for the following steps of this job."""
 
     @abc.abstractmethod
+    def upload_artifact(self, path: str | Path) -> str:
+        """Keep a file of the workspace as an artifact of this job: the agent uploads it after the job,
+        whatever the job's outcome. Returns its workspace-relative path. A path outside the workspace, or
+        not a regular file, raises `ValueError`."""
+
+    @abc.abstractmethod
     def outputs_of(self, ref: Any) -> AttrDict:
         """Outputs of an earlier step of this job, or of an upstream job (by object or name)."""

@@ -227,6 +227,10 @@ class Job:
     on_cancel: Hook | None = None
     before_step: Hook | None = None
     after_step: Hook | None = None
+    artifacts: Sequence[str] = ()
+    """Globs of workspace files the agent uploads after the job (`["dist/*.whl", "reports/**"]`)."""
+    artifacts_when: str = "success"
+    """When they are uploaded: `success` (default), `on_failure` or `always`."""
     has_run: bool = False
     has_steps: bool = True
 
@@ -239,6 +243,7 @@ _JOB_OPTIONS = frozenset(
         "runs_on", "needs", "matrix", "include", "exclude", "env", "environment", "environments",
         "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
         "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step",
+        "artifacts", "artifacts_when",
     }
 )
 

@@ -175,6 +175,10 @@ ROUTES = [
           body={"wait_timer_s": 30}),
     Route("DELETE", "/environments/{name}", (Permission.ENVIRONMENTS_WRITE,), 200,
           path="/environments/{environment}"),
+    Route("GET", "/runs/{run_id}/artifacts", (Permission.RUNS_READ,), 200, path="/runs/{run}/artifacts"),
+    # past the permission check the handler looks the artifact up (downloads: tests/e2e/test_artifacts.py)
+    Route("GET", "/runs/{run_id}/artifacts/{artifact_id}", (Permission.RUNS_READ,), 404,
+          path="/runs/{run}/artifacts/no-such-artifact", label="(unknown artifact)"),
 ]
 
 

@@ -634,5 +634,23 @@ environment_gates = sa.Table(
 )
 
 
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    # a file a job uploaded (kici.orchestrator.artifacts); its content is the blob `blob_key`
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),  # relative to the job's workspace, `/`-separated
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("content_type", sa.Text, nullable=False),
+    sa.Column("blob_key", sa.Text, nullable=False),
+    _created_at(),
+    sa.UniqueConstraint("job_id", "path"),
+    sa.Index(None, "run_id", "path"),
+)
+
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

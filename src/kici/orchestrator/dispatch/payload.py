@@ -162,6 +162,8 @@ def build_dispatch(
         job_timeout_ms=lock_job.timeout if lock_job is not None else None,
         grace_period_ms=lock_job.grace_period if lock_job is not None else None,
         max_log_size_bytes=max_log_size_bytes,
+        artifacts=(lock_job.artifacts or []) if lock_job is not None else [],
+        artifacts_when=(lock_job.artifacts_when or "success") if lock_job is not None else "success",
         attempt=attempt,
         timestamp=time.time(),
     )

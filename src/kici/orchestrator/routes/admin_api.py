@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from kici.orchestrator.auth import AdminRoute, error_response
 from kici.orchestrator.routes import (
     admin_agents,
+    admin_artifacts,
     admin_audit,
     admin_environments,
     admin_events,
@@ -39,6 +40,7 @@ router.include_router(admin_agents.router)
 router.include_router(admin_events.router)
 router.include_router(admin_reports.router)
 router.include_router(admin_environments.router)
+router.include_router(admin_artifacts.router)
 
 
 @router.api_route(
