@@ -127,7 +127,31 @@ def whoami(as_json: bool) -> None:
 # -- admin tokens -----------------------------------------------------------------------------------
 
 TOKEN_COLUMNS = [("id", "id"), ("name", "name"), ("role", "role"), ("created_at", "created"),
-                 ("last_used_at", "last used")]
+                 ("last_used_at", "last used"), ("expires", "expires")]
+
+
+def _check_duration(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """`--expires-in 30d`: checked here so a typo is a usage error before any request."""
+    if value is None:
+        return None
+    from kici.engine.durations import DurationError, parse_duration
+
+    try:
+        parse_duration(value)
+    except DurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+expires_in_option = click.option(
+    "--expires-in", callback=_check_duration, metavar="DURATION",
+    help="The token stops working after this long: a whole number and s, m, h or d (e.g. 30d). Default: never.",
+)
+
+
+def _with_expiry(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows: `expires` is the expiry time, `EXPIRED` once past it, `never` without one."""
+    return [{**t, "expires": "EXPIRED" if t.get("expired") else (t.get("expires_at") or "never")} for t in found]
 
 
 def _show_created(created: dict[str, Any], kind: str, details: str) -> None:
@@ -146,14 +170,16 @@ def token() -> None:
 @token.command("create")
 @click.option("--name", required=True, help="Who or what uses the token.")
 @click.option("--role", required=True, type=click.Choice(ROLES), help="Only owners may create owner tokens.")
+@expires_in_option
 @json_option
-def token_create(name: str, role: str, as_json: bool) -> None:
+def token_create(name: str, role: str, expires_in: str | None, as_json: bool) -> None:
     """Create an admin token (its value is printed once)."""
-    created = _client().post("/tokens", {"name": name, "role": role})
+    created = _client().post("/tokens", {"name": name, "role": role, "expires_in": expires_in})
     if as_json:
         print_json(created)
     else:
-        _show_created(created, "admin token", f"role {created['role']}")
+        expiry = f", expires {created['expires_at']}" if created.get("expires_at") else ""
+        _show_created(created, "admin token", f"role {created['role']}{expiry}")
 
 
 @token.command("list")
@@ -166,7 +192,7 @@ def token_list(include_revoked: bool, as_json: bool) -> None:
         print_json(found)
         return
     columns = TOKEN_COLUMNS + ([("revoked_at", "revoked")] if include_revoked else [])
-    print_table(found, columns, empty="No admin tokens.")
+    print_table(_with_expiry(found), columns, empty="No admin tokens.")
 
 
 @token.command("revoke")
@@ -206,16 +232,21 @@ def agent_token() -> None:
               help="Comma-separated labels agents using this token may register with.")
 @click.option("--allow-root-steps", is_flag=True,
               help="Let agents using this token run job steps as root (refused otherwise).")
+@expires_in_option
 @json_option
-def agent_token_create(name: str, labels: list[str], allow_root_steps: bool, as_json: bool) -> None:
+def agent_token_create(name: str, labels: list[str], allow_root_steps: bool, expires_in: str | None,
+                       as_json: bool) -> None:
     """Create an agent token (its value is printed once)."""
-    created = _client().post("/agent-tokens", {"name": name, "labels": labels, "allow_root_steps": allow_root_steps})
+    created = _client().post("/agent-tokens", {"name": name, "labels": labels, "allow_root_steps": allow_root_steps,
+                                               "expires_in": expires_in})
     if as_json:
         print_json(created)
     else:
         detail = "labels " + (",".join(created["labels"]) or "none")
         if created.get("allow_root_steps"):
             detail += ", root steps allowed"
+        if created.get("expires_at"):
+            detail += f", expires {created['expires_at']}"
         _show_created(created, "agent token", detail)
 
 
@@ -229,8 +260,9 @@ def agent_token_list(include_revoked: bool, as_json: bool) -> None:
         print_json(found)
         return
     columns = [("id", "id"), ("name", "name"), ("labels", "labels"), ("created_at", "created"),
-               ("last_used_at", "last used")] + ([("revoked_at", "revoked")] if include_revoked else [])
-    print_table(found, columns, empty="No agent tokens.")
+               ("last_used_at", "last used"), ("expires", "expires")] + (
+                   [("revoked_at", "revoked")] if include_revoked else [])
+    print_table(_with_expiry(found), columns, empty="No agent tokens.")
 
 
 @agent_token.command("revoke")

@@ -264,11 +264,12 @@ async def authenticated(request: Request, state: State, credentials: Credentials
     if token is None:
         raise _unauthenticated(request, "unknown_token")
     if not token.active:
-        raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
+        reason = "revoked_token" if token.revoked_at is not None else "expired_token"
+        raise _unauthenticated(request, reason, token_id=token.id, token_name=token.name)
     if token.last_used_at is None or utcnow() - token.last_used_at >= TOUCH_INTERVAL:
         async with state.database.transaction() as conn:
             touched = await tokens.verify_admin_token(conn, plaintext, touch=True)
-        if touched is None:  # revoked in between
+        if touched is None:  # revoked (or expired) in between
             raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
         token = touched
     return Principal(token)
