@@ -21,8 +21,8 @@ from kici.engine.durations import DurationError, parse_duration, parse_time
 from kici.engine.protocol import PROTOCOL_VERSION
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, admin_tokens, agent_tokens, utcnow
-from kici.orchestrator.store import audit, sessions, tokens
 from kici.orchestrator.store import agents as agent_store
+from kici.orchestrator.store import audit, sessions, tokens
 
 from .dispatch_harness import FAST_TIMEOUTS, SimAgent, serve_orchestrator
 from .test_admin_auth import API, Admin, admin  # noqa: F401 - the fixture

@@ -143,7 +143,8 @@ async def create_admin_token(
         await record_mutation(
             conn, request, principal, action="token.create", target=f"token:{created.token.id}",
             permission=Permission.TOKENS_WRITE, status=201,
-            reason=f"admin token {created.token.name!r} (role {body.role.value}{_expiry_text(created.token.expires_at)})",
+            reason=(f"admin token {created.token.name!r} "
+                    f"(role {body.role.value}{_expiry_text(created.token.expires_at)})"),
         )
     log_event("admin.token_created", token_id=created.token.id, role=body.role.value, by_token_id=principal.token.id)
     return AdminTokenCreated(**AdminTokenInfo.of(created.token).model_dump(), token=created.plaintext)
@@ -192,7 +193,8 @@ async def revoke_admin_token(
                        if t.id == token_id)
         await record_mutation(
             conn, request, principal, action="token.revoke", target=f"token:{token_id}",
-            permission=Permission.TOKENS_WRITE, reason=f"admin token {target.name!r} (role {target.role.value}) revoked",
+            permission=Permission.TOKENS_WRITE,
+            reason=f"admin token {target.name!r} (role {target.role.value}) revoked",
         )
     log_event("admin.token_revoked", token_id=token_id, role=target.role.value, by_token_id=principal.token.id)
     return AdminTokenInfo.of(revoked)
