@@ -239,12 +239,18 @@ def _record_denial(request: Request, status: int, reason: str, **fields: Any) ->
 
 
 async def write_denial(request: Request, values: Mapping[str, Any]) -> None:
-    """The audit row of a denial. A database failure here is logged, not raised: the caller is denied
-    either way."""
+    """The audit row of a denial: 401s counted into their client's row of the current window
+    (`audit_denial_window_seconds`), 403s one row each. A database failure here is logged, not raised: the
+    caller is denied either way."""
     state: AppState = request.app.state.kici
+    window = state.settings.audit_denial_window_seconds
     try:
         async with state.database.transaction() as conn:
-            await audit.record(conn, action="admin.request", outcome=AuditOutcome.DENIED, **values)
+            if values.get("status") == 401 and window > 0:
+                # unauthenticated: anyone can send these, so they are counted, not stored one by one
+                await audit.record_aggregated(conn, action="admin.request", window_s=window, **values)
+            else:
+                await audit.record(conn, action="admin.request", outcome=AuditOutcome.DENIED, **values)
     except Exception as exc:
         log_event("audit.write_failed", level="error", error=f"{type(exc).__name__}: {exc}")
 

@@ -268,7 +268,7 @@ async def test_revoked_token_is_refused(admin: Admin, caplog: pytest.LogCaptureF
     async with admin.database.read() as conn:
         [row] = await audit.list_audit(conn, outcome="denied")
     assert (row.status, row.reason, row.token_id) == (401, "revoked_token", me["id"])
-    listed = (await admin.request(AdminRole.AUDITOR, "GET", "/audit")).json()
+    listed = (await admin.request(AdminRole.AUDITOR, "GET", "/audit", params={"outcome": "denied"})).json()
     assert [(e["status"], e["reason"], e["token_id"]) for e in listed] == [(401, "revoked_token", me["id"])]
 
 
