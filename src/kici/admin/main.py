@@ -593,25 +593,56 @@ def reports_retry(report_id: int, as_json: bool) -> None:
 
 @cli.group()
 def audit() -> None:
-    """The audit log: denied admin requests (who, which permission, which path)."""
+    """The audit log: every mutation (who, what, on which target) and every denied request."""
+
+
+def _check_time(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """`--from`/`--to`: an ISO time or an age; checked here so a typo is a usage error before any request."""
+    if value is None:
+        return None
+    import datetime as dt
+
+    from kici.engine.durations import DurationError, parse_time
+
+    try:
+        parse_time(value, now=dt.datetime.now(dt.UTC))
+    except DurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
 
 
 @audit.command("list")
+@click.option("--action", help="Only this action (secret.set), or every action under a prefix ending in a dot "
+                               "(secret.).")
+@click.option("--actor", help="Only this actor: token:<id>, github:<login> or system.")
+@click.option("--from", "from_", callback=_check_time, metavar="TIME",
+              help="Entries at or after TIME: ISO 8601 (UTC without an offset) or an age like 24h, 7d.")
+@click.option("--to", callback=_check_time, metavar="TIME", help="Entries before TIME (same forms as --from).")
+@click.option("--outcome", type=click.Choice(["allowed", "denied"]), help="Only mutations or only denials.")
+@click.option("--before", metavar="CURSOR", help="The next page: the cursor printed after the previous page.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many.")
 @json_option
-def audit_list(limit: int, as_json: bool) -> None:
+def audit_list(action: str | None, actor: str | None, from_: str | None, to: str | None, outcome: str | None,
+               before: str | None, limit: int, as_json: bool) -> None:
     """List audit entries, newest first."""
-    found = _client().get("/audit", limit=limit)
+    found, next_cursor = _client().get_page(
+        "/audit", "X-Next-Cursor", action=action, actor=actor, to=to, outcome=outcome, before=before, limit=limit,
+        **{"from": from_},
+    )
     if as_json:
         print_json(found)
-        return
-    print_table(
-        found,
-        [("created_at", "when"), ("outcome", "outcome"), ("status", "status"), ("reason", "reason"),
-         ("role", "role"), ("permission", "permission"), ("method", "method"), ("path", "path"),
-         ("client", "client"), ("token_id", "token")],
-        empty="The audit log is empty.",
-    )
+    else:
+        rows = [{**e, "outcome": e["outcome"] + (f" x{e['count']}" if e.get("count", 1) > 1 else "")}
+                for e in found]
+        print_table(
+            rows,
+            [("created_at", "when"), ("action", "action"), ("outcome", "outcome"), ("status", "status"),
+             ("actor", "actor"), ("target", "target"), ("reason", "reason"), ("permission", "permission"),
+             ("method", "method"), ("path", "path"), ("client", "client")],
+            empty="No audit entries.",
+        )
+    if next_cursor:
+        click.echo(f"More entries: kici-admin audit list --before {next_cursor} (with the same filters)", err=True)
 
 
 @cli.group()

@@ -93,7 +93,8 @@ async def db_migrate(
         await record_mutation(
             conn, request, principal, action="db.migrate", target=f"schema:{result.after}",
             permission=Permission.DB_MIGRATE,
-            reason=f"schema {result.before or 'empty'} -> {result.after}; applied {', '.join(result.applied) or 'none'}",
+            reason=(f"schema {result.before or 'empty'} -> {result.after}; "
+                    f"applied {', '.join(result.applied) or 'none'}"),
         )
     log_event("admin.db_migrate", applied=list(result.applied), after=result.after, by_token_id=principal.token.id)
     return MigrationApplied(before=result.before, after=result.after, applied=list(result.applied))
