@@ -66,6 +66,8 @@ class Permission(StrEnum):
     """Set and delete scoped secrets."""
     KEY_ROTATE = "key:rotate"
     """Re-encrypt every stored secret under the current secret key (`rotate-key`)."""
+    DATA_PRUNE = "data:prune"
+    """Delete old runs, events and audit entries now (`prune`; the retention sweep does it on its own)."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})

@@ -165,6 +165,8 @@ ROUTES = [
     Route("DELETE", "/secrets/{name}", (Permission.SECRETS_WRITE,), 200, path="/secrets/{secret}",
           params={"scope": "repo:acme/app"}),
     Route("POST", "/rotate-key", (Permission.KEY_ROTATE,), 200),
+    Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": True}, label="(dry run)"),
+    Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": False}),
 ]
 
 

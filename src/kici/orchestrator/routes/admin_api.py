@@ -14,6 +14,7 @@ from kici.orchestrator.routes import (
     admin_manual_runs,
     admin_queue,
     admin_reports,
+    admin_retention,
     admin_runs,
     admin_schedules,
     admin_secrets,
@@ -37,6 +38,7 @@ router.include_router(admin_queue.router)
 router.include_router(admin_agents.router)
 router.include_router(admin_events.router)
 router.include_router(admin_reports.router)
+router.include_router(admin_retention.router)
 
 
 @router.api_route(
