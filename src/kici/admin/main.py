@@ -1193,6 +1193,30 @@ def rotate_key(as_json: bool) -> int:
     return 1 if result["failed"] or result["remaining"] else 0
 
 
+@cli.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted; delete nothing.")
+@json_option
+def prune(dry_run: bool, as_json: bool) -> None:
+    """Delete finished runs (with their jobs and logs), event log entries and audit entries older than the
+    orchestrator's retention settings (KICI_RETENTION_*_DAYS), now. The background sweep does the same
+    every KICI_RETENTION_INTERVAL_SECONDS."""
+    result = _client().post("/prune", {"dry_run": dry_run})
+    if as_json:
+        print_json(result)
+        return
+    counts, cutoffs = result["counts"], result["cutoffs"]
+    click.echo("Would delete (dry run, nothing deleted):" if dry_run else "Deleted:")
+    rows = [
+        {"kind": "runs", "count": f"{counts['runs']} ({counts['jobs']} jobs)", "older": cutoffs["runs"]},
+        {"kind": "events", "count": counts["events"], "older": cutoffs["events"]},
+        {"kind": "audit", "count": counts["audit"], "older": cutoffs["audit"]},
+    ]
+    print_table([{**r, "older": r["older"] or "kept forever"} for r in rows],
+                [("kind", "kind"), ("count", "count"), ("older", "older than")], empty="")
+    if not result["complete"]:
+        click.echo("Stopped early: another orchestrator is pruning now.", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run `kici-admin`; exits with 0, 1 (API or network error) or 2 (usage error)."""
     try:
