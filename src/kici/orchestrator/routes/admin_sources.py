@@ -268,6 +268,11 @@ async def source_hook(
             raise AdminError(422, f"invalid url {url!r}: expected http(s)://host[:port][/base-path]")
     else:
         base = str(request.base_url).rstrip("/") + state.settings.base_path
+    # not a change, but it hands out the source's webhook secret: who got it is worth a row
+    async with state.database.transaction() as conn:
+        await record_mutation(conn, request, principal, action="source.hook", target=f"source:{source.id}",
+                              permission=Permission.SOURCES_WRITE,
+                              reason=f"hook script (with the webhook secret) of git source {source.name!r} issued")
     log_event("admin.source_hook_issued", source_id=source.id, source=source.name, by_token_id=principal.token.id)
     return PlainTextResponse(hook_script(source.name, base + webhook_path(source), secret))
 
