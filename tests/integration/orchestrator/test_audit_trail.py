@@ -25,6 +25,7 @@ from kici.orchestrator.db.schema import AdminRole, AuditOutcome, audit_log, utcn
 from kici.orchestrator.store import audit, tokens
 
 from .test_admin_auth import API, ROUTES, SECRET_KEY, Admin, Route, _format, _targets, admin  # noqa: F401
+from .test_dashboard import Dash, _hidden, _seed_run, dash  # noqa: F401
 
 OWNER, AUDITOR = AdminRole.OWNER, AdminRole.AUDITOR
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -237,3 +238,33 @@ async def test_cursor_paging_walks_everything_once(admin: Admin) -> None:  # noq
         ordered = (await conn.execute(sa.select(audit_log.c.id).where(audit_log.c.action == "run.rerun")
                                       .order_by(audit_log.c.created_at.desc(), audit_log.c.id.desc()))).scalars()
         assert seen == list(ordered)
+
+
+# -- the dashboard ----------------------------------------------------------------------------------
+
+
+async def test_dashboard_actions_are_audited_with_the_signed_in_token(dash: Dash) -> None:  # noqa: F811
+    live, _ = await _seed_run(dash)
+    finished, _ = await _seed_run(dash, status="success")
+    owner_id = dash.token_ids[OWNER]
+    async with dash.session(OWNER) as http:
+        csrf = _hidden((await http.get(f"/runs/{live}")).text, "csrf_token")
+        assert (await http.post(f"/runs/{live}/cancel", data={"csrf_token": csrf})).status_code == 303
+        assert (await http.post(f"/runs/{finished}/rerun", data={"csrf_token": csrf})).status_code == 303
+        assert (await http.post("/logout", data={"csrf_token": csrf})).status_code == 303
+    async with dash.database.read() as conn:
+        rows = {e.action: e for e in await audit.list_audit(conn, outcome="allowed", limit=100)}
+    assert set(rows) == {"dashboard.login", "run.cancel", "run.rerun", "dashboard.logout"}
+    assert all(r.actor == f"token:{owner_id}" and r.client for r in rows.values())
+    assert (rows["run.cancel"].target, rows["run.cancel"].path) == (f"run:{live}", f"/runs/{live}/cancel")
+    assert rows["run.rerun"].target == f"run:{finished}" and rows["dashboard.login"].target.startswith("session:")
+
+
+async def test_failed_sign_ins_are_counted_per_client(dash: Dash) -> None:  # noqa: F811
+    async with dash.client() as http:
+        for _ in range(5):
+            csrf = _hidden((await http.get("/login")).text, "csrf_token")
+            assert (await http.post("/login", data={"token": "kici_nope", "csrf_token": csrf})).status_code == 401
+    rows = await _denied(dash.database)
+    assert len(rows) <= 2 and sum(r.count for r in rows) == 5  # two only across a window boundary
+    assert {(r.action, r.reason) for r in rows} == {("dashboard.login", "unknown_or_revoked_token")}

@@ -20,7 +20,7 @@ from kici.orchestrator.config import Settings
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, utcnow
-from kici.orchestrator.retention import prune
+from kici.orchestrator.retention import LOCK, prune
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import audit, tokens
 
@@ -181,3 +181,16 @@ async def test_a_run_that_is_not_finished_is_never_pruned_whatever_its_age(env: 
         left = set((await conn.execute(sa.select(schema.runs.c.id))).scalars())
     assert left == {r for r, s in statuses.items() if s in ("pending", "running", "cancelling", "held")}
     assert all((env.logs_root / r).is_dir() for r in left)
+
+
+async def test_while_another_orchestrator_prunes_this_one_stops(env: Env) -> None:
+    if env.database.is_sqlite:
+        # one writer per file: a second pruner waits for the write lock instead (nothing to show here)
+        pytest.skip("the retention lock is a PostgreSQL advisory lock; SQLite serialises writers by itself")
+    async with env.database.transaction() as other:
+        assert await env.database.try_lock(other, LOCK)
+        result = await prune(env.database, services_of(env.app).logs, services_of(env.app).dispatcher.settings)
+    assert result.complete is False and result.counts.total == 0 and result.batches == 0
+    assert (await _counts(env.database))["runs"] == OLD_FINISHED + len(env.kept_runs)
+    after = await prune(env.database, services_of(env.app).logs, services_of(env.app).dispatcher.settings)
+    assert after.complete is True and after.counts.runs == OLD_FINISHED
