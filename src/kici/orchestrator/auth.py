@@ -278,7 +278,8 @@ async def authenticated(request: Request, state: State, credentials: Credentials
         async with state.database.transaction() as conn:
             touched = await tokens.verify_admin_token(conn, plaintext, touch=True)
         if touched is None:  # revoked (or expired) in between
-            raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
+            reason = "expired_token" if token.expired else "revoked_token"
+            raise _unauthenticated(request, reason, token_id=token.id, token_name=token.name)
         token = touched
     return Principal(token)
 

@@ -229,7 +229,7 @@ async def login(request: Request, state: State) -> Response:
         client = request.client.host if request.client else None
         if found is None:
             denial: dict[str, Any] = {"status": 401, "reason": "unknown_or_revoked_token", "method": "POST",
-                      "path": request.url.path, "client": client}
+                                      "path": request.url.path, "client": client}
             window = state.settings.audit_denial_window_seconds
             if window > 0:  # anyone can post here: counted per client and window, not a row each
                 await audit.record_aggregated(conn, action="dashboard.login", window_s=window, **denial)
