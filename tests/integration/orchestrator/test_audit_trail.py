@@ -268,3 +268,6 @@ async def test_failed_sign_ins_are_counted_per_client(dash: Dash) -> None:  # no
     rows = await _denied(dash.database)
     assert len(rows) <= 2 and sum(r.count for r in rows) == 5  # two only across a window boundary
     assert {(r.action, r.reason) for r in rows} == {("dashboard.login", "unknown_or_revoked_token")}
+    async with dash.session(OWNER) as http:
+        page = (await http.get("/audit")).text
+    assert all(f"×{r.count}" in page for r in rows if r.count > 1) and "unknown_or_revoked_token" in page
