@@ -113,7 +113,7 @@ def test_token_create_list_revoke(orchestrator: Orchestrator, tmp_path: Path) ->
     assert created["token"].startswith("kici_") and created["role"] == "admin"
 
     rows = table(ok(kici_admin("token", "list", url=url)))
-    assert rows[0] == ["ID", "NAME", "ROLE", "CREATED", "LAST", "USED"]
+    assert rows[0] == ["ID", "NAME", "ROLE", "CREATED", "LAST", "USED", "EXPIRES"]
     names = {row[1]: row for row in rows[1:]}
     assert set(names) >= {"bootstrap", "ci-reader", "ops"}
     assert names["ci-reader"][2] == "auditor"

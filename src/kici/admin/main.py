@@ -128,7 +128,31 @@ def whoami(as_json: bool) -> None:
 # -- admin tokens -----------------------------------------------------------------------------------
 
 TOKEN_COLUMNS = [("id", "id"), ("name", "name"), ("role", "role"), ("created_at", "created"),
-                 ("last_used_at", "last used")]
+                 ("last_used_at", "last used"), ("expires", "expires")]
+
+
+def _check_duration(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """`--expires-in 30d`: checked here so a typo is a usage error before any request."""
+    if value is None:
+        return None
+    from kici.engine.durations import DurationError, parse_duration
+
+    try:
+        parse_duration(value)
+    except DurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+expires_in_option = click.option(
+    "--expires-in", callback=_check_duration, metavar="DURATION",
+    help="The token stops working after this long: a whole number and s, m, h or d (e.g. 30d). Default: never.",
+)
+
+
+def _with_expiry(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows: `expires` is the expiry time, `EXPIRED` once past it, `never` without one."""
+    return [{**t, "expires": "EXPIRED" if t.get("expired") else (t.get("expires_at") or "never")} for t in found]
 
 
 def _show_created(created: dict[str, Any], kind: str, details: str) -> None:
@@ -147,14 +171,16 @@ def token() -> None:
 @token.command("create")
 @click.option("--name", required=True, help="Who or what uses the token.")
 @click.option("--role", required=True, type=click.Choice(ROLES), help="Only owners may create owner tokens.")
+@expires_in_option
 @json_option
-def token_create(name: str, role: str, as_json: bool) -> None:
+def token_create(name: str, role: str, expires_in: str | None, as_json: bool) -> None:
     """Create an admin token (its value is printed once)."""
-    created = _client().post("/tokens", {"name": name, "role": role})
+    created = _client().post("/tokens", {"name": name, "role": role, "expires_in": expires_in})
     if as_json:
         print_json(created)
     else:
-        _show_created(created, "admin token", f"role {created['role']}")
+        expiry = f", expires {created['expires_at']}" if created.get("expires_at") else ""
+        _show_created(created, "admin token", f"role {created['role']}{expiry}")
 
 
 @token.command("list")
@@ -167,7 +193,7 @@ def token_list(include_revoked: bool, as_json: bool) -> None:
         print_json(found)
         return
     columns = TOKEN_COLUMNS + ([("revoked_at", "revoked")] if include_revoked else [])
-    print_table(found, columns, empty="No admin tokens.")
+    print_table(_with_expiry(found), columns, empty="No admin tokens.")
 
 
 @token.command("revoke")
@@ -207,16 +233,21 @@ def agent_token() -> None:
               help="Comma-separated labels agents using this token may register with.")
 @click.option("--allow-root-steps", is_flag=True,
               help="Let agents using this token run job steps as root (refused otherwise).")
+@expires_in_option
 @json_option
-def agent_token_create(name: str, labels: list[str], allow_root_steps: bool, as_json: bool) -> None:
+def agent_token_create(name: str, labels: list[str], allow_root_steps: bool, expires_in: str | None,
+                       as_json: bool) -> None:
     """Create an agent token (its value is printed once)."""
-    created = _client().post("/agent-tokens", {"name": name, "labels": labels, "allow_root_steps": allow_root_steps})
+    created = _client().post("/agent-tokens", {"name": name, "labels": labels, "allow_root_steps": allow_root_steps,
+                                               "expires_in": expires_in})
     if as_json:
         print_json(created)
     else:
         detail = "labels " + (",".join(created["labels"]) or "none")
         if created.get("allow_root_steps"):
             detail += ", root steps allowed"
+        if created.get("expires_at"):
+            detail += f", expires {created['expires_at']}"
         _show_created(created, "agent token", detail)
 
 
@@ -230,8 +261,9 @@ def agent_token_list(include_revoked: bool, as_json: bool) -> None:
         print_json(found)
         return
     columns = [("id", "id"), ("name", "name"), ("labels", "labels"), ("created_at", "created"),
-               ("last_used_at", "last used")] + ([("revoked_at", "revoked")] if include_revoked else [])
-    print_table(found, columns, empty="No agent tokens.")
+               ("last_used_at", "last used"), ("expires", "expires")] + (
+                   [("revoked_at", "revoked")] if include_revoked else [])
+    print_table(_with_expiry(found), columns, empty="No agent tokens.")
 
 
 @agent_token.command("revoke")
@@ -603,25 +635,56 @@ def reports_retry(report_id: int, as_json: bool) -> None:
 
 @cli.group()
 def audit() -> None:
-    """The audit log: denied admin requests (who, which permission, which path)."""
+    """The audit log: every mutation (who, what, on which target) and every denied request."""
+
+
+def _check_time(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """`--from`/`--to`: an ISO time or an age; checked here so a typo is a usage error before any request."""
+    if value is None:
+        return None
+    import datetime as dt
+
+    from kici.engine.durations import DurationError, parse_time
+
+    try:
+        parse_time(value, now=dt.datetime.now(dt.UTC))
+    except DurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
 
 
 @audit.command("list")
+@click.option("--action", help="Only this action (secret.set), or every action under a prefix ending in a dot "
+                               "(secret.).")
+@click.option("--actor", help="Only this actor: token:<id>, github:<login> or system.")
+@click.option("--from", "from_", callback=_check_time, metavar="TIME",
+              help="Entries at or after TIME: ISO 8601 (UTC without an offset) or an age like 24h, 7d.")
+@click.option("--to", callback=_check_time, metavar="TIME", help="Entries before TIME (same forms as --from).")
+@click.option("--outcome", type=click.Choice(["allowed", "denied"]), help="Only mutations or only denials.")
+@click.option("--before", metavar="CURSOR", help="The next page: the cursor printed after the previous page.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many.")
 @json_option
-def audit_list(limit: int, as_json: bool) -> None:
+def audit_list(action: str | None, actor: str | None, from_: str | None, to: str | None, outcome: str | None,
+               before: str | None, limit: int, as_json: bool) -> None:
     """List audit entries, newest first."""
-    found = _client().get("/audit", limit=limit)
+    found, next_cursor = _client().get_page(
+        "/audit", "X-Next-Cursor", action=action, actor=actor, to=to, outcome=outcome, before=before, limit=limit,
+        **{"from": from_},
+    )
     if as_json:
         print_json(found)
-        return
-    print_table(
-        found,
-        [("created_at", "when"), ("outcome", "outcome"), ("status", "status"), ("reason", "reason"),
-         ("role", "role"), ("permission", "permission"), ("method", "method"), ("path", "path"),
-         ("client", "client"), ("token_id", "token")],
-        empty="The audit log is empty.",
-    )
+    else:
+        rows = [{**e, "outcome": e["outcome"] + (f" x{e['count']}" if e.get("count", 1) > 1 else "")}
+                for e in found]
+        print_table(
+            rows,
+            [("created_at", "when"), ("action", "action"), ("outcome", "outcome"), ("status", "status"),
+             ("actor", "actor"), ("target", "target"), ("reason", "reason"), ("permission", "permission"),
+             ("method", "method"), ("path", "path"), ("client", "client")],
+            empty="No audit entries.",
+        )
+    if next_cursor:
+        click.echo(f"More entries: kici-admin audit list --before {next_cursor} (with the same filters)", err=True)
 
 
 @cli.group()
@@ -1339,6 +1402,28 @@ def environment_delete(name: str, as_json: bool) -> None:
         print_json(deleted)
         return
     click.echo(f"Deleted environment {deleted['name']}.")
+@cli.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted; delete nothing.")
+@json_option
+def prune(dry_run: bool, as_json: bool) -> None:
+    """Delete finished runs (with their jobs and logs), event log entries and audit entries older than the
+    orchestrator's retention settings (KICI_RETENTION_*_DAYS), now. The background sweep does the same
+    every KICI_RETENTION_INTERVAL_SECONDS."""
+    result = _client().post("/prune", {"dry_run": dry_run})
+    if as_json:
+        print_json(result)
+        return
+    counts, cutoffs = result["counts"], result["cutoffs"]
+    click.echo("Would delete (dry run, nothing deleted):" if dry_run else "Deleted:")
+    rows = [
+        {"kind": "runs", "count": f"{counts['runs']} ({counts['jobs']} jobs)", "older": cutoffs["runs"]},
+        {"kind": "events", "count": counts["events"], "older": cutoffs["events"]},
+        {"kind": "audit", "count": counts["audit"], "older": cutoffs["audit"]},
+    ]
+    print_table([{**r, "older": r["older"] or "kept forever"} for r in rows],
+                [("kind", "kind"), ("count", "count"), ("older", "older than")], empty="")
+    if not result["complete"]:
+        click.echo("Stopped early: another orchestrator is pruning now.", err=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

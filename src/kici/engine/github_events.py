@@ -63,6 +63,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kici.engine.events import Event, EventType
+from kici.engine.refnames import event_ref_problem
 
 __all__ = [
     "MAX_PUSH_COMMITS",
@@ -251,6 +252,14 @@ class _Common:
             "delivery_id": self.delivery_id,
         }
         values.update(fields)
+        # a name git would refuse to create can only come from a forged or broken delivery: filter it here,
+        # before it reaches runs, logs, check names or a `git fetch` command line
+        problem = event_ref_problem(
+            ref=fields.get("ref"), tag=fields.get("tag"),
+            branches=(fields.get("branch"), fields.get("target_branch"), fields.get("source_branch")),
+        )
+        if problem is not None:
+            return self.ignored(problem)
         try:
             event = Event(type=type_, name=name, **values)
         except ValidationError as exc:  # pragma: no cover - every field is type-checked above

@@ -70,6 +70,8 @@ class Permission(StrEnum):
     """List and show deployment environments (their policies, variables and secret names)."""
     ENVIRONMENTS_WRITE = "environments:write"
     """Create, change and delete deployment environments."""
+    DATA_PRUNE = "data:prune"
+    """Delete old runs, events and audit entries now (`prune`; the retention sweep does it on its own)."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})
@@ -244,12 +246,18 @@ def _record_denial(request: Request, status: int, reason: str, **fields: Any) ->
 
 
 async def write_denial(request: Request, values: Mapping[str, Any]) -> None:
-    """The audit row of a denial. A database failure here is logged, not raised: the caller is denied
-    either way."""
+    """The audit row of a denial: 401s counted into their client's row of the current window
+    (`audit_denial_window_seconds`), 403s one row each. A database failure here is logged, not raised: the
+    caller is denied either way."""
     state: AppState = request.app.state.kici
+    window = state.settings.audit_denial_window_seconds
     try:
         async with state.database.transaction() as conn:
-            await audit.record(conn, action="admin.request", outcome=AuditOutcome.DENIED, **values)
+            if values.get("status") == 401 and window > 0:
+                # unauthenticated: anyone can send these, so they are counted, not stored one by one
+                await audit.record_aggregated(conn, action="admin.request", window_s=window, **values)
+            else:
+                await audit.record(conn, action="admin.request", outcome=AuditOutcome.DENIED, **values)
     except Exception as exc:
         log_event("audit.write_failed", level="error", error=f"{type(exc).__name__}: {exc}")
 
@@ -269,12 +277,14 @@ async def authenticated(request: Request, state: State, credentials: Credentials
     if token is None:
         raise _unauthenticated(request, "unknown_token")
     if not token.active:
-        raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
+        reason = "revoked_token" if token.revoked_at is not None else "expired_token"
+        raise _unauthenticated(request, reason, token_id=token.id, token_name=token.name)
     if token.last_used_at is None or utcnow() - token.last_used_at >= TOUCH_INTERVAL:
         async with state.database.transaction() as conn:
             touched = await tokens.verify_admin_token(conn, plaintext, touch=True)
-        if touched is None:  # revoked in between
-            raise _unauthenticated(request, "revoked_token", token_id=token.id, token_name=token.name)
+        if touched is None:  # revoked (or expired) in between
+            reason = "expired_token" if token.expired else "revoked_token"
+            raise _unauthenticated(request, reason, token_id=token.id, token_name=token.name)
         token = touched
     return Principal(token)
 

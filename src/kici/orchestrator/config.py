@@ -338,6 +338,38 @@ class Settings(BaseModel):
         default=5 * 1024 * 1024 * 1024, ge=1,
         description="Total size of the artifacts of one job; an upload that would go over it is refused (413).",
     )
+    # -- audit and retention ----------------------------------------------------------------------
+    audit_denial_window_seconds: int = Field(
+        default=60, ge=0,
+        description="Unauthenticated admin requests (401: no token, an unknown, revoked or expired one) and "
+        "failed dashboard sign-ins from one client are counted into one audit row per window of this many "
+        "seconds (per client, reason and token), so a flood cannot grow the audit log without bound. `0`: one "
+        "row per denial. Permission denials (403) always get a row each: they name a token.",
+    )
+    retention_runs_days: int = Field(
+        default=90, ge=0,
+        description="Finished runs older than this many days (by finish time) are deleted with their jobs, "
+        "steps, queue and report rows and their log files. Runs that have not finished are never deleted. "
+        "`0`: keep forever.",
+    )
+    retention_events_days: int = Field(
+        default=30, ge=0,
+        description="Event log entries (webhook deliveries and what became of them) older than this many days "
+        "are deleted. `0`: keep forever.",
+    )
+    retention_audit_days: int = Field(
+        default=365, ge=0,
+        description="Audit log entries older than this many days are deleted. `0`: keep forever.",
+    )
+    retention_interval_seconds: int = Field(
+        default=3600, ge=1,
+        description="How often the retention sweep runs (one orchestrator at a time, under a database lock).",
+    )
+    retention_batch_size: int = Field(
+        default=500, ge=1, le=10_000,
+        description="Rows deleted per statement by the retention sweep; it commits between batches so it "
+        "never holds long locks.",
+    )
 
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 

@@ -179,6 +179,8 @@ ROUTES = [
     # past the permission check the handler looks the artifact up (downloads: tests/e2e/test_artifacts.py)
     Route("GET", "/runs/{run_id}/artifacts/{artifact_id}", (Permission.RUNS_READ,), 404,
           path="/runs/{run}/artifacts/no-such-artifact", label="(unknown artifact)"),
+    Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": True}, label="(dry run)"),
+    Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": False}),
 ]
 
 
@@ -282,7 +284,7 @@ async def test_revoked_token_is_refused(admin: Admin, caplog: pytest.LogCaptureF
     async with admin.database.read() as conn:
         [row] = await audit.list_audit(conn, outcome="denied")
     assert (row.status, row.reason, row.token_id) == (401, "revoked_token", me["id"])
-    listed = (await admin.request(AdminRole.AUDITOR, "GET", "/audit")).json()
+    listed = (await admin.request(AdminRole.AUDITOR, "GET", "/audit", params={"outcome": "denied"})).json()
     assert [(e["status"], e["reason"], e["token_id"]) for e in listed] == [(401, "revoked_token", me["id"])]
 
 

@@ -18,7 +18,7 @@ from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole
-from kici.orchestrator.store import tokens
+from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store.sources import load_source_secrets
 
 API = "/api/v1/admin"
@@ -173,3 +173,28 @@ async def test_secrets_need_a_secret_key(database: Database, tmp_path: Path) -> 
         response = await http.post(API + "/sources", headers={"Authorization": f"Bearer {made.plaintext}"}, json={
             "kind": "git", "name": "x", "config": {"url": "/x"}, "secrets": {"webhook_secret": "s"}})
     assert response.status_code == 503 and "no secret key configured" in response.json()["error"]
+
+
+async def test_branch_names_in_config_follow_git_rules(api: Api) -> None:
+    bad_ref = await api.call("POST", "/sources", json={"kind": "generic", "name": "g",
+                                                         "config": {"auth": "none", "ref": "release..1"}})
+    assert bad_ref.status_code == 422
+    assert bad_ref.json() == {"error": "config.ref: invalid branch name 'release..1': it contains '..'"}
+    bad_default = await api.call("POST", "/sources", json={"kind": "git", "name": "l",
+                                                             "config": {"url": "/x", "default_branch": "-main"}})
+    assert bad_default.json() == {"error": "config.default_branch: invalid branch name '-main': it begins with '-'"}
+    await _git(api)
+    patched = await api.call("PATCH", "/sources/local", json={"config": {"default_branch": "a b"}})
+    assert patched.status_code == 422 and "invalid branch name 'a b'" in patched.json()["error"]
+    assert [s["name"] for s in (await api.call("GET", "/sources")).json()] == ["local"]
+    good = await api.call("POST", "/sources", json={"kind": "generic", "name": "g2",
+                                                      "config": {"auth": "none", "ref": "release/1.x"}})
+    assert good.status_code == 201
+
+
+async def test_issuing_a_hook_script_is_audited(api: Api) -> None:
+    await _git(api)
+    assert (await api.call("GET", "/sources/local/hook")).status_code == 200
+    async with api.database.read() as conn:
+        [row] = [e for e in await audit.list_audit(conn, outcome="allowed") if e.action == "source.hook"]
+    assert row.target is not None and row.target.startswith("source:") and SECRET not in (row.reason or "")

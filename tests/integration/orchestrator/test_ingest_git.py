@@ -290,3 +290,17 @@ async def test_a_rotated_webhook_secret_takes_effect_at_once(env: Env) -> None:
     assert stale.status_code == 401
     fresh = await env.notify("refs/heads/main", env.shas["bare"], env.shas["main2"], secret="rotated")
     assert fresh.status_code == 202
+
+
+async def test_a_push_to_an_invalid_ref_name_is_filtered_with_a_reason(env: Env) -> None:
+    for ref, why in (("refs/heads/a..b", "it contains '..'"), ("refs/heads/x.lock", "the component 'x.lock' ends "
+                     "with '.lock'"), ("refs/heads/bad\x01name", "it contains the control character '\\x01'"),
+                     ("refs/tags/v1^{}", "it contains '^'")):
+        response = await env.notify(ref, env.shas["main1"], env.shas["main2"])
+        assert response.status_code == 200, (ref, response.text)
+        body = response.json()
+        assert body["status"] == "filtered" and body["reason"] == f"invalid ref name {ref!r}: {why}", body
+        async with env.database.read() as conn:
+            log = await get_event_log(conn, body["delivery_id"])
+        assert log is not None and (log.status, log.reason) == ("filtered", body["reason"])
+    assert await env.runs() == []

@@ -437,3 +437,16 @@ async def test_push_to_the_default_branch_registers_schedules(env: Env, tmp_path
     assert (registered.repo, registered.branch, registered.workflow, registered.lock_commit) == (
         HELLO, "master", "nightly", INITIAL)
     assert (registered.cron, registered.timezone, registered.source) == ("30 2 * * *", "Asia/Tokyo", "github")
+
+
+async def test_a_push_to_an_invalid_ref_name_is_filtered_not_run(env: Env) -> None:
+    payload = json.loads((FIXTURE_DIR / "push.branch-with-commits.json").read_text())
+    for ref, why in (("refs/heads/feature..x", "it contains '..'"), ("refs/heads/a:b", "it contains ':'"),
+                     ("refs/heads/@{-1}", "it contains '@{'")):
+        delivery = str(uuid.uuid4())
+        response = await env.deliver("push.json", delivery=delivery, body=json.dumps({**payload, "ref": ref}).encode())
+        assert response.status_code == 200, response.text
+        assert response.json()["reason"] == f"invalid ref name {ref!r}: {why}"
+        log = await env.log(delivery)
+        assert log is not None and (log.status, log.reason) == ("filtered", f"invalid ref name {ref!r}: {why}")
+    assert await env.runs() == [] and not any("/contents/" in k for k in env.fake.hits)

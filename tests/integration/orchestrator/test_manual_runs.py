@@ -53,7 +53,7 @@ async def test_inputs_validated(database: Database, tmp_path: Path) -> None:
         [stored] = await orch.runs()
         assert stored.id == run["id"] and stored.event["inputs"] == {"count": 3, "mode": "fast", "dry_run": True}
         async with database.read() as conn:
-            [row] = await audit.list_audit(conn, outcome="allowed")
+            [row] = [e for e in await audit.list_audit(conn, outcome="allowed") if e.action == "runs.start"]
         assert (row.action, row.permission, row.role, row.status) == ("runs.start", "runs:write", "admin", 201)
         assert run["id"] in (row.reason or "")
 
@@ -168,3 +168,17 @@ async def test_github_source_resolves_refs_through_the_api(
         assert unknown.status_code == 422 and "'nope' not found in acme/app" in unknown.text
         assert fake_github.hits["GET /repos/acme/app/commits/release"] >= 2
         assert len(await orch.runs("deploy")) == 2
+
+
+async def test_invalid_ref_names_are_refused_before_the_repository_is_asked(database: Database, tmp_path: Path) -> None:
+    repo, _ = schedule_repo(tmp_path / "repo")
+    async with orchestrator(database, tmp_path / "data") as orch:
+        await orch.add_git_source(repo)
+        for ref, why in (("main..x", "it contains '..'"), ("refs/heads/a b", "it contains ' '"),
+                         ("x.lock", "the component 'x.lock' ends with '.lock'"), ("-x", "it begins with '-'")):
+            response = await orch.admin("POST", "/runs", json=start(ref=ref, inputs={"count": 1}))
+            assert response.status_code == 422, (ref, response.text)
+            assert response.json() == {"error": f"invalid request: ref: invalid ref name {ref!r}: {why}"}
+        assert await orch.runs() == []
+        async with database.read() as conn:
+            assert [e for e in await audit.list_audit(conn, outcome="allowed") if e.action == "runs.start"] == []

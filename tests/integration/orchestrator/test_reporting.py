@@ -39,7 +39,7 @@ from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.reporting.worker import ReportWorker, backoff
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import FilesystemLogStorage
-from kici.orchestrator.store import outbox
+from kici.orchestrator.store import audit, outbox
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.runs import JobRecord, NewRun, StepRecord
 from kici.orchestrator.store.sources import Source, create_source
@@ -635,6 +635,9 @@ async def test_rerequested_check_run_and_suite_rerun(hooks: Hooks) -> None:
         originals = {r: await run_store.get_run(conn, r) for r in run_ids}
     ci = next(r for r in originals.values() if r is not None and r.workflow == "ci")
     assert rerun is not None and rerun.original_run_id == ci.id and rerun.workflow == "ci" and rerun.reporting
+    async with h.database.read() as conn:
+        [row] = [e for e in await audit.list_audit(conn, outcome="allowed") if e.action == "run.rerun"]
+    assert (row.actor, row.target) == (f"github:{suite['sender']['login']}", f"run:{ci.id}")
     # check_suite.rerequested: the latest run of each workflow at the suite's head
     suite_body = copy.deepcopy(suite)
     suite_body["action"] = "rerequested"

@@ -41,7 +41,7 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import audit as audit_store
 from kici.orchestrator.store import queue as queue_store
-from kici.orchestrator.store.tokens import AgentToken, agent_token_active, verify_agent_token
+from kici.orchestrator.store.tokens import AgentToken, agent_token_state, verify_agent_token
 
 SELF_REPORTED_PREFIXES = tuple(f"{RESERVED_PREFIX}{kind}:" for kind in ("os", "arch", "host"))
 INVALID_MESSAGE = "INVALID_MESSAGE"
@@ -217,7 +217,7 @@ class AgentSession:
         async with self.database.transaction() as conn:
             token = await verify_agent_token(conn, message.token)
         if token is None:
-            reason = "invalid or revoked agent token"
+            reason = "invalid or revoked agent token"  # expired ones too: same answer as revoked
             self._log("agent.auth_failed", reason=reason, close_code=int(p.CloseCode.AUTH_FAILED))
             raise await self._close(p.CloseCode.AUTH_FAILED, reason, reply=p.AuthFailure(reason=reason))
         self.token = token
@@ -388,10 +388,11 @@ class AgentSession:
     async def _recheck_token(self) -> None:
         assert self.token is not None
         async with self.database.read() as conn:
-            active = await agent_token_active(conn, self.token.id)
-        if not active:
-            reason = "agent token revoked"
-            self._log("agent.token_revoked", close_code=int(p.CloseCode.AUTH_FAILED), level="warning")
+            state = await agent_token_state(conn, self.token.id)
+        if state != "active":
+            reason = "agent token expired" if state == "expired" else "agent token revoked"
+            self._log("agent.token_expired" if state == "expired" else "agent.token_revoked",
+                      close_code=int(p.CloseCode.AUTH_FAILED), level="warning")
             raise await self._close(p.CloseCode.AUTH_FAILED, reason, reply=p.AuthFailure(reason=reason))
 
     async def _heartbeat(self, agent: AgentConnection) -> None:

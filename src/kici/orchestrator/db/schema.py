@@ -194,6 +194,7 @@ admin_tokens = sa.Table(
     _created_at(),
     sa.Column("last_used_at", UtcDateTime, nullable=True),
     sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("expires_at", UtcDateTime, nullable=True),  # None: never; past it the token is refused like a revoked one
     _check_in("role", AdminRole),
 )
 
@@ -210,6 +211,7 @@ agent_tokens = sa.Table(
     sa.Column("revoked_at", UtcDateTime, nullable=True),
     # whether its agents may run job steps as root (an agent running as root without a step user)
     sa.Column("allow_root_steps", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Column("expires_at", UtcDateTime, nullable=True),  # None: never
 )
 
 dedup_cache = sa.Table(
@@ -242,6 +244,7 @@ event_log = sa.Table(
     sa.Column("processed_at", UtcDateTime, nullable=True),
     sa.UniqueConstraint("org_id", "delivery_id"),
     sa.Index(None, "org_id", "created_at"),
+    sa.Index(None, "created_at"),  # the retention sweep
     _check_in("status", EventLogStatus),
 )
 
@@ -289,6 +292,7 @@ runs = sa.Table(
     sa.Column("trigger", sa.Text, nullable=True),
     sa.Index(None, "org_id", "created_at"),
     sa.Index(None, "org_id", "status", "created_at"),
+    sa.Index(None, "finished_at"),  # the retention sweep
     sa.Index(None, "repo", "sha"),
     sa.Index(None, "delivery_id"),
     # the runs list's filters (store.runs.find_runs): each one an index ending in the page order
@@ -504,7 +508,13 @@ audit_log = sa.Table(
     sa.Column("actor", sa.Text, nullable=True),
     sa.Column("target", sa.Text, nullable=True),
     _created_at(),
+    # aggregated unauthenticated denials: one row per client and window, `count` incremented, `last_at` the
+    # latest; `aggregate_key` (`denied:401:<client>:<window start>`) is what concurrent denials meet on
+    sa.Column("count", sa.Integer, nullable=False, default=1, server_default="1"),
+    sa.Column("last_at", UtcDateTime, nullable=True),
+    sa.Column("aggregate_key", sa.Text, nullable=True, unique=True),
     sa.Index(None, "org_id", "created_at"),
+    sa.Index(None, "created_at"),  # the retention sweep
     _check_in("outcome", AuditOutcome),
 )
 

@@ -17,10 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from kici.engine.protocol import CloseCode
 from kici.orchestrator.app import Readiness
 from kici.orchestrator.background import PeriodicTask
-from kici.orchestrator.db.schema import ConcurrencyScope, utcnow
+from kici.orchestrator.db.schema import AuditOutcome, ConcurrencyScope, utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
 from kici.orchestrator.holds.environment import release_due_timers
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.retention import prune, prune_summary
+from kici.orchestrator.store import audit as audit_store
 from kici.orchestrator.store import concurrency as concurrency_store
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store import queue as queue_store
@@ -40,12 +42,31 @@ class Sweeper:
         self._after_commit: list[Callable[[], Awaitable[object]]] = []
         """Messages to agents decided by the running sweep, sent once its transaction has committed."""
         self._periodic = PeriodicTask("sweeper", self.settings.sweep_interval_ms / 1000, self.tick)
+        # retention has its own (long) interval; its first pass waits one interval rather than running at
+        # start-up, so a restart loop cannot turn into a delete loop
+        self._retention = PeriodicTask("retention", self.settings.retention_interval_seconds, self.retention)
+        self._retention_armed = False
 
     async def start(self, readiness: Readiness) -> None:
         await self._periodic.start(readiness)
+        await self._retention.start(readiness)
 
     async def stop(self) -> None:
+        await self._retention.stop()
         await self._periodic.stop()
+
+    async def retention(self) -> None:
+        """One retention pass (kici.orchestrator.retention); an audit row names `system` as the actor."""
+        if not self._retention_armed:
+            self._retention_armed = True
+            return
+        result = await prune(self.db, self.dispatcher.logs, self.settings)
+        if result.counts.total:
+            async with self.db.transaction() as conn:
+                await audit_store.record(
+                    conn, action="retention.prune", outcome=AuditOutcome.ALLOWED, actor="system",
+                    target="data:retention", reason=prune_summary(result),
+                )
 
     async def tick(self) -> None:
         """Run every sweep once; a failing sweep is logged and does not stop the others."""

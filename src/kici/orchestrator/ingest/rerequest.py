@@ -18,8 +18,9 @@ from typing import Any
 
 from kici.orchestrator import reruns
 from kici.orchestrator.app import AppState
-from kici.orchestrator.db.schema import EventLogStatus
+from kici.orchestrator.db.schema import AuditOutcome, EventLogStatus
 from kici.orchestrator.logs import log_event
+from kici.orchestrator.store import audit
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.runs import RunRecord, Superseded
@@ -86,6 +87,9 @@ async def handle_rerequest(
             run_ids: list[str] = []
             refused: list[str] = []
             superseded: list[Superseded] = []
+            sender = payload.get("sender")
+            login = sender.get("login") if isinstance(sender, Mapping) else None
+            actor = f"github:{login}" if isinstance(login, str) and login else "github:unknown"
             async with state.database.transaction() as conn:
                 for original in originals:
                     try:
@@ -95,6 +99,13 @@ async def handle_rerequest(
                     else:
                         run_ids.append(rerun.run.id)
                         superseded += rerun.superseded
+                        # a rerun is a mutation whoever asks: here a GitHub user's Re-run button
+                        await audit.record(
+                            conn, action="run.rerun", outcome=AuditOutcome.ALLOWED, org_id=org_id, actor=actor,
+                            target=f"run:{original.id}", status=202,
+                            reason=f"run {original.id} rerun as run {rerun.run.id} ({event_name} rerequested "
+                                   f"on GitHub, delivery {delivery_id})",
+                        )
             reason = f"{what}: reran {len(run_ids)} run(s)" + (f"; {'; '.join(refused)}" if refused else "")
             status = EventLogStatus.PROCESSED if run_ids else EventLogStatus.FILTERED
             result = RerequestResult(status, reason, run_ids, superseded)

@@ -26,6 +26,7 @@ from fastapi.routing import APIRoute
 
 from kici.engine.events import Event
 from kici.engine.github_events import normalize_github
+from kici.engine.refnames import event_ref_problem
 from kici.engine.triggers import json_path_get
 from kici.engine.webhook_auth import ip_allowed, verify_bearer, verify_hmac_sha256
 from kici.orchestrator.app import AppState, app_state
@@ -448,10 +449,12 @@ async def generic_webhook(
     lock_source = await _lock_source(state, org_id, source)
     event: Event | None = None
     reason: str | None = None
+    branch = str(source.config.get("ref") or "main")
     if allowed is not None and name not in allowed:
         reason = f"event {name!r} is not in allowed_events"
+    elif (problem := event_ref_problem(branches=(branch,))) is not None:
+        reason = problem  # a source configured before refs were validated
     else:
-        branch = str(source.config.get("ref") or "main")
         repo = source.config.get("repo")
         if repo is None and lock_source is not None and lock_source.kind is SourceKind.GIT:
             repo = lock_source.config.get("repo") or repo_name_from_url(str(lock_source.config["url"]))

@@ -16,6 +16,7 @@ from kici.orchestrator.routes import (
     admin_manual_runs,
     admin_queue,
     admin_reports,
+    admin_retention,
     admin_runs,
     admin_schedules,
     admin_secrets,
@@ -41,6 +42,7 @@ router.include_router(admin_events.router)
 router.include_router(admin_reports.router)
 router.include_router(admin_environments.router)
 router.include_router(admin_artifacts.router)
+router.include_router(admin_retention.router)
 
 
 @router.api_route(

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kici.engine.events import Event
 from kici.engine.inputs import InputError, resolve_inputs
 from kici.engine.lockfile import DispatchTrigger, LockFileError
+from kici.engine.refnames import branch_name_problem, ref_name_problem
 from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
@@ -84,6 +85,11 @@ async def start_run(
     org_id = principal.token.org_id
     if body.ref is not None and body.sha is not None:
         raise AdminError(422, "invalid request: give either ref or sha, not both")
+    if body.ref is not None:
+        # git's own ref-name rules, before anything asks the repository about it
+        problem = ref_name_problem(body.ref) if body.ref.startswith("refs/") else branch_name_problem(body.ref)
+        if problem is not None:
+            raise AdminError(422, f"invalid request: ref: invalid ref name {body.ref!r}: {problem}")
     async with state.database.read() as conn:
         source = await get_source(conn, body.source, org_id=org_id) or await get_source_by_name(
             conn, org_id, body.source

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from kici.engine.states import RunStatus, is_terminal
 from kici.orchestrator import reruns
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -269,6 +270,12 @@ async def cancel_run(
         try:
             async with state.database.transaction() as conn:
                 result = await runs.cancel_run(conn, run_id, by=by, force=force)
+                await record_mutation(
+                    conn, request, principal, action="run.force_cancel" if force else "run.cancel",
+                    target=f"run:{run_id}", permission=Permission.RUNS_CANCEL,
+                    reason=(f"run {run_id} {result.status}: {len(result.cancelled_jobs)} jobs cancelled, "
+                            f"{len(result.running)} running told to stop"),
+                )
         except runs.RunNotFound:
             raise AdminError(404, f"no run with id {run_id!r}") from None
         except runs.RunFinished as exc:
@@ -308,6 +315,10 @@ async def rerun_run(
     try:
         async with state.database.transaction() as conn:
             created = await reruns.rerun(conn, state.settings, original)
+            await record_mutation(
+                conn, request, principal, action="run.rerun", target=f"run:{run_id}", permission=Permission.RUNS_RERUN,
+                status=201, reason=f"run {run_id} rerun as run {created.run.id}",
+            )
     except reruns.RerunRefused as exc:
         raise AdminError(409, str(exc)) from None
     rerun = created.run

@@ -19,6 +19,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -132,6 +133,12 @@ async def create_source(body: SourceCreate, request: Request, state: State, prin
                 conn, key=key, name=body.name, kind=body.kind, config=body.config, secrets=body.secrets,
                 enabled=body.enabled, org_id=org_id,
             )
+            await record_mutation(
+                conn, request, principal, action="source.create", target=f"source:{created.id}",
+                permission=Permission.SOURCES_WRITE, status=201,
+                reason=(f"{created.kind.value} source {created.name!r} created"
+                        + (f" with secrets {', '.join(sorted(body.secrets))}" if body.secrets else "")),
+            )
     except SourceError as exc:
         raise AdminError(422, str(exc)) from None
     except sa.exc.IntegrityError:  # a concurrent create with the same name
@@ -152,7 +159,9 @@ async def show_source(id_or_name: str, state: State, principal: Reader) -> Sourc
 
 
 @router.patch("/sources/{id_or_name}", summary="Change a source's config and/or secrets", responses=_NOT_FOUND)
-async def update_source(id_or_name: str, body: SourceUpdate, state: State, principal: Writer) -> SourceInfo:
+async def update_source(
+    id_or_name: str, body: SourceUpdate, request: Request, state: State, principal: Writer
+) -> SourceInfo:
     org_id = principal.token.org_id
     key = _key(state, {k: v for k, v in (body.secrets or {}).items() if v is not None})
     try:
@@ -164,6 +173,15 @@ async def update_source(id_or_name: str, body: SourceUpdate, state: State, princ
                 config = {k: v for k, v in config.items() if v is not None}
             updated = await store.update_source(conn, current.id, key=key, org_id=org_id, config=config,
                                                 secrets=body.secrets)
+            if updated is not None:
+                # names only: which config keys and which secrets changed, never a value
+                changed = [f"config {', '.join(sorted(body.config))}" if body.config else "",
+                           f"secrets {', '.join(sorted(body.secrets))}" if body.secrets else ""]
+                await record_mutation(
+                    conn, request, principal, action="source.update", target=f"source:{updated.id}",
+                    permission=Permission.SOURCES_WRITE,
+                    reason=f"source {updated.name!r} updated: {'; '.join(c for c in changed if c) or 'nothing'}",
+                )
     except SourceError as exc:
         raise AdminError(422, str(exc)) from None
     if updated is None:
@@ -173,35 +191,46 @@ async def update_source(id_or_name: str, body: SourceUpdate, state: State, princ
     return SourceInfo.of(updated, state.settings.base_path)
 
 
-async def _set_enabled(id_or_name: str, enabled: bool, state: AppState, principal: Principal) -> SourceInfo:
+async def _set_enabled(
+    id_or_name: str, enabled: bool, request: Request, state: AppState, principal: Principal
+) -> SourceInfo:
     org_id = principal.token.org_id
     async with state.database.transaction() as conn:
         current = await _find(conn, org_id, id_or_name)
         await store.set_source_enabled(conn, current.id, enabled, org_id=org_id)
         changed = await _find(conn, org_id, current.id)
+        await record_mutation(
+            conn, request, principal, action="source.enable" if enabled else "source.disable",
+            target=f"source:{current.id}", permission=Permission.SOURCES_WRITE,
+            reason=f"source {current.name!r} {'enabled' if enabled else 'disabled'}",
+        )
     log_event("admin.source_enabled" if enabled else "admin.source_disabled", source_id=changed.id,
               source=changed.name, by_token_id=principal.token.id)
     return SourceInfo.of(changed, state.settings.base_path)
 
 
 @router.post("/sources/{id_or_name}/enable", summary="Enable a source", responses=_NOT_FOUND)
-async def enable_source(id_or_name: str, state: State, principal: Writer) -> SourceInfo:
-    return await _set_enabled(id_or_name, True, state, principal)
+async def enable_source(id_or_name: str, request: Request, state: State, principal: Writer) -> SourceInfo:
+    return await _set_enabled(id_or_name, True, request, state, principal)
 
 
 @router.post("/sources/{id_or_name}/disable", summary="Disable a source (its webhooks answer 404)",
              responses=_NOT_FOUND)
-async def disable_source(id_or_name: str, state: State, principal: Writer) -> SourceInfo:
-    return await _set_enabled(id_or_name, False, state, principal)
+async def disable_source(id_or_name: str, request: Request, state: State, principal: Writer) -> SourceInfo:
+    return await _set_enabled(id_or_name, False, request, state, principal)
 
 
 @router.delete("/sources/{id_or_name}", summary="Delete a source", responses=_NOT_FOUND)
-async def delete_source(id_or_name: str, state: State, principal: Writer) -> SourceInfo:
+async def delete_source(id_or_name: str, request: Request, state: State, principal: Writer) -> SourceInfo:
     org_id = principal.token.org_id
     async with state.database.transaction() as conn:
         current = await _find(conn, org_id, id_or_name)
         if not await store.delete_source(conn, current.id, org_id=org_id):
             raise AdminError(404, f"no source {id_or_name!r}")
+        await record_mutation(
+            conn, request, principal, action="source.delete", target=f"source:{current.id}",
+            permission=Permission.SOURCES_WRITE, reason=f"{current.kind.value} source {current.name!r} deleted",
+        )
     log_event("admin.source_deleted", source_id=current.id, source=current.name, by_token_id=principal.token.id)
     return SourceInfo.of(current, state.settings.base_path)
 
@@ -239,6 +268,11 @@ async def source_hook(
             raise AdminError(422, f"invalid url {url!r}: expected http(s)://host[:port][/base-path]")
     else:
         base = str(request.base_url).rstrip("/") + state.settings.base_path
+    # not a change, but it hands out the source's webhook secret: who got it is worth a row
+    async with state.database.transaction() as conn:
+        await record_mutation(conn, request, principal, action="source.hook", target=f"source:{source.id}",
+                              permission=Permission.SOURCES_WRITE,
+                              reason=f"hook script (with the webhook secret) of git source {source.name!r} issued")
     log_event("admin.source_hook_issued", source_id=source.id, source=source.name, by_token_id=principal.token.id)
     return PlainTextResponse(hook_script(source.name, base + webhook_path(source), secret))
 

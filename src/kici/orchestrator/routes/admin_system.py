@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -80,12 +81,20 @@ async def db_migration_status(
 
 @router.post("/db/migrate", summary="Apply pending schema migrations", responses={409: {"model": ErrorResponse}})
 async def db_migrate(
-    state: State, principal: Annotated[Principal, Depends(require(Permission.DB_MIGRATE))]
+    request: Request, state: State, principal: Annotated[Principal, Depends(require(Permission.DB_MIGRATE))]
 ) -> MigrationApplied:
     async with _migrate_lock:
         try:
             result = await migrate(state.database)
         except MigrationError as exc:
             raise AdminError(409, str(exc)) from None
+    # after the migration (which commits on its own): the row records that it was asked for and what it did
+    async with state.database.transaction() as conn:
+        await record_mutation(
+            conn, request, principal, action="db.migrate", target=f"schema:{result.after}",
+            permission=Permission.DB_MIGRATE,
+            reason=(f"schema {result.before or 'empty'} -> {result.after}; "
+                    f"applied {', '.join(result.applied) or 'none'}"),
+        )
     log_event("admin.db_migrate", applied=list(result.applied), after=result.after, by_token_id=principal.token.id)
     return MigrationApplied(before=result.before, after=result.after, applied=list(result.applied))

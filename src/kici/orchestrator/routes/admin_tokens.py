@@ -7,11 +7,13 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from kici.engine.durations import DurationError, parse_duration
 from kici.engine.labels import validate_user_labels
 from kici.orchestrator.agents import agent_registry
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -22,7 +24,7 @@ from kici.orchestrator.auth import (
     forbidden,
     require,
 )
-from kici.orchestrator.db.schema import AdminRole
+from kici.orchestrator.db.schema import AdminRole, utcnow
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import agents as agent_store
@@ -44,10 +46,54 @@ def _clean_name(value: str) -> str:
     return value
 
 
+class Expiry(BaseModel):
+    """When a new token stops working: `expires_in` (`90s`, `15m`, `24h`, `30d`) or `expires_at` (a future
+    time), not both; neither: never."""
+
+    expires_in: str | None = Field(default=None, description="A lifetime from now: a whole number and s, m, h or d")
+    expires_at: dt.datetime | None = Field(default=None, description="An absolute expiry time (ISO 8601, future)")
+
+    @field_validator("expires_in")
+    @classmethod
+    def _expires_in(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value)
+            except DurationError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_at(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("give a time zone (e.g. Z for UTC)")
+        if value <= utcnow():
+            raise ValueError("must be in the future")
+        return value.astimezone(dt.UTC)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Expiry:
+        if self.expires_in is not None and self.expires_at is not None:
+            raise ValueError("give expires_in or expires_at, not both")
+        return self
+
+    def deadline(self) -> dt.datetime | None:
+        if self.expires_in is not None:
+            return utcnow() + parse_duration(self.expires_in)
+        return self.expires_at
+
+
+def _expiry_text(expires_at: dt.datetime | None) -> str:
+    return f", expires {expires_at.isoformat()}" if expires_at is not None else ""
+
+
 # -- admin tokens -----------------------------------------------------------------------------------
 
 
-class AdminTokenCreate(BaseModel):
+class AdminTokenCreate(Expiry):
     name: str = NAME_FIELD
     role: AdminRole = Field(description="owner, admin, auditor or viewer; only owners may create owner tokens")
 
@@ -61,6 +107,8 @@ class AdminTokenInfo(BaseModel):
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     revoked_at: dt.datetime | None
+    expires_at: dt.datetime | None = Field(default=None, description="None: never expires")
+    expired: bool = Field(default=False, description="Past `expires_at`: refused like a revoked token")
 
     @classmethod
     def of(cls, token: AdminToken) -> AdminTokenInfo:
@@ -71,6 +119,8 @@ class AdminTokenInfo(BaseModel):
             created_at=token.created_at,
             last_used_at=token.last_used_at,
             revoked_at=token.revoked_at,
+            expires_at=token.expires_at,
+            expired=token.expired,
         )
 
 
@@ -88,7 +138,14 @@ async def create_admin_token(
     if body.role == AdminRole.OWNER and not principal.can(Permission.TOKENS_OWNER):
         raise forbidden(request, principal, Permission.TOKENS_OWNER)
     async with state.database.transaction() as conn:
-        created = await tokens.create_admin_token(conn, name=body.name, role=body.role, org_id=principal.token.org_id)
+        created = await tokens.create_admin_token(conn, name=body.name, role=body.role, org_id=principal.token.org_id,
+                                                   expires_at=body.deadline())
+        await record_mutation(
+            conn, request, principal, action="token.create", target=f"token:{created.token.id}",
+            permission=Permission.TOKENS_WRITE, status=201,
+            reason=(f"admin token {created.token.name!r} "
+                    f"(role {body.role.value}{_expiry_text(created.token.expires_at)})"),
+        )
     log_event("admin.token_created", token_id=created.token.id, role=body.role.value, by_token_id=principal.token.id)
     return AdminTokenCreated(**AdminTokenInfo.of(created.token).model_dump(), token=created.plaintext)
 
@@ -124,7 +181,9 @@ async def revoke_admin_token(
         if target.role == AdminRole.OWNER:
             if not principal.can(Permission.TOKENS_OWNER):
                 raise forbidden(request, principal, Permission.TOKENS_OWNER)
-            if sum(1 for t in active if t.role == AdminRole.OWNER) == 1:
+            # an expired owner token does not count: it cannot sign in any more
+            others = [t for t in active if t.role == AdminRole.OWNER and t.active and t.id != token_id]
+            if target.active and not others:
                 raise AdminError(
                     409, "refusing to revoke the last active owner token; create another owner token first"
                 )
@@ -132,6 +191,11 @@ async def revoke_admin_token(
             raise AdminError(404, f"no active admin token with id {token_id!r}")
         revoked = next(t for t in await tokens.list_admin_tokens(conn, org_id=org_id, include_revoked=True)
                        if t.id == token_id)
+        await record_mutation(
+            conn, request, principal, action="token.revoke", target=f"token:{token_id}",
+            permission=Permission.TOKENS_WRITE,
+            reason=f"admin token {target.name!r} (role {target.role.value}) revoked",
+        )
     log_event("admin.token_revoked", token_id=token_id, role=target.role.value, by_token_id=principal.token.id)
     return AdminTokenInfo.of(revoked)
 
@@ -139,7 +203,7 @@ async def revoke_admin_token(
 # -- agent tokens -----------------------------------------------------------------------------------
 
 
-class AgentTokenCreate(BaseModel):
+class AgentTokenCreate(Expiry):
     name: str = NAME_FIELD
     labels: list[str] = Field(
         default_factory=list, description="Labels an agent using this token may register with"
@@ -166,6 +230,8 @@ class AgentTokenInfo(BaseModel):
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     revoked_at: dt.datetime | None
+    expires_at: dt.datetime | None = Field(default=None, description="None: never expires")
+    expired: bool = Field(default=False, description="Past `expires_at`: its agents are refused at (re)connect")
 
     @classmethod
     def of(cls, token: AgentToken) -> AgentTokenInfo:
@@ -177,6 +243,8 @@ class AgentTokenInfo(BaseModel):
             created_at=token.created_at,
             last_used_at=token.last_used_at,
             revoked_at=token.revoked_at,
+            expires_at=token.expires_at,
+            expired=token.expired,
         )
 
 
@@ -187,13 +255,21 @@ class AgentTokenCreated(AgentTokenInfo):
 @router.post("/agent-tokens", status_code=201, summary="Create an agent token")
 async def create_agent_token(
     body: AgentTokenCreate,
+    request: Request,
     state: State,
     principal: Annotated[Principal, Depends(require(Permission.AGENT_TOKENS_WRITE))],
 ) -> AgentTokenCreated:
     async with state.database.transaction() as conn:
         created = await tokens.create_agent_token(
             conn, name=body.name, labels=body.labels, org_id=principal.token.org_id,
-            allow_root_steps=body.allow_root_steps,
+            allow_root_steps=body.allow_root_steps, expires_at=body.deadline(),
+        )
+        await record_mutation(
+            conn, request, principal, action="agent_token.create", target=f"agent_token:{created.token.id}",
+            permission=Permission.AGENT_TOKENS_WRITE, status=201,
+            reason=(f"agent token {created.token.name!r} (labels {','.join(body.labels) or 'none'}"
+                    f"{', root steps allowed' if body.allow_root_steps else ''}"
+                    f"{_expiry_text(created.token.expires_at)})"),
         )
     log_event("admin.agent_token_created", agent_token_id=created.token.id, labels=body.labels,
               allow_root_steps=body.allow_root_steps or None, by_token_id=principal.token.id)
@@ -234,6 +310,12 @@ async def revoke_agent_token(
         agent_ids = await agent_store.agents_of_token(conn, token_id)
         requeued, failed = await queue_store.settle_revoked_agents(conn, agent_ids, limits=limits)
         await agent_store.mark_token_agents_disconnected(conn, token_id)
+        await record_mutation(
+            conn, request, principal, action="agent_token.revoke", target=f"agent_token:{token_id}",
+            permission=Permission.AGENT_TOKENS_WRITE,
+            reason=(f"agent token {revoked.name!r} revoked: {len(agent_ids)} agents cut off, "
+                    f"{len(requeued)} jobs requeued, {len(failed)} failed"),
+        )
     # connections to this process end now; other orchestrator processes notice at their next token
     # re-check (`agent_token_recheck_s`)
     closed = await registry.disconnect_token(token_id, "agent token revoked")

@@ -97,7 +97,8 @@ def _active(row: Any) -> ActiveSession:
 async def find_active_session(
     conn: AsyncConnection, secret: str, *, now: dt.datetime | None = None
 ) -> ActiveSession | None:
-    """The session with this secret if it is valid now (not revoked, not expired, token not revoked)."""
+    """The session with this secret if it is valid now (not revoked, not expired, token neither revoked nor
+    expired: a session ends with its token)."""
     now = now or utcnow()
     query = (
         sa.select(*_SESSION_COLUMNS, *_TOKEN_COLUMNS)
@@ -107,6 +108,7 @@ async def find_active_session(
             dashboard_sessions.c.revoked_at.is_(None),
             dashboard_sessions.c.expires_at > now,
             admin_tokens.c.revoked_at.is_(None),
+            sa.or_(admin_tokens.c.expires_at.is_(None), admin_tokens.c.expires_at > now),
         )
     )
     row = (await conn.execute(query)).first()

@@ -40,6 +40,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from kici.engine.refnames import branch_name_problem
 from kici.orchestrator.crypto import CryptoError, Keyring, as_keyring, key_id, open_any, seal, source_aad
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, SourceKind, new_id, sources, utcnow
 
@@ -136,6 +137,7 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
         _string(out, "url", required=True)
         _string(out, "repo")
         _string(out, "default_branch")
+        _branch(out, "default_branch")
         if "mirror" in out and not isinstance(out["mirror"], bool):
             raise SourceError("config.mirror must be true or false")
     else:
@@ -146,6 +148,7 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
         strings = ("signature_header", "event_header", "event_path", "idempotency_header", "repo", "ref", "lock_source")
         for key in strings:
             _string(out, key)
+        _branch(out, "ref")
         for key in ("dedup_window_seconds", "rate_limit_rpm"):
             _positive_int(out, key)
         for key in ("allowed_events", "allowed_ips"):
@@ -155,6 +158,15 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
         if auth == "ip_allowlist" and not out.get("allowed_ips"):
             raise SourceError("config.allowed_ips is required for auth ip_allowlist")
     return out
+
+
+def _branch(config: dict[str, Any], key: str) -> None:
+    """A branch name git would accept (`git check-ref-format --branch`)."""
+    value = config.get(key)
+    if isinstance(value, str):
+        problem = branch_name_problem(value)
+        if problem is not None:
+            raise SourceError(f"config.{key}: invalid branch name {value!r}: {problem}")
 
 
 def _notify(config: dict[str, Any]) -> None:

@@ -47,10 +47,16 @@ class _Record(BaseModel):
     created_at: dt.datetime
     last_used_at: dt.datetime | None = None
     revoked_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    """None: never expires. Past it the token is refused like a revoked one."""
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= utcnow()
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and not self.expired
 
 
 class AdminToken(_Record):
@@ -100,9 +106,10 @@ async def create_admin_token(
     role: AdminRole | str,
     org_id: str = DEFAULT_ORG_ID,
     plaintext: str | None = None,
+    expires_at: dt.datetime | None = None,
 ) -> CreatedAdminToken:
     """A new admin token. `plaintext` pins the token (the bootstrap token from the environment);
-    otherwise one is generated."""
+    otherwise one is generated. `expires_at`: refused from then on (None: never)."""
     plaintext = plaintext or generate_admin_token()
     token_id = new_id()
     values = {
@@ -112,6 +119,7 @@ async def create_admin_token(
         "role": AdminRole(role).value,
         "token_hash": hash_token(plaintext),
         "created_at": utcnow(),
+        "expires_at": expires_at,
     }
     await conn.execute(admin_tokens.insert().values(**values))
     return CreatedAdminToken(token=await _get_admin(conn, token_id), plaintext=plaintext)
@@ -152,8 +160,15 @@ async def list_admin_tokens(
     return [_admin(row) for row in rows]
 
 
+def _unexpired(column: sa.ColumnElement[dt.datetime]) -> sa.ColumnElement[bool]:
+    return sa.or_(column.is_(None), column > utcnow())
+
+
 async def count_active_admin_tokens(conn: AsyncConnection, *, org_id: str | None = None) -> int:
-    query = sa.select(sa.func.count()).select_from(admin_tokens).where(admin_tokens.c.revoked_at.is_(None))
+    """Tokens neither revoked nor expired."""
+    query = sa.select(sa.func.count()).select_from(admin_tokens).where(
+        admin_tokens.c.revoked_at.is_(None), _unexpired(admin_tokens.c.expires_at)
+    )
     if org_id is not None:
         query = query.where(admin_tokens.c.org_id == org_id)
     return int((await conn.execute(query)).scalar_one())
@@ -186,9 +201,10 @@ async def create_agent_token(
     labels: Sequence[str] = (),
     org_id: str = DEFAULT_ORG_ID,
     allow_root_steps: bool = False,
+    expires_at: dt.datetime | None = None,
 ) -> CreatedAgentToken:
     """A new agent token; `labels` are the labels an agent using it may register with;
-    `allow_root_steps` lets its agents run job steps as root."""
+    `allow_root_steps` lets its agents run job steps as root; `expires_at`: refused from then on."""
     plaintext = generate_agent_token()
     token_id = new_id()
     values = {
@@ -199,6 +215,7 @@ async def create_agent_token(
         "allow_root_steps": allow_root_steps,
         "token_hash": hash_token(plaintext),
         "created_at": utcnow(),
+        "expires_at": expires_at,
     }
     await conn.execute(agent_tokens.insert().values(**values))
     row = (await conn.execute(sa.select(*_AGENT_COLUMNS).where(agent_tokens.c.id == token_id))).one()
@@ -209,7 +226,9 @@ async def verify_agent_token(conn: AsyncConnection, plaintext: str, *, touch: bo
     row = (
         await conn.execute(
             sa.select(*_AGENT_COLUMNS).where(
-                agent_tokens.c.token_hash == hash_token(plaintext), agent_tokens.c.revoked_at.is_(None)
+                agent_tokens.c.token_hash == hash_token(plaintext),
+                agent_tokens.c.revoked_at.is_(None),
+                _unexpired(agent_tokens.c.expires_at),
             )
         )
     ).first()
@@ -242,7 +261,22 @@ async def revoke_agent_token(conn: AsyncConnection, token_id: str, *, org_id: st
     return result.rowcount == 1
 
 
+async def agent_token_state(conn: AsyncConnection, token_id: str) -> str:
+    """`active`, `revoked`, `expired` or `unknown` (connected agents re-check this)."""
+    row = (
+        await conn.execute(
+            sa.select(agent_tokens.c.revoked_at, agent_tokens.c.expires_at).where(agent_tokens.c.id == token_id)
+        )
+    ).first()
+    if row is None:
+        return "unknown"
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and row.expires_at <= utcnow():
+        return "expired"
+    return "active"
+
+
 async def agent_token_active(conn: AsyncConnection, token_id: str) -> bool:
-    """Whether the agent token exists and is not revoked (connected agents re-check this)."""
-    row = (await conn.execute(sa.select(agent_tokens.c.revoked_at).where(agent_tokens.c.id == token_id))).first()
-    return row is not None and row.revoked_at is None
+    """Whether the agent token exists and is neither revoked nor expired."""
+    return await agent_token_state(conn, token_id) == "active"

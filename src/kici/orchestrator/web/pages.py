@@ -228,14 +228,23 @@ async def login(request: Request, state: State) -> Response:
         found = await tokens.verify_admin_token(conn, plaintext, touch=True) if plaintext else None
         client = request.client.host if request.client else None
         if found is None:
-            await audit.record(conn, action="dashboard.login", outcome=AuditOutcome.DENIED, status=401,
-                               reason="unknown_or_revoked_token", method="POST", path=request.url.path, client=client)
+            denial: dict[str, Any] = {"status": 401, "reason": "unknown_or_revoked_token", "method": "POST",
+                                      "path": request.url.path, "client": client}
+            window = state.settings.audit_denial_window_seconds
+            if window > 0:  # anyone can post here: counted per client and window, not a row each
+                await audit.record_aggregated(conn, action="dashboard.login", window_s=window, **denial)
+            else:
+                await audit.record(conn, action="dashboard.login", outcome=AuditOutcome.DENIED, **denial)
         else:
             await sessions.delete_expired_sessions(conn)
             secret, session = await sessions.create_session(
                 conn, found, ttl=dt.timedelta(seconds=state.settings.dashboard_session_ttl_seconds),
                 client=client, user_agent=request.headers.get("user-agent"),
             )
+            await audit.record(conn, action="dashboard.login", outcome=AuditOutcome.ALLOWED, org_id=found.org_id,
+                               status=303, token_id=found.id, role=found.role.value, method="POST",
+                               path=request.url.path, client=client, actor=f"token:{found.id}",
+                               target=f"session:{session.id}", reason=f"signed in as {found.name!r}")
     if found is None:
         log_event("dashboard.login_denied", level="warning", client=client)
         fresh = new_login_csrf()
@@ -260,7 +269,12 @@ async def logout(request: Request, state: State) -> Response:
         raise LoginRequired()
     await check_csrf(request, viewer, csrf_token)
     async with state.database.transaction() as conn:
-        await sessions.revoke_session(conn, viewer.session_secret)
+        if await sessions.revoke_session(conn, viewer.session_secret):
+            token = viewer.principal.token
+            await audit.record(conn, action="dashboard.logout", outcome=AuditOutcome.ALLOWED, org_id=token.org_id,
+                               status=303, token_id=token.id, role=token.role.value, method="POST",
+                               path=request.url.path, client=request.client.host if request.client else None,
+                               actor=f"token:{token.id}", target=f"token:{token.id}", reason="signed out")
     response = RedirectResponse(f"{state.settings.base_path}/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path=cookie_path(state))
     return response
@@ -595,5 +609,5 @@ async def schedules_page(request: Request, state: State) -> Response:
 @router.get("/audit")
 async def audit_page(request: Request, state: State) -> Response:
     viewer = await require_viewer(request, state, Permission.AUDIT_READ)
-    found = await admin_audit.list_audit(state, viewer.principal, None, 200)
+    found = (await admin_audit.find_audit_page(state, viewer.principal, limit=200)).entries
     return _render(request, "audit.html", viewer, entries=found)
