@@ -14,6 +14,7 @@ A dry run counts what a real prune would delete now, in one read transaction, an
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
@@ -21,7 +22,6 @@ from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import audit_log, event_log, utcnow
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.storage.logs import LogStorage
 from kici.orchestrator.store import retention as store
 
 LOCK = "retention"
@@ -62,9 +62,13 @@ def cutoffs(settings: Settings, now: dt.datetime) -> PruneCutoffs:
                         audit=age(settings.retention_audit_days))
 
 
+RunDataDeleter = Callable[[str], Awaitable[None]]
+"""Deletes what a run keeps outside its rows (its logs and artifacts): `Services.delete_run_data`."""
+
+
 async def prune(
     database: Database,
-    logs: LogStorage,
+    delete_run_data: RunDataDeleter,
     settings: Settings,
     *,
     dry_run: bool = False,
@@ -100,7 +104,7 @@ async def prune(
                 batches += 1
             if step == "runs":
                 for run_id in run_ids:  # after the commit: the rows are gone, so nothing shows missing logs
-                    await logs.delete_run(run_id)
+                    await delete_run_data(run_id)
                 counts.runs += deleted
                 counts.jobs += job_count
             elif step == "events":

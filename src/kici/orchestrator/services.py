@@ -58,9 +58,14 @@ class Services:
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
-        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
-                   reporter=reporter, scheduler=Scheduler(state, ingest),
-                   blobs=blob_store_from_settings(state.settings), database=state.database)
+        blobs = blob_store_from_settings(state.settings)
+
+        async def delete_run_data(run_id: str) -> None:
+            await _delete_run_data(state.database, logs, blobs, run_id)
+
+        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher, delete_run_data),
+                   poller=GitPoller(state, ingest), reporter=reporter, scheduler=Scheduler(state, ingest),
+                   blobs=blobs, database=state.database)
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)
@@ -72,10 +77,7 @@ class Services:
     async def delete_run_data(self, run_id: str) -> None:
         """Delete what a run keeps outside its database rows: its job logs and its artifacts (rows and
         blobs). Whatever deletes runs (retention, an admin delete) calls this for each run it deletes."""
-        from kici.orchestrator.artifacts import delete_run_artifacts
-
-        await self.logs.delete_run(run_id)
-        await delete_run_artifacts(self.database, self.blobs, run_id)
+        await _delete_run_data(self.database, self.logs, self.blobs, run_id)
 
     async def stop(self) -> None:
         """Stop the background services, each within `STOP_TIMEOUT_S` (a stuck one is logged and left
@@ -105,3 +107,10 @@ class Services:
 def services_of(app: FastAPI) -> Services:
     services: Services = app.state.services
     return services
+
+
+async def _delete_run_data(database: Database, logs: FilesystemLogStorage, blobs: BlobStore, run_id: str) -> None:
+    from kici.orchestrator.artifacts import delete_run_artifacts
+
+    await logs.delete_run(run_id)
+    await delete_run_artifacts(database, blobs, run_id)

@@ -5,6 +5,7 @@ deletes nothing. SQLite and PostgreSQL, through the real admin API and the real 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from kici.orchestrator.app import create_app
+from kici.orchestrator.artifacts import run_prefix
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
@@ -122,6 +124,10 @@ async def test_dry_run_counts_and_deletes_nothing_then_prune_deletes_the_same_in
     assert all((env.logs_root / run).is_dir() for run in env.old_runs)
     async with env.database.read() as conn:
         assert [e for e in await audit.list_audit(conn, limit=1000) if e.action == "data.prune"] == []
+    # artifacts' blobs (kept outside the database) go with their runs too
+    blobs = services_of(env.app).blobs
+    for run in (env.old_runs[0], env.kept_runs[0]):
+        await blobs.put(run_prefix(run) + "job/dist/x.whl", io.BytesIO(b"wheel"))
 
     real = await env.http.post(API + "/prune", json={"dry_run": False}, headers=env.owner)
     assert real.status_code == 200, real.text
@@ -138,6 +144,8 @@ async def test_dry_run_counts_and_deletes_nothing_then_prune_deletes_the_same_in
     assert left == set(env.kept_runs), "every unfinished and every recent run is kept"
     assert not any((env.logs_root / run).exists() for run in env.old_runs), "log files go with their runs"
     assert all((env.logs_root / run / "job.ndjson").is_file() for run in env.kept_runs)
+    assert await blobs.list(run_prefix(env.old_runs[0])) == []
+    assert len(await blobs.list(run_prefix(env.kept_runs[0]))) == 1
     assert {e.id for e in entries if e.id.startswith("au-")} == {f"au-{i}" for i in range(OLD_AUDIT, 25)}
     [row] = [e for e in entries if e.action == "data.prune"]
     assert row.actor is not None and row.actor.startswith("token:") and row.target == "data:retention"
@@ -150,10 +158,10 @@ async def test_dry_run_counts_and_deletes_nothing_then_prune_deletes_the_same_in
 async def test_zero_keeps_forever(env: Env, tmp_path: Path) -> None:
     keep_all = Settings(data_dir=tmp_path / "data", database_url=env.database.url, retention_runs_days=0,
                         retention_events_days=0, retention_audit_days=0)
-    result = await prune(env.database, services_of(env.app).logs, keep_all)
+    result = await prune(env.database, services_of(env.app).delete_run_data, keep_all)
     assert result.counts.total == 0 and result.cutoffs.runs is None and result.cutoffs.audit is None
     events_only = keep_all.model_copy(update={"retention_events_days": 30})
-    result = await prune(env.database, services_of(env.app).logs, events_only, batch_size=10)
+    result = await prune(env.database, services_of(env.app).delete_run_data, events_only, batch_size=10)
     assert (result.counts.runs, result.counts.events, result.counts.audit) == (0, OLD_EVENTS, 0)
     assert result.batches == math.ceil(OLD_EVENTS / 10)
 
@@ -176,7 +184,7 @@ async def test_a_run_that_is_not_finished_is_never_pruned_whatever_its_age(env: 
                            .values(created_at=ancient, finished_at=ancient))
         statuses = dict((await conn.execute(sa.select(schema.runs.c.id, schema.runs.c.status)
                                             .where(schema.runs.c.id.in_(env.kept_runs)))).all())
-    await prune(env.database, services_of(env.app).logs, services_of(env.app).dispatcher.settings)
+    await prune(env.database, services_of(env.app).delete_run_data, services_of(env.app).dispatcher.settings)
     async with env.database.read() as conn:
         left = set((await conn.execute(sa.select(schema.runs.c.id))).scalars())
     assert left == {r for r, s in statuses.items() if s in ("pending", "running", "cancelling", "held")}
@@ -189,8 +197,9 @@ async def test_while_another_orchestrator_prunes_this_one_stops(env: Env) -> Non
         pytest.skip("the retention lock is a PostgreSQL advisory lock; SQLite serialises writers by itself")
     async with env.database.transaction() as other:
         assert await env.database.try_lock(other, LOCK)
-        result = await prune(env.database, services_of(env.app).logs, services_of(env.app).dispatcher.settings)
+        services = services_of(env.app)
+        result = await prune(env.database, services.delete_run_data, services.dispatcher.settings)
     assert result.complete is False and result.counts.total == 0 and result.batches == 0
     assert (await _counts(env.database))["runs"] == OLD_FINISHED + len(env.kept_runs)
-    after = await prune(env.database, services_of(env.app).logs, services_of(env.app).dispatcher.settings)
+    after = await prune(env.database, services_of(env.app).delete_run_data, services_of(env.app).dispatcher.settings)
     assert after.complete is True and after.counts.runs == OLD_FINISHED

@@ -21,7 +21,7 @@ from kici.orchestrator.db.schema import AuditOutcome, ConcurrencyScope, utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
 from kici.orchestrator.holds.environment import release_due_timers
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.retention import prune, prune_summary
+from kici.orchestrator.retention import RunDataDeleter, prune, prune_summary
 from kici.orchestrator.store import audit as audit_store
 from kici.orchestrator.store import concurrency as concurrency_store
 from kici.orchestrator.store import events as event_store
@@ -32,8 +32,10 @@ WORKFLOW_TIMEOUT = "workflow_timeout"
 
 
 class Sweeper:
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, delete_run_data: RunDataDeleter) -> None:
         self.dispatcher = dispatcher
+        self.delete_run_data = delete_run_data
+        """What retention calls for each run it deletes (its logs and artifacts)."""
         self.db = dispatcher.db
         self.settings = dispatcher.settings
         self.metrics = dispatcher.metrics
@@ -60,7 +62,7 @@ class Sweeper:
         if not self._retention_armed:
             self._retention_armed = True
             return
-        result = await prune(self.db, self.dispatcher.logs, self.settings)
+        result = await prune(self.db, self.delete_run_data, self.settings)
         if result.counts.total:
             async with self.db.transaction() as conn:
                 await audit_store.record(

@@ -31,7 +31,7 @@ async def post_prune(
     body: PruneRequest | None = None,
 ) -> PruneResult:
     dry_run = body.dry_run if body is not None else False
-    result = await prune(state.database, services_of(request.app).logs, state.settings, dry_run=dry_run)
+    result = await prune(state.database, services_of(request.app).delete_run_data, state.settings, dry_run=dry_run)
     if not dry_run:
         async with state.database.transaction() as conn:
             await record_mutation(conn, request, principal, action="data.prune", target="data:retention",
