@@ -66,6 +66,8 @@ class Permission(StrEnum):
     """Set and delete scoped secrets."""
     KEY_ROTATE = "key:rotate"
     """Re-encrypt every stored secret under the current secret key (`rotate-key`)."""
+    APPROVALS_WRITE = "approvals:write"
+    """Approve or reject held runs and gated jobs (`kici-admin held approve|reject`)."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from kici.orchestrator.app import Readiness
     from kici.orchestrator.dispatch.dispatcher import Dispatcher
     from kici.orchestrator.dispatch.sweeps import Sweeper
+    from kici.orchestrator.holds.service import HeldService
     from kici.orchestrator.ingest.poller import GitPoller
     from kici.orchestrator.reporting.worker import ReportWorker
     from kici.orchestrator.scheduling.scheduler import Scheduler
@@ -35,12 +36,16 @@ class Services:
     poller: GitPoller
     reporter: ReportWorker
     scheduler: Scheduler
+    held: HeldService
+    """Held runs and gated jobs (`kici-admin held …`): its gate list is where a gate kind is registered."""
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
         from kici.orchestrator.dispatch.dispatcher import Dispatcher
         from kici.orchestrator.dispatch.metrics import DispatchMetrics
         from kici.orchestrator.dispatch.sweeps import Sweeper
+        from kici.orchestrator.holds.service import HeldService
+        from kici.orchestrator.holds.trust import TrustGate
         from kici.orchestrator.ingest.poller import GitPoller
         from kici.orchestrator.ingest.service import ingest_for
         from kici.orchestrator.reporting.metrics import ReportMetrics
@@ -53,8 +58,9 @@ class Services:
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
+        held = HeldService(state.database, [TrustGate(dispatcher.limits)], ingest)
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
-                   reporter=reporter, scheduler=Scheduler(state, ingest))
+                   reporter=reporter, scheduler=Scheduler(state, ingest), held=held)
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)

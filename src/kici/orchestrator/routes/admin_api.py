@@ -11,6 +11,7 @@ from kici.orchestrator.routes import (
     admin_agents,
     admin_audit,
     admin_events,
+    admin_held,
     admin_manual_runs,
     admin_queue,
     admin_reports,
@@ -20,6 +21,7 @@ from kici.orchestrator.routes import (
     admin_sources,
     admin_system,
     admin_tokens,
+    admin_trust,
 )
 
 ADMIN_PREFIX = "/api/v1/admin"
@@ -37,6 +39,8 @@ router.include_router(admin_queue.router)
 router.include_router(admin_agents.router)
 router.include_router(admin_events.router)
 router.include_router(admin_reports.router)
+router.include_router(admin_trust.router)
+router.include_router(admin_held.router)
 
 
 @router.api_route(
