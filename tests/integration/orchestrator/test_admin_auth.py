@@ -86,7 +86,13 @@ async def _targets(admin: Admin) -> dict[str, str]:
         report = (await outbox.list_reports(conn, org_id="default", run_id=run, limit=1))[0].id
         secret = f"S_{new_id()[:8]}"
         await secrets.set_secret(conn, Keyring(SECRET_KEY), name=secret, scope="repo:acme/app", value="v")
-    return {"secret": secret, "secret_name": f"N_{new_id()[:8]}",
+        held = await insert_run(conn, workflow_spec=WORKFLOW_SPEC, event={"type": "pr", "branch": "f"}, status="held",
+                                trust="untrusted", secrets_allowed=False, hold_reason="pull request from a fork")
+        await insert_job(conn, held, "build", status="held")
+        github = await create_source(conn, key=SECRET_KEY, name=f"gh-{new_id()}", kind="github",
+                                     config={"app_id": 1}, secrets={})
+    return {"held": held, "github": github.name,
+            "secret": secret, "secret_name": f"N_{new_id()[:8]}",
             "auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
             "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
@@ -165,6 +171,13 @@ ROUTES = [
     Route("DELETE", "/secrets/{name}", (Permission.SECRETS_WRITE,), 200, path="/secrets/{secret}",
           params={"scope": "repo:acme/app"}),
     Route("POST", "/rotate-key", (Permission.KEY_ROTATE,), 200),
+    Route("GET", "/sources/{id_or_name}/trust", (Permission.SOURCES_READ,), 200, path="/sources/{github}/trust"),
+    Route("PUT", "/sources/{id_or_name}/trust", (Permission.SOURCES_WRITE,), 200, path="/sources/{github}/trust",
+          body={"fork_pull_requests": "reject"}),
+    Route("GET", "/held", (Permission.RUNS_READ,), 200),
+    Route("POST", "/held/{run_id}/approve", (Permission.APPROVALS_WRITE,), 200, path="/held/{held}/approve"),
+    Route("POST", "/held/{run_id}/reject", (Permission.APPROVALS_WRITE,), 200, path="/held/{held}/reject",
+          body={"reason": "no"}),
 ]
 
 
