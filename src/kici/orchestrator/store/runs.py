@@ -144,6 +144,8 @@ class RunRecord(_Frozen):
     """Why the source's trust policy held the run (None: never held)."""
     hold_expires_at: dt.datetime | None = None
     """When the sweeper expires the hold of a run still `held`."""
+    approved_at: dt.datetime | None = None
+    """When a held run was approved (its workflow timeout counts from then)."""
 
     @property
     def finished(self) -> bool:
@@ -1570,10 +1572,10 @@ async def mark_job_stale(
 
 
 async def find_overdue_runs(conn: AsyncConnection, *, now: dt.datetime) -> list[str]:
-    """Ids of pending/running runs older than their workflow timeout (counted from the run's creation);
-    the caller cancels them with reason `workflow_timeout`."""
+    """Ids of pending/running runs older than their workflow timeout (counted from the run's creation, or
+    from its approval for a run that was held); the caller cancels them with reason `workflow_timeout`."""
     rows = await conn.execute(
-        sa.select(runs.c.id, runs.c.created_at, runs.c.timeout_ms)
+        sa.select(runs.c.id, runs.c.created_at, runs.c.approved_at, runs.c.timeout_ms)
         .where(
             runs.c.status.in_([RunStatus.PENDING.value, RunStatus.RUNNING.value]),
             runs.c.timeout_ms.is_not(None),
@@ -1582,7 +1584,8 @@ async def find_overdue_runs(conn: AsyncConnection, *, now: dt.datetime) -> list[
         .order_by(runs.c.created_at)
     )
     return [
-        str(row.id) for row in rows if row.created_at + dt.timedelta(milliseconds=int(row.timeout_ms)) <= now
+        str(row.id) for row in rows
+        if (row.approved_at or row.created_at) + dt.timedelta(milliseconds=int(row.timeout_ms)) <= now
     ]
 
 
@@ -1627,7 +1630,7 @@ async def release_held_run(
         runs.update()
         .where(runs.c.id == run_id, runs.c.status == RunStatus.HELD.value)
         .values(status=RunStatus.PENDING.value, trust=RunTrust.APPROVED.value, secrets_allowed=secrets_allowed,
-                hold_expires_at=None)
+                hold_expires_at=None, approved_at=now)
     )
     row = (
         await conn.execute(
