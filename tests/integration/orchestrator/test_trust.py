@@ -54,9 +54,23 @@ checks = workflow("checks", on=[pr()], jobs=[build, test])
 """
 
 
+COMMENT_WORKFLOWS = """
+from kici import comment, job, step, workflow
+
+bench = workflow("bench", on=[comment("created", source="pr")],
+                 jobs=[job("bench", runs_on=["linux"], steps=[step("b", "echo b")])])
+"""
+MASTER = "6113728f27ae82c7b1a177c8d03f9e96e0adf246"
+
+
 @pytest.fixture(scope="module")
 def lock_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return compile_into(tmp_path_factory.mktemp("lock"), WORKFLOWS)
+
+
+@pytest.fixture(scope="module")
+def comment_lock(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return compile_into(tmp_path_factory.mktemp("comment-lock"), COMMENT_WORKFLOWS)
 
 
 def pr_payload(*, login: str = "Codertocat", association: str = "OWNER", fork: str | None = None,
@@ -407,3 +421,35 @@ async def test_held_runs_are_listed_oldest_first_and_scoped_to_the_org(trust: Tr
     listed = (await trust.orch.admin("GET", "/held")).json()
     assert [g["run_id"] for g in listed] == [first.id, second.id]
     assert all(g["expires_at"] and g["job_id"] is None and g["workflow"] == "checks" for g in listed)
+
+
+async def test_a_rerun_keeps_the_trust_of_the_run_it_repeats(trust: TrustEnv) -> None:
+    held = await trust.held_pr(login="alice", association="CONTRIBUTOR", fork="alice/Hello-World")
+    assert (await trust.orch.admin("POST", f"/held/{held.id}/reject")).status_code == 200
+    again = await trust.orch.admin("POST", f"/runs/{held.id}/rerun")
+    assert again.status_code == 201, again.text
+    rerun = await trust.orch.run(again.json()["run"]["id"])
+    assert rerun.status == "held" and rerun.trust == "untrusted" and rerun.secrets_allowed is False
+    assert rerun.hold_reason == held.hold_reason and rerun.hold_expires_at is not None
+    assert (await trust.orch.admin("POST", f"/held/{rerun.id}/approve")).status_code == 200
+    await trust.orch.wait_run(rerun.id, "success")
+    approved_again = await trust.orch.admin("POST", f"/runs/{rerun.id}/rerun")
+    third = await trust.orch.run(approved_again.json()["run"]["id"])
+    assert third.trust == "approved" and third.secrets_allowed is False and third.hold_reason is None
+    await trust.orch.wait_run(third.id, "success")
+
+
+async def test_a_comment_trigger_from_an_untrusted_commenter_is_held(trust: TrustEnv, comment_lock: bytes) -> None:
+    trust.fake.refs[(HELLO, "master")] = MASTER
+    trust.fake.files[(HELLO, MASTER)] = comment_lock
+    response = await trust.deliver(comment_payload("run the benchmarks please", login="mallory",
+                                                   association="NONE"), "issue_comment")
+    [run_id] = response.json()["run_ids"]
+    run = await trust.orch.run(run_id)
+    assert run.status == "held" and run.workflow == "bench" and run.sha == MASTER
+    assert run.hold_reason == f"comment #{PR} by untrusted author mallory (NONE): held for approval"
+    trusted = await trust.deliver(comment_payload("run them", login="maint", association="MEMBER"),
+                                  "issue_comment")
+    [trusted_id] = trusted.json()["run_ids"]
+    await trust.orch.wait_run(trusted_id, "success")
+    assert (await trust.orch.run(run_id)).status == "held" and run_id not in dispatched_runs(trust.agent)
