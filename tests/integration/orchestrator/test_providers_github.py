@@ -578,3 +578,22 @@ async def test_errors_are_provider_errors(fake_github: FakeGitHub) -> None:
         )
         with pytest.raises(ProviderError, match="unreachable"):
             await down.read_lock_file("a/b", "a" * 40)
+
+
+async def test_pull_request_head_and_team_membership(fake_github: FakeGitHub) -> None:
+    repo = "Codertocat/Hello-World"
+    fake_github.pulls[(repo, 2)] = "c" * 40
+    fake_github.team_members["octo-org/maintainers"] = {"erin": "active", "frank": "pending"}
+    async with httpx.AsyncClient() as client:
+        gh = provider(fake_github, client)
+        assert await gh.pull_request_head(repo, 2) == "c" * 40
+        assert await gh.pull_request_head(repo, 3) is None
+        assert await gh.team_member(repo, "octo-org/maintainers", "erin")
+        assert not await gh.team_member(repo, "octo-org/maintainers", "frank")  # invited, not yet a member
+        assert not await gh.team_member(repo, "octo-org/maintainers", "mallory")
+        assert not await gh.team_member(repo, "octo-org/other", "erin")
+        fake_github.fail_with = 502
+        with pytest.raises(ProviderError, match="team membership API: HTTP 502"):
+            await gh.team_member(repo, "octo-org/maintainers", "erin")
+        with pytest.raises(ProviderError, match="pulls API: HTTP 502"):
+            await gh.pull_request_head(repo, 2)
