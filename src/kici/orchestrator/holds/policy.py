@@ -9,7 +9,8 @@ What an event from GitHub is:
   `trusted_users` or a member of one of `trusted_teams` — and, for a pull request, its head lives in the
   base repository (or the policy allows forks);
 - otherwise untrusted, and the policy's action for the case applies: `hold` (the run is created `held`
-  until approved), `allow` (it runs, as trusted), `reject` (no run; the delivery is filtered with a reason).
+  until approved), `allow` (it runs at once, recorded untrusted, with secrets only when
+  `secrets_for_approved` says so), `reject` (no run; the delivery is filtered with a reason).
 
 A fork pull request is judged by `fork_pull_requests` even when its author is trusted: its head can be
 pushed to by people the base repository knows nothing about. An event without an author association
