@@ -58,7 +58,8 @@ class Services:
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
-        held = HeldService(state.database, [TrustGate(dispatcher.limits)], ingest)
+        held = HeldService(state.database, [TrustGate(dispatcher.limits)], ingest, wake_dispatcher=dispatcher.wake,
+                           wake_reporter=reporter.wake)
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher), poller=GitPoller(state, ingest),
                    reporter=reporter, scheduler=Scheduler(state, ingest), held=held)
 

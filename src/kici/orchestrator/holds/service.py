@@ -10,7 +10,7 @@ kind plugs in by being added to the list the service is built with (`Services.as
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,10 +74,17 @@ class Decision:
 
 
 class HeldService:
-    def __init__(self, database: Database, gates: Sequence[Gate], ingest: Ingest | None = None) -> None:
+    def __init__(
+        self, database: Database, gates: Sequence[Gate], ingest: Ingest | None = None, *,
+        wake_dispatcher: Callable[[], None] | None = None, wake_reporter: Callable[[], None] | None = None,
+    ) -> None:
         self.database = database
         self.gates: list[Gate] = list(gates)
         self.ingest = ingest
+        self.wake_dispatcher = wake_dispatcher
+        """Called after a decision released jobs: they are queued now."""
+        self.wake_reporter = wake_reporter
+        """Called after every decision: the jobs' check runs changed (action required → queued, cancelled)."""
 
     def add_gate(self, gate: Gate) -> None:
         self.gates.append(gate)
@@ -136,15 +143,16 @@ class HeldService:
         return decision
 
     async def _after_commit(self, run_id: str, decision: Decision) -> None:
-        if self.ingest is None:
-            return
         superseded: list[Superseded] = []
         for gate in self.gates:
             if isinstance(gate, SupersedingGate):
                 superseded += gate.take_superseded(run_id)
-        await self.ingest.superseded(superseded)
-        if decision.released_job_ids:
-            await self.ingest.runs_created([run_id])
+        if self.ingest is not None:
+            await self.ingest.superseded(superseded)
+        if decision.released_job_ids and self.wake_dispatcher is not None:
+            self.wake_dispatcher()
+        if self.wake_reporter is not None:
+            self.wake_reporter()
 
     async def record_denied(self, target: str, action: str, ctx: AuditContext, reason: str) -> None:
         """An audit row for a decision refused (an untrusted commenter), in its own transaction."""
