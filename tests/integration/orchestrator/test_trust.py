@@ -407,12 +407,18 @@ async def test_a_held_jobs_check_run_asks_for_approval(trust: TrustEnv) -> None:
     assert body["name"] == "checks / build" and body["head_sha"] == HEAD
     assert "/kici approve" in body["output"]["summary"] and held.id in body["output"]["summary"]
     assert held.hold_reason is not None and held.hold_reason in body["output"]["summary"]
+    held_check = next(i for i, c in trust.fake.check_runs.items() if c.get("conclusion") == "action_required")
     assert (await trust.orch.admin("POST", f"/held/{held.id}/approve")).status_code == 200
 
     def succeeded(calls: list[tuple[str, int | None, dict[str, Any]]]) -> bool:
         return sum(1 for _, _, b in calls if b.get("conclusion") == "success") >= 2
 
-    await asyncio.to_thread(trust.fake.wait_check_calls, succeeded)
+    calls = await asyncio.to_thread(trust.fake.wait_check_calls, succeeded)
+    # GitHub does not reopen a completed check run: the approved job gets a new one of the same name
+    builds = [i for i, c in trust.fake.check_runs.items() if c.get("name") == "checks / build"]
+    assert len(builds) == 2 and builds[0] == held_check
+    assert trust.fake.check_runs[builds[1]]["conclusion"] == "success"
+    assert all(i != held_check for method, i, _ in calls if method == "PATCH")
 
 
 async def test_held_runs_are_listed_oldest_first_and_scoped_to_the_org(trust: TrustEnv) -> None:

@@ -65,6 +65,7 @@ from kici.orchestrator.db.schema import (
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import concurrency as groups
 from kici.orchestrator.store import outbox
+from kici.orchestrator.store.check_runs import forget_check_runs
 from kici.orchestrator.store.jobs import KeepFirst, set_job_status, set_jobs_status
 
 QUEUE_FULL_ERROR = "queue full"
@@ -1626,6 +1627,8 @@ async def release_held_run(
     the run joins now), dependents pending. `RunNotFound`, `RunNotHeld`."""
     locked = await _lock_held(conn, run_id)
     now = now or utcnow()
+    held_query = sa.select(jobs.c.id).where(jobs.c.run_id == run_id, jobs.c.status == JobState.HELD.value)
+    held_jobs = [str(r) for r in (await conn.execute(held_query)).scalars()]
     await conn.execute(
         runs.update()
         .where(runs.c.id == run_id, runs.c.status == RunStatus.HELD.value)
@@ -1652,8 +1655,9 @@ async def release_held_run(
     else:
         settled = await settle_run(conn, run_id, limits=limits, now=now,
                                    locked=LockedRun(run_id, RunStatus.PENDING.value, locked.org_id))
-    # the check runs said `action_required`: they say queued now
-    await report_jobs(conn, run_id, settled.newly_queued, outbox.CHECK_QUEUED)
+    # the held jobs' check runs said `action_required` (completed): each gets a new one, queued
+    await forget_check_runs(conn, held_jobs)
+    await report_jobs(conn, run_id, held_jobs, outbox.CHECK_QUEUED)
     return ReleasedRun(settled, superseded)
 
 
