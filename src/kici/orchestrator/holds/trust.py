@@ -19,7 +19,7 @@ import datetime as dt
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kici.engine.states import JobEvent
+from kici.engine.states import JobEvent, RunStatus
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.holds.gates import Approver, GateKind, GateOutcome, PendingGate
 from kici.orchestrator.holds.policy import TrustPolicy, format_duration, policy_of
@@ -66,7 +66,7 @@ class TrustGate:
 
     async def _held(self, conn: AsyncConnection, run_id: str) -> RunRecord | None:
         run = await run_store.get_run(conn, run_id)
-        return run if run is not None and run.status == "held" else None
+        return run if run is not None and run.status == RunStatus.HELD.value else None
 
     async def _refusal(self, conn: AsyncConnection, run: RunRecord, approver: Approver) -> str | None:
         if approver.kind != "github":
@@ -128,7 +128,7 @@ def expiry_reason(run: RunRecord) -> str:
 async def expire_hold(conn: AsyncConnection, run_id: str, *, now: dt.datetime) -> bool:
     """End one expired hold (the sweeper); False when it was decided meanwhile or is not due."""
     run = await run_store.get_run(conn, run_id)
-    if run is None or run.status != "held" or run.hold_expires_at is None or run.hold_expires_at > now:
+    if run is None or run.status != RunStatus.HELD.value or run.hold_expires_at is None or run.hold_expires_at > now:
         return False
     try:
         await run_store.end_held_run(conn, run_id, event=JobEvent.EXPIRE, by="system", reason=expiry_reason(run))
