@@ -459,3 +459,21 @@ async def test_a_comment_trigger_from_an_untrusted_commenter_is_held(trust: Trus
     [trusted_id] = trusted.json()["run_ids"]
     await trust.orch.wait_run(trusted_id, "success")
     assert (await trust.orch.run(run_id)).status == "held" and run_id not in dispatched_runs(trust.agent)
+
+
+async def test_a_rejected_held_jobs_check_run_is_replaced_by_a_cancelled_one(trust: TrustEnv) -> None:
+    held = await trust.held_pr(login="alice", association="CONTRIBUTOR", fork="alice/Hello-World")
+
+    def action_required(calls: list[tuple[str, int | None, dict[str, Any]]]) -> bool:
+        return any(body.get("conclusion") == "action_required" for _, _, body in calls)
+
+    await asyncio.to_thread(trust.fake.wait_check_calls, action_required)
+    held_check = next(i for i, c in trust.fake.check_runs.items() if c.get("conclusion") == "action_required")
+    assert (await trust.orch.admin("POST", f"/held/{held.id}/reject", json={"reason": "no"})).status_code == 200
+
+    def cancelled(calls: list[tuple[str, int | None, dict[str, Any]]]) -> bool:
+        return any(m == "POST" and b.get("conclusion") == "cancelled" and b.get("name") == "checks / build"
+                   for m, _, b in calls)
+
+    calls = await asyncio.to_thread(trust.fake.wait_check_calls, cancelled)
+    assert all(i != held_check for method, i, _ in calls if method == "PATCH")

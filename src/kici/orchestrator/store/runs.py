@@ -1681,6 +1681,8 @@ async def end_held_run(
     ]
     await conn.execute(runs.update().where(runs.c.id == run_id).values(hold_expires_at=None))
     result = await cancel_run(conn, run_id, by=by, force=False, reason=reason)
+    # their `action_required` check runs are completed already: new ones say `cancelled`
+    await forget_check_runs(conn, ended)
     await report_jobs(conn, run_id, ended, outbox.CHECK_COMPLETED)
     return CancelResult(status=result.status, cancelled_jobs=ended + result.cancelled_jobs, running=result.running,
                         run_status=result.run_status)
