@@ -247,8 +247,9 @@ def test_fixture_normalizes_to_exact_fields(path: Path) -> None:
     event = result.event
     assert event is not None
     assert event.delivery_id == "d-1"
-    got = event.model_dump(exclude={"payload", "delivery_id", "pr_number"})
-    assert got == Event(**expected).model_dump(exclude={"payload", "delivery_id", "pr_number"})
+    skip = {"payload", "delivery_id", "pr_number", "author_association"}  # (checked in their own tests)
+    got = event.model_dump(exclude=skip)
+    assert got == Event(**expected).model_dump(exclude=skip)
     if event.type in ("pr", "review", "review_comment"):
         assert event.pr_number == payload["pull_request"]["number"]
     assert event.payload == payload  # the original payload, untouched
@@ -816,3 +817,28 @@ def _mutated_fixture(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 def test_mutated_fixtures_never_raise(case: tuple[str, dict[str, Any]]) -> None:
     name, payload = case
     _check_result(normalize_github(name, payload))
+
+
+@pytest.mark.parametrize(
+    ("fixture", "association"),
+    [
+        ("pull_request.opened.json", "OWNER"),
+        ("pull_request_review.submitted.json", None),
+        ("issue_comment.created.json", "OWNER"),
+        ("push.branch-with-commits.json", None),
+    ],
+)
+def test_author_association_comes_from_the_author_of_the_event(fixture: str, association: str | None) -> None:
+    payload = json.loads((FIXTURE_DIR / fixture).read_bytes())
+    if fixture.startswith("pull_request_review."):
+        association = payload["review"].get("author_association")
+    event = event_of(fixture)
+    assert event.author_association == association
+
+
+def test_issue_comment_on_a_pull_request_carries_its_number() -> None:
+    payload = json.loads((FIXTURE_DIR / "issue_comment.created.json").read_bytes())
+    assert event_of("issue_comment.created.json").pr_number is None  # issue #1 is not a pull request
+    payload["issue"]["pull_request"] = {"url": "https://api.github.com/repos/o/r/pulls/1"}
+    result = normalize_github("issue_comment", payload)
+    assert result.event is not None and result.event.pr_number == payload["issue"]["number"]

@@ -63,6 +63,7 @@ ADDED = [
     ("queued", "DRIFT_DROP", "drift_dropped"),
     ("pending", "FAIL", "failed"),
     ("running", "SKIP", "skipped"),
+    ("held", "WAIT", "waiting"),
 ]
 VALID = {(s, e): t for s, e, t in REFERENCE + ADDED}
 

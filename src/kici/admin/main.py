@@ -371,7 +371,8 @@ def runs_show(run_id: str, as_json: bool) -> None:
         [("id", "Run"), ("workflow", "Workflow"), ("status", "Status"), ("repo", "Repository"), ("ref", "Ref"),
          ("sha", "Commit"), ("created_at", "Created"), ("started_at", "Started"), ("finished_at", "Finished"),
          ("failure_reason", "Reason"), ("cancelled_by", "Cancelled by"), ("delivery_id", "Delivery"),
-         ("original_run_id", "Re-run of")],
+         ("original_run_id", "Re-run of"), ("trust", "Trust"), ("hold_reason", "Held"),
+         ("hold_expires_at", "Hold expires")],
     )
     _print_jobs_detail(run.get("jobs") or [])
 
@@ -1097,6 +1098,138 @@ def source_hook(name: str, hook_url: str | None) -> None:
     client = _client()
     url = check_base_url(hook_url) if hook_url else client.base_url
     click.echo(client.get_text(f"/sources/{_path_part(name)}/hook", url=url), nl=False)
+
+
+# -- trust policies and held runs -------------------------------------------------------------------
+
+TRUST_ACTIONS = ("hold", "allow", "reject")
+
+
+def _print_trust(view: dict[str, Any]) -> None:
+    if not view.get("applies"):
+        click.echo(f"Source {view['source']!r} ({view['kind']}) has no trust policy: its events come from the "
+                   "operator's own systems and are trusted.")
+        return
+    policy = view["policy"]
+    click.echo(f"Trust policy of source {view['source']!r}:")
+    print_fields(
+        {**policy, "hold_expiry": view["hold_expiry"] + ("" if policy.get("hold_expiry") else " (default)"),
+         "trusted_associations": ", ".join(policy["trusted_associations"]) or "–",
+         "trusted_users": ", ".join(policy["trusted_users"]) or "–",
+         "trusted_teams": ", ".join(policy["trusted_teams"]) or "–",
+         "secrets_for_approved": "yes" if policy["secrets_for_approved"] else "no"},
+        [("fork_pull_requests", "Fork pull requests"), ("untrusted_authors", "Untrusted authors"),
+         ("trusted_associations", "Trusted associations"), ("trusted_users", "Trusted users"),
+         ("trusted_teams", "Trusted teams"), ("secrets_for_approved", "Secrets for approved runs"),
+         ("hold_expiry", "Hold expiry")],
+    )
+
+
+@source.command("trust")
+@click.argument("name", metavar="NAME_OR_ID")
+@click.option("--fork-pull-requests", type=click.Choice(TRUST_ACTIONS),
+              help="What pull requests from forks do: held for approval, allowed (no secrets), or rejected.")
+@click.option("--untrusted-authors", type=click.Choice(TRUST_ACTIONS),
+              help="What events whose author is not trusted do.")
+@click.option("--trusted-association", "associations", multiple=True, metavar="ASSOCIATION",
+              help="Replace the trusted GitHub author associations (repeatable; default OWNER, MEMBER, "
+                   "COLLABORATOR).")
+@click.option("--trusted-user", "users", multiple=True, metavar="LOGIN",
+              help="Add a GitHub login that is trusted whatever its association (repeatable).")
+@click.option("--remove-trusted-user", "removed_users", multiple=True, metavar="LOGIN", help="Remove a trusted login.")
+@click.option("--trusted-team", "teams", multiple=True, metavar="ORG/TEAM",
+              help="Add a GitHub team whose members are trusted (repeatable; the App needs members: read).")
+@click.option("--remove-trusted-team", "removed_teams", multiple=True, metavar="ORG/TEAM",
+              help="Remove a trusted team.")
+@click.option("--secrets-for-approved/--no-secrets-for-approved", default=None,
+              help="Whether approved runs of untrusted code receive the secrets their jobs declare.")
+@click.option("--hold-expiry", metavar="DURATION",
+              help="How long a held run waits for a decision (e.g. 72h, 3d, 30m; `default`: KICI_HOLD_EXPIRY_HOURS).")
+@json_option
+def source_trust(name: str, fork_pull_requests: str | None, untrusted_authors: str | None,
+                 associations: tuple[str, ...], users: tuple[str, ...], removed_users: tuple[str, ...],
+                 teams: tuple[str, ...], removed_teams: tuple[str, ...], secrets_for_approved: bool | None,
+                 hold_expiry: str | None, as_json: bool) -> None:
+    """Show a GitHub source's trust policy, or change it (only what is given changes)."""
+    client = _client()
+    path = f"/sources/{_path_part(name)}/trust"
+    view = client.get(path)
+    changes: dict[str, Any] = {}
+    if fork_pull_requests is not None:
+        changes["fork_pull_requests"] = fork_pull_requests
+    if untrusted_authors is not None:
+        changes["untrusted_authors"] = untrusted_authors
+    if associations:
+        changes["trusted_associations"] = list(associations)
+    if secrets_for_approved is not None:
+        changes["secrets_for_approved"] = secrets_for_approved
+    if hold_expiry is not None:
+        changes["hold_expiry"] = None if hold_expiry == "default" else hold_expiry
+    if changes or users or removed_users or teams or removed_teams:
+        if not view.get("applies"):
+            raise AdminCLIError(f"source {name!r} is a {view['kind']} source: only github sources have a trust "
+                                "policy (git and generic events are trusted)")
+        policy = dict(view["policy"])
+        drop_users = {u.lower() for u in removed_users}
+        policy["trusted_users"] = [u for u in policy["trusted_users"] if u.lower() not in drop_users]
+        policy["trusted_users"] += [u for u in users if u not in policy["trusted_users"]]
+        policy["trusted_teams"] = [t for t in policy["trusted_teams"] if t not in removed_teams]
+        policy["trusted_teams"] += [t for t in teams if t not in policy["trusted_teams"]]
+        view = client.put(path, {**policy, **changes})
+        if not as_json:
+            click.echo(f"Updated the trust policy of source {view['source']!r}.")
+    if as_json:
+        print_json(view)
+    else:
+        _print_trust(view)
+
+
+@cli.group()
+def held() -> None:
+    """Held runs (untrusted code waiting for approval) and jobs waiting for an approval: list, approve, reject."""
+
+
+@held.command("list")
+@json_option
+def held_list(as_json: bool) -> None:
+    """List what waits for a decision, oldest first."""
+    found = _client().get("/held")
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**g, "sha": _short_sha(g.get("sha")), "job": g.get("job_id") or "(run)"} for g in found]
+    print_table(
+        rows,
+        [("run_id", "run"), ("kind", "kind"), ("job", "job"), ("repo", "repo"), ("workflow", "workflow"),
+         ("sha", "sha"), ("expires_at", "expires"), ("reason", "reason")],
+        empty="Nothing is held.",
+    )
+
+
+def _decided(result: dict[str, Any], verb: str, as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    released = result.get("released_job_ids") or []
+    suffix = f" ({len(released)} job(s) queued)" if verb == "approved" else ""
+    click.echo(f"Run {result['run_id']} {verb}{suffix}.")
+
+
+@held.command("approve")
+@click.argument("run_id", metavar="RUN_ID")
+@json_option
+def held_approve(run_id: str, as_json: bool) -> None:
+    """Approve a held run: it runs at exactly the commit it was created for."""
+    _decided(_client().post(f"/held/{_path_part(run_id)}/approve"), "approved", as_json)
+
+
+@held.command("reject")
+@click.argument("run_id", metavar="RUN_ID")
+@click.option("--reason", help="Why (recorded on the run and in the audit log).")
+@json_option
+def held_reject(run_id: str, reason: str | None, as_json: bool) -> None:
+    """Reject a held run: it is cancelled with the reason."""
+    _decided(_client().post(f"/held/{_path_part(run_id)}/reject", {"reason": reason}), "rejected", as_json)
 
 
 # -- entry point ------------------------------------------------------------------------------------

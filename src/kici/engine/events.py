@@ -80,6 +80,10 @@ class Event(BaseModel):
     delivery_id: str | None = None
     """The provider's delivery id (dedup, event log, re-runs)."""
     pr_number: int | None = None
+    author_association: str | None = None
+    """GitHub's `author_association` of the event's author (the PR's author for `pr`, the commenter for
+    comments, the reviewer for reviews): OWNER, MEMBER, COLLABORATOR, CONTRIBUTOR, FIRST_TIME_CONTRIBUTOR,
+    FIRST_TIMER, NONE, … None for events that carry none (pushes, other providers). Trust policies read it."""
 
     @property
     def is_fork(self) -> bool:

@@ -338,7 +338,10 @@ def _pr_like(type_: EventType) -> Builder:
         fields = _pr_fields(pr, common)
         if fields["sha"] is None:
             return common.ignored(f"malformed {name} payload: no pull_request.head.sha")
-        return common.event(type_, name, action=_str(payload.get("action")), **fields)
+        # whose association counts: the review's or comment's author for those, else the PR's author
+        author = payload.get({"review": "review", "review_comment": "comment"}.get(type_, "pull_request"))
+        association = _str(_get(author, "author_association")) if isinstance(author, Mapping) else None
+        return common.event(type_, name, action=_str(payload.get("action")), author_association=association, **fields)
 
     return build
 
@@ -348,6 +351,18 @@ def _action_only(type_: EventType) -> Builder:
         return common.event(type_, name, action=_str(payload.get("action")))
 
     return build
+
+
+def _build_issue_comment(name: str, payload: Mapping[str, Any], common: _Common) -> NormalizeResult:
+    # a comment on a pull request carries the PR's number (`/kici approve`, trust decisions); the head
+    # commit is not in the payload
+    issue = payload.get("issue")
+    on_pr = isinstance(issue, Mapping) and isinstance(issue.get("pull_request"), Mapping)
+    return common.event(
+        "comment", name, action=_str(payload.get("action")),
+        author_association=_str(_get(payload, "comment", "author_association")),
+        pr_number=_int(issue.get("number")) if on_pr and isinstance(issue, Mapping) else None,
+    )
 
 
 def _build_release(name: str, payload: Mapping[str, Any], common: _Common) -> NormalizeResult:
@@ -422,7 +437,7 @@ _BUILDERS: dict[str, Builder] = {
     "pull_request": _pr_like("pr"),
     "pull_request_review": _pr_like("review"),
     "pull_request_review_comment": _pr_like("review_comment"),
-    "issue_comment": _action_only("comment"),
+    "issue_comment": _build_issue_comment,
     "release": _build_release,
     "create": _ref_event("create"),
     "delete": _ref_event("delete"),

@@ -19,6 +19,8 @@ reference describes but its table, which the original never enforced at runtime,
   that cannot be resolved) is recorded failed rather than left pending forever.
 - ``running`` + ``SKIP`` → ``skipped``: job rules run on the agent, after the job has started; a failing
   job rule skips the job.
+- ``held`` + ``WAIT`` → ``waiting``: a root job of an approved held run whose workflow or job concurrency
+  group has no free place waits its turn there, as a job of a run that was never held would.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ ADDED_TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     **{(s, _E.DRIFT_DROP): _S.DRIFT_DROPPED for s in (_S.PENDING, _S.HELD, _S.WAITING, _S.QUEUED)},
     (_S.PENDING, _E.FAIL): _S.FAILED,
     (_S.RUNNING, _E.SKIP): _S.SKIPPED,
+    (_S.HELD, _E.WAIT): _S.WAITING,
 }
 """Transitions this project adds to the reference table; the module docstring says why."""
 

@@ -72,6 +72,8 @@ class Permission(StrEnum):
     """Create, change and delete deployment environments."""
     DATA_PRUNE = "data:prune"
     """Delete old runs, events and audit entries now (`prune`; the retention sweep does it on its own)."""
+    APPROVALS_WRITE = "approvals:write"
+    """Approve or reject held runs and gated jobs (`kici-admin held approve|reject`)."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})

@@ -199,6 +199,12 @@ class Settings(BaseModel):
         default=3_600_000, ge=1000,
         description="How long a job may wait in the queue for an agent before it expires (`timed_out_stale`).",
     )
+    hold_expiry_hours: float = Field(
+        default=72, gt=0, le=24 * 365,
+        description="How long a run held by a source's trust policy (an untrusted pull request) waits for "
+        "`kici-admin held approve` or a `/kici approve` comment before the sweeper cancels it (\"hold expired "
+        "after 72h\"). A source's trust policy may set its own `hold_expiry`.",
+    )
     dispatch_ack_timeout_ms: int = Field(
         default=10_000, ge=100,
         description="How long an agent has to acknowledge a dispatched job before it is requeued.",

@@ -1,6 +1,10 @@
 """Linked reruns: a run's workflow again at the same commit with the same event (`original_run_id` points
 at the first run of the chain). Used by `POST /api/v1/admin/runs/{id}/rerun` and by GitHub's "Re-run"
-buttons (`check_run` / `check_suite` `rerequested` deliveries)."""
+buttons (`check_run` / `check_suite` `rerequested` deliveries).
+
+A rerun keeps the trust of the run it repeats: a rerun of a run its trust policy held (rejected, expired,
+or still held) is held again, for a new decision; a rerun of an approved run is approved (the approval
+was for this very commit), with the same access to secrets."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.events import Event
 from kici.engine.lockfile import Workflow
+from kici.engine.states import RunTrust
 from kici.orchestrator.config import Settings
+from kici.orchestrator.holds.policy import TrustPolicy, policy_of
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.store import runs
 from kici.orchestrator.store.runs import RunRecord
@@ -38,6 +44,8 @@ async def rerun(conn: AsyncConnection, settings: Settings, original: RunRecord) 
         )
     event = Event.model_validate(original.event)
     source = await get_source(conn, original.source_id) if original.source_id else None
+    held = original.trust == RunTrust.UNTRUSTED.value and original.hold_reason is not None
+    policy = policy_of(source.config) if source is not None else TrustPolicy()
     try:
         created = await runs.create_run(
             conn,
@@ -53,6 +61,10 @@ async def rerun(conn: AsyncConnection, settings: Settings, original: RunRecord) 
                 source_id=original.source_id,
                 original_run_id=original.original_run_id or original.id,
                 reporting=reporting_targets(settings, source, event),
+                trust=original.trust,
+                secrets_allowed=original.secrets_allowed,
+                hold_reason=original.hold_reason if held else None,
+                hold_expiry=policy.expiry(settings.hold_expiry_hours) if held else None,
             ),
             queue_max_depth=settings.queue_max_depth,
             queue_timeout_ms=settings.queue_timeout_ms,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kici.orchestrator.app import Readiness
     from kici.orchestrator.dispatch.dispatcher import Dispatcher
     from kici.orchestrator.dispatch.sweeps import Sweeper
+    from kici.orchestrator.holds.service import HeldService
     from kici.orchestrator.ingest.poller import GitPoller
     from kici.orchestrator.reporting.worker import ReportWorker
     from kici.orchestrator.scheduling.scheduler import Scheduler
@@ -40,12 +41,17 @@ class Services:
     blobs: BlobStore
     """Artifacts (and later caches): `KICI_STORAGE_BACKEND`; checked at start-up by `server.serve`."""
     database: Database
+    held: HeldService
+    """Held runs and gated jobs (`kici-admin held …`): its gate list is where a gate kind is registered."""
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
         from kici.orchestrator.dispatch.dispatcher import Dispatcher
         from kici.orchestrator.dispatch.metrics import DispatchMetrics
         from kici.orchestrator.dispatch.sweeps import Sweeper
+        from kici.orchestrator.holds.environment import EnvironmentGate
+        from kici.orchestrator.holds.service import HeldService
+        from kici.orchestrator.holds.trust import TrustGate
         from kici.orchestrator.ingest.poller import GitPoller
         from kici.orchestrator.ingest.service import ingest_for
         from kici.orchestrator.reporting.metrics import ReportMetrics
@@ -63,9 +69,12 @@ class Services:
         async def delete_run_data(run_id: str) -> None:
             await _delete_run_data(state.database, logs, blobs, run_id)
 
+        # trust holds first: a run's environment gates are created only once its trust hold is released
+        held = HeldService(state.database, [TrustGate(dispatcher.limits), EnvironmentGate()], ingest,
+                           wake_dispatcher=dispatcher.wake, wake_reporter=reporter.wake)
         return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher, delete_run_data),
                    poller=GitPoller(state, ingest), reporter=reporter, scheduler=Scheduler(state, ingest),
-                   blobs=blobs, database=state.database)
+                   blobs=blobs, database=state.database, held=held)
 
     async def start(self, readiness: Readiness) -> None:
         await self.dispatcher.start(readiness)

@@ -88,7 +88,13 @@ async def _targets(admin: Admin) -> dict[str, str]:
         await secrets.set_secret(conn, Keyring(SECRET_KEY), name=secret, scope="repo:acme/app", value="v")
         environment = f"env-{new_id()[:8]}"
         await environments.create_environment(conn, environment, environments.EnvironmentPolicy())
-    return {"secret": secret, "environment": environment, "secret_name": f"N_{new_id()[:8]}",
+        held = await insert_run(conn, workflow_spec=WORKFLOW_SPEC, event={"type": "pr", "branch": "f"}, status="held",
+                                trust="untrusted", secrets_allowed=False, hold_reason="pull request from a fork")
+        await insert_job(conn, held, "build", status="held")
+        github = await create_source(conn, key=SECRET_KEY, name=f"gh-{new_id()}", kind="github",
+                                     config={"app_id": 1}, secrets={})
+    return {"held": held, "github": github.name, "environment": environment,
+            "secret": secret, "secret_name": f"N_{new_id()[:8]}",
             "auditor_token": auditor.token.id, "owner_token": owner.token.id, "agent_token": agent.token.id,
             "report": str(report), "run": run, "source": source.name, "new_name": f"new-{new_id()}", "agent": agent_id,
             "delivery": delivery}
@@ -181,6 +187,13 @@ ROUTES = [
           path="/runs/{run}/artifacts/no-such-artifact", label="(unknown artifact)"),
     Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": True}, label="(dry run)"),
     Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": False}),
+    Route("GET", "/sources/{id_or_name}/trust", (Permission.SOURCES_READ,), 200, path="/sources/{github}/trust"),
+    Route("PUT", "/sources/{id_or_name}/trust", (Permission.SOURCES_WRITE,), 200, path="/sources/{github}/trust",
+          body={"fork_pull_requests": "reject"}),
+    Route("GET", "/held", (Permission.RUNS_READ,), 200),
+    Route("POST", "/held/{run_id}/approve", (Permission.APPROVALS_WRITE,), 200, path="/held/{held}/approve"),
+    Route("POST", "/held/{run_id}/reject", (Permission.APPROVALS_WRITE,), 200, path="/held/{held}/reject",
+          body={"reason": "no"}),
 ]
 
 

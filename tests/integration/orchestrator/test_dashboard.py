@@ -634,3 +634,19 @@ async def test_run_page_reports_and_retry(dash: Dash) -> None:
     assert statuses[failed] == "pending" and statuses[foreign] == "failed"
     assert [(e.action, e.reason) for e in retried if e.action != "dashboard.login"] == [
         ("report.retry", f"report {failed}")]
+
+
+async def test_a_held_run_page_says_why_it_is_held(public_dash: Dash) -> None:
+    reason = "pull request #2 from fork alice/app by alice (CONTRIBUTOR): held for approval"
+    run_id, _ = await _seed_run(public_dash, status="held", trust="untrusted", secrets_allowed=False,
+                                hold_reason=reason, hold_expires_at=T0 + dt.timedelta(hours=72))
+    approved_id, _ = await _seed_run(public_dash, status="running", trust="approved", secrets_allowed=False,
+                                     hold_reason=reason)
+    async with public_dash.client() as http:
+        page = await http.get(f"/runs/{run_id}")
+        approved = await http.get(f"/runs/{approved_id}")
+    assert page.status_code == 200
+    assert f'<p class="held" id="hold-reason">held: {reason} · expires' in page.text
+    assert f"kici-admin held approve {run_id}" in page.text
+    assert 'id="hold-reason"' not in approved.text  # no longer held
+    assert "Untrusted code, approved at this commit (no secrets)" in approved.text

@@ -58,6 +58,8 @@ class FakeGitHub:
         self.token_scopes: dict[str, dict[str, Any]] = {}
         """Per minted token: `repositories` (None: every repository of the installation) and `permissions`."""
         self.app_permissions = {"contents": "write", "checks": "write", "metadata": "read", "pull_requests": "write"}
+        self.pulls: dict[tuple[str, int], str] = {}  # (repo, number) → head sha (GET /repos/{r}/pulls/{n})
+        self.team_members: dict[str, dict[str, str]] = {}  # "org/slug" → login → state (active | pending)
         self.hits: Counter[str] = Counter()
         self.fail_with: int | None = None
         # check runs (the reporting tests): what was asked for, and what exists
@@ -277,6 +279,19 @@ class FakeGitHub:
         h._send(200, {"total_count": len(repos), "repository_selection": "selected",
                       "repositories": [self._repo_body(r) for r in chunk]})
 
+    def _team_membership(self, h: Any, team: str, login: str) -> None:
+        """`GET /orgs/{org}/teams/{slug}/memberships/{user}` with an installation token (404: not a member)."""
+        auth = h.headers.get("Authorization") or ""
+        if not auth.startswith("token ") or auth[len("token ") :] not in self.tokens:
+            h._send(401, {"message": "Bad credentials", "status": "401"})
+            return
+        state = self.team_members.get(team, {}).get(login)
+        if state is None:
+            self._not_found(h, "teams/members#get-team-membership-for-a-user")
+            return
+        h._send(200, {"url": f"{self.url}/orgs/{team.split('/')[0]}/team/memberships/{login}", "role": "member",
+                      "state": state})
+
     def handle(self, h: Any, method: str) -> None:
         parsed = urlparse(h.path)
         path = unquote(parsed.path)
@@ -325,6 +340,9 @@ class FakeGitHub:
             return
         if method == "GET" and parts == ["installation", "repositories"]:
             self._installation_repositories(h, query)
+            return
+        if method == "GET" and len(parts) == 6 and (parts[0], parts[2], parts[4]) == ("orgs", "teams", "memberships"):
+            self._team_membership(h, f"{parts[1]}/{parts[3]}", parts[5])
             return
         if method != "GET" or parts[0] != "repos" or len(parts) < 3:
             self._not_found(h, "")
@@ -400,6 +418,14 @@ class FakeGitHub:
                     ],
                 },
             )
+            return
+        if parts[3] == "pulls" and len(parts) == 5 and parts[4].isdigit():
+            head = self.pulls.get((repo, int(parts[4])))
+            if head is None:
+                self._not_found(h, "pulls/pulls#get-a-pull-request")
+                return
+            h._send(200, {"number": int(parts[4]), "state": "open", "head": {"sha": head, "ref": "changes"},
+                          "base": {"ref": "master"}})
             return
         if parts[3] == "commits" and len(parts) == 5:
             sha = self.refs.get((repo, parts[4]))
@@ -552,3 +578,22 @@ async def test_errors_are_provider_errors(fake_github: FakeGitHub) -> None:
         )
         with pytest.raises(ProviderError, match="unreachable"):
             await down.read_lock_file("a/b", "a" * 40)
+
+
+async def test_pull_request_head_and_team_membership(fake_github: FakeGitHub) -> None:
+    repo = "Codertocat/Hello-World"
+    fake_github.pulls[(repo, 2)] = "c" * 40
+    fake_github.team_members["octo-org/maintainers"] = {"erin": "active", "frank": "pending"}
+    async with httpx.AsyncClient() as client:
+        gh = provider(fake_github, client)
+        assert await gh.pull_request_head(repo, 2) == "c" * 40
+        assert await gh.pull_request_head(repo, 3) is None
+        assert await gh.team_member(repo, "octo-org/maintainers", "erin")
+        assert not await gh.team_member(repo, "octo-org/maintainers", "frank")  # invited, not yet a member
+        assert not await gh.team_member(repo, "octo-org/maintainers", "mallory")
+        assert not await gh.team_member(repo, "octo-org/other", "erin")
+        fake_github.fail_with = 502
+        with pytest.raises(ProviderError, match="team membership API: HTTP 502"):
+            await gh.team_member(repo, "octo-org/maintainers", "erin")
+        with pytest.raises(ProviderError, match="pulls API: HTTP 502"):
+            await gh.pull_request_head(repo, 2)

@@ -283,6 +283,11 @@ runs = sa.Table(
     # resolve the secrets its jobs declare (false for untrusted code unless the policy allows it).
     sa.Column("trust", sa.Text, nullable=False, server_default="trusted"),
     sa.Column("secrets_allowed", sa.Boolean, nullable=False, server_default=sa.true()),
+    # A run the trust policy held (`status` held): why, when the sweeper expires the hold, and when it was
+    # approved (its workflow timeout counts from then) (0011).
+    sa.Column("hold_reason", sa.Text, nullable=True),
+    sa.Column("hold_expires_at", UtcDateTime, nullable=True),
+    sa.Column("approved_at", UtcDateTime, nullable=True),
     _created_at(),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),

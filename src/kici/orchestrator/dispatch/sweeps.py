@@ -78,6 +78,7 @@ class Sweeper:
             ("queue_expiry", self.queue_expiry),
             ("recovery_windows", self.recovery_windows),
             ("workflow_timeouts", self.workflow_timeouts),
+            ("hold_expiry", self.hold_expiry),
             ("concurrency", self.concurrency),
             ("environment_timers", self.environment_timers),
             ("dedup_cache", self.dedup_cache),
@@ -175,6 +176,21 @@ class Sweeper:
             log_event("sweep.workflow_timeout", level="warning", run_id=run_id, status=result.status)
             self._later(partial(self.dispatcher.cancel_jobs, run_id, result.running, reason=WORKFLOW_TIMEOUT,
                                 force=False))
+
+    async def hold_expiry(self, conn: AsyncConnection) -> None:
+        """Held runs nobody decided in time: cancelled through `EXPIRE` ("hold expired after 72h"), in
+        bounded batches (the next tick takes the rest)."""
+        from kici.orchestrator.holds.trust import expire_hold
+
+        now = utcnow()
+        expired = [run_id for run_id in await run_store.find_expired_holds(conn, now=now)
+                   if await expire_hold(conn, run_id, now=now)]
+        if expired:
+            log_event("sweep.holds_expired", runs=expired)
+            self._later(self._report_wake)
+
+    async def _report_wake(self) -> None:
+        self.dispatcher.report_wake()
 
     async def concurrency(self, conn: AsyncConnection) -> None:
         """Concurrency groups with a member waiting for more than a tick and a free place: admit it. A

@@ -14,23 +14,31 @@ All runs of one delivery and the event log update commit in ONE transaction. The
 called after that commit.
 
 Trust: for a pull request from a fork the lock file is read at the base commit, not the fork's head,
-so a fork cannot choose which workflows run or what they do by editing the lock file.
+so a fork cannot choose which workflows run or what they do by editing the lock file. A GitHub source's
+trust policy (`kici.orchestrator.holds.policy`) judges each event first: an untrusted one is `filtered`
+(policy `reject`, no run), or its runs are created `held` (policy `hold`: nothing dispatched, no token or
+secret minted, until approved), or they run without secrets (policy `allow`). A held pull request's lock
+file is read at the base commit too, and a change to `.kici/` is called out in the hold reason.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from kici.engine.events import Event
 from kici.engine.github_events import diff_base
 from kici.engine.lockfile import LockFile, LockFileError
+from kici.engine.states import RunTrust
 from kici.engine.triggers import match_all, needs_changed_files
 from kici.orchestrator.app import AppState
-from kici.orchestrator.db.schema import EventLogStatus
+from kici.orchestrator.db.schema import EventLogStatus, SourceKind
+from kici.orchestrator.holds.policy import TRUSTED, TrustAction, TrustDecision, TrustPolicy, decide, policy_of
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import LockFileSource, LockFileTooLarge, ProviderError
 from kici.orchestrator.providers.git import GitProvider
+from kici.orchestrator.providers.github import GitHubProvider
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.scheduling.registrations import git_default_branch, register_from_lock
 from kici.orchestrator.store import events as event_store
@@ -58,10 +66,31 @@ class PipelineResult:
     superseded: list[Superseded] = field(default_factory=list)
 
 
-def _lock_commit(event: Event) -> str | None:
-    if event.is_fork:
+KICI_DIR = ".kici/"
+_PR_TYPES = ("pr", "review", "review_comment")
+
+
+def _lock_commit(event: Event, *, held: bool = False) -> str | None:
+    """The commit whose lock file decides the runs: the base for a fork's PR and for a held PR (untrusted
+    code must not choose which workflows run or what they do), else the event's commit."""
+    if event.is_fork or (held and event.type in _PR_TYPES):
         return event.base_sha
     return event.sha
+
+
+async def judge(delivery: Delivery, event: Event, provider: LockFileSource) -> tuple[TrustDecision, TrustPolicy | None]:
+    """The source's trust policy applied to the event (git and generic sources: trusted, no policy)."""
+    if delivery.source.kind is not SourceKind.GITHUB:
+        return TRUSTED, None
+    policy = policy_of(delivery.source.config)
+    team_check = None
+    if isinstance(provider, GitHubProvider) and policy.trusted_teams and event.repo:
+        repo = event.repo
+
+        async def team_check(team: str, login: str) -> bool:
+            return await provider.team_member(repo, team, login)
+
+    return await decide(policy, event, team_check=team_check), policy
 
 
 async def process_delivery(
@@ -119,7 +148,14 @@ async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider
             return await _finish(state, delivery, EventLogStatus.LOCKFILE_MISSING, f"branch {branch!r} not found")
         event = event.model_copy(update={"sha": sha})
     assert event.sha is not None
-    lock_sha = _lock_commit(event)
+    trust, policy = await judge(delivery, event, provider)
+    if trust.untrusted:
+        log_event("ingest.untrusted_event", delivery_id=delivery.delivery_id, source=delivery.source.name,
+                  action=trust.action.value if trust.action else None, reason=trust.reason)
+    if trust.action is TrustAction.REJECT:
+        reason = f"{trust.reason}: rejected by the source's trust policy"
+        return await _finish(state, delivery, EventLogStatus.FILTERED, reason)
+    lock_sha = _lock_commit(event, held=trust.action is TrustAction.HOLD)
     if lock_sha is None:
         return await _finish(
             state, delivery, EventLogStatus.LOCKFILE_MISSING, "pull request from a fork without a base commit"
@@ -139,7 +175,7 @@ async def _process(state: AppState, ingest: Ingest, delivery: Delivery, provider
     except LockFileError as exc:
         return await _corrupt(state, ingest, delivery, event, str(exc))
     await _register_schedules(state, delivery, event, provider, lock)
-    return await _match_and_create(state, delivery, event, lock, provider)
+    return await _match_and_create(state, delivery, event, lock, provider, trust=trust, policy=policy)
 
 
 async def _register_schedules(
@@ -182,9 +218,36 @@ async def _corrupt(state: AppState, ingest: Ingest, delivery: Delivery, event: E
     return PipelineResult(EventLogStatus.LOCKFILE_CORRUPT, reason, [run_id])
 
 
+async def _hold_reason(event: Event, trust: TrustDecision, provider: LockFileSource) -> tuple[Event, str]:
+    """Why the run is held, calling out a change to `.kici/` (the event with its changed files, when they
+    had to be read for that)."""
+    reason = f"{trust.reason}: held for approval"
+    sha = event.sha
+    if event.type in _PR_TYPES and sha is not None:
+        if event.changed_files is None:
+            base = diff_base(event)
+            if base is not None:
+                files = await provider.changed_files(event.repo or "", base, sha)
+                event = event.model_copy(update={"changed_files": files})
+        if any(path.startswith(KICI_DIR) for path in event.changed_files or ()):
+            reason += "; changes .kici/: the held run uses the base branch's workflows"
+    return event, reason
+
+
 async def _match_and_create(
-    state: AppState, delivery: Delivery, event: Event, lock: LockFile, provider: LockFileSource
+    state: AppState, delivery: Delivery, event: Event, lock: LockFile, provider: LockFileSource, *,
+    trust: TrustDecision = TRUSTED, policy: TrustPolicy | None = None,
 ) -> PipelineResult:
+    assert event.sha is not None
+    hold_reason: str | None = None
+    hold_expiry: dt.timedelta | None = None
+    if trust.action is TrustAction.HOLD:
+        event, hold_reason = await _hold_reason(event, trust, provider)
+        hold_expiry = (policy or TrustPolicy()).expiry(state.settings.hold_expiry_hours)
+    # an untrusted event the policy lets run (`allow`) runs at once, but gets secrets only as an approved
+    # one would
+    secrets_allowed = not trust.untrusted or (policy is not None and policy.secrets_for_approved and
+                                              hold_reason is None)
     assert event.sha is not None
     if event.changed_files is None and needs_changed_files(lock.workflows, event):
         base = diff_base(event)
@@ -199,6 +262,8 @@ async def _match_and_create(
     run_ids: list[str] = []
     superseded: list[Superseded] = []
     reason = f"matched {', '.join(matched)}" if matched else "no workflow matched"
+    if matched and hold_reason is not None:
+        reason += f"; {hold_reason}"
     reporting = reporting_targets(settings, delivery.source, event) if matched else None
     async with state.database.transaction() as conn:
         for name in matched:
@@ -217,6 +282,10 @@ async def _match_and_create(
                     delivery_id=delivery.delivery_id,
                     source_id=delivery.source.id,
                     reporting=reporting,
+                    trust=(RunTrust.UNTRUSTED if trust.untrusted else RunTrust.TRUSTED).value,
+                    secrets_allowed=secrets_allowed,
+                    hold_reason=hold_reason,
+                    hold_expiry=hold_expiry,
                 ),
                 queue_max_depth=settings.queue_max_depth,
                 queue_timeout_ms=settings.queue_timeout_ms,

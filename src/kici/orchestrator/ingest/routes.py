@@ -251,9 +251,29 @@ async def github_webhook(
                     conn, delivery_id, EventLogStatus.FAILED, org_id=org_id, reason=str(exc)[:2000]
                 )
             return _accepted(state, delivery_id, EventLogStatus.FAILED, [])
+        await _comment_command(request, state, org_id, source, normalized.event, provider)
         delivery = Delivery(org_id, delivery_id, source, normalized.event)
         result = await process_delivery(state, ingest, delivery, provider)
     return _accepted(state, delivery_id, result.status, result.run_ids)
+
+
+async def _comment_command(
+    request: Request, state: AppState, org_id: str, source: Source, event: Event, provider: object
+) -> None:
+    """A `/kici approve|reject` PR comment decides the PR's held runs (`kici.orchestrator.holds.comments`);
+    the delivery then goes through the pipeline like any other comment. A failure here is logged: the
+    comment's own runs still happen."""
+    from kici.orchestrator.holds.comments import handle_comment
+    from kici.orchestrator.services import services_of
+
+    if event.type != "comment" or event.pr_number is None:
+        return
+    try:
+        await handle_comment(state.database, services_of(request.app).held, org_id=org_id, source=source,
+                             event=event, provider=provider)
+    except Exception as exc:
+        log_event("held.comment_failed", level="warning", source=source.name, repo=event.repo,
+                  pr=event.pr_number, error=f"{type(exc).__name__}: {exc}")
 
 
 # -- git --------------------------------------------------------------------------------------------

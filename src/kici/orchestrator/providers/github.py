@@ -327,6 +327,36 @@ class GitHubProvider:
         branch = body.get("default_branch") if isinstance(body, dict) else None
         return branch if isinstance(branch, str) and branch else None
 
+    async def pull_request_head(self, repo: str, number: int) -> str | None:
+        """The head commit of pull request `number` now (`GET /repos/{o}/{r}/pulls/{n}`); None when there is
+        no such pull request."""
+        response = await self._get(repo, f"pulls/{int(number)}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise ProviderError(f"GitHub pulls API: HTTP {response.status_code} {_message(response)}")
+        body = response.json()
+        sha = body.get("head", {}).get("sha") if isinstance(body, dict) and isinstance(body.get("head"), dict) else None
+        return sha if isinstance(sha, str) else None
+
+    async def team_member(self, repo: str, team: str, login: str) -> bool:
+        """Whether `login` is an active member of `team` (`org/slug`), asked with the installation token of
+        `repo` (`GET /orgs/{org}/teams/{slug}/memberships/{login}`; the App needs `members: read`)."""
+        org, _, slug = team.partition("/")
+        installation = await self._installation_id(repo)
+        token = await self.tokens.get(self.client, self.api_url, installation, self.app_id, self.private_key)
+        path = f"orgs/{quote(org, safe='')}/teams/{quote(slug, safe='')}/memberships/{quote(login, safe='')}"
+        response = await _request(
+            self.client, "GET", f"{self.api_url}/{path}",
+            headers={"Authorization": f"token {token}"},
+        )
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise ProviderError(f"GitHub team membership API: HTTP {response.status_code} {_message(response)}")
+        body = response.json()
+        return isinstance(body, dict) and body.get("state") == "active"
+
     async def installation_repositories(self) -> list[tuple[str, str | None]]:
         """`(owner/name, default branch)` of every repository the installation can see
         (`GET /installation/repositories`, all pages); needs a configured `installation_id`."""

@@ -149,7 +149,23 @@ def check_body(
     if conclusion is not None:
         body["conclusion"] = conclusion
         body["completed_at"] = _iso(job.finished_at or job.started_at or job.created_at)
+    if conclusion == "action_required":
+        body["output"] = held_output(run)
     return body
+
+
+def held_output(run: RunRecord) -> dict[str, str]:
+    """The check run of a held job: why it is held and how a trusted person lets it run."""
+    reason = run.hold_reason or "held for approval"
+    summary = (
+        f"**Held:** {reason}.\n\nNothing runs until it is approved, at exactly this commit "
+        f"(`{run.sha[:12]}`): a trusted user comments `/kici approve` (or `/kici reject [reason]`) on the pull "
+        f"request, or an operator runs `kici-admin held approve {run.id}` (`kici-admin held reject {run.id}`). "
+        "A new push creates a new held run."
+    )
+    if run.hold_expires_at is not None:
+        summary += f"\n\nThe hold expires at {_iso(run.hold_expires_at)}."
+    return {"title": "Waiting for approval", "summary": _clip(summary)}
 
 
 class CheckRunSender:

@@ -13,6 +13,7 @@ from kici.orchestrator.routes import (
     admin_audit,
     admin_environments,
     admin_events,
+    admin_held,
     admin_manual_runs,
     admin_queue,
     admin_reports,
@@ -23,6 +24,7 @@ from kici.orchestrator.routes import (
     admin_sources,
     admin_system,
     admin_tokens,
+    admin_trust,
 )
 
 ADMIN_PREFIX = "/api/v1/admin"
@@ -43,6 +45,8 @@ router.include_router(admin_reports.router)
 router.include_router(admin_environments.router)
 router.include_router(admin_artifacts.router)
 router.include_router(admin_retention.router)
+router.include_router(admin_trust.router)
+router.include_router(admin_held.router)
 
 
 @router.api_route(

@@ -54,6 +54,11 @@ class RunInfo(BaseModel):
     wait_reason: str | None = Field(
         default=None, description="Why a pending run waits, e.g. `concurrency: deploy-main`; null otherwise"
     )
+    trust: str = Field(default="trusted", description="What the source's trust policy decided: `trusted`, "
+                       "`untrusted` (held, or let run without secrets) or `approved`")
+    secrets_allowed: bool = Field(default=True, description="Whether the run's jobs may receive declared secrets")
+    hold_reason: str | None = Field(default=None, description="Why the trust policy held the run; null: never held")
+    hold_expires_at: dt.datetime | None = Field(default=None, description="When a held run's hold expires")
 
     @classmethod
     def of(cls, run: RunRecord) -> RunInfo:

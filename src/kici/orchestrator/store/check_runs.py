@@ -21,3 +21,11 @@ async def remember_check_run(conn: AsyncConnection, *, job_id: str, run_id: str,
             job_id=job_id, run_id=run_id, repo=repo, check_run_id=check_run_id, created_at=utcnow()
         )
     )
+
+
+async def forget_check_runs(conn: AsyncConnection, job_ids: list[str]) -> None:
+    """The jobs' next report creates a new check run instead of updating the one they had. For a held job
+    approved: its check run is `completed` (`action_required`), and GitHub does not let a completed check
+    run change its status again; a new one of the same name takes its place on the commit."""
+    if job_ids:
+        await conn.execute(github_check_runs.delete().where(github_check_runs.c.job_id.in_(job_ids)))

@@ -44,6 +44,7 @@ from kici.engine.states import (
     JobEvent,
     JobState,
     RunStatus,
+    RunTrust,
     aggregate_run_status,
     is_run_terminal,
     is_terminal,
@@ -65,6 +66,7 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import concurrency as groups
 from kici.orchestrator.store import environments as env_store
 from kici.orchestrator.store import outbox
+from kici.orchestrator.store.check_runs import forget_check_runs
 from kici.orchestrator.store.jobs import KeepFirst, set_job_status, set_jobs_status
 
 QUEUE_FULL_ERROR = "queue full"
@@ -140,6 +142,12 @@ class RunRecord(_Frozen):
     """`RunTrust`: what the source's trust policy decided for the run's event."""
     secrets_allowed: bool = True
     """Whether dispatch may resolve the secrets the run's jobs declare."""
+    hold_reason: str | None = None
+    """Why the source's trust policy held the run (None: never held)."""
+    hold_expires_at: dt.datetime | None = None
+    """When the sweeper expires the hold of a run still `held`."""
+    approved_at: dt.datetime | None = None
+    """When a held run was approved (its workflow timeout counts from then)."""
 
     @property
     def finished(self) -> bool:
@@ -212,6 +220,11 @@ class NewRun:
     trust: str = "trusted"
     """`RunTrust` value decided by the source's trust policy."""
     secrets_allowed: bool = True
+    hold_reason: str | None = None
+    """Set: the run is created `held` (its root jobs `held`, the others `pending`) and nothing is enqueued
+    until `release_held_run`; the reason is shown wherever the run is."""
+    hold_expiry: dt.timedelta | None = None
+    """How long the hold lasts from the run's creation (None: until decided)."""
 
 
 @dataclass(frozen=True)
@@ -469,16 +482,22 @@ class _Enqueuer:
 
     released: list[str] = field(default_factory=list)
     """Jobs leaving `waiting` (TIMER_DONE), flushed with their own guarded UPDATE."""
+    approved: list[str] = field(default_factory=list)
+    """Jobs leaving `held` (APPROVE) because their run was approved, flushed with their own UPDATE."""
 
-    async def enqueue(self, conn: AsyncConnection, row: Any, *, from_waiting: bool = False) -> bool:
+    async def enqueue(
+        self, conn: AsyncConnection, row: Any, *, from_waiting: bool = False, from_held: bool = False
+    ) -> bool:
         """`pending → queued` plus a `pending` queue row (written by `flush`); or `pending → failed`
         ("queue full") at once. True when queued.
 
         `from_waiting`: a job released from a concurrency wait (`waiting → queued`). It skips the depth
         check: it was accepted when its run was created and has only waited its turn since, and the
         state machine has no `waiting → failed` edge to record a refusal with."""
-        if from_waiting:
-            self.released.append(row.id)
+        if from_waiting or from_held:
+            # (`from_held`: accepted when its run was created, like a waiting job; the state machine has
+            # no `held → failed` edge either)
+            (self.approved if from_held else self.released).append(row.id)
             self._row(row)
             return True
         if self.depth is None:
@@ -518,16 +537,18 @@ class _Enqueuer:
     async def flush(self, conn: AsyncConnection) -> None:
         if not self.rows:
             return
-        released = set(self.released)
+        released = set(self.released) | set(self.approved)
         fresh = [r["job_id"] for r in self.rows if r["job_id"] not in released]
         values = {"queued_at": self.now, "needs_satisfied": True, "wait_reason": None}
         moved = await set_jobs_status(conn, fresh, JobState.QUEUED, JobEvent.ENQUEUE, values=values)
-        moved += await set_jobs_status(conn, list(released), JobState.QUEUED, JobEvent.TIMER_DONE, values=values)
+        moved += await set_jobs_status(conn, self.released, JobState.QUEUED, JobEvent.TIMER_DONE, values=values)
+        moved += await set_jobs_status(conn, self.approved, JobState.QUEUED, JobEvent.APPROVE, values=values)
         if moved != len(self.rows):  # every job was read `pending`/`waiting` under its run's lock: all move
             raise RuntimeError(f"enqueue moved {moved} of {len(self.rows)} jobs")
         await conn.execute(dispatch_queue.insert(), self.rows)
         self.rows = []
         self.released = []
+        self.approved = []
 
 
 # -- creation ----------------------------------------------------------------------------------------
@@ -548,6 +569,7 @@ async def create_run(
     planned = plan_workflow(new.workflow)
     run_group, job_group_names = _concurrency_groups(new, planned)
     job_environments = _job_environments(new, planned, job_group_names)
+    held = new.hold_reason is not None
     now = utcnow()
     run_id = new_id()
     await conn.execute(  # parameters, not .values(): building a 20-column VALUES clause per run is costly
@@ -556,7 +578,7 @@ async def create_run(
             "id": run_id,
             "org_id": new.org_id,
             "workflow": new.workflow.name,
-            "status": RunStatus.PENDING.value,
+            "status": (RunStatus.HELD if held else RunStatus.PENDING).value,
             "repo": new.repo,
             "ref": new.ref,
             "sha": new.sha,
@@ -575,6 +597,8 @@ async def create_run(
             "trigger": new.event.type,
             "trust": new.trust,
             "secrets_allowed": new.secrets_allowed,
+            "hold_reason": new.hold_reason,
+            "hold_expires_at": now + new.hold_expiry if held and new.hold_expiry is not None else None,
         },
     )
     _remember_reporting(run_id, new.org_id, new.reporting)
@@ -607,7 +631,8 @@ async def create_run(
                 "name": job.name,
                 "job": job.job,
                 "matrix": job.matrix,
-                "status": JobState.PENDING.value,
+                # a held run: its root jobs wait for the approval in `held`; dependents stay `pending`
+                "status": (JobState.HELD if held and not job.needs else JobState.PENDING).value,
                 "attempt": 1,
                 "needs_satisfied": not job.needs,
                 "runs_on": _matchers_json(lock_job.runs_on if lock_job else None),
@@ -637,6 +662,9 @@ async def create_run(
     await outbox.insert_rows(
         conn, outbox.job_rows(new.reporting, new.org_id, run_id, job_ids.values(), outbox.CHECK_QUEUED, now=now)
     )
+    if held:
+        # nothing is enqueued and no concurrency group is joined until a trusted person approves
+        return CreatedRun(run_id=run_id, job_ids=job_ids, queued=[], failed=[], run_status=RunStatus.HELD.value)
     limits = QueueLimits(max_depth=queue_max_depth, timeout_ms=queue_timeout_ms)
     superseded: list[Superseded] = []
     if run_group is None:
@@ -1178,6 +1206,10 @@ async def settle_run(
         if finished_jobs:
             await report_jobs(conn, run_id, finished_jobs, outbox.CHECK_COMPLETED)
         return SettleResult([], [], run_status)
+    if run_status == RunStatus.HELD.value:  # nothing moves until the hold is approved, rejected or expires
+        if finished_jobs:
+            await report_jobs(conn, run_id, finished_jobs, outbox.CHECK_COMPLETED)
+        return SettleResult([], [], run_status)
     rows = list(await conn.execute(_SETTLE_JOBS, {"v_run_id": run_id}))
     edges = await _needs_edges(conn, run_id)
     children: dict[str, list[str]] = {}
@@ -1208,7 +1240,9 @@ async def settle_run(
                 and not cancelling and row.id not in gated
                 and (row.environment is None or (row.id in env_gates and env_gates[row.id].passed))
             )
-            if current != JobState.PENDING.value and not released:
+            # a root job of a held run that was approved (the run is no longer `held`): ready now
+            approved = current == JobState.HELD.value and not cancelling and row.id not in gated
+            if current != JobState.PENDING.value and not released and not approved:
                 continue
             if cancelling:
                 if await set_job_status(conn, row.id, JobState.CANCELLED, JobEvent.CANCEL):
@@ -1216,7 +1250,7 @@ async def settle_run(
                     cancelled.append(row.id)
                     changed = True
                 continue
-            if not released:
+            if not released and not approved:
                 # a need on a lock job is a need on each of its children; a job with no children is satisfied
                 needs = [
                     (child, run_on)
@@ -1265,7 +1299,7 @@ async def settle_run(
                     gate.append(row)
                     gated.add(row.id)
                 continue
-            if await enqueuer.enqueue(conn, row, from_waiting=released):
+            if await enqueuer.enqueue(conn, row, from_waiting=released, from_held=approved):
                 status[row.name] = JobState.QUEUED.value
                 queued.append(row.id)
             else:
@@ -1359,7 +1393,7 @@ async def _job_groups(
         if row.id in admitted:
             status[row.name] = JobState.QUEUED.value
             queued.append(row.id)
-        elif status[row.name] == JobState.PENDING.value:
+        elif status[row.name] in (JobState.PENDING.value, JobState.HELD.value):
             group = found[row.concurrency_group_id]
             reason = groups.wait_reason(group.name) if group is not None else None
             values = {"wait_reason": reason, "needs_satisfied": True}
@@ -1400,7 +1434,8 @@ async def _admit_jobs(
             continue
         await groups.set_job_state(conn, [first.id], ConcurrencyState.HOLDING)
         from_waiting = status[row.name] == JobState.WAITING.value
-        if await enqueuer.enqueue(conn, row, from_waiting=from_waiting):
+        from_held = status[row.name] == JobState.HELD.value
+        if await enqueuer.enqueue(conn, row, from_waiting=from_waiting, from_held=from_held):
             admitted.add(first.id)
         else:  # the queue is full: the job failed, and its place goes to the next one
             status[row.name] = JobState.FAILED.value
@@ -1619,10 +1654,10 @@ async def mark_job_stale(
 
 
 async def find_overdue_runs(conn: AsyncConnection, *, now: dt.datetime) -> list[str]:
-    """Ids of pending/running runs older than their workflow timeout (counted from the run's creation);
-    the caller cancels them with reason `workflow_timeout`."""
+    """Ids of pending/running runs older than their workflow timeout (counted from the run's creation, or
+    from its approval for a run that was held); the caller cancels them with reason `workflow_timeout`."""
     rows = await conn.execute(
-        sa.select(runs.c.id, runs.c.created_at, runs.c.timeout_ms)
+        sa.select(runs.c.id, runs.c.created_at, runs.c.approved_at, runs.c.timeout_ms)
         .where(
             runs.c.status.in_([RunStatus.PENDING.value, RunStatus.RUNNING.value]),
             runs.c.timeout_ms.is_not(None),
@@ -1631,5 +1666,141 @@ async def find_overdue_runs(conn: AsyncConnection, *, now: dt.datetime) -> list[
         .order_by(runs.c.created_at)
     )
     return [
-        str(row.id) for row in rows if row.created_at + dt.timedelta(milliseconds=int(row.timeout_ms)) <= now
+        str(row.id) for row in rows
+        if (row.approved_at or row.created_at) + dt.timedelta(milliseconds=int(row.timeout_ms)) <= now
     ]
+
+
+# -- held runs (trust) -----------------------------------------------------------------------------------
+
+
+class RunNotHeld(Exception):
+    """The run is not `held` (never was, or was decided already: approved, rejected, expired, cancelled)."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} is not held (status {status})")
+        self.run_id = run_id
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ReleasedRun:
+    settled: SettleResult
+    superseded: list[Superseded]
+    """Older runs of its concurrency group the released run cancelled (`cancel_in_progress`)."""
+
+
+async def _lock_held(conn: AsyncConnection, run_id: str) -> LockedRun:
+    locked = await lock_run_row(conn, run_id)
+    if locked is None:
+        raise RunNotFound(run_id)
+    if locked.status != RunStatus.HELD.value:
+        raise RunNotHeld(run_id, locked.status)
+    return locked
+
+
+async def release_held_run(
+    conn: AsyncConnection, run_id: str, *, secrets_allowed: bool, limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    now: dt.datetime | None = None,
+) -> ReleasedRun:
+    """Approve a held run at the commit it was created for: `trust` approved, the run `pending`, and its
+    jobs go on as a new run's would — held roots queued (or waiting for their concurrency group, which
+    the run joins now), dependents pending. `RunNotFound`, `RunNotHeld`."""
+    locked = await _lock_held(conn, run_id)
+    now = now or utcnow()
+    held_query = sa.select(jobs.c.id).where(jobs.c.run_id == run_id, jobs.c.status == JobState.HELD.value)
+    held_jobs = [str(r) for r in (await conn.execute(held_query)).scalars()]
+    await conn.execute(
+        runs.update()
+        .where(runs.c.id == run_id, runs.c.status == RunStatus.HELD.value)
+        .values(status=RunStatus.PENDING.value, trust=RunTrust.APPROVED.value, secrets_allowed=secrets_allowed,
+                hold_expires_at=None, approved_at=now)
+    )
+    row = (
+        await conn.execute(
+            sa.select(runs.c.workflow_spec, runs.c.event, runs.c.repo, runs.c.sha, runs.c.ref)
+            .where(runs.c.id == run_id)
+        )
+    ).one()
+    superseded: list[Superseded] = []
+    workflow = Workflow.model_validate(row.workflow_spec) if row.workflow_spec else None
+    event = Event.model_validate(row.event) if row.event else None
+    run_group: str | None = None
+    if workflow is not None and event is not None:
+        new = NewRun(org_id=locked.org_id, workflow=workflow, event=event, repo=str(row.repo), ref=row.ref,
+                     sha=str(row.sha), lock_content_hash=None, delivery_id=None, source_id=None)
+        run_group, _ = _concurrency_groups(new, [])
+    if run_group is not None:
+        assert workflow is not None and event is not None
+        settled, superseded = await _join_workflow_group(conn, run_id, new, run_group, limits=limits, now=now)
+    else:
+        settled = await settle_run(conn, run_id, limits=limits, now=now,
+                                   locked=LockedRun(run_id, RunStatus.PENDING.value, locked.org_id))
+    # the held jobs' check runs said `action_required` (completed): each gets a new one, queued
+    await forget_check_runs(conn, held_jobs)
+    await report_jobs(conn, run_id, held_jobs, outbox.CHECK_QUEUED)
+    return ReleasedRun(settled, superseded)
+
+
+async def end_held_run(
+    conn: AsyncConnection, run_id: str, *, event: Literal[JobEvent.REJECT, JobEvent.EXPIRE], by: str, reason: str
+) -> CancelResult:
+    """Reject a held run, or expire its hold: its held jobs are cancelled through `event`, the rest as a
+    cancel would, and the run ends `cancelled` with `reason`. `RunNotFound`, `RunNotHeld`."""
+    await _lock_held(conn, run_id)
+    held_ids = [
+        str(r)
+        for r in (
+            await conn.execute(
+                sa.select(jobs.c.id).where(jobs.c.run_id == run_id, jobs.c.status == JobState.HELD.value)
+            )
+        ).scalars()
+    ]
+    values = {"error": reason, "finished_at": utcnow()}
+    ended = [
+        job_id for job_id in held_ids if await set_job_status(conn, job_id, JobState.CANCELLED, event, values=values)
+    ]
+    await conn.execute(runs.update().where(runs.c.id == run_id).values(hold_expires_at=None))
+    result = await cancel_run(conn, run_id, by=by, force=False, reason=reason)
+    # their `action_required` check runs are completed already: new ones say `cancelled`
+    await forget_check_runs(conn, ended)
+    await report_jobs(conn, run_id, ended, outbox.CHECK_COMPLETED)
+    return CancelResult(status=result.status, cancelled_jobs=ended + result.cancelled_jobs, running=result.running,
+                        run_status=result.run_status)
+
+
+async def list_held_runs(
+    conn: AsyncConnection, *, org_id: str | None = None, run_id: str | None = None
+) -> list[RunRecord]:
+    """Runs still `held`, oldest first (of one org, or every org when None; or just `run_id`)."""
+    query = sa.select(runs).where(runs.c.status == RunStatus.HELD.value)
+    if org_id is not None:
+        query = query.where(runs.c.org_id == org_id)
+    if run_id is not None:
+        query = query.where(runs.c.id == run_id)
+    rows = await conn.execute(query.order_by(runs.c.created_at, runs.c.id))
+    return [RunRecord.model_validate(dict(row._mapping)) for row in rows]
+
+
+async def find_expired_holds(conn: AsyncConnection, *, now: dt.datetime, limit: int = 100) -> list[str]:
+    """Ids of held runs whose hold expired (the sweeper ends them with `EXPIRE`)."""
+    rows = await conn.execute(
+        sa.select(runs.c.id)
+        .where(runs.c.status == RunStatus.HELD.value, runs.c.hold_expires_at.is_not(None),
+               runs.c.hold_expires_at <= now)
+        .order_by(runs.c.hold_expires_at)
+        .limit(limit)
+    )
+    return [str(r) for r in rows.scalars()]
+
+
+async def held_runs_of_pr(conn: AsyncConnection, *, org_id: str, source_id: str, repo: str, pr_number: int,
+                          sha: str) -> list[str]:
+    """Held runs of one pull request at one head commit (what a `/kici approve` comment decides)."""
+    rows = await conn.execute(
+        sa.select(runs.c.id, runs.c.event)
+        .where(runs.c.org_id == org_id, runs.c.source_id == source_id, runs.c.repo == repo, runs.c.sha == sha,
+               runs.c.status == RunStatus.HELD.value)
+        .order_by(runs.c.created_at)
+    )
+    return [str(r.id) for r in rows if (r.event or {}).get("pr_number") == pr_number]

@@ -23,6 +23,8 @@ Config per kind (validated on create and update):
   `dedup_window_seconds`, `rate_limit_rpm`, `max_payload_bytes`; and where its events' workflows come
   from: `lock_source` (the name or id of a `git` or `github` source of the same org), `repo` (for a
   github lock source: `owner/name`) and `ref` (the branch whose head is read; default: `main`).
+- `github`: `trust`, the source's trust policy (`kici.orchestrator.holds.policy.TrustPolicy`; absent: the
+  defaults). Git and generic sources have none: their events are trusted.
 - every kind: `notify_urls` (URLs that receive the source's runs' signed `run.finished` events) and
   `notify_job_events` (also `job.finished`); see docs/operator/notifications.md.
 """
@@ -43,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from kici.engine.refnames import branch_name_problem
 from kici.orchestrator.crypto import CryptoError, Keyring, as_keyring, key_id, open_any, seal, source_aad
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, SourceKind, new_id, sources, utcnow
+from kici.orchestrator.holds.policy import TrustPolicyError, parse_policy
 
 __all__ = [
     "DEFAULT_GITHUB_API_URL",
@@ -125,6 +128,15 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
     out = dict(config)
     _positive_int(out, "max_payload_bytes")
     _notify(out)
+    if out.get("trust") is not None:
+        # git and generic sources' events come from the operator's own systems: trusted, no policy to keep
+        if kind is not SourceKind.GITHUB:
+            raise SourceError("config.trust: only github sources have a trust policy (git and generic events "
+                              "are trusted)")
+        try:
+            out["trust"] = parse_policy(out["trust"]).model_dump(mode="json")
+        except TrustPolicyError as exc:
+            raise SourceError(str(exc)) from None
     if kind is SourceKind.GITHUB:
         if isinstance(out.get("app_id"), str) and out["app_id"].strip().isdigit():
             out["app_id"] = int(out["app_id"].strip())
