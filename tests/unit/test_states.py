@@ -64,6 +64,7 @@ ADDED = [
     ("pending", "FAIL", "failed"),
     ("running", "SKIP", "skipped"),
     ("held", "WAIT", "waiting"),
+    ("held", "FAIL", "failed"),
 ]
 VALID = {(s, e): t for s, e, t in REFERENCE + ADDED}
 

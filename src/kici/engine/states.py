@@ -20,7 +20,10 @@ reference describes but its table, which the original never enforced at runtime,
 - ``running`` + ``SKIP`` → ``skipped``: job rules run on the agent, after the job has started; a failing
   job rule skips the job.
 - ``held`` + ``WAIT`` → ``waiting``: a root job of an approved held run whose workflow or job concurrency
-  group has no free place waits its turn there, as a job of a run that was never held would.
+  group has no free place waits its turn there, as a job of a run that was never held would; likewise for
+  its deployment environment's gate (approvals, wait timer).
+- ``held`` + ``FAIL`` → ``failed``: a root job of an approved held run that cannot go on — its deployment
+  environment does not exist or refuses the run's ref — fails before any step, as it would unheld.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ ADDED_TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (_S.PENDING, _E.FAIL): _S.FAILED,
     (_S.RUNNING, _E.SKIP): _S.SKIPPED,
     (_S.HELD, _E.WAIT): _S.WAITING,
+    (_S.HELD, _E.FAIL): _S.FAILED,
 }
 """Transitions this project adds to the reference table; the module docstring says why."""
 

@@ -159,3 +159,39 @@ async def test_the_workflow_timeout_counts_from_the_approval(database: Database,
             assert await run_store.find_overdue_runs(conn, now=utcnow()) == []
             later = utcnow() + dt.timedelta(seconds=61)
             assert await run_store.find_overdue_runs(conn, now=later) == [held]
+
+
+async def test_approving_a_held_run_does_not_approve_its_deployment(database: Database, tmp_path: Path) -> None:
+    """Trust and environment gates decide different things: the approval that releases a held run's root
+    job sends it to its environment's gate (waiting for that environment's own approval), not to the
+    queue; a second approval through the same held command passes the gate; a refused environment fails
+    the job before any step, as it would unheld."""
+    async with serve_orchestrator(database, tmp_path) as orch, SimAgent(orch, "a1", [], max_concurrency=4) as agent:
+        await agent.connect()
+        reply = await orch.admin("POST", "/environments", json={"name": "production", "required_approvals": 1})
+        assert reply.status_code == 201, reply.text
+        wf = workflow([{"name": "deploy", "environments": [{"value": "production"}]}])
+        held = await create_held(orch, wf)
+        assert {g.kind.value for g in await orch.services.held.list(org_id="default")} == {"trust"}
+
+        first = await orch.services.held.approve(held, APPROVER, OWNER)
+        assert first.released_job_ids == []
+        job = (await orch.jobs(held))["deploy"]
+        assert (job.status, job.wait_reason) == ("waiting", "environment: production, needs 1 approval")
+        assert await queue_rows(orch, held) == 0 and agent.received("job.dispatch") == []
+        pending = await orch.services.held.list(org_id="default", run_id=held)
+        assert [(g.kind.value, g.environment) for g in pending] == [("environment", "production")]
+
+        second = await orch.services.held.approve(held, APPROVER, OWNER)
+        assert second.released_job_ids == [job.id]
+        [dispatch] = await agent.wait_for("job.dispatch")
+        assert dispatch["run_id"] == held
+        await finish(agent, dispatch)
+        await orch.wait_run(held, "success")
+
+        # an environment that does not exist: the approved root fails before any step
+        missing = await create_held(orch, workflow([{"name": "deploy", "environments": [{"value": "nowhere"}]}]))
+        await orch.services.held.approve(missing, APPROVER, OWNER)
+        job = (await orch.jobs(missing))["deploy"]
+        assert (job.status, job.error) == ("failed", "environment 'nowhere' does not exist")
+        await orch.wait_run(missing, "failed")

@@ -3,9 +3,10 @@
 
 The command is case-insensitive and must start a line of the comment (the first command line counts).
 A commenter the source's trust policy trusts (association, trusted user, or member of a trusted team)
-approves or rejects that pull request's held runs whose commit is the PR's head *now* (asked from GitHub
-with the installation token): a comment cannot approve a commit pushed after the one its author looked at
-and then replaced, nor an older one. An untrusted commenter is ignored, with a `denied` audit row and a log
+approves or rejects what is pending on that pull request's runs whose commit is the PR's head *now* (asked
+from GitHub with the installation token) — trust holds, and deployment environment gates the commenter is
+a reviewer of: a comment cannot approve a commit pushed after the one its author looked at and then
+replaced, nor an older one. An untrusted commenter is ignored, with a `denied` audit row and a log
 line. Decisions are audited as `held.approve` / `held.reject` with actor `github:<login>`.
 """
 

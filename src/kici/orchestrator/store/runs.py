@@ -1266,6 +1266,7 @@ async def settle_run(
                         skipped.append(row.id)
                         changed = True
                     continue
+            if not released:  # (an approved held job passes its environment's gate like any other)
                 if row.environment is not None and row.id not in env_gates:
                     if run_facts is None:
                         run_facts = await env_store.run_facts(conn, run_id)
@@ -1796,11 +1797,14 @@ async def find_expired_holds(conn: AsyncConnection, *, now: dt.datetime, limit: 
 
 async def held_runs_of_pr(conn: AsyncConnection, *, org_id: str, source_id: str, repo: str, pr_number: int,
                           sha: str) -> list[str]:
-    """Held runs of one pull request at one head commit (what a `/kici approve` comment decides)."""
+    """The unfinished runs of one pull request at one head commit: what a `/kici approve` comment may decide
+    (held runs, and runs whose jobs wait at a deployment environment's gate; the held service tells which
+    have anything pending)."""
+    undecided = (RunStatus.HELD.value, RunStatus.PENDING.value, RunStatus.RUNNING.value)
     rows = await conn.execute(
         sa.select(runs.c.id, runs.c.event)
         .where(runs.c.org_id == org_id, runs.c.source_id == source_id, runs.c.repo == repo, runs.c.sha == sha,
-               runs.c.status == RunStatus.HELD.value)
+               runs.c.status.in_(undecided))
         .order_by(runs.c.created_at)
     )
     return [str(r.id) for r in rows if (r.event or {}).get("pr_number") == pr_number]
