@@ -385,6 +385,10 @@ class Job(LockModel):
     cache: list[CacheSpec] | None = None
     hooks: HookFlags | None = None
     continue_on_error: bool | None = None
+    python: str | None = None
+    """`python=`: "3", "3.12" or "3.12.7"; the job runs on an agent labelled `kici:python:<it>`."""
+    python_venv: bool | None = None
+    """`python_venv=True`: the steps run in a fresh virtualenv of that interpreter."""
 
 
 class Concurrency(LockModel):

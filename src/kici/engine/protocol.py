@@ -228,6 +228,10 @@ class JobDispatch(Message):
     """The job's `grace_period` (lock file): on a cancel, how long its commands get between SIGTERM and
     SIGKILL; None → the runner's default (5 s)."""
     max_log_size_bytes: int | None = None
+    python: str | None = None
+    """The job's `python=` ("3", "3.12" or "3.12.7"): the agent puts that interpreter first on PATH."""
+    python_venv: bool = False
+    """With `python`: the steps run in a fresh virtualenv of that interpreter (VIRTUAL_ENV set)."""
     attempt: int = 1
     timestamp: float
 

@@ -227,6 +227,8 @@ class Job:
     on_cancel: Hook | None = None
     before_step: Hook | None = None
     after_step: Hook | None = None
+    python: str | None = None
+    python_venv: bool = False
     has_run: bool = False
     has_steps: bool = True
 
@@ -238,7 +240,7 @@ _JOB_OPTIONS = frozenset(
     {
         "runs_on", "needs", "matrix", "include", "exclude", "env", "environment", "environments",
         "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
-        "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step",
+        "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step", "python", "python_venv",
     }
 )
 

@@ -151,6 +151,8 @@ def build_dispatch(
         job_timeout_ms=lock_job.timeout if lock_job is not None else None,
         grace_period_ms=lock_job.grace_period if lock_job is not None else None,
         max_log_size_bytes=max_log_size_bytes,
+        python=lock_job.python if lock_job is not None else None,
+        python_venv=bool(lock_job is not None and lock_job.python_venv),
         attempt=attempt,
         timestamp=time.time(),
     )
