@@ -112,6 +112,12 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(on_cancel)": enforced(f"{RUNNER}::test_cancel_kills_the_whole_tree_and_runs_cancel_hooks"),
     "job(before_step)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
     "job(after_step)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
+    "job(python)": enforced(
+        "tests/integration/agent/test_toolchains.py::test_step_runs_the_chosen_python_first_on_path"
+    ),
+    "job(python_venv)": enforced(
+        "tests/integration/agent/test_toolchains.py::test_python_venv_gives_each_job_a_fresh_virtualenv"
+    ),
     # -- need(...), rule(...), skip(...), Retry, Concurrency, Cache
     "need(job)": enforced(f"{DISPATCH}::test_needs_dispatch_in_order_with_upstream_outputs"),
     "need(when)": enforced(f"{DISPATCH}::test_when_always_job_runs_after_a_failure"),

@@ -1,0 +1,196 @@
+"""Python toolchains on a real agent: detection (PATH, /usr/bin, a pyenv root with a working and a broken
+interpreter), `kici:python:*` labels in the registration, `KICI_PYTHONS` and `KICI_PYTHON_DETECT`, and a
+job's `python=` / `python_venv=` seen by its steps: the chosen interpreter first on PATH, a fresh venv, and
+none of the agent's own interpreter or virtualenv directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from kici.agent import toolchains
+from kici.agent.toolchains import Interpreter
+from kici.runner.spawn import kici_bin_dirs
+
+from .conftest import AgentFactory, FakeOrchestrator, dispatch, wait_until, workflow_repo
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _quiet(*args: object, **kwargs: object) -> None:
+    pass
+
+
+async def _other_interpreter() -> Interpreter:
+    """A real interpreter of this machine that is not the agent's own (the test's venv runs the agent)."""
+    found = await toolchains.detect(log=_quiet)
+    others = [i for i in found if i.version[:2] != sys.version_info[:2]] or found
+    if not others:
+        pytest.skip("no Python interpreter besides the agent's own on this machine")
+    return max(others, key=lambda i: i.version)
+
+
+PROBE = (
+    'command -v python; command -v python3; '
+    "python -c 'import sys; print(\"PY=%d.%d.%d\" % sys.version_info[:3]); print(\"PREFIX=\" + sys.prefix)'; "
+    'echo "PATH=$PATH"; echo "VENV=${VIRTUAL_ENV:-none}"'
+)
+
+
+def _body(version: str, venv: bool) -> str:
+    return (
+        f"t = job('t', steps=[step('probe', {PROBE!r})], python={version!r}, python_venv={venv!r})\n"
+        "ci = workflow('ci', on=[push(branches=['main'])], jobs=[t])\n"
+    )
+
+
+def _value(lines: list[str], key: str) -> str:
+    found = [line.split("=", 1)[1] for line in lines if line.startswith(key + "=")]
+    assert found, f"{key}= not in {lines}"
+    return found[-1]
+
+
+def _assert_no_agent_dirs(path: str) -> None:
+    hidden = kici_bin_dirs()  # the test's venv is the agent's
+    leaked = [e for e in path.split(os.pathsep) if os.path.normpath(e) in hidden or os.path.realpath(e) in hidden]
+    assert leaked == [], f"the agent's interpreter/venv directories reached the step: {leaked}"
+
+
+async def test_detection_finds_interpreters_skips_broken_ones_and_registers_labels(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    other = await _other_interpreter()
+    pyenv = tmp_path / "pyenv"
+    good = pyenv / "versions" / other.full / "bin"
+    good.mkdir(parents=True)
+    (good / "python").symlink_to(other.real_path)
+    broken = pyenv / "versions" / "9.9.9" / "bin" / "python"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("#!/bin/sh\necho 'this interpreter is broken' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    agent = start_agent(orchestrator, PYENV_ROOT=str(pyenv))
+    conn = await orchestrator.wait_registered()
+    assert conn.register is not None
+    labels = conn.register["labels"]
+    assert f"kici:python:{other.minor}" in labels and f"kici:python:{other.full}" in labels
+    [found] = agent.events("toolchains.found")
+    paths = [entry["path"] for entry in found["interpreters"]]
+    assert str(good / "python") in paths
+    assert not any(p.startswith(sys.prefix + os.sep) for p in paths), "the agent's own venv was advertised"
+    skipped = {event["path"]: event["reason"] for event in agent.events("toolchains.skipped")}
+    assert skipped[str(broken)] == "this interpreter is broken"
+    assert "kici:python:9.9" not in labels
+
+
+async def test_detection_off_and_an_explicit_list(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    other = await _other_interpreter()
+    start_agent(orchestrator, KICI_PYTHON_DETECT="false")
+    conn = await orchestrator.wait_registered()
+    assert conn.register is not None
+    assert not [label for label in conn.register["labels"] if label.startswith("kici:python:")]
+
+    bad = start_agent(orchestrator, KICI_PYTHONS=f"{other.path},{tmp_path / 'missing' / 'python3'}")
+    assert await bad.wait_exit() == 2
+    assert f"KICI_PYTHONS: not a working CPython 3 interpreter: {tmp_path / 'missing' / 'python3'}" in bad.output
+    relative = start_agent(orchestrator, KICI_PYTHONS="python3")
+    assert await relative.wait_exit() == 2
+    assert "KICI_PYTHONS: 'python3' is not an absolute path" in relative.output
+
+    start_agent(orchestrator, KICI_PYTHONS=other.path, KICI_AGENT_ID="explicit")
+    await orchestrator.wait_registered(count=2)
+    reg = orchestrator.connections[-1].register
+    assert reg is not None and reg["agent_id"] == "explicit"
+    assert sorted(label for label in reg["labels"] if label.startswith("kici:python:")) == sorted(
+        [f"kici:python:{other.minor}", f"kici:python:{other.full}"]
+    )
+
+
+async def test_step_runs_the_chosen_python_first_on_path(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    other = await _other_interpreter()
+    repo = workflow_repo(tmp_path / "repo", _body(other.minor, False))
+    assert repo.workflow()["jobs"][0]["python"] == other.minor
+    start_agent(orchestrator, KICI_PYTHONS=other.path)
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "t", python=other.minor)
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", final
+    lines = orchestrator.log_lines(message["job_id"], 0)
+    assert _value(lines, "PY") == other.full
+    assert _value(lines, "VENV") == "none"
+    path = _value(lines, "PATH")
+    _assert_no_agent_dirs(path)
+    first = path.split(os.pathsep)[0]
+    assert os.path.realpath(os.path.join(first, "python")) == other.real_path
+    assert any(f"python {other.full}: {other.path}" in line for line in orchestrator.log_lines(message["job_id"], -1))
+
+
+async def test_an_interpreter_without_a_python_name_gets_a_job_bin_dir(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    # a directory holding only `python3.X` for this version: `python`/`python3` must still run it
+    other = await _other_interpreter()
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / f"python{other.minor}").symlink_to(other.real_path)
+    repo = workflow_repo(tmp_path / "repo", _body(other.full, False))
+    start_agent(orchestrator, KICI_PYTHONS=str(lonely / f"python{other.minor}"))
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "t", python=other.full)
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", final
+    lines = orchestrator.log_lines(message["job_id"], 0)
+    assert _value(lines, "PY") == other.full
+    path = _value(lines, "PATH").split(os.pathsep)
+    assert path[0].endswith(".tools/python-bin") and path[1] == str(lonely)
+    assert lines[1] == os.path.join(path[0], "python") and lines[2] == os.path.join(path[0], "python3")
+    _assert_no_agent_dirs(os.pathsep.join(path))
+
+
+async def test_python_venv_gives_each_job_a_fresh_virtualenv(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    other = await _other_interpreter()
+    repo = workflow_repo(tmp_path / "repo", _body(other.minor, True))
+    start_agent(orchestrator, KICI_PYTHONS=other.path)
+    await orchestrator.wait_registered()
+    prefixes = []
+    for _ in range(2):
+        message = dispatch(repo, "t", python=other.minor, python_venv=True)
+        await orchestrator.send(message)
+        final = await orchestrator.wait_terminal(message["job_id"], timeout=120)
+        assert final["state"] == "success", final
+        lines = orchestrator.log_lines(message["job_id"], 0)
+        venv = _value(lines, "VENV")
+        assert _value(lines, "PREFIX") == venv and _value(lines, "PY") == other.full
+        assert Path(venv).name == "venv" and Path(venv).parent.name == message["job_id"] + ".tools"
+        path = _value(lines, "PATH")
+        assert path.split(os.pathsep)[0] == os.path.join(venv, "bin")
+        _assert_no_agent_dirs(path)
+        prefixes.append(venv)
+        # the job's scratch space goes with it
+        gone = Path(venv)
+        await wait_until(lambda: not gone.exists(), 10, "the job's venv to be removed")  # noqa: B023
+    assert prefixes[0] != prefixes[1]
+
+
+async def test_a_version_this_agent_lacks_fails_the_job_clearly(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    other = await _other_interpreter()
+    repo = workflow_repo(tmp_path / "repo", _body("3.99", False))
+    start_agent(orchestrator, KICI_PYTHONS=other.path)
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "t", python="3.99")
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "failed" and final["failure_category"] == "toolchain"
+    assert final["error"] == f"python='3.99': no matching interpreter here (found: {other.full})"
