@@ -131,6 +131,12 @@ class AgentSettings(BaseModel):
         "fetches (use it if the source repository may be garbage-collected while jobs run).",
     )
 
+    git_mirrors: bool = Field(
+        default=True,
+        description="Keep a bare mirror of each remote repository under `<work dir>/mirrors/` and check jobs "
+        "out of it, so a repeated job fetches only what is new (local paths and `file://` URLs are borrowed "
+        "instead, see `KICI_CLONE_LOCAL_SHARED`). `false`: every job fetches the commit directly.",
+    )
     pythons: list[str] = Field(
         default=[],
         description="Comma-separated absolute paths of the Python interpreters jobs may use (e.g. "
@@ -247,6 +253,10 @@ class AgentSettings(BaseModel):
     @property
     def jobs_dir(self) -> Path:
         return self.work_dir / "jobs"
+
+    @property
+    def mirrors_dir(self) -> Path:
+        return self.work_dir / "mirrors"
 
 
 def websocket_url(base: str) -> str:

@@ -370,7 +370,8 @@ class JobManager:
         await asyncio.to_thread(workspace.create, job.workspace)
         job.cloner = Cloner(env=os.environ, token=dispatch.token, on_line=setup_line,
                             timeout_s=self.settings.git_timeout_ms / 1000,
-                            borrow_local=self.settings.clone_local_shared)
+                            borrow_local=self.settings.clone_local_shared,
+                            mirrors_dir=self.settings.mirrors_dir if self.settings.git_mirrors else None)
         if job.cancel_requested is not None:
             raise CloneCancelled()
         started = time.monotonic()
