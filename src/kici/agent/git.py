@@ -10,6 +10,12 @@ v0 with `uploadpack.allowReachableSHA1InWant` off) get a second try fetching the
 (`--depth=50`), then a full (unshallowed) fetch of branches and tags. Then a detached checkout and a check
 that HEAD is the SHA.
 
+A remote repository (not a local path or `file://`) goes through a mirror cache when the agent has one
+(`KICI_GIT_MIRRORS`): a bare mirror per URL under `<work dir>/mirrors/`, updated by a fetch of only what is
+new under an exclusive `flock`; the job's repository borrows its objects for the checkout, then copies them
+(`git repack -a -d`, as `clone --dissociate` does) and stops borrowing. A damaged mirror is recreated;
+when the mirror cannot serve the commit the direct fetch below runs as usual.
+
 The token travels in an `Authorization: Basic base64(x-access-token:TOKEN)` header set through git's
 `GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_0`/`GIT_CONFIG_VALUE_0` environment variables, which git reads as
 command-line configuration without it ever being on a command line or in a file.
