@@ -141,7 +141,7 @@ class AgentSettings(BaseModel):
         default=[],
         description="Comma-separated absolute paths of the Python interpreters jobs may use (e.g. "
         "`/opt/py/bin/python3.12,/usr/bin/python3.11`), instead of detecting them. Each must be a working "
-        "CPython 3 or the agent does not start. See [toolchains](toolchains.md).",
+        "CPython 3 that is not a virtualenv, or the agent does not start. See [toolchains](toolchains.md).",
         json_schema_extra=_doc_default("unset (detect)"),
     )
     python_detect: bool = Field(

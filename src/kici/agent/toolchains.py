@@ -35,8 +35,11 @@ from kici.runner.spawn import SHARED_BIN_DIRS, kici_bin_dirs
 LABEL_PREFIX = "kici:python:"
 VERSION_TIMEOUT_S = 5.0
 VENV_TIMEOUT_S = 120.0
-_PROBE = "import sys; print('%d.%d.%d %s %s' % (sys.version_info[:3] + (sys.implementation.name, sys.executable)))"
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+) (\w+) (/.*)$")
+_PROBE = (
+    "import sys; print('%d.%d.%d %s %d %s' % (sys.version_info[:3] + (sys.implementation.name, "
+    "sys.prefix != getattr(sys, 'base_prefix', sys.prefix), sys.executable)))"
+)
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+) (\w+) ([01]) (/.*)$")
 _NAME = re.compile(r"^python3(\.\d+)?$")
 
 LogFn = Callable[..., None]
@@ -172,7 +175,11 @@ async def _probe(path: str, log: LogFn) -> tuple[tuple[int, int, int], str] | No
         log("toolchains.skipped", level="info", path=path,
                   reason=f"{match.group(4)} {match.group(1)}.{match.group(2)} (only CPython 3 is advertised)")
         return None
-    return (int(match.group(1)), int(match.group(2)), int(match.group(3))), match.group(5)
+    if match.group(5) == "1":
+        # a virtualenv carries someone's packages: jobs get base interpreters (and their own venv if asked)
+        log("toolchains.skipped", level="info", path=path, reason="a virtualenv, not a base interpreter")
+        return None
+    return (int(match.group(1)), int(match.group(2)), int(match.group(3))), match.group(6)
 
 
 async def inspect_paths(paths: Iterable[str], *, exclude_own: bool, log: LogFn = log_event) -> list[Interpreter]:
@@ -219,7 +226,10 @@ async def explicit(paths: Sequence[str]) -> list[Interpreter]:
     answers = await asyncio.gather(*(_probe(path, log_event) for path in paths))
     bad = [path for path, answer in zip(paths, answers, strict=True) if answer is None]
     if bad:
-        raise ValueError(f"not a working CPython 3 interpreter: {', '.join(bad)}")
+        raise ValueError(
+            f"unusable interpreter(s) {', '.join(bad)}: each must be a working CPython 3 that is not a "
+            "virtualenv (the toolchains.skipped log lines say why)"
+        )
     return await inspect_paths(paths, exclude_own=False)
 
 

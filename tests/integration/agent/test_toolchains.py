@@ -96,7 +96,11 @@ async def test_detection_off_and_an_explicit_list(
 
     bad = start_agent(orchestrator, KICI_PYTHONS=f"{other.path},{tmp_path / 'missing' / 'python3'}")
     assert await bad.wait_exit() == 2
-    assert f"KICI_PYTHONS: not a working CPython 3 interpreter: {tmp_path / 'missing' / 'python3'}" in bad.output
+    assert f"KICI_PYTHONS: unusable interpreter(s) {tmp_path / 'missing' / 'python3'}: each must be" in bad.output
+    venv = start_agent(orchestrator, KICI_PYTHONS=sys.executable)  # the agent's own venv: refused too
+    assert await venv.wait_exit() == 2
+    assert f"KICI_PYTHONS: unusable interpreter(s) {sys.executable}" in venv.output
+    assert "a virtualenv, not a base interpreter" in venv.output
     relative = start_agent(orchestrator, KICI_PYTHONS="python3")
     assert await relative.wait_exit() == 2
     assert "KICI_PYTHONS: 'python3' is not an absolute path" in relative.output
