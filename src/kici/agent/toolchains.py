@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kici.agent.log import log_event
+from kici.runner import proctree
 from kici.runner.spawn import SHARED_BIN_DIRS, kici_bin_dirs
 
 LABEL_PREFIX = "kici:python:"
@@ -266,10 +267,11 @@ async def create_venv(interpreter: Interpreter, target: Path) -> None:
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), VENV_TIMEOUT_S)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
         raise RuntimeError(f"{interpreter.path} -m venv did not finish in {VENV_TIMEOUT_S:.0f}s") from None
+    finally:
+        if proc.returncode is None:  # timed out, or the job's task was cancelled: nothing may outlive it
+            await asyncio.to_thread(proctree.kill_tree, proc.pid, grace=0)
+            await proc.wait()
     if proc.returncode != 0:
         tail = out.decode("utf-8", "replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{interpreter.path} -m venv failed: {' / '.join(tail) or proc.returncode}")
