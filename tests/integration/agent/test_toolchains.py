@@ -71,7 +71,24 @@ async def test_detection_finds_interpreters_skips_broken_ones_and_registers_labe
     broken.parent.mkdir(parents=True)
     broken.write_text("#!/bin/sh\necho 'this interpreter is broken' >&2\nexit 3\n")
     broken.chmod(0o755)
-    agent = start_agent(orchestrator, PYENV_ROOT=str(pyenv))
+    # uv: its data dir under the agent's HOME, and `uv python list` (a stand-in printing its JSON)
+    all_found = await toolchains.detect(log=_quiet)
+    uv_dir_python = tmp_path / "home" / ".local" / "share" / "uv" / "python" / "cpython-x" / "bin" / "python3"
+    uv_list_python = tmp_path / "uv-managed" / "bin" / "python3"
+    # interpreters the agent finds nowhere else (not on PATH, not in /usr): only through uv
+    on_path = {os.path.realpath(os.path.join(d, n)) for d in os.environ["PATH"].split(os.pathsep)
+               if os.path.isdir(d) for n in os.listdir(d) if n.startswith("python3")}
+    extra = [i for i in all_found if i.real_path != other.real_path and i.real_path not in on_path
+             and not i.real_path.startswith(("/usr/", "/bin/"))]
+    if len(extra) >= 2:
+        for link, target in ((uv_dir_python, extra[0]), (uv_list_python, extra[1])):
+            link.parent.mkdir(parents=True)
+            link.symlink_to(target.real_path)
+    bin_dir = tmp_path / "uv-bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(f"#!/bin/sh\necho '[{{\"path\": \"{uv_list_python}\"}}]'\n")
+    (bin_dir / "uv").chmod(0o755)
+    agent = start_agent(orchestrator, PYENV_ROOT=str(pyenv), PATH=f"{bin_dir}:{os.environ['PATH']}")
     conn = await orchestrator.wait_registered()
     assert conn.register is not None
     labels = conn.register["labels"]
@@ -79,6 +96,9 @@ async def test_detection_finds_interpreters_skips_broken_ones_and_registers_labe
     [found] = agent.events("toolchains.found")
     paths = [entry["path"] for entry in found["interpreters"]]
     assert str(good / "python") in paths
+    if len(extra) >= 2:
+        assert f"kici:python:{extra[0].full}" in labels and f"kici:python:{extra[1].full}" in labels
+        assert str(uv_dir_python) in paths and str(uv_list_python) in paths
     assert not any(p.startswith(sys.prefix + os.sep) for p in paths), "the agent's own venv was advertised"
     skipped = {event["path"]: event["reason"] for event in agent.events("toolchains.skipped")}
     assert skipped[str(broken)] == "this interpreter is broken"
