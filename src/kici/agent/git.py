@@ -261,11 +261,9 @@ class Cloner:
                 # no remote in its config: the URL is given per fetch (and the token only ever in a header)
                 await self._must(["init", "-q", "--bare"], mirror, "git init of the mirror failed")
                 await self._must(["config", "gc.auto", "0"], mirror, "git config of the mirror failed")
-            elif await self._has_commit(sha, mirror):
-                log_event("git.mirror", url=shown_url(url), created=False, fetched=False, objects=0,
-                          duration_ms=round((time.monotonic() - started) * 1000))
-                self._on_line("using the mirror cache (already has the commit)")
-                return True
+            # always fetched, even when the mirror has the commit already: the fetch, made with this job's
+            # token, is what proves the job may read the repository (and costs one round trip when
+            # nothing is new)
             self._on_line(("creating" if created else "updating") + " the mirror cache")
             code, tail = await self.run(
                 ["fetch", "--progress", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*",
@@ -279,7 +277,7 @@ class Cloner:
                 objects = (objects or 0) + (_received_objects(more) or 0)
             if code == 0:
                 has = await self._has_commit(sha, mirror)
-                log_event("git.mirror", url=shown_url(url), created=created, fetched=True, objects=objects,
+                log_event("git.mirror", url=shown_url(url), created=created, objects=objects,
                           has_commit=has, duration_ms=round((time.monotonic() - started) * 1000))
                 if objects is not None:
                     self._on_line(f"mirror cache: {objects} new object(s) fetched")
