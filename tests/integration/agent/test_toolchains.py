@@ -6,8 +6,11 @@ none of the agent's own interpreter or virtualenv directories."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +19,7 @@ from kici.agent.toolchains import Interpreter
 from kici.runner.spawn import kici_bin_dirs
 
 from .conftest import AgentFactory, FakeOrchestrator, dispatch, wait_until, workflow_repo
+from .test_token_secrecy import NOBODY, SYSTEM_PYTHON, _system_python_env, needs_system_python
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -218,3 +222,35 @@ async def test_a_version_this_agent_lacks_fails_the_job_clearly(
     final = await orchestrator.wait_terminal(message["job_id"])
     assert final["state"] == "failed" and final["failure_category"] == "toolchain"
     assert final["error"] == f"python='3.99': no matching interpreter here (found: {other.full})"
+
+
+@needs_system_python
+async def test_the_step_user_owns_the_job_venv(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, agent_env: Any
+) -> None:
+    """A root agent with steps as `nobody`: the job's venv is the step user's, so `pip install` into it works."""
+    assert NOBODY is not None
+    shared = Path(tempfile.mkdtemp(prefix="kici-toolchains-"))
+    try:
+        os.chmod(shared, 0o755)
+        system = (await toolchains.explicit([SYSTEM_PYTHON]))[0]
+        write = (
+            "python -c 'import os, sys, pathlib; pathlib.Path(sys.prefix, \"written\").write_text(\"x\"); "
+            "print(\"UID=%d\" % os.getuid()); print(\"PREFIX=\" + sys.prefix)'"
+        )
+        body = (f"t = job('t', steps=[step('write', {write!r})], python={system.minor!r}, python_venv=True)\n"
+                "ci = workflow('ci', on=[push(branches=['main'])], jobs=[t])\n")
+        repo = workflow_repo(shared / "repo", body)
+        env = agent_env(orchestrator, KICI_WORK_DIR=str(shared / "work"), KICI_AGENT_STEP_USER="nobody",
+                        KICI_PYTHONS=SYSTEM_PYTHON, **_system_python_env())
+        start_agent(env=env, command=[SYSTEM_PYTHON, "-m", "kici.agent"])
+        await orchestrator.wait_registered()
+        message = dispatch(repo, "t", python=system.minor, python_venv=True)
+        await orchestrator.send(message)
+        final = await orchestrator.wait_terminal(message["job_id"], timeout=120)
+        assert final["state"] == "success", (final, orchestrator.log_lines(message["job_id"]))
+        lines = orchestrator.log_lines(message["job_id"], 0)
+        assert _value(lines, "UID") == str(NOBODY.pw_uid)
+        assert _value(lines, "PREFIX").endswith(".tools/venv")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
