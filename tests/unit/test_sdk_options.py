@@ -116,6 +116,12 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(after_step)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
     "job(artifacts)": enforced(f"{ARTIFACTS}::test_artifacts_round_trip_with_a_real_agent"),
     "job(artifacts_when)": enforced(f"{ARTIFACTS}::test_artifacts_on_failure_only_when_asked"),
+    "job(python)": enforced(
+        "tests/integration/agent/test_toolchains.py::test_step_runs_the_chosen_python_first_on_path"
+    ),
+    "job(python_venv)": enforced(
+        "tests/integration/agent/test_toolchains.py::test_python_venv_gives_each_job_a_fresh_virtualenv"
+    ),
     # -- need(...), rule(...), skip(...), Retry, Concurrency, Cache
     "need(job)": enforced(f"{DISPATCH}::test_needs_dispatch_in_order_with_upstream_outputs"),
     "need(when)": enforced(f"{DISPATCH}::test_when_always_job_runs_after_a_failure"),

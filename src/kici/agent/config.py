@@ -11,7 +11,7 @@ import os
 import platform
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -96,8 +96,8 @@ class AgentSettings(BaseModel):
     labels: list[str] = Field(
         default=[],
         description="Comma-separated labels jobs can select with `runs_on` (e.g. `linux,gpu`). Labels "
-        "starting with `kici:` are reserved; the agent adds `kici:os:*`, `kici:arch:*` and `kici:host:*` "
-        "itself.",
+        "starting with `kici:` are reserved; the agent adds `kici:os:*`, `kici:arch:*`, `kici:host:*` "
+        "and `kici:python:*` (see [toolchains](toolchains.md)) itself.",
     )
     max_concurrency: int = Field(default=1, ge=1, le=256, description="Jobs this agent runs at the same time.")
 
@@ -129,6 +129,27 @@ class AgentSettings(BaseModel):
         description="Check out repositories on this machine (a local path or `file://` URL) by borrowing their "
         "objects through git's alternates, as `git clone --shared` does, instead of fetching a copy; `false` always "
         "fetches (use it if the source repository may be garbage-collected while jobs run).",
+    )
+
+    git_mirrors: bool = Field(
+        default=True,
+        description="Keep a bare mirror of each remote repository under `<work dir>/mirrors/` and check jobs "
+        "out of it, so a repeated job fetches only what is new (local paths and `file://` URLs are borrowed "
+        "instead, see `KICI_CLONE_LOCAL_SHARED`). `false`: every job fetches the commit directly.",
+    )
+    pythons: list[str] = Field(
+        default=[],
+        description="Comma-separated absolute paths of the Python interpreters jobs may use (e.g. "
+        "`/opt/py/bin/python3.12,/usr/bin/python3.11`), instead of detecting them. Each must be a working "
+        "CPython 3 that is not a virtualenv, or the agent does not start. See [toolchains](toolchains.md).",
+        json_schema_extra=_doc_default("unset (detect)"),
+    )
+    python_detect: bool = Field(
+        default=True,
+        description="Detect the host's Python interpreters at start-up (PATH, `/usr/bin/python3.*`, "
+        "`/usr/local/bin/python3.*`, pyenv, uv) and advertise them as `kici:python:3.X` and "
+        "`kici:python:3.X.Y` labels; `false`: no interpreter is advertised unless `KICI_PYTHONS` lists some, "
+        "and jobs with `python=` do not run here. See [toolchains](toolchains.md).",
     )
 
     # -- connection -------------------------------------------------------------------------------
@@ -193,6 +214,18 @@ class AgentSettings(BaseModel):
             return validate_user_labels(str(v) for v in value)
         return value
 
+    @field_validator("pythons", mode="before")
+    @classmethod
+    def _pythons(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for path in value:
+                if not os.path.isabs(str(path)):
+                    raise ValueError(f"{path!r} is not an absolute path")
+            return list(dict.fromkeys(str(v) for v in value))
+        return value
+
     @field_validator("agent_id")
     @classmethod
     def _agent_id(cls, value: str) -> str:
@@ -225,6 +258,10 @@ class AgentSettings(BaseModel):
     @property
     def jobs_dir(self) -> Path:
         return self.work_dir / "jobs"
+
+    @property
+    def mirrors_dir(self) -> Path:
+        return self.work_dir / "mirrors"
 
 
 def websocket_url(base: str) -> str:
@@ -385,11 +422,13 @@ def hostname() -> str:
     return socket.gethostname().split(".")[0] or "agent"
 
 
-def agent_labels(settings: AgentSettings) -> list[str]:
+def agent_labels(settings: AgentSettings, python_labels: Sequence[str] = ()) -> list[str]:
     """The user labels plus the self-reported `kici:os|arch|host:*` ones (with the raw machine name too,
-    so `kici:arch:x86_64` routes as well as its aliases `x64`/`amd64`)."""
+    so `kici:arch:x86_64` routes as well as its aliases `x64`/`amd64`) and the `kici:python:*` labels of
+    the interpreters found (`kici.agent.toolchains`)."""
     machine = platform.machine()
     labels = [*settings.labels, *auto_labels(platform.system(), machine, hostname())]
     if machine.strip():
         labels.append(f"kici:arch:{machine.strip().lower()}")
+    labels += python_labels
     return list(dict.fromkeys(labels))

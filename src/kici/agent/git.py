@@ -10,6 +10,12 @@ v0 with `uploadpack.allowReachableSHA1InWant` off) get a second try fetching the
 (`--depth=50`), then a full (unshallowed) fetch of branches and tags. Then a detached checkout and a check
 that HEAD is the SHA.
 
+A remote repository (not a local path or `file://`) goes through a mirror cache when the agent has one
+(`KICI_GIT_MIRRORS`): a bare mirror per URL under `<work dir>/mirrors/`, updated by a fetch of only what is
+new under an exclusive `flock`; the job's repository borrows its objects for the checkout, then copies them
+(`git repack -a -d`, as `clone --dissociate` does) and stops borrowing. A damaged mirror is recreated;
+when the mirror cannot serve the commit the direct fetch below runs as usual.
+
 The token travels in an `Authorization: Basic base64(x-access-token:TOKEN)` header set through git's
 `GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_0`/`GIT_CONFIG_VALUE_0` environment variables, which git reads as
 command-line configuration without it ever being on a command line or in a file.
@@ -20,13 +26,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
+import shutil
 import signal
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kici.agent.log import log_event
 from kici.runner import proctree
 
 OnLine = Callable[[str], None]
@@ -104,9 +115,11 @@ class Cloner:
     """One clone; `cancel()` (from another task) kills the running git command and its children."""
 
     def __init__(
-        self, *, env: Mapping[str, str], token: str | None, on_line: OnLine, timeout_s: float, borrow_local: bool = True
+        self, *, env: Mapping[str, str], token: str | None, on_line: OnLine, timeout_s: float,
+        borrow_local: bool = True, mirrors_dir: Path | None = None,
     ) -> None:
         self._borrow_local = borrow_local
+        self._mirrors_dir = mirrors_dir
         self._env = git_env(env, token)
         self._token = token
         self._on_line = on_line
@@ -170,6 +183,10 @@ class Cloner:
         objects = local_objects_dir(url) if self._borrow_local else None
         if objects is not None and await self._checkout_borrowed(objects, sha, dest):
             return await self._verified(sha, dest)
+        if self._mirrors_dir is not None and is_remote(url):
+            if await self._checkout_from_mirror(url, sha, ref, dest):
+                return await self._verified(sha, dest)
+            await self._reset(dest)
         await self._must(["remote", "add", "origin", url], dest, "git remote add failed")
         code, _ = await self.run(["fetch", "--depth=1", "--no-tags", "origin", sha], dest, show=False)
         if code != 0 or not await self._has_commit(sha, dest):
@@ -209,6 +226,95 @@ class Cloner:
         alternates.unlink(missing_ok=True)
         return False
 
+    # -- the mirror cache ----------------------------------------------------------------------------
+
+    async def _checkout_from_mirror(self, url: str, sha: str, ref: str | None, dest: Path) -> bool:
+        """Bring the repository's mirror up to date (fetching only what is new), then check `sha` out of
+        it: its objects borrowed, then copied into the job's repository (`git repack -a -d`, what
+        `clone --dissociate` does) and the borrowing undone, so later mirror updates cannot affect the
+        checkout. False when the mirror cannot serve the commit: the caller fetches directly."""
+        assert self._mirrors_dir is not None
+        mirror = mirror_path(self._mirrors_dir, url)
+        async with _MirrorLock(mirror.with_name(mirror.name + ".lock"), self):
+            for attempt in (1, 2):
+                if not await self._update_mirror(mirror, url, sha, ref):
+                    return False
+                if await self._borrow_and_dissociate(mirror, sha, dest, url):
+                    return True
+                # the mirror says it has the commit but cannot produce it: corrupt, start over once
+                log_event("git.mirror_recreated", level="warning", url=shown_url(url), reason="checkout failed")
+                self._on_line("the mirror cache of this repository is damaged; recreating it")
+                await asyncio.to_thread(_remove_tree, mirror)
+                await self._reset(dest)
+                if attempt == 2:
+                    return False
+        return False
+
+    async def _update_mirror(self, mirror: Path, url: str, sha: str, ref: str | None) -> bool:
+        """Fetch new objects into the bare mirror (created on first use); True when it has `sha`."""
+        started = time.monotonic()
+        for attempt in (1, 2):
+            created = not (mirror / "HEAD").is_file()
+            if created:
+                await asyncio.to_thread(_remove_tree, mirror)
+                mirror.mkdir(parents=True, mode=0o700)
+                # no remote in its config: the URL is given per fetch (and the token only ever in a header)
+                await self._must(["init", "-q", "--bare"], mirror, "git init of the mirror failed")
+                await self._must(["config", "gc.auto", "0"], mirror, "git config of the mirror failed")
+            # always fetched, even when the mirror has the commit already: the fetch, made with this job's
+            # token, is what proves the job may read the repository (and costs one round trip when
+            # nothing is new)
+            self._on_line(("creating" if created else "updating") + " the mirror cache")
+            code, tail = await self.run(
+                ["fetch", "--progress", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*",
+                 "+refs/tags/*:refs/tags/*"], mirror, show=False)
+            objects = _received_objects(tail)
+            if code == 0 and not await self._has_commit(sha, mirror):
+                # not on a branch or tag (any more): ask for the commit itself, then the dispatched ref
+                code, more = await self.run(["fetch", "--progress", url, sha], mirror, show=False)
+                if code != 0 and ref:
+                    code, more = await self.run(["fetch", "--progress", url, _refspec(ref)], mirror, show=False)
+                objects = (objects or 0) + (_received_objects(more) or 0)
+            if code == 0:
+                has = await self._has_commit(sha, mirror)
+                log_event("git.mirror", url=shown_url(url), created=created, objects=objects,
+                          has_commit=has, duration_ms=round((time.monotonic() - started) * 1000))
+                if objects is not None:
+                    self._on_line(f"mirror cache: {objects} new object(s) fetched")
+                return has
+            if created:
+                return False  # the server or the network: the direct fetch reports it
+            fsck, _ = await self.run(["fsck", "--connectivity-only", "--no-dangling"], mirror, show=False)
+            if fsck == 0:
+                return False
+            log_event("git.mirror_recreated", level="warning", url=shown_url(url), reason="fsck failed",
+                      attempt=attempt)
+            self._on_line("the mirror cache of this repository is damaged; recreating it")
+            await asyncio.to_thread(_remove_tree, mirror)
+        return False
+
+    async def _borrow_and_dissociate(self, mirror: Path, sha: str, dest: Path, url: str) -> bool:
+        alternates = dest / ".git" / "objects" / "info" / "alternates"
+        alternates.parent.mkdir(parents=True, exist_ok=True)
+        alternates.write_text(f"{(mirror / 'objects').resolve()}\n", encoding="utf-8")
+        code, _ = await self.run(["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], dest,
+                                 show=False)
+        if code == 0:
+            code, _ = await self.run(["repack", "-a", "-d", "-q"], dest, show=False)
+        alternates.unlink(missing_ok=True)
+        if code != 0:
+            return False
+        fsck, _ = await self.run(["cat-file", "-e", f"{sha}^{{tree}}"], dest, show=False)
+        if fsck != 0:
+            return False
+        await self._must(["remote", "add", "origin", url], dest, "git remote add failed")
+        return True
+
+    async def _reset(self, dest: Path) -> None:
+        """An empty, freshly initialised repository in `dest` again (after a failed mirror checkout)."""
+        await asyncio.to_thread(_empty_dir, dest)
+        await self._must(["init", "-q"], dest, "git init failed")
+
     async def _verified(self, sha: str, dest: Path) -> str:
         code, head = await self.run(["rev-parse", "HEAD"], dest, show=False)
         head = head.strip().splitlines()[-1] if head.strip() else ""
@@ -225,6 +331,75 @@ class Cloner:
     async def _has_commit(self, sha: str, cwd: Path) -> bool:
         code, _ = await self.run(["cat-file", "-e", f"{sha}^{{commit}}"], cwd, show=False)
         return code == 0
+
+
+def is_remote(url: str) -> bool:
+    """A repository reached over the network (not a local path or `file://`): those get a mirror."""
+    return ("://" in url and not url.startswith("file://")) or re.match(r"^[\w.-]+@[\w.-]+:", url) is not None
+
+
+def mirror_path(mirrors_dir: Path, url: str) -> Path:
+    """`<mirrors>/<sha256 of the URL>`: one bare mirror per repository URL."""
+    return mirrors_dir / hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
+
+
+_RECEIVED = re.compile(r"(?:Receiving|Unpacking) objects:\s+\d+% \(\d+/(\d+)\)")
+_TOTAL = re.compile(r"Total (\d+)")
+
+
+def _received_objects(output: str) -> int | None:
+    """How many objects a fetch transferred, from its progress output; 0 when it had nothing to get."""
+    for pattern in (_RECEIVED, _TOTAL):
+        found = pattern.findall(output)
+        if found:
+            return int(found[-1])
+    return 0 if "objects:" not in output else None
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty_dir(path: Path) -> None:
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+class _MirrorLock:
+    """An exclusive `flock` on `<mirror>.lock` while a job updates and reads the mirror: concurrent jobs of
+    one repository take turns (the second finds the commit already there). Polled, so a cancelled clone
+    stops waiting at once."""
+
+    def __init__(self, path: Path, cloner: Cloner) -> None:
+        self.path = path
+        self.cloner = cloner
+        self.fd: int | None = None
+
+    async def __aenter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if self.cloner.cancelled:
+                    os.close(fd)
+                    raise CloneCancelled() from None
+                if not waited:
+                    waited = True
+                    self.cloner._on_line("waiting for another job updating the mirror cache")
+                await asyncio.sleep(0.05)
+        self.fd = fd
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
 
 def _refspec(ref: str) -> str:

@@ -16,13 +16,13 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from kici.agent import artifacts, workspace
+from kici.agent import artifacts, toolchains, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname
 from kici.agent.connection import Connection, new_message_id
@@ -31,6 +31,7 @@ from kici.agent.log import log_event
 from kici.agent.logs import FLUSH_INTERVAL_S, LogStreamer
 from kici.agent.sandbox import SandboxBackend
 from kici.agent.step_user import StepUser, give_tree, identity_env
+from kici.agent.toolchains import Interpreter
 from kici.engine import protocol as p
 from kici.engine.content_hash import workflow_content_hash
 from kici.engine.events import Event
@@ -103,6 +104,11 @@ class Job:
         return self.dispatch.job_id
 
     @property
+    def tools(self) -> Path:
+        """The job's scratch space beside its workspace: the `python=` bin dir and venv."""
+        return self.workspace.with_name(self.workspace.name + ".tools")
+
+    @property
     def run_id(self) -> str:
         return self.dispatch.run_id
 
@@ -120,9 +126,11 @@ class JobManager:
 
     def __init__(
         self, settings: AgentSettings, agent_id: str, labels: list[str], backend: SandboxBackend,
-        step_user: StepUser | None = None,
+        step_user: StepUser | None = None, interpreters: Sequence[Interpreter] = (),
     ) -> None:
         self.settings = settings
+        self.interpreters = list(interpreters)
+        """The Python interpreters jobs may ask for with `python=` (`kici.agent.toolchains`)."""
         self.step_user = step_user
         """Who job steps run as when the agent runs as root (None: the agent's own user)."""
         self.agent_id = agent_id
@@ -330,6 +338,7 @@ class JobManager:
             if job.runner is not None and job.runner.returncode is None:
                 await self.backend.kill(job.runner, grace=FORCE_CANCEL_GRACE_S)
             await asyncio.to_thread(workspace.remove, job.workspace)
+            await asyncio.to_thread(workspace.remove, job.tools)
         if job.cancel_requested is not None and result.status == "failed":
             # killed (or its clone aborted) while cancelling: the cancel is what happened
             result = self._cancelled_result(job)
@@ -361,7 +370,8 @@ class JobManager:
         await asyncio.to_thread(workspace.create, job.workspace)
         job.cloner = Cloner(env=os.environ, token=dispatch.token, on_line=setup_line,
                             timeout_s=self.settings.git_timeout_ms / 1000,
-                            borrow_local=self.settings.clone_local_shared)
+                            borrow_local=self.settings.clone_local_shared,
+                            mirrors_dir=self.settings.mirrors_dir if self.settings.git_mirrors else None)
         if job.cancel_requested is not None:
             raise CloneCancelled()
         started = time.monotonic()
@@ -376,9 +386,14 @@ class JobManager:
             setup_line(f"[error] {error}")
             return JobResult(status="failed", error=error, failure_category="drift")
 
-        spec = self.job_spec(job)
+        python_env = await self._python_env(job, setup_line)
+        if isinstance(python_env, JobResult):
+            return python_env
+        spec = self.job_spec(job, python_env)
         if self.step_user is not None:  # the checkout becomes the step user's: steps may write to it
             await asyncio.to_thread(give_tree, job.workspace, self.step_user)
+            if job.tools.exists():
+                await asyncio.to_thread(give_tree, job.tools, self.step_user)
         runner = await self.backend.start(spec, run_as=self.step_user.run_as if self.step_user else None)
         job.runner = runner
         if dispatch.token:
@@ -441,12 +456,33 @@ class JobManager:
                              failure_category="artifacts", artifacts=result.artifacts)
         return result
 
-    def job_spec(self, job: Job) -> JobSpec:
+    async def _python_env(self, job: Job, setup_line: Callable[[str], None]) -> dict[str, str] | JobResult:
+        """The job's `python=`: its interpreter's directory (and with `python_venv`, a fresh venv's `bin`)
+        first on PATH. Variables to add to the step environment, or the failed result."""
+        wanted = job.dispatch.python
+        if wanted is None:
+            return {}
+        try:
+            interpreter, env = await toolchains.prepare(
+                self.interpreters, wanted, venv=job.dispatch.python_venv, scratch=job.tools
+            )
+        except toolchains.ToolchainError as exc:
+            setup_line(f"[error] {exc}")
+            return JobResult(status="failed", error=str(exc), failure_category="toolchain")
+        setup_line(f"python {interpreter.full}: {interpreter.path}"
+                   + (f" (virtualenv {env['VIRTUAL_ENV']})" if "VIRTUAL_ENV" in env else ""))
+        log_event("job.python", job_id=job.job_id, python=interpreter.full, path=interpreter.path,
+                  venv=job.dispatch.python_venv)
+        return env
+
+    def job_spec(self, job: Job, python_env: dict[str, str] | None = None) -> JobSpec:
         dispatch = job.dispatch
         # FORCE_COLOR: tools keep their colours although their output goes to a pipe (log viewers render
         # ANSI); a workflow or job env may set it back to 0
         env = safe_base_env({**identity_env(self.step_user), "FORCE_COLOR": "1", **dispatch.env, "CI": "true",
                              "KICI": "true", "KICI_RUN_ID": dispatch.run_id, "KICI_JOB_ID": dispatch.job_id})
+        if python_env:  # the chosen interpreter (and venv) in front of the already-cleaned PATH
+            env = toolchains.apply(env, python_env)
         return JobSpec(
             workspace=str(job.workspace),
             workflow_file=dispatch.workflow_file,

@@ -18,9 +18,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from kici.agent import log, workspace
+from kici.agent import log, toolchains, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, SettingsError, agent_labels, load_settings, resolve_agent_id
 from kici.agent.connection import AuthRejected, Connection
@@ -38,17 +39,19 @@ from kici.agent.secrecy import (
 )
 from kici.agent.step_user import StepUser, StepUserError
 from kici.agent.step_user import resolve as resolve_step_user
+from kici.agent.toolchains import Interpreter
 
 
 class Agent:
     def __init__(
-        self, settings: AgentSettings, agent_id: str, backend: SandboxBackend, step_user: StepUser | None = None
+        self, settings: AgentSettings, agent_id: str, backend: SandboxBackend, step_user: StepUser | None = None,
+        interpreters: Sequence[Interpreter] = (),
     ) -> None:
         self.settings = settings
         self.agent_id = agent_id
-        self.labels = agent_labels(settings)
+        self.labels = agent_labels(settings, toolchains.labels(interpreters))
         self.step_user = step_user
-        self.jobs = JobManager(settings, agent_id, self.labels, backend, step_user)
+        self.jobs = JobManager(settings, agent_id, self.labels, backend, step_user, interpreters)
         self.connection = Connection(
             settings.websocket_url,
             settings.agent_token.get_secret_value(),
@@ -263,7 +266,27 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         print(f"kici-agent: KICI_WORK_DIR ({settings.work_dir}): {exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(asyncio.run(Agent(settings, agent_id, backend, step_user).run()))
+    try:
+        interpreters = asyncio.run(find_interpreters(settings))
+    except ValueError as exc:
+        print(f"kici-agent: KICI_PYTHONS: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(asyncio.run(Agent(settings, agent_id, backend, step_user, interpreters).run()))
+
+
+async def find_interpreters(settings: AgentSettings) -> list[Interpreter]:
+    """`KICI_PYTHONS` when set (ValueError for an unusable one), else detection unless turned off."""
+    if settings.pythons:
+        found = await toolchains.explicit(settings.pythons)
+        source = "KICI_PYTHONS"
+    elif settings.python_detect:
+        found = await toolchains.detect()
+        source = "detected"
+    else:
+        return []
+    log_event("toolchains.found", source=source,
+              interpreters=[{"path": i.path, "version": i.full} for i in found])
+    return found
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from xml.etree import ElementTree as ET
 
 import click
 
+from kici.agent import toolchains
+from kici.agent.toolchains import Interpreter
 from kici.cli.common import Prepared, fail, prepare
 from kici.cli.concurrency import GroupSlots, requested_groups
 from kici.cli.events import EventSpecError, parse_pairs
@@ -354,6 +356,26 @@ class LocalExecutor:
         self.interrupted = False
         self.changed = asyncio.Event()
         self.background: set[asyncio.Future[None]] = set()
+        self._interpreters: asyncio.Task[list[Interpreter]] | None = None
+        """This machine's Python interpreters, detected once when a job first asks for `python=`."""
+
+    async def _python_env(self, job: JobRun, python: str, venv: bool) -> dict[str, str] | None:
+        """The variables that put the job's `python=` interpreter (and venv) first; None after reporting
+        the job failed (no matching interpreter on this machine)."""
+        if self._interpreters is None:
+            self._interpreters = asyncio.create_task(toolchains.detect(log=lambda *a, **k: None))
+        interpreters = await self._interpreters
+        scratch = self.workspace_root / f"job-{self.jobs.index(job)}.tools"
+        try:
+            interpreter, env = await toolchains.prepare(interpreters, python, venv=venv, scratch=scratch)
+        except toolchains.ToolchainError as exc:
+            job.status, job.error = "failed", str(exc)
+            self.printer.line(job, str(exc), fg="red")
+            self.printer.line(job, "✗ failed", fg="red", bold=True)
+            return None
+        self.printer.line(job, f"python {interpreter.full}: {interpreter.path}"
+                          + (f" (virtualenv {env['VIRTUAL_ENV']})" if "VIRTUAL_ENV" in env else ""))
+        return env
 
     async def run(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -485,6 +507,11 @@ class LocalExecutor:
         lock_job = job.planned.lock_job
         base_env = safe_base_env({**(wf.env or {}), **self.extra_env, "CI": "true", "KICI": "true",
                                   "KICI_LOCAL": "true"})
+        if lock_job is not None and lock_job.python:
+            python_env = await self._python_env(job, lock_job.python, bool(lock_job.python_venv))
+            if python_env is None:
+                return
+            base_env = toolchains.apply(base_env, python_env)
         workspace = self._workspace(job)
         spec = JobSpec(
             workspace=str(workspace),

@@ -127,7 +127,32 @@ def convert_job(
         hooks=_hooks(job, where, ("on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step")),
         continue_on_error=job.continue_on_error or None,
         **_artifacts(job, where),
+        python=_python(job.python, where),
+        python_venv=_python_venv(job, where),
     )
+
+
+_PYTHON_VERSION = re.compile(r"^3(\.(0|[1-9]\d{0,2})(\.(0|[1-9]\d{0,3}))?)?$")
+
+
+def _python(value: Any, where: Collector) -> str | None:
+    """`python=`: "3", "3.12" or "3.12.7" (a string: 3.10 as a float would be 3.1)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _PYTHON_VERSION.match(value.strip()):
+        where.error(f"python={value!r} must be a Python 3 version as a string: \"3\", \"3.12\" or \"3.12.7\"")
+        return None
+    return value.strip()
+
+
+def _python_venv(job: d.Job, where: Collector) -> bool | None:
+    if not isinstance(job.python_venv, bool):
+        where.error(f"python_venv={job.python_venv!r} must be True or False")
+        return None
+    if job.python_venv and job.python is None:
+        where.error("python_venv=True needs python= (the interpreter to create the virtualenv with)")
+        return None
+    return job.python_venv or None
 
 
 def convert_step(step: d.Step, name: str, file: str, where: Collector) -> lf.Step:

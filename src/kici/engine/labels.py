@@ -150,3 +150,18 @@ def auto_labels(os_name: str, arch: str, hostname: str) -> list[str]:
     if host:
         labels.append(f"{RESERVED_PREFIX}host:{host}")
     return labels
+
+
+PYTHON_LABEL_PREFIX = f"{RESERVED_PREFIX}python:"
+"""`kici:python:3.12` / `kici:python:3.12.7`: an agent has that interpreter (`kici.agent.toolchains`)."""
+
+
+def effective_runs_on(runs_on: Sequence[LabelMatcher] | None, python: str | None) -> list[LabelMatcher]:
+    """A job's `runs_on` plus, for a job with `python=`, the exact matcher `kici:python:<version>`: only
+    agents that have that interpreter take it."""
+    matchers = list(runs_on or [])
+    if python:
+        label = PYTHON_LABEL_PREFIX + python
+        if not any(m.kind == "exact" and m.value == label for m in matchers):
+            matchers.append(LabelMatcher(kind="exact", value=label))
+    return matchers

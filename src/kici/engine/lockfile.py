@@ -389,6 +389,10 @@ class Job(LockModel):
     """Globs (relative to the workspace) of the files the agent uploads after the job."""
     artifacts_when: Literal["success", "on_failure", "always"] | None = None
     """When: after a successful job (None: the default), a failed one, or always."""
+    python: str | None = None
+    """`python=`: "3", "3.12" or "3.12.7"; the job runs on an agent labelled `kici:python:<it>`."""
+    python_venv: bool | None = None
+    """`python_venv=True`: the steps run in a fresh virtualenv of that interpreter."""
 
 
 class Concurrency(LockModel):

@@ -231,6 +231,10 @@ class JobDispatch(Message):
     artifacts: list[str] = []
     """The job's `artifacts` globs (lock file): files the agent uploads after the job."""
     artifacts_when: Literal["success", "on_failure", "always"] = "success"
+    python: str | None = None
+    """The job's `python=` ("3", "3.12" or "3.12.7"): the agent puts that interpreter first on PATH."""
+    python_venv: bool = False
+    """With `python`: the steps run in a fresh virtualenv of that interpreter (VIRTUAL_ENV set)."""
     attempt: int = 1
     timestamp: float
 

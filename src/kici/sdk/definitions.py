@@ -231,6 +231,8 @@ class Job:
     """Globs of workspace files the agent uploads after the job (`["dist/*.whl", "reports/**"]`)."""
     artifacts_when: str = "success"
     """When they are uploaded: `success` (default), `on_failure` or `always`."""
+    python: str | None = None
+    python_venv: bool = False
     has_run: bool = False
     has_steps: bool = True
 
@@ -243,7 +245,7 @@ _JOB_OPTIONS = frozenset(
         "runs_on", "needs", "matrix", "include", "exclude", "env", "environment", "environments",
         "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
         "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step",
-        "artifacts", "artifacts_when",
+        "artifacts", "artifacts_when", "python", "python_venv",
     }
 )
 

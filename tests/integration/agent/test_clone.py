@@ -245,7 +245,8 @@ async def test_token_goes_in_a_header_never_in_argv_config_or_logs(
     argv_log = tmp_path / "git-argv.log"
     _git_shim(tmp_path / "shim", argv_log)
     agent_env_path = f"{tmp_path / 'shim'}:{os.environ['PATH']}"
-    start_agent(orchestrator, PATH=agent_env_path)
+    # the direct fetch (the mirror cache's own token handling: test_git_mirror.py)
+    start_agent(orchestrator, PATH=agent_env_path, KICI_GIT_MIRRORS="false")
     await orchestrator.wait_registered()
 
     message = dispatch(repo, "i", repo_url=f"{git_http.url}/r.git", token=token)

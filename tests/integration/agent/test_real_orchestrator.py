@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kici.agent import toolchains
 from tests.integration.orchestrator.conftest import StartOrchestrator, start_orchestrator  # noqa: F401
 
 from .conftest import AgentFactory, wait_until
@@ -126,4 +127,24 @@ async def test_revoking_the_token_stops_the_running_agent_at_once(
         assert (await client.delete(f"/api/v1/admin/agent-tokens/{listed['id']}")).status_code == 200
     assert await agent.wait_exit(timeout=10) == 1  # well before any heartbeat or token re-check interval
     assert "rejected this agent: agent token revoked" in agent.output
+    orchestrator.stop()
+
+
+async def test_python_labels_register_without_being_in_the_token_scope(
+    start_orchestrator: StartOrchestrator, start_agent: AgentFactory, tmp_path: Path  # noqa: F811
+) -> None:
+    """`kici:python:*` are facts the agent reports (toolchains.md): a token scoped to `linux` accepts them."""
+    data = tmp_path / "orch-data"
+    orchestrator = start_orchestrator({"KICI_DATA_DIR": str(data)})
+    await asyncio.to_thread(orchestrator.wait_for_event, "orchestrator.ready")
+    token = await _agent_token(orchestrator.url, data, ["linux"])
+    found = await toolchains.detect(log=lambda *a, **k: None)
+    if not found:
+        pytest.skip("no Python interpreter besides the agent's own on this machine")
+    pythons = ",".join(i.path for i in found)
+    agent = start_agent(KICI_ORCHESTRATOR_URL=orchestrator.url, KICI_AGENT_TOKEN=token, KICI_LABELS="linux",
+                        KICI_PYTHONS=pythons)
+    registered = await asyncio.to_thread(orchestrator.wait_for_event, "agent.registered")
+    assert set(toolchains.labels(found)) <= set(registered["labels"])
+    await wait_until(lambda: agent.events("connection.registered"), 20, "the agent to see register.ack")
     orchestrator.stop()

@@ -4,10 +4,11 @@ Sequence (`kici.engine.protocol` has the messages and close codes):
 1. `auth.request` within `auth_s` (else 4002). Not JSON / another type → `error{INVALID_MESSAGE}` + 4003;
    `protocolVersion < 1` → 4005; unknown or revoked token → `auth.failure` + 4010; else `auth.success`.
 2. `agent.register` within `register_s` (else 4002; anything else → 4003). Labels: the user labels must be
-   valid and within the token's labels; self-reported `kici:os:*`, `kici:arch:*`, `kici:host:*` are
-   allowed; anything else → `auth.failure` + 4010. An agent id is bound to the agent token that first
-   registered it: another token registering it (connected or not) → `auth.failure` + 4010 and a `denied`
-   audit row; under the same token the new connection replaces the old one (closed with 1001). The `agents` row is
+   valid and within the token's labels; self-reported `kici:os:*`, `kici:arch:*`, `kici:host:*` and
+   `kici:python:*` are allowed (facts about the agent, outside the token's label scope); anything else →
+   `auth.failure` + 4010. An agent id is bound to the agent token that first registered it: another
+   token registering it (connected or not) → `auth.failure` + 4010 and a `denied` audit row; under the
+   same token the new connection replaces the old one (closed with 1001). The `agents` row is
    upserted as connected; reply `register.ack`.
    Before the ack, the registry's listener reclaims the agent's in-flight jobs (named in
    `register.ack.reclaimed_jobs`); after it, the listener may dispatch.
@@ -43,7 +44,7 @@ from kici.orchestrator.store import audit as audit_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store.tokens import AgentToken, agent_token_state, verify_agent_token
 
-SELF_REPORTED_PREFIXES = tuple(f"{RESERVED_PREFIX}{kind}:" for kind in ("os", "arch", "host"))
+SELF_REPORTED_PREFIXES = tuple(f"{RESERVED_PREFIX}{kind}:" for kind in ("os", "arch", "host", "python"))
 INVALID_MESSAGE = "INVALID_MESSAGE"
 UNSUPPORTED_PROTOCOL = "UNSUPPORTED_PROTOCOL_VERSION"
 
@@ -78,7 +79,7 @@ class _Rejected(Exception):
 
 def check_labels(labels: list[str], token: AgentToken) -> list[str]:
     """The labels to register: the user labels (validated, within the token's scope) followed by the
-    self-reported `kici:os|arch|host:*` labels. `_Rejected` names the first offending label."""
+    self-reported `kici:os|arch|host|python:*` labels. `_Rejected` names the first offending label."""
     user: list[str] = []
     reported: list[str] = []
     for raw in labels:
@@ -90,7 +91,7 @@ def check_labels(labels: list[str], token: AgentToken) -> list[str]:
                 or len(label) > MAX_LABEL_LENGTH
                 or any(ch.isspace() or ch == "," for ch in label)
             ):
-                raise _Rejected(f"label {label[:60]!r} is reserved; agents may only report kici:os|arch|host:*")
+                raise _Rejected(f"label {label[:60]!r} is reserved; agents may only report kici:os|arch|host|python:*")
             if label not in reported:
                 reported.append(label)
         else:

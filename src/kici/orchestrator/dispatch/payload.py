@@ -164,6 +164,8 @@ def build_dispatch(
         max_log_size_bytes=max_log_size_bytes,
         artifacts=(lock_job.artifacts or []) if lock_job is not None else [],
         artifacts_when=(lock_job.artifacts_when or "success") if lock_job is not None else "success",
+        python=lock_job.python if lock_job is not None else None,
+        python_venv=bool(lock_job is not None and lock_job.python_venv),
         attempt=attempt,
         timestamp=time.time(),
     )

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.events import Event
 from kici.engine.inline_expr import InlineExprError, resolve_str
+from kici.engine.labels import effective_runs_on
 from kici.engine.lockfile import LabelMatcher, Workflow
 from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, plan_workflow
@@ -635,7 +636,7 @@ async def create_run(
                 "status": (JobState.HELD if held and not job.needs else JobState.PENDING).value,
                 "attempt": 1,
                 "needs_satisfied": not job.needs,
-                "runs_on": _matchers_json(lock_job.runs_on if lock_job else None),
+                "runs_on": _matchers_json(effective_runs_on(lock_job.runs_on, lock_job.python) if lock_job else None),
                 "exclude_labels": _matchers_json(lock_job.exclude_labels if lock_job else None),
                 "concurrency_group_id": (
                     env_group_ids[job_environments[job.name]] if job.name in job_environments
