@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kici.agent import toolchains
+from kici.runner import toolchains
 from kici.runner.spawn import kici_bin_dirs
 from tests.conftest import run_kici
 

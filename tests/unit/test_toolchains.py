@@ -1,4 +1,4 @@
-"""Pure parts of `kici.agent.toolchains` and the mirror helpers of `kici.agent.git`: version matching and
+"""Pure parts of `kici.runner.toolchains` and the mirror helpers of `kici.agent.git`: version matching and
 choice, labels, the per-job bin dir, what counts as a remote, and reading a fetch's object count."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from kici.agent.git import _received_objects, is_remote, mirror_path
-from kici.agent.toolchains import Interpreter, apply, choose, labels, python_bin_dir
+from kici.runner.toolchains import Interpreter, apply, choose, labels, python_bin_dir
 
 
 def _py(version: str, path: str = "/opt/py/bin/python3") -> Interpreter:

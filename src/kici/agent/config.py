@@ -425,7 +425,7 @@ def hostname() -> str:
 def agent_labels(settings: AgentSettings, python_labels: Sequence[str] = ()) -> list[str]:
     """The user labels plus the self-reported `kici:os|arch|host:*` ones (with the raw machine name too,
     so `kici:arch:x86_64` routes as well as its aliases `x64`/`amd64`) and the `kici:python:*` labels of
-    the interpreters found (`kici.agent.toolchains`)."""
+    the interpreters found (`kici.runner.toolchains`)."""
     machine = platform.machine()
     labels = [*settings.labels, *auto_labels(platform.system(), machine, hostname())]
     if machine.strip():

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from kici.agent import artifacts, toolchains, workspace
+from kici.agent import artifacts, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname
 from kici.agent.connection import Connection, new_message_id
@@ -31,7 +31,6 @@ from kici.agent.log import log_event
 from kici.agent.logs import FLUSH_INTERVAL_S, LogStreamer
 from kici.agent.sandbox import SandboxBackend
 from kici.agent.step_user import StepUser, give_tree, identity_env
-from kici.agent.toolchains import Interpreter
 from kici.engine import protocol as p
 from kici.engine.content_hash import workflow_content_hash
 from kici.engine.events import Event
@@ -45,7 +44,9 @@ from kici.engine.runner_protocol import (
     LogLines,
     StepStatus,
 )
+from kici.runner import toolchains
 from kici.runner.client import RunnerProcess, safe_base_env
+from kici.runner.toolchains import Interpreter
 
 FORCE_CANCEL_GRACE_S = 2.0
 KICI_DIR = ".kici"
@@ -130,7 +131,7 @@ class JobManager:
     ) -> None:
         self.settings = settings
         self.interpreters = list(interpreters)
-        """The Python interpreters jobs may ask for with `python=` (`kici.agent.toolchains`)."""
+        """The Python interpreters jobs may ask for with `python=` (`kici.runner.toolchains`)."""
         self.step_user = step_user
         """Who job steps run as when the agent runs as root (None: the agent's own user)."""
         self.agent_id = agent_id

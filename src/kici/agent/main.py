@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kici.agent import log, toolchains, workspace
+from kici.agent import log, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, SettingsError, agent_labels, load_settings, resolve_agent_id
 from kici.agent.connection import AuthRejected, Connection
@@ -39,7 +39,8 @@ from kici.agent.secrecy import (
 )
 from kici.agent.step_user import StepUser, StepUserError
 from kici.agent.step_user import resolve as resolve_step_user
-from kici.agent.toolchains import Interpreter
+from kici.runner import toolchains
+from kici.runner.toolchains import Interpreter
 
 
 class Agent:
@@ -277,10 +278,10 @@ def main(argv: list[str] | None = None) -> None:
 async def find_interpreters(settings: AgentSettings) -> list[Interpreter]:
     """`KICI_PYTHONS` when set (ValueError for an unusable one), else detection unless turned off."""
     if settings.pythons:
-        found = await toolchains.explicit(settings.pythons)
+        found = await toolchains.explicit(settings.pythons, log=log_event)
         source = "KICI_PYTHONS"
     elif settings.python_detect:
-        found = await toolchains.detect()
+        found = await toolchains.detect(log=log_event)
         source = "detected"
     else:
         return []

@@ -23,8 +23,6 @@ from xml.etree import ElementTree as ET
 
 import click
 
-from kici.agent import toolchains
-from kici.agent.toolchains import Interpreter
 from kici.cli.common import Prepared, fail, prepare
 from kici.cli.concurrency import GroupSlots, requested_groups
 from kici.cli.events import EventSpecError, parse_pairs
@@ -45,8 +43,10 @@ from kici.engine.runner_protocol import (
     log_lines,
 )
 from kici.engine.states import RunStatus, aggregate_run_status
+from kici.runner import toolchains
 from kici.runner.client import RunnerProcess, safe_base_env
 from kici.runner.spawn import Spawned
+from kici.runner.toolchains import Interpreter
 
 TERMINAL = {"success", "failed", "cancelled", "skipped", "timed_out_stale", "drift_dropped"}
 STEP_MARK = {"success": "✓", "failed": "✗", "skipped": "-", "cancelled": "⊘", "timed_out": "⏱"}

@@ -153,7 +153,7 @@ def auto_labels(os_name: str, arch: str, hostname: str) -> list[str]:
 
 
 PYTHON_LABEL_PREFIX = f"{RESERVED_PREFIX}python:"
-"""`kici:python:3.12` / `kici:python:3.12.7`: an agent has that interpreter (`kici.agent.toolchains`)."""
+"""`kici:python:3.12` / `kici:python:3.12.7`: an agent has that interpreter (`kici.runner.toolchains`)."""
 
 
 def effective_runs_on(runs_on: Sequence[LabelMatcher] | None, python: str | None) -> list[LabelMatcher]:

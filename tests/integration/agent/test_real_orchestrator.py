@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kici.agent import toolchains
+from kici.runner import toolchains
 from tests.integration.orchestrator.conftest import StartOrchestrator, start_orchestrator  # noqa: F401
 
 from .conftest import AgentFactory, wait_until

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from kici.agent import toolchains
-from kici.agent.toolchains import Interpreter
+from kici.runner import toolchains
 from kici.runner.spawn import kici_bin_dirs
+from kici.runner.toolchains import Interpreter
 
 from .conftest import AgentFactory, FakeOrchestrator, dispatch, wait_until, workflow_repo
 from .test_token_secrecy import NOBODY, SYSTEM_PYTHON, _system_python_env, needs_system_python

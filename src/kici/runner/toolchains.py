@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kici.agent.log import log_event
 from kici.runner import proctree
 from kici.runner.spawn import SHARED_BIN_DIRS, kici_bin_dirs
 
@@ -44,7 +43,11 @@ _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+) (\w+) ([01]) (/.*)$")
 _NAME = re.compile(r"^python3(\.\d+)?$")
 
 LogFn = Callable[..., None]
-"""`log_event`-shaped: `kici run local` passes a quiet one (its output is for humans, not JSON lines)."""
+"""`log_event`-shaped: the agent passes its own; `kici run local` keeps quiet (its output is for humans)."""
+
+
+def _quiet(*_: object, **__: object) -> None:
+    """The default `log`: nothing."""
 
 
 class ToolchainError(Exception):
@@ -183,7 +186,7 @@ async def _probe(path: str, log: LogFn) -> tuple[tuple[int, int, int], str] | No
     return (int(match.group(1)), int(match.group(2)), int(match.group(3))), match.group(6)
 
 
-async def inspect_paths(paths: Iterable[str], *, exclude_own: bool, log: LogFn = log_event) -> list[Interpreter]:
+async def inspect_paths(paths: Iterable[str], *, exclude_own: bool, log: LogFn = _quiet) -> list[Interpreter]:
     """Ask each distinct interpreter (by real path) its version; broken or foreign ones are skipped."""
     hidden = kici_bin_dirs()
     unique: dict[str, str] = {}
@@ -215,16 +218,16 @@ async def inspect_paths(paths: Iterable[str], *, exclude_own: bool, log: LogFn =
     return list(found.values())
 
 
-async def detect(environ: Mapping[str, str] | None = None, *, log: LogFn = log_event) -> list[Interpreter]:
+async def detect(environ: Mapping[str, str] | None = None, *, log: LogFn = _quiet) -> list[Interpreter]:
     """Every usable interpreter on this host (see the module docstring), minus the agent's own."""
     environ = os.environ if environ is None else environ
     paths = candidates(environ) + await _uv_candidates(environ, log)
     return await inspect_paths(paths, exclude_own=True, log=log)
 
 
-async def explicit(paths: Sequence[str]) -> list[Interpreter]:
+async def explicit(paths: Sequence[str], *, log: LogFn = _quiet) -> list[Interpreter]:
     """The interpreters an operator listed (`KICI_PYTHONS`); ValueError naming each unusable one."""
-    answers = await asyncio.gather(*(_probe(path, log_event) for path in paths))
+    answers = await asyncio.gather(*(_probe(path, log) for path in paths))
     bad = [path for path, answer in zip(paths, answers, strict=True) if answer is None]
     if bad:
         raise ValueError(
