@@ -31,7 +31,7 @@ from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.migrate import migrate
 
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010", "0012")
 """Every migration in order: a new migration is added here, so a renumbered or re-chained one is noticed."""
 
 PG_ENV = "KICI_TEST_DATABASE_URL"

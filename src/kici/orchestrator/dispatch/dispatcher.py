@@ -38,7 +38,15 @@ from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind, utcnow
 from kici.orchestrator.dispatch.batching import WriteBatcher
 from kici.orchestrator.dispatch.metrics import DispatchMetrics
-from kici.orchestrator.dispatch.payload import DispatchError, DispatchRetry, RunCache, build_dispatch, load_context
+from kici.orchestrator.dispatch.payload import (
+    DispatchContext,
+    DispatchError,
+    DispatchRetry,
+    RunCache,
+    build_dispatch,
+    load_context,
+)
+from kici.orchestrator.dispatch.secrets import JobSecretsError, deliver, withheld
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import CloneAccess, ProviderError
@@ -309,10 +317,20 @@ class Dispatcher:
         slots.jobs.add(claim.job_id)
         try:
             context = await load_context(self.db, claim, self._runs, row)
+            lock_job = context.workflow.job(context.job.job)
+            declared = lock_job is not None and bool(lock_job.secrets)
+            if declared and lock_job is not None and not context.run.secrets_allowed:
+                raise withheld(context.run, lock_job)  # before a clone token is minted for it
             access = await self._clone_access(context.run)
+            secrets = await self._deliver_secrets(context, claim) if declared else {}
             message = build_dispatch(
-                context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes
+                context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes,
+                secrets=secrets,
             )
+        except JobSecretsError as exc:
+            slots.jobs.discard(claim.job_id)
+            await self._fail_undispatchable(claim, str(exc), error=str(exc), category="secrets")
+            return False
         except DispatchError as exc:
             slots.jobs.discard(claim.job_id)
             await self._fail_undispatchable(claim, str(exc))
@@ -348,14 +366,31 @@ class Dispatcher:
             )
         self.wake()
 
-    async def _fail_undispatchable(self, claim: Claim, reason: str) -> None:
+    async def _fail_undispatchable(
+        self, claim: Claim, reason: str, *, error: str | None = None, category: str = "dispatch"
+    ) -> None:
         log_event("job.undispatchable", level="warning", run_id=claim.run_id, job_id=claim.job_id, reason=reason)
         async with self.db.transaction() as conn:
             await run_store.finish_job(
-                conn, claim.job_id, JobState.FAILED, JobEvent.FAIL, error=f"cannot dispatch: {reason}",
-                failure_category="dispatch", limits=self.limits,
+                conn, claim.job_id, JobState.FAILED, JobEvent.FAIL, error=error or f"cannot dispatch: {reason}",
+                failure_category=category, limits=self.limits,
             )
         self.wake()
+
+    async def _deliver_secrets(self, context: DispatchContext, claim: Claim) -> dict[str, str]:
+        """The job's declared secrets, resolved and their delivery recorded in one group-committed
+        transaction (`dispatch.secrets.deliver`); `JobSecretsError` when they cannot all be delivered."""
+        lock_job = context.workflow.job(context.job.job)
+        assert lock_job is not None
+        resolved = await self.writes.submit(partial(
+            deliver, keys=self.state.keyring, run=context.run, lock_job=lock_job, job_id=claim.job_id,
+            attempt=claim.attempt,
+        ), key=claim.run_id)
+        if isinstance(resolved, JobSecretsError):
+            raise resolved
+        log_event("job.secrets_delivered", run_id=claim.run_id, job_id=claim.job_id, names=sorted(resolved),
+                  level="debug")
+        return resolved
 
     async def _clone_access(self, run: RunRecord) -> CloneAccess:
         if run.source_id is None:
