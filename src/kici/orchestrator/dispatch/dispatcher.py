@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -298,13 +298,16 @@ class Dispatcher:
                                        ack_timeout_ms=timeout), key=row.run_id)
             for agent, row in picks
         ), return_exceptions=True)
-        sent = 0
+        handing: list[Awaitable[bool]] = []
         for (agent, row), claim in zip(picks, claims, strict=True):
             if isinstance(claim, BaseException):
                 log_event("dispatch.claim_failed", level="error", error=f"{type(claim).__name__}: {claim}")
                 continue
-            if claim is not None and await self._hand_out(agent, claim, row):
-                sent += 1
+            if claim is not None:
+                handing.append(self._hand_out(agent, claim, row))
+        # handed out together, so the writes some hand-outs make (the record of a job's secrets) share one
+        # group-committed transaction instead of one each
+        sent = sum(await asyncio.gather(*handing))
         if len(rows) == window and sent:
             self.wake()  # a long queue: come back for the rest
         return sent
