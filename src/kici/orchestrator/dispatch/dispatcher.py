@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -298,19 +298,32 @@ class Dispatcher:
                                        ack_timeout_ms=timeout), key=row.run_id)
             for agent, row in picks
         ), return_exceptions=True)
-        handing: list[Awaitable[bool]] = []
+        handing: list[tuple[AgentConnection, Claim, queue_store.PendingRow]] = []
         for (agent, row), claim in zip(picks, claims, strict=True):
             if isinstance(claim, BaseException):
                 log_event("dispatch.claim_failed", level="error", error=f"{type(claim).__name__}: {claim}")
                 continue
             if claim is not None:
-                handing.append(self._hand_out(agent, claim, row))
-        # handed out together, so the writes some hand-outs make (the record of a job's secrets) share one
-        # group-committed transaction instead of one each
-        sent = sum(await asyncio.gather(*handing))
+                handing.append((agent, claim, row))
+        # Handed out together, so the writes some hand-outs make (the record of a job's secrets) share one
+        # group-committed transaction instead of one each; each run is read and parsed once first, as
+        # one-by-one hand-outs did (the first job of a run filled the cache for the others).
+        await self._cache_runs({claim.run_id for _, claim, _ in handing})
+        sent = sum(await asyncio.gather(*(self._hand_out(agent, claim, row) for agent, claim, row in handing)))
         if len(rows) == window and sent:
             self.wake()  # a long queue: come back for the rest
         return sent
+
+    async def _cache_runs(self, run_ids: set[str]) -> None:
+        """Read the runs not in the run cache yet, in one read. A run that cannot be loaded is left out: its
+        jobs' hand-outs meet the same error and fail with it."""
+        missing = [run_id for run_id in run_ids if self._runs.peek(run_id) is None]
+        if not missing:
+            return
+        async with self.db.read() as conn:
+            for run_id in missing:
+                with contextlib.suppress(DispatchError):
+                    await self._runs.get(conn, run_id)
 
     async def _hand_out(self, agent: AgentConnection, claim: Claim, row: queue_store.PendingRow | None = None) -> bool:
         slots = self._slots_of(agent)
