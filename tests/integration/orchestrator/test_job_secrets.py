@@ -22,6 +22,7 @@ from kici.orchestrator.db.schema import runs as runs_table
 from kici.orchestrator.db.schema import secret_deliveries
 from kici.orchestrator.db.schema import steps as steps_table
 from kici.orchestrator.key_rotation import rotate_key
+from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import secrets as secret_store
 from tests.conftest import kici_env
 
@@ -271,3 +272,26 @@ async def test_secrets_are_not_in_the_event_log_or_job_rows(database: Database, 
         await until(written, what="the delivery row")
         row = await _job_row(orch, created.job_ids["deploy"])
         assert not any(v in json.dumps(dict(row._mapping), default=str) for v in VALUES.values())
+
+
+async def test_secrets_not_resolved_at_claim_are_resolved_at_hand_out(database: Database, tmp_path: Path) -> None:
+    """The claim resolves a job's secrets when its run is cached; when it was not (evicted between the
+    pre-read and the claim), the hand-out resolves and records them in a transaction of its own."""
+    await _store(database, Keyring(K1))
+    async with serve_orchestrator(database, tmp_path, secret_key=K1) as orch, SimAgent(orch, "a1", []) as agent:
+        dispatcher = orch.services.dispatcher
+
+        async def claim_only(conn: Any, *, row: Any, agent: Any, ack_timeout_ms: int) -> tuple[Any, None]:
+            return await queue_store.claim_row_in(conn, row, agent, ack_timeout_ms=ack_timeout_ms), None
+
+        dispatcher._claim_in = claim_only  # type: ignore[method-assign]
+        agent.auto = "success"
+        await agent.connect()
+        created = await orch.create_run(workflow([_deploy("deploy", secrets=["PYPI_TOKEN"]),
+                                                  _deploy("broken", secrets=["NOPE"])]))
+        await orch.wait_run(created.run_id, "failed")
+        [dispatch] = agent.received("job.dispatch")
+        assert dispatch["secrets"] == {"PYPI_TOKEN": "pypi-repo-value-0002"}
+        assert [r["secrets"] for r in await _deliveries(database)] == [{"PYPI_TOKEN": "repo:acme/app"}]
+        broken = (await orch.jobs(created.run_id))["broken"]
+        assert broken.error == "secret NOPE not found (looked in repo:acme/app, org)"

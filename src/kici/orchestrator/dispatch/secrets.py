@@ -4,7 +4,8 @@ A job receives exactly the names it declares, each from the most specific scope 
 `env:<the job's environment>`, then `repo:<the run's repository>`, then `org` — and only when its run may
 have secrets (`runs.secrets_allowed`: false for runs of untrusted code). The lookup of every name in every
 scope is one statement, and the delivery record (names and scopes, never values) is written in the same
-transaction, so a value never leaves without its record. Jobs that declare nothing cost nothing here.
+transaction — the dispatcher runs `deliver` in the transaction that claims the job — so a value never
+leaves without its record. Jobs that declare nothing cost nothing here.
 """
 
 from __future__ import annotations
