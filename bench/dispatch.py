@@ -11,7 +11,13 @@ Two phases per database (SQLite file, and a fresh PostgreSQL database):
 The agents run no steps: this measures the orchestrator (ingest, queue, claims, tracking), not an agent.
 Prints one JSON object.
 
+`--secrets N`: every job of both phases declares N secrets (`job(secrets=[...])`) that exist — even ones
+in the repository's scope and in `org` (the repository's wins), odd ones in `org` only — so each dispatch
+resolves, opens and records N secrets; the agents check that every `job.dispatch` carries all N. Compare
+with the same command without it (the orchestrator has a secret key either way).
+
     .venv/bin/python bench/dispatch.py                 # both databases, 50 agents
+    .venv/bin/python bench/dispatch.py --secrets 20    # the same, every job declaring 20 secrets
     .venv/bin/python bench/dispatch.py --quick         # a short pass (the test suite runs this)
 """
 
@@ -46,6 +52,12 @@ from kici.engine import lockfile as lf
 
 ADMIN_TOKEN = "kici_bench_" + "0" * 40
 WEBHOOK_SECRET = "bench-webhook-secret"
+SECRET_KEY = "5e" * 32
+REPO = "bench/app"
+
+
+def secret_names(count: int) -> list[str]:
+    return [f"BENCH_SECRET_{i:02d}" for i in range(count)]
 
 
 def free_port() -> int:
@@ -61,15 +73,17 @@ def git(repo: Path, *args: str) -> str:
                           env=env).stdout.strip()
 
 
-def make_repo(root: Path, jobs_per_run: int) -> str:
+def make_repo(root: Path, jobs_per_run: int, secrets: int = 0) -> str:
     """A repository whose lock file has `latency` (one job, on push to main) and `throughput`
-    (`jobs_per_run` independent jobs, on push to `tp`); returns the commit."""
+    (`jobs_per_run` independent jobs, on push to `tp`), each job declaring `secrets` secrets; returns the
+    commit."""
+    declared = secret_names(secrets) or None
     def wf(name: str, branch: str, jobs: int) -> lf.Workflow:
         return lf.Workflow(
             name=name, source=lf.SourceRef(file=f".kici/workflows/{name}.py", export=f"#{name}"),
             content_hash=hashlib.sha256(name.encode()).hexdigest(), compile_schema_version=1,
             triggers=[lf.PushTrigger(branches=[lf.BranchPattern(type="glob", pattern=branch)])],
-            jobs=[lf.Job(name=f"job{i}", steps=[lf.Step(name="true")]) for i in range(jobs)],
+            jobs=[lf.Job(name=f"job{i}", steps=[lf.Step(name="true")], secrets=declared) for i in range(jobs)],
         )
     lock = lf.build_lock_file([wf("latency", "main", 1), wf("throughput", "tp", jobs_per_run)])
     (root / ".kici").mkdir(parents=True)
@@ -89,7 +103,7 @@ class Orchestrator:
         env.update({
             "KICI_DATA_DIR": str(data_dir), "KICI_DATABASE_URL": database_url, "KICI_PORT": str(self.port),
             "KICI_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN, "KICI_LOG_LEVEL": "warning", "KICI_LOG_FORMAT": "json",
-            "KICI_QUEUE_MAX_DEPTH": "100000",
+            "KICI_QUEUE_MAX_DEPTH": "100000", "KICI_SECRET_KEY": SECRET_KEY,
         })
         self.stderr = open(data_dir.parent / f"orchestrator-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "kici.orchestrator"], env=env,
@@ -125,8 +139,11 @@ class Orchestrator:
 class SimAgent:
     """Answers every dispatch at once: ack, running, one log chunk, success."""
 
-    def __init__(self, index: int, url: str, token: str, dispatched: dict[str, float]) -> None:
+    def __init__(self, index: int, url: str, token: str, dispatched: dict[str, float], secrets: int = 0) -> None:
         self.agent_id = f"sim-{index}"
+        self.secrets = secrets
+        self.wrong_secrets = 0
+        """Dispatches that did not carry exactly the declared secrets (must stay 0)."""
         self.url = url
         self.token = token
         self.dispatched = dispatched
@@ -150,6 +167,8 @@ class SimAgent:
                 message = json.loads(frame)
                 if message["type"] != "job.dispatch":
                     continue
+                if len(message.get("secrets") or {}) != self.secrets:
+                    self.wrong_secrets += 1
                 delivery = message["event"].get("delivery_id")
                 if delivery is not None:  # `git:<source id>:<X-Kici-Delivery>`
                     self.dispatched.setdefault(delivery.rsplit(":", 1)[-1], time.perf_counter())
@@ -230,7 +249,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     repo = work / "repo"
-    sha = make_repo(repo, args.jobs_per_run)
+    sha = make_repo(repo, args.jobs_per_run, args.secrets)
     orch = Orchestrator(database_url, work / "data")
     agents: list[SimAgent] = []
     dispatched: dict[str, float] = {}
@@ -244,13 +263,18 @@ async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> 
             created.raise_for_status()
             token = created.json()["token"]
             source = await client.post(f"{orch.url}/api/v1/admin/sources", headers=admin, json={
-                "name": "bench", "kind": "git", "config": {"url": str(repo)},
+                "name": "bench", "kind": "git", "config": {"url": str(repo), "repo": REPO},
                 "secrets": {"webhook_secret": WEBHOOK_SECRET}})
             source.raise_for_status()
+            for i, name in enumerate(secret_names(args.secrets)):
+                for scope in ([f"repo:{REPO}", "org"] if i % 2 == 0 else ["org"]):
+                    stored = await client.put(f"{orch.url}/api/v1/admin/secrets/{name}", headers=admin,
+                                              json={"scope": scope, "value": f"{scope}-{name}-{uuid.uuid4().hex}"})
+                    stored.raise_for_status()
             hook = f"{orch.url}/webhook/default/git/bench"
             ws_url = orch.url.replace("http://", "ws://") + "/ws"
             for i in range(args.agents):
-                agent = SimAgent(i, ws_url, token, dispatched)
+                agent = SimAgent(i, ws_url, token, dispatched, args.secrets)
                 await agent.start()
                 agents.append(agent)
             await post_push(client, hook, "main", sha, "warm-up")  # fills the lock-file cache
@@ -300,8 +324,12 @@ async def bench_one(database_url: str, work: Path, args: argparse.Namespace) -> 
         for agent in agents:
             await agent.stop()
         orch.stop()
+    wrong = sum(a.wrong_secrets for a in agents)
+    if wrong:
+        raise RuntimeError(f"{wrong} dispatches did not carry the {args.secrets} declared secrets")
     return {
         "agents": args.agents,
+        "secrets_per_job": args.secrets,
         "latency": {
             "webhooks": args.latency_webhooks,
             "rate_per_s": args.rate,
@@ -410,6 +438,7 @@ def main() -> None:
     parser.add_argument("--latency-webhooks", type=int, default=300)
     parser.add_argument("--throughput-runs", type=int, default=200)
     parser.add_argument("--jobs-per-run", type=int, default=10)
+    parser.add_argument("--secrets", type=int, default=0, help="secrets every job declares (all exist)")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "KICI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--quick", action="store_true", help="a short pass: 5 agents, few webhooks")

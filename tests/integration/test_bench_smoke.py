@@ -35,6 +35,13 @@ def test_dispatch_bench_runs() -> None:
     assert sqlite["throughput"]["completed_jobs_per_s"] > 0
 
 
+def test_dispatch_bench_with_declared_secrets_runs() -> None:
+    """Every dispatch carries the 20 declared secrets (the bench fails otherwise)."""
+    result = run_bench(str(BENCH / "dispatch.py"), "--quick", "--db", "sqlite", "--secrets", "20")
+    sqlite = result["sqlite"]
+    assert sqlite["secrets_per_job"] == 20 and sqlite["latency"]["dispatched"] == sqlite["latency"]["webhooks"] > 0
+
+
 def test_report_latency_bench_runs() -> None:
     result = run_bench(str(BENCH / "report_latency.py"), "--seconds", "1")
     assert result["jobs"] == 20 and result["lost"] == 0 and result["latency_ms"]["median"] > 0

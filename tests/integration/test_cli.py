@@ -193,6 +193,38 @@ s = workflow("s", on=push(), jobs=[job("j", steps=[show])])
     assert "secret 'NOPE' is not available (available: TOKEN)" in text
 
 
+
+def test_local_jobs_get_only_the_secrets_they_declare(repo_factory: Repo) -> None:
+    """`kici run local` reads `.kici/.secrets`: a job declaring `secrets=[...]` gets those names only, and
+    one that is missing fails the job before any step; a job declaring nothing sees every local secret."""
+    repo = repo_factory({
+        ".kici/workflows/s.py": """
+from kici import job, push, step, workflow
+
+def names(ctx):
+    print("names:", ",".join(sorted(ctx.secrets.list())))
+
+s = workflow("s", on=push(), jobs=[
+    job("declared", secrets=["TOKEN"], steps=[step("show", names)]),
+    job("undeclared", steps=[step("show", names)]),
+    job("missing", secrets=["TOKEN", "NOPE_KEY"], steps=[step("touch", "touch ran-anyway")]),
+])
+""",
+    })
+    (repo / ".kici/.secrets").write_text("TOKEN=hunter2-very-secret\nOTHER=other-local-secret\n")
+    out = run_kici("run", "local", "push", "--json", "--in-place", cwd=repo)
+    assert out.returncode == 1, out.stderr
+    jobs = {j["name"]: j for j in json.loads(out.stdout)["workflows"][0]["jobs"]}
+    assert jobs["declared"]["status"] == "success" and jobs["undeclared"]["status"] == "success"
+    assert "[declared] │ names: TOKEN\n" in out.stderr
+    assert "[undeclared] │ names: OTHER,TOKEN\n" in out.stderr
+    assert "[missing] secret NOPE_KEY not found (looked in .kici/.secrets)" in out.stderr
+    assert jobs["missing"]["status"] == "failed"
+    assert jobs["missing"]["error"] == "secret NOPE_KEY not found (looked in .kici/.secrets)"
+    assert [st["status"] for st in jobs["missing"]["steps"]] == ["skipped"]
+    assert not (repo / "ran-anyway").exists()
+    assert "hunter2" not in out.stdout + out.stderr
+
 LEAK_WORKFLOW = """
 import subprocess
 from kici import job, push, step, workflow

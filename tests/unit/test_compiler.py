@@ -320,3 +320,36 @@ def test_no_workflows_is_an_error(tmp_path: Path) -> None:
     empty = Project(root=tmp_path / "empty", kici_dir=tmp_path / "empty/.kici")
     with pytest.raises(CompileFailed, match="no workflow files"):
         compile_project(empty)
+
+
+def test_declared_secrets_are_compiled_in_order(tmp_path: Path) -> None:
+    lock = compile_one(tmp_path, 'a = job("a", run="true", secrets=["PYPI_TOKEN", "DEPLOY_KEY", "_X1"])\n'
+                                 'b = job("b", run="true", secrets=[])\n'
+                                 'ci = workflow("ci", on=push(), jobs=[a, b, job("c", run="true")])')
+    jobs = {j.name: j for j in lock.workflows[0].jobs}
+    assert jobs["a"].secrets == ["PYPI_TOKEN", "DEPLOY_KEY", "_X1"]
+    assert jobs["b"].secrets is None and jobs["c"].secrets is None  # nothing declared: absent from the lock file
+    rendered = json.loads(lf.render_lock_file(lock))["workflows"][0]["jobs"]
+    assert rendered[0]["secrets"] == ["PYPI_TOKEN", "DEPLOY_KEY", "_X1"]
+    assert "secrets" not in rendered[1] and "secrets" not in rendered[2]
+    assert lf.parse_lock_file(lf.render_lock_file(lock)) == lock
+
+
+@pytest.mark.parametrize(
+    ("declaration", "expected"),
+    [
+        ('"PYPI_TOKEN"', 'secrets must be a list of secret names, like secrets=["PYPI_TOKEN"]'),
+        ('["pypi_token"]', "secret name 'pypi_token' is invalid: use upper-case letters, digits and '_'"),
+        ('["1TOKEN"]', "secret name '1TOKEN' is invalid"),
+        ('["A-B"]', "secret name 'A-B' is invalid"),
+        ('[""]', "secret name '' is invalid"),
+        ('[3]', "secret name 3 is invalid"),
+        ('["TOKEN", "TOKEN"]', "secret 'TOKEN' is declared twice"),
+        ('["A" * 129]', "at most 128 characters"),
+    ],
+)
+def test_bad_secret_declarations_are_compile_errors(tmp_path: Path, declaration: str, expected: str) -> None:
+    errors = errors_of(tmp_path, f'a = job("a", run="true", secrets={declaration})\n'
+                                 'ci = workflow("ci", on=push(), jobs=[a])')
+    assert len(errors) == 1 and errors[0].startswith(".kici/workflows/wf.py › workflow 'ci' › job 'a': "), errors
+    assert expected in errors[0], errors

@@ -56,6 +56,10 @@ def test_top_level_hash_formula() -> None:
         (lambda d: d["workflows"][0]["triggers"][0]["branches"].append({"type": "regex", "pattern": "(a+)+$"}),
          "catastrophic backtracking"),
         (lambda d: d["workflows"][0]["triggers"][0]["paths"].append("!*(a*)"), "backtrack catastrophically"),
+        # a hand-edited declaration gets no further than parsing, at the orchestrator as in the compiler
+        (lambda d: d["workflows"][0]["jobs"][0].update(secrets=["lower"]), "secret name 'lower' is invalid"),
+        (lambda d: d["workflows"][0]["jobs"][0].update(secrets=["A", "A"]), "secret 'A' is declared twice"),
+        (lambda d: d["workflows"][0]["jobs"][0].update(secrets="A"), "workflows.0.jobs.0.secrets"),
     ],
 )
 def test_bad_lock_files_give_one_line_errors(mutate, message: str) -> None:  # type: ignore[no-untyped-def]

@@ -98,6 +98,9 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(exclude)": enforced("tests/unit/test_matrix.py::test_exclude_partial_keys_removes_every_match"),
     "job(env)": enforced(f"{RUNNER}::test_job_and_step_env_and_the_parent_environment"),
     "job(environment)": enforced(ENVIRONMENT_REVIEWERS),
+    "job(secrets)": enforced(
+        "tests/integration/orchestrator/test_job_secrets.py::test_declared_secrets_by_precedence_and_only_those"
+    ),
     "job(environments)": refused(_job_with('environments=["staging", "production"]'),
                                  _not_supported("`environments=`", JOB)),
     "job(concurrency_group)": enforced(JOB_CONCURRENCY_GROUP),

@@ -394,6 +394,10 @@ def _print_jobs_detail(jobs: list[dict[str, Any]]) -> None:
                        f"{'  ' + took if took else ''}{step_error}")
         if job.get("outputs"):
             click.echo(f"    outputs: {json.dumps(job['outputs'], sort_keys=True)}")
+        deliveries = job.get("secret_deliveries") or []
+        if deliveries:  # the latest dispatch's: what the job's current attempt received
+            names = ", ".join(f"{s['name']} ({s['scope']})" for s in deliveries[-1].get("secrets") or [])
+            click.echo(f"    secrets: {names}")
 
 
 @runs.command("jobs")

@@ -512,6 +512,9 @@ class LocalExecutor:
             if python_env is None:
                 return
             base_env = toolchains.apply(base_env, python_env)
+        secrets = self._declared_secrets(job)
+        if secrets is None:
+            return
         workspace = self._workspace(job)
         spec = JobSpec(
             workspace=str(workspace),
@@ -524,7 +527,7 @@ class LocalExecutor:
             event=self.prepared.event if job.inputs is None
             else self.prepared.event.model_copy(update={"inputs": job.inputs}),
             env=base_env,
-            secrets=self.secrets,
+            secrets=secrets,
             upstream_outputs=self._upstream_outputs(job),
             expected_content_hash=wf.content_hash,
             default_step_timeout_ms=self.step_timeout_ms or 30 * 60 * 1000,
@@ -571,6 +574,23 @@ class LocalExecutor:
         mark = {"success": ("✓ success", "green"), "skipped": ("- skipped", "bright_black"),
                 "cancelled": ("⊘ cancelled", "yellow")}.get(result.status, ("✗ failed", "red"))
         self.printer.line(job, mark[0], fg=mark[1], bold=True)
+
+    def _declared_secrets(self, job: JobRun) -> dict[str, str] | None:
+        """What the job gets from `.kici/.secrets`: a job that declares `secrets=[...]` only those names
+        (as on an orchestrator), and one that declares none every local secret, as before declarations
+        existed. None when a declared name is missing: the job has failed before any step."""
+        lock_job = job.planned.lock_job
+        if lock_job is None or not lock_job.secrets:
+            return self.secrets
+        missing = [name for name in lock_job.secrets if name not in self.secrets]
+        if missing:
+            job.status = "failed"
+            job.steps = [StepReport(s.name, "skipped") for s in lock_job.steps]
+            job.error = "; ".join(f"secret {name} not found (looked in .kici/.secrets)" for name in missing)
+            self.printer.line(job, job.error, fg="red")
+            self.printer.line(job, "✗ failed", fg="red", bold=True)
+            return None
+        return {name: self.secrets[name] for name in lock_job.secrets}
 
     def _on_step(self, job: JobRun, msg: StepStatus) -> None:
         while len(job.steps) <= msg.step_index:

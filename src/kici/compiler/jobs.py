@@ -119,6 +119,7 @@ def convert_job(
         exclude=exclude_m,
         rules=_rules(job.rules, file, where),
         environments=environments,
+        secrets=_secrets(job.secrets, where),
         env=_env(job.env, where, "job env"),
         concurrency_group=_dynamic_value(job.concurrency_group, where, "concurrency_group"),
         timeout=millis(job.timeout, where, "job timeout"),
@@ -333,6 +334,21 @@ def _env(value: Any, where: Collector, what: str) -> dict[str, str] | None:
         else:
             out[k] = str(v)
     return out
+
+
+def _secrets(value: Any, where: Collector) -> list[str] | None:
+    """`secrets=["PYPI_TOKEN", …]`: a list of names (an empty list declares none)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        where.error(f"secrets must be a list of secret names, like secrets=[\"PYPI_TOKEN\"], not {value!r}")
+        return None
+    names = list(value)
+    problem = lf.secret_names_problem(names)
+    if problem is not None:
+        where.error(problem)
+        return None
+    return names or None
 
 
 def _dynamic_value(value: Any, where: Collector, what: str) -> str | lf.InlineExpr | None:

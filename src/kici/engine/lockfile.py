@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -291,6 +292,23 @@ class LabelMatcher(LockModel):
         return self
 
 
+SECRET_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+"""Declared secret names: they become `ctx.secrets` keys and environment variable names in steps."""
+
+
+def secret_names_problem(names: list[str]) -> str | None:
+    """Why `names` is not a valid `secrets` declaration (None when it is)."""
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
+            return (f"secret name {name!r} is invalid: use upper-case letters, digits and '_', not starting "
+                    "with a digit (at most 128 characters)")
+        if name in seen:
+            return f"secret {name!r} is declared twice"
+        seen.add(name)
+    return None
+
+
 class Need(LockModel):
     name: str
     run_on: list[str] = ["success"]
@@ -378,6 +396,8 @@ class Job(LockModel):
     exclude: list[dict[str, Any]] | None = None
     rules: list[RuleRef] | None = None
     environments: list[EnvironmentRef] | None = None
+    secrets: list[str] | None = None
+    """The secret names the job declares: dispatch resolves exactly these (env > repo > org scope)."""
     env: dict[str, str] | None = None
     concurrency_group: str | InlineExpr | None = None
     timeout: int | None = None
@@ -393,6 +413,17 @@ class Job(LockModel):
     """`python=`: "3", "3.12" or "3.12.7"; the job runs on an agent labelled `kici:python:<it>`."""
     python_venv: bool | None = None
     """`python_venv=True`: the steps run in a fresh virtualenv of that interpreter."""
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str] | None) -> list[str] | None:
+        # the orchestrator reads lock files from repositories: a hand-edited one gets no further than this
+        if value is None:
+            return None
+        problem = secret_names_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class Concurrency(LockModel):

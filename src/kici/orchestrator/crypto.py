@@ -14,6 +14,7 @@ A sealed value is `version (1 byte) || nonce (12 random bytes) || ciphertext || 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -54,6 +55,7 @@ def secret_aad(org_id: str, scope: str, name: str) -> str:
     return f"secret:{org_id}:{scope}:{name}"
 
 
+@functools.lru_cache(maxsize=8)  # dispatch opens every declared secret of every job: derive once per key
 def key_id(key: bytes) -> str:
     """A short, stable id of a key (12 hex characters): HMAC-SHA256 under the key of a fixed label, so the
     id says which key sealed a row without revealing anything about the key."""
@@ -101,6 +103,12 @@ def _aead(key: bytes | None) -> AESGCM:
         raise CryptoError("no secret key configured: source secrets cannot be encrypted or decrypted")
     if len(key) != 32:
         raise CryptoError(f"the secret key must be 32 bytes, got {len(key)}")
+    return _aesgcm(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _aesgcm(key: bytes) -> AESGCM:
+    # AESGCM is stateless once built (a fresh nonce comes with every call): one per key, not one per value
     return AESGCM(key)
 
 

@@ -215,6 +215,8 @@ class Job:
     env: Mapping[str, str] | None = None
     environment: str | Callable[[Any], Any] | None = None
     environments: Sequence[str | Callable[[Any], Any]] | None = None
+    secrets: Sequence[str] | None = None
+    """Names of the orchestrator's secrets the job receives (and no others); see docs/user/secrets.md."""
     concurrency_group: str | Callable[[Any], Any] | None = None
     timeout: Duration | None = None
     grace_period: Duration | None = None
@@ -243,7 +245,7 @@ class Job:
 _JOB_OPTIONS = frozenset(
     {
         "runs_on", "needs", "matrix", "include", "exclude", "env", "environment", "environments",
-        "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
+        "secrets", "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
         "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step",
         "artifacts", "artifacts_when", "python", "python_venv",
     }

@@ -147,12 +147,13 @@ class Orchestrator:
 
 @contextlib.asynccontextmanager
 async def serve_orchestrator(
-    database: Database, tmp_path: Path, *, timeouts: AgentTimeouts = FAST_TIMEOUTS, **overrides: Any
+    database: Database, tmp_path: Path, *, timeouts: AgentTimeouts = FAST_TIMEOUTS,
+    secret_key: bytes | None = None, old_secret_key: bytes | None = None, **overrides: Any
 ) -> AsyncIterator[Orchestrator]:
     """An orchestrator app on a free port with a git source (a path) and an owner token."""
     values: dict[str, Any] = {"sweep_interval_ms": 100, "dispatch_poll_ms": 200, **overrides}
     settings = Settings(data_dir=tmp_path / "data", database_url=database.url, **values)
-    app = create_app(settings, database)
+    app = create_app(settings, database, secret_key=secret_key, old_secret_key=old_secret_key)
     app.state.agent_timeouts = timeouts
     async with database.transaction() as conn:
         owner = await create_admin_token(conn, name="owner", role=AdminRole.OWNER)

@@ -667,5 +667,20 @@ artifacts = sa.Table(
     sa.Index(None, "run_id", "path"),
 )
 
+secret_deliveries = sa.Table(
+    "secret_deliveries",
+    metadata,
+    # each dispatch that sent a job the secrets it declares: which names, from which scope; never values
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),  # the dispatch attempt the secrets went out with
+    sa.Column("secrets", JSON_TYPE, nullable=False),  # {name: scope}, e.g. {"PYPI_TOKEN": "repo:acme/app"}
+    _created_at(),
+    sa.Index(None, "run_id"),
+    sa.Index(None, "job_id"),
+)
+
+
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

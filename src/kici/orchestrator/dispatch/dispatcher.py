@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine import protocol as p
 from kici.engine.states import JobEvent, JobState, RunStatus
@@ -38,7 +39,15 @@ from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind, utcnow
 from kici.orchestrator.dispatch.batching import WriteBatcher
 from kici.orchestrator.dispatch.metrics import DispatchMetrics
-from kici.orchestrator.dispatch.payload import DispatchError, DispatchRetry, RunCache, build_dispatch, load_context
+from kici.orchestrator.dispatch.payload import (
+    DispatchContext,
+    DispatchError,
+    DispatchRetry,
+    RunCache,
+    build_dispatch,
+    load_context,
+)
+from kici.orchestrator.dispatch.secrets import JobSecretsError, deliver, withheld
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import CloneAccess, ProviderError
@@ -49,6 +58,9 @@ from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import AgentSlot, Claim
 from kici.orchestrator.store.runs import QueueLimits, RunRecord, SettleResult, Superseded
 from kici.orchestrator.store.sources import Source, get_source
+
+Delivered = dict[str, str] | JobSecretsError | None
+"""A job's declared secrets as its claim resolved them (`dispatch.secrets.deliver`); None: not resolved yet."""
 
 SOURCE_CACHE_S = 10.0
 DRAIN_WINDOW = 50
@@ -284,24 +296,65 @@ class Dispatcher:
             planned[agent.agent_id] = planned.get(agent.agent_id, 0) + 1
             agents.append(agents.pop(agents.index(agent)))  # next job: another agent first
         timeout = self.settings.dispatch_ack_timeout_ms
+        # Each run is read and parsed once, before the claims (the first hand-out of a run used to do it):
+        # then a job that declares secrets has them resolved and its delivery recorded in its claim's
+        # transaction, and no job of the pass reads its run again.
+        await self._cache_runs({row.run_id for _, row in picks})
         # submitted together, claims of one lane share its transaction (conditional updates keep them exact)
         claims = await asyncio.gather(*(
-            self.writes.submit(partial(queue_store.claim_row_in, row=row, agent=slots[agent.agent_id],
-                                       ack_timeout_ms=timeout), key=row.run_id)
+            self.writes.submit(partial(self._claim_in, row=row, agent=slots[agent.agent_id], ack_timeout_ms=timeout),
+                               key=row.run_id)
             for agent, row in picks
         ), return_exceptions=True)
-        sent = 0
-        for (agent, row), claim in zip(picks, claims, strict=True):
-            if isinstance(claim, BaseException):
-                log_event("dispatch.claim_failed", level="error", error=f"{type(claim).__name__}: {claim}")
+        handing: list[tuple[AgentConnection, Claim, queue_store.PendingRow, Delivered]] = []
+        for (agent, row), claimed in zip(picks, claims, strict=True):
+            if isinstance(claimed, BaseException):
+                log_event("dispatch.claim_failed", level="error", error=f"{type(claimed).__name__}: {claimed}")
                 continue
-            if claim is not None and await self._hand_out(agent, claim, row):
-                sent += 1
+            claim, secrets = claimed
+            if claim is not None:
+                handing.append((agent, claim, row, secrets))
+        # handed out together: whatever writes hand-outs still make share group-committed transactions
+        sent = sum(await asyncio.gather(*(
+            self._hand_out(agent, claim, row, secrets) for agent, claim, row, secrets in handing
+        )))
         if len(rows) == window and sent:
             self.wake()  # a long queue: come back for the rest
         return sent
 
-    async def _hand_out(self, agent: AgentConnection, claim: Claim, row: queue_store.PendingRow | None = None) -> bool:
+    async def _claim_in(
+        self, conn: AsyncConnection, *, row: queue_store.PendingRow, agent: AgentSlot, ack_timeout_ms: int
+    ) -> tuple[Claim | None, Delivered]:
+        """Claim `row` in the caller's transaction and, when its job declares secrets and its run is cached,
+        resolve them and record their delivery in that same transaction (None: not done here)."""
+        claim = await queue_store.claim_row_in(conn, row, agent, ack_timeout_ms=ack_timeout_ms)
+        cached = self._runs.peek(row.run_id) if claim is not None else None
+        lock_job = cached[1].job(row.job) if cached is not None else None
+        # a job with a deployment environment: its resolved name (the `env:` scope) is read at hand-out
+        if claim is None or cached is None or lock_job is None or not lock_job.secrets or lock_job.environments:
+            return claim, None
+        return claim, await deliver(conn, self.state.keyring, run=cached[0], lock_job=lock_job, environment=None,
+                                    job_id=claim.job_id, attempt=claim.attempt)
+
+    async def _cache_runs(self, run_ids: set[str]) -> None:
+        """Read the runs not in the run cache yet, in one read. A run that cannot be loaded is left out: its
+        jobs' hand-outs meet the same error and fail with it."""
+        missing = [run_id for run_id in run_ids if self._runs.peek(run_id) is None]
+        if not missing:
+            return
+        async with self.db.read() as conn:
+            for run_id in missing:
+                with contextlib.suppress(DispatchError):
+                    await self._runs.get(conn, run_id)
+
+    async def _hand_out(
+        self,
+        agent: AgentConnection,
+        claim: Claim,
+        row: queue_store.PendingRow | None = None,
+        delivered: Delivered = None,
+    ) -> bool:
+        """`delivered`: the job's secrets as its claim's transaction resolved them, if it did."""
         slots = self._slots_of(agent)
         if slots is None:  # disconnected meanwhile: put the job back
             await self._requeue(claim, agent.agent_id)
@@ -309,10 +362,24 @@ class Dispatcher:
         slots.jobs.add(claim.job_id)
         try:
             context = await load_context(self.db, claim, self._runs, row)
+            lock_job = context.workflow.job(context.job.job)
+            declared = lock_job is not None and bool(lock_job.secrets)
+            if declared and lock_job is not None and not context.run.secrets_allowed:
+                raise withheld(context.run, lock_job)  # before a clone token is minted for it
+            if isinstance(delivered, JobSecretsError):
+                raise delivered
             access = await self._clone_access(context.run)
-            message = build_dispatch(
-                context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes
+            secrets = delivered if delivered is not None else (
+                await self._deliver_secrets(context, claim) if declared else {}
             )
+            message = build_dispatch(
+                context, access, attempt=claim.attempt, max_log_size_bytes=self.settings.max_log_size_bytes,
+                secrets=secrets,
+            )
+        except JobSecretsError as exc:
+            slots.jobs.discard(claim.job_id)
+            await self._fail_undispatchable(claim, str(exc), error=str(exc), category="secrets")
+            return False
         except DispatchError as exc:
             slots.jobs.discard(claim.job_id)
             await self._fail_undispatchable(claim, str(exc))
@@ -348,14 +415,29 @@ class Dispatcher:
             )
         self.wake()
 
-    async def _fail_undispatchable(self, claim: Claim, reason: str) -> None:
+    async def _fail_undispatchable(
+        self, claim: Claim, reason: str, *, error: str | None = None, category: str = "dispatch"
+    ) -> None:
         log_event("job.undispatchable", level="warning", run_id=claim.run_id, job_id=claim.job_id, reason=reason)
         async with self.db.transaction() as conn:
             await run_store.finish_job(
-                conn, claim.job_id, JobState.FAILED, JobEvent.FAIL, error=f"cannot dispatch: {reason}",
-                failure_category="dispatch", limits=self.limits,
+                conn, claim.job_id, JobState.FAILED, JobEvent.FAIL, error=error or f"cannot dispatch: {reason}",
+                failure_category=category, limits=self.limits,
             )
         self.wake()
+
+    async def _deliver_secrets(self, context: DispatchContext, claim: Claim) -> dict[str, str]:
+        """The job's declared secrets, resolved and their delivery recorded in one group-committed
+        transaction (`dispatch.secrets.deliver`); `JobSecretsError` when they cannot all be delivered."""
+        lock_job = context.workflow.job(context.job.job)
+        assert lock_job is not None
+        resolved = await self.writes.submit(partial(
+            deliver, keys=self.state.keyring, run=context.run, lock_job=lock_job, environment=context.environment,
+            job_id=claim.job_id, attempt=claim.attempt,
+        ), key=claim.run_id)
+        if isinstance(resolved, JobSecretsError):
+            raise resolved
+        return resolved
 
     async def _clone_access(self, run: RunRecord) -> CloneAccess:
         if run.source_id is None:

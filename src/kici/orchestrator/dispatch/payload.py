@@ -135,8 +135,14 @@ async def load_context(db: Database, claim: Claim, runs: RunCache, row: PendingR
 
 
 def build_dispatch(
-    context: DispatchContext, access: CloneAccess, *, attempt: int, max_log_size_bytes: int
+    context: DispatchContext,
+    access: CloneAccess,
+    *,
+    attempt: int,
+    max_log_size_bytes: int,
+    secrets: dict[str, str] | None = None,
 ) -> JobDispatch:
+    """`secrets`: the values of the job's declared secrets (`dispatch.secrets.deliver`), nothing else."""
     run, job, workflow = context.run, context.job, context.workflow
     lock_job = workflow.job(job.job)
     return JobDispatch(
@@ -157,6 +163,7 @@ def build_dispatch(
         # the environment's variables first: KiCI's own names always win
         env={**context.environment_variables, "KICI_RUN_ID": run.id, "KICI_JOB_ID": job.id,
              "KICI_WORKFLOW": workflow.name, "KICI_JOB": job.name},
+        secrets=secrets or {},
         upstream_outputs=context.upstream_outputs,
         token=access.token,
         job_timeout_ms=lock_job.timeout if lock_job is not None else None,

@@ -25,6 +25,7 @@ from kici.orchestrator.logs import log_context, log_event
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import runs, sources
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
+from kici.orchestrator.store.secret_deliveries import SecretDelivery, list_run_deliveries
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
 
@@ -82,6 +83,22 @@ class StepInfo(BaseModel):
                    finished_at=step.finished_at, duration_ms=step.duration_ms, error=step.error)
 
 
+class DeliveredSecret(BaseModel):
+    name: str
+    scope: str = Field(description="The scope the value came from: `env:<environment>`, `repo:<owner/name>` or `org`")
+
+
+class SecretDeliveryInfo(BaseModel):
+    attempt: int = Field(description="The dispatch attempt the secrets were sent with")
+    delivered_at: dt.datetime
+    secrets: list[DeliveredSecret] = Field(description="By name; names and scopes only, never values")
+
+    @classmethod
+    def of(cls, delivery: SecretDelivery) -> SecretDeliveryInfo:
+        return cls(attempt=delivery.attempt, delivered_at=delivery.created_at,
+                   secrets=[DeliveredSecret(name=n, scope=s) for n, s in sorted(delivery.secrets.items())])
+
+
 class JobInfo(BaseModel):
     id: str
     name: str = Field(description="Unique in the run: the lock file's job name plus any matrix suffix")
@@ -104,11 +121,21 @@ class JobInfo(BaseModel):
     )
     outputs: dict[str, Any] | None = Field(default=None, description="The job's outputs, once it has finished")
     steps: list[StepInfo] = Field(default_factory=list, description="The job's steps as its agent reported them")
+    secret_deliveries: list[SecretDeliveryInfo] = Field(
+        default_factory=list,
+        description="Each dispatch that sent the job the secrets it declares, oldest first (never values)",
+    )
 
     @classmethod
-    def of(cls, job: JobRecord, steps: list[StepRecord] | None = None) -> JobInfo:
-        values = job.model_dump(include=set(cls.model_fields) - {"agent", "steps"})
-        return cls(**values, agent=job.agent_id, steps=[StepInfo.of(s) for s in steps or []])
+    def of(
+        cls,
+        job: JobRecord,
+        steps: list[StepRecord] | None = None,
+        deliveries: list[SecretDelivery] | None = None,
+    ) -> JobInfo:
+        values = job.model_dump(include=set(cls.model_fields) - {"agent", "steps", "secret_deliveries"})
+        return cls(**values, agent=job.agent_id, steps=[StepInfo.of(s) for s in steps or []],
+                   secret_deliveries=[SecretDeliveryInfo.of(d) for d in deliveries or []])
 
 
 class RunDetail(RunInfo):
@@ -130,7 +157,10 @@ async def _jobs_with_steps(state: AppState, run_id: str) -> list[JobInfo]:
     async with state.database.read() as conn:
         found = await runs.list_jobs(conn, run_id)
         steps = await runs.list_run_steps(conn, run_id)
-    return [JobInfo.of(j, steps.get(j.id)) for j in found]
+        deliveries: dict[str, list[SecretDelivery]] = {}
+        for delivery in await list_run_deliveries(conn, run_id):
+            deliveries.setdefault(delivery.job_id, []).append(delivery)
+    return [JobInfo.of(j, steps.get(j.id), deliveries.get(j.id)) for j in found]
 
 
 class CancelRequest(BaseModel):

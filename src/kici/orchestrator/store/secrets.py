@@ -2,7 +2,8 @@
 secret key (associated data `secret:{org}:{scope}:{name}`, so a value copied to another row does not
 open). Scopes: `org`, `repo:<owner/name>`, `env:<environment>`.
 
-Nothing here returns a value except `open_secret`, which the (future) dispatch path and the tests use:
+Nothing here returns a value except `open_secret` and `resolve_secrets` (dispatch, for the names a job
+declares):
 `SecretInfo`, what listings and writes return, carries the name, scope, fingerprint and dates only.
 Every row records the id of the key that sealed it; `reseal_secrets` is one batch of a key rotation.
 """
@@ -22,6 +23,7 @@ from kici.orchestrator.db.schema import DEFAULT_ORG_ID, new_id, scoped_secrets, 
 
 __all__ = [
     "MAX_VALUE_BYTES",
+    "ResolvedSecrets",
     "SecretError",
     "SecretInfo",
     "SecretResealBatch",
@@ -30,6 +32,7 @@ __all__ = [
     "list_secrets",
     "open_secret",
     "reseal_secrets",
+    "resolve_secrets",
     "set_secret",
     "validate_name",
     "validate_scope",
@@ -183,6 +186,58 @@ async def open_secret(
     except CryptoError as exc:
         raise SecretError(f"secret {name} ({scope}): {exc}") from None
     return plain.decode("utf-8")
+
+
+class ResolvedSecrets(BaseModel):
+    """What `resolve_secrets` found: the values (never logged, never stored elsewhere) with the scope each
+    came from, and the names no scope holds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    values: dict[str, str]
+    scopes: dict[str, str]
+    """Name → the scope its value came from."""
+    missing: list[str]
+    """Declared names found in no scope looked at, in declaration order."""
+
+
+_RESOLVE = (
+    sa.select(scoped_secrets.c.name, scoped_secrets.c.scope, scoped_secrets.c.value)
+    .where(
+        scoped_secrets.c.org_id == sa.bindparam("v_org"),
+        scoped_secrets.c.name.in_(sa.bindparam("v_names", expanding=True)),
+        scoped_secrets.c.scope.in_(sa.bindparam("v_scopes", expanding=True)),
+    )
+)
+
+
+async def resolve_secrets(
+    conn: AsyncConnection, keys: Keyring, *, names: list[str], scopes: list[str], org_id: str = DEFAULT_ORG_ID
+) -> ResolvedSecrets:
+    """The values of `names`, each from the first of `scopes` (most specific first: `env:…`, `repo:…`,
+    `org`) that holds it — one statement for all names and scopes. Only the winning row of each name is
+    opened. `SecretError` naming the secret and scope when no key opens it: never an empty or wrong value."""
+    if not names:
+        return ResolvedSecrets(values={}, scopes={}, missing=[])
+    rank = {scope: i for i, scope in enumerate(scopes)}
+    best: dict[str, Any] = {}
+    for row in await conn.execute(_RESOLVE, {"v_org": org_id, "v_names": names, "v_scopes": scopes}):
+        found = best.get(row.name)
+        if found is None or rank[row.scope] < rank[found.scope]:
+            best[row.name] = row
+    values: dict[str, str] = {}
+    chosen: dict[str, str] = {}
+    for name in names:
+        winner = best.get(name)
+        if winner is None:
+            continue
+        try:
+            plain, _ = open_any(keys, winner.value, secret_aad(org_id, winner.scope, name))
+        except CryptoError as exc:
+            raise SecretError(f"secret {name} ({winner.scope}) cannot be opened: {exc}") from None
+        values[name] = plain.decode("utf-8")
+        chosen[name] = winner.scope
+    return ResolvedSecrets(values=values, scopes=chosen, missing=[n for n in names if n not in best])
 
 
 class SecretResealBatch(BaseModel):
