@@ -66,7 +66,7 @@ def test_source_trust(orchestrator: Orchestrator, tmp_path: Path) -> None:
     bad = kici_admin("source", "trust", "trust-gh", "--trusted-association", "FRIEND", url=url)
     assert "unknown association(s) FRIEND" in one_line_error(bad, 1)
     bad = kici_admin("source", "trust", "trust-gh", "--hold-expiry", "soon", url=url)
-    assert "is not a duration" in one_line_error(bad, 1)
+    assert "invalid duration" in one_line_error(bad, 1)
     unchanged = json.loads(ok(kici_admin("source", "trust", "trust-gh", "--json", url=url)))["policy"]
     assert unchanged == again
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kici.engine.durations import format_duration
 from kici.engine.events import Event
 from kici.engine.github_events import normalize_github
 from kici.orchestrator.holds.comments import Command, parse_command
@@ -18,7 +19,6 @@ from kici.orchestrator.holds.policy import (
     TrustPolicy,
     TrustPolicyError,
     decide,
-    format_duration,
     parse_duration,
     parse_policy,
 )
@@ -56,8 +56,8 @@ def test_defaults() -> None:
         ({"trusted_associations": ["owner", "FRIEND"]}, "config.trust.trusted_associations: unknown association(s)"),
         ({"trusted_users": ["not a login"]}, "config.trust.trusted_users: not a GitHub login: 'not a login'"),
         ({"trusted_teams": ["maintainers"]}, "config.trust.trusted_teams: a team is `org/team-slug`"),
-        ({"hold_expiry": "0h"}, "config.trust.hold_expiry: a duration must be positive"),
-        ({"hold_expiry": "tomorrow"}, "config.trust.hold_expiry: 'tomorrow' is not a duration"),
+        ({"hold_expiry": "0h"}, "config.trust.hold_expiry: invalid duration '0h': must be more than zero"),
+        ({"hold_expiry": "tomorrow"}, "config.trust.hold_expiry: invalid duration 'tomorrow': expected a duration"),
         ({"extra": 1}, "config.trust.extra: Extra inputs are not permitted"),
         ("hold", "config.trust: Input should be a valid dictionary"),
     ],

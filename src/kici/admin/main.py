@@ -7,7 +7,6 @@ command line — is one line on stderr; the exit code is 1 for API and network e
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import sys
 from collections.abc import Callable, Sequence
@@ -1375,21 +1374,16 @@ def rotate_key(as_json: bool) -> int:
 # -- deployment environments ------------------------------------------------------------------------
 
 
-_DURATION = re.compile(r"(\d+)([smhd])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def _wait_timer(_: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """`90`, `90s`, `5m`, `1h30m`, `2d` → seconds."""
+    """`90`, `90s`, `5m`, `1h30m`, `2d` → seconds (`0`: no wait)."""
+    from kici.engine.durations import DurationError, parse_duration
+
     if value is None:
         return None
-    text = value.strip()
-    if text.isdigit():
-        return int(text)
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise click.BadParameter(f"expected a duration like 90s, 5m, 1h30m or 2d, got {value!r}", param=param)
-    return sum(int(n) * _UNIT_S[u] for n, u in parts)
+    try:
+        return int(parse_duration(value, bare_unit="s", allow_zero=True).total_seconds())
+    except DurationError:
+        raise click.BadParameter(f"expected a duration like 90s, 5m, 1h30m or 2d, got {value!r}", param=param) from None
 
 
 _CLEARABLE = {"branches": "branches", "tags": "tags", "reviewer-roles": "reviewer_roles",

@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kici.engine import durations
+from kici.engine.durations import format_duration
 from kici.engine.events import Event
 
 DEFAULT_TRUSTED_ASSOCIATIONS: tuple[str, ...] = ("OWNER", "MEMBER", "COLLABORATOR")
@@ -35,8 +37,6 @@ ASSOCIATIONS = frozenset(
 )
 """GitHub's `author_association` values."""
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 3600}
 _LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})(?:\[bot\])?$")
 _TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -48,28 +48,11 @@ class TrustAction(StrEnum):
 
 
 def parse_duration(value: str | int | float) -> dt.timedelta:
-    """`72h`, `30m`, `3d`, `90s`, or a bare number of hours; `ValueError` otherwise (or when not positive)."""
+    """A hold expiry: `72h`, `30m`, `3d`, `1.5h`, or a bare number of hours (also a JSON number);
+    `ValueError` otherwise (or when not positive)."""
     if isinstance(value, bool):
         raise ValueError("a duration such as 72h, 30m or 3d")
-    if isinstance(value, int | float):
-        seconds = float(value) * 3600
-    else:
-        match = _DURATION.match(value)
-        if match is None:
-            raise ValueError(f"{value!r} is not a duration such as 72h, 30m or 3d")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    return dt.timedelta(seconds=seconds)
-
-
-def format_duration(delta: dt.timedelta) -> str:
-    """`72h`, `90m`, `45s`: the largest of these units that states it exactly."""
-    seconds = round(delta.total_seconds())
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return durations.parse_duration(str(value), bare_unit="h", fractions=True)
 
 
 class TrustPolicy(BaseModel):

@@ -19,10 +19,11 @@ import datetime as dt
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from kici.engine.durations import format_duration
 from kici.engine.states import JobEvent, RunStatus
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.holds.gates import Approver, GateKind, GateOutcome, PendingGate
-from kici.orchestrator.holds.policy import TrustPolicy, format_duration, policy_of
+from kici.orchestrator.holds.policy import TrustPolicy, policy_of
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.runs import QueueLimits, RunNotHeld, RunRecord, Superseded
 from kici.orchestrator.store.sources import get_source
