@@ -52,10 +52,6 @@ class SecretMetadata(BaseModel):
                    created_by=info.created_by, updated_by=info.updated_by, created=created)
 
 
-def _client(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
 def _checked(check: Callable[[str], str], value: str, field: str) -> str:
     try:
         return check(value)

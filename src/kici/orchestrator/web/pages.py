@@ -23,6 +23,7 @@ from markupsafe import Markup
 
 from kici.engine.states import RunStatus, is_run_terminal, is_terminal
 from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import AdminError, Permission
 from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.logs import log_event
@@ -226,7 +227,7 @@ async def login(request: Request, state: State) -> Response:
     plaintext = token.strip()
     async with state.database.transaction() as conn:
         found = await tokens.verify_admin_token(conn, plaintext, touch=True) if plaintext else None
-        client = request.client.host if request.client else None
+        client = client_of(request)
         if found is None:
             denial: dict[str, Any] = {"status": 401, "reason": "unknown_or_revoked_token", "method": "POST",
                                       "path": request.url.path, "client": client}
@@ -273,7 +274,7 @@ async def logout(request: Request, state: State) -> Response:
             token = viewer.principal.token
             await audit.record(conn, action="dashboard.logout", outcome=AuditOutcome.ALLOWED, org_id=token.org_id,
                                status=303, token_id=token.id, role=token.role.value, method="POST",
-                               path=request.url.path, client=request.client.host if request.client else None,
+                               path=request.url.path, client=client_of(request),
                                actor=f"token:{token.id}", target=f"token:{token.id}", reason="signed out")
     response = RedirectResponse(f"{state.settings.base_path}/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path=cookie_path(state))
