@@ -148,6 +148,29 @@ async def test_running_report_acknowledges_the_dispatch(database: Database) -> N
     assert (await run_of(database, created.run_id)).status == "success"
 
 
+async def test_reclaim_by_the_holding_agent_counts_as_its_ack_and_heartbeat(database: Database) -> None:
+    """An agent reconnects (to a restarted orchestrator) holding a job whose ack died with the previous
+    process: its ack deadline is long past. Reclaiming clears it — the ack-deadline sweep used to requeue
+    the job a moment later and hand it to another agent, so its steps ran twice — and a running job's stale
+    clock restarts at the reclaim."""
+    created = await create(database, workflow(job("a"), job("b")))
+    ids = created.job_ids
+    for _ in range(2):
+        assert await claim(database, "agent-1", []) is not None
+    assert await report(database, ids["b"], "running", "agent-1")
+    async with database.transaction() as conn:
+        await conn.execute(schema.jobs.update().where(schema.jobs.c.id == ids["b"])
+                           .values(last_heartbeat_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)))
+        assert await q.find_expired_acks(conn, now=later(60)) == [(ids["a"], "agent-1")]
+        assert set(await q.reclaim(conn, "agent-1", [ids["a"], ids["b"]])) == {ids["a"], ids["b"]}
+        assert await q.find_expired_acks(conn, now=later(60)) == []
+        assert await q.requeue_expired_acks(conn, now=later(60), max_attempts=3) == ([], [])
+        assert await store.find_stale_jobs(conn, now=later(1), stale_after_ms=60_000) == []
+    assert (await queue_row(database, ids["a"])).status == "dispatched"
+    assert await report(database, ids["a"], "running", "agent-1")
+    assert await report(database, ids["a"], "success", "agent-1")
+
+
 async def test_disconnect_recover_reclaim_or_fail_after_the_window(database: Database) -> None:
     created = await create(database, workflow(job("a"), job("b"), job("c"), job("d")))
     ids = created.job_ids

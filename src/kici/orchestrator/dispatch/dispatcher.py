@@ -103,6 +103,10 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.recovered = asyncio.Event()
+        """Set once `recover_after_restart` has run (or failed): the sweeps wait for it, or the ack-deadline
+        sweep would requeue dispatches whose acks died with the previous process before recovery moved them
+        to `recovering` — and their agents, reconnecting with the job running, would find it given away."""
         self._sources: dict[str, tuple[float, Source]] = {}
         self._http: httpx.AsyncClient | None = None
         self._rotation = 0
@@ -156,6 +160,8 @@ class Dispatcher:
             await self.recover_after_restart()
         except Exception as exc:
             log_event("dispatch.recovery_failed", level="error", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.recovered.set()
         poll = self.settings.dispatch_poll_ms / 1000
         while not self._stopping:
             with contextlib.suppress(TimeoutError):

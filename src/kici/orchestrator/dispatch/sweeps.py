@@ -40,7 +40,9 @@ class Sweeper:
         self.settings = dispatcher.settings
         self.metrics = dispatcher.metrics
         self.started_at = utcnow()
-        """When this orchestrator started: stale clocks count from no earlier (`find_stale_jobs`)."""
+        """When this orchestrator started sweeping (reset at the first tick, after migrations and start-up):
+        stale clocks count from no earlier (`find_stale_jobs`)."""
+        self._ticked = False
         self._after_commit: list[Callable[[], Awaitable[object]]] = []
         """Messages to agents decided by the running sweep, sent once its transaction has committed."""
         self._periodic = PeriodicTask("sweeper", self.settings.sweep_interval_ms / 1000, self.tick)
@@ -72,6 +74,10 @@ class Sweeper:
 
     async def tick(self) -> None:
         """Run every sweep once; a failing sweep is logged and does not stop the others."""
+        if not self._ticked:
+            await self.dispatcher.recovered.wait()
+            self._ticked = True
+            self.started_at = utcnow()
         for name, sweep in (
             ("ack_deadlines", self.ack_deadlines),
             ("stale_jobs", self.stale_jobs),

@@ -524,10 +524,15 @@ async def reclaim(
         elif job_id in wanted:
             if row.status == JobState.RECOVERING.value:
                 await set_job_status(conn, job_id, JobState.RUNNING, JobEvent.START, owned_by=agent_id)
+            # the agent just said it holds the job: as good as a heartbeat. Without this its stale clock runs
+            # from the last heartbeat before the disconnect until the next one after it
+            await run_store.touch_heartbeat(conn, job_id, agent_id, utcnow())
+            # the agent holding the job is as good as its ack: an ack deadline left from before the reconnect
+            # (the ack may have died with a previous orchestrator process) must not requeue a job it runs
             await conn.execute(
                 dispatch_queue.update()
-                .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == QueueStatus.RECOVERING.value)
-                .values(status=QueueStatus.DISPATCHED.value, recovery_deadline=None)
+                .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status.in_(held))
+                .values(status=QueueStatus.DISPATCHED.value, recovery_deadline=None, ack_deadline=None)
             )
             reclaimed.append(job_id)
         elif release_missing:
