@@ -23,6 +23,7 @@ from kici.admin.follow import RunLogs, Watcher, print_logs
 from kici.admin.follow import follow as follow_logs
 from kici.admin.git_hooks import install_advice
 from kici.admin.output import duration, millis_text, print_fields, print_json, print_table, status_text
+from kici.engine.junit import counts_text
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 ROLES = ("owner", "admin", "auditor", "viewer")
@@ -549,10 +550,7 @@ def _test_name(test: dict[str, Any]) -> str:
 
 
 def _counts_text(counts: dict[str, Any]) -> str:
-    parts = [f"{counts[key]} {label}" for key, label in
-             (("passed", "passed"), ("failed", "failed"), ("errors", "errors"), ("skipped", "skipped"))
-             if counts.get(key)]
-    return ", ".join(parts) or "no tests"
+    return counts_text(*(int(counts.get(key) or 0) for key in ("passed", "failed", "errors", "skipped")))
 
 
 @runs.command("watch")

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from kici.agent.artifacts import UploadError, collect, put_file
+from kici.engine.junit import counts_text
 
 LABEL = "test reports"
 
@@ -27,10 +28,12 @@ def report_url(base_url: str, job_id: str, rel: str) -> str:
 
 def summary(answer: dict[str, object]) -> str:
     """`12 passed, 1 failed` from the orchestrator's answer (`no tests` when the file held none)."""
-    parts = [f"{answer.get(key)} {label}" for key, label in
-             (("passed", "passed"), ("failed", "failed"), ("errors", "errors"), ("skipped", "skipped"))
-             if isinstance(answer.get(key), int) and answer.get(key)]
-    return ", ".join(parts) or "no tests"
+
+    def count(key: str) -> int:
+        value = answer.get(key)
+        return value if isinstance(value, int) else 0
+
+    return counts_text(count("passed"), count("failed"), count("errors"), count("skipped"))
 
 
 async def send_all(

@@ -88,6 +88,15 @@ class JUnitReport:
         return counts
 
 
+def counts_text(passed: int, failed: int, errors: int, skipped: int) -> str:
+    """`120 passed, 2 failed, 1 error, 3 skipped`: the non-zero counts, or `no tests`. One wording for the
+    agent's log, kici-admin and check runs."""
+    parts = [f"{n} {label}" for n, label in ((passed, "passed"), (failed, "failed"),
+                                              (errors, "error" if errors == 1 else "errors"), (skipped, "skipped"))
+             if n]
+    return ", ".join(parts) or "no tests"
+
+
 class ReportTooLarge(ValueError):
     pass
 

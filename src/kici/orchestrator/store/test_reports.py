@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kici.engine.junit import JUnitReport, TestCounts
+from kici.engine.junit import JUnitReport, TestCounts, counts_text
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, jobs, test_report_files, test_results, utcnow
 
 INSERT_BATCH = 1000
@@ -35,10 +35,7 @@ class TestSummary(BaseModel):
 
     def line(self) -> str:
         """`120 passed, 2 failed, 3 skipped`: the non-zero counts (`no tests` when there are none)."""
-        parts = [f"{n} {label}" for n, label in ((self.passed, "passed"), (self.failed, "failed"),
-                                                  (self.errors, "errors" if self.errors > 1 else "error"),
-                                                  (self.skipped, "skipped")) if n]
-        return ", ".join(parts) or "no tests"
+        return counts_text(self.passed, self.failed, self.errors, self.skipped)
 
 
 class ReportFileRecord(BaseModel):
