@@ -40,6 +40,8 @@ _NOISE = frozenset({"system-out", "system-err", "properties"})
 
 @dataclass(slots=True)
 class TestCase:
+    __test__ = False  # not a pytest test class, whatever its name
+
     suite: str | None
     classname: str | None
     name: str
@@ -53,6 +55,8 @@ class TestCase:
 
 @dataclass(slots=True)
 class TestCounts:
+    __test__ = False  # not a pytest test class, whatever its name
+
     passed: int = 0
     failed: int = 0
     errors: int = 0

@@ -116,6 +116,7 @@ def _title(job: JobRecord, conclusion: str | None, failing: StepRecord | None) -
 class TestsDigest:
     """What a finished job's check run says of its test reports: the totals and the first failing tests."""
 
+    __test__ = False  # not a pytest test class, whatever its name
     summary: TestSummary
     failures: list[TestResultRecord]
 

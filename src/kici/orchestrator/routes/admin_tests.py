@@ -61,6 +61,8 @@ class JobTests(BaseModel):
 
 
 class TestResultInfo(BaseModel):
+    __test__ = False  # not a pytest test class, whatever its name
+
     job_id: str
     job: str
     suite: str | None
