@@ -29,7 +29,13 @@ PUBLIC_URL = "https://ci.example.com"
 WORKFLOW = WORKFLOW_HEADER + '''
 
 build = job("build", steps=[step("compile", "echo compiling && sleep 1 && echo compiled")])
-test = job("test", needs=[build], steps=[step("pytest", "for i in $(seq 1 70); do echo test line $i; done; exit 3")])
+JUNIT = (
+    "mkdir -p reports && printf '<testsuite name=\\"s\\"><testcase classname=\\"t\\" name=\\"test_one\\"/>"
+    "<testcase classname=\\"t\\" name=\\"test_two\\"><failure message=\\"two is broken\\"/></testcase></testsuite>'"
+    " > reports/junit.xml"
+)
+test = job("test", needs=[build], test_reports=["reports/*.xml"],
+           steps=[step("pytest", JUNIT + "; for i in $(seq 1 70); do echo test line $i; done; exit 3")])
 deploy = job("deploy", needs=[test], steps=[step("ship", "echo must not run")])
 
 ci = workflow("ci", on=[push(branches=["main"])], jobs=[build, test, deploy])
@@ -105,6 +111,10 @@ def test_github_push_reports_check_runs_through_an_outage_and_reruns(
     assert seen[-1] == "completed" and seen == sorted(seen, key=["queued", "in_progress", "completed"].index)
     assert build["head_sha"] == sha and build["details_url"] == f"{PUBLIC_URL}/runs/{run_id}?job=build"
     assert "test line 70" in test["output"]["text"] and "test line 20\n" not in test["output"]["text"]
+    # the job's JUnit report, sent by the agent after the failing step, is summarised in its check run
+    assert "**Tests:** 1 passed, 1 failed" in test["output"]["summary"], test["output"]["summary"]
+    assert "- `t::test_two` (failed): two is broken" in test["output"]["summary"]
+    assert "Tests" not in build["output"]["summary"]
     # (the fake answers check-run calls made with any other token 403: reporting used only scoped tokens)
     scoped = {"repositories": ["app"], "permissions": {"checks": "write"}}
     assert scoped in fake.token_scopes.values() and scoped not in [fake.token_scopes[t] for t in fake.git_auth]

@@ -523,3 +523,16 @@ def test_dispatch_inputs_are_typed_and_checked(repo_factory: Repo, args: list[st
     out = run_kici("run", "local", "dispatch", *args, cwd=repo)
     assert out.returncode == code, out.stdout + out.stderr
     assert expected in out.stdout + out.stderr
+
+
+def test_local_run_names_the_test_reports_it_does_not_send(repo_factory: Repo) -> None:
+    """Only an orchestrator reads test reports: a local run says so instead of silently skipping them."""
+    repo = repo_factory({".kici/workflows/ci.py": (
+        "from kici import job, push, step, workflow\n"
+        "t = job('t', steps=[step('s', 'mkdir -p reports && echo \"<testsuite/>\" > reports/junit.xml')],\n"
+        "        test_reports=['reports/*.xml'])\n"
+        "ci = workflow('ci', on=push(), jobs=[t])\n")})
+    assert run_kici("compile", cwd=repo).returncode == 0
+    ran = run_kici("run", "local", "push", "--branch", "main", cwd=repo)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "test reports not sent by a local run (they stay in the workspace): reports/*.xml" in ran.stdout

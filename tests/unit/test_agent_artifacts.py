@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kici.agent.artifacts import collect, upload_url
 from kici.agent.config import http_base_url
+from kici.agent.test_reports import report_url, summary
 
 
 def _tree(root: Path) -> Path:
@@ -59,3 +60,17 @@ def test_urls() -> None:
     assert http_base_url("https://ci.example.com/orch") == "https://ci.example.com/orch"
     assert upload_url("http://h:4000", "j-1", "reports/a b#.xml") == (
         "http://h:4000/api/v1/agent/jobs/j-1/artifacts/reports/a%20b%23.xml")
+
+
+def test_test_reports_use_the_same_rules_with_their_own_label(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "ws")
+    (tmp_path / "outside.xml").write_text("<testsuite/>")
+    os.symlink(tmp_path / "outside.xml", root / "reports" / "leak.xml")
+    found = collect(root, ["reports/*.xml", "junit/*.xml"], label="test reports")
+    assert found.files == ["reports/x.xml"]
+    assert found.problems == ["test reports: 'reports/leak.xml' is a symlink leaving the workspace; not uploaded",
+                              "test reports: 'junit/*.xml' matched no file"]
+    assert summary({"passed": 3, "failed": 1, "errors": 1, "skipped": 0}) == "3 passed, 1 failed, 1 error"
+    assert summary({"passed": 0}) == "no tests"
+    assert report_url("http://h:4000", "j 1", "reports/a b.xml") == (
+        "http://h:4000/api/v1/agent/jobs/j%201/test-reports/reports/a%20b.xml")

@@ -119,6 +119,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(after_step)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
     "job(artifacts)": enforced(f"{ARTIFACTS}::test_artifacts_round_trip_with_a_real_agent"),
     "job(artifacts_when)": enforced(f"{ARTIFACTS}::test_artifacts_on_failure_only_when_asked"),
+    "job(test_reports)": enforced("tests/e2e/test_test_reports.py::test_pytest_reports_round_trip_with_a_real_agent"),
     "job(python)": enforced(
         "tests/integration/agent/test_toolchains.py::test_step_runs_the_chosen_python_first_on_path"
     ),

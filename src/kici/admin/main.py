@@ -23,6 +23,7 @@ from kici.admin.follow import RunLogs, Watcher, print_logs
 from kici.admin.follow import follow as follow_logs
 from kici.admin.git_hooks import install_advice
 from kici.admin.output import duration, millis_text, print_fields, print_json, print_table, status_text
+from kici.engine.junit import counts_text
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 ROLES = ("owner", "admin", "auditor", "viewer")
@@ -315,7 +316,7 @@ def db_migrate(status_only: bool, as_json: bool) -> None:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list, show, jobs, logs, watch, cancel, rerun, start, artifacts."""
+    """Runs: list, show, jobs, logs, watch, cancel, rerun, start, artifacts, tests."""
 
 
 def _short_sha(value: Any) -> str | None:
@@ -393,6 +394,10 @@ def _print_jobs_detail(jobs: list[dict[str, Any]]) -> None:
                        f"{'  ' + took if took else ''}{step_error}")
         if job.get("outputs"):
             click.echo(f"    outputs: {json.dumps(job['outputs'], sort_keys=True)}")
+        if job.get("tests"):
+            tests = job["tests"]
+            unread = f", {tests['unread_files']} file(s) not read" if tests.get("unread_files") else ""
+            click.echo(f"    tests: {_counts_text(tests)}{unread}")
         deliveries = job.get("secret_deliveries") or []
         if deliveries:  # the latest dispatch's: what the job's current attempt received
             names = ", ".join(f"{s['name']} ({s['scope']})" for s in deliveries[-1].get("secrets") or [])
@@ -499,6 +504,53 @@ def _artifact_dest(root: Path, job: str, path: str) -> Path:
     if root.resolve() not in dest.parents:
         raise AdminCLIError(f"artifact path {path!r} of job {job!r} would be written outside {root}")
     return dest
+
+
+@runs.command("tests")
+@click.argument("run_id", metavar="ID")
+@click.option("--failed", is_flag=True, help="Only failing tests (status failed or error).")
+@click.option("--job", metavar="NAME_OR_ID", help="Only this job's tests.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True,
+              help="At most this many tests.")
+@json_option
+def runs_tests(run_id: str, failed: bool, job: str | None, limit: int, as_json: bool) -> None:
+    """Show a run's test results: the JUnit XML reports its jobs sent (`test_reports=`).
+
+    A table of the tests, then one line per report file that was not read, then the summary line
+    (`Tests: 120 passed, 2 failed, 3 skipped`)."""
+    found = _client().get(f"/runs/{_path_part(run_id)}/tests", status="failing" if failed else None, job=job,
+                          limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**t, "test": _test_name(t), "took": millis_text(t.get("duration_ms")),
+             "message": (t.get("message") or "").splitlines()[0][:120] if t.get("message") else None}
+            for t in found["tests"]]
+    if not found["jobs"]:
+        click.echo("No test reports.")
+        return
+    print_table(rows, [("job", "job"), ("status", "status"), ("test", "test"), ("took", "time"),
+                       ("message", "message")], empty="No failing tests." if failed else "No tests.")
+    if found["total"] > len(rows):
+        click.echo(f"(showing {len(rows)} of {found['total']} tests; --limit for more)")
+    for job_tests in found["jobs"]:
+        for item in job_tests["files"]:
+            if item.get("error"):
+                click.echo(f"{job_tests['job']}: {item['path']} not read: {item['error']}")
+    summaries = [j["summary"] for j in found["jobs"]]
+    totals = {k: sum(int(s[k]) for s in summaries) for k in ("passed", "failed", "errors", "skipped", "total",
+                                                             "duration_ms", "files")}
+    click.echo(f"Tests: {_counts_text(totals)} ({totals['total']} in {totals['files']} file(s), "
+               f"{millis_text(totals['duration_ms'])})")
+
+
+def _test_name(test: dict[str, Any]) -> str:
+    owner = test.get("classname") or test.get("suite")
+    return f"{owner}::{test['name']}" if owner else str(test["name"])
+
+
+def _counts_text(counts: dict[str, Any]) -> str:
+    return counts_text(*(int(counts.get(key) or 0) for key in ("passed", "failed", "errors", "skipped")))
 
 
 @runs.command("watch")

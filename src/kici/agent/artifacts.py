@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -35,8 +36,10 @@ class Collected:
     problems: list[str] = field(default_factory=list)
 
 
-def collect(workspace: Path, globs: Sequence[str], requested: Sequence[str] = ()) -> Collected:
-    """The files to upload, and what is wrong (a glob matching nothing, a symlink leaving the workspace)."""
+def collect(workspace: Path, globs: Sequence[str], requested: Sequence[str] = (), *,
+            label: str = "artifacts") -> Collected:
+    """The files to upload, and what is wrong (a glob matching nothing, a symlink leaving the workspace),
+    each problem starting with `label` (test reports use this too)."""
     out = Collected()
     root = workspace.resolve()
     chosen: set[str] = set()
@@ -54,14 +57,14 @@ def collect(workspace: Path, globs: Sequence[str], requested: Sequence[str] = ()
                     continue
                 for g in hits:
                     matched[g] += 1
-                problem = _check(root, rel)
+                problem = _check(root, rel, label)
                 if problem is None:
                     chosen.add(rel)
                 else:
                     out.problems.append(problem)
-        out.problems.extend(f"artifacts: {g!r} matched no file" for g, n in matched.items() if n == 0)
+        out.problems.extend(f"{label}: {g!r} matched no file" for g, n in matched.items() if n == 0)
     for rel in requested:
-        problem = _check(root, rel)
+        problem = _check(root, rel, label)
         if problem is None:
             chosen.add(rel)
         else:
@@ -70,18 +73,18 @@ def collect(workspace: Path, globs: Sequence[str], requested: Sequence[str] = ()
     return out
 
 
-def _check(root: Path, rel: str) -> str | None:
+def _check(root: Path, rel: str, label: str) -> str | None:
     if rel.startswith("/") or ".." in rel.split("/"):
-        return f"artifacts: {rel!r} is outside the workspace"
+        return f"{label}: {rel!r} is outside the workspace"
     path = root / rel
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        return f"artifacts: {rel!r} does not exist (or is a broken symlink)"
+        return f"{label}: {rel!r} does not exist (or is a broken symlink)"
     if root not in target.parents:
-        return f"artifacts: {rel!r} is a symlink leaving the workspace; not uploaded"
+        return f"{label}: {rel!r} is a symlink leaving the workspace; not uploaded"
     if not target.is_file():
-        return f"artifacts: {rel!r} is not a regular file"
+        return f"{label}: {rel!r} is not a regular file"
     return None
 
 
@@ -121,16 +124,18 @@ async def upload_all(
             path = root / rel
             try:
                 size = path.stat().st_size
-                uploaded = await _upload_one(client, upload_url(base_url, job_id, rel), token, path, size)
+                answer = await put_file(client, upload_url(base_url, job_id, rel), token, path, size)
             except (UploadError, OSError) as exc:
                 errors.append(f"artifacts: uploading {rel!r} failed: {exc}")
                 on_line(f"[error] {errors[-1]}")
                 continue
-            on_line(f"[artifacts] uploaded {rel} ({uploaded} bytes)")
+            on_line(f"[artifacts] uploaded {rel} ({int(answer.get('size', size))} bytes)")
     return errors
 
 
-async def _upload_one(client: httpx.AsyncClient, url: str, token: str, path: Path, size: int) -> int:
+async def put_file(client: httpx.AsyncClient, url: str, token: str, path: Path, size: int) -> dict[str, Any]:
+    """PUT the file with the agent's token; the orchestrator's JSON answer (201), else `UploadError`
+    (a refusal at once; unreachable or 5xx after `ATTEMPTS` tries)."""
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     headers = {"Authorization": f"Bearer {token}", "Content-Type": content_type, "Content-Length": str(size)}
     last = ""
@@ -141,7 +146,8 @@ async def _upload_one(client: httpx.AsyncClient, url: str, token: str, path: Pat
             last = f"{type(exc).__name__}: {exc}"
         else:
             if response.status_code == 201:
-                return int(response.json().get("size", size))
+                body = response.json()
+                return body if isinstance(body, dict) else {}
             try:
                 last = str(response.json().get("error") or response.text)
             except ValueError:

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from kici.agent import artifacts, workspace
+from kici.agent import artifacts, test_reports, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname
 from kici.agent.connection import Connection, new_message_id
@@ -424,6 +424,7 @@ class JobManager:
         await self.backend.wait(runner)
         if result is None:  # pragma: no cover - the client always ends with a result
             result = JobResult(status="failed", error="runner ended without a result", failure_category="internal")
+        await self._send_test_reports(job, result, setup_line)
         result = await self._upload_artifacts(job, result, setup_line)
         if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
             # the client's synthetic result: the runner died without reporting (killed, out of memory, …)
@@ -431,6 +432,16 @@ class JobManager:
             for line in (result.error or "").splitlines():
                 setup_line(f"[error] {line}")
         return result
+
+    async def _send_test_reports(self, job: Job, result: JobResult, setup_line: Callable[[str], None]) -> None:
+        """Send the job's `test_reports` files after it succeeded or failed; they never change its outcome."""
+        globs = job.dispatch.test_reports
+        if job.abandoned or not globs or result.status not in ("success", "failed"):
+            return
+        await test_reports.send_all(
+            base_url=self.settings.http_base_url, token=self.settings.agent_token.get_secret_value(),
+            job_id=job.job_id, workspace=job.workspace, globs=globs, on_line=setup_line,
+        )
 
     async def _upload_artifacts(self, job: Job, result: JobResult, setup_line: Callable[[str], None]) -> JobResult:
         """Upload the job's artifacts (its globs when the outcome matches `artifacts_when`, and whatever its

@@ -571,6 +571,10 @@ class LocalExecutor:
         if kept:  # said, not silently skipped: only an agent uploads artifacts (to its orchestrator)
             self.printer.line(job, f"artifacts not uploaded by a local run (they stay in the workspace): "
                                    f"{', '.join(kept)}", fg="yellow")
+        reports = lock_job.test_reports if lock_job is not None else None
+        if reports:  # the same: only an orchestrator reads and keeps test reports
+            self.printer.line(job, f"test reports not sent by a local run (they stay in the workspace): "
+                                   f"{', '.join(reports)}", fg="yellow")
         mark = {"success": ("✓ success", "green"), "skipped": ("- skipped", "bright_black"),
                 "cancelled": ("⊘ cancelled", "yellow")}.get(result.status, ("✗ failed", "red"))
         self.printer.line(job, mark[0], fg=mark[1], bold=True)

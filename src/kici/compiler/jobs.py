@@ -128,6 +128,7 @@ def convert_job(
         hooks=_hooks(job, where, ("on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step")),
         continue_on_error=job.continue_on_error or None,
         **_artifacts(job, where),
+        test_reports=_test_reports(job.test_reports, where),
         python=_python(job.python, where),
         python_venv=_python_venv(job, where),
     )
@@ -510,3 +511,21 @@ def _artifacts(job: d.Job, where: Collector) -> dict[str, Any]:
     elif when != "success":
         where.error("artifacts_when needs artifacts=[...]")
     return out
+
+
+def _test_reports(value: Any, where: Collector) -> list[str] | None:
+    """`test_reports=[globs]`: JUnit XML files, relative to the workspace, never climbing out of it."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        where.error(f"test_reports must be a list of glob patterns, not {type(value).__name__}")
+        return None
+    globs: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            where.error(f"test_reports: each entry must be a non-empty glob pattern, not {item!r}")
+        elif item.startswith("/") or "\\" in item or ".." in item.split("/"):
+            where.error(f"test_reports: {item!r} must be relative to the workspace, without `..`")
+        elif item not in globs:
+            globs.append(item)
+    return globs or None

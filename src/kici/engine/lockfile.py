@@ -409,6 +409,8 @@ class Job(LockModel):
     """Globs (relative to the workspace) of the files the agent uploads after the job."""
     artifacts_when: Literal["success", "on_failure", "always"] | None = None
     """When: after a successful job (None: the default), a failed one, or always."""
+    test_reports: list[str] | None = None
+    """Globs (relative to the workspace) of the JUnit XML files the agent sends after the job."""
     python: str | None = None
     """`python=`: "3", "3.12" or "3.12.7"; the job runs on an agent labelled `kici:python:<it>`."""
     python_venv: bool | None = None

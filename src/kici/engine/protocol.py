@@ -231,6 +231,8 @@ class JobDispatch(Message):
     artifacts: list[str] = []
     """The job's `artifacts` globs (lock file): files the agent uploads after the job."""
     artifacts_when: Literal["success", "on_failure", "always"] = "success"
+    test_reports: list[str] = []
+    """The job's `test_reports` globs (lock file): JUnit XML files the agent sends after the job."""
     python: str | None = None
     """The job's `python=` ("3", "3.12" or "3.12.7"): the agent puts that interpreter first on PATH."""
     python_venv: bool = False

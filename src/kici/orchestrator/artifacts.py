@@ -26,21 +26,21 @@ class ArtifactPathError(ValueError):
     pass
 
 
-def check_artifact_path(path: str) -> str:
+def check_artifact_path(path: str, what: str = "artifact path") -> str:
     """A workspace-relative `/`-separated path: no absolute path, no `..`, no `.` or empty segment, no
     backslash or control character, at most 1024 characters. The agent checks the same before uploading
     (and refuses symlinks leaving the workspace); the orchestrator checks again because it trusts no agent."""
     if not path or len(path) > MAX_PATH_LENGTH:
-        raise ArtifactPathError(f"artifact path must be 1 to {MAX_PATH_LENGTH} characters")
+        raise ArtifactPathError(f"{what} must be 1 to {MAX_PATH_LENGTH} characters")
     if path.startswith("/"):
-        raise ArtifactPathError(f"artifact path {path[:200]!r} is absolute; it must be relative to the workspace")
+        raise ArtifactPathError(f"{what} {path[:200]!r} is absolute; it must be relative to the workspace")
     if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise ArtifactPathError(f"artifact path {path[:200]!r} contains a backslash or a control character")
+        raise ArtifactPathError(f"{what} {path[:200]!r} contains a backslash or a control character")
     for segment in path.split("/"):
         if segment == "..":
-            raise ArtifactPathError(f"artifact path {path[:200]!r} climbs out of the workspace (`..`)")
+            raise ArtifactPathError(f"{what} {path[:200]!r} climbs out of the workspace (`..`)")
         if segment in ("", "."):
-            raise ArtifactPathError(f"artifact path {path[:200]!r} has an empty or `.` segment")
+            raise ArtifactPathError(f"{what} {path[:200]!r} has an empty or `.` segment")
     return path
 
 

@@ -344,6 +344,16 @@ class Settings(BaseModel):
         default=5 * 1024 * 1024 * 1024, ge=1,
         description="Total size of the artifacts of one job; an upload that would go over it is refused (413).",
     )
+    test_report_max_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1,
+        description="Largest JUnit XML file (`job(..., test_reports=[...])`) an agent may send; a larger one is "
+        "refused (413), recorded with the job's test reports as not read, and named in the job's log. The job's "
+        "outcome does not change.",
+    )
+    test_report_max_files: int = Field(
+        default=1000, ge=1,
+        description="Most JUnit XML files one job may send; the agent is told (409) and says so in the job's log.",
+    )
     # -- audit and retention ----------------------------------------------------------------------
     audit_denial_window_seconds: int = Field(
         default=60, ge=0,

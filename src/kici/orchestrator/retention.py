@@ -63,7 +63,7 @@ def cutoffs(settings: Settings, now: dt.datetime) -> PruneCutoffs:
 
 
 RunDataDeleter = Callable[[str], Awaitable[None]]
-"""Deletes what a run keeps outside its rows (its logs and artifacts): `Services.delete_run_data`."""
+"""Deletes what a run keeps outside its rows (its logs, artifacts and test reports): `Services.delete_run_data`."""
 
 
 async def prune(

@@ -84,8 +84,9 @@ class Services:
         await self.reporter.start(readiness)
 
     async def delete_run_data(self, run_id: str) -> None:
-        """Delete what a run keeps outside its database rows: its job logs and its artifacts (rows and
-        blobs). Whatever deletes runs (retention, an admin delete) calls this for each run it deletes."""
+        """Delete what a run keeps outside its database rows: its job logs, its artifacts and its test
+        reports (rows and blobs). Whatever deletes runs (retention, an admin delete) calls this for each
+        run it deletes."""
         await _delete_run_data(self.database, self.logs, self.blobs, run_id)
 
     async def stop(self) -> None:
@@ -120,6 +121,8 @@ def services_of(app: FastAPI) -> Services:
 
 async def _delete_run_data(database: Database, logs: FilesystemLogStorage, blobs: BlobStore, run_id: str) -> None:
     from kici.orchestrator.artifacts import delete_run_artifacts
+    from kici.orchestrator.test_reports import delete_run_reports
 
     await logs.delete_run(run_id)
     await delete_run_artifacts(database, blobs, run_id)
+    await delete_run_reports(database, blobs, run_id)

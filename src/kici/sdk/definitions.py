@@ -233,6 +233,9 @@ class Job:
     """Globs of workspace files the agent uploads after the job (`["dist/*.whl", "reports/**"]`)."""
     artifacts_when: str = "success"
     """When they are uploaded: `success` (default), `on_failure` or `always`."""
+    test_reports: Sequence[str] = ()
+    """Globs of JUnit XML files (`["reports/*.xml"]`) the agent sends after the job, succeeded or failed;
+    the orchestrator keeps their per-test results (docs/user/test-reports.md)."""
     python: str | None = None
     python_venv: bool = False
     has_run: bool = False
@@ -247,7 +250,7 @@ _JOB_OPTIONS = frozenset(
         "runs_on", "needs", "matrix", "include", "exclude", "env", "environment", "environments",
         "secrets", "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
         "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step",
-        "artifacts", "artifacts_when", "python", "python_venv",
+        "artifacts", "artifacts_when", "test_reports", "python", "python_venv",
     }
 )
 

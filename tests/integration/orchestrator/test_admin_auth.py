@@ -185,6 +185,10 @@ ROUTES = [
     # past the permission check the handler looks the artifact up (downloads: tests/e2e/test_artifacts.py)
     Route("GET", "/runs/{run_id}/artifacts/{artifact_id}", (Permission.RUNS_READ,), 404,
           path="/runs/{run}/artifacts/no-such-artifact", label="(unknown artifact)"),
+    Route("GET", "/runs/{run_id}/tests", (Permission.RUNS_READ,), 200, path="/runs/{run}/tests"),
+    # past the permission check the handler looks the file up (downloads: tests/e2e/test_test_reports.py)
+    Route("GET", "/runs/{run_id}/tests/files/{file_id}", (Permission.RUNS_READ,), 404,
+          path="/runs/{run}/tests/files/no-such-file", label="(unknown file)"),
     Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": True}, label="(dry run)"),
     Route("POST", "/prune", (Permission.DATA_PRUNE,), 200, body={"dry_run": False}),
     Route("GET", "/sources/{id_or_name}/trust", (Permission.SOURCES_READ,), 200, path="/sources/{github}/trust"),

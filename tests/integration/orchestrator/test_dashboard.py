@@ -7,6 +7,7 @@ The browser tests (tests/browser/test_dashboard.py) drive the same pages in Chro
 from __future__ import annotations
 
 import datetime as dt
+import io
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from kici.engine.junit import parse_junit
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db import schema
@@ -26,6 +28,7 @@ from kici.orchestrator.db.schema import AdminRole
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store import schedules as schedule_store
+from kici.orchestrator.store import test_reports as report_store
 from kici.orchestrator.store.sources import create_source
 from kici.orchestrator.web import CONTENT_SECURITY_POLICY
 from kici.orchestrator.web.access import SESSION_COOKIE
@@ -650,3 +653,30 @@ async def test_a_held_run_page_says_why_it_is_held(public_dash: Dash) -> None:
     assert f"kici-admin held approve {run_id}" in page.text
     assert 'id="hold-reason"' not in approved.text  # no longer held
     assert "Untrusted code, approved at this commit (no secrets)" in approved.text
+
+
+async def test_run_page_shows_a_job_s_tests_and_failures_escaped(dash: Dash) -> None:
+    report = parse_junit(io.BytesIO(
+        b'<testsuite><testcase classname="t" name="test_ok"/><testcase classname="t" name="test_&lt;b&gt;">'
+        b'<failure message="expected &lt;script&gt;">tb</failure></testcase></testsuite>'), max_bytes=10_000)
+    run_id, job_id = await _seed_run(dash, status="failed")
+    async with dash.database.transaction() as conn:
+        await report_store.replace_report_file(
+            conn, file_id=schema.new_id(), org_id="default", run_id=run_id, job_id=job_id, path="r.xml", size=1,
+            sha256=None, blob_key=None, report=report, error=None)
+        await report_store.replace_report_file(
+            conn, file_id=schema.new_id(), org_id="default", run_id=run_id, job_id=job_id, path="bad.xml", size=1,
+            sha256=None, blob_key=None, report=None, error="not well-formed XML")
+    async with dash.session(AdminRole.VIEWER) as http:
+        page = (await http.get(f"/runs/{run_id}", params={"job": "build"})).text
+        fragment = (await http.get(f"/runs/{run_id}", params={"job": "build", "fragment": "jobs"})).text
+    assert "Tests of build" in page and "1 passed, 1 failed" in page
+    assert "2 tests in 2 report files" in page and "1 file not read" in page
+    assert "<code>t::test_&lt;b&gt;</code>" in page and "expected &lt;script&gt;" in page
+    assert "<script>" not in page.split("expected", 1)[1][:40]
+    assert 'id="failing-tests"' in fragment  # the live part of the page keeps them
+    async with dash.database.transaction() as conn:
+        other = await insert_job(conn, run_id, "lint", status="success")
+    async with dash.session(AdminRole.VIEWER) as http:
+        quiet = (await http.get(f"/runs/{run_id}", params={"job": "lint"})).text
+    assert other and "Tests of" not in quiet

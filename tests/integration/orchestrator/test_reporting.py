@@ -10,6 +10,7 @@ import copy
 import datetime as dt
 import hashlib
 import hmac
+import io
 import json
 import os
 import threading
@@ -26,6 +27,7 @@ import pytest
 import sqlalchemy as sa
 
 from kici.engine.events import Event
+from kici.engine.junit import parse_junit
 from kici.engine.lockfile import Workflow
 from kici.engine.webhook_auth import verify_hmac_sha256
 from kici.orchestrator.app import AppState, Readiness, create_app
@@ -34,15 +36,23 @@ from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.service import Ingest, ingest_for
 from kici.orchestrator.metrics import Metrics
-from kici.orchestrator.reporting.github_checks import MAX_OUTPUT_CHARS, check_output, check_status
+from kici.orchestrator.reporting.github_checks import (
+    FAILING_TESTS_SHOWN,
+    MAX_OUTPUT_CHARS,
+    TestsDigest,
+    check_output,
+    check_status,
+)
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.reporting.worker import ReportWorker, backoff
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import FilesystemLogStorage
 from kici.orchestrator.store import audit, outbox
 from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store import test_reports as report_store
 from kici.orchestrator.store.runs import JobRecord, NewRun, StepRecord
 from kici.orchestrator.store.sources import Source, create_source
+from kici.orchestrator.store.test_reports import TestResultRecord, TestSummary
 from tests.integration.orchestrator.test_providers_git import compile_into
 from tests.integration.orchestrator.test_providers_github import APP_ID, FakeGitHub, fake_github  # noqa: F401
 from tests.paths import GITHUB_FIXTURES
@@ -661,3 +671,62 @@ async def test_rerequested_check_run_and_suite_rerun(hooks: Hooks) -> None:
     async with h.database.read() as conn:
         count = (await conn.execute(sa.select(sa.func.count()).select_from(schema.runs))).scalar_one()
     assert count == 2 + 1 + 2
+
+
+# -- test reports in check runs ---------------------------------------------------------------------
+
+
+def _failure(i: int, message: str) -> TestResultRecord:
+    return TestResultRecord(id=i, run_id="r", job_id="j", job="test", suite="s", classname=f"tests.test_{i}",
+                            name=f"test_{i}" + "x" * 400, status="failed", duration_ms=1, message=message,
+                            details="d", file=None, line=None)
+
+
+def test_check_output_lists_failing_tests_within_githubs_limits() -> None:
+    summary = TestSummary(passed=120, failed=500, skipped=3, total=623, files=1)
+    digest = TestsDigest(summary, [_failure(i, "boom `x`\n" + "m" * 5000) for i in range(FAILING_TESTS_SHOWN)])
+    output = check_output(_job("failed"), [], "failure", [], digest)
+    assert len(output["summary"]) <= MAX_OUTPUT_CHARS
+    assert "**Tests:** 120 passed, 500 failed, 3 skipped" in output["summary"]
+    assert f"Failing tests (first {FAILING_TESTS_SHOWN} of 500):" in output["summary"]
+    assert "- `tests.test_0::test_0" in output["summary"] and "(failed): boom 'x' mmm" in output["summary"]
+    # a job whose reports hold no failure says only the counts
+    quiet = check_output(_job("success"), [], "success", [], TestsDigest(TestSummary(passed=2, total=2), []))
+    assert quiet["summary"].endswith("**Tests:** 2 passed")
+
+
+REPORT = b"""<testsuites><testsuite name="pytest">
+<testcase classname="tests.test_a" name="test_ok" time="0.1"/>
+<testcase classname="tests.test_a" name="test_ok2" time="0.1"/>
+<testcase classname="tests.test_a" name="test_bad" time="0.2"><failure message="assert 1 == 2">tb</failure></testcase>
+<testcase classname="tests.test_a" name="test_err"><error message="RuntimeError: boom">tb</error></testcase>
+<testcase classname="tests.test_a" name="test_skip"><skipped message="later"/></testcase>
+</testsuite></testsuites>"""
+
+
+async def test_a_finished_job_s_check_run_summarises_its_test_reports(harness: Harness) -> None:
+    wf = workflow({"name": "test", "steps": [{"name": "pytest"}]}, {"name": "lint", "steps": [{"name": "ruff"}]})
+    run_id = await harness.new_run(wf)
+    jobs = await harness.jobs(run_id)
+    for name in ("test", "lint"):
+        await harness.report(jobs[name].id, "running")
+    await harness.drain()
+    async with harness.database.transaction() as conn:
+        await report_store.replace_report_file(
+            conn, file_id=schema.new_id(), org_id="default", run_id=run_id, job_id=jobs["test"].id,
+            path="reports/junit.xml", size=len(REPORT), sha256=None, blob_key=None,
+            report=parse_junit(io.BytesIO(REPORT), max_bytes=10_000), error=None)
+        await report_store.replace_report_file(
+            conn, file_id=schema.new_id(), org_id="default", run_id=run_id, job_id=jobs["test"].id,
+            path="reports/broken.xml", size=3, sha256=None, blob_key=None, report=None,
+            error="not well-formed XML: no element found")
+    assert "Tests" not in harness.fake.check_run_named("ci / test")["output"]["summary"]  # sent while it ran
+    await harness.report(jobs["test"].id, "failed", error="step pytest failed")
+    await harness.report(jobs["lint"].id, "success")
+    await harness.drain()
+    summary = harness.fake.check_run_named("ci / test")["output"]["summary"]
+    assert "**Tests:** 2 passed, 1 failed, 1 error, 1 skipped (1 report file(s) could not be read)" in summary
+    assert "Failing tests (2):" in summary
+    assert "- `tests.test_a::test_bad` (failed): assert 1 == 2" in summary
+    assert "- `tests.test_a::test_err` (error): RuntimeError: boom" in summary
+    assert "Tests" not in harness.fake.check_run_named("ci / lint")["output"]["summary"]  # it sent no reports

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from kici.engine.junit import parse_junit
+from kici.orchestrator import test_reports
 from kici.orchestrator.app import create_app
 from kici.orchestrator.artifacts import run_prefix
 from kici.orchestrator.config import Settings
@@ -25,6 +27,7 @@ from kici.orchestrator.db.schema import AdminRole, utcnow
 from kici.orchestrator.retention import LOCK, prune
 from kici.orchestrator.services import services_of
 from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store import test_reports as report_store
 
 from .conftest import insert_job, insert_run
 
@@ -203,3 +206,39 @@ async def test_while_another_orchestrator_prunes_this_one_stops(env: Env) -> Non
     assert (await _counts(env.database))["runs"] == OLD_FINISHED + len(env.kept_runs)
     after = await prune(env.database, services_of(env.app).delete_run_data, services_of(env.app).dispatcher.settings)
     assert after.complete is True and after.counts.runs == OLD_FINISHED
+
+
+async def test_test_reports_go_with_their_runs(env: Env, tmp_path: Path) -> None:
+    """A run's test reports (rows, and the files as sent, kept outside the database) go with it."""
+    blobs = services_of(env.app).blobs
+    report = parse_junit(io.BytesIO(b'<testsuite><testcase name="a"/><testcase name="b"><failure/></testcase>'
+                                    b"</testsuite>"), max_bytes=1000)
+    old, kept = env.old_runs[1], env.kept_runs[0]
+    for run in (old, kept):
+        async with env.database.transaction() as conn:
+            jobs = await conn.execute(sa.select(schema.jobs.c.id).where(schema.jobs.c.run_id == run))
+            job_id = jobs.scalars().first()
+            assert job_id is not None
+            file_id = schema.new_id()
+            key = test_reports.blob_key(run, job_id, file_id)
+            await report_store.replace_report_file(
+                conn, file_id=file_id, org_id="default", run_id=run, job_id=job_id, path="reports/junit.xml",
+                size=12, sha256="0" * 64, blob_key=key, report=report, error=None)
+        await blobs.put(key, io.BytesIO(b"<testsuite/>"))
+
+    async def results(run: str) -> int:
+        async with env.database.read() as conn:
+            query = sa.select(sa.func.count()).select_from(schema.test_results).where(
+                schema.test_results.c.run_id == run)
+            return int((await conn.execute(query)).scalar_one())
+
+    assert (await results(old), await results(kept)) == (2, 2)
+    settings = Settings(data_dir=tmp_path / "data", database_url=env.database.url, retention_runs_days=90)
+    result = await prune(env.database, services_of(env.app).delete_run_data, settings)
+    assert result.counts.runs == OLD_FINISHED
+    assert (await results(old), await results(kept)) == (0, 2)
+    assert await blobs.list(test_reports.run_prefix(old)) == []
+    assert len(await blobs.list(test_reports.run_prefix(kept))) == 1
+    async with env.database.read() as conn:
+        assert [s.total for s in (await report_store.job_summaries(conn, kept)).values()] == [2]
+        assert await report_store.job_summaries(conn, old) == {}

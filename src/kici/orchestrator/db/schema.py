@@ -682,5 +682,63 @@ secret_deliveries = sa.Table(
 )
 
 
+class TestStatus(StrEnum):
+    """A test's outcome in a JUnit report (kici.engine.junit)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    SKIPPED = "skipped"
+
+
+test_report_files = sa.Table(
+    "test_report_files",
+    metadata,
+    # one JUnit XML file a job sent (kici.orchestrator.test_reports): its counts, or why it was not read
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),  # relative to the job's workspace, `/`-separated
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=True),  # null when the file was refused before it was read
+    sa.Column("blob_key", sa.Text, nullable=True),  # the file as sent; null when refused
+    sa.Column("passed", sa.Integer, nullable=False, default=0),
+    sa.Column("failed", sa.Integer, nullable=False, default=0),
+    sa.Column("errors", sa.Integer, nullable=False, default=0),
+    sa.Column("skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("duration_ms", sa.BigInteger, nullable=False, default=0),  # the sum of its tests' times
+    sa.Column("error", sa.Text, nullable=True),  # not read: malformed, refused (DTD, size); no results then
+    _created_at(),
+    sa.UniqueConstraint("job_id", "path"),
+    sa.Index(None, "run_id"),
+)
+
+_TEST_RESULT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+
+test_results = sa.Table(
+    "test_results",
+    metadata,
+    # one test case of a report file; the id keeps the file's order
+    sa.Column("id", _TEST_RESULT_ID, primary_key=True, autoincrement=True),
+    sa.Column("file_id", sa.Text, sa.ForeignKey("test_report_files.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("suite", sa.Text, nullable=True),
+    sa.Column("classname", sa.Text, nullable=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("duration_ms", sa.BigInteger, nullable=True),
+    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("details", sa.Text, nullable=True),  # e.g. the traceback, truncated
+    sa.Column("file", sa.Text, nullable=True),  # the test's source file and line, when the report says
+    sa.Column("line", sa.Integer, nullable=True),
+    sa.Index(None, "run_id", "status"),
+    sa.Index(None, "job_id"),
+    sa.Index(None, "file_id"),
+    _check_in("status", TestStatus),
+)
+
+
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

@@ -171,6 +171,7 @@ def build_dispatch(
         max_log_size_bytes=max_log_size_bytes,
         artifacts=(lock_job.artifacts or []) if lock_job is not None else [],
         artifacts_when=(lock_job.artifacts_when or "success") if lock_job is not None else "success",
+        test_reports=(lock_job.test_reports or []) if lock_job is not None else [],
         python=lock_job.python if lock_job is not None else None,
         python_venv=bool(lock_job is not None and lock_job.python_venv),
         attempt=attempt,

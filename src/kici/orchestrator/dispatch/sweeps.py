@@ -35,7 +35,7 @@ class Sweeper:
     def __init__(self, dispatcher: Dispatcher, delete_run_data: RunDataDeleter) -> None:
         self.dispatcher = dispatcher
         self.delete_run_data = delete_run_data
-        """What retention calls for each run it deletes (its logs and artifacts)."""
+        """What retention calls for each run it deletes (its logs, artifacts and test reports)."""
         self.db = dispatcher.db
         self.settings = dispatcher.settings
         self.metrics = dispatcher.metrics

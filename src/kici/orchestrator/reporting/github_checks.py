@@ -16,9 +16,11 @@ orchestrator; it never goes anywhere else.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.states import JobState, is_terminal
 from kici.orchestrator.app import AppState
@@ -30,11 +32,15 @@ from kici.orchestrator.reporting.outcome import Outcome, classify
 from kici.orchestrator.storage.logs import FilesystemLogStorage
 from kici.orchestrator.store import check_runs
 from kici.orchestrator.store import runs as run_store
+from kici.orchestrator.store import test_reports as report_store
 from kici.orchestrator.store.outbox import ReportRecord
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.store.sources import DEFAULT_GITHUB_API_URL, get_source
+from kici.orchestrator.store.test_reports import TestResultRecord, TestSummary
 
 LOG_TAIL_LINES = 50
+FAILING_TESTS_SHOWN = 20
+"""How many failing tests (from the job's JUnit reports) a check run's summary lists, with their messages."""
 MAX_OUTPUT_CHARS = 60_000
 """GitHub rejects an output `summary` or `text` over 65535 characters; stay clear of it."""
 MAX_TITLE_CHARS = 200
@@ -106,10 +112,42 @@ def _title(job: JobRecord, conclusion: str | None, failing: StepRecord | None) -
     return title[:MAX_TITLE_CHARS]
 
 
+@dataclass(frozen=True)
+class TestsDigest:
+    """What a finished job's check run says of its test reports: the totals and the first failing tests."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+    summary: TestSummary
+    failures: list[TestResultRecord]
+
+
+def tests_lines(digest: TestsDigest) -> list[str]:
+    """`**Tests:** 120 passed, 2 failed, 3 skipped` and the first failing tests with their messages."""
+    summary = digest.summary
+    lines = [f"**Tests:** {summary.line()}"
+             + (f" ({summary.unread_files} report file(s) could not be read)" if summary.unread_files else "")]
+    failing = summary.failed + summary.errors
+    if digest.failures:
+        shown = len(digest.failures)
+        lines += ["", f"Failing tests ({'first ' + str(shown) + ' of ' if shown < failing else ''}{failing}):", ""]
+        for test in digest.failures:
+            owner = test.classname or test.suite
+            name = f"{owner}::{test.name}" if owner else test.name
+            message = " ".join((test.message or "").split())[:300]
+            lines.append(f"- `{_code(name)[:300]}` ({test.status})" + (f": {_code(message)}" if message else ""))
+    return lines
+
+
+def _code(text: str) -> str:
+    return text.replace("`", "'")
+
+
 def check_output(
-    job: JobRecord, steps: list[StepRecord], conclusion: str | None, log_tail: list[str]
+    job: JobRecord, steps: list[StepRecord], conclusion: str | None, log_tail: list[str],
+    tests: TestsDigest | None = None,
 ) -> dict[str, str]:
-    """`output` of the check run: title, a step table, and for a failure the error and the log's tail."""
+    """`output` of the check run: title, a step table (and the job's test results when it sent reports), and
+    for a failure the error and the log's tail."""
     failing = next((s for s in steps if s.status == "failed"), None)
     lines: list[str] = []
     if steps:
@@ -117,6 +155,8 @@ def check_output(
         lines += [f"| {s.step_index + 1} | {_cell(s.name)} | {s.status} | {_duration(s.duration_ms)} |" for s in steps]
     else:
         lines.append("No step has run." if conclusion else "Waiting for an agent.")
+    if tests is not None:
+        lines += ["", *tests_lines(tests)]
     output: dict[str, str] = {"title": _title(job, conclusion, failing), "summary": _clip("\n".join(lines))}
     if conclusion in ("failure", "timed_out", "cancelled") and (job.error or failing or log_tail):
         parts: list[str] = []
@@ -136,10 +176,10 @@ def check_output(
 
 def check_body(
     run: RunRecord, job: JobRecord, steps: list[StepRecord], log_tail: list[str], details_url: str | None,
-    *, create: bool,
+    *, create: bool, tests: TestsDigest | None = None,
 ) -> dict[str, Any]:
     status, conclusion = check_status(job)
-    body: dict[str, Any] = {"status": status, "output": check_output(job, steps, conclusion, log_tail)}
+    body: dict[str, Any] = {"status": status, "output": check_output(job, steps, conclusion, log_tail, tests)}
     if create:
         body |= {"name": check_run_name(run.workflow, job.name), "head_sha": run.sha, "external_id": job.id}
     if details_url:
@@ -244,6 +284,7 @@ class CheckRunSender:
             started = job is not None and job.started_at is not None
             steps = await run_store.list_steps(conn, report.job_id) if started else []
             check_run_id = await check_runs.get_check_run_id(conn, report.job_id)
+            tests = await _tests_digest(conn, job) if job is not None and is_terminal(job.status) else None
         if run is None or job is None:
             return Outcome.failed("the run or job no longer exists")
         _status, conclusion = check_status(job)
@@ -251,7 +292,7 @@ class CheckRunSender:
         if conclusion in ("failure", "timed_out"):
             tail = [line.line for line in await self.logs.tail(run.id, job.id, lines=LOG_TAIL_LINES)]
         body = check_body(run, job, steps, tail, self.state.settings.run_url(run.id, job.name),
-                          create=check_run_id is None)
+                          create=check_run_id is None, tests=tests)
         if check_run_id is None:
             outcome, response = await self._call(run, "POST", "check-runs", body, now, "create check run")
         else:
@@ -266,3 +307,13 @@ class CheckRunSender:
                 await check_runs.remember_check_run(conn, job_id=job.id, run_id=run.id, repo=run.repo,
                                                     check_run_id=new_id)
         return outcome
+
+
+async def _tests_digest(conn: AsyncConnection, job: JobRecord) -> TestsDigest | None:
+    """The job's test report totals and first failing tests; None when it sent no reports."""
+    summary = await report_store.job_summary(conn, job.run_id, job.id)
+    if summary is None:
+        return None
+    failures = await report_store.job_failures(conn, job.id, limit=FAILING_TESTS_SHOWN) if (
+        summary.failed or summary.errors) else []
+    return TestsDigest(summary, failures)

@@ -23,6 +23,7 @@ from kici.orchestrator.routes import (
     admin_secrets,
     admin_sources,
     admin_system,
+    admin_tests,
     admin_tokens,
     admin_trust,
 )
@@ -44,6 +45,7 @@ router.include_router(admin_events.router)
 router.include_router(admin_reports.router)
 router.include_router(admin_environments.router)
 router.include_router(admin_artifacts.router)
+router.include_router(admin_tests.router)
 router.include_router(admin_retention.router)
 router.include_router(admin_trust.router)
 router.include_router(admin_held.router)

@@ -26,6 +26,7 @@ from kici.orchestrator.services import services_of
 from kici.orchestrator.store import runs, sources
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.store.secret_deliveries import SecretDelivery, list_run_deliveries
+from kici.orchestrator.store.test_reports import TestSummary, job_summaries
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
 
@@ -125,6 +126,11 @@ class JobInfo(BaseModel):
         default_factory=list,
         description="Each dispatch that sent the job the secrets it declares, oldest first (never values)",
     )
+    tests: TestSummary | None = Field(
+        default=None,
+        description="Totals of the JUnit reports the job sent (`test_reports=`); null when it sent none. "
+        "The tests themselves: GET /runs/{run_id}/tests",
+    )
 
     @classmethod
     def of(
@@ -132,10 +138,11 @@ class JobInfo(BaseModel):
         job: JobRecord,
         steps: list[StepRecord] | None = None,
         deliveries: list[SecretDelivery] | None = None,
+        tests: TestSummary | None = None,
     ) -> JobInfo:
-        values = job.model_dump(include=set(cls.model_fields) - {"agent", "steps", "secret_deliveries"})
+        values = job.model_dump(include=set(cls.model_fields) - {"agent", "steps", "secret_deliveries", "tests"})
         return cls(**values, agent=job.agent_id, steps=[StepInfo.of(s) for s in steps or []],
-                   secret_deliveries=[SecretDeliveryInfo.of(d) for d in deliveries or []])
+                   secret_deliveries=[SecretDeliveryInfo.of(d) for d in deliveries or []], tests=tests)
 
 
 class RunDetail(RunInfo):
@@ -160,7 +167,8 @@ async def _jobs_with_steps(state: AppState, run_id: str) -> list[JobInfo]:
         deliveries: dict[str, list[SecretDelivery]] = {}
         for delivery in await list_run_deliveries(conn, run_id):
             deliveries.setdefault(delivery.job_id, []).append(delivery)
-    return [JobInfo.of(j, steps.get(j.id), deliveries.get(j.id)) for j in found]
+        tests = await job_summaries(conn, run_id)
+    return [JobInfo.of(j, steps.get(j.id), deliveries.get(j.id), tests.get(j.id)) for j in found]
 
 
 class CancelRequest(BaseModel):

@@ -40,6 +40,7 @@ from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogLineOut
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import audit, outbox, runs, sessions, tokens
+from kici.orchestrator.store import test_reports as report_store
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.web import graph as job_graph
 from kici.orchestrator.web.access import (
@@ -68,6 +69,8 @@ LIVE_MAX_S = 3600.0
 """A stream ends after this long; the browser's EventSource reconnects from its last cursor."""
 RUNS_PAGE_SIZE = 50
 REPORTS_LIMIT = 100
+FAILING_TESTS_SHOWN = 50
+"""Failing tests listed under a job's steps; `kici-admin runs tests RUN_ID --failed` has them all."""
 """A run's reports shown on its page (check-run updates and notifications; newest first)."""
 
 State = Annotated[AppState, Depends(app_state)]
@@ -382,9 +385,13 @@ async def run_page(request: Request, run_id: str, state: State) -> Response:
         needs = await runs.list_needs(conn, run.id)
         job = _pick_job(jobs, q.get("job"))
         steps = await runs.list_steps(conn, job.id) if job is not None else []
+        tests = await report_store.job_summary(conn, run.id, job.id) if job is not None else None
+        failures = (await report_store.job_failures(conn, job.id, limit=FAILING_TESTS_SHOWN)
+                    if job is not None and tests is not None and (tests.failed or tests.errors) else [])
     graph = job_graph.build_graph(jobs, needs)
     context: dict[str, Any] = dict(run=run, jobs=jobs, job=job, steps=steps, graph=graph, jg=job_graph,
-                                   live=not is_run_terminal(run.status), notice=q.get("notice"))
+                                   live=not is_run_terminal(run.status), notice=q.get("notice"),
+                                   tests=tests, failures=failures)
     if q.get("fragment") == "jobs":
         return _render(request, "_run_jobs.html", viewer, **context)
     log: LogView | None = None
