@@ -173,6 +173,7 @@ def build_dispatch(
         artifacts_when=(lock_job.artifacts_when or "success") if lock_job is not None else "success",
         python=lock_job.python if lock_job is not None else None,
         python_venv=bool(lock_job is not None and lock_job.python_venv),
+        resources=lock_job.resources if lock_job is not None else None,
         attempt=attempt,
         timestamp=time.time(),
     )
