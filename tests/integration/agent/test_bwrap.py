@@ -7,14 +7,18 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kici.runner.spawn import kici_bin_dirs
 
 from .conftest import TOKEN, AgentFactory, FakeOrchestrator, dispatch, marker_pids, wait_until, workflow_repo
+from .test_token_secrecy import NOBODY, SYSTEM_PYTHON, _system_python_env, needs_system_python
+from .test_toolchains import _assert_no_agent_dirs, _body, _other_interpreter, _value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,6 +83,17 @@ contain = job("contain", steps=[step("probe", probe), "python3 -c 'import sys; p
 hang = job("hang", steps=[step("sleeper", sleeper)])
 ci = workflow("ci", on=[push(branches=["main"])], jobs=[contain, hang])
 """
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the step user can reach (pytest's tmp dirs are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="kici-bwrap-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -195,3 +210,69 @@ async def test_the_agent_refuses_a_sandbox_it_cannot_provide(
     assert await missing.wait_exit() == 2
     assert "KICI_SANDBOX=bwrap needs bubblewrap (`bwrap`), not found on PATH" in missing.output
     assert orchestrator.connections == []
+
+
+@requires_bwrap
+@pytest.mark.parametrize("venv", [False, True])
+async def test_python_toolchains_work_inside_bwrap_without_the_agents_interpreter_on_path(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path, venv: bool
+) -> None:
+    other = await _other_interpreter()
+    repo = workflow_repo(tmp_path / "repo", _body(other.minor, venv))
+    start_agent(orchestrator, KICI_SANDBOX="bwrap", KICI_PYTHONS=other.path)
+    await orchestrator.wait_registered()
+    message = dispatch(repo, "t", python=other.minor, python_venv=venv)
+    await orchestrator.send(message)
+    final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", "\n".join(orchestrator.log_lines(message["job_id"]))
+    lines = orchestrator.log_lines(message["job_id"], 0)
+    assert _value(lines, "PY") == other.full
+    path = _value(lines, "PATH")
+    _assert_no_agent_dirs(path)
+    if venv:
+        assert _value(lines, "VENV") == path.split(os.pathsep)[0].removesuffix("/bin")
+    else:
+        assert os.path.realpath(os.path.join(path.split(os.pathsep)[0], "python")) == other.real_path
+
+
+STEP_USER_BODY = """
+import os
+
+def who(ctx):
+    return {"uid": os.getuid(), "token": os.path.exists(ctx.env["TOKEN_FILE"]), "home": ctx.env["HOME"],
+            "home_writable": os.access(ctx.env["HOME"], os.W_OK)}
+
+who_job = job("who", steps=[step("who", who)])
+hog = job("hog", steps=["python3 -c \\"x = 'x' * (1024 << 20)\\""])
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[who_job, hog])
+"""
+
+
+@requires_bwrap
+@needs_system_python
+async def test_a_root_agent_runs_bwrap_jobs_as_the_step_user_under_limits(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, agent_env: Any, shared_dir: Path, tmp_path: Path
+) -> None:
+    assert NOBODY is not None
+    repo = workflow_repo(shared_dir / "repo", STEP_USER_BODY)
+    token_file, _ = _secrets(tmp_path)
+    env = agent_env(orchestrator, KICI_WORK_DIR=str(shared_dir / "work"), KICI_AGENT_TOKEN="",
+                    KICI_AGENT_TOKEN_FILE=str(token_file), KICI_AGENT_STEP_USER="nobody", KICI_SANDBOX="bwrap",
+                    KICI_JOB_MEMORY="256M", **_system_python_env())
+    env.pop("KICI_AGENT_TOKEN")
+    agent = start_agent(env=env, command=[SYSTEM_PYTHON, "-m", "kici.agent"])
+    await orchestrator.wait_registered()
+    who = dispatch(repo, "who", env={"TOKEN_FILE": str(token_file)})
+    await orchestrator.send(who)
+    final = await orchestrator.wait_terminal(who["job_id"])
+    assert final["state"] == "success", ("\n".join(orchestrator.log_lines(who["job_id"])), agent.output)
+    seen = final["outputs"]["who"]
+    assert seen["uid"] == NOBODY.pw_uid and seen["token"] is False and seen["home_writable"] is True
+    setup = orchestrator.log_lines(who["job_id"], -1)
+    assert any("memory=256 MiB" in line for line in setup), setup
+    hog = dispatch(repo, "hog")
+    await orchestrator.send(hog)
+    final = await orchestrator.wait_terminal(hog["job_id"])
+    assert final["failure_category"] in ("memory_limit", "resources") and final["state"] == "failed", final
+    if any("enforced by cgroup" in line for line in setup):
+        assert final["failure_category"] == "memory_limit"
