@@ -121,7 +121,7 @@ class AgentSettings(BaseModel):
     sandbox_network: SandboxNetwork = Field(
         default="host",
         description="Network of job steps: `host` (the machine's network) or `none` (a network namespace of "
-        "their own with only loopback; needs `KICI_SANDBOX=userns` or `bwrap`, refused with `process`).",
+        "their own: only its own loopback with `bwrap`, no interface at all with `userns`; refused with `process`).",
     )
     resource_limits: ResourceLimiter = Field(
         default="auto",

@@ -209,6 +209,14 @@ async def test_the_agent_refuses_a_sandbox_it_cannot_provide(
     missing = start_agent(orchestrator, KICI_SANDBOX="bwrap", PATH=str(no_bwrap_path))
     assert await missing.wait_exit() == 2
     assert "KICI_SANDBOX=bwrap needs bubblewrap (`bwrap`), not found on PATH" in missing.output
+    # a bwrap that cannot create namespaces here (what it prints where user namespaces are off)
+    broken = no_bwrap_path / "bwrap"
+    broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    refused = start_agent(orchestrator, KICI_SANDBOX="bwrap", PATH=str(no_bwrap_path))
+    assert await refused.wait_exit() == 2
+    assert ("KICI_SANDBOX=bwrap: bubblewrap cannot create its sandbox here (bwrap: No permissions to creating new "
+            "namespace)") in refused.output
     assert orchestrator.connections == []
 
 

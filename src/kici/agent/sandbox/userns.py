@@ -5,8 +5,8 @@ signal or ptrace anything of the host, cannot change the host's hostname or Syst
 make stay private. When the namespace's first process (the runner) dies, the kernel kills everything
 left in it, which makes cancel airtight. Inside, the job runs as uid 0 mapped to the agent's own uid:
 no real privilege, files it writes belong to the agent user. With `KICI_SANDBOX_NETWORK=none` it also
-gets its own network namespace (loopback only). Not given: filesystem isolation (the host's files are
-visible with the agent user's rights).
+gets its own network namespace, in which no interface is up (not even loopback). Not given: filesystem
+isolation (the host's files are visible with the agent user's rights).
 """
 
 from __future__ import annotations
