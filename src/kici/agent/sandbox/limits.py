@@ -219,6 +219,15 @@ def _kill_and_remove(dirs: Sequence[Path]) -> None:
                 time.sleep(0.02)
 
 
+def _fresh(directory: Path) -> Path:
+    """A new, empty cgroup at `directory`: one left over by an agent that died is emptied and replaced, so
+    its counters (an old OOM kill) never speak for this job."""
+    if directory.exists():
+        _kill_and_remove([directory])
+    directory.mkdir()
+    return directory
+
+
 def _join_prefix(sh: str, procs_files: Sequence[Path], run_as: tuple[int, int] | None,
                  setpriv: str | None) -> list[str]:
     files = " ".join(shlex.quote(str(f)) for f in procs_files)
@@ -349,8 +358,7 @@ class Cgroup1Limiter(Limiter):
             for controller, value in wanted.items():
                 if value is None:
                     continue
-                directory = self.bases[controller] / _job_dir_name(job_id)
-                directory.mkdir(exist_ok=True)
+                directory = _fresh(self.bases[controller] / _job_dir_name(job_id))
                 dirs[controller] = directory
                 if controller == "memory":
                     _write(directory / "memory.limit_in_bytes", str(limits.memory))
@@ -418,8 +426,7 @@ class Cgroup2Limiter(Limiter):
 
     def cage(self, job_id: str, limits: ResourceLimits) -> JobCage:
         assert self.base is not None
-        directory = self.base / _job_dir_name(job_id)
-        directory.mkdir(exist_ok=True)
+        directory = _fresh(self.base / _job_dir_name(job_id))
         try:
             if limits.memory is not None:
                 _write(directory / "memory.max", str(limits.memory))
