@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv if missing, installs KiCI with its test extras, then runs ruff, mypy (strict on engine/,
 # orchestrator/, admin/ and agent/) and the whole pytest suite. Extra arguments go to pytest. Installs the
-# distribution's Chromium (apt-get, when root) if /usr/bin/chromium is missing, for the browser tests.
+# distribution's Chromium (apt-get, when root) if /usr/bin/chromium is missing, for the browser tests, and
+# bubblewrap (`bwrap`) for the agent's KICI_SANDBOX=bwrap tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
@@ -20,6 +21,17 @@ if [ ! -x /usr/bin/chromium ]; then
     else
         echo "== /usr/bin/chromium is missing and this is not root with apt-get: install the 'chromium' package," \
              "or the browser tests (tests/browser) fail" >&2
+    fi
+fi
+# The agent's bwrap sandbox tests (tests/integration/agent/test_bwrap.py) run the distribution's bubblewrap.
+if ! command -v bwrap >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "== bwrap is missing: installing the distribution's bubblewrap (apt-get) for the sandbox tests"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap
+    else
+        echo "== bwrap is missing and this is not root with apt-get: install the 'bubblewrap' package," \
+             "or the bwrap sandbox tests are skipped" >&2
     fi
 fi
 echo "== pytest"

@@ -53,3 +53,16 @@ async def test_run_local_uses_a_matching_interpreter_or_fails_the_job(repo_facto
     assert path[0] == os.path.join(values["VENV"], "bin")
     hidden = kici_bin_dirs()
     assert not [e for e in path if os.path.normpath(e) in hidden or os.path.realpath(e) in hidden]
+
+
+def test_run_local_names_the_resources_it_does_not_enforce(repo_factory: Repo) -> None:
+    workflow = (
+        "from kici import Resources, job, push, workflow\n"
+        "j = job('j', run='echo ran', resources=Resources(memory='1G', pids=100))\n"
+        "ci = workflow('ci', on=[push(branches=['main'])], jobs=[j])\n"
+    )
+    repo = repo_factory({".kici/workflows/ci.py": workflow})
+    assert run_kici("compile", cwd=repo).returncode == 0
+    out = run_kici("run", "local", "push", "--branch", "main", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[j] │ resources memory=1 GiB pids=100: not enforced by `kici run local` (agents enforce them)" in out.stdout

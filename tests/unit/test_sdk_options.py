@@ -41,6 +41,7 @@ ENVIRONMENT_REVIEWERS = "tests/integration/orchestrator/test_environments.py::te
 DISPATCH_INPUTS = "tests/integration/orchestrator/test_manual_runs.py::test_inputs_validated"
 ARTIFACTS = "tests/e2e/test_artifacts.py"
 INPUT_DESCRIPTION = "tests/unit/test_inputs.py::test_a_missing_required_input_is_described"
+LIMITS_MEMORY = "tests/integration/agent/test_limits.py::test_a_memory_hog_fails_with_the_category_and_the_agent_lives"
 
 def enforced(node_id: str) -> tuple[str, str]:
     return ("enforced", node_id)
@@ -123,6 +124,10 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "job(python)": enforced(
         "tests/integration/agent/test_toolchains.py::test_step_runs_the_chosen_python_first_on_path"
     ),
+    "job(resources)": enforced(LIMITS_MEMORY),
+    "Resources.memory": enforced(LIMITS_MEMORY),
+    "Resources.cpus": enforced(LIMITS_MEMORY),
+    "Resources.pids": enforced("tests/integration/agent/test_limits.py::test_a_fork_loop_stops_at_the_pids_limit"),
     "job(python_venv)": enforced(
         "tests/integration/agent/test_toolchains.py::test_python_venv_gives_each_job_a_fresh_virtualenv"
     ),
@@ -265,7 +270,7 @@ def sdk_options() -> set[str]:
     names |= {f"workflow({p})" for p in _params(definitions.workflow)}
     for fn in (definitions.need, definitions.rule, definitions.skip):
         names |= {f"{fn.__name__}({p})" for p in _params(fn)}
-    for cls in (definitions.Retry, definitions.Concurrency, definitions.Cache):
+    for cls in (definitions.Retry, definitions.Concurrency, definitions.Cache, definitions.Resources):
         names |= {f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls)}
     for name, fn in _trigger_builders().items():
         names.add(f"{name}()")

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from kici.engine.labels import auto_labels, validate_user_labels
+from kici.engine.resources import ResourceLimits, parse_cpus, parse_memory, parse_pids
 from kici.engine.settings_meta import did_you_mean
 from kici.engine.settings_meta import unknown_env_vars as _unknown_env_vars
 
@@ -34,7 +35,9 @@ and must not refuse to start because of them."""
 AGENT_ID_FILE = "agent-id"
 DEFAULT_WORK_DIR_DOC = "`$XDG_STATE_HOME/kici-agent`, else `~/.local/state/kici-agent`"
 
-Sandbox = Literal["process", "userns"]
+Sandbox = Literal["process", "userns", "bwrap"]
+SandboxNetwork = Literal["host", "none"]
+ResourceLimiter = Literal["auto", "cgroup2", "cgroup1", "rlimit"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -110,8 +113,57 @@ class AgentSettings(BaseModel):
     sandbox: Sandbox = Field(
         default="process",
         description="How the runner of each job is isolated: `process` (own session and process group, "
-        "allow-listed environment) or `userns` (additionally unprivileged user, PID, mount, IPC and UTS "
-        "namespaces via `unshare`; start-up fails when they are not available). See [security](security.md).",
+        "allow-listed environment), `userns` (additionally unprivileged user, PID, mount, IPC and UTS "
+        "namespaces via `unshare`) or `bwrap` (bubblewrap: additionally only the job's workspace and the "
+        "system directories visible, read-only except the workspace, private `/tmp`). Start-up fails when the "
+        "chosen backend cannot work here. See [security](security.md).",
+    )
+    sandbox_network: SandboxNetwork = Field(
+        default="host",
+        description="Network of job steps: `host` (the machine's network) or `none` (a network namespace of "
+        "their own: only its own loopback with `bwrap`, no interface at all with `userns`; refused with `process`).",
+    )
+    resource_limits: ResourceLimiter = Field(
+        default="auto",
+        description="How job resource limits (`resources=` and the `KICI_JOB_*` defaults) are enforced: "
+        "`cgroup2` (a delegated cgroup v2 subtree with the memory, pids and cpu controllers), `cgroup1` (the "
+        "v1 memory, pids and cpu hierarchies, writable by the agent), `rlimit` (per-process rlimits and CPU "
+        "affinity: the last resort) or `auto` (the first of these that works here). A mechanism named "
+        "explicitly that does not work stops start-up. See [security](security.md#resource-limits).",
+    )
+    job_cpus: float | None = Field(
+        default=None,
+        description="CPU limit (a number of CPUs, e.g. `2` or `0.5`) of jobs whose `resources=` sets none.",
+        json_schema_extra=_doc_default("unset (not limited)"),
+    )
+    job_memory: int | None = Field(
+        default=None,
+        description="Memory limit (`512M`, `4G`, `1.5G`; K/M/G/T are powers of 1024) of jobs whose "
+        "`resources=` sets none.",
+        json_schema_extra=_doc_default("unset (not limited)"),
+    )
+    job_pids: int | None = Field(
+        default=None,
+        description="Limit of processes and threads at once of jobs whose `resources=` sets none.",
+        json_schema_extra=_doc_default("unset (not limited)"),
+    )
+    job_max_cpus: float | None = Field(
+        default=None,
+        description="Largest CPU limit a job may ask for; a job asking for more fails (category `resources`) "
+        "instead of running with less than it declared.",
+        json_schema_extra=_doc_default("unset (no maximum)"),
+    )
+    job_max_memory: int | None = Field(
+        default=None,
+        description="Largest memory limit a job may ask for (same form as `KICI_JOB_MEMORY`); a job asking for "
+        "more fails (category `resources`).",
+        json_schema_extra=_doc_default("unset (no maximum)"),
+    )
+    job_max_pids: int | None = Field(
+        default=None,
+        description="Largest process limit a job may ask for; a job asking for more fails (category "
+        "`resources`).",
+        json_schema_extra=_doc_default("unset (no maximum)"),
     )
     max_log_size_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024,
@@ -234,7 +286,30 @@ class AgentSettings(BaseModel):
             raise ValueError("must be at most 200 characters without whitespace")
         return value
 
-    @field_validator("sandbox", "log_level", mode="before")
+    @field_validator("job_memory", "job_max_memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> Any:
+        return None if value is None else parse_memory(value.strip() if isinstance(value, str) else value)
+
+    @field_validator("job_cpus", "job_max_cpus", mode="before")
+    @classmethod
+    def _cpus(cls, value: Any) -> Any:
+        return None if value is None else parse_cpus(value)
+
+    @field_validator("job_pids", "job_max_pids", mode="before")
+    @classmethod
+    def _pids(cls, value: Any) -> Any:
+        return None if value is None else parse_pids(value)
+
+    @model_validator(mode="after")
+    def _defaults_within_maxima(self) -> AgentSettings:
+        for name in ("cpus", "memory", "pids"):
+            default, ceiling = getattr(self, f"job_{name}"), getattr(self, f"job_max_{name}")
+            if default is not None and ceiling is not None and default > ceiling:
+                raise ValueError(f"KICI_JOB_{name.upper()} is above KICI_JOB_MAX_{name.upper()}")
+        return self
+
+    @field_validator("sandbox", "sandbox_network", "resource_limits", "log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -254,6 +329,14 @@ class AgentSettings(BaseModel):
     def http_base_url(self) -> str:
         """The orchestrator's HTTP base (with its base path): where artifacts are uploaded."""
         return http_base_url(self.orchestrator_url)
+
+    @property
+    def job_default_limits(self) -> ResourceLimits:
+        return ResourceLimits(cpus=self.job_cpus, memory=self.job_memory, pids=self.job_pids)
+
+    @property
+    def job_max_limits(self) -> ResourceLimits:
+        return ResourceLimits(cpus=self.job_max_cpus, memory=self.job_max_memory, pids=self.job_max_pids)
 
     @property
     def jobs_dir(self) -> Path:

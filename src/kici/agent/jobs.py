@@ -29,7 +29,8 @@ from kici.agent.connection import Connection, new_message_id
 from kici.agent.git import CloneCancelled, CloneError, Cloner
 from kici.agent.log import log_event
 from kici.agent.logs import FLUSH_INTERVAL_S, LogStreamer
-from kici.agent.sandbox import SandboxBackend
+from kici.agent.sandbox import Execution, ExecutionRequest, SandboxBackend
+from kici.agent.sandbox.limits import effective_limits
 from kici.agent.step_user import StepUser, give_tree, identity_env
 from kici.engine import protocol as p
 from kici.engine.content_hash import workflow_content_hash
@@ -45,7 +46,7 @@ from kici.engine.runner_protocol import (
     StepStatus,
 )
 from kici.runner import toolchains
-from kici.runner.client import RunnerProcess, safe_base_env
+from kici.runner.client import safe_base_env
 from kici.runner.toolchains import Interpreter
 
 FORCE_CANCEL_GRACE_S = 2.0
@@ -92,7 +93,9 @@ class Job:
     masker: SecretMasker
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
-    runner: RunnerProcess | None = None
+    execution: Execution | None = None
+    interpreter: Interpreter | None = None
+    """The job's `python=` interpreter (its installation must be visible in the sandbox)."""
     cloner: Cloner | None = None
     cancel_requested: tuple[bool, str] | None = None
     finished: bool = False
@@ -271,13 +274,13 @@ class JobManager:
         log_event("job.cancel_requested", job_id=job.job_id, run_id=job.run_id, force=force, reason=reason)
         if job.cloner is not None:
             job.cloner.cancel()
-        if job.runner is not None:
-            self._spawn(self._cancel_runner(job, job.runner))
+        if job.execution is not None:
+            self._spawn(self._cancel_execution(job, job.execution))
 
-    async def _cancel_runner(self, job: Job, runner: RunnerProcess) -> None:
+    async def _cancel_execution(self, job: Job, execution: Execution) -> None:
         assert job.cancel_requested is not None
         force, reason = job.cancel_requested
-        await runner.cancel(force=force, grace=self._cancel_grace(job, force=force), reason=reason)
+        await execution.cancel(force=force, grace=self._cancel_grace(job, force=force), reason=reason)
 
     def _cancel_grace(self, job: Job, *, force: bool) -> float:
         """Seconds the runner gets to stop after a cancel before its whole tree is killed: the agent's
@@ -336,8 +339,10 @@ class JobManager:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
-            if job.runner is not None and job.runner.returncode is None:
-                await self.backend.kill(job.runner, grace=FORCE_CANCEL_GRACE_S)
+            if job.execution is not None:
+                if job.execution.running:
+                    await job.execution.terminate(grace=FORCE_CANCEL_GRACE_S)
+                await job.execution.cleanup()
             await asyncio.to_thread(workspace.remove, job.workspace)
             await asyncio.to_thread(workspace.remove, job.tools)
         if job.cancel_requested is not None and result.status == "failed":
@@ -390,19 +395,39 @@ class JobManager:
         python_env = await self._python_env(job, setup_line)
         if isinstance(python_env, JobResult):
             return python_env
+        limits = effective_limits(dispatch.resources, self.settings.job_default_limits,
+                                  self.settings.job_max_limits)
+        if isinstance(limits, str):
+            setup_line(f"[error] {limits}")
+            return JobResult(status="failed", error=limits, failure_category="resources")
+        if not limits.is_empty() and self.backend.limiter is None:
+            error = (f"resources: this agent cannot enforce resource limits ({limits.describe()}): no limit "
+                     "mechanism works here (see KICI_RESOURCE_LIMITS)")
+            setup_line(f"[error] {error}")
+            return JobResult(status="failed", error=error, failure_category="resources")
         spec = self.job_spec(job, python_env)
         if self.step_user is not None:  # the checkout becomes the step user's: steps may write to it
             await asyncio.to_thread(give_tree, job.workspace, self.step_user)
             if job.tools.exists():
                 await asyncio.to_thread(give_tree, job.tools, self.step_user)
-        runner = await self.backend.start(spec, run_as=self.step_user.run_as if self.step_user else None)
-        job.runner = runner
+        execution = self.backend.prepare(ExecutionRequest(
+            spec=spec, workspace=job.workspace, scratch_dir=job.tools,
+            limits=None if limits.is_empty() else limits,
+            run_as=self.step_user.run_as if self.step_user else None,
+            read_only_paths=toolchains.install_paths(job.interpreter) if job.interpreter is not None else (),
+        ))
+        job.execution = execution
+        await execution.start()
+        for line in execution.setup_lines():
+            setup_line(line)
+        runner = execution.runner
+        assert runner is not None
         if dispatch.token:
             runner.masker.add(dispatch.token)
         if job.cancel_requested is not None:
-            self._spawn(self._cancel_runner(job, runner))
+            self._spawn(self._cancel_execution(job, execution))
         result: JobResult | None = None
-        async for message in runner.messages():
+        async for message in execution.messages():
             if isinstance(message, LogLine):
                 streamer.add(message.step_index, message.line)
             elif isinstance(message, LogLines):
@@ -421,9 +446,17 @@ class JobManager:
                 continue
             elif isinstance(message, JobResult):
                 result = message
-        await self.backend.wait(runner)
+        await execution.wait()
         if result is None:  # pragma: no cover - the client always ends with a result
             result = JobResult(status="failed", error="runner ended without a result", failure_category="internal")
+        hit = execution.limit_hit()
+        if hit is not None and result.status == "failed" and job.cancel_requested is None:
+            # a step (or the runner) was killed or refused by the limit: that is the failure's cause
+            setup_line(f"[error] {hit.message}")
+            result = result.model_copy(update={
+                "error": hit.message + (f"\n{result.error}" if result.error else ""),
+                "failure_category": hit.category,
+            })
         await self._send_test_reports(job, result, setup_line)
         result = await self._upload_artifacts(job, result, setup_line)
         if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
@@ -481,6 +514,7 @@ class JobManager:
         except toolchains.ToolchainError as exc:
             setup_line(f"[error] {exc}")
             return JobResult(status="failed", error=str(exc), failure_category="toolchain")
+        job.interpreter = interpreter
         setup_line(f"python {interpreter.full}: {interpreter.path}"
                    + (f" (virtualenv {env['VIRTUAL_ENV']})" if "VIRTUAL_ENV" in env else ""))
         log_event("job.python", job_id=job.job_id, python=interpreter.full, path=interpreter.path,
@@ -539,16 +573,16 @@ class JobManager:
                 job.cancel_requested = (False, "agent shutting down")
                 if job.cloner is not None:
                     job.cloner.cancel()
-                if job.runner is not None:
+                if job.execution is not None:
                     grace = min(self.settings.cancel_grace_ms / 1000, max(0.1, timeout * 0.7))
-                    self._spawn(job.runner.cancel(force=False, grace=grace, reason="agent shutting down"))
+                    self._spawn(job.execution.cancel(force=False, grace=grace, reason="agent shutting down"))
         if not await self.wait_idle(max(0.0, deadline - time.monotonic())):
             for job in self.active:
                 job.cancel_requested = (True, "agent shutting down")
                 if job.cloner is not None:
                     job.cloner.cancel()
-                if job.runner is not None:
-                    await self.backend.kill(job.runner, grace=0)
+                if job.execution is not None:
+                    await job.execution.terminate(grace=0)
             await self.wait_idle(5.0)
         for task in [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]:
             task.cancel()

@@ -29,6 +29,7 @@ from kici.agent.health import HealthServer, prometheus_text, uptime_since
 from kici.agent.jobs import JobManager, kici_version
 from kici.agent.log import log_event
 from kici.agent.sandbox import SandboxBackend, SandboxUnavailable, get_backend
+from kici.agent.sandbox.limits import Limiter, LimitsUnavailable, get_limiter
 from kici.agent.secrecy import (
     TOKEN_FD_FLAG,
     SecrecyError,
@@ -170,7 +171,9 @@ class Agent:
                       f"{self.settings.health_host}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
         log_event("agent.started", agent_id=self.agent_id, labels=self.labels, url=self.settings.websocket_url,
-                  max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name, version=kici_version(),
+                  max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name,
+                  sandbox_network=self.backend.network,
+                  resource_limits=self.backend.limiter.name if self.backend.limiter else None, version=kici_version(),
                   kici_hash=kici_build_hash(), uid=os.getuid(),
                   step_user=self.step_user.name if self.step_user else None, non_dumpable=is_dumpable() is False)
         connection = asyncio.create_task(self.connection.run())
@@ -258,10 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     for warning in user_warnings:
         log_event("config.warning", level="warning", message=warning)
     try:
-        backend = get_backend(settings.sandbox)
+        limiter = choose_limiter(settings)
+        backend = get_backend(settings.sandbox, network=settings.sandbox_network, limiter=limiter,
+                              run_as=step_user.run_as if step_user is not None else None)
         workspace.prepare_work_dir(settings.work_dir, step_user=step_user is not None)
         agent_id = resolve_agent_id(settings)
-    except SandboxUnavailable as exc:
+    except (SandboxUnavailable, LimitsUnavailable) as exc:
         print(f"kici-agent: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
@@ -273,6 +278,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"kici-agent: KICI_PYTHONS: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(asyncio.run(Agent(settings, agent_id, backend, step_user, interpreters).run()))
+
+
+def choose_limiter(settings: AgentSettings) -> Limiter | None:
+    """The resource limit mechanism (`KICI_RESOURCE_LIMITS`). `LimitsUnavailable` (start-up fails) when one
+    named explicitly, or any while `KICI_JOB_*` defaults are set, cannot work; with `auto` and no defaults
+    the agent starts without one and fails only jobs that declare `resources=`."""
+    try:
+        limiter, skipped = get_limiter(settings.resource_limits)
+    except LimitsUnavailable as exc:
+        if settings.resource_limits != "auto" or not settings.job_default_limits.is_empty():
+            raise LimitsUnavailable(f"KICI_RESOURCE_LIMITS={settings.resource_limits}: {exc}") from None
+        log_event("limits.unavailable", level="warning", reason=str(exc),
+                  effect="jobs declaring resources= fail on this agent")
+        return None
+    log_event("limits.mechanism", mechanism=limiter.name, skipped=skipped or None)
+    return limiter
 
 
 async def find_interpreters(settings: AgentSettings) -> list[Interpreter]:

@@ -537,6 +537,9 @@ class LocalExecutor:
             run_status=job.run_status,  # type: ignore[arg-type]
         )
         self.printer.line(job, "▶ started", fg="blue")
+        if lock_job is not None and lock_job.resources is not None:
+            self.printer.line(job, f"│ resources {lock_job.resources.describe()}: not enforced by `kici run local` "
+                              "(agents enforce them)", fg="yellow")
         if self.warm is not None:
             proc, self.warm = self.warm, None
             await proc.hand(spec)

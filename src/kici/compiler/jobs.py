@@ -21,6 +21,7 @@ from kici.engine.labels import conflicting_labels
 from kici.engine.matrix import MATRIX_LIMIT, MatrixTooLargeError, expand_matrix
 from kici.engine.needs import find_cycle, run_on_for
 from kici.engine.regex_safety import regex_problem
+from kici.engine.resources import ResourceLimits, parse_cpus, parse_memory, parse_pids
 from kici.sdk import definitions as d
 from kici.sdk.naming import job_names, step_names
 
@@ -131,6 +132,7 @@ def convert_job(
         test_reports=_test_reports(job.test_reports, where),
         python=_python(job.python, where),
         python_venv=_python_venv(job, where),
+        resources=_resources(job.resources, where),
     )
 
 
@@ -155,6 +157,29 @@ def _python_venv(job: d.Job, where: Collector) -> bool | None:
         where.error("python_venv=True needs python= (the interpreter to create the virtualenv with)")
         return None
     return job.python_venv or None
+
+
+def _resources(value: Any, where: Collector) -> ResourceLimits | None:
+    """`resources=Resources(cpus=2, memory="4G", pids=1024)`: validated, memory in bytes."""
+    if value is None:
+        return None
+    if not isinstance(value, d.Resources):
+        where.error(f"resources={value!r} must be kici.Resources(cpus=…, memory=…, pids=…)")
+        return None
+    fields: dict[str, Any] = {}
+    for name, parse in (("cpus", parse_cpus), ("memory", parse_memory), ("pids", parse_pids)):
+        given = getattr(value, name)
+        if given is None:
+            continue
+        try:
+            fields[name] = parse(given)
+        except ValueError as exc:
+            where.error(f"resources: {exc}")
+    if not fields:
+        if value.cpus is value.memory is value.pids is None:
+            where.error("resources=Resources() sets no limit; give cpus=, memory= or pids= (or leave it out)")
+        return None
+    return ResourceLimits(**fields)
 
 
 def convert_step(step: d.Step, name: str, file: str, where: Collector) -> lf.Step:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from kici.engine.regex_safety import glob_problem, regex_problem
+from kici.engine.resources import ResourceLimits
 
 SCHEMA_VERSION = 1
 """Version of the lock-file format. The orchestrator and agent accept exactly this value."""
@@ -415,6 +416,8 @@ class Job(LockModel):
     """`python=`: "3", "3.12" or "3.12.7"; the job runs on an agent labelled `kici:python:<it>`."""
     python_venv: bool | None = None
     """`python_venv=True`: the steps run in a fresh virtualenv of that interpreter."""
+    resources: ResourceLimits | None = None
+    """`resources=Resources(...)`: CPU, memory (bytes) and process limits the agent enforces."""
 
     @field_validator("secrets")
     @classmethod

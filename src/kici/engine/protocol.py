@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from kici.engine.resources import ResourceLimits
+
 PROTOCOL_VERSION = 1
 
 AUTH_TIMEOUT_S = 5.0
@@ -237,6 +239,8 @@ class JobDispatch(Message):
     """The job's `python=` ("3", "3.12" or "3.12.7"): the agent puts that interpreter first on PATH."""
     python_venv: bool = False
     """With `python`: the steps run in a fresh virtualenv of that interpreter (VIRTUAL_ENV set)."""
+    resources: ResourceLimits | None = None
+    """The job's `resources=` (lock file); the agent combines them with its defaults and maxima."""
     attempt: int = 1
     timestamp: float
 

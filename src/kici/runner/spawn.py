@@ -114,11 +114,13 @@ def popen_runner(
     env: Mapping[str, str] | None = None,
     argv_prefix: Sequence[str] = (),
     run_as: tuple[int, int] | None = None,
+    scratch: str | None = None,
 ) -> Spawned:
     """Start `python -m kici.runner` in a new session; it waits for its spec on stdin. `run_as` (uid, gid):
     the runner drops to that user (no supplementary groups) before it executes anything, and its scratch
-    directory is that user's."""
-    scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
+    directory is that user's. `scratch`: the runner's TMPDIR made by the caller (a sandbox that must know
+    it before building `argv_prefix`); it is the runner's from here on and removed with it."""
+    scratch = scratch if scratch is not None else tempfile.mkdtemp(prefix="kici-runner-scratch-")
     environment = dict(env) if env is not None else runner_env()
     environment["TMPDIR"] = scratch
     identity: dict[str, object] = {}

@@ -308,6 +308,18 @@ async def prepare(
     return interpreter, env
 
 
+def install_paths(interpreter: Interpreter) -> tuple[Path, ...]:
+    """The directories an interpreter's installation lives in (its prefix: the parent of its `bin`, else its
+    own directory), as found and resolved: what a filesystem sandbox must show for it to run."""
+    found: list[Path] = []
+    for path in (Path(interpreter.path), Path(interpreter.real_path)):
+        home = path.parent
+        prefix = home.parent if home.name == "bin" else home
+        if prefix not in found:
+            found.append(prefix)
+    return tuple(found)
+
+
 def apply(base: Mapping[str, str], python_env: Mapping[str, str]) -> dict[str, str]:
     """`base` (an already cleaned step environment) with `prepare`'s variables in front."""
     env = dict(base)

@@ -60,6 +60,20 @@ class Cache:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """Limits for all of a job's processes together: `Resources(cpus=2, memory="4G", pids=1024)`.
+
+    `cpus`: CPU time as a number of CPUs (0.5, 1, 2); `memory`: a size such as "512M", "4G" or "1.5G"
+    (powers of 1024); `pids`: processes and threads at the same time. Unset fields take the agent's
+    defaults. A job over its memory limit fails with the category `memory_limit`.
+    """
+
+    cpus: float | None = None
+    memory: str | int | None = None
+    pids: int | None = None
+
+
+@dataclass(frozen=True)
 class Rule:
     """A condition checked on the agent before a job or step: false skips it.
 
@@ -238,6 +252,8 @@ class Job:
     the orchestrator keeps their per-test results (docs/user/test-reports.md)."""
     python: str | None = None
     python_venv: bool = False
+    resources: Resources | None = None
+    """Resource limits of the job (`Resources(cpus=…, memory=…, pids=…)`), see docs/user/resources.md."""
     has_run: bool = False
     has_steps: bool = True
 
@@ -251,6 +267,7 @@ _JOB_OPTIONS = frozenset(
         "secrets", "concurrency_group", "timeout", "grace_period", "rules", "cache", "continue_on_error",
         "on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step",
         "artifacts", "artifacts_when", "test_reports", "python", "python_venv",
+        "resources",
     }
 )
 

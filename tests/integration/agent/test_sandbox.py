@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,37 @@ async def test_userns_backend_runs_a_job_in_its_own_namespaces(
     final = await orchestrator.wait_terminal(hang["job_id"])
     assert final["state"] == "cancelled"
     assert marker_pids(marker) == []
+
+
+NETWORK = """
+import errno, socket
+
+def reach(ctx):
+    try:
+        with socket.create_connection(("127.0.0.1", int(ctx.env["HOST_PORT"])), timeout=5):
+            return {"result": "connected"}
+    except OSError as exc:
+        return {"result": errno.errorcode.get(exc.errno or 0, type(exc).__name__)}
+
+net = job("net", steps=[step("reach", reach)])
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[net])
+"""
+
+
+@requires_userns
+async def test_userns_with_network_none_reaches_nothing(
+    orchestrator: FakeOrchestrator, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    repo = workflow_repo(tmp_path / "repo", NETWORK)
+    start_agent(orchestrator, KICI_SANDBOX="userns", KICI_SANDBOX_NETWORK="none")
+    await orchestrator.wait_registered()
+    with socket.socket() as listener:  # listening on the host's loopback: outside the job's namespace
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        message = dispatch(repo, "net", env={"HOST_PORT": str(listener.getsockname()[1])})
+        await orchestrator.send(message)
+        final = await orchestrator.wait_terminal(message["job_id"])
+    assert final["state"] == "success", "\n".join(orchestrator.log_lines(message["job_id"]))
+    # unshare --net brings no interface up, not even loopback: the host is unreachable
+    assert final["outputs"]["reach"] == {"result": "ENETUNREACH"}
+    assert "sandbox: userns (network none)" in orchestrator.log_lines(message["job_id"], -1)

@@ -37,7 +37,7 @@ def run_agent(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedP
         ({"KICI_LABELS": "linux,kici:gpu"}, "KICI_LABELS: agent label 'kici:gpu' uses the reserved 'kici:' prefix"),
         ({"KICI_MAX_CONCURENCY": "2"}, "unknown variable KICI_MAX_CONCURENCY (did you mean KICI_MAX_CONCURRENCY?)"),
         ({"KICI_ORCHESTRATOR_URL": "ftp://x"}, "KICI_ORCHESTRATOR_URL: must be an http://, https://, ws:// or wss://"),
-        ({"KICI_SANDBOX": "docker"}, "KICI_SANDBOX: Input should be 'process' or 'userns'"),
+        ({"KICI_SANDBOX": "docker"}, "KICI_SANDBOX: Input should be 'process', 'userns' or 'bwrap'"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line_per_problem(

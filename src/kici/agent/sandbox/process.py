@@ -8,17 +8,14 @@ filesystem, network or PID isolation; steps run as the agent's user.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from kici.agent.sandbox.base import SandboxBackend
-from kici.engine.runner_protocol import JobSpec
 
 
 class ProcessSandbox(SandboxBackend):
+    """The runner starts directly (`Execution._spawn_runner`, the one place a pre-started runner would
+    plug in), with no wrapper of its own."""
+
     name = "process"
 
-    def probe(self) -> None:
-        return None
-
-    def argv_prefix(self, spec: JobSpec) -> Sequence[str]:
-        return ()
+    def probe(self, run_as: tuple[int, int] | None = None) -> None:
+        self.check_network()

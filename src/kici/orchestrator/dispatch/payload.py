@@ -174,6 +174,7 @@ def build_dispatch(
         test_reports=(lock_job.test_reports or []) if lock_job is not None else [],
         python=lock_job.python if lock_job is not None else None,
         python_venv=bool(lock_job is not None and lock_job.python_venv),
+        resources=lock_job.resources if lock_job is not None else None,
         attempt=attempt,
         timestamp=time.time(),
     )
