@@ -2,13 +2,14 @@
 matrix run is in flight from the start and every restarted orchestrator receives a new push before it dies, so
 each kill lands while jobs are queued, running and finishing. Every job must end `success` and every step
 must have run exactly once: no job failed that never started (the agent reconnecting without it), none
-declared stale for heartbeats no orchestrator could receive (the stale threshold here, 2 s, is shorter than
-a restart), none run twice."""
+declared stale for heartbeats no orchestrator could receive (the stale threshold here is 4 s, and every
+fourth outage lasts longer than that), none run twice."""
 
 from __future__ import annotations
 
 import random
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from .conftest import WORKFLOW_HEADER, System, wait_for
 CYCLES = 20
 FIRST_RUN_JOBS = 30
 PUSH_JOBS = 4
+STALE_S = 4
 
 
 @pytest.mark.timeout(900)  # twenty restarts of a real orchestrator: minutes on a loaded machine
@@ -39,7 +41,7 @@ more = job("more", matrix={{"i": list(range({PUSH_JOBS}))}}, steps=[step("mark",
 ci = workflow("ci", on=[push(branches=["main"], paths=[".kici/**"])], jobs=[first])
 pushes = workflow("pushes", on=[push(branches=["main"], paths=["load/**"])], jobs=[more])
 '''
-    stale_fast = {"KICI_JOB_HEARTBEAT_INTERVAL_MS": "1000", "KICI_STALE_DETECTOR_THRESHOLD_MULTIPLIER": "2.0"}
+    stale_fast = {"KICI_JOB_HEARTBEAT_INTERVAL_MS": "1000", "KICI_STALE_DETECTOR_THRESHOLD_MULTIPLIER": "4.0"}
     orchestrator = system.start_orchestrator(**stale_fast)
     system.register_source()
     system.start_agent("a1", KICI_MAX_CONCURRENCY="3")
@@ -61,6 +63,9 @@ pushes = workflow("pushes", on=[push(branches=["main"], paths=["load/**"])], job
             wait_for(lambda n=seen: len(list(marks.iterdir())) > n, within=30, what="another job to start")
         orchestrator.proc.send_signal(signal.SIGKILL)
         orchestrator.proc.wait(timeout=10)
+        if cycle % 4 == 3:  # an outage longer than the stale threshold: heartbeats nobody could receive
+            killed = time.monotonic()
+            wait_for(lambda t=killed: time.monotonic() - t > STALE_S + 1, within=STALE_S + 5, what="the outage")
         orchestrator = system.start_orchestrator(**stale_fast)
     statuses: dict[str, str] = {}
     failed: dict[str, tuple[str, str | None]] = {}

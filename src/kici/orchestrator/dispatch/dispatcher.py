@@ -594,7 +594,7 @@ class Dispatcher:
         async with self.db.transaction() as conn:
             requeued = await queue_store.reject(
                 conn, reject.job_id, agent.agent_id, max_attempts=self.settings.dispatch_max_attempts,
-                limits=self.limits,
+                limits=self.limits, transient=reject.reason in ("busy", "draining"),
             )
         slots = self._slots_of(agent)
         if slots is not None:

@@ -318,10 +318,15 @@ async def reject(
     *,
     max_attempts: int | None = None,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    transient: bool = False,
 ) -> Literal["requeued", "failed"] | None:
     """`job.reject` (busy, draining, unsupported): the row goes back to `pending` in its original place in
     line, the agent is cleared — or, once the job was handed out `max_attempts` times, the job fails. None
-    for a foreign agent or a row not dispatched (or a job already started)."""
+    for a foreign agent or a row not dispatched (or a job already started).
+
+    `transient` (the agent was busy or draining: a state of the agent, not of the job): the hand-out does
+    not count as an attempt and never fails the job. Agents' slot counts can be briefly wrong after a
+    reconnect (jobs still being killed there), and five such refusals used to fail a job that never ran."""
     row = (
         await conn.execute(
             sa.select(dispatch_queue.c.dispatch_attempts)
@@ -336,6 +341,15 @@ async def reject(
     ).first()
     if row is None:
         return None
+    if transient:
+        if not await _requeue(conn, job_id, agent_id, QueueStatus.DISPATCHED):
+            return None
+        await conn.execute(
+            dispatch_queue.update()
+            .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.dispatch_attempts > 0)
+            .values(dispatch_attempts=dispatch_queue.c.dispatch_attempts - 1)
+        )
+        return "requeued"
     if max_attempts is not None and int(row.dispatch_attempts) >= max_attempts:
         error = f"rejected by agents on all {row.dispatch_attempts} dispatch attempts"
         failed = await run_store.finish_job(
