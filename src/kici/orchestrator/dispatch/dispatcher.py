@@ -362,8 +362,8 @@ class Dispatcher:
     ) -> bool:
         """`delivered`: the job's secrets as its claim's transaction resolved them, if it did."""
         slots = self._slots_of(agent)
-        if slots is None:  # disconnected meanwhile: put the job back
-            await self._requeue(claim, agent.agent_id)
+        if slots is None:  # disconnected meanwhile: put the job back (not the job's fault: no attempt used)
+            await self._requeue(claim, agent.agent_id, transient=True)
             return False
         slots.jobs.add(claim.job_id)
         try:
@@ -402,9 +402,9 @@ class Dispatcher:
             return False
         try:
             await agent.send(message)
-        except Exception:
+        except Exception:  # the connection broke: not the job's fault, no attempt used
             slots.jobs.discard(claim.job_id)
-            await self._requeue(claim, agent.agent_id)
+            await self._requeue(claim, agent.agent_id, transient=True)
             return False
         queued = context.job.queued_at
         if queued is not None:
@@ -414,10 +414,11 @@ class Dispatcher:
                   attempt=claim.attempt, level="debug")
         return True
 
-    async def _requeue(self, claim: Claim, agent_id: str) -> None:
+    async def _requeue(self, claim: Claim, agent_id: str, *, transient: bool = False) -> None:
         async with self.db.transaction() as conn:
             await queue_store.reject(
-                conn, claim.job_id, agent_id, max_attempts=self.settings.dispatch_max_attempts, limits=self.limits
+                conn, claim.job_id, agent_id, max_attempts=self.settings.dispatch_max_attempts, limits=self.limits,
+                transient=transient,
             )
         self.wake()
 
