@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from kici.agent import artifacts, workspace
 from kici.agent.build_info import kici_build_hash
-from kici.agent.config import AgentSettings, hostname
+from kici.agent.config import AgentSettings, hostname, http_base_url
 from kici.agent.connection import Connection, new_message_id
 from kici.agent.git import CloneCancelled, CloneError, Cloner
 from kici.agent.log import log_event
@@ -449,7 +449,7 @@ class JobManager:
         errors = list(found.problems)
         if found.files:
             errors += await artifacts.upload_all(
-                base_url=self.settings.http_base_url, token=self.settings.agent_token.get_secret_value(),
+                base_url=http_base_url(self._conn().url), token=self.settings.agent_token.get_secret_value(),
                 job_id=job.job_id, workspace=job.workspace, files=found.files, on_line=setup_line,
             )
         if errors and result.status == "success":

@@ -38,7 +38,8 @@ from kici.orchestrator.reporting.github_checks import MAX_OUTPUT_CHARS, check_ou
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.reporting.worker import ReportWorker, backoff
 from kici.orchestrator.services import services_of
-from kici.orchestrator.storage.logs import FilesystemLogStorage
+from kici.orchestrator.storage.blobs_fs import FilesystemBlobStore
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import audit, outbox
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.runs import JobRecord, NewRun, StepRecord
@@ -128,7 +129,7 @@ class Harness:
     settings: Settings
     state: AppState
     worker: ReportWorker
-    logs: FilesystemLogStorage
+    logs: LogStore
     fake: FakeGitHub
     source: Source
     key: bytes
@@ -202,7 +203,7 @@ async def harness(
         )
     state = AppState(settings=settings, database=database, metrics=Metrics("test"), readiness=Readiness(),
                      version="test", secret_key=key)
-    logs = FilesystemLogStorage(tmp_path / "logs")
+    logs = LogStore(database, FilesystemBlobStore(tmp_path / "blobs"))
     ingest = Ingest.from_settings(settings)
     worker = ReportWorker(state, ingest, logs)
     h = Harness(database, settings, state, worker, logs, fake_github, source, key)
@@ -211,7 +212,7 @@ async def harness(
     finally:
         for w in [worker, *h.workers]:
             await w.close()
-        logs.close()
+        await logs.close()
 
 
 # -- pure parts ---------------------------------------------------------------------------------------
