@@ -19,12 +19,12 @@ from .conftest import OWNER_TOKEN, System, free_port, wait_for
 
 LINES = 600
 
-WORKFLOW = '''\
+WORKFLOW = f'''\
 from kici import job, push, step, workflow
 
 ci = workflow("ci", on=[push(branches=["main"])],
-              jobs=[job("print", steps=[step("slow", "for i in $(seq 1 {lines}); do echo line-$i; sleep 0.01; done")])])
-'''.format(lines=LINES)
+              jobs=[job("print", steps=[step("slow", "for i in $(seq 1 {LINES}); do echo line-$i; sleep 0.01; done")])])
+'''
 
 
 def read_log(base: str, run_id: str, job: str, after: int = 0) -> tuple[list[str], int, bool]:
