@@ -63,6 +63,7 @@ def test_logs_follow_from_another_node_and_survive_kill_9_of_the_receiving_one(
     assert [x for x in seen if x.startswith("line-")] == [f"line-{i}" for i in range(1, len(
         [x for x in seen if x.startswith("line-")]) + 1)]
 
+    assert len(seen) < LINES, "the job was still printing when A was killed"
     a.proc.send_signal(signal.SIGKILL)  # mid-stream: chunks it acknowledged are in the database
     a.proc.wait(timeout=10)
 

@@ -321,13 +321,13 @@ class LogStore:
         async with self.db.read() as conn:
             previous, chunks = await store.chunks_to_seal(conn, job_id)
         written = 0
-        while chunks:
-            group: list[store.ChunkRow] = []
-            size = 0
-            while chunks and (not group or size + len(chunks[0].lines) <= self.segment_bytes):
-                chunk = chunks.pop(0)
-                group.append(chunk)
-                size += len(chunk.lines)
+        start = 0
+        while start < len(chunks):
+            end, size = start, 0
+            while end < len(chunks) and (end == start or size + len(chunks[end].lines) <= self.segment_bytes):
+                size += len(chunks[end].lines)
+                end += 1
+            group, start = chunks[start:end], end
             data = "".join(_record(c.seq, c.step, c.first_line, c.lines) for c in group).encode("utf-8")
             first, last = group[0], group[-1]
             key = segment_key(run_id, job_id, first.seq, last.seq)

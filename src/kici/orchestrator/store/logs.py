@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
@@ -33,18 +33,15 @@ __all__ = [
 ]
 
 
-class ChunkRow(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class ChunkRow(NamedTuple):
+    """A stored chunk, as sealing reads it (a plain tuple: a segment is thousands of them)."""
 
-    job_id: str
     seq: int
-    run_id: str
     first_line: int
     line_count: int
     step: int
     lines: str
     """A JSON array of strings, as stored."""
-    created_at: dt.datetime
 
 
 class SegmentRow(BaseModel):
@@ -141,9 +138,11 @@ async def chunks_to_seal(conn: AsyncConnection, job_id: str) -> tuple[int, list[
     )).scalar_one_or_none()
     last = -1 if sealed is None else int(sealed)
     rows = await conn.execute(
-        sa.select(log_chunks).where(log_chunks.c.job_id == job_id, log_chunks.c.seq > last).order_by(log_chunks.c.seq)
+        sa.select(log_chunks.c.seq, log_chunks.c.first_line, log_chunks.c.line_count, log_chunks.c.step,
+                  log_chunks.c.lines)
+        .where(log_chunks.c.job_id == job_id, log_chunks.c.seq > last).order_by(log_chunks.c.seq)
     )
-    return last, [ChunkRow.model_validate(dict(row._mapping)) for row in rows]
+    return last, [ChunkRow(*row) for row in rows]
 
 
 async def insert_segment(conn: AsyncConnection, segment: SegmentRow, *, previous_last_seq: int) -> bool:
