@@ -560,11 +560,13 @@ class Dispatcher:
 
     async def _job_status(self, agent: AgentConnection, update: p.JobStatusUpdate) -> None:
         self._settle_ack(update.job_id)
-        # the lines sent before a status are readable (from any orchestrator) once the status is
-        try:
-            await self.logs.flush()
-        except OSError as exc:
-            log_event("log.store_failed", level="error", job_id=update.job_id, error=str(exc))
+        if update.state != "running":
+            # a finished job's lines are all readable (from any orchestrator) once its status is. Not
+            # before `running`: that write clears the ack deadline and must not wait behind log writes
+            try:
+                await self.logs.flush()
+            except OSError as exc:
+                log_event("log.store_failed", level="error", job_id=update.job_id, error=str(exc))
         settled = await self.writes.submit(partial(
             run_store.record_job_state, job_id=update.job_id, state=update.state, agent_id=agent.agent_id,
             error=update.error, failure_category=update.failure_category, outputs=update.outputs,
