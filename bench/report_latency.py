@@ -44,7 +44,8 @@ from kici.orchestrator.db.migrate import migrate
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.metrics import Metrics
 from kici.orchestrator.reporting.worker import ReportWorker
-from kici.orchestrator.storage.logs import FilesystemLogStorage
+from kici.orchestrator.storage.blobs_fs import FilesystemBlobStore
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import outbox
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.sources import create_source
@@ -139,7 +140,7 @@ async def bench(database_url: str | None, rate: float, seconds: float, tmp: Path
     pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-    logs = FilesystemLogStorage(tmp / "logs")
+    logs = LogStore(db, FilesystemBlobStore(tmp / "blobs"))
     worker: ReportWorker | None = None
     try:
         await migrate(db)
@@ -214,7 +215,7 @@ async def bench(database_url: str | None, rate: float, seconds: float, tmp: Path
     finally:
         if worker is not None:
             await worker.stop()
-        logs.close()
+        await logs.close()
         api.close()
         await db.close()
 

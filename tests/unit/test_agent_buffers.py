@@ -56,7 +56,7 @@ class _Hooks:
 
 @pytest.fixture
 def conn() -> Connection:
-    return Connection("ws://x/ws", "t", _Hooks(), heartbeat_interval_s=30, job_heartbeat_interval_s=30,
+    return Connection(["ws://x/ws"], "t", _Hooks(), heartbeat_interval_s=30, job_heartbeat_interval_s=30,
                       max_reconnect_delay_ms=1000)
 
 

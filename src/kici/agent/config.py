@@ -64,7 +64,11 @@ class AgentSettings(BaseModel):
         "with a base path such as `https://ci.example.com/orch`). The agent connects to its `/ws` endpoint; "
         "`http` becomes `ws` and `https` becomes `wss`. The WebSocket endpoint itself is accepted too: "
         "`ws://host:4000`, `ws://host:4000/` and `ws://host:4000/ws` all connect to `ws://host:4000/ws`, and "
-        "`wss://host/orch/ws` to the same endpoint as `wss://host/orch`. Required.",
+        "`wss://host/orch/ws` to the same endpoint as `wss://host/orch`. Several orchestrators of one cluster: "
+        "a comma-separated list (`wss://a.example.com,wss://b.example.com`); the agent connects to the first, "
+        "and whenever a connection fails or ends it tries the next one in turn (with the reconnect back-off "
+        "once it has tried them all). One load-balanced URL works as well. Artifacts are uploaded to the "
+        "orchestrator the agent is connected to. Required.",
         json_schema_extra=_doc_default("— (required)"),
     )
     agent_token: SecretStr = Field(
@@ -242,12 +246,23 @@ class AgentSettings(BaseModel):
     @field_validator("orchestrator_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
-            raise ValueError("must be an http://, https://, ws:// or wss:// URL")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
-        return value.strip().rstrip("/")
+        entries = [entry.strip() for entry in value.split(",")]
+        several = len(entries) > 1
+        checked: list[str] = []
+        for number, entry in enumerate(entries, 1):
+            where = f"entry {number} ({entry!r}) " if several else ""
+            if not entry:
+                raise ValueError(f"entry {number} is empty (a stray comma?)" if several else "must not be empty")
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+                raise ValueError(f"{where}must be an http://, https://, ws:// or wss:// URL")
+            if parts.query or parts.fragment:
+                raise ValueError(f"{where}must not have a query or fragment")
+            url = entry.rstrip("/")
+            if websocket_url(url) in (websocket_url(u) for u in checked):
+                raise ValueError(f"{where}names the same orchestrator as an earlier entry")
+            checked.append(url)
+        return ",".join(checked)
 
     @field_validator("agent_token")
     @classmethod
@@ -322,13 +337,9 @@ class AgentSettings(BaseModel):
     # -- derived ----------------------------------------------------------------------------------
 
     @property
-    def websocket_url(self) -> str:
-        return websocket_url(self.orchestrator_url)
-
-    @property
-    def http_base_url(self) -> str:
-        """The orchestrator's HTTP base (with its base path): where artifacts are uploaded."""
-        return http_base_url(self.orchestrator_url)
+    def websocket_urls(self) -> list[str]:
+        """The `/ws` endpoint of each orchestrator listed in `orchestrator_url`, in order."""
+        return [websocket_url(url) for url in self.orchestrator_url.split(",")]
 
     @property
     def job_default_limits(self) -> ResourceLimits:

@@ -27,7 +27,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -102,7 +102,7 @@ class AgentHooks(Protocol):
 class Connection:
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         token: str,
         hooks: AgentHooks,
         *,
@@ -110,7 +110,11 @@ class Connection:
         job_heartbeat_interval_s: float,
         max_reconnect_delay_ms: int,
     ) -> None:
-        self.url = url
+        if not urls:
+            raise ValueError("at least one orchestrator URL is needed")
+        self.urls = list(urls)
+        """The orchestrators to try, in turn: one after another on each failure or disconnect."""
+        self._current = 0
         self._token = token
         self.hooks = hooks
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -145,6 +149,11 @@ class Connection:
         self._sync_id = 0
         self._syncs: dict[int, asyncio.Future[None]] = {}
         self._confirmers: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        """The orchestrator connected to (or tried next)."""
+        return self.urls[self._current]
 
     # -- the outbox ---------------------------------------------------------------------------------
 
@@ -344,10 +353,13 @@ class Connection:
                 self._went_offline()
             if self._stopping.is_set():
                 break
-            delay = backoff_delay_ms(attempt, self.max_reconnect_delay_ms) / 1000
+            # the next orchestrator in turn (a dead one is left at once); the back-off grows per round
+            # through the list, so a failover to a live sibling is not slowed by the dead one's failures
+            self._current = (self._current + 1) % len(self.urls)
+            delay = backoff_delay_ms(attempt // len(self.urls), self.max_reconnect_delay_ms) / 1000
             attempt += 1
             self.reconnects += 1
-            log_event("connection.retry", delay_ms=round(delay * 1000), attempt=attempt)
+            log_event("connection.retry", delay_ms=round(delay * 1000), attempt=attempt, url=self.url)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 

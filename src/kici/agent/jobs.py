@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from kici.agent import artifacts, test_reports, workspace
 from kici.agent.build_info import kici_build_hash
-from kici.agent.config import AgentSettings, hostname
+from kici.agent.config import AgentSettings, hostname, http_base_url
 from kici.agent.connection import Connection, new_message_id
 from kici.agent.git import CloneCancelled, CloneError, Cloner
 from kici.agent.log import log_event
@@ -466,13 +466,17 @@ class JobManager:
                 setup_line(f"[error] {line}")
         return result
 
+    def _upload_base(self) -> str:
+        """The HTTP base of the orchestrator the agent is connected to now (of several URLs, that one)."""
+        return http_base_url(self._conn().url)
+
     async def _send_test_reports(self, job: Job, result: JobResult, setup_line: Callable[[str], None]) -> None:
         """Send the job's `test_reports` files after it succeeded or failed; they never change its outcome."""
         globs = job.dispatch.test_reports
         if job.abandoned or not globs or result.status not in ("success", "failed"):
             return
         await test_reports.send_all(
-            base_url=self.settings.http_base_url, token=self.settings.agent_token.get_secret_value(),
+            base_url=self._upload_base(), token=self.settings.agent_token.get_secret_value(),
             job_id=job.job_id, workspace=job.workspace, globs=globs, on_line=setup_line,
         )
 
@@ -493,7 +497,7 @@ class JobManager:
         errors = list(found.problems)
         if found.files:
             errors += await artifacts.upload_all(
-                base_url=self.settings.http_base_url, token=self.settings.agent_token.get_secret_value(),
+                base_url=self._upload_base(), token=self.settings.agent_token.get_secret_value(),
                 job_id=job.job_id, workspace=job.workspace, files=found.files, on_line=setup_line,
             )
         if errors and result.status == "success":

@@ -55,7 +55,7 @@ class Agent:
         self.step_user = step_user
         self.jobs = JobManager(settings, agent_id, self.labels, backend, step_user, interpreters)
         self.connection = Connection(
-            settings.websocket_url,
+            settings.websocket_urls,
             settings.agent_token.get_secret_value(),
             self.jobs,
             heartbeat_interval_s=settings.heartbeat_interval_ms / 1000,
@@ -170,7 +170,7 @@ class Agent:
                 print(f"kici-agent: KICI_PORT={self.settings.port}: cannot listen on "
                       f"{self.settings.health_host}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
-        log_event("agent.started", agent_id=self.agent_id, labels=self.labels, url=self.settings.websocket_url,
+        log_event("agent.started", agent_id=self.agent_id, labels=self.labels, urls=self.settings.websocket_urls,
                   max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name,
                   sandbox_network=self.backend.network,
                   resource_limits=self.backend.limiter.name if self.backend.limiter else None, version=kici_version(),

@@ -12,6 +12,7 @@ loader that reads it from the database comes with the config-versions table.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from kici.engine.durations import parse_duration
 from kici.engine.settings_meta import did_you_mean
 from kici.engine.settings_meta import unknown_env_vars as _unknown_env_vars
 from kici.orchestrator.db.url import DatabaseURLError, parse_database_url, sqlite_url_for
@@ -335,6 +337,21 @@ class Settings(BaseModel):
         description="Address objects as `ENDPOINT/BUCKET/KEY` instead of `BUCKET.ENDPOINT/KEY`: needed by "
         "most self-hosted servers (SeaweedFS, MinIO) reached by IP address or a single host name.",
     )
+    log_segment_bytes: int = Field(
+        default=1024 * 1024, ge=4096,
+        description="Job logs: while a job runs its output is kept in the database (`log_chunks`), readable "
+        "from every orchestrator; once a job's unsealed output reaches this many bytes it is sealed into a "
+        "segment object in the blob store (`KICI_STORAGE_BACKEND`). See docs/operator/storage.md.",
+        json_schema_extra=_doc_default("1048576 (1 MiB)"),
+    )
+    log_segment_max_age: dt.timedelta = Field(
+        default=dt.timedelta(minutes=5),
+        description="Job output older than this still in the database is sealed into a segment even when "
+        "it is smaller than `KICI_LOG_SEGMENT_BYTES` (a job's output is also sealed when it ends). Any "
+        "orchestrator does it, so output received by one that died is sealed too. A duration: `90s`, `5m`, "
+        "`1h`.",
+        json_schema_extra=_doc_default("5m"),
+    )
     artifact_max_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=1,
         description="Largest single artifact an agent may upload; a larger one is refused (413) and "
@@ -428,6 +445,13 @@ class Settings(BaseModel):
             parse_database_url(value)
         except DatabaseURLError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("log_segment_max_age", mode="before")
+    @classmethod
+    def _log_segment_max_age(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_duration(value)
         return value
 
     @field_validator("storage_endpoint")

@@ -13,7 +13,7 @@ from kici.orchestrator.agents.registry import AgentRegistry
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.storage.blobs import BlobStore, blob_store_from_settings
-from kici.orchestrator.storage.logs import FilesystemLogStorage, default_log_root
+from kici.orchestrator.storage.logs import LogStore, default_log_root
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -32,7 +32,8 @@ STOP_TIMEOUT_S = 3.0
 
 @dataclass
 class Services:
-    logs: FilesystemLogStorage
+    logs: LogStore
+    """Job logs: chunks in the database, sealed into segment blobs in `blobs` (any orchestrator reads them)."""
     dispatcher: Dispatcher
     sweeper: Sweeper
     poller: GitPoller
@@ -59,12 +60,15 @@ class Services:
         from kici.orchestrator.scheduling.scheduler import Scheduler
 
         state = app.state.kici
-        logs = FilesystemLogStorage(default_log_root(state.settings.data_dir))
+        settings = state.settings
+        blobs = blob_store_from_settings(settings)
+        logs = LogStore(state.database, blobs, segment_bytes=settings.log_segment_bytes,
+                        segment_max_age_s=settings.log_segment_max_age.total_seconds(),
+                        legacy_root=default_log_root(settings.data_dir))
         ingest = ingest_for(app)
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
         dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
-        blobs = blob_store_from_settings(state.settings)
 
         async def delete_run_data(run_id: str) -> None:
             await _delete_run_data(state.database, logs, blobs, run_id)
@@ -77,6 +81,7 @@ class Services:
                    blobs=blobs, database=state.database, held=held)
 
     async def start(self, readiness: Readiness) -> None:
+        self.logs.start()
         await self.dispatcher.start(readiness)
         await self.sweeper.start(readiness)
         await self.poller.start(readiness)
@@ -98,7 +103,7 @@ class Services:
             ("poller", self.poller.stop),
             ("sweeper", self.sweeper.stop),
             ("dispatcher", self.dispatcher.stop),
-            ("logs", lambda: asyncio.to_thread(self.logs.close)),
+            ("logs", self.logs.close),
             ("blobs", self.blobs.close),
         ):
             started = time.monotonic()
@@ -119,7 +124,7 @@ def services_of(app: FastAPI) -> Services:
     return services
 
 
-async def _delete_run_data(database: Database, logs: FilesystemLogStorage, blobs: BlobStore, run_id: str) -> None:
+async def _delete_run_data(database: Database, logs: LogStore, blobs: BlobStore, run_id: str) -> None:
     from kici.orchestrator.artifacts import delete_run_artifacts
     from kici.orchestrator.test_reports import delete_run_reports
 

@@ -69,7 +69,23 @@ def test_several_problems_are_reported_at_once_and_dev_mode_only_warns() -> None
                                         "KICI_AGENT_TOKEN": "t", "KICI_WORK_DIR": "/tmp/x",
                                         "KICI_ENV": "/tmp/env", "KICI_RUN_ID": "r"})
     assert warnings and "KICI_TYPO" in warnings[0]
-    assert settings.websocket_url == "wss://c/o/ws"
+    assert settings.websocket_urls == ["wss://c/o/ws"]
+
+
+def test_several_orchestrator_urls_are_validated_one_by_one() -> None:
+    base = {"KICI_AGENT_TOKEN": "t", "KICI_WORK_DIR": "/tmp/x"}
+    settings, _ = load_settings({**base, "KICI_ORCHESTRATOR_URL": " wss://a.example/ , https://b.example/orch,ws://c:4000/ws"})
+    assert settings.websocket_urls == ["wss://a.example/ws", "wss://b.example/orch/ws", "ws://c:4000/ws"]
+    for given, problem in [
+        ("wss://a,ftp://b", "entry 2 ('ftp://b') must be an http://, https://, ws:// or wss:// URL"),
+        ("wss://a,,wss://b", "entry 2 is empty (a stray comma?)"),
+        ("wss://a,wss://a/ws", "entry 2 ('wss://a/ws') names the same orchestrator as an earlier entry"),
+        ("wss://a,wss://b?x=1", "entry 2 ('wss://b?x=1') must not have a query or fragment"),
+    ]:
+        with pytest.raises(Exception) as info:
+            load_settings({**base, "KICI_ORCHESTRATOR_URL": given})
+        assert any(line.startswith("KICI_ORCHESTRATOR_URL:") and problem in line
+                   for line in info.value.lines), (given, info.value.lines)  # type: ignore[attr-defined]
 
 
 def test_websocket_url_and_backoff() -> None:

@@ -87,7 +87,7 @@ async def dash(database: Database, tmp_path: Path) -> AsyncIterator[Dash]:
     try:
         yield made
     finally:
-        services_of(app).logs.close()
+        await services_of(app).logs.close()
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ async def public_dash(database: Database, tmp_path: Path) -> AsyncIterator[Dash]
     try:
         yield made
     finally:
-        services_of(app).logs.close()
+        await services_of(app).logs.close()
 
 
 async def _seed_run(dash: Dash, **values: Any) -> tuple[str, str]:
@@ -155,7 +155,7 @@ async def test_cookie_is_secure_over_https(database: Database, tmp_path: Path) -
             cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE))
             assert "Secure" in cookie
     finally:
-        services_of(app).logs.close()
+        await services_of(app).logs.close()
 
 
 async def test_open_redirects_are_refused(dash: Dash) -> None:
@@ -299,7 +299,7 @@ async def test_rbac_matrix(database: Database, tmp_path: Path, public: bool) -> 
                     expected = {403}
                 assert response.status_code in expected, (who, method, path, response.status_code, response.text[:300])
     finally:
-        services_of(app).logs.close()
+        await services_of(app).logs.close()
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -485,7 +485,7 @@ async def test_under_a_base_path(database: Database, tmp_path: Path) -> None:
             assert (await http.get("/ci/static/app.js")).status_code == 200
             assert (await http.get("/")).status_code == 404
     finally:
-        services_of(app).logs.close()
+        await services_of(app).logs.close()
 
 
 async def test_run_that_failed_before_it_had_jobs(dash: Dash) -> None:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from kici.orchestrator.agents import AgentTimeouts
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
@@ -515,8 +517,12 @@ async def test_delivery_sync_is_answered_once_what_came_before_is_durable(databa
                 jobs.select().with_only_columns(jobs.c.status).where(jobs.c.id == dispatch["job_id"])
             )).scalar_one()
         assert status == "success"
-        log_file = orch.services.logs.root / created.run_id / f"{dispatch['job_id']}.ndjson"
-        assert b'"built"' in log_file.read_bytes()
+        async with database.read() as conn:  # durable in the database before `delivery.synced`
+            stored = (await conn.execute(sa.select(schema.log_chunks.c.lines).where(
+                schema.log_chunks.c.job_id == dispatch["job_id"]))).scalars().all()
+            stored += [key for key in (await conn.execute(sa.select(schema.log_segments.c.blob_key).where(
+                schema.log_segments.c.job_id == dispatch["job_id"]))).scalars()]
+        assert stored, "the chunk is in the database (as a chunk, or sealed into a segment)"
         # a malformed sync is refused like any invalid frame
         await agent.send({"type": "delivery.sync", "id": -1})
         assert await agent.wait_closed() == 4003

@@ -154,3 +154,23 @@ async def test_bearer_ip_allowlist_and_misconfiguration(env: Env) -> None:
     assert (await post("/webhook/default/generic/broken", content=b"{}")).status_code == 500
     assert (await post("/webhook/default/generic/off", content=b"{}")).status_code == 404
     assert (await post("/webhook/default/generic/app-repo", content=b"{}")).status_code == 404, "not a generic source"
+
+
+async def test_the_rate_limit_is_shared_by_every_orchestrator_on_the_database(env: Env, tmp_path: Path) -> None:
+    await env.source("shared", {"auth": "none", "rate_limit_rpm": 4, "allowed_events": ["deploy"],
+                                "lock_source": "app-repo"}, {})
+    # a second orchestrator (its own app, its own process state) on the same database
+    other_app = create_app(Settings(data_dir=tmp_path / "data2", database_url=env.database.url), env.database,
+                           secret_key=env.key)
+    url = "/webhook/default/generic/shared"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other_app), base_url="http://o2") as other:
+        answers = []
+        for i in range(6):
+            client = env.http if i % 2 == 0 else other
+            headers = {"X-Event-Type": "deploy", "Idempotency-Key": f"s{i}"}
+            reply = await client.post(url, content=b"{}", headers=headers)
+            answers.append(reply.status_code)
+    assert answers == [202, 202, 202, 202, 429, 429], answers
+    async with env.database.read() as conn:
+        [hits] = (await conn.execute(sa.select(schema.rate_limit_windows.c.hits))).scalars().all()
+    assert hits == 4, "refused requests are not counted"

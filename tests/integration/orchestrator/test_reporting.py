@@ -46,7 +46,8 @@ from kici.orchestrator.reporting.github_checks import (
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.reporting.worker import ReportWorker, backoff
 from kici.orchestrator.services import services_of
-from kici.orchestrator.storage.logs import FilesystemLogStorage
+from kici.orchestrator.storage.blobs_fs import FilesystemBlobStore
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import audit, outbox
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store import test_reports as report_store
@@ -138,7 +139,7 @@ class Harness:
     settings: Settings
     state: AppState
     worker: ReportWorker
-    logs: FilesystemLogStorage
+    logs: LogStore
     fake: FakeGitHub
     source: Source
     key: bytes
@@ -212,7 +213,7 @@ async def harness(
         )
     state = AppState(settings=settings, database=database, metrics=Metrics("test"), readiness=Readiness(),
                      version="test", secret_key=key)
-    logs = FilesystemLogStorage(tmp_path / "logs")
+    logs = LogStore(database, FilesystemBlobStore(tmp_path / "blobs"))
     ingest = Ingest.from_settings(settings)
     worker = ReportWorker(state, ingest, logs)
     h = Harness(database, settings, state, worker, logs, fake_github, source, key)
@@ -221,7 +222,7 @@ async def harness(
     finally:
         for w in [worker, *h.workers]:
             await w.close()
-        logs.close()
+        await logs.close()
 
 
 # -- pure parts ---------------------------------------------------------------------------------------

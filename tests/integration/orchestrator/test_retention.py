@@ -26,6 +26,7 @@ from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, utcnow
 from kici.orchestrator.retention import LOCK, prune
 from kici.orchestrator.services import services_of
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store import test_reports as report_store
 
@@ -43,14 +44,14 @@ class Env:
     http: httpx.AsyncClient
     database: Database
     owner: dict[str, str]
-    logs_root: Path
     old_runs: list[str]
     kept_runs: list[str]
 
 
-async def _seed(database: Database, logs_root: Path) -> tuple[list[str], list[str]]:
+async def _seed(database: Database, logs: LogStore) -> tuple[list[str], list[str]]:
     now = utcnow()
     old, kept = [], []
+    job_ids: dict[str, str] = {}
     async with database.transaction() as conn:
         for i in range(OLD_FINISHED):
             status = ("success", "failed", "cancelled")[i % 3]
@@ -58,16 +59,16 @@ async def _seed(database: Database, logs_root: Path) -> tuple[list[str], list[st
             run = await insert_run(conn, status=status, created_at=now - dt.timedelta(days=101),
                                    finished_at=finished)
             for name in ("build", "test"):
-                await insert_job(conn, run, name, status="success")
+                job_ids[run] = await insert_job(conn, run, name, status="success")
             old.append(run)
         for status in ("pending", "running", "cancelling", "held")[:OLD_UNFINISHED]:
             run = await insert_run(conn, status=status, created_at=now - dt.timedelta(days=200))
-            await insert_job(conn, run, "build")
+            job_ids[run] = await insert_job(conn, run, "build")
             kept.append(run)
         for i in range(RECENT):
             run = await insert_run(conn, status="success", created_at=now - dt.timedelta(days=10),
                                    finished_at=now - dt.timedelta(days=10, minutes=-i))
-            await insert_job(conn, run, "build", status="success")
+            job_ids[run] = await insert_job(conn, run, "build", status="success")
             kept.append(run)
         for i in range(OLD_EVENTS + NEW_EVENTS):
             age = dt.timedelta(days=40 if i < OLD_EVENTS else 1)
@@ -79,10 +80,19 @@ async def _seed(database: Database, logs_root: Path) -> tuple[list[str], list[st
             await conn.execute(schema.audit_log.insert().values(
                 id=f"au-{i}", org_id="default", action="run.cancel", outcome="allowed", actor="system",
                 created_at=now - age))
-    for run in old + kept:  # a log file per run, where the log storage keeps them
-        (logs_root / run).mkdir(parents=True)
-        (logs_root / run / "job.ndjson").write_text('{"seq": 0, "n": 1, "lines": ["hello"]}\n')
+    for i, run in enumerate(old + kept):  # a log per run: sealed into a segment blob, or still in chunks
+        await logs.append(run, job_ids[run], 0, ["hello"], 0)
+        await logs.flush()
+        if i % 2 == 0:
+            await logs.seal(run, job_ids[run])
     return old, kept
+
+
+async def has_logs(env: Env, run: str) -> bool:
+    async with env.database.read() as conn:
+        rows = sum([int((await conn.execute(sa.select(sa.func.count()).where(table.c.run_id == run))).scalar_one())
+                    for table in (schema.log_chunks, schema.log_segments)])
+    return rows > 0 or bool(await services_of(env.app).blobs.list(f"logs/{run}/"))
 
 
 @pytest.fixture
@@ -92,13 +102,12 @@ async def env(database: Database, tmp_path: Path) -> AsyncIterator[Env]:
     async with database.transaction() as conn:
         owner = await tokens.create_admin_token(conn, name="owner", role=AdminRole.OWNER)
     app = create_app(settings, database)
-    logs_root = services_of(app).logs.root
-    old, kept = await _seed(database, logs_root)
+    old, kept = await _seed(database, services_of(app).logs)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orchestrator") as http:
-            yield Env(app, http, database, {"Authorization": f"Bearer {owner.plaintext}"}, logs_root, old, kept)
+            yield Env(app, http, database, {"Authorization": f"Bearer {owner.plaintext}"}, old, kept)
     finally:
-        services_of(app).logs.close()
+        await services_of(app).logs.close()
 
 
 async def _counts(database: Database) -> dict[str, int]:
@@ -124,7 +133,7 @@ async def test_dry_run_counts_and_deletes_nothing_then_prune_deletes_the_same_in
     assert abs((now - cut["events"]) - dt.timedelta(days=30)) < dt.timedelta(minutes=1)
     assert abs((now - cut["audit"]) - dt.timedelta(days=365)) < dt.timedelta(minutes=1)
     assert await _counts(env.database) == before, "a dry run deletes nothing"
-    assert all((env.logs_root / run).is_dir() for run in env.old_runs)
+    assert all([await has_logs(env, run) for run in env.old_runs])
     async with env.database.read() as conn:
         assert [e for e in await audit.list_audit(conn, limit=1000) if e.action == "data.prune"] == []
     # artifacts' blobs (kept outside the database) go with their runs too
@@ -145,8 +154,8 @@ async def test_dry_run_counts_and_deletes_nothing_then_prune_deletes_the_same_in
         left = set((await conn.execute(sa.select(schema.runs.c.id))).scalars())
         entries = await audit.list_audit(conn, limit=1000)
     assert left == set(env.kept_runs), "every unfinished and every recent run is kept"
-    assert not any((env.logs_root / run).exists() for run in env.old_runs), "log files go with their runs"
-    assert all((env.logs_root / run / "job.ndjson").is_file() for run in env.kept_runs)
+    assert not any([await has_logs(env, run) for run in env.old_runs]), "logs go with their runs"
+    assert all([await has_logs(env, run) for run in env.kept_runs])
     assert await blobs.list(run_prefix(env.old_runs[0])) == []
     assert len(await blobs.list(run_prefix(env.kept_runs[0]))) == 1
     assert {e.id for e in entries if e.id.startswith("au-")} == {f"au-{i}" for i in range(OLD_AUDIT, 25)}
@@ -191,7 +200,7 @@ async def test_a_run_that_is_not_finished_is_never_pruned_whatever_its_age(env: 
     async with env.database.read() as conn:
         left = set((await conn.execute(sa.select(schema.runs.c.id))).scalars())
     assert left == {r for r, s in statuses.items() if s in ("pending", "running", "cancelling", "held")}
-    assert all((env.logs_root / r).is_dir() for r in left)
+    assert all([await has_logs(env, r) for r in left])
 
 
 async def test_while_another_orchestrator_prunes_this_one_stops(env: Env) -> None:

@@ -740,5 +740,48 @@ test_results = sa.Table(
 )
 
 
+log_chunks = sa.Table(
+    "log_chunks",
+    metadata,
+    # job log chunks as agents sent them, not yet sealed into a segment blob (kici.orchestrator.storage.logs);
+    # no foreign keys: a chunk is written in batches with other jobs' and must never fail on its neighbours
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # the agent's per-job chunk number: a replay is stored once
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("first_line", sa.Integer, nullable=False),  # 1-based number of the chunk's first line
+    sa.Column("line_count", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),  # -1: job setup output
+    sa.Column("lines", sa.Text, nullable=False),  # a JSON array of strings
+    _created_at(),
+    sa.Index(None, "run_id"),
+    sa.Index(None, "created_at"),
+)
+
+log_segments = sa.Table(
+    "log_segments",
+    metadata,
+    # sealed runs of chunks: the blob `blob_key` holds them as NDJSON records, in seq order
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("first_seq", sa.Integer, primary_key=True),
+    sa.Column("last_seq", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("first_line", sa.Integer, nullable=False),
+    sa.Column("line_count", sa.Integer, nullable=False),
+    sa.Column("byte_size", sa.BigInteger, nullable=False),
+    sa.Column("blob_key", sa.Text, nullable=False),
+    _created_at(),
+    sa.Index(None, "run_id"),
+)
+
+rate_limit_windows = sa.Table(
+    "rate_limit_windows",
+    metadata,
+    # request counts per key and one-minute window, shared by every orchestrator (generic webhooks)
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("window_start", sa.BigInteger, primary_key=True),  # Unix minute (seconds // 60)
+    sa.Column("hits", sa.Integer, nullable=False),
+)
+
+
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

@@ -51,7 +51,7 @@ from kici.orchestrator.dispatch.secrets import JobSecretsError, deliver, withhel
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import CloneAccess, ProviderError
-from kici.orchestrator.storage.logs import LogStorage
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
@@ -89,7 +89,7 @@ class Dispatcher:
         state: AppState,
         registry: AgentRegistry,
         ingest: Ingest,
-        logs: LogStorage,
+        logs: LogStore,
         metrics: DispatchMetrics,
     ) -> None:
         self.state = state
@@ -208,6 +208,8 @@ class Dispatcher:
                 conn, agent.agent_id, reported, limits=self.limits, labels=list(agent.labels)
             )
         self._slots[agent.agent_id] = _Slots(agent.connection_id, set(reclaimed))
+        # the agent may have sent these jobs' chunks to another orchestrator since this one last saw them
+        await self.logs.forget(reclaimed)
         if reported:
             log_event("dispatch.reclaimed", agent_id=agent.agent_id, reported=reported, reclaimed=reclaimed)
         return reclaimed
@@ -565,6 +567,13 @@ class Dispatcher:
 
     async def _job_status(self, agent: AgentConnection, update: p.JobStatusUpdate) -> None:
         self._settle_ack(update.job_id)
+        if update.state != "running":
+            # a finished job's lines are all readable (from any orchestrator) once its status is. Not
+            # before `running`: that write clears the ack deadline and must not wait behind log writes
+            try:
+                await self.logs.flush()
+            except OSError as exc:
+                log_event("log.store_failed", level="error", job_id=update.job_id, error=str(exc))
         settled = await self.writes.submit(partial(
             run_store.record_job_state, job_id=update.job_id, state=update.state, agent_id=agent.agent_id,
             error=update.error, failure_category=update.failure_category, outputs=update.outputs,
@@ -578,6 +587,7 @@ class Dispatcher:
             self.report_wake()
         if update.state == "running":
             return
+        self.logs.finish(update.run_id, update.job_id)
         slots = self._slots_of(agent)
         if slots is not None:
             slots.jobs.discard(update.job_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -37,6 +38,7 @@ from kici.orchestrator.ingest.service import Ingest, get_ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.git import repo_name_from_url
 from kici.orchestrator.store import events as event_store
+from kici.orchestrator.store import rate_limits
 from kici.orchestrator.store.sources import (
     Source,
     SourceError,
@@ -443,7 +445,9 @@ async def generic_webhook(
         return loaded
     source, body = loaded
     rpm = source.config.get("rate_limit_rpm") or DEFAULT_GENERIC_RATE_LIMIT_RPM
-    wait = ingest.rate_limiter.check(f"generic:{source.id}", int(rpm))
+    # shared by every orchestrator on the database, so a cluster enforces the source's limit, not one per node
+    async with state.database.transaction() as conn:
+        wait = await rate_limits.take(conn, f"generic:{source.id}", int(rpm), time.time())
     if wait is not None:
         return JSONResponse(
             {"error": "rate limit exceeded"}, status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))}

@@ -1,12 +1,10 @@
-"""Process-wide ingest state: the lock-file cache, GitHub installation tokens, generic rate limits and
+"""Process-wide ingest state: the lock-file cache, GitHub installation tokens and
 the hook called after runs are created (the dispatcher plugs in there)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import inspect
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,30 +32,11 @@ RunsCreatedHook = Callable[[Sequence[str]], Awaitable[None] | None]
 SupersededHook = Callable[[Sequence[Superseded]], Awaitable[None]]
 
 
-class RateLimiter:
-    """A sliding one-minute window of request times per key (generic sources' `rate_limit_rpm`)."""
-
-    def __init__(self) -> None:
-        self._hits: dict[str, deque[float]] = {}
-
-    def check(self, key: str, per_minute: int) -> float | None:
-        """None when the request may proceed (and is counted); otherwise seconds until it may."""
-        now = time.monotonic()
-        hits = self._hits.setdefault(key, deque())
-        while hits and hits[0] <= now - 60.0:
-            hits.popleft()
-        if len(hits) >= per_minute:
-            return max(0.0, hits[0] + 60.0 - now)
-        hits.append(now)
-        return None
-
-
 @dataclass
 class Ingest:
     cache: LockFileCache
     mirror_root: Path
     tokens: InstallationTokens = field(default_factory=InstallationTokens)
-    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     on_runs_created: RunsCreatedHook | None = None
     """Called with the ids of the runs one delivery created, after they are committed."""
     on_superseded: SupersededHook | None = None

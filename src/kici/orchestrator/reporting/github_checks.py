@@ -29,7 +29,7 @@ from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.providers.base import ProviderError
 from kici.orchestrator.providers.github import message_of, repo_path, request
 from kici.orchestrator.reporting.outcome import Outcome, classify
-from kici.orchestrator.storage.logs import FilesystemLogStorage
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import check_runs
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store import test_reports as report_store
@@ -209,7 +209,7 @@ def held_output(run: RunRecord) -> dict[str, str]:
 
 
 class CheckRunSender:
-    def __init__(self, state: AppState, ingest: Ingest, logs: FilesystemLogStorage, client: httpx.AsyncClient) -> None:
+    def __init__(self, state: AppState, ingest: Ingest, logs: LogStore, client: httpx.AsyncClient) -> None:
         self.state = state
         self.ingest = ingest
         self.logs = logs

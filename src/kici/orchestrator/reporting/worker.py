@@ -32,7 +32,7 @@ from kici.orchestrator.reporting.github_checks import CheckRunSender
 from kici.orchestrator.reporting.metrics import ReportMetrics
 from kici.orchestrator.reporting.notifications import NotificationSender
 from kici.orchestrator.reporting.outcome import Outcome
-from kici.orchestrator.storage.logs import FilesystemLogStorage
+from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import outbox
 from kici.orchestrator.store.outbox import ReportRecord
 
@@ -59,7 +59,7 @@ class ReportWorker:
         self,
         state: AppState,
         ingest: Ingest,
-        logs: FilesystemLogStorage,
+        logs: LogStore,
         *,
         client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
         metrics: ReportMetrics | None = None,

@@ -381,7 +381,8 @@ class LogLineInfo(BaseModel):
 class JobLogPage(BaseModel):
     job_id: str
     lines: list[LogLineInfo]
-    next: int = Field(description="Cursor: pass as `after` to get the lines that follow")
+    next: int = Field(description="Opaque cursor: pass it back as `after` to get the lines that follow (any "
+                      "orchestrator of a cluster accepts it)")
     complete: bool = Field(description="The job has finished and there are no more lines")
 
 
@@ -396,7 +397,7 @@ async def job_logs(
     request: Request,
     state: State,
     principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))],
-    after: Annotated[int, Query(ge=0, description="Cursor from a previous page's `next`; 0 = the start")] = 0,
+    after: Annotated[int, Query(ge=0, description="Opaque cursor from a previous page's `next`; 0 = the start")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> JobLogPage:
     await _run(state, principal, run_id)

@@ -7,7 +7,6 @@ itself after the same permission check, so the dashboard cannot show or do anyth
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -508,7 +507,8 @@ async def live_log(request: Request, run_id: str, job: str, state: State) -> Res
                 finished = current is None or is_terminal(current.status)
                 if finished:
                     continue  # read once more: lines written just before the job finished
-            await asyncio.sleep(LIVE_POLL_S)
+            # woken at once by lines this orchestrator stores; lines another one stores show at the poll
+            await logs.wait_for_data(found.id, timeout=LIVE_POLL_S)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
