@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from kici.agent import artifacts, workspace
+from kici.agent import artifacts, caches, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname
 from kici.agent.connection import Connection, new_message_id
@@ -44,7 +44,7 @@ from kici.engine.runner_protocol import (
     LogLines,
     StepStatus,
 )
-from kici.runner import toolchains
+from kici.runner import cache_keys, toolchains
 from kici.runner.client import RunnerProcess, safe_base_env
 from kici.runner.toolchains import Interpreter
 
@@ -99,6 +99,8 @@ class Job:
     """The terminal status is queued (the job no longer takes a slot)."""
     abandoned: bool = False
     """The orchestrator did not take the job back after a reconnect: nothing more is sent for it."""
+    python_version: str | None = None
+    """The full version of the job's `python=` interpreter (cache keys' `{{python}}`)."""
 
     @property
     def job_id(self) -> str:
@@ -390,6 +392,9 @@ class JobManager:
         python_env = await self._python_env(job, setup_line)
         if isinstance(python_env, JobResult):
             return python_env
+        job_caches = await self._restore_caches(job, setup_line)
+        if isinstance(job_caches, JobResult):
+            return job_caches
         spec = self.job_spec(job, python_env)
         if self.step_user is not None:  # the checkout becomes the step user's: steps may write to it
             await asyncio.to_thread(give_tree, job.workspace, self.step_user)
@@ -425,6 +430,7 @@ class JobManager:
         if result is None:  # pragma: no cover - the client always ends with a result
             result = JobResult(status="failed", error="runner ended without a result", failure_category="internal")
         result = await self._upload_artifacts(job, result, setup_line)
+        result = await self._save_caches(job, result, job_caches, setup_line)
         if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
             # the client's synthetic result: the runner died without reporting (killed, out of memory, …)
             result = result.model_copy(update={"error": f"workflow runner crashed: {result.error}"})
@@ -457,6 +463,62 @@ class JobManager:
                              failure_category="artifacts", artifacts=result.artifacts)
         return result
 
+    def _cache_client(self, job: Job) -> caches.CacheClient:
+        return caches.CacheClient(base_url=self.settings.http_base_url,
+                                  token=self.settings.agent_token.get_secret_value(), job_id=job.job_id,
+                                  workspace=job.workspace)
+
+    async def _restore_caches(self, job: Job, setup_line: Callable[[str], None]) -> list[caches.JobCache] | JobResult:
+        """Resolve the job's cache keys on the checkout and restore each cache (exact key, then the restore
+        keys as prefixes). A key that cannot be resolved or a path leaving the workspace fails the job
+        (category `cache`); storage trouble is a miss."""
+        declared = job.dispatch.caches
+        if not declared:
+            return []
+        context = cache_keys.KeyContext(workspace=job.workspace, matrix=job.dispatch.matrix,
+                                        python=job.python_version)
+        planned: list[caches.JobCache] = []
+        client = self._cache_client(job)
+        try:
+            for entry in declared:
+                key = await asyncio.to_thread(cache_keys.resolve_key, entry.key, context)
+                prefixes = [await asyncio.to_thread(cache_keys.resolve_key, p, context) for p in entry.restore_keys]
+                planned.append(caches.JobCache(key, list(entry.paths), prefixes))
+            for item in planned:
+                item.restored = await asyncio.to_thread(client.restore, item.key, item.paths, item.restore_keys)
+                setup_line(caches.restore_line(item.restored))
+                log_event("job.cache_restore", job_id=job.job_id, key=item.key, matched=item.restored.matched,
+                          error=item.restored.error)
+        except (cache_keys.CacheKeyError, caches.CacheError) as exc:
+            setup_line(f"[error] {exc}")
+            return JobResult(status="failed", error=str(exc), failure_category="cache")
+        return planned
+
+    async def _save_caches(self, job: Job, result: JobResult, planned: list[caches.JobCache],
+                           setup_line: Callable[[str], None]) -> JobResult:
+        """After a successful job, save each cache whose exact key missed. Storage trouble is a log line;
+        a path leaving the workspace fails the job (category `cache`)."""
+        if result.status != "success" or job.abandoned or job.cancel_requested is not None:
+            return result
+        client = self._cache_client(job)
+        errors: list[str] = []
+        for item in planned:
+            if item.restored is not None and item.restored.exact:
+                continue
+            try:
+                saved = await asyncio.to_thread(client.save, item.key, item.paths)
+            except caches.CacheError as exc:
+                setup_line(f"[error] {exc}")
+                errors.append(str(exc))
+                continue
+            setup_line(caches.save_line(saved))
+            log_event("job.cache_save", job_id=job.job_id, key=item.key, outcome=saved.outcome, size=saved.size,
+                      error=saved.error)
+        if errors:
+            return JobResult(status="failed", outputs=result.outputs, error="\n".join(errors),
+                             failure_category="cache", artifacts=result.artifacts)
+        return result
+
     async def _python_env(self, job: Job, setup_line: Callable[[str], None]) -> dict[str, str] | JobResult:
         """The job's `python=`: its interpreter's directory (and with `python_venv`, a fresh venv's `bin`)
         first on PATH. Variables to add to the step environment, or the failed result."""
@@ -470,6 +532,7 @@ class JobManager:
         except toolchains.ToolchainError as exc:
             setup_line(f"[error] {exc}")
             return JobResult(status="failed", error=str(exc), failure_category="toolchain")
+        job.python_version = interpreter.full
         setup_line(f"python {interpreter.full}: {interpreter.path}"
                    + (f" (virtualenv {env['VIRTUAL_ENV']})" if "VIRTUAL_ENV" in env else ""))
         log_event("job.python", job_id=job.job_id, python=interpreter.full, path=interpreter.path,

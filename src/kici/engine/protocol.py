@@ -201,6 +201,15 @@ class RegisterAck(Message):
     """In-flight jobs the orchestrator accepted back after a reconnect; others must be abandoned."""
 
 
+class DispatchCache(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    """A key template (`kici.sdk.caching`): resolved by the agent on the checkout."""
+    paths: list[str]
+    restore_keys: list[str] = []
+
+
 class JobDispatch(Message):
     type: Literal["job.dispatch"] = "job.dispatch"
     message_id: str
@@ -235,6 +244,9 @@ class JobDispatch(Message):
     """The job's `python=` ("3", "3.12" or "3.12.7"): the agent puts that interpreter first on PATH."""
     python_venv: bool = False
     """With `python`: the steps run in a fresh virtualenv of that interpreter (VIRTUAL_ENV set)."""
+    caches: list[DispatchCache] = []
+    """The job's `cache=` (lock file): key templates and paths the agent restores before the steps and
+    saves after a successful job (kici.agent.caches)."""
     attempt: int = 1
     timestamp: float
 

@@ -76,7 +76,7 @@ def create_app(
 ) -> FastAPI:
     """The orchestrator app. `readiness` defaults to "prepared" (the caller migrated the database)."""
     from kici.orchestrator.ingest import routes as ingest_routes
-    from kici.orchestrator.routes import admin_api, agent_artifacts, health
+    from kici.orchestrator.routes import admin_api, agent_artifacts, agent_caches, health
     from kici.orchestrator.web import mount_dashboard
 
     version = kici_version()
@@ -114,6 +114,7 @@ def create_app(
     app.include_router(ingest_routes.router, prefix=base)  # webhooks: /webhook/{org}/{github,git,generic}
     app.include_router(admin_api.router, prefix=base)
     app.include_router(agent_artifacts.router, prefix=base)  # agents upload artifacts with their token
+    app.include_router(agent_caches.router, prefix=base)  # agents restore and save caches with their token
     registry = mount_agents(app, base)  # agents' WebSocket /ws; registry at app.state.agents
     mount_dashboard(app, base)  # the web dashboard at `/` (kici.orchestrator.web)
     app.state.services = Services.assemble(app, registry)

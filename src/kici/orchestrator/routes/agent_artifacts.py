@@ -36,7 +36,7 @@ router = APIRouter(prefix=AGENT_PREFIX, tags=["agents"])
 State = Annotated[AppState, Depends(app_state)]
 
 
-def _bearer(request: Request) -> str | None:
+def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer":
@@ -57,7 +57,7 @@ async def _hashed(stream: AsyncIterator[bytes], digest: hashlib._Hash) -> AsyncI
     status_code=201,
 )
 async def upload_artifact(job_id: str, path: str, request: Request, state: State) -> Response:
-    plaintext = _bearer(request)
+    plaintext = bearer(request)
     if plaintext is None:
         return error_response(401, "missing agent token (Authorization: Bearer <agent token>)")
     try:
