@@ -37,7 +37,23 @@ deps = job("deps", steps=[build],
            cache=Cache(key="deps-{{os}}-{{arch}}-" + hash_files("deps*.txt"), paths=[".cache/deps"],
                        restore_keys=["deps-"]))
 
-ci = workflow("ci", on=[push(branches=["main"])], jobs=[deps])
+
+@step
+def by_hand(ctx: Context) -> None:
+    key = "manual-" + hash_files("deps*.txt")
+    hit = ctx.cache.restore(key, ["build/out"], restore_keys=["manual-"])
+    ctx.log.info(f"RESTORED {hit is not None}")
+    if hit is None:
+        (ctx.workspace / "build" / "out").mkdir(parents=True)
+        (ctx.workspace / "build" / "out" / "x.txt").write_text("made by " + (ctx.run_id or "?"))
+        ctx.log.info(f"SAVED {ctx.cache.save(key, ['build/out'])} AGAIN {ctx.cache.save(key, ['build/out'])}")
+    else:
+        ctx.log.info("CONTENT " + (ctx.workspace / "build" / "out" / "x.txt").read_text())
+
+
+manual = job("manual", steps=[by_hand])
+
+ci = workflow("ci", on=[push(branches=["main"])], jobs=[deps, manual])
 '''
 
 BROKEN = '''\
@@ -46,8 +62,9 @@ from kici import Cache, hash_files, job, push, step, workflow
 nothing = job("nothing", steps=[step("s", "true")],
               cache=Cache(key="k-" + hash_files("requirements*.txt"), paths=["out"]))
 escape = job("escape", steps=[step("s", "true")], cache=Cache(key="esc", paths=["outside/x"]))
+in_step = job("in_step", steps=[step("s", lambda ctx: ctx.cache.restore("k-" + hash_files("none*.lock"), ["x"]))])
 
-broken = workflow("broken", on=[push(branches=["main"])], jobs=[nothing, escape])
+broken = workflow("broken", on=[push(branches=["main"])], jobs=[nothing, escape, in_step])
 '''
 
 
@@ -74,13 +91,16 @@ def _has(lines: list[str], text: str) -> bool:
 def test_second_run_hits_the_cache(system: System, storage: Storage) -> None:
     system.start_orchestrator(**storage.env)
     system.register_source()
-    system.start_agent("a1")
+    system.start_agent("a1", KICI_MAX_CONCURRENCY="2")
     first_sha = system.commit({".kici/workflows/ci.py": WORKFLOW, "deps.txt": "click==8.1\n"}, "cached job")
     first = system.wait_run(first_sha, "success", "failed")
     log = system.log_lines(first["id"], "deps")
     assert first["status"] == "success", log
     assert _has(log, "[cache] cache miss deps-") and _has(log, "COLD"), log
     assert _has(log, "[cache] saved deps-"), log
+    manual = system.log_lines(first["id"], "manual")
+    assert _has(manual, "RESTORED False") and _has(manual, "SAVED True AGAIN False"), manual
+    assert _has(manual, "[cache] cache miss manual-") and _has(manual, "was saved by another job first"), manual
 
     second_sha = system.commit({"README.md": "changed, deps are not\n"}, "unrelated change")
     second = system.wait_run(second_sha, "success", "failed")
@@ -88,43 +108,46 @@ def test_second_run_hits_the_cache(system: System, storage: Storage) -> None:
     assert second["status"] == "success", log
     assert _has(log, "[cache] cache hit deps-") and _has(log, f"WARM from {first['id']}"), log
     assert not _has(log, "[cache] saved"), log  # the exact key hit: nothing to save
+    manual = system.log_lines(second["id"], "manual")
+    assert _has(manual, "RESTORED True") and _has(manual, f"CONTENT made by {first['id']}"), manual
 
-    listed = system.kici_admin("cache", "list", "--repo", "acme/app", "--json")
+    listed = system.kici_admin("cache", "list", "--repo", "acme/app", "--key", "deps-", "--json")
     assert listed.returncode == 0, listed.stderr
     [entry] = json.loads(listed.stdout)
     assert entry["namespace"] == "trusted" and entry["key"].startswith("deps-") and entry["run_id"] == first["id"]
     table = system.kici_admin("cache", "list")
-    assert "deps-" in table.stdout and "1 cache(s)" in table.stdout, table.stdout
+    assert "deps-" in table.stdout and "2 cache(s)" in table.stdout, table.stdout
     if storage.s3 is not None:
         client = storage.s3.client()
         listing = client.list_objects_v2(Bucket=storage.s3.bucket, Prefix=f"{storage.prefix}/caches/")
-        assert len(listing.get("Contents", [])) == 1
+        assert len(listing.get("Contents", [])) == 2
         client.close()
 
     purged = system.kici_admin("cache", "purge", "--repo", "acme/app", "--key", "deps-")
     assert purged.returncode == 0 and "Purged 1 cache(s) of acme/app" in purged.stdout, purged.stderr
-    assert json.loads(system.kici_admin("cache", "list", "--json").stdout) == []
+    assert [c["key"][:7] for c in json.loads(system.kici_admin("cache", "list", "--json").stdout)] == ["manual-"]
     assert system.kici_admin("cache", "purge").returncode == 2  # --repo is required
 
 
 def test_bad_caches_fail_their_job_clearly(system: System) -> None:
     system.start_orchestrator()
     system.register_source()
-    system.start_agent("a1", KICI_MAX_CONCURRENCY="2")
+    system.start_agent("a1", KICI_MAX_CONCURRENCY="3")
     os.symlink("/tmp", system.repo / "outside")
     sha = system.commit({".kici/workflows/broken.py": BROKEN}, "broken caches")
     run = system.wait_run(sha, "failed", "success")
     jobs = system.jobs(run["id"])
     assert {n: (j["status"], j["failure_category"]) for n, j in jobs.items()} == {
-        "nothing": ("failed", "cache"), "escape": ("failed", "cache")}
+        "nothing": ("failed", "cache"), "escape": ("failed", "cache"), "in_step": ("failed", "step")}
     assert "hash_files: 'requirements*.txt' matches no file in the checkout" in jobs["nothing"]["error"]
     assert "cache path 'outside/x' leaves the workspace" in jobs["escape"]["error"]
+    assert "ctx.cache.restore: hash_files: 'none*.lock' matches no file in the checkout" in jobs["in_step"]["error"]
 
 
 def test_storage_down_during_save_leaves_the_job_alone(system: System) -> None:
     system.start_orchestrator()
     system.register_source()
-    system.start_agent("a1")
+    system.start_agent("a1", KICI_MAX_CONCURRENCY="2")
     blobs = system.tmp / "data" / "blobs"
     (blobs / "tmp").rmdir()
     (blobs / "tmp").write_text("not a directory: every put fails")

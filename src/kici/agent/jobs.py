@@ -37,6 +37,8 @@ from kici.engine.events import Event
 from kici.engine.masking import SecretMasker
 from kici.engine.runner_protocol import (
     SETUP_STEP_INDEX,
+    CacheReply,
+    CacheRequest,
     JobResult,
     JobSpec,
     JobStarted,
@@ -422,6 +424,8 @@ class JobManager:
                     step_name=message.step_name, state=message.state, attempt=message.attempt,
                     duration_ms=message.duration_ms, error=message.error, timestamp=time.time(),
                 ))
+            elif isinstance(message, CacheRequest):
+                self._spawn(self._serve_cache_request(job, runner, message))
             elif isinstance(message, JobStarted):
                 continue
             elif isinstance(message, JobResult):
@@ -518,6 +522,35 @@ class JobManager:
             return JobResult(status="failed", outputs=result.outputs, error="\n".join(errors),
                              failure_category="cache", artifacts=result.artifacts)
         return result
+
+    async def _serve_cache_request(self, job: Job, runner: RunnerProcess, request: CacheRequest) -> None:
+        """A step's `ctx.cache.restore|save`: transfer, then answer the runner (which the step waits for)."""
+        reply = await self._cache_reply(job, request)
+        log_event("job.cache_request", job_id=job.job_id, op=request.op, key=request.key, matched=reply.matched,
+                  saved=reply.saved, error=reply.error)
+        await runner.send_control(reply)
+
+    async def _cache_reply(self, job: Job, request: CacheRequest) -> CacheReply:
+        context = cache_keys.KeyContext(workspace=job.workspace, matrix=job.dispatch.matrix,
+                                        python=job.python_version)
+        client = self._cache_client(job)
+        try:
+            paths = [cache_keys.normalize_path(p) for p in request.paths]
+            key = await asyncio.to_thread(cache_keys.resolve_key, request.key, context)
+            if request.op == "save":
+                saved = await asyncio.to_thread(client.save, key, paths)
+                return CacheReply(id=request.id, saved=saved.outcome == "saved", lines=[caches.save_line(saved)])
+            prefixes = [await asyncio.to_thread(cache_keys.resolve_key, p, context) for p in request.restore_keys]
+            restored = await asyncio.to_thread(client.restore, key, paths, prefixes)
+            if restored.matched is not None and self.step_user is not None:  # the steps' files, not root's
+                await asyncio.to_thread(give_tree, job.workspace, self.step_user)
+            return CacheReply(id=request.id, matched=restored.matched, lines=[caches.restore_line(restored)])
+        except (cache_keys.CacheKeyError, caches.CacheError, ValueError) as exc:
+            return CacheReply(id=request.id, error=str(exc))
+        except Exception as exc:  # the step must get an answer whatever broke here
+            log_event("job.cache_request_failed", level="error", job_id=job.job_id,
+                      error=f"{type(exc).__name__}: {exc}")
+            return CacheReply(id=request.id, error=f"agent error: {type(exc).__name__}: {exc}")
 
     async def _python_env(self, job: Job, setup_line: Callable[[str], None]) -> dict[str, str] | JobResult:
         """The job's `python=`: its interpreter's directory (and with `python_venv`, a fresh venv's `bin`)

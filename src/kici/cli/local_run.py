@@ -34,6 +34,8 @@ from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
 from kici.engine.runner_protocol import (
     WORKFLOW_HOOKS_JOB,
+    CacheReply,
+    CacheRequest,
     JobResult,
     JobSpec,
     JobStarted,
@@ -560,6 +562,8 @@ class LocalExecutor:
                     self.printer.line(job, f"│ {line}", **style)
             elif isinstance(msg, StepStatus):
                 self._on_step(job, msg)
+            elif isinstance(msg, CacheRequest):
+                await proc.send_control(self._local_cache_reply(job, workspace, python_version, msg))
             elif isinstance(msg, JobResult):
                 result = msg
         await proc.wait()
@@ -597,6 +601,20 @@ class LocalExecutor:
         self.printer.line(job, f"caches not restored or saved by a local run (they live on an orchestrator): "
                                f"{', '.join(keys)}", fg="yellow")
         return True
+
+    def _local_cache_reply(self, job: JobRun, workspace: Path, python_version: str | None,
+                           request: CacheRequest) -> CacheReply:
+        """A step's `ctx.cache`: the key is resolved as on an agent (a bad one raises in the step), then
+        the step is told, in its log, that a local run keeps no caches (a miss, or not saved)."""
+        context = cache_keys.KeyContext(workspace=workspace, matrix=job.planned.matrix, python=python_version)
+        try:
+            key = cache_keys.resolve_key(request.key, context)
+            for prefix in request.restore_keys:
+                cache_keys.resolve_key(prefix, context)
+        except cache_keys.CacheKeyError as exc:
+            return CacheReply(id=request.id, error=str(exc))
+        done = "not restored (a miss)" if request.op == "restore" else "not saved"
+        return CacheReply(id=request.id, lines=[f"[warn] cache {key}: {done}: a local run keeps no caches"])
 
     def _declared_secrets(self, job: JobRun) -> dict[str, str] | None:
         """What the job gets from `.kici/.secrets`: a job that declares `secrets=[...]` only those names

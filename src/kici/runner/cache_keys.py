@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from kici.engine.glob import compile_glob
-from kici.sdk.caching import HASH_FILES, KeyTemplateError, key_problem, parse_key
+from kici.sdk.caching import HASH_FILES, KeyTemplateError, key_problem, normalize_path, parse_key
+
+__all__ = ["CacheKeyError", "KeyContext", "hash_files", "matched_files", "normalize_path", "resolve_key"]
 
 _CHUNK = 1024 * 1024
 
