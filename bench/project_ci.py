@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dispatch import cpu_reference, git, post_push  # the sibling benchmarks' helpers
+
 from e2e import Bench, _ts
 
 WORKFLOW = '''\
