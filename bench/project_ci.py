@@ -3,9 +3,10 @@
 At run time the bench downloads a real open-source project's source distribution from PyPI (click 8.1.7 by
 default: it carries its test suite and needs only pytest; `pip download --no-deps --no-binary :all:`,
 never committed here), commits it into a temp git repository with a KiCI workflow — create a venv when the
-cache did not bring one, `pip install` the test requirements into it, `pip install -e .`, pytest — whose
-job caches `.venv` and pip's cache under a key of `hash_files("requirements/tests.txt", "setup.cfg")`,
-and pushes it through a real orchestrator (SQLite, fs blob store) and a real agent (bench/e2e.py's).
+cache did not bring one, `pip install` the test requirements (and setuptools, wheel) into it,
+`pip install -e .`, pytest — whose job caches `.venv` under a key of
+`hash_files("requirements/tests.txt", "setup.cfg")`, and pushes it through a real orchestrator (SQLite,
+fs blob store) and a real agent (bench/e2e.py's).
 
 Each round purges the repository's caches, pushes once (cold: miss, install, save) and pushes an
 unrelated change (warm: hit, no install); the time of a push is from the webhook posted to the run
@@ -40,18 +41,20 @@ from e2e import Bench, _ts
 WORKFLOW = '''\
 from kici import Cache, hash_files, job, push, step, workflow
 
-# the venv comes from the cache when the test requirements did not change; otherwise it is built
+# the venv comes from the cache when the test requirements did not change; otherwise it is built. A venv
+# restored into another job's workspace keeps working through `.venv/bin/python -m …` (its scripts' #!
+# lines name the workspace it was made in)
 make_venv = step("venv", "test -x .venv/bin/python || (python3 -m venv .venv && "
-                         ".venv/bin/pip install -q -r requirements/tests.txt)")
-install = step("install", ".venv/bin/pip install -q --no-deps --no-build-isolation -e .")
+                         ".venv/bin/python -m pip install -q -r requirements/tests.txt setuptools wheel)")
+install = step("install", ".venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .")
 tests = step("pytest", ".venv/bin/python -m pytest -q -p no:cacheprovider tests")
 
 test = job(
     "test",
     steps=[make_venv, install, tests],
-    env={"PIP_CACHE_DIR": ".cache/pip", "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    env={"PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     cache=Cache(key="venv-{{os}}-{{arch}}-" + hash_files("requirements/tests.txt", "setup.cfg"),
-                paths=[".venv", ".cache/pip"], restore_keys=["venv-{{os}}-{{arch}}-"]),
+                paths=[".venv"], restore_keys=["venv-{{os}}-{{arch}}-"]),
 )
 
 ci = workflow("ci", on=[push(branches=["main"])], jobs=[test])
@@ -59,7 +62,7 @@ ci = workflow("ci", on=[push(branches=["main"])], jobs=[test])
 
 
 def fetch_sdist(project: str, version: str, into: Path) -> Path:
-    """Download the project's sdist from PyPI (through pip, with its configuration) and unpack it."""
+    """Download the project's sdist from PyPI with pip (and its configuration) and unpack it."""
     into.mkdir(parents=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
                     f"{project}=={version}", "-d", str(into)], check=True)

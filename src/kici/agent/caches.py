@@ -88,22 +88,25 @@ class _HashingReader:
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._at = 0
         self.digest = hashlib.sha256()
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
+        while size < 0 or len(self._buffer) - self._at < size:
             chunk = next(self._chunks, None)
             if chunk is None:
                 break
             self.digest.update(chunk)
             self.size += len(chunk)
+            if self._at:  # drop what was read before growing (keeps the buffer about one chunk long)
+                del self._buffer[:self._at]
+                self._at = 0
             self._buffer += chunk
-        if size < 0:
-            out, self._buffer = self._buffer, b""
-        else:
-            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        end = len(self._buffer) if size < 0 else min(len(self._buffer), self._at + size)
+        out = bytes(self._buffer[self._at:end])
+        self._at = end
         return out
 
     def drain(self) -> None:

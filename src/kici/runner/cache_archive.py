@@ -21,7 +21,7 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,22 +63,54 @@ def existing_paths(workspace: Path, paths: Sequence[str]) -> tuple[list[str], li
     return present, missing
 
 
-def _member_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
-        return None  # sockets, fifos, devices: nothing a cache needs
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mode &= 0o777
-    return info
+def _members(root: str, rel: str,
+             seen: dict[tuple[int, int], str]) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
+    """The archive members for `rel` and, for a directory, everything under it (symlinks not followed):
+    (header, the file to read its content from). Built from `lstat` directly — tarfile's `gettarinfo`
+    looks every owner up in the user and group databases, which costs more than the rest together."""
+    path = os.path.join(root, rel)
+    st = os.lstat(path)
+    info = tarfile.TarInfo(rel)
+    info.mode = st.st_mode & 0o777
+    info.mtime = int(st.st_mtime)
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        yield info, None
+        with os.scandir(path) as entries:
+            names = sorted(entry.name for entry in entries)
+        for name in names:
+            yield from _members(root, f"{rel}/{name}", seen)
+    elif stat.S_ISLNK(st.st_mode):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(path)
+        yield info, None
+    elif stat.S_ISREG(st.st_mode):
+        first = seen.setdefault((st.st_dev, st.st_ino), rel) if st.st_nlink > 1 else rel
+        if first != rel:
+            info.type = tarfile.LNKTYPE
+            info.linkname = first
+            yield info, None
+        else:
+            info.size = st.st_size
+            yield info, path
+    # sockets, fifos, devices: nothing a cache needs
 
 
 def write_archive(workspace: Path, paths: Sequence[str], out: BinaryIO) -> None:
     """Write the present `paths` (see `existing_paths`) as tar+gzip to `out`, streaming."""
-    root = workspace.resolve()
+    root = str(workspace.resolve())
+    seen: dict[tuple[int, int], str] = {}
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as compressed, \
             tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for rel in paths:
-            tar.add(str(root / rel), arcname=rel, recursive=True, filter=_member_filter)
+            for info, source in _members(root, rel, seen):
+                if source is None:
+                    tar.addfile(info)
+                    continue
+                with open(source, "rb") as handle:
+                    if os.fstat(handle.fileno()).st_size != info.size:
+                        raise OSError(f"{info.name} changed while it was being archived")
+                    tar.addfile(info, handle)
 
 
 @dataclass
@@ -107,16 +139,27 @@ class _Target:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: set[str] = set()
+        self.dirs: set[str] = set()
+        """Directories known to be real directories under the root: nothing in an archive can replace a
+        directory (see `clear`), so one check each is enough."""
 
     def parent_of(self, rel: str) -> Path:
         """The member's parent directory, created as real directories only (never through a symlink)."""
+        parent_rel = rel.rpartition("/")[0]
+        if not parent_rel or parent_rel in self.dirs:
+            return self.root / parent_rel if parent_rel else self.root
         current = self.root
-        for segment in rel.split("/")[:-1]:
+        walked = ""
+        for segment in parent_rel.split("/"):
             current = current / segment
+            walked = f"{walked}/{segment}" if walked else segment
+            if walked in self.dirs:
+                continue
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
                 os.mkdir(current, 0o755)
+                self.dirs.add(walked)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 raise CacheArchiveError(f"archive member {rel!r} would be written through the symlink "
@@ -124,6 +167,7 @@ class _Target:
             if not stat.S_ISDIR(st.st_mode):
                 raise CacheArchiveError(f"archive member {rel!r}: {current.relative_to(self.root).as_posix()!r} "
                                         "is not a directory")
+            self.dirs.add(walked)
         return current
 
     def clear(self, path: Path, rel: str) -> None:
@@ -169,10 +213,11 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, target
             st = os.lstat(path)
         except FileNotFoundError:
             os.mkdir(path, mode | 0o700)
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            target.clear(path, rel)
-            os.mkdir(path, mode | 0o700)
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                target.clear(path, rel)
+                os.mkdir(path, mode | 0o700)
+        target.dirs.add(rel)
         return
     if member.isreg():
         target.clear(path, rel)
