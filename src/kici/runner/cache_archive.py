@@ -220,11 +220,15 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, target
         target.dirs.add(rel)
         return
     if member.isreg():
-        target.clear(path, rel)
         reader = tar.extractfile(member)
         if reader is None:  # pragma: no cover - a regular member always has content
             raise CacheArchiveError(f"archive member {rel!r} has no content")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:  # a new file in the common case; whatever is in the way (a file, a link) goes first
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            target.clear(path, rel)
+            fd = os.open(path, flags, 0o600)
         with os.fdopen(fd, "wb") as handle:
             while chunk := reader.read(_CHUNK):
                 handle.write(chunk)

@@ -242,3 +242,19 @@ async def test_storage_down_during_save_keeps_nothing(database: Database, tmp_pa
         finally:
             await dead.close()
         assert (await orch.admin("GET", "/caches")).json() == []
+
+
+async def test_the_retention_sweep_evicts_unused_caches(database: Database, tmp_path: Path) -> None:
+    from kici.orchestrator.db.schema import caches as caches_table
+
+    async with serve_orchestrator(database, tmp_path, cache_max_age="2d") as orch, _running(orch) as (job_id, token):
+        for key in ("old", "fresh"):
+            assert (await _save(orch, token, job_id, key, key.encode())).status_code == 201
+        long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+        async with database.transaction() as conn:
+            await conn.execute(caches_table.update().where(caches_table.c.key == "old").values(last_used_at=long_ago))
+        sweeper = orch.services.sweeper
+        await sweeper.retention()  # the first pass after start-up only arms the sweep
+        await sweeper.retention()
+        assert [c["key"] for c in (await orch.admin("GET", "/caches")).json()] == ["fresh"]
+        assert len(await orch.services.blobs.list(caches.BLOB_PREFIX)) == 1
