@@ -114,3 +114,14 @@ ci = workflow("ci", on=push(), jobs=[ok, bad])''')
     assert "`~` is not supported" in text and "climbs out of the workspace" in text
     assert "cache needs a non-empty `key`" in text and "unknown placeholder {{oops}}" in text
     assert len(errors) == 6, text
+
+
+def test_the_compiler_refuses_unusable_key_text(tmp_path: Path) -> None:
+    errors = _compile(tmp_path, '''
+bad = job("bad", steps=[step("s", "true")],
+          cache=[Cache(key=" lead", paths=["x"]), Cache(key="tab\\tkey", paths=["x"]),
+                 Cache(key="k" * 600, paths=["x"]), Cache(key="{{os}} ok", paths=["x"])])
+ci = workflow("ci", on=push(), jobs=[bad])''')
+    text = "\\n".join(errors)
+    assert text.count("control character or white space at an end") == 2, text
+    assert "longer than 512 characters" in text and len(errors) == 3, text

@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,8 +264,6 @@ def save_line(result: Saved) -> str:
         return f"[warn] cache {result.key} not saved: none of its paths exist{missing}"
     return f"[warn] cache {result.key} not saved (the job's result is unaffected): {result.error}"
 
-
-OnLine = Callable[[str], None]
 
 
 @dataclass

@@ -495,9 +495,11 @@ def _key_template(template: Any, job: d.Job | None, where: Collector, what: str)
                                 "without `..`")
                     ok = False
     literal = "".join(p.text for p in parts if p.kind == "text")
-    problem = caching.key_problem(literal) if literal else None
-    if problem is not None and "empty" not in problem:
-        where.error(problem)
+    if any(ord(c) < 32 or ord(c) == 127 for c in literal) or template != template.strip():
+        where.error(f"cache {what} {template[:100]!r} has a control character or white space at an end")
+        ok = False
+    elif len(literal) > caching.MAX_KEY_LENGTH:
+        where.error(f"cache {what} {template[:60]!r}… is longer than {caching.MAX_KEY_LENGTH} characters")
         ok = False
     return ok
 
