@@ -10,6 +10,7 @@ ci = workflow("ci", on=[push(branches=["main"]), pr(target=["main"])], jobs=[bui
 """
 
 from kici.sdk import inputs
+from kici.sdk.caching import hash_files
 from kici.sdk.context import (
     AttrDict,
     CommandFailed,
@@ -88,6 +89,7 @@ __all__ = [
     "dispatch",
     "fork",
     "generic_webhook",
+    "hash_files",
     "inputs",
     "job",
     "job_complete",

@@ -21,7 +21,7 @@ import pytest
 from kici.compiler import unsupported
 from kici.compiler.errors import CompileFailed
 from kici.compiler.project import Project, compile_project
-from kici.sdk import definitions, inputs, triggers
+from kici.sdk import caching, definitions, inputs, triggers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +42,8 @@ DISPATCH_INPUTS = "tests/integration/orchestrator/test_manual_runs.py::test_inpu
 ARTIFACTS = "tests/e2e/test_artifacts.py"
 INPUT_DESCRIPTION = "tests/unit/test_inputs.py::test_a_missing_required_input_is_described"
 LIMITS_MEMORY = "tests/integration/agent/test_limits.py::test_a_memory_hog_fails_with_the_category_and_the_agent_lives"
+CACHE_E2E = "tests/e2e/test_caches_e2e.py::test_second_run_hits_the_cache"
+CACHE_PREFIX = "tests/integration/orchestrator/test_caches.py::test_save_restore_exact_prefix_and_miss"
 
 def enforced(node_id: str) -> tuple[str, str]:
     return ("enforced", node_id)
@@ -74,7 +76,7 @@ def _not_supported(what: str, where: str = "") -> str:
 
 JOB = " › job 'j'"
 STEP = " › job 'j' › step 's'"
-CACHE = 'Cache("deps", ["~/.cache/pip"], restore_keys=["deps-"])'
+CACHE = 'Cache("deps", [".cache/pip"], restore_keys=["deps-"])'
 HOOK = "lambda ctx: None"
 
 OPTIONS: dict[str, tuple[str, ...]] = {
@@ -110,7 +112,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     ),
     "job(grace_period)": enforced(GRACE_PERIOD),
     "job(rules)": enforced(f"{RUNNER}::test_failing_job_rule_skips_the_job"),
-    "job(cache)": refused(_job_with(f"cache=[{CACHE}]"), _not_supported("`cache=`", JOB)),
+    "job(cache)": enforced(CACHE_E2E),
     "job(continue_on_error)": refused(_job_with("continue_on_error=True"), _not_supported("`continue_on_error=`", JOB)),
     "job(on_success)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
     "job(on_failure)": enforced(f"{RUNNER}::test_hook_order_on_success_and_on_failure"),
@@ -145,9 +147,10 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "Concurrency.group": enforced(CONCURRENCY_FIFO),
     "Concurrency.cancel_in_progress": enforced(CANCEL_IN_PROGRESS),
     "Concurrency.max": enforced(CONCURRENCY_MAX),
-    "Cache.key": refused(_job_with(f"cache={CACHE}"), _not_supported("`cache=`", JOB)),
-    "Cache.paths": refused(_job_with(f"cache={CACHE}"), _not_supported("`cache=`", JOB)),
-    "Cache.restore_keys": refused(_step_with(f"cache={CACHE}"), _not_supported("`cache=`", STEP)),
+    "Cache.key": enforced(CACHE_E2E),
+    "Cache.paths": enforced(CACHE_E2E),
+    "Cache.restore_keys": enforced(CACHE_PREFIX),
+    "hash_files(globs)": enforced("tests/unit/test_cache_keys.py::test_hash_files_over_paths_and_contents"),
     # -- workflow(...)
     "workflow(name)": enforced("tests/e2e/test_end_to_end.py::test_push_runs_to_success_with_logs"),
     "workflow(on)": enforced("tests/integration/orchestrator/test_ingest_github.py::"
@@ -270,6 +273,7 @@ def sdk_options() -> set[str]:
     names |= {f"workflow({p})" for p in _params(definitions.workflow)}
     for fn in (definitions.need, definitions.rule, definitions.skip):
         names |= {f"{fn.__name__}({p})" for p in _params(fn)}
+    names |= {f"hash_files({p})" for p in _params(caching.hash_files)}
     for cls in (definitions.Retry, definitions.Concurrency, definitions.Cache, definitions.Resources):
         names |= {f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls)}
     for name, fn in _trigger_builders().items():

@@ -653,6 +653,58 @@ def queue_list(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.group()
+def cache() -> None:
+    """Job caches: list, purge.
+
+    Caches jobs saved (`job(..., cache=Cache(...))`, `ctx.cache`), per repository and namespace (`trusted`,
+    or `untrusted:<ref>` for held-then-approved runs)."""
+
+
+def _size(value: Any) -> str:
+    size = int(value or 0)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+@cache.command("list")
+@click.option("--repo", metavar="OWNER/NAME", help="Only this repository's caches.")
+@click.option("--key", "key_prefix", metavar="PREFIX", help="Only keys starting with PREFIX.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=1000, show_default=True, help="At most this many.")
+@json_option
+def cache_list(repo: str | None, key_prefix: str | None, limit: int, as_json: bool) -> None:
+    """List caches by repository, namespace and key, with their size and last use."""
+    found = _client().get("/caches", repo=repo, key_prefix=key_prefix, limit=limit)
+    if as_json:
+        print_json(found)
+        return
+    rows = [{**c, "size_text": _size(c.get("size"))} for c in found]
+    print_table(
+        rows,
+        [("repo", "repo"), ("namespace", "namespace"), ("key", "key"), ("size_text", "size"),
+         ("created_at", "saved"), ("last_used_at", "last used")],
+        empty="No caches.",
+    )
+    if found:
+        click.echo(f"{len(found)} cache(s), {_size(sum(int(c.get('size') or 0) for c in found))}.")
+
+
+@cache.command("purge")
+@click.option("--repo", required=True, metavar="OWNER/NAME", help="The repository whose caches go.")
+@click.option("--key", "key_prefix", metavar="PREFIX", help="Only keys starting with PREFIX.")
+@json_option
+def cache_purge(repo: str, key_prefix: str | None, as_json: bool) -> None:
+    """Delete a repository's caches (all namespaces), or only those whose key starts with --key."""
+    purged = _client().delete("/caches", repo=repo, key_prefix=key_prefix)
+    if as_json:
+        print_json(purged)
+        return
+    what = f" with keys starting with {key_prefix!r}" if key_prefix else ""
+    click.echo(f"Purged {purged['deleted']} cache(s) of {repo}{what} ({_size(purged['bytes'])}).")
+
+
+@cli.group()
 def reports() -> None:
     """Reports: GitHub check-run updates and notifications owed by the orchestrator (list, retry)."""
 

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from kici.agent import artifacts, test_reports, workspace
+from kici.agent import artifacts, caches, test_reports, workspace
 from kici.agent.build_info import kici_build_hash
 from kici.agent.config import AgentSettings, hostname, http_base_url
 from kici.agent.connection import Connection, new_message_id
@@ -38,6 +38,8 @@ from kici.engine.events import Event
 from kici.engine.masking import SecretMasker
 from kici.engine.runner_protocol import (
     SETUP_STEP_INDEX,
+    CacheReply,
+    CacheRequest,
     JobResult,
     JobSpec,
     JobStarted,
@@ -45,8 +47,8 @@ from kici.engine.runner_protocol import (
     LogLines,
     StepStatus,
 )
-from kici.runner import toolchains
-from kici.runner.client import safe_base_env
+from kici.runner import cache_keys, toolchains
+from kici.runner.client import RunnerProcess, safe_base_env
 from kici.runner.toolchains import Interpreter
 
 FORCE_CANCEL_GRACE_S = 2.0
@@ -102,6 +104,8 @@ class Job:
     """The terminal status is queued (the job no longer takes a slot)."""
     abandoned: bool = False
     """The orchestrator did not take the job back after a reconnect: nothing more is sent for it."""
+    python_version: str | None = None
+    """The full version of the job's `python=` interpreter (cache keys' `{{python}}`)."""
 
     @property
     def job_id(self) -> str:
@@ -405,6 +409,9 @@ class JobManager:
                      "mechanism works here (see KICI_RESOURCE_LIMITS)")
             setup_line(f"[error] {error}")
             return JobResult(status="failed", error=error, failure_category="resources")
+        job_caches = await self._restore_caches(job, setup_line)
+        if isinstance(job_caches, JobResult):
+            return job_caches
         spec = self.job_spec(job, python_env)
         if self.step_user is not None:  # the checkout becomes the step user's: steps may write to it
             await asyncio.to_thread(give_tree, job.workspace, self.step_user)
@@ -442,6 +449,8 @@ class JobManager:
                     step_name=message.step_name, state=message.state, attempt=message.attempt,
                     duration_ms=message.duration_ms, error=message.error, timestamp=time.time(),
                 ))
+            elif isinstance(message, CacheRequest):
+                self._spawn(self._serve_cache_request(job, runner, message))
             elif isinstance(message, JobStarted):
                 continue
             elif isinstance(message, JobResult):
@@ -459,6 +468,7 @@ class JobManager:
             })
         await self._send_test_reports(job, result, setup_line)
         result = await self._upload_artifacts(job, result, setup_line)
+        result = await self._save_caches(job, result, job_caches, setup_line)
         if result.failure_category == "internal" and (result.error or "").startswith("runner exited with code"):
             # the client's synthetic result: the runner died without reporting (killed, out of memory, …)
             result = result.model_copy(update={"error": f"workflow runner crashed: {result.error}"})
@@ -505,6 +515,91 @@ class JobManager:
                              failure_category="artifacts", artifacts=result.artifacts)
         return result
 
+    def _cache_client(self, job: Job) -> caches.CacheClient:
+        return caches.CacheClient(base_url=self._upload_base(),
+                                  token=self.settings.agent_token.get_secret_value(), job_id=job.job_id,
+                                  workspace=job.workspace)
+
+    async def _restore_caches(self, job: Job, setup_line: Callable[[str], None]) -> list[caches.JobCache] | JobResult:
+        """Resolve the job's cache keys on the checkout and restore each cache (exact key, then the restore
+        keys as prefixes). A key that cannot be resolved or a path leaving the workspace fails the job
+        (category `cache`); storage trouble is a miss."""
+        declared = job.dispatch.caches
+        if not declared:
+            return []
+        context = cache_keys.KeyContext(workspace=job.workspace, matrix=job.dispatch.matrix,
+                                        python=job.python_version)
+        planned: list[caches.JobCache] = []
+        client = self._cache_client(job)
+        try:
+            for entry in declared:
+                key = await asyncio.to_thread(cache_keys.resolve_key, entry.key, context)
+                prefixes = [await asyncio.to_thread(cache_keys.resolve_key, p, context) for p in entry.restore_keys]
+                planned.append(caches.JobCache(key, list(entry.paths), prefixes))
+            for item in planned:
+                item.restored = await asyncio.to_thread(client.restore, item.key, item.paths, item.restore_keys)
+                setup_line(caches.restore_line(item.restored))
+                log_event("job.cache_restore", job_id=job.job_id, key=item.key, matched=item.restored.matched,
+                          error=item.restored.error)
+        except (cache_keys.CacheKeyError, caches.CacheError) as exc:
+            setup_line(f"[error] {exc}")
+            return JobResult(status="failed", error=str(exc), failure_category="cache")
+        return planned
+
+    async def _save_caches(self, job: Job, result: JobResult, planned: list[caches.JobCache],
+                           setup_line: Callable[[str], None]) -> JobResult:
+        """After a successful job, save each cache whose exact key missed. Storage trouble is a log line;
+        a path leaving the workspace fails the job (category `cache`)."""
+        if result.status != "success" or job.abandoned or job.cancel_requested is not None:
+            return result
+        client = self._cache_client(job)
+        errors: list[str] = []
+        for item in planned:
+            if item.restored is not None and item.restored.exact:
+                continue
+            try:
+                saved = await asyncio.to_thread(client.save, item.key, item.paths)
+            except caches.CacheError as exc:
+                setup_line(f"[error] {exc}")
+                errors.append(str(exc))
+                continue
+            setup_line(caches.save_line(saved))
+            log_event("job.cache_save", job_id=job.job_id, key=item.key, outcome=saved.outcome, size=saved.size,
+                      error=saved.error)
+        if errors:
+            return JobResult(status="failed", outputs=result.outputs, error="\n".join(errors),
+                             failure_category="cache", artifacts=result.artifacts)
+        return result
+
+    async def _serve_cache_request(self, job: Job, runner: RunnerProcess, request: CacheRequest) -> None:
+        """A step's `ctx.cache.restore|save`: transfer, then answer the runner (which the step waits for)."""
+        reply = await self._cache_reply(job, request)
+        log_event("job.cache_request", job_id=job.job_id, op=request.op, key=request.key, matched=reply.matched,
+                  saved=reply.saved, error=reply.error)
+        await runner.send_control(reply)
+
+    async def _cache_reply(self, job: Job, request: CacheRequest) -> CacheReply:
+        context = cache_keys.KeyContext(workspace=job.workspace, matrix=job.dispatch.matrix,
+                                        python=job.python_version)
+        client = self._cache_client(job)
+        try:
+            paths = [cache_keys.normalize_path(p) for p in request.paths]
+            key = await asyncio.to_thread(cache_keys.resolve_key, request.key, context)
+            if request.op == "save":
+                saved = await asyncio.to_thread(client.save, key, paths)
+                return CacheReply(id=request.id, saved=saved.outcome == "saved", lines=[caches.save_line(saved)])
+            prefixes = [await asyncio.to_thread(cache_keys.resolve_key, p, context) for p in request.restore_keys]
+            restored = await asyncio.to_thread(client.restore, key, paths, prefixes)
+            if restored.matched is not None and self.step_user is not None:  # the steps' files, not root's
+                await asyncio.to_thread(give_tree, job.workspace, self.step_user)
+            return CacheReply(id=request.id, matched=restored.matched, lines=[caches.restore_line(restored)])
+        except (cache_keys.CacheKeyError, caches.CacheError, ValueError) as exc:
+            return CacheReply(id=request.id, error=str(exc))
+        except Exception as exc:  # the step must get an answer whatever broke here
+            log_event("job.cache_request_failed", level="error", job_id=job.job_id,
+                      error=f"{type(exc).__name__}: {exc}")
+            return CacheReply(id=request.id, error=f"agent error: {type(exc).__name__}: {exc}")
+
     async def _python_env(self, job: Job, setup_line: Callable[[str], None]) -> dict[str, str] | JobResult:
         """The job's `python=`: its interpreter's directory (and with `python_venv`, a fresh venv's `bin`)
         first on PATH. Variables to add to the step environment, or the failed result."""
@@ -519,6 +614,7 @@ class JobManager:
             setup_line(f"[error] {exc}")
             return JobResult(status="failed", error=str(exc), failure_category="toolchain")
         job.interpreter = interpreter
+        job.python_version = interpreter.full
         setup_line(f"python {interpreter.full}: {interpreter.path}"
                    + (f" (virtualenv {env['VIRTUAL_ENV']})" if "VIRTUAL_ENV" in env else ""))
         log_event("job.python", job_id=job.job_id, python=interpreter.full, path=interpreter.path,

@@ -34,6 +34,8 @@ from kici.engine.needs import decide
 from kici.engine.plan import PlannedJob, children_by_job, plan_workflow
 from kici.engine.runner_protocol import (
     WORKFLOW_HOOKS_JOB,
+    CacheReply,
+    CacheRequest,
     JobResult,
     JobSpec,
     JobStarted,
@@ -43,7 +45,7 @@ from kici.engine.runner_protocol import (
     log_lines,
 )
 from kici.engine.states import RunStatus, aggregate_run_status
-from kici.runner import toolchains
+from kici.runner import cache_keys, toolchains
 from kici.runner.client import RunnerProcess, safe_base_env
 from kici.runner.spawn import Spawned
 from kici.runner.toolchains import Interpreter
@@ -359,7 +361,7 @@ class LocalExecutor:
         self._interpreters: asyncio.Task[list[Interpreter]] | None = None
         """This machine's Python interpreters, detected once when a job first asks for `python=`."""
 
-    async def _python_env(self, job: JobRun, python: str, venv: bool) -> dict[str, str] | None:
+    async def _python_env(self, job: JobRun, python: str, venv: bool) -> tuple[dict[str, str], str] | None:
         """The variables that put the job's `python=` interpreter (and venv) first; None after reporting
         the job failed (no matching interpreter on this machine)."""
         if self._interpreters is None:
@@ -375,7 +377,7 @@ class LocalExecutor:
             return None
         self.printer.line(job, f"python {interpreter.full}: {interpreter.path}"
                           + (f" (virtualenv {env['VIRTUAL_ENV']})" if "VIRTUAL_ENV" in env else ""))
-        return env
+        return env, interpreter.full
 
     async def run(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -507,15 +509,19 @@ class LocalExecutor:
         lock_job = job.planned.lock_job
         base_env = safe_base_env({**(wf.env or {}), **self.extra_env, "CI": "true", "KICI": "true",
                                   "KICI_LOCAL": "true"})
+        python_version: str | None = None
         if lock_job is not None and lock_job.python:
-            python_env = await self._python_env(job, lock_job.python, bool(lock_job.python_venv))
-            if python_env is None:
+            chosen = await self._python_env(job, lock_job.python, bool(lock_job.python_venv))
+            if chosen is None:
                 return
+            python_env, python_version = chosen
             base_env = toolchains.apply(base_env, python_env)
         secrets = self._declared_secrets(job)
         if secrets is None:
             return
         workspace = self._workspace(job)
+        if lock_job is not None and lock_job.cache and not self._report_caches(job, workspace, python_version):
+            return
         spec = JobSpec(
             workspace=str(workspace),
             workflow_file=wf.source.file,
@@ -559,6 +565,8 @@ class LocalExecutor:
                     self.printer.line(job, f"│ {line}", **style)
             elif isinstance(msg, StepStatus):
                 self._on_step(job, msg)
+            elif isinstance(msg, CacheRequest):
+                await proc.send_control(self._local_cache_reply(job, workspace, python_version, msg))
             elif isinstance(msg, JobResult):
                 result = msg
         await proc.wait()
@@ -581,6 +589,39 @@ class LocalExecutor:
         mark = {"success": ("✓ success", "green"), "skipped": ("- skipped", "bright_black"),
                 "cancelled": ("⊘ cancelled", "yellow")}.get(result.status, ("✗ failed", "red"))
         self.printer.line(job, mark[0], fg=mark[1], bold=True)
+
+    def _report_caches(self, job: JobRun, workspace: Path, python_version: str | None) -> bool:
+        """Resolve the job's cache keys as an agent would (a `hash_files` glob matching nothing fails the job
+        here too), then say that a local run neither restores nor saves them: caches live on an
+        orchestrator, and a local run starts from the working tree, where the cached paths already are."""
+        lock_job = job.planned.lock_job
+        assert lock_job is not None and lock_job.cache
+        context = cache_keys.KeyContext(workspace=workspace, matrix=job.planned.matrix, python=python_version)
+        try:
+            keys = [cache_keys.resolve_key(c.key, context) for c in lock_job.cache]
+        except cache_keys.CacheKeyError as exc:
+            job.status, job.error = "failed", str(exc)
+            job.steps = [StepReport(s.name, "skipped") for s in lock_job.steps]
+            self.printer.line(job, str(exc), fg="red")
+            self.printer.line(job, "✗ failed", fg="red", bold=True)
+            return False
+        self.printer.line(job, f"caches not restored or saved by a local run (they live on an orchestrator): "
+                               f"{', '.join(keys)}", fg="yellow")
+        return True
+
+    def _local_cache_reply(self, job: JobRun, workspace: Path, python_version: str | None,
+                           request: CacheRequest) -> CacheReply:
+        """A step's `ctx.cache`: the key is resolved as on an agent (a bad one raises in the step), then
+        the step is told, in its log, that a local run keeps no caches (a miss, or not saved)."""
+        context = cache_keys.KeyContext(workspace=workspace, matrix=job.planned.matrix, python=python_version)
+        try:
+            key = cache_keys.resolve_key(request.key, context)
+            for prefix in request.restore_keys:
+                cache_keys.resolve_key(prefix, context)
+        except cache_keys.CacheKeyError as exc:
+            return CacheReply(id=request.id, error=str(exc))
+        done = "not restored (a miss)" if request.op == "restore" else "not saved"
+        return CacheReply(id=request.id, lines=[f"[warn] cache {key}: {done}: a local run keeps no caches"])
 
     def _declared_secrets(self, job: JobRun) -> dict[str, str] | None:
         """What the job gets from `.kici/.secrets`: a job that declares `secrets=[...]` only those names

@@ -22,6 +22,7 @@ from kici.engine.matrix import MATRIX_LIMIT, MatrixTooLargeError, expand_matrix
 from kici.engine.needs import find_cycle, run_on_for
 from kici.engine.regex_safety import regex_problem
 from kici.engine.resources import ResourceLimits, parse_cpus, parse_memory, parse_pids
+from kici.sdk import caching
 from kici.sdk import definitions as d
 from kici.sdk.naming import job_names, step_names
 
@@ -125,7 +126,7 @@ def convert_job(
         concurrency_group=_dynamic_value(job.concurrency_group, where, "concurrency_group"),
         timeout=millis(job.timeout, where, "job timeout"),
         grace_period=millis(job.grace_period, where, "grace_period"),
-        cache=_cache(job.cache, where),
+        cache=_cache(job.cache, where, job),
         hooks=_hooks(job, where, ("on_success", "on_failure", "cleanup", "on_cancel", "before_step", "after_step")),
         continue_on_error=job.continue_on_error or None,
         **_artifacts(job, where),
@@ -458,7 +459,9 @@ def _retry(value: Any, where: Collector) -> lf.RetryPolicy | None:
     )
 
 
-def _cache(value: Any, where: Collector) -> list[lf.CacheSpec] | None:
+def _cache(value: Any, where: Collector, job: d.Job | None = None) -> list[lf.CacheSpec] | None:
+    """`cache=Cache(key, paths, restore_keys)` (one, a list, or mappings with those keys): keys are templates
+    (`kici.sdk.caching`), paths relative to the workspace."""
     if value is None:
         return None
     items = value if isinstance(value, list | tuple) else [value]
@@ -471,15 +474,73 @@ def _cache(value: Any, where: Collector) -> list[lf.CacheSpec] | None:
                 continue
             item = d.Cache(key=item.get("key"), paths=item.get("paths") or (),  # type: ignore[arg-type]
                            restore_keys=item.get("restore_keys") or ())
-        if not isinstance(item, d.Cache) or not isinstance(item.key, str) or not item.key:
-            where.error("cache needs a non-empty `key` and `paths`")
+        if not isinstance(item, d.Cache) or not isinstance(item.key, str) or not item.key.strip():
+            where.error("cache needs a non-empty `key` and `paths` (kici.Cache(key=..., paths=[...]))")
             continue
-        paths = [item.paths] if isinstance(item.paths, str) else list(item.paths)
-        if not paths or not all(isinstance(p, str) and p for p in paths):
+        raw_paths = [item.paths] if isinstance(item.paths, str) else list(item.paths or ())
+        if not raw_paths:
             where.error(f"cache {item.key!r}: `paths` must be a non-empty list of paths")
             continue
-        out.append(lf.CacheSpec(key=item.key, paths=paths, restore_keys=list(item.restore_keys)))
+        paths: list[str] = []
+        for raw in raw_paths:
+            try:
+                paths.append(caching.normalize_path(raw))
+            except ValueError as exc:
+                where.error(str(exc))
+        restore = [item.restore_keys] if isinstance(item.restore_keys, str) else list(item.restore_keys or ())
+        templates_ok = all(_key_template(k, job, where, "restore key" if i else "key")
+                           for i, k in enumerate([item.key, *restore]))
+        if templates_ok and len(paths) == len(raw_paths):
+            out.append(lf.CacheSpec(key=item.key, paths=paths, restore_keys=restore))
     return out or None
+
+
+def _key_template(template: Any, job: d.Job | None, where: Collector, what: str) -> bool:
+    if not isinstance(template, str) or not template.strip():
+        where.error(f"cache {what} {template!r} must be a non-empty string")
+        return False
+    try:
+        parts = caching.parse_key(template)
+    except caching.KeyTemplateError as exc:
+        where.error(f"cache {what} {template!r}: {exc}")
+        return False
+    ok = True
+    for part in parts:
+        if part.kind == "python" and (job is None or job.python is None):
+            where.error(f"cache {what} {template!r}: {{{{python}}}} needs the job's python= (the version it names)")
+            ok = False
+        elif part.kind == "matrix" and part.text not in _matrix_axes(job):
+            axes = ", ".join(sorted(_matrix_axes(job))) or "none: the job has no matrix"
+            where.error(f"cache {what} {template!r}: {{{{matrix.{part.text}}}}} is not an axis of the job's "
+                        f"matrix (axes: {axes})")
+            ok = False
+        elif part.kind == "hash_files":
+            for glob in part.globs:
+                if glob.startswith("/") or "\\" in glob or ".." in glob.split("/"):
+                    where.error(f"cache {what}: hash_files({glob!r}) must be relative to the workspace, "
+                                "without `..`")
+                    ok = False
+    literal = "".join(p.text for p in parts if p.kind == "text")
+    if any(ord(c) < 32 or ord(c) == 127 for c in literal) or template != template.strip():
+        where.error(f"cache {what} {template[:100]!r} has a control character or white space at an end")
+        ok = False
+    elif len(literal) > caching.MAX_KEY_LENGTH:
+        where.error(f"cache {what} {template[:60]!r}… is longer than {caching.MAX_KEY_LENGTH} characters")
+        ok = False
+    return ok
+
+
+def _matrix_axes(job: d.Job | None) -> set[str]:
+    if job is None or job.matrix is None:
+        return set()
+    try:
+        combos = expand_matrix(job.matrix, job.include, job.exclude)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return set()
+    axes: set[str] = set()
+    for combo in combos:
+        axes.update(combo if isinstance(combo, dict) else {"value"})
+    return axes
 
 
 def _rules(rules: Sequence[Any], file: str, where: Collector) -> list[lf.RuleRef] | None:

@@ -13,10 +13,9 @@ from typing import Any
 from kici.compiler.errors import Collector
 
 STEP_OPTIONS: dict[str, str] = {
-    "cache": "nothing restores or saves step caches",
+    "cache": "caches are per job (`job(..., cache=...)`) or taken in a step with `ctx.cache`",
 }
 JOB_OPTIONS: dict[str, str] = {
-    "cache": "nothing restores or saves job caches",
     "environments": "a job deploys to one environment; use `environment=`",
     "continue_on_error": "a job's failure always fails the run; put continue_on_error on its steps",
 }

@@ -203,6 +203,15 @@ class RegisterAck(Message):
     """In-flight jobs the orchestrator accepted back after a reconnect; others must be abandoned."""
 
 
+class DispatchCache(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    """A key template (`kici.sdk.caching`): resolved by the agent on the checkout."""
+    paths: list[str]
+    restore_keys: list[str] = []
+
+
 class JobDispatch(Message):
     type: Literal["job.dispatch"] = "job.dispatch"
     message_id: str
@@ -241,6 +250,9 @@ class JobDispatch(Message):
     """With `python`: the steps run in a fresh virtualenv of that interpreter (VIRTUAL_ENV set)."""
     resources: ResourceLimits | None = None
     """The job's `resources=` (lock file); the agent combines them with its defaults and maxima."""
+    caches: list[DispatchCache] = []
+    """The job's `cache=` (lock file): key templates and paths the agent restores before the steps and
+    saves after a successful job (kici.agent.caches)."""
     attempt: int = 1
     timestamp: float
 

@@ -72,6 +72,22 @@ class CancelRequest(_Msg):
     reason: str = "cancelled"
 
 
+class CacheReply(_Msg):
+    """The parent's answer to a `CacheRequest` (a control line on the runner's stdin)."""
+
+    type: Literal["cache.reply"] = "cache.reply"
+    id: int
+    matched: str | None = None
+    """`restore`: the key restored (None on a miss)."""
+    saved: bool = False
+    """`save`: whether the cache was stored."""
+    error: str | None = None
+    """Set when the request itself is wrong (an unresolvable key, a path leaving the workspace): the step's
+    `ctx.cache` call raises it. Storage trouble is not an error here (a miss, or `saved` false)."""
+    lines: list[str] = []
+    """What to show in the step's log (hit, miss, saved, why not)."""
+
+
 class StepStatus(_Msg):
     type: Literal["step.status"] = "step.status"
     step_index: int
@@ -125,8 +141,22 @@ class JobResult(_Msg):
     """Workspace-relative files the steps asked to keep (`ctx.upload_artifact`); the agent uploads them."""
 
 
+class CacheRequest(_Msg):
+    """A step's `ctx.cache.restore` or `ctx.cache.save`: the parent transfers the cache and answers with a
+    `CacheReply` of the same `id` on the runner's stdin; the step waits for it."""
+
+    type: Literal["cache.request"] = "cache.request"
+    id: int
+    step_index: int
+    op: Literal["restore", "save"]
+    key: str
+    """A key template, like `cache=`'s (`kici.sdk.caching`): the parent resolves it."""
+    paths: list[str]
+    restore_keys: list[str] = []
+
+
 RunnerMessage = Annotated[
-    StepStatus | LogLine | LogLines | JobStarted | JobResult,
+    StepStatus | LogLine | LogLines | JobStarted | JobResult | CacheRequest,
     Field(discriminator="type"),
 ]
 

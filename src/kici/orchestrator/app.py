@@ -76,7 +76,7 @@ def create_app(
 ) -> FastAPI:
     """The orchestrator app. `readiness` defaults to "prepared" (the caller migrated the database)."""
     from kici.orchestrator.ingest import routes as ingest_routes
-    from kici.orchestrator.routes import admin_api, agent_artifacts, agent_test_reports, health
+    from kici.orchestrator.routes import admin_api, agent_artifacts, agent_caches, agent_test_reports, health
     from kici.orchestrator.web import mount_dashboard
 
     version = kici_version()
@@ -115,6 +115,7 @@ def create_app(
     app.include_router(admin_api.router, prefix=base)
     app.include_router(agent_artifacts.router, prefix=base)  # agents upload artifacts with their token
     app.include_router(agent_test_reports.router, prefix=base)  # and test reports
+    app.include_router(agent_caches.router, prefix=base)  # agents restore and save caches with their token
     registry = mount_agents(app, base)  # agents' WebSocket /ws; registry at app.state.agents
     mount_dashboard(app, base)  # the web dashboard at `/` (kici.orchestrator.web)
     app.state.services = Services.assemble(app, registry)

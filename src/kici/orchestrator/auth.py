@@ -74,6 +74,10 @@ class Permission(StrEnum):
     """Delete old runs, events and audit entries now (`prune`; the retention sweep does it on its own)."""
     APPROVALS_WRITE = "approvals:write"
     """Approve or reject held runs and gated jobs (`kici-admin held approve|reject`)."""
+    CACHES_READ = "caches:read"
+    """List job caches (`kici-admin cache list`)."""
+    CACHES_WRITE = "caches:write"
+    """Purge job caches (`kici-admin cache purge`)."""
 
 
 _OWNER_ONLY = frozenset({Permission.TOKENS_OWNER, Permission.KEY_ROTATE})
@@ -93,6 +97,7 @@ ROLE_PERMISSIONS: Mapping[AdminRole, frozenset[Permission]] = {
             Permission.REPORTS_READ,
             Permission.SECRETS_READ_METADATA,
             Permission.ENVIRONMENTS_READ,
+            Permission.CACHES_READ,
         }
     ),
     AdminRole.VIEWER: frozenset(

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from kici.engine.durations import parse_duration
+from kici.engine.durations import DurationError, parse_duration
 from kici.engine.settings_meta import did_you_mean
 from kici.engine.settings_meta import unknown_env_vars as _unknown_env_vars
 from kici.orchestrator.db.url import DatabaseURLError, parse_database_url, sqlite_url_for
@@ -371,6 +371,22 @@ class Settings(BaseModel):
         default=1000, ge=1,
         description="Most JUnit XML files one job may send; the agent is told (409) and says so in the job's log.",
     )
+    cache_max_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024, ge=1,
+        description="Largest cache archive (compressed) an agent may save; a larger one is refused (413), "
+        "nothing of it is kept, and the job's result is unaffected. See docs/operator/caches.md.",
+    )
+    cache_repo_max_bytes: int = Field(
+        default=10 * 1024 * 1024 * 1024, ge=1,
+        description="Total size of one repository's caches (all namespaces); when a save goes over it, the "
+        "repository's least recently used caches are evicted until it fits.",
+    )
+    cache_max_age: str = Field(
+        default="7d",
+        description="Caches not restored (or saved) for this long are evicted by the retention sweep "
+        "(`KICI_RETENTION_INTERVAL_SECONDS`): a duration such as `7d` or `36h` (a bare number is days); `0`: "
+        "never by age.",
+    )
     # -- audit and retention ----------------------------------------------------------------------
     audit_denial_window_seconds: int = Field(
         default=60, ge=0,
@@ -453,6 +469,20 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return parse_duration(value)
         return value
+    @field_validator("cache_max_age")
+    @classmethod
+    def _cache_max_age(cls, value: str) -> str:
+        try:
+            parse_duration(str(value), bare_unit="d", allow_zero=True)
+        except DurationError as exc:
+            raise ValueError(str(exc)) from None
+        return str(value).strip()
+
+    @property
+    def cache_max_age_delta(self) -> dt.timedelta | None:
+        """`cache_max_age` as a duration; None when caches never expire by age (`0`)."""
+        delta = parse_duration(self.cache_max_age, bare_unit="d", allow_zero=True)
+        return delta if delta.total_seconds() > 0 else None
 
     @field_validator("storage_endpoint")
     @classmethod

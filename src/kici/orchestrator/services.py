@@ -73,10 +73,15 @@ class Services:
         async def delete_run_data(run_id: str) -> None:
             await _delete_run_data(state.database, logs, blobs, run_id)
 
+        async def evict_caches() -> int:
+            from kici.orchestrator.caches import evict_unused
+
+            return await evict_unused(state.database, blobs, state.settings.cache_max_age_delta)
+
         # trust holds first: a run's environment gates are created only once its trust hold is released
         held = HeldService(state.database, [TrustGate(dispatcher.limits), EnvironmentGate()], ingest,
                            wake_dispatcher=dispatcher.wake, wake_reporter=reporter.wake)
-        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher, delete_run_data),
+        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher, delete_run_data, evict_caches),
                    poller=GitPoller(state, ingest), reporter=reporter, scheduler=Scheduler(state, ingest),
                    blobs=blobs, database=state.database, held=held)
 

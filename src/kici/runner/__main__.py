@@ -122,7 +122,11 @@ def _control(runner: Runner, fd: int, rest: bytes) -> None:
             line = bytes(buf[:at])
             del buf[: at + 1]
             message = parse_control(line)
-            if message is not None:
+            if message is not None and message.get("type") == "cache.reply":
+                from kici.runner.cache_requests import deliver
+
+                deliver(message)
+            elif message is not None:
                 _cancel(runner, bool(message.get("force")), str(message.get("reason") or "cancelled"))
         try:
             data = os.read(fd, 1 << 16)

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from kici.engine.masking import SecretMasker
 from kici.engine.runner_protocol import (
     SETUP_STEP_INDEX,
+    CacheReply,
     CancelRequest,
     JobResult,
     JobSpec,
@@ -215,11 +216,15 @@ class RunnerProcess:
             self._transport.close()
 
     async def send_cancel(self, *, force: bool = False, reason: str = "cancelled") -> None:
+        await self.send_control(CancelRequest(force=force, reason=reason))
+
+    async def send_control(self, message: CancelRequest | CacheReply) -> None:
+        """A control line on the runner's stdin (dropped when the runner is gone)."""
         stdin = self._proc.stdin
         if stdin is None or stdin.is_closing():
             return
         try:
-            stdin.write(CancelRequest(force=force, reason=reason).model_dump_json().encode("utf-8") + b"\n")
+            stdin.write(message.model_dump_json().encode("utf-8") + b"\n")
             await stdin.drain()
         except (BrokenPipeError, ConnectionResetError, RuntimeError):
             pass

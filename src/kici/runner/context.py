@@ -21,6 +21,8 @@ from kici.runner import shell
 from kici.runner.calls import Call, StepAborted
 from kici.sdk.context import (
     AttrDict,
+    CacheError,
+    Caches,
     CommandFailed,
     CommandTimedOut,
     Context,
@@ -172,6 +174,29 @@ class _Secrets(Secrets):
         return Path(create_private_file(self._ctx.files.dir, f"{safe}-", value.encode("utf-8")))
 
 
+class _Caches(Caches):
+    def __init__(self, ctx: RunnerContext) -> None:
+        self._ctx = ctx
+
+    def _ask(self, op: str, key: str, paths: Sequence[str], restore_keys: Sequence[str] = ()) -> dict[str, Any]:
+        from kici.runner.cache_requests import request
+
+        ctx = self._ctx
+        reply = request(ctx.runner.protocol, ctx.call, ctx.step_index, op, key, paths, restore_keys)
+        for line in reply.get("lines") or []:
+            ctx.runner.emit(ctx.step_index, "system", str(line))
+        if reply.get("error"):
+            raise CacheError(f"ctx.cache.{op}: {reply['error']}")
+        return reply
+
+    def restore(self, key: str, paths: Sequence[str], restore_keys: Sequence[str] = ()) -> str | None:
+        matched = self._ask("restore", key, paths, restore_keys).get("matched")
+        return str(matched) if matched else None
+
+    def save(self, key: str, paths: Sequence[str]) -> bool:
+        return bool(self._ask("save", key, paths).get("saved"))
+
+
 class RunnerContext(Context):
     def __init__(
         self,
@@ -199,6 +224,7 @@ class RunnerContext(Context):
         self.attempt = attempt
         self.log = _Logger(self)
         self.secrets = _Secrets(self, spec.secrets)
+        self.cache = _Caches(self)
         self._exposed: dict[str, str] = {}
         self.pending_env: dict[str, str] = {}
         self.pending_paths: list[str] = []

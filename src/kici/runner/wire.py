@@ -97,12 +97,12 @@ def parse_spec(line: bytes | str) -> Spec:
 
 
 def parse_control(line: bytes | str) -> dict[str, Any] | None:
-    """A control line from stdin (`CancelRequest`), or None when it is not one."""
+    """A control line from stdin (`CancelRequest`, `CacheReply`), or None when it is not one."""
     try:
         data = json.loads(line)
     except ValueError:
         return None
-    if isinstance(data, dict) and data.get("type") == "cancel":
+    if isinstance(data, dict) and data.get("type") in ("cancel", "cache.reply"):
         return data
     return None
 
@@ -175,6 +175,11 @@ class ProtocolWriter:
             head = f'{{"type":"logs","step_index":{int(step_index)},"stream":{_encode_str(stream)},"lines":['
             data = head + ",".join([_encode_str(line) for line in lines]) + "]}\n"
         self._send(_clean(data).encode("utf-8"))
+
+    def cache_request(self, request_id: int, step_index: int, op: str, key: str, paths: list[str],
+                      restore_keys: list[str]) -> bool:
+        return self._write({"type": "cache.request", "id": request_id, "step_index": step_index, "op": op,
+                            "key": key, "paths": paths, "restore_keys": restore_keys})
 
     def job_started(self, steps: list[str]) -> None:
         self._write({"type": "job.started", "steps": steps})

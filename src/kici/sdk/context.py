@@ -104,6 +104,27 @@ class Secrets(abc.ABC):
         """Write the secret to a private temporary file (removed after the step) and return its path."""
 
 
+class CacheError(StepFailure):
+    """`ctx.cache` could not do what was asked for a reason the job must fix (a key whose `hash_files`
+    glob matches nothing, a path leaving the workspace). Storage trouble is never raised: a failed
+    restore is a miss, a failed save returns False."""
+
+
+class Caches(abc.ABC):
+    """Caches taken in a step (`ctx.cache`), beside the job's own `cache=`; the same keys, rules and
+    storage (see docs/user/caches.md)."""
+
+    @abc.abstractmethod
+    def restore(self, key: str, paths: Sequence[str], restore_keys: Sequence[str] = ()) -> str | None:
+        """Restore `paths` (relative to the workspace) from the cache `key`, else from the newest cache whose
+        key starts with one of `restore_keys` (in order). Returns the key restored, or None on a miss."""
+
+    @abc.abstractmethod
+    def save(self, key: str, paths: Sequence[str]) -> bool:
+        """Save `paths` as the cache `key` now. True when saved; False when the key already exists (keys are
+        immutable), none of the paths exists, or storage failed (the step's log says which)."""
+
+
 class AttrDict(dict[str, Any]):
     """A dict whose keys also read as attributes (`ctx.matrix.py`)."""
 
@@ -127,6 +148,7 @@ class Context(abc.ABC):
     attempt: int
     log: Logger
     secrets: Secrets
+    cache: Caches
 
     @property
     @abc.abstractmethod

@@ -181,6 +181,8 @@ ROUTES = [
           body={"wait_timer_s": 30}),
     Route("DELETE", "/environments/{name}", (Permission.ENVIRONMENTS_WRITE,), 200,
           path="/environments/{environment}"),
+    Route("GET", "/caches", (Permission.CACHES_READ,), 200),
+    Route("DELETE", "/caches", (Permission.CACHES_WRITE,), 200, params={"repo": "acme/app"}),
     Route("GET", "/runs/{run_id}/artifacts", (Permission.RUNS_READ,), 200, path="/runs/{run}/artifacts"),
     # past the permission check the handler looks the artifact up (downloads: tests/e2e/test_artifacts.py)
     Route("GET", "/runs/{run_id}/artifacts/{artifact_id}", (Permission.RUNS_READ,), 404,

@@ -783,5 +783,27 @@ rate_limit_windows = sa.Table(
 )
 
 
+caches = sa.Table(
+    "caches",
+    metadata,
+    # a saved job cache (kici.orchestrator.caches); its archive is the blob `blob_key`
+    sa.Column("id", sa.Text, primary_key=True, default=new_id),
+    _org_id(),
+    # no FK; empty for runs without a source
+    sa.Column("source_id", sa.Text, nullable=False, server_default=sa.text("''")),
+    sa.Column("repo", sa.Text, nullable=False),  # owner/name, as on runs
+    sa.Column("namespace", sa.Text, nullable=False),  # `trusted`, or `untrusted:<ref>` (held-then-approved runs)
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("blob_key", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=True),  # the run that saved it (no FK: caches outlive runs)
+    _created_at(),
+    sa.Column("last_used_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("org_id", "source_id", "repo", "namespace", "key"),
+    sa.Index(None, "org_id", "repo", "last_used_at"),
+    sa.Index(None, "last_used_at"),  # age eviction
+)
+
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

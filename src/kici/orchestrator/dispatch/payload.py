@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.lockfile import Workflow
-from kici.engine.protocol import JobDispatch
+from kici.engine.protocol import DispatchCache, JobDispatch
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import new_id
 from kici.orchestrator.providers.base import CloneAccess
@@ -175,6 +175,8 @@ def build_dispatch(
         python=lock_job.python if lock_job is not None else None,
         python_venv=bool(lock_job is not None and lock_job.python_venv),
         resources=lock_job.resources if lock_job is not None else None,
+        caches=[DispatchCache(key=c.key, paths=c.paths, restore_keys=c.restore_keys)
+                for c in ((lock_job.cache or []) if lock_job is not None else [])],
         attempt=attempt,
         timestamp=time.time(),
     )

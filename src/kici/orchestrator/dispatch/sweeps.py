@@ -32,10 +32,13 @@ WORKFLOW_TIMEOUT = "workflow_timeout"
 
 
 class Sweeper:
-    def __init__(self, dispatcher: Dispatcher, delete_run_data: RunDataDeleter) -> None:
+    def __init__(self, dispatcher: Dispatcher, delete_run_data: RunDataDeleter,
+                 evict_caches: Callable[[], Awaitable[int]] | None = None) -> None:
         self.dispatcher = dispatcher
         self.delete_run_data = delete_run_data
         """What retention calls for each run it deletes (its logs, artifacts and test reports)."""
+        self.evict_caches = evict_caches
+        """What retention calls to evict caches unused for `KICI_CACHE_MAX_AGE` (kici.orchestrator.caches)."""
         self.db = dispatcher.db
         self.settings = dispatcher.settings
         self.metrics = dispatcher.metrics
@@ -64,6 +67,11 @@ class Sweeper:
         if not self._retention_armed:
             self._retention_armed = True
             return
+        if self.evict_caches is not None:
+            try:
+                await self.evict_caches()
+            except Exception as exc:  # storage down: the next pass tries again; pruning runs still goes on
+                log_event("retention.cache_eviction_failed", level="error", error=f"{type(exc).__name__}: {exc}")
         result = await prune(self.db, self.delete_run_data, self.settings)
         if result.counts.total:
             async with self.db.transaction() as conn:

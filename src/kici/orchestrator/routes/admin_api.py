@@ -11,6 +11,7 @@ from kici.orchestrator.routes import (
     admin_agents,
     admin_artifacts,
     admin_audit,
+    admin_caches,
     admin_environments,
     admin_events,
     admin_held,
@@ -46,6 +47,7 @@ router.include_router(admin_reports.router)
 router.include_router(admin_environments.router)
 router.include_router(admin_artifacts.router)
 router.include_router(admin_tests.router)
+router.include_router(admin_caches.router)
 router.include_router(admin_retention.router)
 router.include_router(admin_trust.router)
 router.include_router(admin_held.router)
