@@ -28,7 +28,7 @@ from kici.agent.connection import AuthRejected, Connection
 from kici.agent.health import HealthServer, prometheus_text, uptime_since
 from kici.agent.jobs import JobManager, kici_version
 from kici.agent.log import log_event
-from kici.agent.sandbox import SandboxBackend, SandboxUnavailable, get_backend
+from kici.agent.sandbox import ProcessSandbox, SandboxBackend, SandboxUnavailable, get_backend
 from kici.agent.secrecy import (
     TOKEN_FD_FLAG,
     SecrecyError,
@@ -40,6 +40,7 @@ from kici.agent.secrecy import (
 from kici.agent.step_user import StepUser, StepUserError
 from kici.agent.step_user import resolve as resolve_step_user
 from kici.runner import toolchains
+from kici.runner.forkclient import ForkServer, ForkServerUnavailable
 from kici.runner.toolchains import Interpreter
 
 
@@ -159,6 +160,9 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self.on_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGUSR1, self.on_drain)
         await asyncio.to_thread(workspace.sweep, self.settings.jobs_dir)
+        forkserver = self.backend.forkserver if isinstance(self.backend, ProcessSandbox) else None
+        if forkserver is not None:  # ready before the first job comes (a failure is logged; jobs then spawn)
+            self._spawn(_prestart(forkserver))
         server: HealthServer | None = None
         if self.settings.port:
             server = HealthServer(self.settings.health_host, self.settings.port, health=self.health,
@@ -172,7 +176,8 @@ class Agent:
         log_event("agent.started", agent_id=self.agent_id, labels=self.labels, url=self.settings.websocket_url,
                   max_concurrency=self.settings.max_concurrency, sandbox=self.backend.name, version=kici_version(),
                   kici_hash=kici_build_hash(), uid=os.getuid(),
-                  step_user=self.step_user.name if self.step_user else None, non_dumpable=is_dumpable() is False)
+                  step_user=self.step_user.name if self.step_user else None, non_dumpable=is_dumpable() is False,
+                  runner_prestart=forkserver is not None)
         connection = asyncio.create_task(self.connection.run())
         code = 0
         try:
@@ -198,6 +203,8 @@ class Agent:
                 await self.jobs.stop_all(0)
             for task in list(self._tasks):
                 task.cancel()
+            if forkserver is not None:
+                await forkserver.close()
             if server is not None:
                 await server.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -259,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         log_event("config.warning", level="warning", message=warning)
     try:
         backend = get_backend(settings.sandbox)
+        if settings.runner_prestart and isinstance(backend, ProcessSandbox):
+            backend.forkserver = ForkServer(log=log_event)
         workspace.prepare_work_dir(settings.work_dir, step_user=step_user is not None)
         agent_id = resolve_agent_id(settings)
     except SandboxUnavailable as exc:
@@ -273,6 +282,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"kici-agent: KICI_PYTHONS: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(asyncio.run(Agent(settings, agent_id, backend, step_user, interpreters).run()))
+
+
+async def _prestart(forkserver: ForkServer) -> None:
+    with contextlib.suppress(ForkServerUnavailable):  # logged by the server; jobs are spawned meanwhile
+        await forkserver.start()
 
 
 async def find_interpreters(settings: AgentSettings) -> list[Interpreter]:
