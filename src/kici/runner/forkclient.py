@@ -150,12 +150,12 @@ class ForkServer:
         loop.add_reader(ours.fileno(), self._on_readable)
         try:
             pid = await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
-        except (TimeoutError, ForkServerUnavailable) as exc:
-            code = proc.poll()
-            self._lost()
-            detail = f"exited with code {code}" if code is not None else f"not ready in {READY_TIMEOUT_S:.0f} s"
-            raise ForkServerUnavailable(f"the forkserver {detail}: {exc}" if str(exc) else
-                                        f"the forkserver {detail}") from None
+        except (TimeoutError, _ServerLost):
+            timed_out = self._sock is not None  # else the server closed its end: it exited
+            self._lost(reap=False, quiet=True)
+            code = await asyncio.to_thread(_reap, proc)
+            raise ForkServerUnavailable(f"the forkserver was not ready within {READY_TIMEOUT_S:.0f} s" if timed_out
+                                        else f"the forkserver exited with code {code} before it was ready") from None
         self.pid = pid
         self.starts += 1
         self.log("forkserver.started", pid=pid, duration_ms=round((time.monotonic() - started) * 1000),
@@ -202,7 +202,7 @@ class ForkServer:
             else:
                 future.set_exception(ForkServerUnavailable(str(message.get("error", "the forkserver refused"))))
 
-    def _lost(self, *, reap: bool = True) -> None:
+    def _lost(self, *, reap: bool = True, quiet: bool = False) -> None:
         """The server is gone (or being closed): fail what waits on it, watch its orphans directly."""
         sock, proc, loop = self._sock, self._proc, self._loop
         if sock is None:
@@ -212,9 +212,8 @@ class ForkServer:
         if loop is not None:
             loop.remove_reader(sock.fileno())
         sock.close()
-        error = ForkServerUnavailable("the forkserver exited")
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(error)
+            self._ready.set_exception(_ServerLost())
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(_ServerLost())
@@ -224,7 +223,7 @@ class ForkServer:
         self._children.clear()
         if proc is not None:
             code = proc.poll()
-            if not self._closed:
+            if not self._closed and not quiet:
                 self.log("forkserver.lost", level="warning", pid=proc.pid, exit_code=code)
             if code is None and reap and loop is not None:
                 loop.run_in_executor(None, _reap, proc)
@@ -294,13 +293,13 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         loop.remove_writer(sock.fileno())
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for a server that was told to go (its socket closed); kill it if it does not."""
+def _reap(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for a server that was told to go (its socket closed), killing it if it does not; its exit code."""
     try:
-        proc.wait(timeout=5)
+        return proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        return proc.wait()
 
 
 class ForkedProcess:
