@@ -20,6 +20,7 @@ Prints one JSON object.
 
     .venv/bin/python bench/e2e.py            # full
     .venv/bin/python bench/e2e.py --quick    # 3 runs, 10 pushes, 20,000 lines (the test suite runs this)
+    .venv/bin/python bench/e2e.py --no-prestart   # agents spawn a new runner interpreter per job
 """
 
 from __future__ import annotations
@@ -118,13 +119,13 @@ def tree_cpu(orchestrator: int, agents: list[int]) -> dict[str, float]:
 
 
 class Agent:
-    def __init__(self, name: str, url: str, token: str, work: Path, lines: int) -> None:
+    def __init__(self, name: str, url: str, token: str, work: Path, prestart: bool) -> None:
         self.log = work.parent / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KICI_")}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update({
             "KICI_ORCHESTRATOR_URL": url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
-            "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info",
+            "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info", "KICI_RUNNER_PRESTART": str(prestart).lower(),
             **({"KICI_AGENT_STEP_USER": "root"} if os.geteuid() == 0 else {}),
         })
         self.handle = open(self.log, "w")  # noqa: SIM115
@@ -187,7 +188,8 @@ class Bench:
         await self.admin("POST", "/sources", json={"name": "bench", "kind": "git", "config": {"url": str(self.repo)},
                                                    "secrets": {"webhook_secret": WEBHOOK_SECRET}})
         for i in range(agents):
-            self.agents.append(Agent(f"agent-{i}", self.orch.url, token, self.work / f"agent-{i}", self.args.lines))
+            self.agents.append(Agent(f"agent-{i}", self.orch.url, token, self.work / f"agent-{i}",
+                                     not self.args.no_prestart))
         deadline = time.monotonic() + 60
         while len([a for a in await self.admin("GET", "/agents?connected=true")]) < agents:
             if time.monotonic() > deadline:
@@ -341,6 +343,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "host_cpu_reference_s": cpu_reference(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d"),
         "database": "sqlite (embedded default)",
+        "runner_prestart": not args.no_prestart,
     }
     work = Path(tempfile.mkdtemp(prefix="kici-bench-e2e-"))
     bench = Bench(work, args)
@@ -352,7 +355,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(1, args.agents):
             token = (await bench.admin("POST", "/agent-tokens", json={"name": f"bench-{i}", "labels": [],
                                                                  "allow_root_steps": os.geteuid() == 0}))["token"]
-            bench.agents.append(Agent(f"agent-{i}", bench.orch.url, token, work / f"agent-{i}", args.lines))
+            bench.agents.append(Agent(f"agent-{i}", bench.orch.url, token, work / f"agent-{i}", not args.no_prestart))
         deadline = time.monotonic() + 60
         while len(await bench.admin("GET", "/agents?connected=true")) < args.agents:
             if time.monotonic() > deadline:
@@ -372,6 +375,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-prestart", action="store_true", help="KICI_RUNNER_PRESTART=false on the agents")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.pushes, args.lines = 3, 10, 20_000

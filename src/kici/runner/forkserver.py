@@ -41,8 +41,8 @@ PROTOCOL_FD = 3
 """Where a child finds its protocol pipe (after stdin, stdout and stderr)."""
 
 _PRELOAD = (
-    "kici.sdk.loader", "kici.sdk.naming", "kici.engine.content_hash", "kici.engine.events", "asyncio", "shutil",
-    "subprocess", "traceback",
+    "kici.sdk.loader", "kici.sdk.naming", "kici.engine.content_hash", "kici.engine.events", "asyncio", "ctypes",
+    "shutil", "subprocess", "traceback",
 )
 """Imported once in the server (besides the runner itself), so that a forked runner finds them loaded: what
 the runner imports lazily for nearly every job (loading the workflow, the drift gate, `ctx.event`) and what
