@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -231,6 +233,8 @@ async def test_a_bad_request_is_refused_and_the_server_goes_on(server: ForkServe
     try:
         with pytest.raises(ForkServerUnavailable, match="cwd '/nonexistent/dir' is not a directory"):
             await server.spawn(env={}, cwd="/nonexistent/dir", run_as=None, fds=(read_fd, write_fd, write_fd))
+        with pytest.raises(ForkServerUnavailable, match="too large"):
+            await server.spawn(env={"HUGE": "x" * 4_000_000}, cwd="/", run_as=None, fds=(read_fd, write_fd, write_fd))
     finally:
         os.close(read_fd)
         os.close(write_fd)
@@ -292,3 +296,23 @@ ci = workflow("ci", jobs=[job("j", steps=[fails])])
     spawned.returncode = await spawned_runner.wait()
     assert forked.result == spawned.result and forked.result.status == "failed"
     assert forked.logs() == spawned.logs() and forked.returncode == spawned.returncode
+
+
+async def test_no_descriptor_or_process_is_left_behind_even_when_a_start_is_cancelled(
+    server: ForkServer, ws: Path
+) -> None:
+    reporting_workflow(ws, "def EXTRA(ctx):\n    return {}\n")
+    await run_forked(server, make_spec(ws))  # the loop's own descriptors (pipes' transports) exist from here
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        assert (await run_forked(server, make_spec(ws))).result.status == "success"
+    for delay in (0, 0.01):
+        starting = asyncio.create_task(start_runner(server, make_spec(ws)))
+        await asyncio.sleep(delay)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            async with await starting:  # it had started already: then it is ours to end
+                pass
+    assert server.pid is not None
+    await wait_until(lambda: proctree.children(server.pid) == [], 10)  # a child forked for it saw EOF
+    assert sorted(os.listdir("/proc/self/fd")) == before

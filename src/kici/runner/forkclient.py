@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -259,8 +260,12 @@ class ForkServer:
                 break
             except (BlockingIOError, InterruptedError):
                 await _writable(loop, sock)
-            except OSError:  # the server is gone (EPIPE, ECONNRESET)
+            except OSError as exc:
                 self._pending.pop(request_id, None)
+                if exc.errno == errno.EMSGSIZE:  # this request, not the server, is the problem
+                    raise ForkServerUnavailable(f"the request is too large for the forkserver ({len(payload)} "
+                                                "bytes)") from None
+                # the server is gone (EPIPE, ECONNRESET)
                 self._lost()
                 raise _ServerLost() from None
             if self._sock is not sock:
@@ -343,31 +348,33 @@ async def start_runner(
     scratch = tempfile.mkdtemp(prefix="kici-runner-scratch-")
     environment = dict(env) if env is not None else dict(server.env)
     environment["TMPDIR"] = scratch
-    pipes: list[tuple[int, int]] = []
+    loose: list[int] = []
+    """Descriptors to close should anything fail (then a child already forked sees EOF and ends)."""
     files: list[Any] = []
     try:
         if run_as is not None:
             os.chown(scratch, run_as[0], run_as[1])
-        pipes = [os.pipe() for _ in range(3)]
-        (stdin_r, stdin_w), (out_r, out_w), (proto_r, proto_w) = pipes
+        for _ in range(3):
+            loose.extend(os.pipe())
+        stdin_r, stdin_w, out_r, out_w, proto_r, proto_w = loose
         try:
             child = await server.spawn(env=environment, cwd=scratch, run_as=run_as, fds=(stdin_r, out_w, proto_w))
         finally:
-            for fd in (stdin_r, out_w, proto_w):
+            for fd in (stdin_r, out_w, proto_w):  # the child's ends: it has its own copies now
                 os.close(fd)
-            pipes = []
+            loose = [stdin_w, out_r, proto_r]
         # from here the file objects own our ends: closing them tells the child to stop
         files = [os.fdopen(stdin_w, "wb", buffering=0), os.fdopen(out_r, "rb", buffering=0),
                  os.fdopen(proto_r, "rb", buffering=0)]
+        loose = []
         proc = await ForkedProcess.attach(child, files[0], files[1])
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_LINE_LIMIT)
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), files[2])
     except BaseException:
-        for pair in pipes:
-            for fd in pair:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        for fd in loose:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         for file in files:
             file.close()
         shutil.rmtree(scratch, ignore_errors=True)
