@@ -125,7 +125,8 @@ class Agent:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update({
             "KICI_ORCHESTRATOR_URL": url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
-            "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info", "KICI_RUNNER_PRESTART": str(prestart).lower(),
+            "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info",
+            **({} if prestart else {"KICI_RUNNER_PRESTART": "false"}),  # unset: also runs code before the setting
             **({"KICI_AGENT_STEP_USER": "root"} if os.geteuid() == 0 else {}),
         })
         self.handle = open(self.log, "w")  # noqa: SIM115
