@@ -9,12 +9,18 @@ signs them.
 - throughput: 100 pushes posted back to back (distinct deliveries of the same commit) with 4 agents:
   runs completed per second, from the first post to the last run finished;
 - logs: a step printing 1,000,000 lines (`seq`), timed from the step's start to the job finished (every
-  line stored: the agent sends the job's status after its last log chunk); the lines stored are counted.
+  line stored: the agent sends the job's status after its last log chunk); the lines stored are counted;
+- per-job CPU: the CPU time (user + system) of every process of the throughput phase — the orchestrator,
+  the agents, and everything they started (git, runners, the runner forkserver and its children) — read
+  from /proc before and after the phase with everything idle, divided by the pushes. A process's own
+  time is `utime + stime`; its exited children's (reaped, recursively) is `cutime + cstime`: summing both
+  over the live processes of the tree counts every process once, also those that came and went.
 
 Prints one JSON object.
 
     .venv/bin/python bench/e2e.py            # full
     .venv/bin/python bench/e2e.py --quick    # 3 runs, 10 pushes, 20,000 lines (the test suite runs this)
+    .venv/bin/python bench/e2e.py --no-prestart   # agents spawn a new runner interpreter per job
 """
 
 from __future__ import annotations
@@ -62,14 +68,65 @@ def _ts(value: str | None) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+def _cpu_fields(pid: int) -> tuple[int, int, int, str] | None:
+    """(ppid, own ticks, reaped children's ticks, command line) of a live process, None when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]), cmdline
+
+
+def tree_cpu(orchestrator: int, agents: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the orchestrator's and the agents' whole process trees, by role: `orchestrator`
+    (its tree), `agent` (the agent processes themselves), `forkserver` (the runner forkservers
+    themselves), `job_processes` (everything the agents and forkservers started: git, runners, steps)."""
+    procs: dict[int, tuple[int, int, int, str]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _cpu_fields(int(name))) is not None:
+            procs[int(name)] = fields
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_rest) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+
+    def below(pid: int) -> list[int]:
+        found, todo = [], list(children.get(pid, []))
+        while todo:
+            child = todo.pop()
+            found.append(child)
+            todo.extend(children.get(child, []))
+        return found
+
+    tick = os.sysconf("SC_CLK_TCK")
+    roles = {"orchestrator": 0, "agent": 0, "forkserver": 0, "job_processes": 0}
+    if orchestrator in procs:
+        roles["orchestrator"] = sum(procs[p][1] + procs[p][2] for p in [orchestrator, *below(orchestrator)])
+    for agent in agents:
+        if agent not in procs:
+            continue
+        roles["agent"] += procs[agent][1]
+        roles["job_processes"] += procs[agent][2]
+        for pid in below(agent):
+            _ppid, own, reaped, cmdline = procs[pid]
+            if "kici.runner.forkserver" in cmdline:
+                roles["forkserver"] += own
+                roles["job_processes"] += reaped
+            else:
+                roles["job_processes"] += own + reaped
+    return {role: ticks / tick for role, ticks in roles.items()}
+
+
 class Agent:
-    def __init__(self, name: str, url: str, token: str, work: Path, lines: int) -> None:
+    def __init__(self, name: str, url: str, token: str, work: Path, prestart: bool) -> None:
         self.log = work.parent / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KICI_")}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update({
             "KICI_ORCHESTRATOR_URL": url, "KICI_AGENT_TOKEN": token, "KICI_AGENT_ID": name,
             "KICI_WORK_DIR": str(work), "KICI_LOG_LEVEL": "info",
+            **({} if prestart else {"KICI_RUNNER_PRESTART": "false"}),  # unset: also runs code before the setting
             **({"KICI_AGENT_STEP_USER": "root"} if os.geteuid() == 0 else {}),
         })
         self.handle = open(self.log, "w")  # noqa: SIM115
@@ -132,7 +189,8 @@ class Bench:
         await self.admin("POST", "/sources", json={"name": "bench", "kind": "git", "config": {"url": str(self.repo)},
                                                    "secrets": {"webhook_secret": WEBHOOK_SECRET}})
         for i in range(agents):
-            self.agents.append(Agent(f"agent-{i}", self.orch.url, token, self.work / f"agent-{i}", self.args.lines))
+            self.agents.append(Agent(f"agent-{i}", self.orch.url, token, self.work / f"agent-{i}",
+                                     not self.args.no_prestart))
         deadline = time.monotonic() + 60
         while len([a for a in await self.admin("GET", "/agents?connected=true")]) < agents:
             if time.monotonic() > deadline:
@@ -217,6 +275,7 @@ class Bench:
 
     async def throughput(self, sha: str) -> dict[str, Any]:
         deliveries = [f"tp-{i}-{uuid.uuid4().hex[:8]}" for i in range(self.args.pushes)]
+        cpu0 = await self.idle_cpu()
         busy0 = machine_busy()
         t0 = time.time()
         for delivery in deliveries:
@@ -229,7 +288,10 @@ class Bench:
             raise RuntimeError(f"{len(failed)} runs did not succeed: {failed[0]['failure_reason']}")
         last = max(_ts(r["finished_at"]) for r in finished)
         busy1 = machine_busy()
+        cpu1 = await self.idle_cpu()
+        per_job = {role: round((cpu1[role] - cpu0[role]) / len(deliveries) * 1000, 1) for role in cpu0}
         return {
+            "cpu_per_job_ms": {"total": round(sum(per_job.values()), 1), **per_job},
             "machine_cpu_busy_pct": round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1),
             "pushes": len(deliveries),
             "agents": len(self.agents),
@@ -237,6 +299,13 @@ class Bench:
             "elapsed_s": round(last - t0, 2),
             "runs_per_s": round(len(deliveries) / (last - t0), 2),
         }
+
+    async def idle_cpu(self) -> dict[str, float]:
+        """`tree_cpu` with the machinery idle: called before the first push and after the last run finished
+        (an agent has cleaned up a job before it reports it finished; the pause lets the last status
+        messages settle)."""
+        await asyncio.sleep(0.5)
+        return tree_cpu(self.orch.proc.pid, [a.proc.pid for a in self.agents])
 
     async def log_throughput(self, sha: str) -> dict[str, Any]:
         delivery = f"logs-{uuid.uuid4().hex[:8]}"
@@ -275,6 +344,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "host_cpu_reference_s": cpu_reference(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d"),
         "database": "sqlite (embedded default)",
+        "runner_prestart": not args.no_prestart,
     }
     work = Path(tempfile.mkdtemp(prefix="kici-bench-e2e-"))
     bench = Bench(work, args)
@@ -286,7 +356,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(1, args.agents):
             token = (await bench.admin("POST", "/agent-tokens", json={"name": f"bench-{i}", "labels": [],
                                                                  "allow_root_steps": os.geteuid() == 0}))["token"]
-            bench.agents.append(Agent(f"agent-{i}", bench.orch.url, token, work / f"agent-{i}", args.lines))
+            bench.agents.append(Agent(f"agent-{i}", bench.orch.url, token, work / f"agent-{i}", not args.no_prestart))
         deadline = time.monotonic() + 60
         while len(await bench.admin("GET", "/agents?connected=true")) < args.agents:
             if time.monotonic() > deadline:
@@ -306,6 +376,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-prestart", action="store_true", help="KICI_RUNNER_PRESTART=false on the agents")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.pushes, args.lines = 3, 10, 20_000

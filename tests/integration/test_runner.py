@@ -1245,7 +1245,9 @@ async def test_adopted_orphans_are_reaped_between_steps(ws: Path) -> None:
         from kici.runner import proctree
 
         def spawn(ctx):
-            ctx.sh("for i in 1 2 3; do (true &) ; done")  # double forks: the runner adopts, then they exit
+            # double forks: the runner adopts them, then they exit (a command that ends before its subshell
+            # does is reaped by that subshell: bash reaps background jobs, hence the sleep)
+            ctx.sh("for i in 1 2 3; do (sleep 0.2 &) ; done")
             start = time.monotonic()
             while time.monotonic() - start < 5:
                 zombies = [c for c in proctree.children(os.getpid()) if c.state == "Z"]

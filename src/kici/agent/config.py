@@ -169,6 +169,16 @@ class AgentSettings(BaseModel):
         "`resources`).",
         json_schema_extra=_doc_default("unset (no maximum)"),
     )
+    runner_prestart: bool = Field(
+        default=True,
+        description="With `KICI_SANDBOX=process`: keep a runner forkserver — a process that has started Python "
+        "and imported the runner once — and fork each job's runner from it, instead of starting a new "
+        "interpreter per job (saves most of a job's fixed CPU cost). Each job still gets a fresh process of "
+        "its own (own session, allow-listed environment, the step user); the forkserver never runs job code. "
+        "Should it die, the next job starts a new one, and jobs are spawned as without it (logged) while "
+        "none can be started. `false`: every runner is a new interpreter. Other sandboxes always start a new "
+        "interpreter (they wrap it in a command). See [security](security.md).",
+    )
     max_log_size_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024,
         description="Per-step log cap used when the orchestrator's dispatch does not name one; output beyond "

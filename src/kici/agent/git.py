@@ -316,8 +316,12 @@ class Cloner:
         await self._must(["init", "-q"], dest, "git init failed")
 
     async def _verified(self, sha: str, dest: Path) -> str:
-        code, head = await self.run(["rev-parse", "HEAD"], dest, show=False)
-        head = head.strip().splitlines()[-1] if head.strip() else ""
+        # a detached checkout's HEAD file holds the commit id itself: no git process needed to read it
+        head = _detached_head(dest)
+        code = 0
+        if head is None:
+            code, head = await self.run(["rev-parse", "HEAD"], dest, show=False)
+            head = head.strip().splitlines()[-1] if head.strip() else ""
         if code != 0 or not _same_commit(head, sha):
             raise CloneError(f"SHA mismatch: expected {sha}, got {head or 'nothing'}")
         self._on_line(f"checked out {head}")
@@ -408,6 +412,15 @@ def _refspec(ref: str) -> str:
     if ref.startswith(("heads/", "tags/")):
         return f"refs/{ref}"
     return f"refs/heads/{ref}"
+
+
+def _detached_head(dest: Path) -> str | None:
+    """The commit id in `dest/.git/HEAD` when HEAD is detached (a full SHA-1 or SHA-256), else None."""
+    try:
+        text = (dest / ".git" / "HEAD").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text.lower() if _FULL_SHA.match(text) else None
 
 
 def _same_commit(head: str, sha: str) -> bool:

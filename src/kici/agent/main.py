@@ -28,7 +28,7 @@ from kici.agent.connection import AuthRejected, Connection
 from kici.agent.health import HealthServer, prometheus_text, uptime_since
 from kici.agent.jobs import JobManager, kici_version
 from kici.agent.log import log_event
-from kici.agent.sandbox import SandboxBackend, SandboxUnavailable, get_backend
+from kici.agent.sandbox import ProcessSandbox, SandboxBackend, SandboxUnavailable, get_backend
 from kici.agent.sandbox.limits import Limiter, LimitsUnavailable, get_limiter
 from kici.agent.secrecy import (
     TOKEN_FD_FLAG,
@@ -41,6 +41,7 @@ from kici.agent.secrecy import (
 from kici.agent.step_user import StepUser, StepUserError
 from kici.agent.step_user import resolve as resolve_step_user
 from kici.runner import toolchains
+from kici.runner.forkclient import ForkServer, ForkServerUnavailable
 from kici.runner.toolchains import Interpreter
 
 
@@ -160,6 +161,9 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self.on_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGUSR1, self.on_drain)
         await asyncio.to_thread(workspace.sweep, self.settings.jobs_dir)
+        forkserver = self.backend.forkserver if isinstance(self.backend, ProcessSandbox) else None
+        if forkserver is not None:  # ready before the first job comes (a failure is logged; jobs then spawn)
+            self._spawn(_prestart(forkserver))
         server: HealthServer | None = None
         if self.settings.port:
             server = HealthServer(self.settings.health_host, self.settings.port, health=self.health,
@@ -175,7 +179,8 @@ class Agent:
                   sandbox_network=self.backend.network,
                   resource_limits=self.backend.limiter.name if self.backend.limiter else None, version=kici_version(),
                   kici_hash=kici_build_hash(), uid=os.getuid(),
-                  step_user=self.step_user.name if self.step_user else None, non_dumpable=is_dumpable() is False)
+                  step_user=self.step_user.name if self.step_user else None, non_dumpable=is_dumpable() is False,
+                  runner_prestart=forkserver is not None)
         connection = asyncio.create_task(self.connection.run())
         code = 0
         try:
@@ -201,6 +206,8 @@ class Agent:
                 await self.jobs.stop_all(0)
             for task in list(self._tasks):
                 task.cancel()
+            if forkserver is not None:
+                await forkserver.close()
             if server is not None:
                 await server.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -264,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         limiter = choose_limiter(settings)
         backend = get_backend(settings.sandbox, network=settings.sandbox_network, limiter=limiter,
                               run_as=step_user.run_as if step_user is not None else None)
+        if settings.runner_prestart and isinstance(backend, ProcessSandbox):
+            backend.forkserver = ForkServer(log=log_event)
         workspace.prepare_work_dir(settings.work_dir, step_user=step_user is not None)
         agent_id = resolve_agent_id(settings)
     except (SandboxUnavailable, LimitsUnavailable) as exc:
@@ -294,6 +303,11 @@ def choose_limiter(settings: AgentSettings) -> Limiter | None:
         return None
     log_event("limits.mechanism", mechanism=limiter.name, skipped=skipped or None)
     return limiter
+
+
+async def _prestart(forkserver: ForkServer) -> None:
+    with contextlib.suppress(ForkServerUnavailable):  # logged by the server; jobs are spawned meanwhile
+        await forkserver.start()
 
 
 async def find_interpreters(settings: AgentSettings) -> list[Interpreter]:

@@ -82,6 +82,52 @@ def snapshot() -> dict[int, ProcInfo]:
     return procs
 
 
+def _child_pids(pid: int) -> list[int] | None:
+    """Pids of `pid`'s children from `/proc/<pid>/task/<tid>/children` (each thread's own); None when the
+    kernel has no such files (CONFIG_PROC_CHILDREN), [] when the process is gone."""
+    global _CHILDREN_FILES
+    if _CHILDREN_FILES is None:
+        _CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+    if not _CHILDREN_FILES:
+        return None
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+_CHILDREN_FILES: bool | None = None
+
+
+def subtree(roots: Iterable[int]) -> dict[int, ProcInfo]:
+    """The processes `roots` and everything below them, read by following each process's children
+    rather than reading every process on the machine (a job's tree is a few processes, a busy host has
+    hundreds). Falls back to `snapshot()` where the kernel does not list children."""
+    procs: dict[int, ProcInfo] = {}
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in procs:
+            continue
+        info = read_stat(pid)
+        if info is None:
+            continue
+        below = _child_pids(pid)
+        if below is None:
+            return snapshot()
+        procs[pid] = info
+        stack.extend(below)
+    return procs
+
+
 def _children_map(procs: dict[int, ProcInfo]) -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for info in procs.values():
@@ -106,12 +152,16 @@ def _walk(roots: set[int], procs: dict[int, ProcInfo]) -> list[int]:
 
 def descendants(pid: int, procs: dict[int, ProcInfo] | None = None) -> list[int]:
     """Pids of every process below `pid` (children, grandchildren, …), zombies included."""
-    return _walk({pid}, procs if procs is not None else snapshot())
+    return _walk({pid}, procs if procs is not None else subtree([pid]))
 
 
 def children(pid: int, procs: dict[int, ProcInfo] | None = None) -> list[ProcInfo]:
     """Direct children of `pid`."""
-    procs = procs if procs is not None else snapshot()
+    if procs is None:
+        pids = _child_pids(pid)
+        if pids is not None:
+            return [info for child in pids if (info := read_stat(child)) is not None and info.ppid == pid]
+        procs = snapshot()
     return [info for info in procs.values() if info.ppid == pid]
 
 
@@ -150,7 +200,7 @@ class _Tree:
 
     def scan(self) -> dict[int, ProcInfo]:
         """Refresh: add every process now below a root or below any process already known."""
-        procs = snapshot()
+        procs = subtree([*self.known, *self.roots])
         roots = {
             p
             for p, start in (*self.known.items(), *self.roots.items())

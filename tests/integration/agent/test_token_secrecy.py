@@ -77,7 +77,7 @@ def fds():
             os.close(handle)
     return out
 
-def memory():
+def memory(pid=pid):
     out = b""
     with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         for line in maps:
@@ -92,7 +92,7 @@ def memory():
                 continue
     return out
 
-def ptrace():
+def ptrace(pid=pid):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ptrace.restype = ctypes.c_long
     if libc.ptrace(16, pid, None, None) == 0:  # PTRACE_ATTACH
@@ -132,6 +132,24 @@ attempt("work_dir", work_files)
 if os.environ.get("TOKEN_FILE"):
     attempt("token_file", lambda: read(os.environ["TOKEN_FILE"]))
 found["uid"] = os.getuid()
+
+def forkserver():
+    """The runner forkserver this step's runner was forked from: the topmost ancestor with its command
+    line (a forked runner keeps the command line of the server it was forked from)."""
+    ancestor, server = os.getppid(), None
+    while ancestor > 1:
+        if b"kici.runner.forkserver" in read(f"/proc/{ancestor}/cmdline"):
+            server = ancestor
+        with open(f"/proc/{ancestor}/stat", "rb") as handle:
+            ancestor = int(handle.read().rsplit(b")", 1)[1].split()[1])
+    return server
+
+server = forkserver()
+found["forkserver"] = server is not None
+if server is not None:
+    # it forks every later job: planting code in it would reach them
+    attempt("forkserver_mem", lambda: memory(server))
+    attempt("forkserver_ptrace", lambda: ptrace(server))
 print("PROBE " + json.dumps(found, sort_keys=True))
 '''
 
@@ -177,7 +195,7 @@ def _assert_nothing_leaked(result: dict[str, Any]) -> None:
     leaked = {where: what for where, what in result.items() if what in ("TOKEN", "attached")}
     assert not leaked, f"the step got at the agent token: {result}"
     # the agent's own secrets are closed to the step, not merely empty
-    for where in ("environ", "fds", "mem", "ptrace"):
+    for where in ("environ", "fds", "mem", "ptrace", "forkserver_mem", "forkserver_ptrace"):
         assert str(result[where]).startswith("denied:"), result
 
 
@@ -223,6 +241,7 @@ async def test_a_step_of_an_unprivileged_agent_cannot_get_the_token(
     assert result["uid"] == NOBODY.pw_uid
     _assert_nothing_leaked(result)
     assert result["cmdline"] == "no-token"  # readable, as for any process, but the token is not in it
+    assert result["forkserver"] is True  # KICI_RUNNER_PRESTART is on by default
     [started] = agent.events("agent.started")
     assert started["non_dumpable"] is True and started.get("step_user") is None
 
@@ -255,6 +274,7 @@ async def test_a_root_agent_runs_steps_as_the_step_user_and_they_cannot_get_the_
     assert result["uid"] == NOBODY.pw_uid
     _assert_nothing_leaked(result)
     assert result["token_file"].startswith("denied:")
+    assert result["forkserver"] is True
     # the agent's work dir and jobs dir let the step user through, and list nothing
     assert stat.S_IMODE(work.stat().st_mode) == 0o711 and stat.S_IMODE((work / "jobs").stat().st_mode) == 0o711
 

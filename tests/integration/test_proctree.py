@@ -1,0 +1,59 @@
+"""`proctree` reading a process tree by following children, against a scan of every process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from kici.runner import proctree
+
+pytestmark = [
+    pytest.mark.timeout(30),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc"),
+]
+
+TREE = "sleep 30 & (sleep 30 &) ; sh -c 'sleep 30' & echo ready; wait"
+"""A child with children, grandchildren and one that left its parent (re-parented to init: not ours)."""
+
+
+def start_tree() -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["sh", "-c", TREE], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    return proc
+
+
+def test_following_children_finds_what_a_full_scan_finds_including_children_of_other_threads() -> None:
+    procs: list[subprocess.Popen[bytes]] = [start_tree()]
+    thread = threading.Thread(target=lambda: procs.append(start_tree()))  # the child of another thread
+    thread.start()
+    thread.join()
+    try:
+        time.sleep(0.1)  # the shells' own forks have settled
+        me = os.getpid()
+        followed = set(proctree.descendants(me))
+        scanned = set(proctree.descendants(me, proctree.snapshot()))
+        assert followed == scanned
+        assert {p.pid for p in procs} <= followed and len(followed) >= 2 * 3
+        assert {c.pid for c in proctree.children(me)} == {c.pid for c in proctree.children(me, proctree.snapshot())}
+    finally:
+        for proc in procs:
+            proctree.kill_tree(proc.pid, grace=0)
+            proc.wait()
+    assert not {p.pid for p in procs} & set(proctree.descendants(os.getpid()))
+
+
+def test_without_children_files_the_whole_machine_is_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proctree, "_CHILDREN_FILES", False)
+    proc = start_tree()
+    try:
+        below = proctree.subtree([proc.pid])
+        assert os.getppid() in below  # a scan of everything, not only the tree
+        assert set(proctree.descendants(proc.pid)) == set(proctree.descendants(proc.pid, proctree.snapshot()))
+    finally:
+        proctree.kill_tree(proc.pid, grace=0)
+        proc.wait()
