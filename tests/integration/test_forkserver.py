@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from kici.agent.sandbox import ProcessSandbox
+from kici.agent.sandbox.base import ExecutionRequest
 from kici.engine.runner_protocol import JobSpec
 from kici.runner import proctree
 from kici.runner.client import RunnerProcess
@@ -218,11 +219,15 @@ async def test_a_forkserver_that_cannot_start_says_why_and_the_process_sandbox_s
     assert broken.starts == 0
     sandbox = ProcessSandbox()
     sandbox.forkserver = broken
-    runner = await sandbox.start(make_spec(ws))
-    run = Run()
-    async for message in runner.messages():
-        run.messages.append(message)
-    assert await runner.wait() == 0
+    execution = sandbox.prepare(ExecutionRequest(spec=make_spec(ws), workspace=ws, scratch_dir=ws.parent))
+    try:
+        await execution.start()
+        run = Run()
+        async for message in execution.messages():
+            run.messages.append(message)
+        assert await execution.wait() == 0
+    finally:
+        await execution.cleanup()
     assert run.result.status == "success" and report(run)["ppid"] == os.getpid()  # spawned by us
     await broken.close()
 
