@@ -11,6 +11,7 @@ from kici.orchestrator.routes import (
     admin_agents,
     admin_artifacts,
     admin_audit,
+    admin_cluster,
     admin_environments,
     admin_events,
     admin_held,
@@ -47,6 +48,7 @@ router.include_router(admin_artifacts.router)
 router.include_router(admin_retention.router)
 router.include_router(admin_trust.router)
 router.include_router(admin_held.router)
+router.include_router(admin_cluster.router)
 
 
 @router.api_route(
