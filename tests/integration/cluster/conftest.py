@@ -48,7 +48,7 @@ NODE_ENV = {
     "KICI_CLUSTER_POLL_MS": "200",
     "KICI_SCHEDULER_INTERVAL_MS": "200",
     "KICI_REPORT_POLL_MS": "500",
-    "KICI_AGENT_MAX_RECONNECT_DELAY_MS": "10000",
+    "KICI_AGENT_MAX_RECONNECT_DELAY_MS": "60000",
     "KICI_LOG_FORMAT": "json",
     "KICI_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
     "KICI_SECRET_KEY": SECRET_KEY,
@@ -175,7 +175,12 @@ class SimAgent:
         self.hold = hold
         self.started = started if started is not None else {}
         self.running: dict[str, dict[str, Any]] = {}
-        """Job id → dispatch, for jobs started and not finished (what it reports in flight)."""
+        """Job id → dispatch, for jobs started and not confirmed finished (what it reports in flight): as
+        the real agent does, a finished job stays until `delivery.synced` confirms its status is durable."""
+        self.finished: dict[str, str] = {}
+        """Job id → terminal state sent but not confirmed yet (sent again after a reconnect)."""
+        self._sync_id = 0
+        self._syncing: dict[int, list[str]] = {}
         self.inbox: list[dict[str, Any]] = []
         self.ws: ClientConnection | None = None
         self.node: Node | None = None
@@ -200,8 +205,17 @@ class SimAgent:
         self.register_ack = ack
         self._reader = asyncio.create_task(self._read())
         for job_id in ack.get("reclaimed_jobs") or []:
-            if not self.hold and job_id in self.running:
+            # as the real agent replays its unconfirmed messages: the job's `running` again (a duplicate is
+            # ignored where it had arrived; where the lost node never wrote it, it is what starts the job)
+            if job_id in self.running:
+                await self.status(self.running[job_id], "running")
+            if job_id in self.finished:
+                self._spawn(self.finish(job_id, self.finished[job_id]))
+            elif not self.hold and job_id in self.running:
                 self._spawn(self._finish_later(self.running[job_id]))
+        for job_id in set(self.running) - set(ack.get("reclaimed_jobs") or []):
+            self.running.pop(job_id, None)  # settled by the orchestrator (or never started there)
+            self.finished.pop(job_id, None)
         return ack
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -215,6 +229,11 @@ class SimAgent:
             async for frame in self.ws:
                 message = json.loads(frame)
                 self.inbox.append(message)
+                if message["type"] == "delivery.synced":
+                    for sync_id in [i for i in self._syncing if i <= message["id"]]:
+                        for job_id in self._syncing.pop(sync_id):
+                            self.running.pop(job_id, None)
+                            self.finished.pop(job_id, None)
                 if message["type"] == "job.dispatch":
                     self._spawn(self._start(message))
 
@@ -233,13 +252,15 @@ class SimAgent:
         await self.finish(dispatch["job_id"])
 
     async def finish(self, job_id: str, state: str = "success") -> None:
-        """Report the job finished; kept in flight if the connection is down (sent after reconnecting)."""
+        """Report the job finished, then ask for `delivery.synced`; until it comes, the job stays in
+        flight and its status is sent again after a reconnect."""
         dispatch = self.running[job_id]
-        try:
+        self.finished[job_id] = state
+        with contextlib.suppress(ConnectionClosed):
             await self.status(dispatch, state)
-        except ConnectionClosed:
-            return
-        self.running.pop(job_id, None)
+            self._sync_id += 1
+            self._syncing[self._sync_id] = [job_id]
+            await self.send({"type": "delivery.sync", "id": self._sync_id})
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self.ws is not None

@@ -9,6 +9,8 @@ import signal
 
 import httpx
 
+from kici.orchestrator.db import schema
+
 from .conftest import LEASE_S, Cluster, SimAgent, until
 
 
@@ -85,6 +87,7 @@ async def test_a_node_restart_leaves_the_siblings_agents_alone(cluster: Cluster)
         # the released agent reconnects to n3 and reclaims its job; both finish
         back = SimAgent(cluster, "on-n2", hold=True, started=started)
         back.running = dict(on_n2.running)
+        back.finished = dict(on_n2.finished)
         ack = await back.connect(n3)
         assert ack["reclaimed_jobs"] == [job2]
         await back.finish(job2)
@@ -103,6 +106,7 @@ async def test_kill_9_of_a_node_every_job_completes_exactly_once(cluster: Cluste
     started: dict[str, int] = {}
     agents = [SimAgent(cluster, f"a{i}", work_s=0.3, started=started) for i in range(4)]
     victim, survivors = nodes[0], nodes[1:]
+    replaced: list[SimAgent] = []
     try:
         for i, agent in enumerate(agents):  # a0, a1 on the victim; a2 on n2; a3 on n3
             await agent.connect(nodes[0] if i < 2 else nodes[i - 1])
@@ -111,7 +115,12 @@ async def test_kill_9_of_a_node_every_job_completes_exactly_once(cluster: Cluste
 
         async def some_on_victim() -> bool:
             return any(agents[i].running for i in (0, 1))
-        await until(some_on_victim, what="a job running on the doomed node")
+        try:
+            await until(some_on_victim, what="a job running on the doomed node")
+        except AssertionError as exc:
+            cluster_events = [e for e in victim.process.events()
+                              if str(e.get("event", "")).startswith(("cluster", "agent"))]
+            raise AssertionError(f"{exc}: {[a.connected for a in agents]} {cluster_events}") from None
         victim.process.kill()
         # until the agents accept several orchestrator URLs, each lost agent is pointed at a survivor
         for i in (0, 1):
@@ -122,14 +131,31 @@ async def test_kill_9_of_a_node_every_job_completes_exactly_once(cluster: Cluste
             await until(closed, within=10, what=f"{agent.agent_id} to notice")
             replacement = SimAgent(cluster, agent.agent_id, work_s=0.3, started=started)
             replacement.running = dict(agent.running)
+            replacement.finished = dict(agent.finished)
             await agent.close()
+            replaced.append(agent)
             agents[i] = replacement
             await replacement.connect(survivors[i])
-        run = await cluster.wait_run(created.run_id, "success", "failure", within=60)
+        try:
+            run = await cluster.wait_run(created.run_id, "success", "failed", within=60)
+        except AssertionError as exc:
+            async with cluster.database.read() as conn:
+                rows = [dict(r._mapping) for r in await conn.execute(
+                    schema.dispatch_queue.select().where(schema.dispatch_queue.c.status != "done"))]
+            held = [(a.agent_id, a.connected, list(a.running), a.finished) for a in agents]
+            logged = [e for n in nodes for e in n.process.events() if "reclaim" in str(e.get("event"))
+                      or "recover" in str(e.get("event")) or "taken_over" in str(e.get("event"))]
+            raise AssertionError(f"{exc}: {rows} {held} {logged}") from None
         jobs = await cluster.jobs(created.run_id)
         assert run.status == "success", {j.name: (j.status, j.error) for j in jobs.values()}
         assert set(started) == job_ids
-        assert [job for job, times in started.items() if times != 1] == []
+        twice = [job for job, times in started.items() if times != 1]
+        everyone = agents + replaced
+        seen = {job: [(a.agent_id, d.get("attempt")) for a in everyone for d in a.received("job.dispatch")
+                      if d["job_id"] == job] for job in twice}
+        logged = [e for n in nodes for e in n.process.events() if e.get("job_id") in twice or
+                  any(j in str(e.get("jobs", "")) for j in twice)]
+        assert twice == [], (seen, logged)
 
         async def victim_gone() -> bool:
             return [n["id"] for n in (await survivors[0].cluster())["nodes"]] == ["n2", "n3"]

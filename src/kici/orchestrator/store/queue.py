@@ -524,10 +524,12 @@ async def reclaim(
         elif job_id in wanted:
             if row.status == JobState.RECOVERING.value:
                 await set_job_status(conn, job_id, JobState.RUNNING, JobEvent.START, owned_by=agent_id)
+            # reporting the job in flight acknowledges it: an ack the lost orchestrator read but had not
+            # written yet must not let the ack-deadline sweep hand the job, which may be running, to another
             await conn.execute(
                 dispatch_queue.update()
-                .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status == QueueStatus.RECOVERING.value)
-                .values(status=QueueStatus.DISPATCHED.value, recovery_deadline=None)
+                .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.status.in_(held))
+                .values(status=QueueStatus.DISPATCHED.value, recovery_deadline=None, ack_deadline=None)
             )
             reclaimed.append(job_id)
         elif release_missing:
