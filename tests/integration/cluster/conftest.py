@@ -29,11 +29,15 @@ from kici.orchestrator.db.migrate import migrate
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.sources import create_source
 from kici.orchestrator.store.tokens import create_agent_token
-from tests.integration.orchestrator.conftest import (  # noqa: F401 - a fixture, registered by import
+from tests.integration.orchestrator.conftest import (  # noqa: F401 - fixtures, registered by import
     OrchestratorProcess,
     _pg_run,
+    database,
+    database_url,
     orchestrator_env,
     postgres_admin_url,
+    postgres_session_url,
+    sqlite_template,
 )
 from tests.integration.orchestrator.dispatch_harness import workflow
 
@@ -310,13 +314,13 @@ def cluster_database_url(postgres_admin_url: str) -> Iterator[str]:  # noqa: F81
 async def cluster(cluster_database_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
     """The database migrated and seeded (a git source, an agent token); nodes started by the test are
     killed at the end, whatever happened (a stopped one is continued first so it can die)."""
-    database = Database.connect(cluster_database_url)
-    await migrate(database)
-    async with database.transaction() as conn:
+    db = Database.connect(cluster_database_url)
+    await migrate(db)
+    async with db.transaction() as conn:
         source = await create_source(conn, key=None, name="app", kind="git",
                                      config={"url": str(tmp_path / "repo")}, secrets={})
         token = await create_agent_token(conn, name="pool", labels=[])
-    found = Cluster(cluster_database_url, database, tmp_path, source.id, token.plaintext)
+    found = Cluster(cluster_database_url, db, tmp_path, source.id, token.plaintext)
     try:
         yield found
     finally:
@@ -324,4 +328,4 @@ async def cluster(cluster_database_url: str, tmp_path: Path) -> AsyncIterator[Cl
             with contextlib.suppress(ProcessLookupError):
                 process.proc.send_signal(signal.SIGCONT)
             process.kill()
-        await database.close()
+        await db.close()
