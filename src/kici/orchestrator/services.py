@@ -185,6 +185,11 @@ def _subscribe(
                 dispatcher.retire(agent.agent_id)
             await agent.close(int(payload.get("code") or p.CloseCode.GOING_AWAY), str(payload.get("reason") or ""))
 
+    async def token_revoked(_topic: str, payload: dict[str, Any]) -> None:
+        closed = await registry.disconnect_token(str(payload.get("token_id")), "agent token revoked")
+        if closed:
+            log_event("agents.disconnected_revoked_token", agents=closed, token_id=payload.get("token_id"))
+
     def forget(_topic: str, payload: dict[str, Any]) -> None:
         dispatcher.forget([str(job) for job in payload.get("job_ids") or []], everywhere=False)
 
@@ -197,6 +202,7 @@ def _subscribe(
 
     bus.subscribe("agent.cancel", cancel)
     bus.subscribe("agent.close", close)
+    bus.subscribe("agent-token.revoked", token_revoked)
     bus.subscribe("dispatch.forget", forget)
     bus.subscribe("dispatch.wake", wake)
     bus.subscribe("reports.wake", reports)

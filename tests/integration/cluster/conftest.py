@@ -103,6 +103,7 @@ class Cluster:
     tmp_path: Path
     source_id: str
     agent_token: str
+    agent_token_id: str
     nodes: dict[str, Node] = field(default_factory=dict)
     _started: list[OrchestratorProcess] = field(default_factory=list)
 
@@ -320,7 +321,7 @@ async def cluster(cluster_database_url: str, tmp_path: Path) -> AsyncIterator[Cl
         source = await create_source(conn, key=None, name="app", kind="git",
                                      config={"url": str(tmp_path / "repo")}, secrets={})
         token = await create_agent_token(conn, name="pool", labels=[])
-    found = Cluster(cluster_database_url, db, tmp_path, source.id, token.plaintext)
+    found = Cluster(cluster_database_url, db, tmp_path, source.id, token.plaintext, token.token.id)
     try:
         yield found
     finally:

@@ -46,6 +46,12 @@ async def test_cluster_status_and_a_cancel_crossing_nodes(cluster: Cluster) -> N
         assert n2.events("job.cancel_relayed") and not n2.events("job.cancel_sent")
         await agent.finish(job_id, "cancelled")
         await cluster.wait_run(created.run_id, "cancelled")
+
+        # revoking the agent's token on n2 cuts its connection to n1 off at once (not at n1's re-check)
+        response = await n2.admin("DELETE", f"/agent-tokens/{cluster.agent_token_id}")
+        assert response.status_code == 200, response.text
+        [failure] = await agent.wait_for("auth.failure", within=10)
+        assert failure["reason"] == "agent token revoked"
     finally:
         await agent.close()
 

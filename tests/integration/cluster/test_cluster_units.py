@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,19 @@ async def test_a_single_node_is_its_own_leader(database: Database, tmp_path: Pat
         assert "kici_cluster_is_leader 1.0" in metrics and "kici_cluster_nodes 1.0" in metrics
     async with database.read() as conn:
         assert await cluster_store.list_nodes(conn) == []  # left the cluster on shutdown
+
+
+async def test_kici_admin_cluster_status(database: Database, tmp_path: Path) -> None:
+    from tests.integration.orchestrator.test_kici_admin_live import finish, start_admin
+
+    async with serve_orchestrator(database, tmp_path) as orch:
+        node_id = orch.app.state.kici.node_id
+        code, out, err = await finish(await start_admin(orch, "cluster", "status"))
+        assert code == 0, err
+        assert f"Leader:      {node_id}" in out and "Term:" in out
+        [row] = [line for line in out.splitlines() if line.startswith(node_id)]
+        assert row.split()[1:3] == ["leader", "alive"]
+        code, out, err = await finish(await start_admin(orch, "cluster", "status", "--json"))
+        assert code == 0, err
+        found = json.loads(out)
+        assert found["leader"] == node_id and [n["id"] for n in found["nodes"]] == [node_id]

@@ -13,6 +13,7 @@ API:
   Handlers run in the node's event loop, one message at a time per node; keep them short.
 
 Topics in use: `agent.cancel` (a cancel for the agent's connection, wherever it is), `agent.close`,
+`agent-token.revoked` (close the token's agents everywhere),
 `dispatch.forget` (jobs that ended without their agent's report: free their slots), `dispatch.wake`
 (work was queued), `reports.wake` (the outbox has something for the leader). Log-follow wake-ups use
 `job-log:<job_id>` (non-durable; followers also poll), published by whatever appends a job's log.
