@@ -224,3 +224,16 @@ async def test_kici_admin_cluster_status(database: Database, tmp_path: Path) -> 
         assert code == 0, err
         found = json.loads(out)
         assert found["leader"] == node_id and [n["id"] for n in found["nodes"]] == [node_id]
+
+
+async def test_a_missing_lease_row_is_created_again(database: Database, tmp_path: Path) -> None:
+    async with database.transaction() as conn:
+        await conn.execute(schema.leader_lease.delete())
+    node = services_of(create_app(_settings(database, tmp_path, "solo"), database)).node
+    await node.join()
+    try:
+        async with database.read() as conn:
+            lease = await cluster_store.get_lease(conn)
+        assert lease is not None and (lease.holder, lease.term) == ("solo", 1) and node.leadership.is_leader
+    finally:
+        await node.stop()

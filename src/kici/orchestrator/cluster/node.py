@@ -255,6 +255,7 @@ class Node:
                 gained = None
             else:
                 renewed = False
+                await cluster_store.ensure_lease(conn)
                 gained = await cluster_store.acquire_lease(conn, self.node_id, now=now, lease=self.lease)
         if term is not None and not renewed:
             self.leadership.refuse(term, "renew_leader_lease")

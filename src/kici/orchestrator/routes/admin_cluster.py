@@ -59,7 +59,8 @@ async def cluster_status(
         nodes = await cluster_store.list_nodes(conn)
         lease = await cluster_store.get_lease(conn)
         counts = await cluster_store.agent_counts(conn)
-    assert lease is not None, "the leader_lease row is created by migration 0018"
+    if lease is None:  # not created yet (the first node's next heartbeat does)
+        lease = cluster_store.LeaseRecord(holder=None, term=0, expires_at=now, acquired_at=None)
     valid = lease.expires_at > now
     leader = lease.holder if valid else None
     known = {node.id for node in nodes}

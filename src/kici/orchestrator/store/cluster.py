@@ -162,6 +162,19 @@ async def get_lease(conn: AsyncConnection) -> LeaseRecord | None:
     return LeaseRecord.model_validate(dict(row._mapping)) if row is not None else None
 
 
+async def ensure_lease(conn: AsyncConnection) -> None:
+    """Create the leader lease row if it is missing (the migration seeds it; a restore of a partial dump
+    might not have it), expired and at term 0. Safe against a concurrent creator."""
+    if await get_lease(conn) is not None:
+        return
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    try:
+        async with conn.begin_nested():
+            await conn.execute(leader_lease.insert().values(name=LEADER, holder=None, term=0, expires_at=epoch))
+    except sa.exc.IntegrityError:
+        pass  # another node created it first
+
+
 async def acquire_lease(
     conn: AsyncConnection, holder: str, *, now: dt.datetime, lease: dt.timedelta
 ) -> int | None:
