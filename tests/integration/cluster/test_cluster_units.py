@@ -237,3 +237,20 @@ async def test_a_missing_lease_row_is_created_again(database: Database, tmp_path
         assert lease is not None and (lease.holder, lease.term) == ("solo", 1) and node.leadership.is_leader
     finally:
         await node.stop()
+
+
+async def test_a_message_committed_after_a_later_one_is_not_skipped(database: Database) -> None:
+    if not database.is_postgresql:
+        pytest.skip("SQLite has one writer at a time: ids commit in order")
+    b = ClusterBus(database, origin="b:1", poll_ms=10_000)
+    got: list[str] = []
+    b.subscribe("agent.close", lambda _t, p: got.append(str(p["agent_id"])))
+    async with database.read() as conn:
+        b._last_id = await cluster_store.last_event_id(conn)
+    async with database.transaction() as slow:
+        await cluster_store.insert_event(slow, topic="agent.close", payload={"agent_id": "first"}, origin="a:1")
+        async with database.transaction() as fast:
+            await cluster_store.insert_event(fast, topic="agent.close", payload={"agent_id": "second"}, origin="a:1")
+        assert await b.poll() == 1 and got == ["second"]
+    assert await b.poll() == 1 and got == ["second", "first"]
+    assert await b.poll() == 0

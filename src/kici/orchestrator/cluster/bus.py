@@ -42,6 +42,7 @@ NOTIFY_MAX_BYTES = 7900
 """PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; a larger message goes by id only."""
 GAP_KEEP_S = 30.0
 """How long an id skipped by the poll (a transaction that took it had not committed yet) is looked for."""
+MAX_GAP = 200
 SEEN_KEEP_S = 120.0
 RECONNECT_MAX_S = 5.0
 LISTEN_CHECK_S = 5.0
@@ -184,8 +185,11 @@ class ClusterBus:
         for event in events:
             self._gaps.pop(event.id, None)
             if event.id > self._last_id:
-                for skipped in range(self._last_id + 1, event.id):
-                    self._gaps.setdefault(skipped, now)
+                # ids in between belong to transactions still open (or rolled back); a jump wider than
+                # MAX_GAP is a sequence that moved on while the table was empty, not open transactions
+                if event.id - self._last_id <= MAX_GAP:
+                    for skipped in range(self._last_id + 1, event.id):
+                        self._gaps.setdefault(skipped, now)
                 self._last_id = event.id
             if event.id in self._seen or event.origin == self.origin:
                 continue

@@ -16,7 +16,9 @@
   told to cancel again.
 
 The dispatcher keeps no state another orchestrator would need: slots describe this process's own
-connections, and everything about jobs lives in the database.
+connections, and everything about jobs lives in the database. What concerns another node's agents goes
+through the cluster bus (`kici.orchestrator.cluster.bus`): cancels and closes for agents connected
+elsewhere, slots freed by sweeps, and a wake-up for the other dispatchers when runs were created here.
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ class Dispatcher:
         for slots in self._slots.values():
             slots.jobs -= wanted
         self.wake()
-        if everywhere:
+        if everywhere and self.bus is not None and self.bus.peers > 0:
             self._publish_soon("dispatch.forget", {"job_ids": sorted(wanted)})
 
     def wake_cluster(self) -> None:
@@ -251,7 +253,9 @@ class Dispatcher:
             except Exception as exc:
                 log_event("dispatch.cluster_wake_failed", level="warning", error=f"{type(exc).__name__}: {exc}")
 
-        self._cluster_wake = asyncio.create_task(publish())
+        self._cluster_wake = task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _publish_soon(self, topic: str, payload: dict[str, object], *, local: bool = False) -> None:
         """Publish a durable bus message from a background task (callers may be inside a transaction)."""
