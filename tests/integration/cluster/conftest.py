@@ -240,6 +240,7 @@ class SimAgent:
                             self.running.pop(job_id, None)
                             self.finished.pop(job_id, None)
                 if message["type"] == "job.dispatch":
+                    self.running[message["job_id"]] = message  # before anyone can look
                     self._spawn(self._start(message))
 
     async def _start(self, dispatch: dict[str, Any]) -> None:

@@ -139,23 +139,25 @@ async def _true(value: bool) -> bool:
 
 
 def _settings(database: Database, tmp_path: Path, name: str | None, **extra: object) -> Settings:
+    values: dict[str, object] = {"node_lease_seconds": 1.0, **extra}
     return Settings(data_dir=tmp_path / f"data-{name}", database_url=database.url, node_name=name,
-                    node_lease_seconds=1.0, **extra)  # type: ignore[arg-type]
+                    **values)  # type: ignore[arg-type]
 
 
 async def test_a_node_name_held_by_a_live_node_is_refused(database: Database, tmp_path: Path) -> None:
-    first = create_app(_settings(database, tmp_path, "same"), database)
+    first = create_app(_settings(database, tmp_path, "same", node_lease_seconds=3.0), database)
     second = create_app(_settings(database, tmp_path / "other", "same"), database)
     node = services_of(first).node
     await node.start(Readiness())
     try:
         with pytest.raises(NodeNameInUse, match="in use by a live orchestrator"):
-            await asyncio.wait_for(services_of(second).node.join(), 10)
+            await services_of(second).node.join()  # waits for the lease, sees it renewed
     finally:
         await node.stop()
     # once the first one left, the name is free at once
     again = services_of(create_app(_settings(database, tmp_path / "third", "same"), database)).node
-    await asyncio.wait_for(again.join(), 5)
+    await again.join()
+    assert again.joined
     await again.stop()
 
 

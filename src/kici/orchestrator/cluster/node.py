@@ -190,10 +190,15 @@ class Node:
 
     async def _release_previous_incarnation(self) -> None:
         """Agents shown as connected through this node name that are not connected to this process: the
-        previous incarnation's (crashed or killed); their jobs go `recovering`."""
+        previous incarnation's (crashed or killed); their jobs go `recovering`. Also agents connected
+        through no node at all (rows from an orchestrator that predates nodes)."""
         async with self.db.read() as conn:
-            held = await cluster_store.agents_of_node(conn, self.node_id)
-        released = [agent_id for agent_id in held if await self._release(agent_id, self.node_id)]
+            held: list[tuple[str, str | None]] = [
+                (agent_id, self.node_id) for agent_id in await cluster_store.agents_of_node(conn, self.node_id)
+            ]
+            held += [(agent_id, None) for agent_id, node_id in await cluster_store.orphaned_agents(conn, unowned=True)
+                     if node_id is None]
+        released = [agent_id for agent_id, node_id in held if await self._release(agent_id, node_id)]
         if released:
             log_event("cluster.previous_incarnation_released", node=self.node_id, agents=released)
 

@@ -124,15 +124,15 @@ async def remove_dead_node(conn: AsyncConnection, node: NodeRecord, *, now: dt.d
     return result.rowcount == 1
 
 
-async def orphaned_agents(conn: AsyncConnection) -> list[tuple[str, str | None]]:
+async def orphaned_agents(conn: AsyncConnection, *, unowned: bool = False) -> list[tuple[str, str | None]]:
     """Agents shown as connected through a node that has no row any more (it was declared dead, or shut
-    down without releasing them) or through no node at all (rows from before clustering): (agent id,
-    node id). Dead nodes' rows are deleted first (`remove_dead_node`), which makes their agents orphans."""
-    known = sa.select(nodes.c.id)
+    down without releasing them): (agent id, node id). Dead nodes' rows are deleted first
+    (`remove_dead_node`), which makes their agents orphans. With `unowned` (a node joining), also those
+    connected through no node at all: rows written before nodes existed."""
+    gone = sa.and_(agents.c.node_id.is_not(None), agents.c.node_id.not_in(sa.select(nodes.c.id)))
+    holder = sa.or_(gone, agents.c.node_id.is_(None)) if unowned else gone
     rows = await conn.execute(
-        sa.select(agents.c.id, agents.c.node_id)
-        .where(agents.c.connected.is_(True), sa.or_(agents.c.node_id.is_(None), agents.c.node_id.not_in(known)))
-        .order_by(agents.c.id)
+        sa.select(agents.c.id, agents.c.node_id).where(agents.c.connected.is_(True), holder).order_by(agents.c.id)
     )
     return [(str(row.id), row.node_id) for row in rows]
 
