@@ -842,6 +842,39 @@ def agents_show(agent_id: str, as_json: bool) -> None:
     )
 
 
+@cli.group()
+def cluster() -> None:
+    """The orchestrator nodes sharing the database: status."""
+
+
+@cluster.command("status")
+@json_option
+def cluster_status(as_json: bool) -> None:
+    """Nodes (address, version, lease, agents), the leader and its fencing term."""
+    found = _client().get("/cluster")
+    if as_json:
+        print_json(found)
+        return
+    lease = found.get("lease") or {}
+    leader = found.get("leader") or "none (the lease has run out; a node takes it within a heartbeat)"
+    print_fields(
+        {**found, "leader": leader, "lease_expires_at": lease.get("expires_at")},
+        [("node", "Answered by"), ("leader", "Leader"), ("term", "Term"), ("lease_expires_at", "Lease until")],
+    )
+    click.echo("")
+    rows = [{**n, "role": "leader" if n.get("leader") else "", "state": "alive" if n.get("alive") else "expired"}
+            for n in found.get("nodes") or []]
+    print_table(
+        rows,
+        [("id", "node"), ("role", "role"), ("state", "state"), ("address", "address"), ("version", "version"),
+         ("agents", "agents"), ("started_at", "started"), ("lease_expires_at", "lease until")],
+        empty="No nodes.",
+    )
+    orphans = found.get("agents_without_node") or 0
+    if orphans:
+        click.echo(f"\n{orphans} connected agent(s) belong to no live node; the next heartbeat takes them over.")
+
+
 EVENT_STATUSES = ("received", "processed", "duplicate", "lockfile_missing", "lockfile_corrupt", "filtered", "failed")
 
 

@@ -49,6 +49,8 @@ class AppState:
     metrics: Metrics
     readiness: Readiness
     version: str
+    node_id: str = ""
+    """This process's node id in the cluster (`kici.orchestrator.cluster.identity.node_name`)."""
     secret_key: bytes | None = None
     old_secret_key: bytes | None = None
     """`KICI_SECRET_KEY_OLD`: opens values not yet re-sealed during a key rotation; never seals."""
@@ -75,6 +77,7 @@ def create_app(
     old_secret_key: bytes | None = None,
 ) -> FastAPI:
     """The orchestrator app. `readiness` defaults to "prepared" (the caller migrated the database)."""
+    from kici.orchestrator.cluster.identity import node_name
     from kici.orchestrator.ingest import routes as ingest_routes
     from kici.orchestrator.routes import admin_api, agent_artifacts, agent_caches, agent_test_reports, health
     from kici.orchestrator.web import mount_dashboard
@@ -106,6 +109,7 @@ def create_app(
         metrics=metrics,
         readiness=readiness or Readiness(),
         version=version,
+        node_id=node_name(settings),
         secret_key=secret_key,
         old_secret_key=old_secret_key,
     )

@@ -387,6 +387,35 @@ class Settings(BaseModel):
         "(`KICI_RETENTION_INTERVAL_SECONDS`): a duration such as `7d` or `36h` (a bare number is days); `0`: "
         "never by age.",
     )
+    # -- cluster ----------------------------------------------------------------------------------
+    node_name: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="This orchestrator's node id in the cluster (the `nodes` table, `kici-admin cluster "
+        "status`). Must be unique among live orchestrators on one database: a start under a name a live node "
+        "holds is refused. Unset: the host name plus a suffix derived from the data dir, stable across "
+        "restarts (so a restarted node takes its own earlier connections over at once); two orchestrators "
+        "sharing one data dir on one host must each set it.",
+        json_schema_extra=_doc_default("`<hostname>-<8 hex digits of the data dir's hash>`"),
+    )
+    node_address: str | None = Field(
+        default=None,
+        description="How peers and operators reach this node (shown by `kici-admin cluster status`), e.g. "
+        "`http://10.0.0.5:4000`.",
+        json_schema_extra=_doc_default("`http://<host name>:<port>` (`KICI_HOST` when it is a specific address)"),
+    )
+    node_lease_seconds: float = Field(
+        default=6.0, ge=0.5, le=600,
+        description="Lease of a node's row and of the leader lease, renewed every third of it. A node whose "
+        "lease runs out is dead to the others: its agents' jobs go `recovering` (reclaimed when the agents "
+        "reconnect to another node) and another node takes the leader duties over, under a new fencing term.",
+    )
+    cluster_poll_ms: int = Field(
+        default=1000, ge=10, le=60_000,
+        description="How often each node reads the cluster bus's event table: the fallback for cross-node "
+        "messages (cancels, wake-ups) whose PostgreSQL NOTIFY was lost, e.g. while the listening connection "
+        "was reconnecting.",
+    )
+
     # -- audit and retention ----------------------------------------------------------------------
     audit_denial_window_seconds: int = Field(
         default=60, ge=0,

@@ -17,6 +17,7 @@ import datetime as dt
 from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
@@ -65,6 +66,9 @@ def cutoffs(settings: Settings, now: dt.datetime) -> PruneCutoffs:
 RunDataDeleter = Callable[[str], Awaitable[None]]
 """Deletes what a run keeps outside its rows (its logs, artifacts and test reports): `Services.delete_run_data`."""
 
+Fence = Callable[[AsyncConnection], Awaitable[None]]
+"""Checks, inside a batch's transaction, that the caller may still write (the leader fence); raises if not."""
+
 
 async def prune(
     database: Database,
@@ -74,7 +78,10 @@ async def prune(
     dry_run: bool = False,
     now: dt.datetime | None = None,
     batch_size: int | None = None,
+    fence: Fence | None = None,
 ) -> PruneResult:
+    """Delete what is past its retention (see the module docstring). `fence`, for the background sweep
+    (a leader duty), runs in every batch's transaction before it deletes."""
     limits = cutoffs(settings, now or utcnow())
     if dry_run:
         return await _count(database, limits)
@@ -92,6 +99,8 @@ async def prune(
             async with database.transaction() as conn:
                 if not await database.try_lock(conn, LOCK):
                     return False
+                if fence is not None:
+                    await fence(conn)
                 if step == "runs":
                     assert limits.runs is not None
                     run_ids, job_count = await store.delete_runs(conn, limits.runs, batch)

@@ -14,6 +14,8 @@ import click
 import uvicorn
 
 from kici.orchestrator.app import Readiness, create_app
+from kici.orchestrator.cluster.identity import node_address
+from kici.orchestrator.cluster.node import NodeNameInUse
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
@@ -96,13 +98,22 @@ async def serve(
     )
     server = _Server(config)
     exit_code = 0
+    services = services_of(app)
+    services.node.address = node_address(settings, port)
+
+    async def join() -> None:
+        try:
+            await services.node.join()
+        except NodeNameInUse as exc:
+            raise FatalStartupError(f"KICI_NODE_NAME: {exc}") from None
 
     async def prepare() -> None:
         nonlocal exit_code
         try:
             readiness.waiting("checking the blob storage")
-            await check_blob_storage(settings, services_of(app).blobs)
-            await prepare_database(settings, database, readiness, on_generated_token=print_bootstrap_token)
+            await check_blob_storage(settings, services.blobs)
+            await prepare_database(settings, database, readiness, on_generated_token=print_bootstrap_token,
+                                   before_ready=join)
         except FatalStartupError as exc:
             log_event("orchestrator.startup_failed", level="error", reason=str(exc))
             click.echo(f"{PROG}: {exc}", err=True)

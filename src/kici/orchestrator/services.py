@@ -1,15 +1,21 @@
-"""The orchestrator's background services, assembled per app and run by its lifespan: log storage, the
-dispatcher (which listens to agent sessions and to new runs), the sweeps, the git poller, the scheduler and
-the reporting worker (GitHub check runs, notifications)."""
+"""The orchestrator's background services, assembled per app and run by its lifespan: the cluster node
+(its lease, the leader lease, the cross-node bus), log storage, the dispatcher (which listens to agent
+sessions and to new runs), the sweeps, the git poller, the scheduler and the reporting worker (GitHub check
+runs, notifications). Sweeps, retention, the scheduler and the reporting worker are leader duties."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from kici.engine import protocol as p
 from kici.orchestrator.agents.registry import AgentRegistry
+from kici.orchestrator.cluster.bus import ClusterBus
+from kici.orchestrator.cluster.leadership import Leadership
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.storage.blobs import BlobStore, blob_store_from_settings
@@ -19,6 +25,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from kici.orchestrator.app import Readiness
+    from kici.orchestrator.cluster.node import Node
     from kici.orchestrator.dispatch.dispatcher import Dispatcher
     from kici.orchestrator.dispatch.sweeps import Sweeper
     from kici.orchestrator.holds.service import HeldService
@@ -44,9 +51,15 @@ class Services:
     database: Database
     held: HeldService
     """Held runs and gated jobs (`kici-admin held …`): its gate list is where a gate kind is registered."""
+    node: Node
+    """This process as a cluster node (kici.orchestrator.cluster)."""
+    bus: ClusterBus
+    """Messages to every node: `publish(topic, payload)` / `subscribe(topic, handler)`."""
+    leadership: Leadership
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
+        from kici.orchestrator.cluster.node import Node
         from kici.orchestrator.dispatch.dispatcher import Dispatcher
         from kici.orchestrator.dispatch.metrics import DispatchMetrics
         from kici.orchestrator.dispatch.sweeps import Sweeper
@@ -66,9 +79,19 @@ class Services:
                         segment_max_age_s=settings.log_segment_max_age.total_seconds(),
                         legacy_root=default_log_root(settings.data_dir))
         ingest = ingest_for(app)
+        leadership = Leadership()
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
-        reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry))
-        dispatcher.report_wake = reporter.wake  # state changes written by this process are reported at once
+        reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry),
+                                leadership=leadership)
+        node = Node(state, registry, leadership, ClusterBus(
+            state.database, origin=f"{state.node_id}:{uuid.uuid4().hex[:12]}", poll_ms=state.settings.cluster_poll_ms
+        ))
+        bus = node.bus
+        dispatcher.bus = bus
+        # state changes written by this process are reported at once: here, or by the leader when that is
+        # another node
+        dispatcher.report_wake = _ReportWake(reporter.wake, leadership, bus)
+        _subscribe(bus, registry, dispatcher, reporter.wake, leadership)
 
         async def delete_run_data(run_id: str) -> None:
             await _delete_run_data(state.database, logs, blobs, run_id)
@@ -81,11 +104,14 @@ class Services:
         # trust holds first: a run's environment gates are created only once its trust hold is released
         held = HeldService(state.database, [TrustGate(dispatcher.limits), EnvironmentGate()], ingest,
                            wake_dispatcher=dispatcher.wake, wake_reporter=reporter.wake)
-        return cls(logs=logs, dispatcher=dispatcher, sweeper=Sweeper(dispatcher, delete_run_data, evict_caches),
-                   poller=GitPoller(state, ingest), reporter=reporter, scheduler=Scheduler(state, ingest),
-                   blobs=blobs, database=state.database, held=held)
+        sweeper = Sweeper(dispatcher, delete_run_data, evict_caches, leadership)
+        return cls(logs=logs, dispatcher=dispatcher, sweeper=sweeper,
+                   poller=GitPoller(state, ingest), reporter=reporter,
+                   scheduler=Scheduler(state, ingest, leadership=leadership), blobs=blobs, database=state.database,
+                   held=held, node=node, bus=bus, leadership=leadership)
 
     async def start(self, readiness: Readiness) -> None:
+        await self.node.start(readiness)  # first: it releases what a previous incarnation held
         self.logs.start()
         await self.dispatcher.start(readiness)
         await self.sweeper.start(readiness)
@@ -110,6 +136,7 @@ class Services:
             ("dispatcher", self.dispatcher.stop),
             ("logs", self.logs.close),
             ("blobs", self.blobs.close),
+            ("node", self.node.stop),  # last: the node leaves the cluster once its agents are released
         ):
             started = time.monotonic()
             try:
@@ -122,6 +149,75 @@ class Services:
                 elapsed = time.monotonic() - started
                 if elapsed > 1.0:
                     log_event("services.stop_slow", level="warning", service=name, seconds=round(elapsed, 2))
+
+
+class _ReportWake:
+    """The dispatcher's `report_wake`: the local reporting worker, and the leader's through the bus when
+    this node is not the leader (one NOTIFY in flight at a time; the leader's poll covers a lost one)."""
+
+    def __init__(self, local: Callable[[], None], leadership: Leadership, bus: ClusterBus) -> None:
+        self.local = local
+        self.leadership = leadership
+        self.bus = bus
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        self.local()
+        if not self.leadership.enabled or self.leadership.is_leader or self.bus.peers == 0:
+            return
+        if self._task is not None and not self._task.done():
+            return
+
+        async def publish() -> None:
+            try:
+                await self.bus.publish("reports.wake", {}, durable=False, local=False)
+            except Exception as exc:
+                log_event("reporting.cluster_wake_failed", level="warning", error=f"{type(exc).__name__}: {exc}")
+
+        self._task = asyncio.create_task(publish())
+
+
+def _subscribe(
+    bus: ClusterBus, registry: AgentRegistry, dispatcher: Dispatcher, wake_reporter: Callable[[], None],
+    leadership: Leadership,
+) -> None:
+    """What this node does with the other nodes' messages (topics: kici.orchestrator.cluster.bus)."""
+
+    async def cancel(_topic: str, payload: dict[str, Any]) -> None:
+        agent_id = str(payload.get("agent_id"))
+        if registry.get(agent_id) is not None:
+            await dispatcher.deliver_cancel(agent_id, str(payload.get("run_id")), str(payload.get("job_id")),
+                                            reason=str(payload.get("reason") or "cancelled"),
+                                            force=bool(payload.get("force")))
+
+    async def close(_topic: str, payload: dict[str, Any]) -> None:
+        agent = registry.get(str(payload.get("agent_id")))
+        if agent is not None:
+            if payload.get("code") == p.CloseCode.DISPATCH_ACK_TIMEOUT:
+                dispatcher.retire(agent.agent_id)
+            await agent.close(int(payload.get("code") or p.CloseCode.GOING_AWAY), str(payload.get("reason") or ""))
+
+    async def token_revoked(_topic: str, payload: dict[str, Any]) -> None:
+        closed = await registry.disconnect_token(str(payload.get("token_id")), "agent token revoked")
+        if closed:
+            log_event("agents.disconnected_revoked_token", agents=closed, token_id=payload.get("token_id"))
+
+    def forget(_topic: str, payload: dict[str, Any]) -> None:
+        dispatcher.forget([str(job) for job in payload.get("job_ids") or []], everywhere=False)
+
+    def wake(_topic: str, _payload: dict[str, Any]) -> None:
+        dispatcher.wake()
+
+    def reports(_topic: str, _payload: dict[str, Any]) -> None:
+        if leadership.may_act():
+            wake_reporter()
+
+    bus.subscribe("agent.cancel", cancel)
+    bus.subscribe("agent.close", close)
+    bus.subscribe("agent-token.revoked", token_revoked)
+    bus.subscribe("dispatch.forget", forget)
+    bus.subscribe("dispatch.wake", wake)
+    bus.subscribe("reports.wake", reports)
 
 
 def services_of(app: FastAPI) -> Services:

@@ -6,7 +6,7 @@ reason), so an orchestrator started before its PostgreSQL simply becomes ready w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kici.orchestrator.app import Readiness
@@ -130,8 +130,10 @@ async def prepare_database(
     readiness: Readiness,
     *,
     on_generated_token: Callable[[GeneratedToken], None] | None = None,
+    before_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Everything between "process started" and "ready": database reachable, schema current, bootstrap."""
+    """Everything between "process started" and "ready": database reachable, schema current, bootstrap,
+    then `before_ready` (the node joining the cluster)."""
     readiness.waiting("waiting for the database")
     await wait_for_database(database, readiness)
     readiness.waiting("applying migrations" if settings.auto_migrate else "checking the schema version")
@@ -139,5 +141,8 @@ async def prepare_database(
     generated = await bootstrap(settings, database)
     if generated is not None and on_generated_token is not None:
         on_generated_token(generated)
+    if before_ready is not None:
+        readiness.waiting("joining the cluster")
+        await before_ready()
     readiness.mark_prepared()
     log_event("orchestrator.ready", database=database.redacted_url, mode=settings.mode)

@@ -162,6 +162,7 @@ ROUTES = [
     Route("DELETE", "/sources/{id_or_name}", (Permission.SOURCES_WRITE,), 200, path="/sources/{source}"),
     Route("GET", "/queue", (Permission.QUEUE_READ,), 200),
     Route("GET", "/agents", (Permission.AGENTS_READ,), 200),
+    Route("GET", "/cluster", (Permission.AGENTS_READ,), 200),
     Route("GET", "/agents/{agent_id}", (Permission.AGENTS_READ,), 200, path="/agents/{agent}"),
     Route("GET", "/events", (Permission.EVENTS_READ,), 200),
     Route("GET", "/events/{delivery_id}", (Permission.EVENTS_READ,), 200, path="/events/{delivery}"),

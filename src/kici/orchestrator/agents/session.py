@@ -17,7 +17,8 @@ Sequence (`kici.engine.protocol` has the messages and close codes):
    memory, the listener told), everything else goes to the registry's listener. Silence (no valid frame) for
    `heartbeat_timeout_s` → 4004; an invalid frame → `error` + 4003.
 4. On disconnect: row `connected=false`, and the agent's jobs go `recovering` for twice the maximum
-   reconnect delay (`store.queue.release_agent_jobs`).
+   reconnect delay (`store.queue.release_agent_jobs`) — unless the row names another node as the holder
+   by then (the agent reconnected to a sibling orchestrator first): that connection owns the jobs.
 """
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ class AgentSession:
         settings: Settings,
         registry: AgentRegistry,
         timeouts: AgentTimeouts,
+        node_id: str | None = None,
     ) -> None:
         self.ws = websocket
+        self.node_id = node_id
+        """The cluster node this process is: written on the agent's row as the connection's holder."""
         self.database = database
         self.settings = settings
         self.registry = registry
@@ -285,6 +289,7 @@ class AgentSession:
                         version=agent.version,
                         hostname=agent.hostname,
                         now=agent.connected_at,
+                        node_id=self.node_id,
                     )
             if refused:
                 raise await self._refuse_binding(agent.agent_id)
@@ -418,8 +423,15 @@ class AgentSession:
             deadline = dt.datetime.now(dt.UTC) + window
             try:
                 async with self.database.transaction() as conn:
-                    await agent_store.mark_agent_disconnected(conn, agent.agent_id, last_seen_at=agent.last_seen_at)
-                    released = await queue_store.release_agent_jobs(conn, agent.agent_id, recovery_deadline=deadline)
+                    # through this node only: after the agent reconnected to another node, its jobs are
+                    # that connection's and stay as they are
+                    held = await agent_store.mark_agent_disconnected(
+                        conn, agent.agent_id, last_seen_at=agent.last_seen_at, node_id=self.node_id
+                    )
+                    if held or self.node_id is None:
+                        released = await queue_store.release_agent_jobs(
+                            conn, agent.agent_id, recovery_deadline=deadline
+                        )
             except Exception as exc:
                 self._log("agent.disconnect_failed", level="error", error=f"{type(exc).__name__}: {exc}")
         self._log(

@@ -17,6 +17,7 @@ async def agent_socket(websocket: WebSocket) -> None:
     registry: AgentRegistry = websocket.app.state.agents
     timeouts: AgentTimeouts = websocket.app.state.agent_timeouts
     session = AgentSession(
-        websocket, database=state.database, settings=state.settings, registry=registry, timeouts=timeouts
+        websocket, database=state.database, settings=state.settings, registry=registry, timeouts=timeouts,
+        node_id=state.node_id or None,
     )
     await session.run()

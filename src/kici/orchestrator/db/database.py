@@ -160,6 +160,17 @@ class Database:
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
             raise DatabaseUnavailable(describe_error(exc)) from exc
 
+    async def connect_listener(self, timeout: float = 5.0) -> Any:
+        """A dedicated asyncpg connection outside the pool (PostgreSQL only), for `LISTEN`: it stays open
+        for as long as the caller listens, which a pooled connection must not. The caller closes it."""
+        import asyncpg  # type: ignore[import-untyped]
+
+        if not self.is_postgresql:
+            raise RuntimeError("LISTEN needs PostgreSQL")
+        _, driver_url = parse_database_url(self.url)
+        dsn = driver_url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return await asyncpg.connect(dsn, timeout=timeout, server_settings={"application_name": "kici-bus"})
+
     async def close(self) -> None:
         await self.engine.dispose()
 

@@ -431,7 +431,11 @@ agents = sa.Table(
     sa.Column("draining", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Column("last_seen_at", UtcDateTime, nullable=True),
     sa.Column("registered_at", UtcDateTime, nullable=False, default=utcnow),
+    # the orchestrator node holding the agent's connection (`nodes.id`, no foreign key: a dead node's row
+    # is deleted by the survivor that takes its agents over, in the same transaction)
+    sa.Column("node_id", sa.Text, nullable=True),
     sa.Index(None, "connected"),
+    sa.Index(None, "node_id"),
 )
 
 git_refs = sa.Table(
@@ -804,6 +808,44 @@ caches = sa.Table(
     sa.Index(None, "org_id", "repo", "last_used_at"),
     sa.Index(None, "last_used_at"),  # age eviction
 )
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    # one row per live orchestrator process (KICI_NODE_NAME), its lease renewed as a heartbeat
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("incarnation", sa.Text, nullable=False),  # a fresh id per process start
+    sa.Column("address", sa.Text, nullable=True),  # where peers and operators reach it (KICI_NODE_ADDRESS)
+    sa.Column("version", sa.Text, nullable=True),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("lease_expires_at", UtcDateTime, nullable=False),
+    sa.Index(None, "lease_expires_at"),
+)
+
+leader_lease = sa.Table(
+    "leader_lease",
+    metadata,
+    # one row ("leader", seeded by the migration): who runs the leader duties, under which fencing term
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text, nullable=True),
+    sa.Column("term", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("acquired_at", UtcDateTime, nullable=True),
+)
+
+_EVENT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+cluster_events = sa.Table(
+    "cluster_events",
+    metadata,
+    # durable messages of the cross-node bus (kici.orchestrator.cluster.bus), polled by every node; pruned
+    sa.Column("id", _EVENT_ID, primary_key=True, autoincrement=True),
+    sa.Column("topic", sa.Text, nullable=False),
+    sa.Column("payload", JSON_TYPE, nullable=False),
+    sa.Column("origin", sa.Text, nullable=False),  # the publishing node
+    _created_at(),
+    sa.Index(None, "created_at"),
+)
+
 
 VERSION_TABLE = "kici_schema_version"
 """Alembic's bookkeeping table, renamed so a database shared with another Alembic app does not clash."""

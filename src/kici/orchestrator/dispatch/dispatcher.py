@@ -16,14 +16,15 @@
   told to cancel again.
 
 The dispatcher keeps no state another orchestrator would need: slots describe this process's own
-connections, and everything about jobs lives in the database.
+connections, and everything about jobs lives in the database. What concerns another node's agents goes
+through the cluster bus (`kici.orchestrator.cluster.bus`): cancels and closes for agents connected
+elsewhere, slots freed by sweeps, and a wake-up for the other dispatchers when runs were created here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from kici.engine import protocol as p
 from kici.engine.states import JobEvent, JobState, RunStatus
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
 from kici.orchestrator.app import AppState, Readiness
+from kici.orchestrator.cluster.bus import ClusterBus
 from kici.orchestrator.db.schema import SourceKind, utcnow
 from kici.orchestrator.dispatch.batching import WriteBatcher
 from kici.orchestrator.dispatch.metrics import DispatchMetrics
@@ -52,7 +54,6 @@ from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import CloneAccess, ProviderError
 from kici.orchestrator.storage.logs import LogStore
-from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.queue import AgentSlot, Claim
@@ -103,10 +104,6 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.recovered = asyncio.Event()
-        """Set once `recover_after_restart` has run (or failed): the sweeps wait for it, or the ack-deadline
-        sweep would requeue dispatches whose acks died with the previous process before recovery moved them
-        to `recovering` — and their agents, reconnecting with the job running, would find it given away."""
         self._sources: dict[str, tuple[float, Source]] = {}
         self._http: httpx.AsyncClient | None = None
         self._rotation = 0
@@ -122,6 +119,10 @@ class Dispatcher:
         self.limits = QueueLimits(self.settings.queue_max_depth, self.settings.queue_timeout_ms)
         self.report_wake: Callable[[], None] = lambda: None
         """Told after writes that may have queued reports (the reporting worker's `wake`)."""
+        self.bus: ClusterBus | None = None
+        """The cross-node bus (set by `Services`): cancels and closes for agents held by another node, slots
+        freed and wake-ups for the other nodes' dispatchers."""
+        self._cluster_wake: asyncio.Task[None] | None = None
         registry.listener = self
         ingest.on_runs_created = self.runs_created
         ingest.on_superseded = self.cancel_superseded
@@ -136,7 +137,8 @@ class Dispatcher:
         self._stopping = True
         self._wake.set()
         # Unwritten acks can be dropped: the next start releases this process's agents' jobs to
-        # `recovering` (`recover_after_restart`), which clears their ack deadlines anyway.
+        # `recovering` (when the node joins the cluster, kici.orchestrator.cluster.node), which clears their ack
+        # deadlines anyway.
         for handle in self._acks.values():
             handle.cancel()
         self._acks.clear()
@@ -156,12 +158,8 @@ class Dispatcher:
     async def _loop(self, readiness: Readiness) -> None:
         while not readiness.prepared:  # migrations first: the queue tables may not exist yet
             await asyncio.sleep(0.05)
-        try:
-            await self.recover_after_restart()
-        except Exception as exc:
-            log_event("dispatch.recovery_failed", level="error", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.recovered.set()
+        # agents a previous incarnation of this node held were released when the node joined the cluster
+        # (kici.orchestrator.cluster.node), before the database was marked prepared
         poll = self.settings.dispatch_poll_ms / 1000
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
@@ -173,31 +171,13 @@ class Dispatcher:
                 log_event("dispatch.drain_failed", level="error", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(min(poll, 1.0))
 
-    async def recover_after_restart(self) -> None:
-        """Agents the database still shows as connected lost that connection when this process (or its
-        predecessor) stopped: their jobs go `recovering`, so a reconnect within the window reclaims them.
-        Agents that already reconnected here are left alone."""
-        async with self.db.read() as conn:
-            stale = await agent_store.list_agents(conn, connected_only=True)
-        window = dt.timedelta(milliseconds=2 * self.settings.agent_max_reconnect_delay_ms)
-        for record in stale:
-            async with self.registry.lock(record.id):
-                if self.registry.get(record.id) is not None:
-                    continue
-                async with self.db.transaction() as conn:
-                    await agent_store.mark_agent_disconnected(conn, record.id, last_seen_at=record.last_seen_at)
-                    released = await queue_store.release_agent_jobs(
-                        conn, record.id, recovery_deadline=utcnow() + window
-                    )
-            if released:
-                log_event("dispatch.jobs_recovering_after_restart", agent_id=record.id, jobs=released)
-
     # -- hooks ------------------------------------------------------------------------------------
 
     async def runs_created(self, run_ids: Iterable[str]) -> None:
         created = list(run_ids)
         self.metrics.runs_created.inc(len(created))
         self.wake()
+        self.wake_cluster()
         if any(run_store.may_be_reported(run_id) for run_id in created):
             self.report_wake()
 
@@ -251,14 +231,58 @@ class Dispatcher:
         if slots is not None:
             slots.draining = True
 
-    def forget(self, job_ids: Iterable[str]) -> None:
-        """Jobs that ended without their agent's report (stale, recovery timeout): free their slots."""
+    def forget(self, job_ids: Iterable[str], *, everywhere: bool = True) -> None:
+        """Jobs that ended without their agent's report (stale, recovery timeout): free their slots, here
+        and (`everywhere`) on the other nodes, whose agents may hold them."""
         wanted = set(job_ids)
         if not wanted:
             return
         for slots in self._slots.values():
             slots.jobs -= wanted
         self.wake()
+        if everywhere and self.bus is not None and self.bus.peers > 0:
+            self._publish_soon("dispatch.forget", {"job_ids": sorted(wanted)})
+
+    def wake_cluster(self) -> None:
+        """Wake the other nodes' dispatchers (work was queued here that their agents may take). Coalesced:
+        one NOTIFY in flight at a time; their `dispatch_poll_ms` poll covers a lost one."""
+        bus = self.bus
+        if bus is None or bus.peers == 0 or (self._cluster_wake is not None and not self._cluster_wake.done()):
+            return
+
+        async def publish() -> None:
+            try:
+                await bus.publish("dispatch.wake", {}, durable=False, local=False)
+            except Exception as exc:
+                log_event("dispatch.cluster_wake_failed", level="warning", error=f"{type(exc).__name__}: {exc}")
+
+        self._cluster_wake = task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _publish_soon(self, topic: str, payload: dict[str, object], *, local: bool = False) -> None:
+        """Publish a durable bus message from a background task (callers may be inside a transaction)."""
+        bus = self.bus
+        if bus is None:
+            return
+
+        async def publish() -> None:
+            try:
+                await bus.publish(topic, payload, local=local)
+            except Exception as exc:
+                log_event("cluster.publish_failed", level="error", topic=topic, error=f"{type(exc).__name__}: {exc}")
+
+        task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close_agent(self, agent_id: str, code: int, reason: str) -> None:
+        """Close the agent's connection, on whichever node holds it."""
+        agent = self.registry.get(agent_id)
+        if agent is not None:
+            await agent.close(code, reason)
+        elif self.bus is not None:
+            await self.bus.publish("agent.close", {"agent_id": agent_id, "code": code, "reason": reason}, local=False)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -483,7 +507,22 @@ class Dispatcher:
     # -- cancel -----------------------------------------------------------------------------------
 
     async def send_cancel(self, agent_id: str, run_id: str, job_id: str, *, reason: str, force: bool) -> bool:
-        """Tell the job's agent to cancel it; False when that agent is not connected here."""
+        """Tell the job's agent to cancel it, through the cluster bus when another node holds its
+        connection; False when it could be sent nowhere."""
+        if self.registry.get(agent_id) is None and self.bus is not None:
+            try:
+                await self.bus.publish("agent.cancel", {"agent_id": agent_id, "run_id": run_id, "job_id": job_id,
+                                                        "reason": reason, "force": force}, local=False)
+            except Exception as exc:
+                log_event("job.cancel_undeliverable", level="warning", run_id=run_id, job_id=job_id,
+                          agent_id=agent_id, error=f"{type(exc).__name__}: {exc}")
+                return False
+            log_event("job.cancel_relayed", run_id=run_id, job_id=job_id, agent_id=agent_id, force=force)
+            return True
+        return await self.deliver_cancel(agent_id, run_id, job_id, reason=reason, force=force)
+
+    async def deliver_cancel(self, agent_id: str, run_id: str, job_id: str, *, reason: str, force: bool) -> bool:
+        """Send `job.cancel` to the agent if it is connected to this node; False otherwise."""
         sent = await self.registry.send(agent_id, p.JobCancel(run_id=run_id, job_id=job_id, reason=reason,
                                                               force=force))
         log_event("job.cancel_sent" if sent else "job.cancel_undeliverable", run_id=run_id, job_id=job_id,

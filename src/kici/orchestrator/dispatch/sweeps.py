@@ -1,9 +1,12 @@
 """Periodic sweeps: stale jobs, dispatch-ack deadlines, queue expiry, recovery windows, workflow
 timeouts and the dedup cache. One tick every `sweep_interval_ms` (and once right after start-up).
 
-Each sweep runs in its own transaction. On PostgreSQL it first takes a transaction-scoped advisory lock
-(`pg_try_advisory_xact_lock`) named after the sweep and skips the tick when another orchestrator holds
-it, so in a cluster exactly one node runs each sweep per tick; SQLite has a single writer anyway.
+Sweeps and retention are leader duties (kici.orchestrator.cluster.leadership): in a cluster only the node
+holding the leader lease runs them, and each sweep's transaction passes the leader fence (its term checked
+against the lease row) before it writes, so a deposed leader's late tick changes nothing. Each sweep runs in
+its own transaction, which on PostgreSQL also takes a transaction-scoped advisory lock
+(`pg_try_advisory_xact_lock`) named after the sweep and skips the tick when another session holds it
+(e.g. an orchestrator of an older version during an upgrade); SQLite has a single writer anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from kici.engine.protocol import CloseCode
 from kici.orchestrator.app import Readiness
 from kici.orchestrator.background import PeriodicTask
+from kici.orchestrator.cluster.leadership import FencedOut, Leadership
 from kici.orchestrator.db.schema import AuditOutcome, ConcurrencyScope, utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
 from kici.orchestrator.holds.environment import release_due_timers
@@ -32,9 +36,12 @@ WORKFLOW_TIMEOUT = "workflow_timeout"
 
 
 class Sweeper:
-    def __init__(self, dispatcher: Dispatcher, delete_run_data: RunDataDeleter,
-                 evict_caches: Callable[[], Awaitable[int]] | None = None) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, delete_run_data: RunDataDeleter,
+        evict_caches: Callable[[], Awaitable[int]] | None = None, leadership: Leadership | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
+        self.leadership = leadership or Leadership()
         self.delete_run_data = delete_run_data
         """What retention calls for each run it deletes (its logs, artifacts and test reports)."""
         self.evict_caches = evict_caches
@@ -67,12 +74,18 @@ class Sweeper:
         if not self._retention_armed:
             self._retention_armed = True
             return
+        if not self.leadership.may_act():
+            return
         if self.evict_caches is not None:
             try:
                 await self.evict_caches()
             except Exception as exc:  # storage down: the next pass tries again; pruning runs still goes on
                 log_event("retention.cache_eviction_failed", level="error", error=f"{type(exc).__name__}: {exc}")
-        result = await prune(self.db, self.delete_run_data, self.settings)
+        try:
+            result = await prune(self.db, self.delete_run_data, self.settings,
+                                 fence=partial(self.leadership.fence, action="retention"))
+        except FencedOut:
+            return
         if result.counts.total:
             async with self.db.transaction() as conn:
                 await audit_store.record(
@@ -81,9 +94,10 @@ class Sweeper:
                 )
 
     async def tick(self) -> None:
-        """Run every sweep once; a failing sweep is logged and does not stop the others."""
+        """Run every sweep once (on the leader); a failing sweep is logged and does not stop the others."""
+        if not self.leadership.may_act():
+            return
         if not self._ticked:
-            await self.dispatcher.recovered.wait()
             self._ticked = True
             self.started_at = utcnow()
         for name, sweep in (
@@ -100,6 +114,8 @@ class Sweeper:
         ):
             try:
                 await self._locked(name, sweep)
+            except FencedOut:
+                return  # deposed meanwhile: the new leader sweeps
             except Exception as exc:
                 log_event("sweep.failed", level="error", sweep=name, error=f"{type(exc).__name__}: {exc}")
 
@@ -108,6 +124,7 @@ class Sweeper:
         async with self.db.transaction() as conn:
             if not await self.db.try_lock(conn, f"sweep:{name}"):
                 return  # another orchestrator runs this sweep now
+            await self.leadership.fence(conn, f"sweep:{name}")
             await sweep(conn)
         actions, self._after_commit = self._after_commit, []
         for action in actions:
@@ -136,9 +153,8 @@ class Sweeper:
         log_event("sweep.ack_timeouts", level="warning", requeued=requeued, failed=failed,
                   agents=sorted({agent for _, agent in expired}))
         for agent_id in sorted({agent for _, agent in expired}):
-            agent = self.dispatcher.registry.get(agent_id)
-            if agent is not None:
-                self._later(partial(agent.close, CloseCode.DISPATCH_ACK_TIMEOUT, "dispatch not acknowledged in time"))
+            self._later(partial(self.dispatcher.close_agent, agent_id, CloseCode.DISPATCH_ACK_TIMEOUT,
+                                "dispatch not acknowledged in time"))
 
     async def stale_jobs(self, conn: AsyncConnection) -> None:
         threshold = self.settings.heartbeat_stale_after_ms

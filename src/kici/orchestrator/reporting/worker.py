@@ -7,6 +7,12 @@ back-off with jitter, or the rate limit's reset), or failed (a final answer, or 
 `KICI_REPORT_GIVE_UP_AFTER_MS` after the first failure). The loop runs passes while there is work, and
 otherwise sleeps until woken (a state change in this process), the next retry is due, or
 `KICI_REPORT_POLL_MS` passes (rows written by another orchestrator).
+
+Sending reports is a leader duty: in a cluster only the leader claims keys, each claim's transaction (and
+the pruning of sent reports) passes the leader fence (kici.orchestrator.cluster.leadership), and other
+nodes wake the leader through the cluster bus (`reports.wake`). The outcome of a send that already went
+out is recorded even by a leader deposed meanwhile: the send cannot be undone, and recording it is what
+keeps the new leader from sending it a second time (the key's lease makes that write safe on its own).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import httpx
 
 from kici.orchestrator.app import AppState, Readiness
+from kici.orchestrator.cluster.leadership import FencedOut, Leadership
 from kici.orchestrator.db.schema import ReportKind, utcnow
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
@@ -63,8 +70,10 @@ class ReportWorker:
         *,
         client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
         metrics: ReportMetrics | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.state = state
+        self.leadership = leadership or Leadership()
         self.settings = state.settings
         self.ingest = ingest
         self.logs = logs
@@ -119,16 +128,21 @@ class ReportWorker:
                         async with self.state.database.read() as conn:
                             pending = await outbox.count_pending(conn)
                         self.metrics.pending.set(pending)
-                if time.monotonic() - self._pruned_at > PRUNE_INTERVAL_S:
+                leading = self.leadership.may_act()
+                if leading and time.monotonic() - self._pruned_at > PRUNE_INTERVAL_S:
                     self._pruned_at = time.monotonic()
                     try:
                         await self.prune()
+                    except FencedOut:
+                        pass
                     except Exception as exc:
                         log_event("reporting.prune_failed", level="error", error=f"{type(exc).__name__}: {exc}")
                 claimed: list[ReportRecord] = []
-                if len(in_flight) < concurrency:
+                if leading and len(in_flight) < concurrency:
                     try:
                         claimed = await self._claim(concurrency - len(in_flight))
+                    except FencedOut:
+                        claimed = []
                     except Exception as exc:  # the database is away, say: try again at the next poll
                         log_event("reporting.pass_failed", level="error", error=f"{type(exc).__name__}: {exc}")
                 # a pipeline, not batches: a report that becomes due is claimed as soon as a slot is free,
@@ -139,7 +153,8 @@ class ReportWorker:
                     task.add_done_callback(done)
                 if claimed and len(in_flight) < concurrency:
                     continue
-                await self._sleep(poll, busy=bool(in_flight))
+                # a node that is not the leader has nothing to claim: it waits the whole poll (or a wake-up)
+                await self._sleep(poll, busy=bool(in_flight) or not leading)
         finally:
             for task in in_flight:
                 task.cancel()
@@ -174,6 +189,7 @@ class ReportWorker:
             return []
         claimed: list[ReportRecord] = []
         async with db.transaction() as conn:
+            await self.leadership.fence(conn, "reports.claim")
             for head in heads:
                 if await outbox.claim(conn, head.id, worker=self.worker_id, now=now, lease=LEASE):
                     claimed.append(head)
@@ -185,6 +201,7 @@ class ReportWorker:
         total = 0
         while True:
             async with self.state.database.transaction() as conn:
+                await self.leadership.fence(conn, "reports.prune")
                 deleted = await outbox.delete_sent_before(conn, cutoff)
             total += deleted
             if deleted < 1000:

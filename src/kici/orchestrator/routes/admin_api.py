@@ -12,6 +12,7 @@ from kici.orchestrator.routes import (
     admin_artifacts,
     admin_audit,
     admin_caches,
+    admin_cluster,
     admin_environments,
     admin_events,
     admin_held,
@@ -51,6 +52,7 @@ router.include_router(admin_caches.router)
 router.include_router(admin_retention.router)
 router.include_router(admin_trust.router)
 router.include_router(admin_held.router)
+router.include_router(admin_cluster.router)
 
 
 @router.api_route(

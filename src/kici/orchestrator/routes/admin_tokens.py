@@ -316,9 +316,10 @@ async def revoke_agent_token(
             reason=(f"agent token {revoked.name!r} revoked: {len(agent_ids)} agents cut off, "
                     f"{len(requeued)} jobs requeued, {len(failed)} failed"),
         )
-    # connections to this process end now; other orchestrator processes notice at their next token
-    # re-check (`agent_token_recheck_s`)
+    # connections to this process end now, the other nodes' through the cluster bus (and, should that
+    # message be lost, at their next token re-check, `agent_token_recheck_s`)
     closed = await registry.disconnect_token(token_id, "agent token revoked")
+    await services_of(request.app).bus.publish("agent-token.revoked", {"token_id": token_id}, local=False)
     dispatcher.forget([*requeued, *failed])
     dispatcher.wake()
     log_event("admin.agent_token_revoked", agent_token_id=token_id, by_token_id=principal.token.id,

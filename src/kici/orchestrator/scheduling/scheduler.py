@@ -12,6 +12,9 @@ query; idle registrations cost nothing) and fires each one:
 
 A slot missed while no orchestrator was running fires once (late) and the next one is computed from now,
 so a long downtime never produces a burst. The clock is injectable for tests.
+
+Firing schedules is a leader duty: in a cluster only the leader ticks, and each fire's transaction passes
+the leader fence (kici.orchestrator.cluster.leadership) before it writes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from kici.engine.events import Event
 from kici.engine.lockfile import LockFileError, ScheduleTrigger
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.background import PeriodicTask
+from kici.orchestrator.cluster.leadership import FencedOut, Leadership
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event
@@ -60,21 +64,27 @@ class Scheduler:
         *,
         clock: Callable[[], dt.datetime] = utcnow,
         metrics: SchedulerMetrics | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.state = state
+        self.leadership = leadership or Leadership()
         self.ingest = ingest
         self.clock = clock
         self.metrics = metrics or SchedulerMetrics(state.metrics.registry)
         self._retry_at: dict[str, float] = {}
         """Registration id → monotonic time before which a failing registration is not retried. A local
         back-off only: correctness lives in the database (another node may retry sooner, harmlessly)."""
-        self._periodic = PeriodicTask("scheduler", state.settings.scheduler_interval_ms / 1000, self.tick)
+        self._periodic = PeriodicTask("scheduler", state.settings.scheduler_interval_ms / 1000, self._leader_tick)
 
     async def start(self, readiness: Readiness) -> None:
         await self._periodic.start(readiness)
 
     async def stop(self) -> None:
         await self._periodic.stop()
+
+    async def _leader_tick(self) -> None:
+        if self.leadership.may_act():
+            await self.tick()
 
     async def tick(self) -> list[str]:
         """Fire every due registration; the ids of the runs created."""
@@ -88,6 +98,8 @@ class Scheduler:
                 continue
             try:
                 run_id = await self.fire(schedule, now, heads=heads)
+            except FencedOut:
+                break  # deposed meanwhile: the new leader fires the rest
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, ProviderError | LockFileError) else f"{type(exc).__name__}: {exc}"
                 log_event("schedule.fire_failed", level="warning", schedule_id=schedule.id,
@@ -166,6 +178,7 @@ class Scheduler:
         )
         settings = self.state.settings
         async with self.state.database.transaction() as conn:
+            await self.leadership.fence(conn, "schedule.fire")
             if not await schedule_store.claim_fire(conn, schedule.id, seen=seen, slot=seen, next_at=next_at):
                 return None  # fired by another orchestrator meanwhile
             created = await create_run(
@@ -186,6 +199,7 @@ class Scheduler:
 
     async def _skip(self, schedule: ScheduleRecord, next_at: dt.datetime, reason: str) -> None:
         async with self.state.database.transaction() as conn:
+            await self.leadership.fence(conn, "schedule.skip")
             skipped = await schedule_store.postpone(conn, schedule.id, seen=schedule.next_fire_at, next_at=next_at)
         if skipped:
             log_event("schedule.skipped", level="warning", schedule_id=schedule.id, workflow=schedule.workflow,

@@ -38,6 +38,8 @@ class AgentRecord(BaseModel):
     """The agent's last `agent.status` said it is draining (cleared when it registers again)."""
     last_seen_at: dt.datetime | None
     registered_at: dt.datetime
+    node_id: str | None = None
+    """The orchestrator node holding the connection (`nodes.id`); None for rows from before clustering."""
 
 
 def _record(row: Any) -> AgentRecord:
@@ -103,9 +105,10 @@ async def register_agent(
     version: str | None,
     hostname: str | None,
     now: dt.datetime | None = None,
+    node_id: str | None = None,
 ) -> AgentRecord:
-    """Insert or update the agent's row as connected; `registered_at` is the latest registration. An id
-    bound to another token is never rebound (the insert then fails on the primary key)."""
+    """Insert or update the agent's row as connected through `node_id`; `registered_at` is the latest
+    registration. An id bound to another token is never rebound (the insert then fails on the primary key)."""
     now = now or utcnow()
     values: dict[str, Any] = {
         "org_id": org_id,
@@ -118,6 +121,7 @@ async def register_agent(
         "draining": False,  # a new connection starts taking jobs; its first agent.status says otherwise
         "last_seen_at": now,
         "registered_at": now,
+        "node_id": node_id,
     }
     # only the row bound to this token is updated: a row of another token makes the insert fail instead
     # (the session refuses that case before; this keeps two orchestrators racing from rebinding an id)
@@ -144,14 +148,28 @@ async def set_agent_draining(conn: AsyncConnection, agent_id: str, draining: boo
 
 
 async def mark_agent_disconnected(
-    conn: AsyncConnection, agent_id: str, *, last_seen_at: dt.datetime | None = None
+    conn: AsyncConnection, agent_id: str, *, last_seen_at: dt.datetime | None = None, node_id: str | None = None
 ) -> bool:
     """The agent's connection ended. `last_seen_at` (when given) is the last frame received, which may be
-    newer than the throttled heartbeat writes."""
+    newer than the throttled heartbeat writes. With `node_id`, only while the row still names that node as
+    the holder: a connection that ends after the agent reconnected to another node changes nothing (False)."""
     values: dict[str, Any] = {"connected": False}
     if last_seen_at is not None:
         values["last_seen_at"] = last_seen_at
-    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(**values))
+    query = agents.update().where(agents.c.id == agent_id)
+    if node_id is not None:
+        query = query.where(agents.c.node_id == node_id)
+    result = await conn.execute(query.values(**values))
+    return result.rowcount == 1
+
+
+async def mark_orphan_disconnected(conn: AsyncConnection, agent_id: str, node_id: str | None) -> bool:
+    """A connected agent held by a node that is gone (`node_id`, None for rows from before clustering) is
+    marked disconnected, unless it registered again (through another node) meanwhile: False then."""
+    holder = agents.c.node_id.is_(None) if node_id is None else agents.c.node_id == node_id
+    result = await conn.execute(
+        agents.update().where(agents.c.id == agent_id, agents.c.connected.is_(True), holder).values(connected=False)
+    )
     return result.rowcount == 1
 
 
