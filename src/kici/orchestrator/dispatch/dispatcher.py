@@ -197,6 +197,9 @@ class Dispatcher:
 
     async def registered(self, agent: AgentConnection) -> list[str]:
         reported = [job_id for _run_id, job_id in agent.in_flight_jobs]
+        if not reported and not agent.holds_jobs:  # nothing to reclaim nor settle (most of a storm)
+            self._slots[agent.agent_id] = _Slots(agent.connection_id)
+            return []
         async with self.db.transaction() as conn:
             reclaimed = await queue_store.reclaim(
                 conn, agent.agent_id, reported, limits=self.limits, labels=list(agent.labels)
