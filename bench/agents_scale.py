@@ -12,9 +12,11 @@ not one Python process competing with the orchestrator for a core). Orchestrator
   agent), for `--idle-s` (60 s): the node's CPU in % of one core over that window and its RSS.
 - **storm**: `--in-flight` of the agents are given a job each (one webhook, a run of that many jobs; the agents
   acknowledge and report it running, then keep it), then every connection is cut (socket aborted, as when a
-  node dies) and, once the node has seen them all go, all agents re-register at the same moment, reporting
-  their in-flight jobs: time from that moment until every agent has its `register.ack` (and the jobs
-  reclaimed). Repeated `--storms` times.
+  node dies or the network between fails) and, once the node has recorded them all gone (their jobs
+  `recovering`: `all_disconnects_handled_s`), all agents re-register at the same moment, reporting their
+  in-flight jobs: time from that moment until every agent has its `register.ack` (and the jobs
+  reclaimed), and the phases of a registration (WebSocket open, `auth.success`, `register.ack`).
+  Repeated `--storms` times.
 - **nodes**: `--nodes N` orchestrator processes on one fresh PostgreSQL database, 50 agents (`--tp-agents`)
   spread over them, webhooks spread over them, `--throughput-runs` runs of `--jobs-per-run` independent
   jobs: completed jobs/s until every node has recorded its jobs finished (as `bench/dispatch.py`'s
@@ -25,8 +27,9 @@ not one Python process competing with the orchestrator for a core). Orchestrator
     .venv/bin/python bench/agents_scale.py --db both --series idle,storm
     .venv/bin/python bench/agents_scale.py --quick --db sqlite  # a short pass (the test suite runs this)
 
-`BENCH_PROFILE=<file>` runs the (first) orchestrator under cProfile (CPU time) and writes its stats there on
-exit; `BENCH_KEEP=1` keeps the temporary directory with the orchestrators' logs.
+`BENCH_PROFILE=<file>` runs the (first) orchestrator under cProfile (CPU time; with `BENCH_PROFILER=yappi`
+under yappi, when installed) and writes its stats there on exit (read them with `pstats`);
+`BENCH_KEEP=1` keeps the temporary directory with the orchestrators' logs.
 Prints one JSON object.
 """
 
@@ -275,17 +278,24 @@ class Clients:
 
 
 PROFILED = """
-import cProfile, runpy, sys, time
+import os, runpy, sys
 out, sys.argv = sys.argv[1], ["kici-orchestrator"]
-profile = cProfile.Profile(time.process_time)  # CPU time: waits for a core or the database do not count
-profile.enable()
+if os.environ.get("BENCH_PROFILER") == "yappi":  # coroutine- and greenlet-aware: numbers per call are right
+    import yappi
+    yappi.set_clock_type("cpu")
+    yappi.start()
+    stop = lambda: (yappi.stop(), yappi.get_func_stats().save(out, type="pstat"))
+else:  # the standard library's: an async function counts one call per resumption
+    import cProfile, time
+    profile = cProfile.Profile(time.process_time)  # CPU time: waits for a core or the database do not count
+    profile.enable()
+    stop = lambda: (profile.disable(), profile.dump_stats(out))
 try:
     runpy.run_module("kici.orchestrator", run_name="__main__", alter_sys=True)
 except SystemExit:
     pass
 finally:
-    profile.disable()
-    profile.dump_stats(out)
+    stop()
 """
 """`python -c PROFILED <stats file>`: the orchestrator under cProfile, counting CPU time."""
 
@@ -376,6 +386,12 @@ async def idle_and_storms(database_url: str, work: Path, args: argparse.Namespac
             async def connected(n: int) -> bool:
                 return await metric(client, node, "kici_agents_connected") == n
 
+            async def all_rows_disconnected() -> bool:
+                listed = await client.get(f"{node.url}/api/v1/admin/agents", params={"connected": "true"},
+                                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                listed.raise_for_status()
+                return not listed.json()
+
             if "idle" in series:
                 await asyncio.sleep(args.settle_s)
                 result["baseline_no_agents"] = {"cpu_pct_of_core": await cpu_over(node, args.baseline_s),
@@ -410,12 +426,14 @@ async def idle_and_storms(database_url: str, work: Path, args: argparse.Namespac
                     dropped = time.monotonic()
                     await clients.ask({"do": "drop"})
                     await until(lambda: connected(0), 120, "the node to see every connection gone")
+                    await until(all_rows_disconnected, 120, "every agent's row to say disconnected")
                     gone_s = time.monotonic() - dropped
                     cpu0 = node.cpu_seconds()
                     storm = await clients.register_all()
                     storm["all_disconnects_handled_s"] = round(gone_s, 2)
                     storm["orchestrator_cpu_s"] = round(node.cpu_seconds() - cpu0, 2)
                     storm["in_flight_jobs"] = in_flight
+                    storm.update(node.memory_mb())
                     if storm["reclaimed_jobs"] != in_flight:
                         raise RuntimeError(f"{storm['reclaimed_jobs']} of {in_flight} in-flight jobs reclaimed")
                     storms.append(storm)

@@ -200,10 +200,13 @@ class Dispatcher:
         if not reported and not agent.holds_jobs:  # nothing to reclaim nor settle (most of a storm)
             self._slots[agent.agent_id] = _Slots(agent.connection_id)
             return []
-        async with self.db.transaction() as conn:
-            reclaimed = await queue_store.reclaim(
-                conn, agent.agent_id, reported, limits=self.limits, labels=list(agent.labels)
-            )
+        # group-committed in the lane of (the first of) its runs: in a reconnect storm the agents of one
+        # run reclaim in a few shared transactions instead of queueing one by one for the run's lock
+        reclaimed = await self.writes.submit(
+            partial(queue_store.reclaim, agent_id=agent.agent_id, job_ids=reported, limits=self.limits,
+                    labels=list(agent.labels)),
+            key=agent.in_flight_jobs[0][0] if agent.in_flight_jobs else agent.agent_id,
+        )
         self._slots[agent.agent_id] = _Slots(agent.connection_id, set(reclaimed))
         if reported:
             log_event("dispatch.reclaimed", agent_id=agent.agent_id, reported=reported, reclaimed=reclaimed)
