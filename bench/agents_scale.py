@@ -74,6 +74,10 @@ from dispatch import (  # the sibling benchmark's orchestrator and webhook helpe
 
 # -- the client processes (simulated agents) ---------------------------------------------------------
 
+COMPRESSION = None if os.environ.get("BENCH_NO_DEFLATE") else "deflate"
+"""Agents offer permessage-deflate like the real agent (websockets' default); BENCH_NO_DEFLATE=1: they
+do not, to see what compression costs the orchestrator."""
+
 
 class ScaleAgent:
     """One simulated agent: handshake, heartbeats, and jobs it is given kept running (`hold`)."""
@@ -94,7 +98,8 @@ class ScaleAgent:
         """Connect, authenticate and register (reporting the held jobs); the times it started, had the
         WebSocket open, `auth.success` and `register.ack`."""
         start = time.monotonic()
-        self.ws = await connect(self.url, open_timeout=120, max_size=None, close_timeout=2)
+        self.ws = await connect(self.url, open_timeout=120, max_size=None, close_timeout=2,
+                                compression=COMPRESSION)
         opened = time.monotonic()
         await self.ws.send(json.dumps({"type": "auth.request", "token": self.token, "protocolVersion": 1}))
         reply = json.loads(await self.ws.recv())
