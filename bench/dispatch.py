@@ -95,7 +95,8 @@ def make_repo(root: Path, jobs_per_run: int, secrets: int = 0) -> str:
 
 
 class Orchestrator:
-    def __init__(self, database_url: str, data_dir: Path) -> None:
+    def __init__(self, database_url: str, data_dir: Path, *, python_args: tuple[str, ...] = ()) -> None:
+        """`python_args`: given to the interpreter before `-m kici.orchestrator` (e.g. a profiler's)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KICI_")}
@@ -106,7 +107,7 @@ class Orchestrator:
             "KICI_QUEUE_MAX_DEPTH": "100000", "KICI_SECRET_KEY": SECRET_KEY,
         })
         self.stderr = open(data_dir.parent / f"orchestrator-{self.port}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "kici.orchestrator"], env=env,
+        self.proc = subprocess.Popen([sys.executable, *python_args, "-m", "kici.orchestrator"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=self.stderr, stdin=subprocess.DEVNULL)
 
     async def wait_ready(self, client: httpx.AsyncClient) -> None:

@@ -60,3 +60,15 @@ def test_rotate_key_bench_runs() -> None:
     result = run_bench(str(BENCH / "rotate_key.py"), "--quick", "--db", "sqlite")
     sqlite = result["sqlite"]
     assert sqlite["resealed"] == 200 + 2 * 10 and sqlite["rows_per_s"] > 0
+
+
+def test_agents_scale_bench_runs() -> None:
+    """Idle agents, a reconnect storm with in-flight jobs reclaimed, and jobs/s with one node (the bench
+    fails when an agent cannot register or a job is not reclaimed)."""
+    result = run_bench(str(BENCH / "agents_scale.py"), "--quick", "--db", "sqlite")
+    sqlite = result["sqlite"]
+    assert sqlite["first_registration"]["agents"] == sqlite["agents"] == 40
+    assert sqlite["idle"]["cpu_pct_of_core"] >= 0 and sqlite["idle"]["rss_mb"] > 0
+    [storm] = sqlite["storms"]
+    assert storm["agents"] == 40 and storm["reclaimed_jobs"] == storm["in_flight_jobs"] == 4
+    assert result["nodes_sqlite"]["completed_jobs_per_s"] > 0

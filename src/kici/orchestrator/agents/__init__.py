@@ -27,7 +27,7 @@ def mount_agents(app: FastAPI, prefix: str = "", *, timeouts: AgentTimeouts | No
     """Add the agents' WebSocket route and registry to an orchestrator app (after `app.state.kici`)."""
     from kici.orchestrator.agents.ws import router
 
-    registry = AgentRegistry(app.state.kici.metrics)
+    registry = AgentRegistry(app.state.kici.database, app.state.kici.metrics)
     app.state.agents = registry
     app.state.agent_timeouts = timeouts or AgentTimeouts()
     app.include_router(router, prefix=prefix)

@@ -25,6 +25,9 @@ from kici.engine.protocol import (
     close_reason,
     encode,
 )
+from kici.orchestrator.agents.token_cache import AgentTokenCache
+from kici.orchestrator.agents.writes import AgentWrites
+from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.metrics import Metrics
 
@@ -84,6 +87,9 @@ class AgentConnection:
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     status: AgentStatus | None = None
     """The last `agent.status` (active jobs, draining), None until the agent sends one."""
+    holds_jobs: bool = False
+    """Its registration found queue rows dispatched to it or recovering for it: the listener must reclaim
+    or settle them (when False and the agent reports no in-flight jobs, there is nothing to do)."""
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def seen(self) -> None:
@@ -111,10 +117,14 @@ class AgentRegistry:
     `claim`/`release`/`lock` are the session's.
     """
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, database: Database, metrics: Metrics | None = None) -> None:
         self._agents: dict[str, AgentConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.listener: AgentListener | None = None
+        self.tokens = AgentTokenCache()
+        """Agent tokens as this process last read them (sessions authenticate and re-check through it)."""
+        self.writes = AgentWrites(database)
+        """The sessions' registrations and last-seen times, written grouped."""
         self._gauge: Gauge | None = None
         if metrics is not None:
             self._gauge = Gauge(
@@ -148,7 +158,9 @@ class AgentRegistry:
 
     async def disconnect_token(self, token_id: str, reason: str) -> list[str]:
         """Close every connection of this process authenticated with `token_id` (`auth.failure` + 4010: the
-        agent stops instead of reconnecting). The agent ids closed."""
+        agent stops instead of reconnecting); new connections with it are refused from now on. The agent ids
+        closed."""
+        self.tokens.forget(token_id)
         closed: list[str] = []
         for agent in [a for a in self._agents.values() if a.token_id == token_id]:
             with contextlib.suppress(Exception):  # the peer may be gone already; close anyway

@@ -9,16 +9,19 @@ Sequence (`kici.engine.protocol` has the messages and close codes):
    `auth.failure` + 4010. An agent id is bound to the agent token that first registered it: another
    token registering it (connected or not) → `auth.failure` + 4010 and a `denied` audit row; under the
    same token the new connection replaces the old one (closed with 1001). The `agents` row is
-   upserted as connected; reply `register.ack`.
+   upserted as connected (group-committed with other registrations: `kici.orchestrator.agents.writes`);
+   reply `register.ack`.
    Before the ack, the registry's listener reclaims the agent's in-flight jobs (named in
    `register.ack.reclaimed_jobs`); after it, the listener may dispatch.
 3. Afterwards (the token is looked up again every `token_recheck_s`; revoked → `auth.failure` + 4010):
-   `heartbeat` (DB `last_seen_at` at most every `last_seen_write_s`), `agent.status` (kept in
+   `heartbeat` (DB `last_seen_at` within `last_seen_write_s`, one statement for every agent that sent one
+   meanwhile: `kici.orchestrator.agents.writes`), `agent.status` (kept in
    memory, the listener told), everything else goes to the registry's listener. Silence (no valid frame) for
    `heartbeat_timeout_s` → 4004; an invalid frame → `error` + 4003.
 4. On disconnect: row `connected=false`, and the agent's jobs go `recovering` for twice the maximum
    reconnect delay (`store.queue.release_agent_jobs`) — unless the row names another node as the holder
-   by then (the agent reconnected to a sibling orchestrator first): that connection owns the jobs.
+   by then (the agent reconnected to a sibling orchestrator first): that connection owns the jobs
+   (group-committed with other disconnects).
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ from starlette.websockets import WebSocket
 from kici.engine import protocol as p
 from kici.engine.labels import MAX_LABEL_LENGTH, RESERVED_PREFIX, validate_user_labels
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
+from kici.orchestrator.agents.writes import Disconnect
 from kici.orchestrator.config import Settings
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import audit as audit_store
-from kici.orchestrator.store import queue as queue_store
-from kici.orchestrator.store.tokens import AgentToken, agent_token_state, verify_agent_token
+from kici.orchestrator.store.tokens import AgentToken
 
 SELF_REPORTED_PREFIXES = tuple(f"{RESERVED_PREFIX}{kind}:" for kind in ("os", "arch", "host", "python"))
 INVALID_MESSAGE = "INVALID_MESSAGE"
@@ -63,6 +66,15 @@ class AgentTimeouts:
     token_recheck_s: float = 30.0
     """How often a connected agent's token is looked up again: a revocation made by another orchestrator
     process closes the connection within this time (the process that revoked closes it at once)."""
+    token_cache_s: float = 5.0
+    """How long this process reuses an agent token row it read (`AgentTokenCache`): a token revoked by
+    another orchestrator process is refused to new connections here within this time."""
+
+    @property
+    def token_recheck_max_age_s(self) -> float:
+        """How old the token row a re-check uses may be; re-checks run this much more often than
+        `token_recheck_s`, so a revocation still ends the connection within `token_recheck_s`."""
+        return min(self.token_cache_s, self.token_recheck_s / 2)
 
 
 class _Closed(Exception):
@@ -129,13 +141,13 @@ class AgentSession:
         self.connection_id = str(uuid.uuid4())
         self.token: AgentToken | None = None
         self.agent: AgentConnection | None = None
-        self._last_seen_write = 0.0
 
     # -- framing -------------------------------------------------------------------------------------
 
     async def _receive(self, timeout: float) -> str | bytes:
         """The next data frame; TimeoutError after `timeout`; `_Closed` when the peer went away."""
-        message = await asyncio.wait_for(self.ws.receive(), timeout)
+        async with asyncio.timeout(timeout):  # unlike `wait_for`, no task per frame
+            message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             raise _Closed(int(message.get("code") or 1005), str(message.get("reason") or ""))
         text = message.get("text")
@@ -219,8 +231,7 @@ class AgentSession:
             raise await self._close(
                 p.CloseCode.PROTOCOL_ERROR, detail, reply=p.ErrorMessage(code=UNSUPPORTED_PROTOCOL, message=detail)
             )
-        async with self.database.transaction() as conn:
-            token = await verify_agent_token(conn, message.token)
+        token = await self.registry.tokens.verify(self.database, message.token, max_age=self.timeouts.token_cache_s)
         if token is None:
             reason = "invalid or revoked agent token"  # expired ones too: same answer as revoked
             self._log("agent.auth_failed", reason=reason, close_code=int(p.CloseCode.AUTH_FAILED))
@@ -271,31 +282,20 @@ class AgentSession:
         )
         async with self.registry.lock(agent.agent_id):
             current = self.registry.get(agent.agent_id)
-            bound_elsewhere = current is not None and current.token_id != token.id
-            refused = bound_elsewhere
-            async with self.database.transaction() as conn:
-                existing = await agent_store.get_agent(conn, agent.agent_id)
-                # an agent id belongs to the token that first registered it, connected or not: another
-                # token could otherwise reclaim the agent's jobs and report them finished
-                refused = refused or (existing is not None and existing.agent_token_id != token.id)
-                if not refused:
-                    await agent_store.register_agent(
-                        conn,
-                        agent_id=agent.agent_id,
-                        org_id=token.org_id,
-                        agent_token_id=token.id,
-                        labels=labels,
-                        max_concurrency=agent.max_concurrency,
-                        version=agent.version,
-                        hostname=agent.hostname,
-                        now=agent.connected_at,
-                        node_id=self.node_id,
-                    )
+            # an agent id belongs to the token that first registered it, connected or not: another
+            # token could otherwise reclaim the agent's jobs and report them finished
+            refused = current is not None and current.token_id != token.id
+            if not refused:
+                registered = await self.registry.writes.register(agent_store.Registration(
+                    agent_id=agent.agent_id, org_id=token.org_id, agent_token_id=token.id, labels=labels,
+                    max_concurrency=agent.max_concurrency, version=agent.version, hostname=agent.hostname,
+                    now=agent.connected_at, node_id=self.node_id,
+                ))
+                refused, agent.holds_jobs = registered.refused, registered.holds_jobs
             if refused:
                 raise await self._refuse_binding(agent.agent_id)
             replaced = self.registry.claim(agent)
             self.agent = agent
-            self._last_seen_write = time.monotonic()
         if replaced is not None:
             self._log("agent.replaced", replaced_connection_id=replaced.connection_id)
             await replaced.close(p.CloseCode.GOING_AWAY, "replaced by a newer connection of this agent")
@@ -333,11 +333,12 @@ class AgentSession:
         agent = self.agent
         assert agent is not None
         unhealthy_logged = False
-        next_token_check = time.monotonic() + self.timeouts.token_recheck_s
+        recheck_every = self.timeouts.token_recheck_s - self.timeouts.token_recheck_max_age_s
+        next_token_check = time.monotonic() + recheck_every
         while True:
             if time.monotonic() >= next_token_check:
                 await self._recheck_token()
-                next_token_check = time.monotonic() + self.timeouts.token_recheck_s
+                next_token_check = time.monotonic() + recheck_every
             silent = time.monotonic() - agent.last_seen_monotonic
             if silent >= self.timeouts.heartbeat_timeout_s:
                 self._log("agent.heartbeat_timeout", silent_s=round(silent, 1),
@@ -360,7 +361,7 @@ class AgentSession:
             agent.seen()
             unhealthy_logged = False
             if isinstance(message, p.Heartbeat):
-                await self._heartbeat(agent)
+                self._heartbeat(agent)
             elif isinstance(message, p.DeliverySync):
                 await self._sync(agent, message)
             elif isinstance(message, p.AgentStatus):
@@ -393,21 +394,18 @@ class AgentSession:
 
     async def _recheck_token(self) -> None:
         assert self.token is not None
-        async with self.database.read() as conn:
-            state = await agent_token_state(conn, self.token.id)
+        state = await self.registry.tokens.state(
+            self.database, self.token.id, max_age=self.timeouts.token_recheck_max_age_s
+        )
         if state != "active":
+            self.registry.tokens.forget(self.token.id)
             reason = "agent token expired" if state == "expired" else "agent token revoked"
             self._log("agent.token_expired" if state == "expired" else "agent.token_revoked",
                       close_code=int(p.CloseCode.AUTH_FAILED), level="warning")
             raise await self._close(p.CloseCode.AUTH_FAILED, reason, reply=p.AuthFailure(reason=reason))
 
-    async def _heartbeat(self, agent: AgentConnection) -> None:
-        now = time.monotonic()
-        if now - self._last_seen_write < self.timeouts.last_seen_write_s:
-            return
-        self._last_seen_write = now
-        async with self.database.transaction() as conn:
-            await agent_store.touch_agent(conn, agent.agent_id, now=agent.last_seen_at)
+    def _heartbeat(self, agent: AgentConnection) -> None:
+        self.registry.writes.seen(agent.agent_id, agent.last_seen_at, interval_s=self.timeouts.last_seen_write_s)
 
     async def _disconnected(self, code: int | None, reason: str) -> None:
         agent = self.agent
@@ -419,19 +417,14 @@ class AgentSession:
             if not self.registry.release(agent):
                 self._log("agent.disconnected", close_code=code, reason=reason or None, replaced=True)
                 return
+            self.registry.writes.forget_seen(agent.agent_id)
             window = dt.timedelta(milliseconds=2 * self.settings.agent_max_reconnect_delay_ms)
             deadline = dt.datetime.now(dt.UTC) + window
             try:
-                async with self.database.transaction() as conn:
-                    # through this node only: after the agent reconnected to another node, its jobs are
-                    # that connection's and stay as they are
-                    held = await agent_store.mark_agent_disconnected(
-                        conn, agent.agent_id, last_seen_at=agent.last_seen_at, node_id=self.node_id
-                    )
-                    if held or self.node_id is None:
-                        released = await queue_store.release_agent_jobs(
-                            conn, agent.agent_id, recovery_deadline=deadline
-                        )
+                released = await self.registry.writes.disconnect(
+                    Disconnect(agent.agent_id, last_seen_at=agent.last_seen_at, recovery_deadline=deadline,
+                               node_id=self.node_id)
+                )
             except Exception as exc:
                 self._log("agent.disconnect_failed", level="error", error=f"{type(exc).__name__}: {exc}")
         self._log(

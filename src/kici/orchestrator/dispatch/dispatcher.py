@@ -183,10 +183,16 @@ class Dispatcher:
 
     async def registered(self, agent: AgentConnection) -> list[str]:
         reported = [job_id for _run_id, job_id in agent.in_flight_jobs]
-        async with self.db.transaction() as conn:
-            reclaimed = await queue_store.reclaim(
-                conn, agent.agent_id, reported, limits=self.limits, labels=list(agent.labels)
-            )
+        if not reported and not agent.holds_jobs:  # nothing to reclaim nor settle (most of a storm)
+            self._slots[agent.agent_id] = _Slots(agent.connection_id)
+            return []
+        # group-committed in the lane of (the first of) its runs: in a reconnect storm the agents of one
+        # run reclaim in a few shared transactions instead of queueing one by one for the run's lock
+        reclaimed = await self.writes.submit(
+            partial(queue_store.reclaim, agent_id=agent.agent_id, job_ids=reported, limits=self.limits,
+                    labels=list(agent.labels)),
+            key=agent.in_flight_jobs[0][0] if agent.in_flight_jobs else agent.agent_id,
+        )
         self._slots[agent.agent_id] = _Slots(agent.connection_id, set(reclaimed))
         # the agent may have sent these jobs' chunks to another orchestrator since this one last saw them
         await self.logs.forget(reclaimed)

@@ -9,7 +9,8 @@ inside one transaction is enough.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -94,6 +95,69 @@ async def busy_jobs(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str
     return found
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One agent connection's `agent.register`, as its row records it."""
+
+    agent_id: str
+    org_id: str
+    agent_token_id: str
+    labels: Sequence[str]
+    max_concurrency: int
+    version: str | None
+    hostname: str | None
+    now: dt.datetime
+    node_id: str | None = None
+    """The orchestrator node holding the connection (None: no cluster identity, e.g. tests)."""
+
+
+def _registered_values(registration: Registration) -> dict[str, Any]:
+    return {
+        "org_id": registration.org_id,
+        "agent_token_id": registration.agent_token_id,
+        "labels": list(registration.labels),
+        "max_concurrency": registration.max_concurrency,
+        "version": registration.version,
+        "hostname": registration.hostname,
+        "connected": True,
+        "draining": False,  # a new connection starts taking jobs; its first agent.status says otherwise
+        "last_seen_at": registration.now,
+        "registered_at": registration.now,
+        "node_id": registration.node_id,
+    }
+
+
+# only the row bound to the registering token is updated: a row of another token makes the insert fail
+# instead (callers refuse that case before; this keeps two orchestrators racing from rebinding an id)
+_UPDATE_REGISTERED = agents.update().where(
+    agents.c.id == sa.bindparam("b_id"), agents.c.agent_token_id == sa.bindparam("b_token")
+)
+
+
+async def register_agents(conn: AsyncConnection, registrations: Sequence[Registration]) -> set[str]:
+    """Mark every agent's row connected (inserted when new), in at most three statements however many
+    there are (a reconnect storm registers hundreds at once); `registered_at` is the latest registration.
+    The agent ids refused because another token registered them first: their rows are left alone. The
+    ids must be distinct (callers serialise registrations of one agent id)."""
+    if not registrations:
+        return set()
+    rows = await conn.execute(
+        sa.select(agents.c.id, agents.c.agent_token_id).where(agents.c.id.in_([r.agent_id for r in registrations]))
+    )
+    bound = {str(row.id): row.agent_token_id for row in rows}
+    refused = {r.agent_id for r in registrations if r.agent_id in bound and bound[r.agent_id] != r.agent_token_id}
+    updates = [r for r in registrations if r.agent_id in bound and r.agent_id not in refused]
+    inserts = [r for r in registrations if r.agent_id not in bound]
+    if updates:
+        await conn.execute(
+            _UPDATE_REGISTERED,
+            [{"b_id": r.agent_id, "b_token": r.agent_token_id, **_registered_values(r)} for r in updates],
+        )
+    if inserts:
+        await conn.execute(agents.insert(), [{"id": r.agent_id, **_registered_values(r)} for r in inserts])
+    return refused
+
+
 async def register_agent(
     conn: AsyncConnection,
     *,
@@ -107,38 +171,24 @@ async def register_agent(
     now: dt.datetime | None = None,
     node_id: str | None = None,
 ) -> AgentRecord:
-    """Insert or update the agent's row as connected through `node_id`; `registered_at` is the latest
-    registration. An id bound to another token is never rebound (the insert then fails on the primary key)."""
-    now = now or utcnow()
-    values: dict[str, Any] = {
-        "org_id": org_id,
-        "agent_token_id": agent_token_id,
-        "labels": list(labels),
-        "max_concurrency": max_concurrency,
-        "version": version,
-        "hostname": hostname,
-        "connected": True,
-        "draining": False,  # a new connection starts taking jobs; its first agent.status says otherwise
-        "last_seen_at": now,
-        "registered_at": now,
-        "node_id": node_id,
-    }
-    # only the row bound to this token is updated: a row of another token makes the insert fail instead
-    # (the session refuses that case before; this keeps two orchestrators racing from rebinding an id)
-    result = await conn.execute(
-        agents.update().where(agents.c.id == agent_id, agents.c.agent_token_id == agent_token_id).values(**values)
-    )
-    if result.rowcount == 0:
-        await conn.execute(agents.insert().values(id=agent_id, **values))
+    """`register_agents` for one agent; its row. An id bound to another token is never rebound (the insert
+    then fails on the primary key)."""
+    registration = Registration(agent_id, org_id, agent_token_id, labels, max_concurrency, version, hostname,
+                                now or utcnow(), node_id)
+    if await register_agents(conn, [registration]):
+        await conn.execute(agents.insert().values(id=agent_id, **_registered_values(registration)))
     record = await get_agent(conn, agent_id)
     assert record is not None
     return record
 
 
-async def touch_agent(conn: AsyncConnection, agent_id: str, *, now: dt.datetime | None = None) -> bool:
-    """Record that the agent was seen (a heartbeat); False when there is no such row."""
-    result = await conn.execute(agents.update().where(agents.c.id == agent_id).values(last_seen_at=now or utcnow()))
-    return result.rowcount == 1
+_TOUCH = agents.update().where(agents.c.id == sa.bindparam("b_id"))
+
+
+async def touch_agents(conn: AsyncConnection, seen: Mapping[str, dt.datetime]) -> None:
+    """Record when each agent was last seen (agent id → time), in one statement for all of them."""
+    if seen:
+        await conn.execute(_TOUCH, [{"b_id": agent_id, "last_seen_at": at} for agent_id, at in seen.items()])
 
 
 async def set_agent_draining(conn: AsyncConnection, agent_id: str, draining: bool) -> bool:
@@ -171,6 +221,17 @@ async def mark_orphan_disconnected(conn: AsyncConnection, agent_id: str, node_id
         agents.update().where(agents.c.id == agent_id, agents.c.connected.is_(True), holder).values(connected=False)
     )
     return result.rowcount == 1
+
+
+_MARK_DISCONNECTED = agents.update().where(agents.c.id == sa.bindparam("b_id")).values(connected=False)
+
+
+async def mark_agents_disconnected(conn: AsyncConnection, last_seen: Mapping[str, dt.datetime]) -> None:
+    """`mark_agent_disconnected` for many agents (agent id → its last frame's time) in one statement."""
+    if last_seen:
+        await conn.execute(
+            _MARK_DISCONNECTED, [{"b_id": agent_id, "last_seen_at": at} for agent_id, at in last_seen.items()]
+        )
 
 
 async def agents_of_token(conn: AsyncConnection, agent_token_id: str) -> list[str]:

@@ -469,6 +469,19 @@ async def list_queue(
 # -- agent disconnect and recovery ----------------------------------------------------------------------
 
 
+async def agents_holding_jobs(conn: AsyncConnection, agent_ids: Sequence[str]) -> set[str]:
+    """Which of these agents hold queue rows (`dispatched` to them or `recovering` for them): the ones a
+    registration must reclaim or settle jobs for (`reclaim`); one statement for all."""
+    if not agent_ids:
+        return set()
+    held = (QueueStatus.RECOVERING.value, QueueStatus.DISPATCHED.value)
+    rows = await conn.execute(
+        sa.select(dispatch_queue.c.agent_id).distinct()
+        .where(dispatch_queue.c.agent_id.in_(list(agent_ids)), dispatch_queue.c.status.in_(held))
+    )
+    return {str(row.agent_id) for row in rows}
+
+
 async def release_agent_jobs(conn: AsyncConnection, agent_id: str, *, recovery_deadline: dt.datetime) -> list[str]:
     """The agent disconnected: its running jobs go `recovering`, and the queue rows of everything it held
     (started or only dispatched) go `recovering` until `recovery_deadline`. The job ids."""

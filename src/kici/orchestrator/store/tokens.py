@@ -242,6 +242,29 @@ async def verify_agent_token(conn: AsyncConnection, plaintext: str, *, touch: bo
     return token
 
 
+async def find_agent_token(conn: AsyncConnection, *, token_hash: str) -> AgentToken | None:
+    """The agent token whose plaintext hashes to `token_hash` (`hash_token`), revoked or not."""
+    row = (await conn.execute(sa.select(*_AGENT_COLUMNS).where(agent_tokens.c.token_hash == token_hash))).first()
+    return _agent(row) if row is not None else None
+
+
+async def agent_token_with_hash(conn: AsyncConnection, token_id: str) -> tuple[AgentToken, str] | None:
+    """The agent token with this id, revoked or not, and its stored hash."""
+    row = (
+        await conn.execute(sa.select(*_AGENT_COLUMNS, agent_tokens.c.token_hash).where(agent_tokens.c.id == token_id))
+    ).first()
+    if row is None:
+        return None
+    values = dict(row._mapping)
+    digest = str(values.pop("token_hash"))
+    return AgentToken.model_validate(values), digest
+
+
+async def touch_agent_token(conn: AsyncConnection, token_id: str, *, now: dt.datetime | None = None) -> None:
+    """Record that the token was used (`last_used_at`)."""
+    await conn.execute(agent_tokens.update().where(agent_tokens.c.id == token_id).values(last_used_at=now or utcnow()))
+
+
 async def list_agent_tokens(
     conn: AsyncConnection, *, org_id: str = DEFAULT_ORG_ID, include_revoked: bool = False
 ) -> list[AgentToken]:
