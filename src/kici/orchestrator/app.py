@@ -123,7 +123,6 @@ def create_app(
     app.include_router(agent_artifacts.router, prefix=base)  # agents upload artifacts with their token
     app.include_router(agent_test_reports.router, prefix=base)  # and test reports
     app.include_router(agent_caches.router, prefix=base)  # agents restore and save caches with their token
-    registry = mount_agents(app, base)  # agents' WebSocket /ws; registry at app.state.agents
     mount_dashboard(app, base)  # the web dashboard at `/` (kici.orchestrator.web)
     app.state.services = Services.assemble(app, registry)
     app.add_middleware(MetricsMiddleware, metrics=metrics, base_path=base)
