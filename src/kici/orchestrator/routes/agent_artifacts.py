@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import ClientDisconnect
 
 from kici.engine.states import JobState
@@ -28,6 +29,7 @@ from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import BlobStoreUnavailable, BlobTooLarge
 from kici.orchestrator.store import artifacts as artifact_store
 from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store.artifacts import UploadTarget
 
 AGENT_PREFIX = "/api/v1/agent"
 UPLOADABLE = frozenset({JobState.RUNNING.value, JobState.RECOVERING.value, JobState.CANCELLING.value})
@@ -52,14 +54,49 @@ async def _hashed(stream: AsyncIterator[bytes], digest: hashlib._Hash) -> AsyncI
             yield chunk
 
 
+class JobRequestRefused(Exception):
+    """An agent's request about a job refused; `response` says why (401, 403, 404 or 409)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__()
+        self.response = response
+
+
+async def running_job_of(
+    conn: AsyncConnection, request: Request, job_id: str, *, action: str, what: str
+) -> UploadTarget:
+    """The job `job_id`, running on an agent of the request's agent token, in the caller's transaction. A
+    job of another token's agent writes a denied audit row (`action`); `what` ends the 409 message for a job
+    that no longer runs ("artifacts are accepted while it runs"). Raises `JobRequestRefused`."""
+    plaintext = bearer_token(request)
+    if plaintext is None:
+        raise JobRequestRefused(error_response(401, "missing agent token (Authorization: Bearer <agent token>)"))
+    token = await tokens.verify_agent_token(conn, plaintext)
+    if token is None:
+        raise JobRequestRefused(error_response(401, "invalid or revoked agent token"))
+    target = await artifact_store.upload_target(conn, job_id)
+    if target is None or target.org_id != token.org_id:
+        raise JobRequestRefused(error_response(404, f"no job with id {job_id!r}"))
+    if target.agent_token_id != token.id:
+        await audit.record(
+            conn, action=action, outcome=AuditOutcome.DENIED, org_id=token.org_id, status=403,
+            reason="the job is not running on an agent of this token", token_id=token.id,
+            method=request.method, path=request.url.path, client=client_of(request),
+            actor=f"agent-token:{token.id}", target=f"job:{job_id}",
+        )
+        raise JobRequestRefused(error_response(403, f"job {job_id!r} is not running on an agent of this agent token"))
+    if target.status not in UPLOADABLE:
+        raise JobRequestRefused(error_response(409, f"job {job_id!r} is {target.status}; {what}"))
+    return target
+
+
 @router.put(
     "/jobs/{job_id}/artifacts/{path:path}",
     summary="Upload one artifact of a running job (agent token)",
     status_code=201,
 )
 async def upload_artifact(job_id: str, path: str, request: Request, state: State) -> Response:
-    plaintext = bearer_token(request)
-    if plaintext is None:
+    if bearer_token(request) is None:
         return error_response(401, "missing agent token (Authorization: Bearer <agent token>)")
     try:
         path = artifacts.check_artifact_path(path)
@@ -67,22 +104,11 @@ async def upload_artifact(job_id: str, path: str, request: Request, state: State
         return error_response(400, str(exc))
     settings = state.settings
     async with state.database.transaction() as conn:
-        token = await tokens.verify_agent_token(conn, plaintext)
-        if token is None:
-            return error_response(401, "invalid or revoked agent token")
-        target = await artifact_store.upload_target(conn, job_id)
-        if target is None or target.org_id != token.org_id:
-            return error_response(404, f"no job with id {job_id!r}")
-        if target.agent_token_id != token.id:
-            await audit.record(
-                conn, action="artifact.upload", outcome=AuditOutcome.DENIED, org_id=token.org_id, status=403,
-                reason="the job is not running on an agent of this token", token_id=token.id,
-                method=request.method, path=request.url.path, client=client_of(request),
-                actor=f"agent-token:{token.id}", target=f"job:{job_id}",
-            )
-            return error_response(403, f"job {job_id!r} is not running on an agent of this agent token")
-        if target.status not in UPLOADABLE:
-            return error_response(409, f"job {job_id!r} is {target.status}; artifacts are accepted while it runs")
+        try:
+            target = await running_job_of(conn, request, job_id, action="artifact.upload",
+                                          what="artifacts are accepted while it runs")
+        except JobRequestRefused as refused:
+            return refused.response
         used = await artifact_store.job_bytes(conn, job_id, except_path=path)
     limit = min(settings.artifact_max_bytes, settings.artifact_job_max_bytes - used)
     declared = request.headers.get("content-length")
@@ -118,7 +144,7 @@ async def upload_artifact(job_id: str, path: str, request: Request, state: State
             )
             await audit.record(
                 conn, action="artifact.upload", outcome=AuditOutcome.ALLOWED, org_id=target.org_id, status=201,
-                token_id=token.id, method=request.method, path=request.url.path, client=client_of(request),
+                token_id=target.agent_token_id, method=request.method, path=request.url.path, client=client_of(request),
                 actor=f"agent:{target.agent_id}", target=f"run:{target.run_id} job:{job_id} artifact:{path}",
             )
     except _Finished:

@@ -27,7 +27,7 @@ from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import error_response
 from kici.orchestrator.db.schema import AuditOutcome, utcnow
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.routes.agent_artifacts import AGENT_PREFIX, UPLOADABLE, bearer_token
+from kici.orchestrator.routes.agent_artifacts import AGENT_PREFIX, JobRequestRefused, running_job_of
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import (
     BlobExists,
@@ -36,8 +36,7 @@ from kici.orchestrator.storage.blobs import (
     BlobStoreUnavailable,
     BlobTooLarge,
 )
-from kici.orchestrator.store import artifacts as artifact_store
-from kici.orchestrator.store import audit, runs, tokens
+from kici.orchestrator.store import audit, runs
 from kici.orchestrator.store import caches as cache_store
 from kici.orchestrator.store.runs import RunRecord
 
@@ -45,37 +44,13 @@ router = APIRouter(prefix=AGENT_PREFIX, tags=["agents"])
 State = Annotated[AppState, Depends(app_state)]
 
 
-class _Refused(Exception):
-    def __init__(self, response: Response) -> None:
-        super().__init__()
-        self.response = response
-
-
 async def _job_run(request: Request, state: AppState, job_id: str, action: str) -> tuple[str, RunRecord]:
-    """(agent id, run) of a job running on an agent of the request's token; raises `_Refused`."""
-    plaintext = bearer_token(request)
-    if plaintext is None:
-        raise _Refused(error_response(401, "missing agent token (Authorization: Bearer <agent token>)"))
+    """(agent id, run) of a job running on an agent of the request's token; raises `JobRequestRefused`."""
     async with state.database.transaction() as conn:
-        token = await tokens.verify_agent_token(conn, plaintext)
-        if token is None:
-            raise _Refused(error_response(401, "invalid or revoked agent token"))
-        target = await artifact_store.upload_target(conn, job_id)
-        if target is None or target.org_id != token.org_id:
-            raise _Refused(error_response(404, f"no job with id {job_id!r}"))
-        if target.agent_token_id != token.id:
-            await audit.record(
-                conn, action=action, outcome=AuditOutcome.DENIED, org_id=token.org_id, status=403,
-                reason="the job is not running on an agent of this token", token_id=token.id,
-                method=request.method, path=request.url.path, client=client_of(request),
-                actor=f"agent-token:{token.id}", target=f"job:{job_id}",
-            )
-            raise _Refused(error_response(403, f"job {job_id!r} is not running on an agent of this agent token"))
-        if target.status not in UPLOADABLE:
-            raise _Refused(error_response(409, f"job {job_id!r} is {target.status}; caches are used while it runs"))
+        target = await running_job_of(conn, request, job_id, action=action, what="caches are used while it runs")
         run = await runs.get_run(conn, target.run_id)
     if run is None:  # pragma: no cover - the job's row cascades with its run
-        raise _Refused(error_response(404, f"no job with id {job_id!r}"))
+        raise JobRequestRefused(error_response(404, f"no job with id {job_id!r}"))
     assert target.agent_id is not None
     return target.agent_id, run
 
@@ -96,7 +71,7 @@ async def restore_cache(
         return error_response(400, str(exc))
     try:
         _, run = await _job_run(request, state, job_id, "cache.restore")
-    except _Refused as refused:
+    except JobRequestRefused as refused:
         return refused.response
     found = await caches.lookup(state.database, run, key, prefixes)
     if found is None:
@@ -142,7 +117,7 @@ async def save_cache(job_id: str, key: str, request: Request, state: State) -> R
         return error_response(400, str(exc))
     try:
         agent_id, run = await _job_run(request, state, job_id, "cache.save")
-    except _Refused as refused:
+    except JobRequestRefused as refused:
         return refused.response
     settings = state.settings
     limit = settings.cache_max_bytes

@@ -23,11 +23,17 @@ from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import error_response
 from kici.orchestrator.db.schema import AuditOutcome, new_id
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.routes.agent_artifacts import AGENT_PREFIX, UPLOADABLE, bearer_token
+from kici.orchestrator.routes.agent_artifacts import (
+    AGENT_PREFIX,
+    UPLOADABLE,
+    JobRequestRefused,
+    bearer_token,
+    running_job_of,
+)
 from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import BlobStore, BlobStoreUnavailable, BlobTooLarge
 from kici.orchestrator.store import artifacts as artifact_store
-from kici.orchestrator.store import audit, tokens
+from kici.orchestrator.store import audit
 from kici.orchestrator.store import test_reports as report_store
 from kici.orchestrator.store.artifacts import UploadTarget
 
@@ -41,8 +47,7 @@ State = Annotated[AppState, Depends(app_state)]
     status_code=201,
 )
 async def upload_test_report(job_id: str, path: str, request: Request, state: State) -> Response:
-    plaintext = bearer_token(request)
-    if plaintext is None:
+    if bearer_token(request) is None:
         return error_response(401, "missing agent token (Authorization: Bearer <agent token>)")
     try:
         path = artifacts.check_artifact_path(path, "test report path")
@@ -50,22 +55,11 @@ async def upload_test_report(job_id: str, path: str, request: Request, state: St
         return error_response(400, str(exc))
     settings = state.settings
     async with state.database.transaction() as conn:
-        token = await tokens.verify_agent_token(conn, plaintext)
-        if token is None:
-            return error_response(401, "invalid or revoked agent token")
-        target = await artifact_store.upload_target(conn, job_id)
-        if target is None or target.org_id != token.org_id:
-            return error_response(404, f"no job with id {job_id!r}")
-        if target.agent_token_id != token.id:
-            await audit.record(
-                conn, action="test_report.upload", outcome=AuditOutcome.DENIED, org_id=token.org_id, status=403,
-                reason="the job is not running on an agent of this token", token_id=token.id,
-                method=request.method, path=request.url.path, client=client_of(request),
-                actor=f"agent-token:{token.id}", target=f"job:{job_id}",
-            )
-            return error_response(403, f"job {job_id!r} is not running on an agent of this agent token")
-        if target.status not in UPLOADABLE:
-            return error_response(409, f"job {job_id!r} is {target.status}; test reports are accepted while it runs")
+        try:
+            target = await running_job_of(conn, request, job_id, action="test_report.upload",
+                                          what="test reports are accepted while it runs")
+        except JobRequestRefused as refused:
+            return refused.response
         if await report_store.job_file_count(conn, job_id, except_path=path) >= settings.test_report_max_files:
             return error_response(409, f"job {job_id!r} already sent {settings.test_report_max_files} test report "
                                        f"files (KICI_TEST_REPORT_MAX_FILES); {path!r} was not kept")
@@ -105,7 +99,7 @@ async def upload_test_report(job_id: str, path: str, request: Request, state: St
             )
             await audit.record(
                 conn, action="test_report.upload", outcome=AuditOutcome.ALLOWED, org_id=target.org_id, status=201,
-                token_id=token.id, method=request.method, path=request.url.path, client=client_of(request),
+                token_id=target.agent_token_id, method=request.method, path=request.url.path, client=client_of(request),
                 actor=f"agent:{target.agent_id}", target=f"run:{target.run_id} job:{job_id} test-report:{path}",
             )
     except _Finished:
