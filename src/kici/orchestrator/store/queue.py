@@ -324,9 +324,10 @@ async def reject(
     line, the agent is cleared — or, once the job was handed out `max_attempts` times, the job fails. None
     for a foreign agent or a row not dispatched (or a job already started).
 
-    `transient` (the agent was busy or draining: a state of the agent, not of the job): the hand-out does
-    not count as an attempt and never fails the job. Agents' slot counts can be briefly wrong after a
-    reconnect (jobs still being killed there), and five such refusals used to fail a job that never ran."""
+    `transient` (the agent was busy or draining, or the dispatch never reached it: a state of the agent, not
+    of the job): the job goes back in line and never fails for it, whatever its attempt count. Around
+    reconnects agents' slot counts are briefly wrong and sends fail, and five such hand-outs used to fail a
+    job that never ran."""
     row = (
         await conn.execute(
             sa.select(dispatch_queue.c.dispatch_attempts)
@@ -341,15 +342,8 @@ async def reject(
     ).first()
     if row is None:
         return None
-    if transient:
-        if not await _requeue(conn, job_id, agent_id, QueueStatus.DISPATCHED):
-            return None
-        await conn.execute(
-            dispatch_queue.update()
-            .where(dispatch_queue.c.job_id == job_id, dispatch_queue.c.dispatch_attempts > 0)
-            .values(dispatch_attempts=dispatch_queue.c.dispatch_attempts - 1)
-        )
-        return "requeued"
+    if transient:  # numbered like any hand-out (deliveries stay distinguishable), but never the job's end
+        return "requeued" if await _requeue(conn, job_id, agent_id, QueueStatus.DISPATCHED) else None
     if max_attempts is not None and int(row.dispatch_attempts) >= max_attempts:
         error = f"rejected by agents on all {row.dispatch_attempts} dispatch attempts"
         failed = await run_store.finish_job(
