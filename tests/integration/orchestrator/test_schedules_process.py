@@ -192,8 +192,10 @@ def test_two_orchestrators_on_one_postgresql_fire_once(
     ticks = metric(url_one, "kici_scheduler_ticks_total") + metric(url_two, "kici_scheduler_ticks_total")
     wait_until(lambda: metric(url_one, "kici_scheduler_ticks_total") + metric(url_two, "kici_scheduler_ticks_total")
                >= ticks + 2, within=15, what="ticks")
+    # each slot fired exactly once (the wait may cross a minute boundary: then the next slot fired too)
     fires = _fires(one) + _fires(two)
-    assert [e["slot"] for e in fires] == [slot], fires
-    assert metric(url_one, "kici_schedules_fired_total") + metric(url_two, "kici_schedules_fired_total") == 1
-    assert len(runs_of(postgres_session_url, "nightly")) == 1
+    slots = [e["slot"] for e in fires]
+    assert slot in slots and len(slots) == len(set(slots)), fires
+    assert metric(url_one, "kici_schedules_fired_total") + metric(url_two, "kici_schedules_fired_total") == len(slots)
+    assert len(runs_of(postgres_session_url, "nightly")) == len(slots)
     assert one.stop() == 0 and two.stop() == 0
