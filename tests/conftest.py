@@ -94,3 +94,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server (SeaweedFS) for the session, with an empty bucket `kici-test`; stopped at the end."""
     with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+def die_with_test_run() -> None:
+    """`preexec_fn` for the agents and orchestrators tests start: the kernel kills them if the pytest process
+    dies without running its teardown (a SIGTERMed or crashed run), so none outlives the run. Agents start
+    in their own session, out of reach of the terminal's signals."""
+    import ctypes
+    import signal as _signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(_signal.SIGKILL), 0, 0, 0)

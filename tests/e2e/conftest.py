@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GIT_ENV, git, kici_env, write_files
+from tests.conftest import GIT_ENV, die_with_test_run, git, kici_env, write_files
 from tests.integration.orchestrator.conftest import (
     OrchestratorProcess,
     orchestrator_env,
@@ -112,7 +112,8 @@ class System:
             "KICI_DATABASE_URL": self.database_url, "KICI_BOOTSTRAP_ADMIN_TOKEN": OWNER_TOKEN, **FAST, **extra,
         })
         proc = subprocess.Popen([sys.executable, "-m", "kici.orchestrator"], env=env, cwd=self.tmp,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=die_with_test_run)
         orchestrator = OrchestratorProcess(proc)
         self.orchestrators.append(orchestrator)
         orchestrator.wait_for_event("orchestrator.ready", timeout=60)
@@ -140,7 +141,7 @@ class System:
         handle = open(log, "w")  # noqa: SIM115 - the child writes to it until it exits
         proc = subprocess.Popen([sys.executable, "-m", "kici.agent"], env=env, cwd=work,
                                 stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_test_run)
         handle.close()
         agent = AgentProcess(proc, log, work)
         self.agents.append(agent)

@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.migrate import migrate
+from tests.conftest import die_with_test_run
 
 REVISIONS = tuple(f"{n:04d}" for n in range(1, 20))
 """Every migration in order: a new migration is added here, so a renumbered or re-chained one is noticed."""
@@ -266,6 +267,7 @@ def start_orchestrator(tmp_path: Path) -> Iterator[StartOrchestrator]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=die_with_test_run,
         )
         process = OrchestratorProcess(proc)
         started.append(process)
