@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from kici.agent.log import log_event
+from kici.engine import aio
 from kici.engine import protocol as p
 
 MAX_BUFFERED_EVENTS = 5000
@@ -307,7 +308,7 @@ class Connection:
     async def wait_flushed(self, timeout: float) -> bool:
         """Wait until every queued job message has been sent and confirmed; False on timeout."""
         try:
-            await asyncio.wait_for(self._flushed.wait(), timeout)
+            await aio.wait_for(self._flushed.wait(), timeout)
         except TimeoutError:
             return False
         return True
@@ -361,10 +362,10 @@ class Connection:
             self.reconnects += 1
             log_event("connection.retry", delay_ms=round(delay * 1000), attempt=attempt, url=self.url)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await aio.wait_for(self._stopping.wait(), delay)
 
     async def _recv(self, ws: ClientConnection, timeout: float) -> p.OrchestratorMessage:
-        frame = await asyncio.wait_for(ws.recv(), timeout)
+        frame = await aio.wait_for(ws.recv(), timeout)
         return p.parse_orchestrator_message(frame)
 
     async def _handshake(self, ws: ClientConnection) -> None:

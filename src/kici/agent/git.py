@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kici.agent.log import log_event
+from kici.engine import aio
 from kici.runner import proctree
 
 OnLine = Callable[[str], None]
@@ -160,7 +161,7 @@ class Cloner:
                         self._on_line(line)
 
         try:
-            await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), self._timeout_s)
+            await aio.wait_for(asyncio.gather(pump(), proc.wait()), self._timeout_s)
         except TimeoutError:
             await asyncio.to_thread(proctree.kill_tree, proc.pid, grace=0)
             await proc.wait()

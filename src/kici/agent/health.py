@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kici.agent.log import log_event
+from kici.engine import aio
 
 Provider = Callable[[], Any]
 
@@ -41,9 +42,9 @@ class HealthServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
+            request = await aio.wait_for(reader.readline(), 5)
             while True:  # skip the headers
-                line = await asyncio.wait_for(reader.readline(), 5)
+                line = await aio.wait_for(reader.readline(), 5)
                 if line in (b"\r\n", b"\n", b""):
                     break
             parts = request.decode("latin-1").split()

@@ -32,6 +32,7 @@ from kici.agent.logs import FLUSH_INTERVAL_S, LogStreamer
 from kici.agent.sandbox import Execution, ExecutionRequest, SandboxBackend
 from kici.agent.sandbox.limits import effective_limits
 from kici.agent.step_user import StepUser, give_tree, identity_env
+from kici.engine import aio
 from kici.engine import protocol as p
 from kici.engine.content_hash import workflow_content_hash
 from kici.engine.events import Event
@@ -660,7 +661,7 @@ class JobManager:
             if remaining is not None and remaining <= 0:
                 return False
             try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                await aio.wait_for(self.changed.wait(), remaining)
             except TimeoutError:
                 return not self.active
         return True

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
+from kici.engine import aio
 from kici.orchestrator.app import Readiness
 from kici.orchestrator.logs import log_event
 
@@ -16,21 +16,21 @@ class PeriodicTask:
         self.interval_s = interval_s
         self.tick = tick
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self, readiness: Readiness) -> None:
         self._task = asyncio.create_task(self._loop(readiness), name=f"kici-{self.name}")
 
     async def stop(self) -> None:
+        self._stopping = True  # also ends the loop should the cancellation below be lost
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await aio.cancel_and_wait(self._task)
             self._task = None
 
     async def _loop(self, readiness: Readiness) -> None:
         while not readiness.prepared:  # migrations first: the tables may not exist yet
             await asyncio.sleep(0.05)
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except Exception as exc:  # the database is away, say: try again next time

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kici.engine import aio
 from kici.engine import protocol as p
 from kici.orchestrator.agents.registry import AgentRegistry
 from kici.orchestrator.cluster.bus import ClusterBus
@@ -140,7 +141,7 @@ class Services:
         ):
             started = time.monotonic()
             try:
-                await asyncio.wait_for(stop(), STOP_TIMEOUT_S)
+                await aio.wait_for(stop(), STOP_TIMEOUT_S)
             except TimeoutError:
                 log_event("services.stop_timeout", level="warning", service=name, timeout_s=STOP_TIMEOUT_S)
             except Exception as exc:

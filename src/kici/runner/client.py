@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kici.engine import aio
 from kici.engine.masking import SecretMasker
 from kici.engine.runner_protocol import (
     SETUP_STEP_INDEX,
@@ -206,7 +207,7 @@ class RunnerProcess:
             code = await self.wait()
             if self.result is None:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._stderr_task), 2.0)
+                    await aio.wait_for(asyncio.shield(self._stderr_task), 2.0)
                 error = f"runner exited with code {code}"
                 if self._stderr_tail:
                     error += "\n" + "\n".join(self._stderr_tail)
@@ -235,7 +236,7 @@ class RunnerProcess:
         if self._proc.returncode is not None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._proc.wait()), grace)
+            await aio.wait_for(asyncio.shield(self._proc.wait()), grace)
         except TimeoutError:
             await self.kill()
 
@@ -243,7 +244,7 @@ class RunnerProcess:
         """SIGTERM the runner's tree (and its process group), SIGKILL what is left after `grace` s."""
         await asyncio.to_thread(proctree.kill_tree, self.pid, grace=grace)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.wait()), 5.0)
+            await aio.wait_for(asyncio.shield(self.wait()), 5.0)
 
     async def wait(self) -> int:
         code = await self._proc.wait()

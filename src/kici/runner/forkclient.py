@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
+from kici.engine import aio
 from kici.engine.runner_protocol import JobSpec
 from kici.runner.client import RunnerProcess
 from kici.runner.spawn import runner_env
@@ -150,7 +151,7 @@ class ForkServer:
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._on_readable)
         try:
-            pid = await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
+            pid = await aio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
         except (TimeoutError, _ServerLost):
             timed_out = self._sock is not None  # else the server closed its end: it exited
             self._lost(reap=False, quiet=True)
@@ -271,7 +272,7 @@ class ForkServer:
             if self._sock is not sock:
                 raise _ServerLost()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), REPLY_TIMEOUT_S)
+            return await aio.wait_for(asyncio.shield(future), REPLY_TIMEOUT_S)
         except TimeoutError:
             self._pending.pop(request_id, None)
             raise ForkServerUnavailable(f"the forkserver did not answer within {REPLY_TIMEOUT_S:.0f} s") from None
@@ -293,7 +294,7 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
     ready: asyncio.Future[None] = loop.create_future()
     loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
     try:
-        await asyncio.wait_for(ready, REPLY_TIMEOUT_S)
+        await aio.wait_for(ready, REPLY_TIMEOUT_S)
     finally:
         loop.remove_writer(sock.fileno())
 

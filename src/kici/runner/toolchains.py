@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kici.engine import aio
 from kici.runner import proctree
 from kici.runner.spawn import SHARED_BIN_DIRS, kici_bin_dirs
 
@@ -131,7 +132,7 @@ async def _uv_candidates(environ: Mapping[str, str], log: LogFn) -> list[str]:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             env=dict(environ),
         )
-        out, _ = await asyncio.wait_for(proc.communicate(), VERSION_TIMEOUT_S * 2)
+        out, _ = await aio.wait_for(proc.communicate(), VERSION_TIMEOUT_S * 2)
     except (OSError, TimeoutError) as exc:
         log("toolchains.uv_failed", level="warning", error=str(exc))
         return []
@@ -163,7 +164,7 @@ async def _probe(path: str, log: LogFn) -> tuple[tuple[int, int, int], str] | No
         log("toolchains.skipped", level="warning", path=path, reason=exc.strerror or str(exc))
         return None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), VERSION_TIMEOUT_S)
+        out, err = await aio.wait_for(proc.communicate(), VERSION_TIMEOUT_S)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -268,7 +269,7 @@ async def create_venv(interpreter: Interpreter, target: Path) -> None:
         start_new_session=True,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), VENV_TIMEOUT_S)
+        out, _ = await aio.wait_for(proc.communicate(), VENV_TIMEOUT_S)
     except TimeoutError:
         raise RuntimeError(f"{interpreter.path} -m venv did not finish in {VENV_TIMEOUT_S:.0f}s") from None
     finally:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Literal
 
 from kici.agent.sandbox.limits import JobCage, Limiter, LimitHit
+from kici.engine import aio
 from kici.engine.resources import ResourceLimits
 from kici.engine.runner_protocol import JobSpec, RunnerMessage
 from kici.runner.client import RunnerProcess
@@ -180,7 +181,7 @@ class Execution:
         if runner is None or runner.returncode is not None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(runner.wait()), grace)
+            await aio.wait_for(asyncio.shield(runner.wait()), grace)
         except TimeoutError:
             await self.terminate(grace=2.0)
 
@@ -202,7 +203,7 @@ class Execution:
             await self.terminate(grace=0)
         if self.runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.wait(), 5.0)
+                await aio.wait_for(self.wait(), 5.0)
         if self.cage is not None:
             await asyncio.to_thread(self.cage.release)
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from kici.engine import aio
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import cluster as cluster_store
@@ -124,8 +125,7 @@ class ClusterBus:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await aio.cancel_and_wait(task)
         self._tasks = []
 
     # -- receiving ---------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class ClusterBus:
     async def _poll_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), self.poll_s)
+                await aio.wait_for(self._poll_now.wait(), self.poll_s)
             self._poll_now.clear()
             try:
                 await self.poll()
@@ -211,7 +211,7 @@ class ClusterBus:
                 log_event("cluster.bus_listening", level="debug", channel=CHANNEL)
                 while True:
                     await asyncio.sleep(LISTEN_CHECK_S)
-                    await asyncio.wait_for(conn.execute("SELECT 1"), LISTEN_CHECK_S)
+                    await aio.wait_for(conn.execute("SELECT 1"), LISTEN_CHECK_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -221,7 +221,7 @@ class ClusterBus:
                 self.listening = False
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        await aio.wait_for(conn.close(), 2)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 

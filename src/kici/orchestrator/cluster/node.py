@@ -27,6 +27,7 @@ from typing import IO
 
 from prometheus_client import Counter, Gauge
 
+from kici.engine import aio
 from kici.engine.protocol import CloseCode
 from kici.orchestrator.agents.registry import AgentRegistry
 from kici.orchestrator.app import AppState, Readiness
@@ -116,9 +117,7 @@ class Node:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await aio.cancel_and_wait(self._task)
             self._task = None
         if self._bus_started:
             await self.bus.stop()

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from kici.engine import aio
 from kici.orchestrator.db.url import Dialect, parse_database_url, redact
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -115,7 +116,7 @@ class Database:
         """
         if self.is_sqlite:
             try:
-                await asyncio.wait_for(self._sqlite_writer.acquire(), SQLITE_BUSY_TIMEOUT_MS / 1000)
+                await aio.wait_for(self._sqlite_writer.acquire(), SQLITE_BUSY_TIMEOUT_MS / 1000)
             except TimeoutError:
                 raise DatabaseUnavailable(
                     f"no write access to the SQLite database within {SQLITE_BUSY_TIMEOUT_MS} ms"

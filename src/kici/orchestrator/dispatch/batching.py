@@ -14,7 +14,6 @@ operations are run again one per transaction, so one bad operation fails only it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from kici.engine import aio
 from kici.orchestrator.db.database import Database
 
 T = TypeVar("T")
@@ -56,8 +56,7 @@ class WriteBatcher:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await aio.cancel_and_wait(task)
         self._tasks = []
         for lane in self._queues:
             while not lane.empty():  # callers still waiting get an answer

@@ -33,6 +33,7 @@ from functools import partial
 import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from kici.engine import aio
 from kici.engine import protocol as p
 from kici.engine.states import JobEvent, JobState, RunStatus
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
@@ -146,9 +147,7 @@ class Dispatcher:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.writes.stop()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await aio.cancel_and_wait(self._task)
         if self._http is not None:
             await self._http.aclose()
 
@@ -163,7 +162,7 @@ class Dispatcher:
         poll = self.settings.dispatch_poll_ms / 1000
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll)
+                await aio.wait_for(self._wake.wait(), poll)
             self._wake.clear()
             try:
                 await self.drain()

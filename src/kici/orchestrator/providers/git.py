@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from kici.engine import aio
 from kici.orchestrator.providers.base import (
     LOCK_FILE_PATH,
     MAX_LOCK_FILE_BYTES,
@@ -94,7 +95,7 @@ class GitProvider:
         except OSError as exc:
             raise ProviderError(f"cannot run git: {exc}") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT_SECONDS)
+            out, err = await aio.wait_for(proc.communicate(), GIT_TIMEOUT_SECONDS)
         except TimeoutError:
             proc.kill()
             await proc.wait()

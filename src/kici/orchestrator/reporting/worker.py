@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from kici.engine import aio
 from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.cluster.leadership import FencedOut, Leadership
 from kici.orchestrator.db.schema import ReportKind, utcnow
@@ -93,9 +94,7 @@ class ReportWorker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await aio.cancel_and_wait(self._task)
             self._task = None
         await self.close()
 
@@ -170,7 +169,7 @@ class ReportWorker:
                 if due is not None:
                     timeout = min(poll, max(0.0, (due - utcnow()).total_seconds()) + 0.001)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await aio.wait_for(self._wake.wait(), timeout)
 
     # -- one pass --------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
+from kici.engine import aio
 from kici.orchestrator.db.database import Database, describe_error
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.logs import log_event
@@ -468,7 +469,7 @@ class LogStore:
         if event is None:
             event = self._waiters[job_id] = asyncio.Event()
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await aio.wait_for(event.wait(), timeout)
         except TimeoutError:
             return False
         return True
