@@ -38,3 +38,22 @@ async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
             raise
     except Exception:  # the task failed while stopping: it is stopped all the same
         pass
+
+
+async def complete(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` to its end even when the caller is cancelled meanwhile, then let the cancellation
+    through: for short clean-ups that must not be cut half-way (ending a database transaction whose
+    connection holds a file lock)."""
+    task = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise  # the awaitable itself was cancelled
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result

@@ -17,6 +17,7 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from kici.engine import aio
 from kici.engine.events import Event
 from kici.engine.lockfile import Workflow
 from kici.engine.protocol import PROTOCOL_VERSION
@@ -181,8 +182,10 @@ async def serve_app(app: Any, *, lifespan: str) -> AsyncIterator[int]:
         yield port
     finally:
         server.should_exit = True
+        # past the shutdown's own bound (services.STOP_TIMEOUT_S per service): giving up earlier cancels the
+        # lifespan half-way through stopping, and the database fixture then closes under it
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
+            await aio.wait_for(task, 60)
         sock.close()
 
 

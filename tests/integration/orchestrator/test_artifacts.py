@@ -195,3 +195,23 @@ async def test_storage_down_answers_503_and_keeps_nothing(database: Database, tm
             orch.services.blobs = working
         assert await _blob_count(orch, run_id) == 1
         await agent.close()
+
+
+async def test_a_handed_out_job_is_served_before_its_running_status_arrives(database: Database,
+                                                                            tmp_path: Path) -> None:
+    """A step's request over HTTP can overtake the agent's `running` on the WebSocket: a job handed out to
+    the token's agent is served while still `queued`; a queued job nobody holds is not."""
+    async with serve_orchestrator(database, tmp_path) as orch:
+        agent = SimAgent(orch, "builder-1", ["linux"])
+        await agent.connect()
+        token = await orch.agent_token(["linux"])
+        later = {"name": "later", "runs_on": exact("linux"), "needs": [{"name": "build"}]}
+        created = await orch.create_run(workflow([{"name": "build", "runs_on": exact("linux")}, later]))
+        [dispatch] = await agent.wait_for("job.dispatch")
+        assert (await orch.jobs(created.run_id))["build"].status == "queued"  # no `running` sent
+        response = await _put(orch, token, dispatch["job_id"], "early.txt", b"early")
+        assert response.status_code == 201, response.text
+        waiting = (await orch.jobs(created.run_id))["later"]
+        refused = await _put(orch, token, waiting.id, "a.txt", b"x")
+        assert refused.status_code in (403, 409), refused.text  # not handed to any agent
+        await agent.close()

@@ -34,6 +34,13 @@ from kici.orchestrator.store.artifacts import UploadTarget
 AGENT_PREFIX = "/api/v1/agent"
 UPLOADABLE = frozenset({JobState.RUNNING.value, JobState.RECOVERING.value, JobState.CANCELLING.value})
 
+
+def in_hand(target: UploadTarget) -> bool:
+    """The job runs on its agent as far as requests about it go: running (or recovering, cancelling), or
+    still `queued` with an agent assigned — handed out, its agent's `running` not yet written (a step's
+    request over HTTP can overtake that status on the WebSocket)."""
+    return target.status in UPLOADABLE or (target.status == JobState.QUEUED.value and target.agent_id is not None)
+
 router = APIRouter(prefix=AGENT_PREFIX, tags=["agents"])
 State = Annotated[AppState, Depends(app_state)]
 
@@ -85,7 +92,7 @@ async def running_job_of(
             actor=f"agent-token:{token.id}", target=f"job:{job_id}",
         )
         raise JobRequestRefused(error_response(403, f"job {job_id!r} is not running on an agent of this agent token"))
-    if target.status not in UPLOADABLE:
+    if not in_hand(target):
         raise JobRequestRefused(error_response(409, f"job {job_id!r} is {target.status}; {what}"))
     return target
 
@@ -132,7 +139,7 @@ async def upload_artifact(job_id: str, path: str, request: Request, state: State
         # one job's uploads commit one at a time, so the limit and the path's replacement see each other
         async with state.database.transaction(lock=f"artifacts:{job_id}") as conn:
             current = await artifact_store.upload_target(conn, job_id)
-            if current is None or current.status not in UPLOADABLE:  # finished while the body streamed
+            if current is None or not in_hand(current):  # finished while the body streamed
                 raise _Finished()
             # checked again with the size known: concurrent uploads of one job must not pass the limit together
             used = await artifact_store.job_bytes(conn, job_id, except_path=path)

@@ -25,9 +25,9 @@ from kici.orchestrator.db.schema import AuditOutcome, new_id
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.routes.agent_artifacts import (
     AGENT_PREFIX,
-    UPLOADABLE,
     JobRequestRefused,
     bearer_token,
+    in_hand,
     running_job_of,
 )
 from kici.orchestrator.services import services_of
@@ -91,7 +91,7 @@ async def upload_test_report(job_id: str, path: str, request: Request, state: St
     try:
         async with state.database.transaction(lock=f"test-reports:{job_id}") as conn:
             current = await artifact_store.upload_target(conn, job_id)
-            if current is None or current.status not in UPLOADABLE:  # finished while the body streamed
+            if current is None or not in_hand(current):  # finished while the body streamed
                 raise _Finished()
             replaced = await report_store.replace_report_file(
                 conn, file_id=file_id, org_id=target.org_id, run_id=target.run_id, job_id=job_id, path=path,
@@ -138,7 +138,7 @@ async def _refuse_too_large(state: AppState, blobs: BlobStore, target: UploadTar
     try:
         async with state.database.transaction(lock=f"test-reports:{target.job_id}") as conn:
             current = await artifact_store.upload_target(conn, target.job_id)
-            if current is not None and current.status in UPLOADABLE:
+            if current is not None and in_hand(current):
                 replaced = await report_store.replace_report_file(
                     conn, file_id=new_id(), org_id=target.org_id, run_id=target.run_id, job_id=target.job_id,
                     path=path, size=size if size is not None else limit + 1, sha256=None, blob_key=None,
