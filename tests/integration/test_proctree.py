@@ -56,6 +56,11 @@ def test_without_children_files_the_whole_machine_is_scanned(monkeypatch: pytest
     monkeypatch.setattr(proctree, "_CHILDREN_FILES", False)
     proc = start_tree()
     try:
+        deadline = time.monotonic() + 10
+        # `ready` is printed before the inner shell has forked its sleep: wait for the whole tree
+        while len(proctree.descendants(proc.pid, proctree.snapshot())) < 3:
+            assert time.monotonic() < deadline, "the tree did not grow to three processes"
+            time.sleep(0.02)
         below = proctree.subtree([proc.pid])
         assert os.getppid() in below  # a scan of everything, not only the tree
         assert set(proctree.descendants(proc.pid)) == set(proctree.descendants(proc.pid, proctree.snapshot()))

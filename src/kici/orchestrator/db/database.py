@@ -5,7 +5,8 @@ SQLAlchemy Core statements from `kici.orchestrator.store`; nothing outside `db/`
 
 SQLite specifics (and why):
 - WAL mode: readers never block the writer, and the file survives a crash without a rollback journal.
-- `busy_timeout`: a second writer (another orchestrator process, a migration) waits instead of failing.
+- A second writer (another orchestrator process, a migration) waits instead of failing: the driver
+  (`sqlite_inline`, statements on the event loop's thread) retries SQLITE_BUSY for SQLITE_BUSY_TIMEOUT_MS.
 - `foreign_keys=ON`: SQLite leaves them off by default; the schema relies on cascades.
 - We emit `BEGIN` ourselves (the driver's implicit transactions do not cover DDL and begin lazily), and
   write transactions use `BEGIN IMMEDIATE`: they take the write lock up front, so a read-then-write
@@ -28,6 +29,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from kici.engine import aio
+from kici.orchestrator.db import sqlite_inline
 from kici.orchestrator.db.url import Dialect, parse_database_url, redact
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -76,7 +78,12 @@ class Database:
         if dialect == "sqlite":
             assert driver_url.database is not None
             Path(driver_url.database).expanduser().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            engine = create_async_engine(driver_url, pool_size=pool_size, max_overflow=0, pool_pre_ping=False)
+            # statements run on the event loop's thread (kici.orchestrator.db.sqlite_inline says why)
+            engine = create_async_engine(
+                driver_url, pool_size=pool_size, max_overflow=0, pool_pre_ping=False,
+                async_creator=sqlite_inline.connector(driver_url.database,
+                                                      busy_timeout_s=SQLITE_BUSY_TIMEOUT_MS / 1000),
+            )
             _install_sqlite_listeners(engine)
         else:
             engine = create_async_engine(
@@ -219,7 +226,9 @@ def _install_sqlite_listeners(engine: AsyncEngine) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (module docstring)
         cursor = dbapi_conn.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            # no busy handler: it would sleep on the event loop's thread; the driver retries SQLITE_BUSY
+            # with asyncio sleeps within SQLITE_BUSY_TIMEOUT_MS instead
+            cursor.execute("PRAGMA busy_timeout = 0")
             _enable_wal(cursor)
             # NORMAL is durable across process crashes in WAL mode; only an OS crash or power loss can
             # lose the last transactions, which is the usual trade-off for an embedded service database.
