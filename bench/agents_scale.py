@@ -67,6 +67,7 @@ from dispatch import (  # the sibling benchmark's orchestrator and webhook helpe
     drop_postgres,
     finished_jobs,
     fresh_postgres,
+    machine_busy,
     make_repo,
     percentile,
     post_push,
@@ -495,6 +496,7 @@ async def nodes_throughput(database_url: str, work: Path, args: argparse.Namespa
                     await post_push(client, hooks[i % len(hooks)], "tp", sha, f"tp-{i}-{uuid.uuid4().hex[:8]}")
 
             cpu0 = [n.cpu_seconds() for n in nodes]
+            busy0, pg0, own0 = machine_busy(), postgres_cpu(), _own_cpu()
             t0 = time.perf_counter()
             await asyncio.gather(*(post(i) for i in range(args.throughput_runs)))
 
@@ -504,6 +506,7 @@ async def nodes_throughput(database_url: str, work: Path, args: argparse.Namespa
             await until(all_done, 600, f"{total} jobs finished")
             elapsed = time.perf_counter() - t0
             cpu = [n.cpu_seconds() - c for n, c in zip(nodes, cpu0, strict=True)]
+            busy1, pg1, own1 = machine_busy(), postgres_cpu(), _own_cpu()
     finally:
         for agent in agents:
             await agent.stop()
@@ -515,7 +518,28 @@ async def nodes_throughput(database_url: str, work: Path, args: argparse.Namespa
         "completed_jobs_per_s": round(total / elapsed, 1),
         "orchestrator_cpu_s_per_node": [round(c, 2) for c in cpu],
         "orchestrator_cpu_ms_per_job": round(sum(cpu) * 1000 / total, 2),
+        # where the two cores went: a second node only helps while the machine has CPU to spare
+        "machine_cpu_busy_pct": round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1),
+        "postgres_cpu_s": round(pg1 - pg0, 2),
+        "bench_process_cpu_s": round(own1 - own0, 2),  # the 50 simulated agents and the webhook sender
     }
+
+
+def postgres_cpu() -> float:
+    """CPU seconds of every `postgres` process on the machine so far (/proc; the server is local)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")] != "postgres":
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def on_database(db: str, args: argparse.Namespace, bench: Any) -> dict[str, Any]:
