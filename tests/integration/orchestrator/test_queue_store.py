@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from kici.orchestrator.db import schema
@@ -411,3 +412,29 @@ async def test_cancel_racing_with_claimers_tells_every_agent_that_got_a_job(data
     assert set((await statuses(database, created.run_id)).values()) == {"cancelled"}
     assert (await run_of(database, created.run_id)).status == "cancelled"
     assert await claim(database, "late", []) is None
+
+
+async def test_a_row_another_claimer_holds_is_skipped_not_waited_for(database: Database) -> None:
+    """PostgreSQL: while another transaction (another node's claim) holds a queue row's lock, a claim of that
+    row answers None at once instead of waiting behind it; once the lock is gone the row can be claimed."""
+    if not database.is_postgresql:
+        pytest.skip("row locks are PostgreSQL's; SQLite has one writer at a time")
+    created = await create(database, workflow(job("only")), delivery="skip-locked")
+    async with database.read() as conn:
+        [row] = await q.pending_rows(conn, limit=10)
+    assert row.job_id == created.job_ids["only"]
+    slot = AgentSlot("agent-b", [])
+    holder = database.engine.connect()
+    await holder.start()
+    try:
+        locking = await holder.begin()
+        await holder.execute(sa.text("SELECT id FROM dispatch_queue WHERE id = :id FOR UPDATE"), {"id": row.queue_id})
+        async with asyncio.timeout(5):  # before the fix: blocked until the holder's transaction ended
+            async with database.transaction() as conn:
+                assert await q.claim_row_in(conn, row, slot, ack_timeout_ms=ACK_MS) is None
+        await locking.rollback()
+    finally:
+        await holder.close()
+    async with database.transaction() as conn:
+        claimed = await q.claim_row_in(conn, row, slot, ack_timeout_ms=ACK_MS)
+    assert claimed is not None and claimed.job_id == created.job_ids["only"]

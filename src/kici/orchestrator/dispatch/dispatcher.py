@@ -344,6 +344,7 @@ class Dispatcher:
             for agent, row in picks
         ), return_exceptions=True)
         handing: list[tuple[AgentConnection, Claim, queue_store.PendingRow, Delivered]] = []
+        lost = 0
         for (agent, row), claimed in zip(picks, claims, strict=True):
             if isinstance(claimed, BaseException):
                 log_event("dispatch.claim_failed", level="error", error=f"{type(claimed).__name__}: {claimed}")
@@ -351,12 +352,16 @@ class Dispatcher:
             claim, secrets = claimed
             if claim is not None:
                 handing.append((agent, claim, row, secrets))
+            else:
+                lost += 1
         # handed out together: whatever writes hand-outs still make share group-committed transactions
         sent = sum(await asyncio.gather(*(
             self._hand_out(agent, claim, row, secrets) for agent, claim, row, secrets in handing
         )))
-        if len(rows) == window and sent:
-            self.wake()  # a long queue: come back for the rest
+        if (len(rows) == window and sent) or (lost and len(rows) > len(picks)):
+            # a long queue: come back for the rest; or rows this pass lost to another claimer (another node
+            # took them, or was taking them) while others wait that this node's free agents could run
+            self.wake()
         return sent
 
     async def _claim_in(

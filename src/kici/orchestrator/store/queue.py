@@ -225,9 +225,19 @@ async def pending_rows(conn: AsyncConnection, *, limit: int) -> list[PendingRow]
     ]
 
 
+# On PostgreSQL a row another node is claiming at this moment (its transaction holds the row lock) is
+# skipped, not waited for: the waiter would find it taken anyway, and meanwhile it held up every claim batched
+# in its transaction (nodes read the same oldest rows). SQLite has one writer at a time and no row locks:
+# there the clause renders as nothing.
+_UNLOCKED_ROW = (
+    sa.select(dispatch_queue.c.id)
+    .where(dispatch_queue.c.id == sa.bindparam("v_queue_id"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
 _CLAIM_ROW = (
     dispatch_queue.update()
-    .where(dispatch_queue.c.id == sa.bindparam("v_queue_id"), dispatch_queue.c.status == QueueStatus.PENDING.value)
+    .where(dispatch_queue.c.id == _UNLOCKED_ROW, dispatch_queue.c.status == QueueStatus.PENDING.value)
     .values(
         status=QueueStatus.DISPATCHED.value,
         agent_id=sa.bindparam("v_agent", type_=sa.Text),
