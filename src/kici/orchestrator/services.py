@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Counter, Gauge
+
 from kici.engine import aio
 from kici.engine import protocol as p
 from kici.orchestrator.agents.registry import AgentRegistry
@@ -92,7 +94,12 @@ class Services:
         ))
         bus = node.bus
         dispatcher.bus = bus
-        log_wakeups = LogWakeups(bus)
+        metrics = state.metrics.registry
+        Gauge("kici_log_followers_waiting", "Job-log followers (admin long polls, dashboard live logs) waiting "
+              "for lines on this node.", registry=metrics).set_function(lambda: logs.waiting)
+        log_wakeups = LogWakeups(bus, published=Counter(
+            "kici_log_wakeups_published", "`job-log` wake-ups this node published for the other nodes' log "
+            "followers (at most one per 50 ms, for every job written meanwhile).", registry=metrics))
         logs.on_written = log_wakeups.appended
         # state changes written by this process are reported at once: here, or by the leader when that is
         # another node
@@ -223,6 +230,7 @@ def _subscribe(
         source_id = str(payload.get("source_id"))
         dispatcher.forget_source(source_id)
         dispatcher.ingest.forget_source(source_id)
+        log_event("sources.cache_dropped", source_id=source_id)
 
     def log_appended(_topic: str, payload: dict[str, Any]) -> None:
         for job_id in payload.get("job_ids") or []:

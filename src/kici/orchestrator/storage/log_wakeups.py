@@ -17,6 +17,8 @@ import asyncio
 import json
 from collections.abc import Iterable
 
+from prometheus_client import Counter
+
 from kici.engine import aio
 from kici.orchestrator.cluster.bus import NOTIFY_MAX_BYTES, ClusterBus
 from kici.orchestrator.logs import log_event
@@ -29,14 +31,14 @@ _BATCH_BYTES = NOTIFY_MAX_BYTES - 200
 
 
 class LogWakeups:
-    def __init__(self, bus: ClusterBus, *, interval: float = COALESCE_S) -> None:
+    def __init__(self, bus: ClusterBus, *, interval: float = COALESCE_S, published: Counter | None = None) -> None:
         self.bus = bus
         self.interval = interval
+        self.published = published
+        """Counts the messages published (what coalescing saved shows against `kici_log_lines_stored`)."""
         self._jobs: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self.messages = 0
-        """Messages published so far (what the coalescing saved shows against the writes)."""
 
     def appended(self, job_ids: Iterable[str]) -> None:
         """Chunks of these jobs were just committed (called by the log store after each write)."""
@@ -53,7 +55,8 @@ class LogWakeups:
             for batch in _batches(jobs):
                 try:
                     await self.bus.publish(LOG_APPENDED_TOPIC, {"job_ids": batch}, durable=False, local=False)
-                    self.messages += 1
+                    if self.published is not None:
+                        self.published.inc()
                 except Exception as exc:  # followers elsewhere see the lines at their next poll
                     log_event("logs.wakeup_publish_failed", level="warning", jobs=len(batch),
                               error=f"{type(exc).__name__}: {exc}")

@@ -148,6 +148,8 @@ class LogStore:
         """job id → run id: jobs to seal once their chunks are written."""
         self._seal_kick = asyncio.Event()
         self._waiters: dict[str, asyncio.Event] = {}
+        self.waiting = 0
+        """Followers waiting in `wait_for_data` now (the `kici_log_followers_waiting` gauge)."""
         self.on_written: Callable[[Sequence[str]], None] | None = None
         """Told the jobs whose chunks each write committed (the cluster's log wake-ups)."""
         self._segments: OrderedDict[str, _Segment] = OrderedDict()
@@ -485,10 +487,13 @@ class LogStore:
         `timeout` seconds; True when woken, False on the timeout (then read again anyway)."""
         if event is None:
             event = self.watch(job_id)
+        self.waiting += 1
         try:
             await aio.wait_for(event.wait(), timeout)
         except TimeoutError:
             return False
+        finally:
+            self.waiting -= 1
         return True
 
     def notify_appended(self, job_id: str) -> None:
