@@ -169,7 +169,25 @@ async def test_a_log_follower_on_another_node_wakes_through_the_bus(cluster: Clu
                 # node b's own poll is 30 s away: only node a's wake-up through the bus explains this
                 assert elapsed < 1.0, f"line {seq} reached the follower on node b after {elapsed:.2f} s"
                 cursor = page["next"]
-        assert await _metric(a, "kici_log_wakeups_published_total") >= 3
+
+            # a burst: node a's wake-ups are coalesced (at most one per 50 ms), and still nothing is missed
+            published = await _metric(a, "kici_log_wakeups_published_total")
+            assert published >= 3
+            burst = 300
+            started = time.monotonic()
+            for seq in range(4, 4 + burst):
+                await send(seq, f"line {seq}")
+            seen: list[str] = []
+            while len(seen) < burst:
+                response = await client.get(path, params={"after": cursor, "wait": 20})
+                page = response.json()
+                seen += [x["line"] for x in page["lines"]]
+                cursor = page["next"]
+                assert time.monotonic() - started < 20, f"{len(seen)} of {burst} lines after 20 s"
+            elapsed = time.monotonic() - started
+            assert seen == [f"line {seq}" for seq in range(4, 4 + burst)]
+            sent = await _metric(a, "kici_log_wakeups_published_total") - published
+            assert 1 <= sent <= elapsed / 0.05 + 2 and sent < burst / 3, (sent, elapsed)
     finally:
         await agent.close()
 
