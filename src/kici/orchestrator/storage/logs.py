@@ -151,7 +151,8 @@ class LogStore:
         self.waiting = 0
         """Followers waiting in `wait_for_data` now (the `kici_log_followers_waiting` gauge)."""
         self.on_written: Callable[[Sequence[str]], None] | None = None
-        """Told the jobs whose chunks each write committed (the cluster's log wake-ups)."""
+        """Told the jobs whose chunks each write committed, and each job that ended (the cluster's log
+        wake-ups)."""
         self._segments: OrderedDict[str, _Segment] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self._import_lock = asyncio.Lock()
@@ -264,10 +265,14 @@ class LogStore:
             self._jobs.pop(job_id, None)
 
     def finish(self, run_id: str, job_id: str) -> None:
-        """The job ended: seal its chunks now and forget its numbering."""
+        """The job ended (its status is committed): seal its chunks now and forget its numbering. Its
+        followers, here and on the other nodes, are woken: their log is complete now."""
         self._jobs.pop(job_id, None)
         self._seal_wanted[job_id] = run_id
         self._seal_kick.set()
+        self.notify_appended(job_id)
+        if self.on_written is not None:
+            self.on_written([job_id])
 
     async def _writer(self) -> None:
         while True:
