@@ -4,7 +4,8 @@ The logs route pages by cursor: `GET runs/{run}/jobs/{job}/logs?after=N&limit=M`
 `N`, the cursor to ask from next time (`next`), and `complete` once the job is terminal and nothing is
 left to read. Following is polling: every `POLL_INTERVAL_S` the run, its jobs and each incomplete job's
 new lines are fetched, until the run has finished and every job's log is complete — so nothing written
-in the run's last moments is lost.
+in the run's last moments is lost. Between rounds the follower long-polls a running job's log (`wait`):
+its lines show as soon as any node of the cluster stores them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from kici.admin.client import AdminClient, AdminCLIError
 from kici.admin.output import duration, status_text
 
 POLL_INTERVAL_S = 0.5
+MIN_ROUND_S = 0.05
+"""Rounds that found lines at once are at least this far apart: a fast log is read in batches."""
 PAGE_SIZE = 1000
+LOGGING_JOB_STATUSES = frozenset({"running", "recovering", "cancelling"})
+"""Job statuses in which lines may come: the job whose log a follow round waits on is in one of them."""
 ACTIVE_RUN_STATUSES = frozenset({"pending", "running", "cancelling", "held"})
 """Run statuses that can still change; any other status (success, failed, cancelled, or one this client
 does not know yet) means the run has finished."""
@@ -99,12 +104,17 @@ class RunLogs:
         self.jobs = jobs
         return jobs
 
-    def read(self, job: JobLog) -> Iterator[LogLine]:
-        """The job's lines after its cursor, page after page, until none are left for now."""
+    def read(self, job: JobLog, *, wait: float = 0.0) -> Iterator[LogLine]:
+        """The job's lines after its cursor, page after page, until none are left for now. `wait`: when
+        there are none yet, the orchestrator answers as soon as some are stored, or after that many seconds
+        (a long poll; lines stored through another node of a cluster end it as well)."""
+        first = True
         while not job.complete:
             page: dict[str, Any] = self.client.get(
-                f"/runs/{_part(self.run_id)}/jobs/{_part(job.id)}/logs", after=job.after, limit=self.page_size
+                f"/runs/{_part(self.run_id)}/jobs/{_part(job.id)}/logs", after=job.after, limit=self.page_size,
+                wait=wait if first and wait > 0 else None,
             )
+            first = False
             lines = page.get("lines") or []
             for item in lines:
                 yield LogLine(job, int(item.get("n", 0)), int(item.get("step", 0)), str(item.get("line", "")))
@@ -185,7 +195,19 @@ def follow(logs: RunLogs, *, before: RoundHook | None = None, after: RoundHook |
             after(run)
         if run_finished(run) and logs.all_complete():
             return run
-        time.sleep(pause)
+        # instead of sleeping, wait on a running job's log: its next lines show the moment they are stored
+        # (the other jobs' at the next round, as before)
+        waited = next((j for j in logs.jobs if not j.complete and j.status in LOGGING_JOB_STATUSES), None)
+        if waited is None:
+            time.sleep(pause)
+            continue
+        started = time.monotonic()
+        shown = 0
+        for line in logs.read(waited, wait=pause):
+            show(line)
+            shown += 1
+        # nothing came: the wait ran out (or an orchestrator without long polls answered at once)
+        time.sleep(max(0.0, (MIN_ROUND_S if shown else pause) - (time.monotonic() - started)))
 
 
 # -- watch -------------------------------------------------------------------------------------------

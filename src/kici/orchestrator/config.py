@@ -415,6 +415,13 @@ class Settings(BaseModel):
         "messages (cancels, wake-ups) whose PostgreSQL NOTIFY was lost, e.g. while the listening connection "
         "was reconnecting.",
     )
+    log_follow_poll_ms: int = Field(
+        default=1000, ge=10, le=60_000,
+        description="How long a job-log follower (`kici-admin runs logs --follow`, the dashboard's live log) "
+        "waits before reading the log again when no wake-up came. New lines wake followers at once: on the "
+        "node that stored them directly, on the other nodes through the cluster bus (`job-log`); this poll "
+        "covers a wake-up lost on the way.",
+    )
 
     # -- audit and retention ----------------------------------------------------------------------
     audit_denial_window_seconds: int = Field(

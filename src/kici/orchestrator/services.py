@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Counter, Gauge
+
 from kici.engine import aio
 from kici.engine import protocol as p
 from kici.orchestrator.agents.registry import AgentRegistry
@@ -20,6 +22,7 @@ from kici.orchestrator.cluster.leadership import Leadership
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.storage.blobs import BlobStore, blob_store_from_settings
+from kici.orchestrator.storage.log_wakeups import LOG_APPENDED_TOPIC, LogWakeups
 from kici.orchestrator.storage.logs import LogStore, default_log_root
 
 if TYPE_CHECKING:
@@ -57,6 +60,8 @@ class Services:
     bus: ClusterBus
     """Messages to every node: `publish(topic, payload)` / `subscribe(topic, handler)`."""
     leadership: Leadership
+    log_wakeups: LogWakeups
+    """Tells the other nodes whose logs this one stored (their followers wake at once)."""
 
     @classmethod
     def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
@@ -89,6 +94,13 @@ class Services:
         ))
         bus = node.bus
         dispatcher.bus = bus
+        metrics = state.metrics.registry
+        Gauge("kici_log_followers_waiting", "Job-log followers (admin long polls, dashboard live logs) waiting "
+              "for lines on this node.", registry=metrics).set_function(lambda: logs.waiting)
+        log_wakeups = LogWakeups(bus, published=Counter(
+            "kici_log_wakeups_published", "`job-log` wake-ups this node published for the other nodes' log "
+            "followers (at most one per 50 ms, for every job written meanwhile).", registry=metrics))
+        logs.on_written = log_wakeups.appended
         # state changes written by this process are reported at once: here, or by the leader when that is
         # another node
         dispatcher.report_wake = _ReportWake(reporter.wake, leadership, bus)
@@ -109,7 +121,7 @@ class Services:
         return cls(logs=logs, dispatcher=dispatcher, sweeper=sweeper,
                    poller=GitPoller(state, ingest), reporter=reporter,
                    scheduler=Scheduler(state, ingest, leadership=leadership), blobs=blobs, database=state.database,
-                   held=held, node=node, bus=bus, leadership=leadership)
+                   held=held, node=node, bus=bus, leadership=leadership, log_wakeups=log_wakeups)
 
     async def start(self, readiness: Readiness) -> None:
         await self.node.start(readiness)  # first: it releases what a previous incarnation held
@@ -136,6 +148,7 @@ class Services:
             ("sweeper", self.sweeper.stop),
             ("dispatcher", self.dispatcher.stop),
             ("logs", self.logs.close),
+            ("log-wakeups", self.log_wakeups.stop),  # after the logs' last write, before the bus goes
             ("blobs", self.blobs.close),
             ("node", self.node.stop),  # last: the node leaves the cluster once its agents are released
         ):
@@ -213,12 +226,38 @@ def _subscribe(
         if leadership.may_act():
             wake_reporter()
 
+    def source_changed(_topic: str, payload: dict[str, Any]) -> None:
+        source_id = str(payload.get("source_id"))
+        dispatcher.forget_source(source_id)
+        dispatcher.ingest.forget_source(source_id)
+        log_event("sources.cache_dropped", source_id=source_id)
+
+    def log_appended(_topic: str, payload: dict[str, Any]) -> None:
+        for job_id in payload.get("job_ids") or []:
+            dispatcher.logs.notify_appended(str(job_id))
+
     bus.subscribe("agent.cancel", cancel)
     bus.subscribe("agent.close", close)
     bus.subscribe("agent-token.revoked", token_revoked)
     bus.subscribe("dispatch.forget", forget)
     bus.subscribe("dispatch.wake", wake)
     bus.subscribe("reports.wake", reports)
+    bus.subscribe("source.changed", source_changed)
+    bus.subscribe(LOG_APPENDED_TOPIC, log_appended)
+
+
+async def source_changed(app: FastAPI, source_id: str) -> None:
+    """A source was changed, disabled or deleted (committed): every node, this one included, drops its
+    cached copies of it (the dispatcher's source, the ingest's lock files and opened secrets). Should the
+    message not get out, this node's caches are dropped anyway and the other nodes' expire on their own."""
+    services = services_of(app)
+    try:
+        await services.bus.publish("source.changed", {"source_id": source_id})
+    except Exception as exc:
+        services.dispatcher.forget_source(source_id)
+        services.dispatcher.ingest.forget_source(source_id)
+        log_event("cluster.source_changed_publish_failed", level="warning", source_id=source_id,
+                  error=f"{type(exc).__name__}: {exc}")
 
 
 def services_of(app: FastAPI) -> Services:

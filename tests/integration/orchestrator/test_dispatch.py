@@ -14,6 +14,7 @@ from kici.orchestrator.agents import AgentTimeouts
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.dispatch.payload import DispatchRetry
+from kici.orchestrator.services import services_of
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store.sources import delete_source
@@ -205,6 +206,42 @@ async def test_log_chunks_replayed_after_reconnect_are_stored_once(database: Dat
         assert lines == [(1, 0, "l0a"), (2, 0, "l0b"), (3, 0, "l1a"), (4, 0, "l1b"), (5, 0, "l2a"), (6, 0, "l2b"),
                          (7, 1, "l3"), (8, 1, "l4")]
         await again.close()
+
+
+async def test_a_log_read_with_wait_answers_when_lines_come_or_the_job_ends(database: Database, tmp_path: Path) -> None:
+    # a long follow poll: only the wake-up of the write can answer early
+    async with serve_orchestrator(database, tmp_path, log_follow_poll_ms=30_000) as orch:
+        agent = SimAgent(orch, "a1", [])
+        await agent.connect()
+        created = await orch.create_run(workflow([{"name": "build"}]))
+        [dispatch] = await agent.wait_for("job.dispatch")
+        ids = {"run_id": created.run_id, "job_id": dispatch["job_id"]}
+        await agent.status(dispatch, "running")
+        path = f"/runs/{created.run_id}/jobs/build/logs"
+
+        started = time.monotonic()
+        empty = (await orch.admin("GET", path, params={"after": 0, "wait": 0.3})).json()
+        assert empty["lines"] == [] and not empty["complete"] and time.monotonic() - started >= 0.3
+
+        logs = services_of(orch.app).logs
+        waiting = asyncio.ensure_future(orch.admin("GET", path, params={"after": 0, "wait": 20}))
+        await until(lambda: _at_least(logs.waiting, 1), what="the read to wait")
+        sent = time.monotonic()
+        await agent.send({"type": "log.chunk", **ids, "step_index": 0, "lines": ["hello"], "timestamp": 1.0, "seq": 1})
+        page = (await asyncio.wait_for(waiting, 25)).json()
+        assert [x["line"] for x in page["lines"]] == ["hello"] and time.monotonic() - sent < 5
+
+        waiting = asyncio.ensure_future(orch.admin("GET", path, params={"after": page["next"], "wait": 20}))
+        await until(lambda: _at_least(logs.waiting, 1), what="the read to wait")
+        sent = time.monotonic()
+        await agent.status(dispatch, "success")  # no more lines: the job's end wakes the read
+        last = (await asyncio.wait_for(waiting, 25)).json()
+        assert last["lines"] == [] and last["complete"] and time.monotonic() - sent < 5
+        await agent.close()
+
+
+async def _at_least(value: int, minimum: int) -> bool:
+    return value >= minimum
 
 
 async def test_reconnect_reclaims_and_completes(database: Database, tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ API:
 Topics in use: `agent.cancel` (a cancel for the agent's connection, wherever it is), `agent.close`,
 `agent-token.revoked` (close the token's agents everywhere),
 `dispatch.forget` (jobs that ended without their agent's report: free their slots), `dispatch.wake`
-(work was queued), `reports.wake` (the outbox has something for the leader). Log-follow wake-ups use
-`job-log:<job_id>` (non-durable; followers also poll), published by whatever appends a job's log.
+(work was queued), `reports.wake` (the outbox has something for the leader), `source.changed` (drop
+cached copies of a source: `services.source_changed`), `job-log` (`{"job_ids": [...]}`: these jobs' logs
+grew, wake their followers; non-durable and coalesced, `kici.orchestrator.storage.log_wakeups`).
 
 On SQLite (one node) NOTIFY does not exist: messages reach this process's subscribers, and durable ones
 are also written to and polled from the table, so a second process on the same file still gets them.

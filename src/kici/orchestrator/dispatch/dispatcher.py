@@ -65,6 +65,8 @@ Delivered = dict[str, str] | JobSecretsError | None
 """A job's declared secrets as its claim resolved them (`dispatch.secrets.deliver`); None: not resolved yet."""
 
 SOURCE_CACHE_S = 10.0
+"""How long a source read for a dispatch is reused. A change made anywhere in the cluster drops it at once
+(`forget_source`, on the bus's `source.changed`); the bound covers a lost message."""
 DRAIN_WINDOW = 50
 ACK_WRITE_DELAY_S = 1.0
 DEFER_BASE_S = 1.0
@@ -481,6 +483,10 @@ class Dispatcher:
         if isinstance(resolved, JobSecretsError):
             raise resolved
         return resolved
+
+    def forget_source(self, source_id: str) -> None:
+        """The source changed or was deleted: the next dispatch of its jobs reads it again."""
+        self._sources.pop(source_id, None)
 
     async def _clone_access(self, run: RunRecord) -> CloneAccess:
         if run.source_id is None:

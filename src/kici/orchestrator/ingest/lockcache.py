@@ -5,6 +5,10 @@ right for as long as it is kept; the TTL (`KICI_LOCKFILE_CACHE_TTL_MS`) only bou
 commits nobody pushes to any more, and `KICI_LOCKFILE_CACHE_MAX` bounds the entry count (0 disables the
 cache). Concurrent misses for one key share a single fetch, so a burst of deliveries for one push (a
 push plus its check suite, or several orgs' sources) reads the host once. Errors are not cached.
+
+One answer can depend on the source rather than the commit: GitHub answers 404 ("no lock file") for a
+repository the configured installation cannot see. So a source's entries are dropped when the source
+changes (`forget_prefix`, driven by the cluster bus's `source.changed` on every node).
 """
 
 from __future__ import annotations
@@ -95,6 +99,13 @@ class LockFileCache:
         future.set_result(value)
         self._store(key, value)
         return value
+
+    def forget_prefix(self, prefix: str) -> int:
+        """Drop the entries whose key starts with `prefix` (`github:<source id>:`); how many."""
+        keys = [k for k in self._entries if k.startswith(prefix)]
+        for key in keys:
+            del self._entries[key]
+        return len(keys)
 
     def clear(self) -> None:
         self._entries.clear()

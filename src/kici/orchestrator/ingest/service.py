@@ -85,6 +85,15 @@ class Ingest:
         except Exception as exc:  # the runs are committed; a dispatch hiccup must not fail the delivery
             log_event("ingest.dispatch_hook_failed", level="warning", error=f"{type(exc).__name__}: {exc}")
 
+    def forget_source(self, source_id: str) -> None:
+        """Drop what this process keeps about a source that changed (or is gone): its cached lock files
+        (an answer may depend on its config) and its opened secrets. Its git providers stay: each holds its
+        mirror's lock, and a changed URL or mirror setting gets a provider of its own anyway."""
+        for kind in SourceKind:
+            self.cache.forget_prefix(f"{kind.value}:{source_id}:")
+        for key in [k for k in self.secrets if k[0] == source_id]:
+            del self.secrets[key]
+
     def provider(
         self,
         source: Source,

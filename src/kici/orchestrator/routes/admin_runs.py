@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -372,6 +373,10 @@ async def rerun_run(
     return RerunResponse(run=RunInfo.of(rerun))
 
 
+MAX_LOG_WAIT_S = 30.0
+"""The longest `wait` of a log read: a long poll ends well within HTTP clients' and proxies' timeouts."""
+
+
 class LogLineInfo(BaseModel):
     n: int = Field(description="1-based line number in the job's log")
     step: int = Field(description="Step index; -1 for setup output (clone, drift check)")
@@ -399,13 +404,27 @@ async def job_logs(
     principal: Annotated[Principal, Depends(require(Permission.RUNS_READ))],
     after: Annotated[int, Query(ge=0, description="Opaque cursor from a previous page's `next`; 0 = the start")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    wait: Annotated[float, Query(ge=0, le=MAX_LOG_WAIT_S, description=(
+        "Seconds to wait for lines when there are none after `after` yet and the job has not finished "
+        "(a long poll: the answer comes as soon as lines are stored, on any node of a cluster)"))] = 0,
 ) -> JobLogPage:
     await _run(state, principal, run_id)
     async with state.database.read() as conn:
         found = next((j for j in await runs.list_jobs(conn, run_id) if job in (j.id, j.name)), None)
     if found is None:
         raise AdminError(404, f"run {run_id} has no job {job!r}")
-    page = await services_of(request.app).logs.read(run_id, found.id, after=after, limit=limit)
+    logs = services_of(request.app).logs
+    deadline = time.monotonic() + wait
+    poll_s = state.settings.log_follow_poll_ms / 1000
+    while True:
+        watched = logs.watch(found.id)  # before the read: lines stored after it end the wait below
+        page = await logs.read(run_id, found.id, after=after, limit=limit)
+        remaining = deadline - time.monotonic()
+        if page.lines or is_terminal(found.status) or remaining <= 0:
+            break
+        await logs.wait_for_data(found.id, timeout=min(remaining, poll_s), event=watched)
+        async with state.database.read() as conn:  # it may have finished meanwhile, without more lines
+            found = await runs.get_job(conn, found.id) or found
     return JobLogPage(
         job_id=found.id,
         lines=[LogLineInfo(n=line.n, step=line.step, line=line.line) for line in page.lines],

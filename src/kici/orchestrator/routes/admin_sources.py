@@ -33,6 +33,7 @@ from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.scheduling.registrations import refresh_source_logged
+from kici.orchestrator.services import source_changed
 from kici.orchestrator.store import sources as store
 from kici.orchestrator.store.sources import Source, SourceError
 
@@ -188,6 +189,7 @@ async def update_source(
         raise AdminError(404, f"no source {id_or_name!r}")
     log_event("admin.source_updated", source_id=updated.id, source=updated.name,
               secrets_changed=sorted(body.secrets or {}), by_token_id=principal.token.id)
+    await source_changed(request.app, updated.id)
     return SourceInfo.of(updated, state.settings.base_path)
 
 
@@ -206,6 +208,7 @@ async def _set_enabled(
         )
     log_event("admin.source_enabled" if enabled else "admin.source_disabled", source_id=changed.id,
               source=changed.name, by_token_id=principal.token.id)
+    await source_changed(request.app, changed.id)
     return SourceInfo.of(changed, state.settings.base_path)
 
 
@@ -232,6 +235,7 @@ async def delete_source(id_or_name: str, request: Request, state: State, princip
             permission=Permission.SOURCES_WRITE, reason=f"{current.kind.value} source {current.name!r} deleted",
         )
     log_event("admin.source_deleted", source_id=current.id, source=current.name, by_token_id=principal.token.id)
+    await source_changed(request.app, current.id)
     return SourceInfo.of(current, state.settings.base_path)
 
 

@@ -18,6 +18,7 @@ from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.holds.policy import TrustPolicy, policy_of
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.routes.admin_sources import _find
+from kici.orchestrator.services import source_changed
 from kici.orchestrator.store import sources as store
 from kici.orchestrator.store.sources import Source, SourceError
 
@@ -74,4 +75,5 @@ async def put_trust(
     except SourceError as exc:
         raise AdminError(422, str(exc)) from None
     log_event("admin.source_trust_set", source=updated.name, by_token_id=principal.token.id)
+    await source_changed(request.app, updated.id)
     return _view(updated, state)

@@ -19,10 +19,12 @@ Read path (any orchestrator): a job's log is its segments plus its chunks, in li
 statement (one snapshot). A cursor is an opaque integer: pass back the `next` of the previous page
 (0 = the beginning). Segments are immutable, so parsed ones are cached.
 
-Following: `wait_for_data(job_id, timeout)` returns when this orchestrator wrote new chunks of the job, or
-after `timeout` — the poll interval covers chunks written by another orchestrator. `notify_appended(job_id)`
-is the hook for a cross-node message bus: call it when another node reports new chunks for a job, and
-followers here wake at once instead of at their next poll.
+Following: `wait_for_data(job_id, timeout)` returns when new chunks of the job were stored, or after
+`timeout` (then the follower reads again: its poll). Chunks this orchestrator writes wake followers here
+at once; chunks another node writes wake them through the cluster bus (`on_written` → `job-log`, see
+`kici.orchestrator.storage.log_wakeups`; the receiving node calls `notify_appended`), the poll covering a
+lost message. A follower takes `watch(job_id)` before reading, and passes it to `wait_for_data`, so lines
+stored between its read and its wait wake it too.
 
 Logs written before this storage existed (one file per job under `<data dir>/logs/<run>/<job>.ndjson`, the
 same records) are imported as segments: all of them in the background at start-up, and a job's file at
@@ -39,7 +41,7 @@ import io
 import json
 import re
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +61,9 @@ MAX_READ_LINES = 5000
 MAX_READ_PIECES = 500
 WRITE_INTERVAL_S = 0.05
 """How long appended chunks wait to be written with others (one transaction per batch)."""
-POLL_INTERVAL_S = 0.1
-"""How often a follower looks for chunks another orchestrator wrote (`wait_for_data`)."""
+POLL_INTERVAL_S = 1.0
+"""`wait_for_data`'s default timeout: how long a follower waits before reading again anyway (the fallback
+for a wake-up that did not come; `KICI_LOG_FOLLOW_POLL_MS` where the settings are at hand)."""
 MAX_PENDING_ROWS = 5000
 """Chunks buffered unwritten before `append` waits for the write (back-pressure on a fast agent)."""
 SEGMENT_CACHE = 16
@@ -145,6 +148,11 @@ class LogStore:
         """job id → run id: jobs to seal once their chunks are written."""
         self._seal_kick = asyncio.Event()
         self._waiters: dict[str, asyncio.Event] = {}
+        self.waiting = 0
+        """Followers waiting in `wait_for_data` now (the `kici_log_followers_waiting` gauge)."""
+        self.on_written: Callable[[Sequence[str]], None] | None = None
+        """Told the jobs whose chunks each write committed, and each job that ended (the cluster's log
+        wake-ups)."""
         self._segments: OrderedDict[str, _Segment] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self._import_lock = asyncio.Lock()
@@ -241,8 +249,11 @@ class LogStore:
             except Exception as exc:
                 self._pending[:0] = rows
                 raise OSError(f"storing {len(rows)} job log chunks failed: {describe_error(exc)}") from exc
-        for job_id in {row["job_id"] for row in rows}:
+        jobs = sorted({row["job_id"] for row in rows})
+        for job_id in jobs:
             self.notify_appended(job_id)
+        if self.on_written is not None:
+            self.on_written(jobs)
 
     async def forget(self, job_ids: Sequence[str]) -> None:
         """Drop what this process remembers of these jobs' numbering (an agent re-registered with them: it
@@ -254,10 +265,14 @@ class LogStore:
             self._jobs.pop(job_id, None)
 
     def finish(self, run_id: str, job_id: str) -> None:
-        """The job ended: seal its chunks now and forget its numbering."""
+        """The job ended (its status is committed): seal its chunks now and forget its numbering. Its
+        followers, here and on the other nodes, are woken: their log is complete now."""
         self._jobs.pop(job_id, None)
         self._seal_wanted[job_id] = run_id
         self._seal_kick.set()
+        self.notify_appended(job_id)
+        if self.on_written is not None:
+            self.on_written([job_id])
 
     async def _writer(self) -> None:
         while True:
@@ -462,21 +477,33 @@ class LogStore:
 
     # -- following ----------------------------------------------------------------------------------
 
-    async def wait_for_data(self, job_id: str, timeout: float = POLL_INTERVAL_S) -> bool:
-        """Wait until this process wrote new chunks of the job (or `notify_appended` was called for it),
-        at most `timeout` seconds; True when woken, False on the timeout (then poll with `read`)."""
+    def watch(self, job_id: str) -> asyncio.Event:
+        """What `wait_for_data` waits on: take it before reading, so chunks stored after the read and
+        before the wait are not missed (it is set by the next `notify_appended` of the job)."""
         event = self._waiters.get(job_id)
         if event is None:
             event = self._waiters[job_id] = asyncio.Event()
+        return event
+
+    async def wait_for_data(self, job_id: str, timeout: float = POLL_INTERVAL_S,
+                            event: asyncio.Event | None = None) -> bool:
+        """Wait until new chunks of the job were stored (`notify_appended`: by this process, or by another
+        node through the cluster bus) since `event` was taken with `watch` (default: now), at most
+        `timeout` seconds; True when woken, False on the timeout (then read again anyway)."""
+        if event is None:
+            event = self.watch(job_id)
+        self.waiting += 1
         try:
             await aio.wait_for(event.wait(), timeout)
         except TimeoutError:
             return False
+        finally:
+            self.waiting -= 1
         return True
 
     def notify_appended(self, job_id: str) -> None:
         """New chunks of the job are in the database: wake its followers in this process. Called after
-        each local write; a cross-node bus calls it for chunks written by another orchestrator."""
+        each local write, and by the cluster bus's `job-log` handler for another node's writes."""
         event = self._waiters.pop(job_id, None)
         if event is not None:
             event.set()

@@ -61,8 +61,6 @@ HERE = Path(__file__).parent
 LOG_PAGE_LINES = 1000
 """Lines per log page: what the browser holds in its DOM at once, whatever the log's length."""
 SEARCH_LIMIT = 200
-LIVE_POLL_S = 0.1
-"""How often a live-log stream looks for new lines (the agent→browser delay is about this)."""
 LIVE_STATUS_EVERY_S = 1.0
 LIVE_MAX_S = 3600.0
 """A stream ends after this long; the browser's EventSource reconnects from its last cursor."""
@@ -477,6 +475,7 @@ async def live_log(request: Request, run_id: str, job: str, state: State) -> Res
         finished = is_terminal(found.status)
         yield "retry: 1000\n\n"
         while time.monotonic() - started < LIVE_MAX_S:
+            watched = logs.watch(found.id)  # before the read: lines stored after it wake the wait below
             page = await logs.read(run.id, found.id, after=cursor, limit=1000)
             fresh = [x for x in page.lines if x.n > shown]
             if not fresh and page.lines:
@@ -507,8 +506,9 @@ async def live_log(request: Request, run_id: str, job: str, state: State) -> Res
                 finished = current is None or is_terminal(current.status)
                 if finished:
                     continue  # read once more: lines written just before the job finished
-            # woken at once by lines this orchestrator stores; lines another one stores show at the poll
-            await logs.wait_for_data(found.id, timeout=LIVE_POLL_S)
+            # woken at once by lines stored here or (through the cluster bus) on another node; the poll
+            # covers a lost wake-up
+            await logs.wait_for_data(found.id, timeout=state.settings.log_follow_poll_ms / 1000, event=watched)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
