@@ -19,7 +19,7 @@ from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store.sources import delete_source
 
-from .dispatch_harness import SimAgent, exact, serve_orchestrator, until, workflow
+from .dispatch_harness import Orchestrator, SimAgent, exact, serve_orchestrator, until, workflow
 
 
 async def test_dispatch_payload_and_success(database: Database, tmp_path: Path) -> None:
@@ -174,14 +174,20 @@ async def test_messages_from_a_non_owner_are_ignored(database: Database, tmp_pat
             await intruder.close()
 
 
+async def _running_build(orch: Orchestrator) -> tuple[SimAgent, Any, dict[str, Any], dict[str, str]]:
+    """Agent a1 connected and running the one job `build` of a new run: (agent, created run, its dispatch,
+    the ids a log chunk carries)."""
+    agent = SimAgent(orch, "a1", [])
+    await agent.connect()
+    created = await orch.create_run(workflow([{"name": "build"}]))
+    [dispatch] = await agent.wait_for("job.dispatch")
+    await agent.status(dispatch, "running")
+    return agent, created, dispatch, {"run_id": created.run_id, "job_id": dispatch["job_id"]}
+
+
 async def test_log_chunks_replayed_after_reconnect_are_stored_once(database: Database, tmp_path: Path) -> None:
     async with serve_orchestrator(database, tmp_path) as orch:
-        agent = SimAgent(orch, "a1", [])
-        await agent.connect()
-        created = await orch.create_run(workflow([{"name": "build"}]))
-        [dispatch] = await agent.wait_for("job.dispatch")
-        ids = {"run_id": created.run_id, "job_id": dispatch["job_id"]}
-        await agent.status(dispatch, "running")
+        agent, created, dispatch, ids = await _running_build(orch)
         for seq in range(3):
             await agent.send({"type": "log.chunk", **ids, "step_index": 0, "lines": [f"l{seq}a", f"l{seq}b"],
                               "timestamp": 1.0, "seq": seq})
@@ -211,12 +217,7 @@ async def test_log_chunks_replayed_after_reconnect_are_stored_once(database: Dat
 async def test_a_log_read_with_wait_answers_when_lines_come_or_the_job_ends(database: Database, tmp_path: Path) -> None:
     # a long follow poll: only the wake-up of the write can answer early
     async with serve_orchestrator(database, tmp_path, log_follow_poll_ms=30_000) as orch:
-        agent = SimAgent(orch, "a1", [])
-        await agent.connect()
-        created = await orch.create_run(workflow([{"name": "build"}]))
-        [dispatch] = await agent.wait_for("job.dispatch")
-        ids = {"run_id": created.run_id, "job_id": dispatch["job_id"]}
-        await agent.status(dispatch, "running")
+        agent, created, dispatch, ids = await _running_build(orch)
         path = f"/runs/{created.run_id}/jobs/build/logs"
 
         started = time.monotonic()
