@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import Request
-from starlette.applications import Starlette
 
 from kici.orchestrator.config import Settings
 from kici.orchestrator.crypto import Keyring
@@ -122,18 +120,3 @@ class Ingest:
                 api_url=str(config.get("api_url") or DEFAULT_GITHUB_API_URL),
             )
         raise ProviderError(f"source kind {source.kind.value} has no lock-file provider")
-
-
-def ingest_for(app: Starlette) -> Ingest:
-    """The app's `Ingest`, created on first use from its settings. Set `on_runs_created` on it to be told
-    about new runs (the dispatcher's hook)."""
-    ingest: Ingest | None = getattr(app.state, "kici_ingest", None)
-    if ingest is None:
-        ingest = Ingest.from_settings(app.state.kici.settings)
-        app.state.kici_ingest = ingest
-    return ingest
-
-
-def get_ingest(request: Request) -> Ingest:
-    """FastAPI dependency: the app's `Ingest`."""
-    return ingest_for(request.app)
