@@ -29,6 +29,7 @@ from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.git import repo_name_from_url
 from kici.orchestrator.store import events as event_store
 from kici.orchestrator.store import rate_limits
+from kici.orchestrator.store.source_configs import GenericSourceConfig
 from kici.orchestrator.store.sources import (
     Source,
     SourceError,
@@ -92,10 +93,10 @@ def normalize_git_push(payload: Any, *, source: Source, delivery_id: str) -> tup
     result = normalize_github("push", shaped, delivery_id=delivery_id)
     if result.event is None:
         return None, result.ignored_reason
-    config = source.config
-    repo = str(config.get("repo") or repo_name_from_url(str(config["url"])))
+    config = source.git_config()
+    repo = config.repo or repo_name_from_url(config.url)
     # unset: the pipeline asks the repository (`scheduling.registrations.git_default_branch`)
-    default_branch = config.get("default_branch") or None
+    default_branch = config.default_branch or None
     return result.event.model_copy(
         update={"repo": repo, "default_branch": default_branch, "payload": payload, "source": source.name}
     ), None
@@ -121,7 +122,7 @@ class IngestService:
             candidates = await list_sources(conn, org_id=org_id, kind=SourceKind.GITHUB)
         if target_id is not None and target_id.strip().isdigit():
             app_id = int(target_id.strip())
-            matching = [s for s in candidates if s.config.get("app_id") == app_id]
+            matching = [s for s in candidates if s.github_config().app_id == app_id]
             if matching:
                 enabled_matching = [s for s in matching if s.enabled]
                 return enabled_matching[0] if enabled_matching else None
@@ -277,9 +278,9 @@ class IngestService:
     async def generic_rate_limit(self, source: Source) -> float | None:
         """Take one request from the source's budget; the seconds to wait when it is spent. Shared by every
         orchestrator on the database, so a cluster enforces the source's limit, not one per node."""
-        rpm = source.config.get("rate_limit_rpm") or DEFAULT_GENERIC_RATE_LIMIT_RPM
+        rpm = source.generic_config().rate_limit_rpm or DEFAULT_GENERIC_RATE_LIMIT_RPM
         async with self.state.database.transaction() as conn:
-            return await rate_limits.take(conn, f"generic:{source.id}", int(rpm), time.time())
+            return await rate_limits.take(conn, f"generic:{source.id}", rpm, time.time())
 
     async def accept_generic(
         self,
@@ -295,20 +296,22 @@ class IngestService:
         key, or a fresh one without it."""
         state, ingest = self.state, self.ingest
         delivery_id = f"generic:{source.id}:{idempotency_key[:200] or uuid.uuid4()}"
-        name = _generic_event_name(source, payload, header_event)
-        allowed = source.config.get("allowed_events")
+        config = source.generic_config()
+        name = _generic_event_name(config, payload, header_event)
+        allowed = config.allowed_events
         lock_source = await self._lock_source(org_id, source)
         event: Event | None = None
         reason: str | None = None
-        branch = str(source.config.get("ref") or "main")
+        branch = config.ref or "main"
         if allowed is not None and name not in allowed:
             reason = f"event {name!r} is not in allowed_events"
         elif (problem := event_ref_problem(branches=(branch,))) is not None:
             reason = problem  # a source configured before refs were validated
         else:
-            repo = source.config.get("repo")
+            repo = config.repo
             if repo is None and lock_source is not None and lock_source.kind is SourceKind.GIT:
-                repo = lock_source.config.get("repo") or repo_name_from_url(str(lock_source.config["url"]))
+                lock_config = lock_source.git_config()
+                repo = lock_config.repo or repo_name_from_url(lock_config.url)
             event = Event(
                 type="generic_webhook",
                 name=name,
@@ -320,7 +323,7 @@ class IngestService:
                 source=source.name,
                 delivery_id=delivery_id,
             )
-        window = int(source.config.get("dedup_window_seconds") or DEFAULT_GENERIC_DEDUP_WINDOW_SECONDS)
+        window = config.dedup_window_seconds or DEFAULT_GENERIC_DEDUP_WINDOW_SECONDS
         fresh = await self.begin(
             org_id=org_id,
             delivery_id=delivery_id,
@@ -329,7 +332,7 @@ class IngestService:
             event=event,
             event_name=name,
             ignored_reason=reason,
-            repo=source.config.get("repo"),
+            repo=config.repo,
             ttl_seconds=window,
         )
         if not fresh:
@@ -357,8 +360,8 @@ class IngestService:
         return _accepted(delivery_id, result.status, result.run_ids)
 
     async def _lock_source(self, org_id: str, source: Source) -> Source | None:
-        name = source.config.get("lock_source")
-        if not isinstance(name, str):
+        name = source.generic_config().lock_source
+        if name is None:
             return None
         async with self.state.database.read() as conn:
             found = await get_source(conn, name, org_id=org_id) or await get_source_by_name(conn, org_id, name)
@@ -367,9 +370,9 @@ class IngestService:
         return found
 
 
-def _generic_event_name(source: Source, payload: Any, header_event: str | None) -> str | None:
-    path = source.config.get("event_path")
-    if isinstance(path, str):
+def _generic_event_name(config: GenericSourceConfig, payload: Any, header_event: str | None) -> str | None:
+    path = config.event_path
+    if path is not None:
         try:
             found, value = json_path_get(payload, path)
         except (ValueError, RecursionError):

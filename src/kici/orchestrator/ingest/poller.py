@@ -16,7 +16,6 @@ reported once.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.container import AppState, Readiness
@@ -54,7 +53,7 @@ class GitPoller:
             candidates = await enabled_sources_of_kind(conn, SourceKind.GIT)
         polled: list[str] = []
         for source in candidates:
-            interval = _interval(source.config)
+            interval = source.git_config().poll_seconds
             if interval is None:
                 self._due.pop(source.id, None)
                 continue
@@ -108,7 +107,3 @@ class GitPoller:
         log_event("poll.change", source=source.name, ref=ref, before=before[:12], after=after[:12],
                   outcome=outcome.kind.value, status=outcome.status.value if outcome.status else None)
 
-
-def _interval(config: Any) -> float | None:
-    value = config.get("poll_seconds") if isinstance(config, dict) else None
-    return float(value) if isinstance(value, int | float) and value > 0 else None

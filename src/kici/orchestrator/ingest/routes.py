@@ -98,8 +98,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _limit(source: Source) -> int:
-    value = source.config.get("max_payload_bytes")
-    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_PAYLOAD_BYTES
+    return source.typed_config.max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES
 
 
 async def _secrets(intake: IngestService, source: Source) -> dict[str, str] | JSONResponse:
@@ -221,14 +220,15 @@ async def git_webhook(
 
 def _generic_authorized(source: Source, secrets: dict[str, str], request: Request, body: bytes) -> bool | None:
     """True/False; None when the source is misconfigured (no secret for its method)."""
-    auth = source.config.get("auth", "hmac_sha256")
+    config = source.generic_config()
+    auth = config.auth
     if auth == "none":
         return True
     if auth == "hmac_sha256":
         secret = secrets.get("hmac_secret")
         if not secret:
             return None
-        header = str(source.config.get("signature_header") or DEFAULT_GENERIC_SIGNATURE_HEADER)
+        header = config.signature_header or DEFAULT_GENERIC_SIGNATURE_HEADER
         return verify_hmac_sha256(secret.encode("utf-8"), body, request.headers.get(header))
     if auth == "bearer_token":
         token = secrets.get("bearer_token")
@@ -237,7 +237,7 @@ def _generic_authorized(source: Source, secrets: dict[str, str], request: Reques
         return verify_bearer(token, request.headers.get("authorization"))
     if auth == "ip_allowlist":
         client = request.client.host if request.client is not None else ""
-        return ip_allowed(client, list(source.config.get("allowed_ips") or []))
+        return ip_allowed(client, list(config.allowed_ips or []))
     return None
 
 
@@ -271,8 +271,9 @@ async def generic_webhook(
         payload: Any = json.loads(body) if body.strip() else {}
     except (ValueError, RecursionError):
         return _error(400, "body is not JSON")
-    idem_header = str(source.config.get("idempotency_header") or DEFAULT_GENERIC_IDEMPOTENCY_HEADER)
-    event_header = str(source.config.get("event_header") or DEFAULT_GENERIC_EVENT_HEADER)
+    config = source.generic_config()
+    idem_header = config.idempotency_header or DEFAULT_GENERIC_IDEMPOTENCY_HEADER
+    event_header = config.event_header or DEFAULT_GENERIC_EVENT_HEADER
     outcome = await intake.accept_generic(
         org_id, source, payload, header_event=request.headers.get(event_header),
         idempotency_key=(request.headers.get(idem_header) or "").strip()[:200],
