@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kici.engine.events import Event
 from kici.engine.lockfile import Workflow
-from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import AppState, Readiness
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.migrate import migrate
 from kici.orchestrator.ingest.service import Ingest

@@ -1,4 +1,6 @@
-"""The FastAPI application: routes under `KICI_BASE_PATH`, per-app metrics, shared state for handlers.
+"""The FastAPI application and the orchestrator's composition root: routes under `KICI_BASE_PATH`,
+per-app metrics, and the container (`kici.orchestrator.container.AppState`) with the services, built here
+and nowhere else. Only the entry points (`server`, `main`, `__main__`) and tests import this module.
 
 `create_app` only assembles; it does not own the database (the caller opens and closes it) and does not
 prepare it (migrations and the bootstrap token are `kici.orchestrator.startup`'s job, run by `main`).
@@ -6,66 +8,21 @@ prepare it (migrations and the bootstrap token are `kici.orchestrator.startup`'s
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from kici.orchestrator.agents import mount_agents
 from kici.orchestrator.config import Settings
-from kici.orchestrator.crypto import Keyring
+from kici.orchestrator.container import AppState, Readiness, app_state, services_of
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.metrics import Metrics, MetricsMiddleware
 from kici.orchestrator.services import Services
+from kici.orchestrator.storage.blob_backends import blob_store_from_settings
 from kici.orchestrator.version import kici_version
 
-
-class Readiness:
-    """Whether start-up has finished preparing the database. `/ready` is 503 until it has, with the
-    reason (waiting for the database, waiting for migrations, …); afterwards `/ready` checks the
-    database on every call."""
-
-    def __init__(self, *, prepared: bool = True, reason: str = "starting") -> None:
-        self.prepared = prepared
-        self.reason = reason
-        self.last_failure: str | None = None
-        """Reason of the last failed database check, so a probe hammering /ready logs a change once."""
-
-    def waiting(self, reason: str) -> None:
-        self.prepared = False
-        self.reason = reason
-
-    def mark_prepared(self) -> None:
-        self.prepared = True
-        self.reason = "ready"
-
-
-@dataclass
-class AppState:
-    settings: Settings
-    database: Database
-    metrics: Metrics
-    readiness: Readiness
-    version: str
-    node_id: str = ""
-    """This process's node id in the cluster (`kici.orchestrator.cluster.identity.node_name`)."""
-    secret_key: bytes | None = None
-    old_secret_key: bytes | None = None
-    """`KICI_SECRET_KEY_OLD`: opens values not yet re-sealed during a key rotation; never seals."""
-    started_monotonic: float = field(default_factory=time.monotonic)
-
-    @property
-    def keyring(self) -> Keyring:
-        """The keys to open sealed values with: current, then old."""
-        return Keyring(current=self.secret_key, old=self.old_secret_key)
-
-
-def app_state(request: Request) -> AppState:
-    """The orchestrator's state for a request handler (FastAPI dependency)."""
-    state: AppState = request.app.state.kici
-    return state
+__all__ = ["AppState", "Readiness", "app_state", "create_app", "services_of"]
 
 
 def create_app(
@@ -88,12 +45,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services: Services = app.state.services
-        await services.start(app.state.kici.readiness)
+        state = app.state.kici
+        await state.services.start(state.readiness)
         try:
             yield
         finally:
-            await services.stop()
+            await state.services.stop()
 
     app = FastAPI(
         title="KiCI orchestrator",
@@ -103,7 +60,7 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.kici = AppState(
+    state = app.state.kici = AppState(
         settings=settings,
         database=database,
         metrics=metrics,
@@ -124,6 +81,6 @@ def create_app(
     app.include_router(agent_test_reports.router, prefix=base)  # and test reports
     app.include_router(agent_caches.router, prefix=base)  # agents restore and save caches with their token
     mount_dashboard(app, base)  # the web dashboard at `/` (kici.orchestrator.web)
-    app.state.services = Services.assemble(app, registry)
+    state.services = Services.assemble(state, registry, blob_store_from_settings(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics, base_path=base)
     return app

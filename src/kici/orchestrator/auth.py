@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, AdminRole, AuditOutcome, utcnow
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import audit, tokens

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from kici.engine import aio
-from kici.orchestrator.app import Readiness
+from kici.orchestrator.container import Readiness
 from kici.orchestrator.logs import log_event
 
 

@@ -13,13 +13,13 @@ from types import FrameType
 import click
 import uvicorn
 
-from kici.orchestrator.app import Readiness, create_app
+from kici.orchestrator.app import create_app
 from kici.orchestrator.cluster.identity import node_address
 from kici.orchestrator.cluster.node import NodeNameInUse
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import Readiness, services_of
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.services import services_of
 from kici.orchestrator.startup import FatalStartupError, GeneratedToken, check_blob_storage, prepare_database
 
 PROG = "kici-orchestrator"

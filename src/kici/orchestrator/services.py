@@ -13,26 +13,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
+from starlette.applications import Starlette
 
 from kici.engine import aio
 from kici.engine import protocol as p
 from kici.orchestrator.agents.registry import AgentRegistry
 from kici.orchestrator.cluster.bus import ClusterBus
 from kici.orchestrator.cluster.leadership import Leadership
+from kici.orchestrator.container import services_of
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.storage.blobs import BlobStore, blob_store_from_settings
+from kici.orchestrator.storage.blobs import BlobStore
 from kici.orchestrator.storage.log_wakeups import LOG_APPENDED_TOPIC, LogWakeups
 from kici.orchestrator.storage.logs import LogStore, default_log_root
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-    from kici.orchestrator.app import Readiness
     from kici.orchestrator.cluster.node import Node
+    from kici.orchestrator.container import AppState, Readiness
     from kici.orchestrator.dispatch.dispatcher import Dispatcher
     from kici.orchestrator.dispatch.sweeps import Sweeper
     from kici.orchestrator.holds.service import HeldService
+    from kici.orchestrator.ingest.intake import IngestService
     from kici.orchestrator.ingest.poller import GitPoller
     from kici.orchestrator.reporting.worker import ReportWorker
     from kici.orchestrator.scheduling.scheduler import Scheduler
@@ -62,9 +63,12 @@ class Services:
     leadership: Leadership
     log_wakeups: LogWakeups
     """Tells the other nodes whose logs this one stored (their followers wake at once)."""
+    intake: IngestService
+    """Deliveries into runs: the webhook routes' and the git poller's (`kici.orchestrator.ingest.intake`)."""
 
     @classmethod
-    def assemble(cls, app: FastAPI, registry: AgentRegistry) -> Services:
+    def assemble(cls, state: AppState, registry: AgentRegistry, blobs: BlobStore) -> Services:
+        """The services of one app, wired to its container (called by the composition root only)."""
         from kici.orchestrator.cluster.node import Node
         from kici.orchestrator.dispatch.dispatcher import Dispatcher
         from kici.orchestrator.dispatch.metrics import DispatchMetrics
@@ -72,19 +76,17 @@ class Services:
         from kici.orchestrator.holds.environment import EnvironmentGate
         from kici.orchestrator.holds.service import HeldService
         from kici.orchestrator.holds.trust import TrustGate
+        from kici.orchestrator.ingest.intake import IngestService
         from kici.orchestrator.ingest.poller import GitPoller
-        from kici.orchestrator.ingest.service import ingest_for
         from kici.orchestrator.reporting.metrics import ReportMetrics
         from kici.orchestrator.reporting.worker import ReportWorker
         from kici.orchestrator.scheduling.scheduler import Scheduler
 
-        state = app.state.kici
         settings = state.settings
-        blobs = blob_store_from_settings(settings)
         logs = LogStore(state.database, blobs, segment_bytes=settings.log_segment_bytes,
                         segment_max_age_s=settings.log_segment_max_age.total_seconds(),
                         legacy_root=default_log_root(settings.data_dir))
-        ingest = ingest_for(app)
+        ingest = state.ingest
         leadership = Leadership()
         dispatcher = Dispatcher(state, registry, ingest, logs, DispatchMetrics(state.metrics.registry))
         reporter = ReportWorker(state, ingest, logs, metrics=ReportMetrics(state.metrics.registry),
@@ -118,10 +120,11 @@ class Services:
         held = HeldService(state.database, [TrustGate(dispatcher.limits), EnvironmentGate()], ingest,
                            wake_dispatcher=dispatcher.wake, wake_reporter=reporter.wake)
         sweeper = Sweeper(dispatcher, delete_run_data, evict_caches, leadership)
+        intake = IngestService(state, ingest)
         return cls(logs=logs, dispatcher=dispatcher, sweeper=sweeper,
-                   poller=GitPoller(state, ingest), reporter=reporter,
+                   poller=GitPoller(state, intake), reporter=reporter,
                    scheduler=Scheduler(state, ingest, leadership=leadership), blobs=blobs, database=state.database,
-                   held=held, node=node, bus=bus, leadership=leadership, log_wakeups=log_wakeups)
+                   held=held, node=node, bus=bus, leadership=leadership, log_wakeups=log_wakeups, intake=intake)
 
     async def start(self, readiness: Readiness) -> None:
         await self.node.start(readiness)  # first: it releases what a previous incarnation held
@@ -246,7 +249,7 @@ def _subscribe(
     bus.subscribe(LOG_APPENDED_TOPIC, log_appended)
 
 
-async def source_changed(app: FastAPI, source_id: str) -> None:
+async def source_changed(app: Starlette, source_id: str) -> None:
     """A source was changed, disabled or deleted (committed): every node, this one included, drops its
     cached copies of it (the dispatcher's source, the ingest's lock files and opened secrets). Should the
     message not get out, this node's caches are dropped anyway and the other nodes' expire on their own."""
@@ -258,11 +261,6 @@ async def source_changed(app: FastAPI, source_id: str) -> None:
         services.dispatcher.ingest.forget_source(source_id)
         log_event("cluster.source_changed_publish_failed", level="warning", source_id=source_id,
                   error=f"{type(exc).__name__}: {exc}")
-
-
-def services_of(app: FastAPI) -> Services:
-    services: Services = app.state.services
-    return services
 
 
 async def _delete_run_data(database: Database, logs: LogStore, blobs: BlobStore, run_id: str) -> None:

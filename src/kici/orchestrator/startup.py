@@ -9,8 +9,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from kici.orchestrator.app import Readiness
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import Readiness
 from kici.orchestrator.datadir import write_private_file
 from kici.orchestrator.db.database import Database, DatabaseUnavailable
 from kici.orchestrator.db.migrate import MigrationError, migrate, migration_status

@@ -12,14 +12,14 @@ import pytest
 import sqlalchemy as sa
 
 from kici.orchestrator.agents.registry import AgentRegistry
-from kici.orchestrator.app import Readiness, create_app
+from kici.orchestrator.app import create_app
 from kici.orchestrator.cluster.bus import ClusterBus
 from kici.orchestrator.cluster.leadership import FencedOut, Leadership
 from kici.orchestrator.cluster.node import Node, NodeNameInUse
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import Readiness, services_of
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store import cluster as cluster_store
 from tests.integration.orchestrator.conftest import insert_job, insert_run
 from tests.integration.orchestrator.dispatch_harness import serve_orchestrator

@@ -24,10 +24,11 @@ from kici.engine.protocol import PROTOCOL_VERSION
 from kici.orchestrator.agents import AgentTimeouts
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import services_of
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, new_id
 from kici.orchestrator.server import bind_socket
-from kici.orchestrator.services import Services, services_of
+from kici.orchestrator.services import Services
 from kici.orchestrator.store import runs as run_store
 from kici.orchestrator.store.sources import create_source
 from kici.orchestrator.store.tokens import create_admin_token, create_agent_token

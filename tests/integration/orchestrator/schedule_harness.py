@@ -21,10 +21,10 @@ import sqlalchemy as sa
 
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import services_of
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store.tokens import create_admin_token
 from tests.integration.orchestrator.test_providers_git import GitRepo
 

@@ -101,6 +101,14 @@ async def test_duplicate_invalid_and_unknown(api: Api) -> None:
     allowlist = await api.call("POST", "/sources", json={"kind": "generic", "name": "g",
                                                            "config": {"auth": "ip_allowlist"}})
     assert allowlist.json() == {"error": "config.allowed_ips is required for auth ip_allowlist"}
+    typo = await api.call("POST", "/sources", json={"kind": "git", "name": "other",
+                                                      "config": {"url": "/x", "pol_seconds": 60}})
+    assert typo.status_code == 422
+    assert typo.json()["error"].startswith("config.pol_seconds: unknown key for a git source (known: ")
+    bad_poll = await api.call("POST", "/sources", json={"kind": "git", "name": "other",
+                                                          "config": {"url": "/x", "poll_seconds": "often"}})
+    assert bad_poll.status_code == 422
+    assert bad_poll.json() == {"error": "config.poll_seconds: must be a positive number of seconds"}
     bad_kind = await api.call("POST", "/sources", json={"kind": "svn", "name": "x"})
     assert bad_kind.status_code == 422 and bad_kind.json()["error"].startswith("invalid request: kind: ")
     assert [s["name"] for s in (await api.call("GET", "/sources")).json()] == ["local"]  # nothing half-made
@@ -123,6 +131,8 @@ async def test_update_merges_config_and_secrets(api: Api) -> None:
         assert await load_source_secrets(conn, created["id"], KEY) == {"webhook_secret": "rotated-secret"}
     invalid = await api.call("PATCH", "/sources/local", json={"config": {"url": None}})
     assert invalid.status_code == 422 and invalid.json() == {"error": "config.url is required"}
+    typo = await api.call("PATCH", "/sources/local", json={"config": {"mirorr": True}})
+    assert typo.status_code == 422 and typo.json()["error"].startswith("config.mirorr: unknown key for a git source")
     removed = await api.call("PATCH", "/sources/local", json={"secrets": {"webhook_secret": None}})
     assert removed.json()["secret_fields"] == []
     no_secret = await api.call("GET", "/sources/local/hook")

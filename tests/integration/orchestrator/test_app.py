@@ -7,8 +7,9 @@ from pathlib import Path
 
 import httpx
 
-from kici.orchestrator.app import Readiness, create_app
+from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import Readiness
 from kici.orchestrator.db.database import Database
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kici.orchestrator.config import Settings
+from kici.orchestrator.storage.blob_backends import blob_store_from_settings
 from kici.orchestrator.storage.blobs import (
     BlobExists,
     BlobNotFound,
@@ -20,7 +21,6 @@ from kici.orchestrator.storage.blobs import (
     BlobStoreUnavailable,
     BlobTooLarge,
     InvalidBlobKey,
-    blob_store_from_settings,
     read_all,
 )
 from kici.orchestrator.storage.blobs_fs import FilesystemBlobStore

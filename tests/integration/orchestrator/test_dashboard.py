@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from kici.engine.junit import parse_junit
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import services_of
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store import schedules as schedule_store
 from kici.orchestrator.store import test_reports as report_store

@@ -22,10 +22,10 @@ import sqlalchemy as sa
 
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import services_of
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.ingest.poller import GitPoller
-from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.routes.admin_sources import hook_script
 from kici.orchestrator.store.events import get_event_log
 from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source
@@ -246,7 +246,7 @@ async def test_through_a_real_orchestrator_process(start_orchestrator: StartOrch
 async def _poll_source(env: Env, seconds: int | None) -> GitPoller:
     async with env.database.transaction() as conn:
         await update_source(conn, env.source.id, config={**env.source.config, "poll_seconds": seconds})
-    return GitPoller(env.app.state.kici, ingest_for(env.app))
+    return GitPoller(env.app.state.kici, services_of(env.app).intake)
 
 
 async def test_polling_reports_moved_and_new_branches_once(env: Env) -> None:

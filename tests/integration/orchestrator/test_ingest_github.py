@@ -21,9 +21,9 @@ import sqlalchemy as sa
 
 from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import ingest_for
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
-from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.store.events import EventLogEntry, get_event_log
 from kici.orchestrator.store.schedules import list_schedules
 from kici.orchestrator.store.sources import Source, create_source, set_source_enabled, update_source

@@ -30,11 +30,12 @@ from kici.engine.events import Event
 from kici.engine.junit import parse_junit
 from kici.engine.lockfile import Workflow
 from kici.engine.webhook_auth import verify_hmac_sha256
-from kici.orchestrator.app import AppState, Readiness, create_app
+from kici.orchestrator.app import create_app
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import AppState, Readiness, ingest_for, services_of
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
-from kici.orchestrator.ingest.service import Ingest, ingest_for
+from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.metrics import Metrics
 from kici.orchestrator.reporting.github_checks import (
     FAILING_TESTS_SHOWN,
@@ -45,7 +46,6 @@ from kici.orchestrator.reporting.github_checks import (
 )
 from kici.orchestrator.reporting.targets import reporting_targets
 from kici.orchestrator.reporting.worker import ReportWorker, backoff
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs_fs import FilesystemBlobStore
 from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import audit, outbox

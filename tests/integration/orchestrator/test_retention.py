@@ -21,11 +21,11 @@ from kici.orchestrator import test_reports
 from kici.orchestrator.app import create_app
 from kici.orchestrator.artifacts import run_prefix
 from kici.orchestrator.config import Settings
+from kici.orchestrator.container import services_of
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import AdminRole, utcnow
 from kici.orchestrator.retention import LOCK, prune
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogStore
 from kici.orchestrator.store import audit, tokens
 from kici.orchestrator.store import test_reports as report_store

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from kici.orchestrator.container import ingest_for, services_of
 from kici.orchestrator.db.database import Database
-from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.scheduling.cron import CronError, check_cron, next_fire
 from kici.orchestrator.scheduling.scheduler import Scheduler, SchedulerMetrics
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store.sources import create_source
 from tests.integration.orchestrator.schedule_harness import WORKFLOWS, Clock, orchestrator, schedule_repo
 from tests.integration.orchestrator.test_providers_git import GitRepo, compile_into

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from kici.orchestrator.crypto import KEY_VERSION, CryptoError, open_sealed, seal, source_aad
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.db.schema import SourceKind, sources
+from kici.orchestrator.store.source_configs import GitSourceConfig
 from kici.orchestrator.store.sources import (
     SourceError,
     create_source,
@@ -147,6 +148,8 @@ async def test_update_enable_disable_delete(database: Database) -> None:
         ("generic", {"auth": "magic"}, {}, "config.auth"),
         ("generic", {"auth": "ip_allowlist"}, {}, "allowed_ips"),
         ("generic", {"max_payload_bytes": 0}, {}, "max_payload_bytes"),
+        ("git", {"url": "/r", "poll_seconds": "60"}, {}, "config.poll_seconds: must be a positive number"),
+        ("github", {"app_id": 1, "url": "/r"}, {}, "config.url: unknown key for a github source"),
         ("svn", {}, {}, "unknown source kind"),
         ("git", {"url": "/r"}, {"webhook_secret": ""}, "non-empty"),
     ],
@@ -157,6 +160,26 @@ async def test_invalid_definitions_are_refused(
     async with database.transaction() as conn:
         with pytest.raises(SourceError, match=message):
             await create_source(conn, key=KEY, name="x", kind=kind, config=config, secrets=secrets)
+
+
+async def test_a_source_stored_before_configs_were_typed_still_loads(database: Database) -> None:
+    """Rows the admin API wrote when it kept any key (and never checked `poll_seconds`) read as before:
+    stray keys ignored by the typed view, a non-number `poll_seconds` meaning no polling."""
+    async with database.transaction() as conn:
+        created = await create_source(conn, key=None, name="old", kind="git", config={"url": "/r", "repo": "a/b"})
+        legacy = {"url": "/r", "repo": "a/b", "poll_seconds": "60", "hook_installed": True}
+        await conn.execute(sa.update(sources).where(sources.c.id == created.id).values(config=legacy))
+    async with database.read() as conn:
+        found = await get_source(conn, created.id)
+    assert found is not None and found.config == legacy  # the API still shows what is stored
+    assert found.git_config() == GitSourceConfig(url="/r", repo="a/b")
+    with pytest.raises(SourceError, match="is a git source"):
+        found.github_config()
+    async with database.transaction() as conn:  # a config change must drop the stray key
+        with pytest.raises(SourceError, match=r"config\.hook_installed: unknown key"):
+            await update_source(conn, created.id, config={**legacy, "poll_seconds": 60})
+        fixed = await update_source(conn, created.id, config={"url": "/r", "repo": "a/b", "poll_seconds": 60})
+    assert fixed is not None and fixed.git_config().poll_seconds == 60
 
 
 async def test_names_are_unique_per_org_and_secrets_need_a_key(database: Database) -> None:

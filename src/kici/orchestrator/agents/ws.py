@@ -6,7 +6,7 @@ from fastapi import APIRouter, WebSocket
 
 from kici.orchestrator.agents.registry import AgentRegistry
 from kici.orchestrator.agents.session import AgentSession, AgentTimeouts
-from kici.orchestrator.app import AppState
+from kici.orchestrator.container import AppState
 
 router = APIRouter(tags=["agents"])
 

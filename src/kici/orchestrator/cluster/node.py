@@ -30,10 +30,10 @@ from prometheus_client import Counter, Gauge
 from kici.engine import aio
 from kici.engine.protocol import CloseCode
 from kici.orchestrator.agents.registry import AgentRegistry
-from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.cluster.bus import ClusterBus, prune_horizon
 from kici.orchestrator.cluster.identity import lock_data_dir, node_address
 from kici.orchestrator.cluster.leadership import FencedOut, Leadership
+from kici.orchestrator.container import AppState, Readiness
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import cluster as cluster_store

@@ -37,8 +37,8 @@ from kici.engine import aio
 from kici.engine import protocol as p
 from kici.engine.states import JobEvent, JobState, RunStatus
 from kici.orchestrator.agents.registry import AgentConnection, AgentRegistry
-from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.cluster.bus import ClusterBus
+from kici.orchestrator.container import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind, utcnow
 from kici.orchestrator.dispatch.batching import WriteBatcher
 from kici.orchestrator.dispatch.metrics import DispatchMetrics

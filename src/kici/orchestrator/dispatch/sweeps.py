@@ -18,9 +18,9 @@ from functools import partial
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.protocol import CloseCode
-from kici.orchestrator.app import Readiness
 from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.cluster.leadership import FencedOut, Leadership
+from kici.orchestrator.container import Readiness
 from kici.orchestrator.db.schema import AuditOutcome, ConcurrencyScope, utcnow
 from kici.orchestrator.dispatch.dispatcher import Dispatcher
 from kici.orchestrator.holds.environment import release_due_timers

@@ -31,7 +31,7 @@ from kici.engine.github_events import diff_base
 from kici.engine.lockfile import LockFile, LockFileError
 from kici.engine.states import RunTrust
 from kici.engine.triggers import match_all, needs_changed_files
-from kici.orchestrator.app import AppState
+from kici.orchestrator.container import AppState
 from kici.orchestrator.db.schema import EventLogStatus, SourceKind
 from kici.orchestrator.holds.policy import TRUSTED, TrustAction, TrustDecision, TrustPolicy, decide, policy_of
 from kici.orchestrator.ingest.service import Ingest

@@ -3,7 +3,7 @@
 Every `poll_seconds` the source's branch heads are read (a local path directly, a URL through the
 orchestrator's mirror, fetched first) and compared with the heads stored at the previous poll
 (`git_refs`). Each branch that moved — or appeared — becomes the same `{ref, before, after}`
-notification the hook sends, and goes through the same path (`accept_git_push`): dedup, event log,
+notification the hook sends, and goes through the same path (`IngestService.accept_git_push`): dedup, event log,
 lock file, runs. The delivery id is derived from ref, before and after exactly as for a hook
 notification, so a repository with both a hook and polling gets one run per push.
 
@@ -16,13 +16,11 @@ reported once.
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.background import PeriodicTask
+from kici.orchestrator.container import AppState, Readiness
 from kici.orchestrator.db.schema import SourceKind
-from kici.orchestrator.ingest.routes import accept_git_push
-from kici.orchestrator.ingest.service import Ingest
+from kici.orchestrator.ingest.intake import IngestService
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import ProviderError
 from kici.orchestrator.providers.git import GitProvider
@@ -35,9 +33,10 @@ TICK_S = 1.0
 
 
 class GitPoller:
-    def __init__(self, state: AppState, ingest: Ingest) -> None:
+    def __init__(self, state: AppState, intake: IngestService) -> None:
         self.state = state
-        self.ingest = ingest
+        self.intake = intake
+        self.ingest = intake.ingest
         self._due: dict[str, float] = {}
         self._periodic = PeriodicTask("poll", TICK_S, self.tick)
 
@@ -54,7 +53,7 @@ class GitPoller:
             candidates = await enabled_sources_of_kind(conn, SourceKind.GIT)
         polled: list[str] = []
         for source in candidates:
-            interval = _interval(source.config)
+            interval = source.git_config().poll_seconds
             if interval is None:
                 self._due.pop(source.id, None)
                 continue
@@ -104,11 +103,7 @@ class GitPoller:
 
     async def _notify(self, source: Source, ref: str, before: str, after: str) -> None:
         payload = {"ref": ref, "before": before, "after": after}
-        response = await accept_git_push(self.state, self.ingest, source.org_id, source, {}, payload)
+        outcome = await self.intake.accept_git_push(source.org_id, source, {}, payload)
         log_event("poll.change", source=source.name, ref=ref, before=before[:12], after=after[:12],
-                  status=response.status_code)
+                  outcome=outcome.kind.value, status=outcome.status.value if outcome.status else None)
 
-
-def _interval(config: Any) -> float | None:
-    value = config.get("poll_seconds") if isinstance(config, dict) else None
-    return float(value) if isinstance(value, int | float) and value > 0 else None

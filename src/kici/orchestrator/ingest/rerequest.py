@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kici.orchestrator import reruns
-from kici.orchestrator.app import AppState
+from kici.orchestrator.container import AppState
 from kici.orchestrator.db.schema import AuditOutcome, EventLogStatus
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.store import audit

@@ -8,11 +8,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
-from fastapi import Request
-from starlette.applications import Starlette
 
 from kici.orchestrator.config import Settings
 from kici.orchestrator.crypto import Keyring
@@ -103,15 +100,13 @@ class Ingest:
         installation_id: int | None = None,
     ) -> LockFileSource:
         """The provider for a source (git providers are kept: they hold the mirror lock)."""
-        config: dict[str, Any] = source.config
         if source.kind is SourceKind.GIT:
-            url = str(config["url"])
-            key = f"{source.id}:{url}:{bool(config.get('mirror'))}"
+            git = source.git_config()
+            url, mirror = git.url, bool(git.mirror)
+            key = f"{source.id}:{url}:{mirror}"
             provider = self.git_providers.get(key)
             if provider is None:
-                provider = GitProvider(
-                    source.id, url, mirror_root=self.mirror_root, force_mirror=bool(config.get("mirror"))
-                )
+                provider = GitProvider(source.id, url, mirror_root=self.mirror_root, force_mirror=mirror)
                 self.git_providers[key] = provider
             return provider
         if source.kind is SourceKind.GITHUB:
@@ -120,29 +115,14 @@ class Ingest:
             private_key = secrets.get("private_key")
             if not private_key:
                 raise ProviderError(f"GitHub source {source.name!r} has no private_key secret")
-            configured = config.get("installation_id")
+            github = source.github_config()
             return GitHubProvider(
                 source.id,
                 client=client,
                 tokens=self.tokens,
-                app_id=int(config["app_id"]),
+                app_id=github.app_id,
                 private_key=private_key,
-                installation_id=installation_id or (int(configured) if configured else None),
-                api_url=str(config.get("api_url") or DEFAULT_GITHUB_API_URL),
+                installation_id=installation_id or github.installation_id,
+                api_url=github.api_url or DEFAULT_GITHUB_API_URL,
             )
         raise ProviderError(f"source kind {source.kind.value} has no lock-file provider")
-
-
-def ingest_for(app: Starlette) -> Ingest:
-    """The app's `Ingest`, created on first use from its settings. Set `on_runs_created` on it to be told
-    about new runs (the dispatcher's hook)."""
-    ingest: Ingest | None = getattr(app.state, "kici_ingest", None)
-    if ingest is None:
-        ingest = Ingest.from_settings(app.state.kici.settings)
-        app.state.kici_ingest = ingest
-    return ingest
-
-
-def get_ingest(request: Request) -> Ingest:
-    """FastAPI dependency: the app's `Ingest`."""
-    return ingest_for(request.app)

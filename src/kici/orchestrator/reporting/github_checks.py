@@ -23,7 +23,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kici.engine.states import JobState, is_terminal
-from kici.orchestrator.app import AppState
+from kici.orchestrator.container import AppState
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.providers.base import ProviderError

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from kici.engine.webhook_auth import sign_hmac_sha256
-from kici.orchestrator.app import AppState
+from kici.orchestrator.container import AppState
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.reporting.outcome import Outcome, classify
 from kici.orchestrator.store import runs as run_store

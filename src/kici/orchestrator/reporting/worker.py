@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 
 from kici.engine import aio
-from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.cluster.leadership import FencedOut, Leadership
+from kici.orchestrator.container import AppState, Readiness
 from kici.orchestrator.db.schema import ReportKind, utcnow
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event

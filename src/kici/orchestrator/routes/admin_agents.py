@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -20,6 +19,7 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.store import agents
 from kici.orchestrator.store.agents import AgentRecord
 

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -20,7 +19,7 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
-from kici.orchestrator.services import services_of
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.storage.blobs import BlobNotFound, BlobStoreUnavailable
 from kici.orchestrator.store import artifacts as artifact_store
 from kici.orchestrator.store import runs

@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Response
 
 from kici.engine.durations import DurationError, parse_time
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminError, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.store import audit
 from kici.orchestrator.store.audit import AuditFilter, AuditRecord

@@ -8,11 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminError, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import BlobStoreUnavailable
 from kici.orchestrator.store import caches as cache_store
 from kici.orchestrator.store.caches import CacheRecord

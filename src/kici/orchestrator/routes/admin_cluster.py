@@ -8,9 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminRoute, Permission, Principal, require
-from kici.orchestrator.services import services_of
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.store import cluster as cluster_store
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)

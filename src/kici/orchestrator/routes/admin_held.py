@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import client_of, token_actor
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -24,9 +23,9 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.holds.gates import Approver, PendingGate
 from kici.orchestrator.holds.service import AuditContext, DecisionRefused, HeldRunNotFound, NotHeld
-from kici.orchestrator.services import services_of
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
 

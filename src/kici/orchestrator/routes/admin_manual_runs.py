@@ -18,7 +18,6 @@ from kici.engine.events import Event
 from kici.engine.inputs import InputError, resolve_inputs
 from kici.engine.lockfile import DispatchTrigger, LockFileError
 from kici.engine.refnames import branch_name_problem, ref_name_problem
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -29,15 +28,14 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
+from kici.orchestrator.container import AppState, app_state, ingest_for, services_of
 from kici.orchestrator.db.schema import SourceKind
-from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.providers.base import ProviderError, check_ref, check_sha
 from kici.orchestrator.providers.git import GitProvider
 from kici.orchestrator.providers.github import GitHubProvider
 from kici.orchestrator.routes.admin_runs import RunDetail
 from kici.orchestrator.scheduling.registrations import git_default_branch, git_repo_name, open_provider, read_lock
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store import runs
 from kici.orchestrator.store.sources import SourceError, get_source, get_source_by_name
 

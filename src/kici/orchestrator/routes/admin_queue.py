@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.db.schema import QueueStatus, utcnow
 from kici.orchestrator.store import queue
 from kici.orchestrator.store.queue import QueueRecord

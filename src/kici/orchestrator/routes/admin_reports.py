@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -20,9 +19,9 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.db.schema import ReportStatus
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store import outbox
 from kici.orchestrator.store.outbox import ReportRecord
 

@@ -8,11 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.retention import PruneResult, prune, prune_summary
-from kici.orchestrator.services import services_of
 
 router = APIRouter(route_class=AdminRoute, responses=ERROR_RESPONSES)
 

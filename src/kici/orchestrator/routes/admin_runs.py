@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 
 from kici.engine.states import RunStatus, is_terminal
 from kici.orchestrator import reruns
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -22,8 +21,8 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.logs import log_context, log_event
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store import runs, sources
 from kici.orchestrator.store.runs import JobRecord, RunRecord, StepRecord
 from kici.orchestrator.store.secret_deliveries import SecretDelivery, list_run_deliveries

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminError, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.store import schedules as store
 from kici.orchestrator.store.schedules import ScheduleListing
 from kici.orchestrator.store.sources import get_source, get_source_by_name

@@ -13,9 +13,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminError, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.crypto import CryptoError
 from kici.orchestrator.key_rotation import RotationResult, rotate_key
 from kici.orchestrator.logs import log_event

@@ -18,7 +18,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -29,8 +28,8 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
+from kici.orchestrator.container import AppState, app_state, ingest_for
 from kici.orchestrator.db.schema import SourceKind
-from kici.orchestrator.ingest.service import ingest_for
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.scheduling.registrations import refresh_source_logged
 from kici.orchestrator.services import source_changed

@@ -12,7 +12,6 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from kici.engine.junit import STATUSES
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
     AdminError,
@@ -22,7 +21,7 @@ from kici.orchestrator.auth import (
     Principal,
     require,
 )
-from kici.orchestrator.services import services_of
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.storage.blobs import BlobNotFound, BlobStoreUnavailable
 from kici.orchestrator.store import runs
 from kici.orchestrator.store import test_reports as report_store

@@ -12,7 +12,6 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from kici.engine.durations import DurationError, parse_duration
 from kici.engine.labels import validate_user_labels
 from kici.orchestrator.agents import agent_registry
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import (
     ERROR_RESPONSES,
@@ -24,9 +23,9 @@ from kici.orchestrator.auth import (
     forbidden,
     require,
 )
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.db.schema import AdminRole, utcnow
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.services import services_of
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import queue as queue_store
 from kici.orchestrator.store import tokens

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from kici.engine.durations import format_duration
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import record_mutation
 from kici.orchestrator.auth import ERROR_RESPONSES, AdminError, AdminRoute, Permission, Principal, require
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.holds.policy import TrustPolicy, policy_of
 from kici.orchestrator.logs import log_event

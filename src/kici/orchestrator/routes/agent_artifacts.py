@@ -20,12 +20,11 @@ from starlette.requests import ClientDisconnect
 
 from kici.engine.states import JobState
 from kici.orchestrator import artifacts
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import error_response
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.db.schema import AuditOutcome, new_id
 from kici.orchestrator.logs import log_event
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import BlobStoreUnavailable, BlobTooLarge
 from kici.orchestrator.store import artifacts as artifact_store
 from kici.orchestrator.store import audit, tokens

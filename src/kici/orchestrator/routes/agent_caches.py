@@ -22,13 +22,12 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from kici.orchestrator import caches
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import error_response
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.db.schema import AuditOutcome, utcnow
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.routes.agent_artifacts import AGENT_PREFIX, JobRequestRefused, running_job_of
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import (
     BlobExists,
     BlobNotFound,

@@ -18,9 +18,9 @@ from starlette.requests import ClientDisconnect
 
 from kici.orchestrator import artifacts
 from kici.orchestrator import test_reports as reports
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import error_response
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.db.schema import AuditOutcome, new_id
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.routes.agent_artifacts import (
@@ -30,7 +30,6 @@ from kici.orchestrator.routes.agent_artifacts import (
     in_hand,
     running_job_of,
 )
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.blobs import BlobStore, BlobStoreUnavailable, BlobTooLarge
 from kici.orchestrator.store import artifacts as artifact_store
 from kici.orchestrator.store import audit

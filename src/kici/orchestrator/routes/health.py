@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from kici.orchestrator.app import AppState, app_state
+from kici.orchestrator.container import AppState, app_state
 from kici.orchestrator.db.database import DatabaseUnavailable
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.metrics import CONTENT_TYPE_LATEST

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from kici.engine.lockfile import LockFile, LockFileError, ScheduleTrigger
-from kici.orchestrator.app import AppState
+from kici.orchestrator.container import AppState
 from kici.orchestrator.db.schema import SourceKind
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event

@@ -27,9 +27,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from kici.engine.events import Event
 from kici.engine.lockfile import LockFileError, ScheduleTrigger
-from kici.orchestrator.app import AppState, Readiness
 from kici.orchestrator.background import PeriodicTask
 from kici.orchestrator.cluster.leadership import FencedOut, Leadership
+from kici.orchestrator.container import AppState, Readiness
 from kici.orchestrator.db.schema import utcnow
 from kici.orchestrator.ingest.service import Ingest
 from kici.orchestrator.logs import log_event

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
-from kici.orchestrator.config import Settings
-
 CHUNK_SIZE = 256 * 1024
 """Bytes per chunk when reading a blob back (and when reading a file to put)."""
 
@@ -146,21 +144,3 @@ async def read_all(reader: BlobReader) -> bytes:
         return b"".join([chunk async for chunk in reader.chunks()])
     finally:
         await reader.close()
-
-
-def blob_store_from_settings(settings: Settings) -> BlobStore:
-    """The store `KICI_STORAGE_BACKEND` names. Nothing is contacted here (see `BlobStore.check`)."""
-    if settings.storage_backend == "s3":
-        from kici.orchestrator.storage.blobs_s3 import S3BlobStore
-
-        assert settings.storage_bucket is not None  # the settings validator requires it
-        return S3BlobStore(
-            bucket=settings.storage_bucket,
-            prefix=settings.storage_prefix,
-            endpoint=settings.storage_endpoint,
-            region=settings.storage_region,
-            force_path_style=settings.storage_force_path_style,
-        )
-    from kici.orchestrator.storage.blobs_fs import FilesystemBlobStore, default_blob_root
-
-    return FilesystemBlobStore(default_blob_root(settings.data_dir))

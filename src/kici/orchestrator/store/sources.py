@@ -12,12 +12,14 @@ Secrets per kind:
 - `generic`: `hmac_secret` (auth `hmac_sha256`), `bearer_token` (auth `bearer_token`).
 - every kind: `notify_secret` (signs the source's outgoing notifications; default `KICI_NOTIFY_SECRET`).
 
-Config per kind (validated on create and update):
+Config per kind (validated on create and update; typed per kind in `store.source_configs`, read through
+`Source.typed_config` and `Source.git_config()` / `github_config()` / `generic_config()`):
 - `github`: `app_id` (required, integer), `api_url` (default https://api.github.com), `installation_id`
   (optional; otherwise taken from each delivery), `max_payload_bytes`.
 - `git`: `url` (required: a local path, `file://…`, or any git URL), `repo` (the name events carry;
   default: derived from the URL), `default_branch` (default `main`), `mirror` (true: read through a bare
-  mirror under the data dir even for a local path), `max_payload_bytes`.
+  mirror under the data dir even for a local path), `poll_seconds` (poll the branches this often),
+  `max_payload_bytes`.
 - `generic`: `auth` (`hmac_sha256` | `bearer_token` | `ip_allowlist` | `none`), `signature_header`,
   `allowed_ips`, `allowed_events`, `event_header`, `event_path`, `idempotency_header`,
   `dedup_window_seconds`, `rate_limit_rpm`, `max_payload_bytes`; and where its events' workflows come
@@ -36,7 +38,8 @@ import datetime as dt
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from functools import cached_property
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
@@ -46,6 +49,15 @@ from kici.engine.refnames import branch_name_problem
 from kici.orchestrator.crypto import CryptoError, Keyring, as_keyring, key_id, open_any, seal, source_aad
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, SourceKind, new_id, sources, utcnow
 from kici.orchestrator.holds.policy import TrustPolicyError, parse_policy
+from kici.orchestrator.store.source_configs import (
+    GenericSourceConfig,
+    GithubSourceConfig,
+    GitSourceConfig,
+    SourceConfig,
+    SourceConfigError,
+    check_config,
+    parse_config,
+)
 
 __all__ = [
     "DEFAULT_GITHUB_API_URL",
@@ -82,6 +94,9 @@ class SourceError(ValueError):
     """A source's definition is invalid (the message names the field), or its secrets cannot be opened."""
 
 
+_C = TypeVar("_C", GitSourceConfig, GithubSourceConfig, GenericSourceConfig)
+
+
 class Source(BaseModel):
     """A source as the API shows it: no secret values, only which secrets are set."""
 
@@ -96,6 +111,29 @@ class Source(BaseModel):
     secret_fields: list[str]
     created_at: dt.datetime
     updated_at: dt.datetime
+
+    @cached_property
+    def typed_config(self) -> SourceConfig:
+        """`config` as its kind's model (`store.source_configs.parse_config`: lenient with older rows)."""
+        try:
+            return parse_config(self.kind, self.config)
+        except SourceConfigError as exc:
+            raise SourceError(f"source {self.name!r}: {exc}") from None
+
+    def git_config(self) -> GitSourceConfig:
+        return self._config_of(GitSourceConfig)
+
+    def github_config(self) -> GithubSourceConfig:
+        return self._config_of(GithubSourceConfig)
+
+    def generic_config(self) -> GenericSourceConfig:
+        return self._config_of(GenericSourceConfig)
+
+    def _config_of(self, model: type[_C]) -> _C:
+        config = self.typed_config
+        if not isinstance(config, model):
+            raise SourceError(f"source {self.name!r} is a {self.kind.value} source ({model.__name__} asked for)")
+        return config
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -169,6 +207,10 @@ def validate_config(kind: SourceKind, config: Mapping[str, Any]) -> dict[str, An
                 raise SourceError(f"config.{key} must be a list of strings")
         if auth == "ip_allowlist" and not out.get("allowed_ips"):
             raise SourceError("config.allowed_ips is required for auth ip_allowlist")
+    try:
+        check_config(kind, out)  # the kind's model: types, and no key the kind does not know
+    except SourceConfigError as exc:
+        raise SourceError(str(exc)) from None
     return out
 
 

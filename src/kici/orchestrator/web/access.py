@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 
-from kici.orchestrator.app import AppState
 from kici.orchestrator.auth import Permission, Principal, forbidden, permissions_of, write_denial
+from kici.orchestrator.container import AppState
 from kici.orchestrator.db.schema import DEFAULT_ORG_ID, AdminRole, utcnow
 from kici.orchestrator.store import sessions
 from kici.orchestrator.store.tokens import AdminToken

@@ -21,9 +21,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from kici.engine.states import RunStatus, is_run_terminal, is_terminal
-from kici.orchestrator.app import AppState, app_state
 from kici.orchestrator.audit_trail import client_of
 from kici.orchestrator.auth import AdminError, Permission
+from kici.orchestrator.container import AppState, app_state, services_of
 from kici.orchestrator.db.schema import AuditOutcome
 from kici.orchestrator.logs import log_event
 from kici.orchestrator.routes import (
@@ -35,7 +35,6 @@ from kici.orchestrator.routes import (
     admin_schedules,
     admin_sources,
 )
-from kici.orchestrator.services import services_of
 from kici.orchestrator.storage.logs import LogLineOut
 from kici.orchestrator.store import agents as agent_store
 from kici.orchestrator.store import audit, outbox, runs, sessions, tokens
