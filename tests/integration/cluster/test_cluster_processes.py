@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import httpx
 
@@ -210,3 +211,49 @@ async def test_a_leader_stopped_past_its_lease_is_fenced_when_it_resumes(cluster
     fenced = [line for line in metrics.splitlines() if line.startswith("kici_cluster_fenced_writes_total")]
     assert fenced and float(fenced[0].split()[-1]) >= 1
     assert "kici_cluster_is_leader 0.0" in metrics and "kici_cluster_nodes 2.0" in metrics
+
+
+async def test_a_dead_nodes_jobs_are_not_declared_stale_before_it_is_taken_over(cluster: Cluster) -> None:
+    """The stale threshold (2 s here) shorter than the lease (3 s): the agent's node dies with a job running
+    and the leader, which could not have received a heartbeat through it, must not call the job stale
+    before the node is declared dead, when the job goes `recovering` and the agent gets its window."""
+    fast_stale = {"KICI_JOB_HEARTBEAT_INTERVAL_MS": "1000", "KICI_STALE_DETECTOR_THRESHOLD_MULTIPLIER": "2.0"}
+    leader = cluster.start("n1", **fast_stale)
+    await cluster.ready(leader)
+    doomed = cluster.start("n2", **fast_stale)
+    await cluster.ready(doomed)
+    assert (await cluster.leader(leader))[0] == "n1"
+    agent = SimAgent(cluster, "a1", hold=True)
+    try:
+        await agent.connect(doomed)
+        created = await cluster.create_run(1)
+        [dispatch] = await agent.wait_for("job.dispatch")
+        job_id = dispatch["job_id"]
+
+        async def running() -> bool:
+            return (await cluster.jobs(created.run_id))[job_id].status == "running"
+        await until(running, what="the job running")
+        await agent.send({"type": "job.heartbeat", "run_id": created.run_id, "job_id": job_id,
+                          "timestamp": time.time()})
+
+        async def heard() -> bool:
+            return (await cluster.jobs(created.run_id))[job_id].last_heartbeat_at is not None
+        await until(heard, what="the heartbeat stored")
+        doomed.process.kill()
+
+        async def settled() -> bool:
+            return (await cluster.jobs(created.run_id))[job_id].status != "running"
+        await until(settled, within=LEASE_S * 4 + 5, what="the job to leave `running`")
+        job = (await cluster.jobs(created.run_id))[job_id]
+        assert job.status == "recovering", (job.status, job.error)
+
+        back = SimAgent(cluster, "a1", hold=True)
+        back.running = dict(agent.running)
+        await agent.close()
+        agent = back
+        ack = await agent.connect(leader)
+        assert ack["reclaimed_jobs"] == [job_id]
+        await agent.finish(job_id)
+        assert (await cluster.wait_run(created.run_id, "success", "failed")).status == "success"
+    finally:
+        await agent.close()

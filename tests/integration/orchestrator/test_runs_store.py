@@ -16,8 +16,10 @@ from kici.engine.needs import run_on_for
 from kici.orchestrator.db import schema
 from kici.orchestrator.db.database import Database
 from kici.orchestrator.store import runs as store
+from kici.orchestrator.store.agents import register_agent
 from kici.orchestrator.store.queue import AgentSlot, claim_next
 from kici.orchestrator.store.runs import NewRun, RunFinished, RunNotFound
+from kici.orchestrator.store.tokens import create_agent_token
 
 SHA = "c" * 40
 
@@ -452,6 +454,48 @@ async def test_stale_clocks_start_no_earlier_than_the_orchestrator(database: Dat
         assert await store.find_stale_jobs(conn, now=later, stale_after_ms=60_000, clock_floor=restarted) == [
             created.job_ids["a"]
         ]
+
+
+async def test_stale_clocks_stop_when_the_agents_node_was_last_known_alive(database: Database) -> None:
+    """Heartbeats sent through a dead node reached nobody: a job's silence counts only up to the last lease
+    renewal of the node holding its agent (lease 3 s, threshold 60 s). A node that died 10 s after the
+    last heartbeat leaves the job to its takeover (`recovering`), however long ago that was; one that was
+    alive for the whole threshold heard nothing, so the job is stale; an agent held by no node (no cluster
+    identity) or a sweep without a lease setting counts as before."""
+    created = await create(database, workflow(job("a")))
+    job_id = created.job_ids["a"]
+    await start(database, job_id, "agent-1")
+    lease = dt.timedelta(seconds=3)
+    async with database.transaction() as conn:
+        token = await create_agent_token(conn, name="pool", labels=[])
+        await register_agent(conn, agent_id="agent-1", org_id="default", agent_token_id=token.token.id,
+                             labels=[], max_concurrency=1, version=None, hostname=None, node_id="n1")
+        started = (await store.get_job(conn, job_id)).started_at  # type: ignore[union-attr]
+        assert started is not None
+        await conn.execute(schema.nodes.insert().values(
+            id="n1", incarnation="i-1", address=None, version=None, started_at=started - dt.timedelta(hours=1),
+            lease_expires_at=started + dt.timedelta(seconds=10) + lease))
+    now = started + dt.timedelta(minutes=10)
+
+    async def stale(node_lease: dt.timedelta | None = lease) -> list[str]:
+        async with database.read() as conn:
+            return await store.find_stale_jobs(conn, now=now, stale_after_ms=60_000, node_lease=node_lease)
+
+    async def update(table: sa.Table, **values: Any) -> None:
+        async with database.transaction() as conn:
+            await conn.execute(table.update().values(**values))
+
+    assert await stale() == []  # n1 died 10 s after the job's last sign of life
+    assert await stale(None) == [job_id]
+    await update(schema.nodes, lease_expires_at=started + dt.timedelta(seconds=61) + lease)
+    assert await stale() == [job_id]  # alive for the whole threshold: it would have heard a heartbeat
+    async with database.transaction() as conn:
+        await conn.execute(schema.nodes.delete())
+    assert await stale() == []  # n1 declared dead, its agents not released yet
+    await update(schema.agents, connected=False)
+    assert await stale() == [job_id]  # released: the job is the recovery window's (or stale's) now
+    await update(schema.agents, connected=True, node_id=None)
+    assert await stale() == [job_id]
 
 
 async def test_acknowledged_job_that_never_starts_goes_stale(database: Database) -> None:

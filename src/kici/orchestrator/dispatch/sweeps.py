@@ -159,7 +159,8 @@ class Sweeper:
     async def stale_jobs(self, conn: AsyncConnection) -> None:
         threshold = self.settings.heartbeat_stale_after_ms
         found = await run_store.find_stale_jobs(
-            conn, now=utcnow(), stale_after_ms=threshold, clock_floor=self.started_at
+            conn, now=utcnow(), stale_after_ms=threshold, clock_floor=self.started_at,
+            node_lease=dt.timedelta(seconds=self.settings.node_lease_seconds),
         )
         marked: list[str] = []
         for job_id in found:

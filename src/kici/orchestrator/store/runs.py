@@ -55,10 +55,12 @@ from kici.orchestrator.db.schema import (
     ConcurrencyScope,
     ConcurrencyState,
     QueueStatus,
+    agents,
     dispatch_queue,
     job_needs,
     jobs,
     new_id,
+    nodes,
     runs,
     steps,
     utcnow,
@@ -1615,23 +1617,32 @@ async def touch_heartbeat(conn: AsyncConnection, job_id: str, agent_id: str, now
 
 
 async def find_stale_jobs(
-    conn: AsyncConnection, *, now: dt.datetime, stale_after_ms: int, clock_floor: dt.datetime | None = None
+    conn: AsyncConnection, *, now: dt.datetime, stale_after_ms: int, clock_floor: dt.datetime | None = None,
+    node_lease: dt.timedelta | None = None,
 ) -> list[str]:
     """Job ids gone silent: running (or cancelling) jobs whose last heartbeat — or start, without one — is
     older than `stale_after_ms`, and jobs acknowledged by an agent that never reported them running.
 
     `clock_floor` (the time this orchestrator started): no job's silence is counted from before it.
     While no orchestrator was running nobody could receive a heartbeat, so an agent must not be presumed
-    lost for that time: every stale clock restarts when the orchestrator does."""
+    lost for that time: every stale clock restarts when the orchestrator does.
+
+    `node_lease` (`KICI_NODE_LEASE_SECONDS`): likewise in a cluster, a job's silence counts only while the
+    node holding its agent's connection was known alive (up to its last lease renewal): heartbeats sent
+    through a dead node reached nobody. A job whose agent is held by a node that died before the
+    threshold was reached is left to the node's takeover, which makes it `recovering` with the full
+    reconnect window (`kici.orchestrator.cluster.node`); without this, a stale threshold close to the
+    lease fails the jobs of every agent whose node was killed."""
     cutoff = now - dt.timedelta(milliseconds=stale_after_ms)
     if clock_floor is not None and clock_floor >= cutoff:
         return []
-    silent = sa.select(jobs.c.id).where(
+    since = sa.func.coalesce(jobs.c.last_heartbeat_at, jobs.c.started_at, jobs.c.queued_at)
+    silent = sa.select(jobs.c.id, since.label("since"), jobs.c.agent_id).where(
         jobs.c.status.in_([JobState.RUNNING.value, JobState.CANCELLING.value]),
-        sa.func.coalesce(jobs.c.last_heartbeat_at, jobs.c.started_at, jobs.c.queued_at) < cutoff,
+        since < cutoff,
     )
     never_started = (
-        sa.select(jobs.c.id)
+        sa.select(jobs.c.id, dispatch_queue.c.dispatched_at.label("since"), dispatch_queue.c.agent_id)
         .join(dispatch_queue, dispatch_queue.c.job_id == jobs.c.id)
         .where(
             jobs.c.status == JobState.QUEUED.value,
@@ -1640,9 +1651,32 @@ async def find_stale_jobs(
             dispatch_queue.c.dispatched_at < cutoff,
         )
     )
-    found = [str(r) for r in (await conn.execute(silent)).scalars()]
-    found += [str(r) for r in (await conn.execute(never_started)).scalars() if str(r) not in found]
+    found: list[str] = []
+    for query in (silent, never_started):
+        candidates = query.subquery()
+        rows = await conn.execute(
+            sa.select(candidates.c.id, candidates.c.since, agents.c.connected, agents.c.node_id,
+                      nodes.c.lease_expires_at)
+            .select_from(candidates)
+            .outerjoin(agents, agents.c.id == candidates.c.agent_id)
+            .outerjoin(nodes, nodes.c.id == agents.c.node_id)
+        )
+        for row in rows:
+            job_id = str(row.id)
+            if job_id in found:
+                continue
+            if node_lease is not None and row.connected and row.node_id is not None:
+                if row.lease_expires_at is None:
+                    continue  # its node was declared dead: the takeover settles the job
+                alive_until = _aware(row.lease_expires_at) - node_lease
+                if alive_until - _aware(row.since) < dt.timedelta(milliseconds=stale_after_ms):
+                    continue
+            found.append(job_id)
     return found
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 async def mark_job_stale(
