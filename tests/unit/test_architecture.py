@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .ast_imports import runtime_imports
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "kici"
 
 ALLOWED: dict[str, set[str]] = {
@@ -25,30 +27,20 @@ ALLOWED: dict[str, set[str]] = {
 
 def _runtime_imports(path: Path) -> set[str]:
     """Top-level kici sub-packages imported by `path`, ignoring `if TYPE_CHECKING:` blocks."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "kici" and len(parts) > 1:
                     found.add(parts[1])
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        elif node.module and not node.level:
             parts = node.module.split(".")
             if parts[0] == "kici":
                 if len(parts) > 1:
                     found.add(parts[1])
                 else:  # `from kici import step`: the package re-exports the SDK
                     found.add("sdk")
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
     return found
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from .ast_imports import runtime_imports
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 APP = "kici.orchestrator.app"
 ENTRY_POINTS = {APP, "kici.orchestrator.server", "kici.orchestrator.main", "kici.orchestrator.__main__"}
@@ -49,28 +51,20 @@ def _edges(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
         if target is not None and target != module:
             found.add(target)
 
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 add(alias.name)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[: len(base) - (node.level - 1)]
-                origin = ".".join(base + ([node.module] if node.module else []))
-            else:
-                origin = node.module or ""
-            for alias in node.names:
-                submodule = f"{origin}.{alias.name}"
-                add(submodule if submodule in modules else origin)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text(encoding="utf-8")))
+            continue
+        if node.level:
+            base = module.split(".") if is_package else module.split(".")[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            origin = ".".join(base + ([node.module] if node.module else []))
+        else:
+            origin = node.module or ""
+        for alias in node.names:
+            submodule = f"{origin}.{alias.name}"
+            add(submodule if submodule in modules else origin)
     return found
 
 
