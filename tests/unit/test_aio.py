@@ -83,19 +83,3 @@ def test_the_code_base_uses_the_safe_wait_for() -> None:
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "asyncio.wait_for(" in p.read_text()]
     assert offenders == [], "use kici.engine.aio.wait_for (asyncio.wait_for loses cancellations on Python 3.11)"
 
-
-async def test_complete_finishes_the_work_before_the_cancellation_goes_through() -> None:
-    finished: list[str] = []
-
-    async def cleanup() -> str:
-        await asyncio.sleep(0.05)
-        finished.append("done")
-        return "ok"
-
-    assert await aio.complete(cleanup()) == "ok"
-    finished.clear()
-    caller = asyncio.create_task(aio.complete(cleanup()))
-    await asyncio.sleep(0.01)
-    caller.cancel()
-    await asyncio.wait({caller}, timeout=2)
-    assert caller.cancelled() and finished == ["done"]

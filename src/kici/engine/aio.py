@@ -24,36 +24,20 @@ async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:
         return await awaitable
 
 
-async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
-    """Cancel `task` and wait until it has finished, whatever it raises; a cancellation of the caller
-    while waiting propagates (it is not mistaken for the task's own)."""
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:  # the task failed while stopping: it is stopped all the same
-        pass
-
-
-async def complete(awaitable: Awaitable[T]) -> T:
-    """Await `awaitable` to its end even when the caller is cancelled meanwhile, then let the cancellation
-    through: for short clean-ups that must not be cut half-way (ending a database transaction whose
-    connection holds a file lock)."""
-    task = asyncio.ensure_future(awaitable)
-    cancelled = False
-    while True:
+async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
+    """Cancel `tasks` (all at once) and wait until each has finished, whatever it raises; a cancellation of
+    the caller while waiting propagates (it is not mistaken for a task's own)."""
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+    for task in tasks:
+        if task is None:
+            continue
         try:
-            result = await asyncio.shield(task)
-            break
+            await task
         except asyncio.CancelledError:
-            if task.done():
-                raise  # the awaitable itself was cancelled
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        except Exception:  # the task failed while stopping: it is stopped all the same
+            pass

@@ -123,10 +123,7 @@ class ClusterBus:
             self._tasks.append(asyncio.create_task(self._listen_loop(), name="kici-bus-listen"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await aio.cancel_and_wait(task)
+        await aio.cancel_and_wait(*self._tasks)
         self._tasks = []
 
     # -- receiving ---------------------------------------------------------------------------------

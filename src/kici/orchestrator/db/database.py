@@ -129,7 +129,7 @@ class Database:
                     f"no write access to the SQLite database within {SQLITE_BUSY_TIMEOUT_MS} ms"
                 ) from None
             try:
-                async with self._sqlite_write() as conn:
+                async with self.engine.connect() as conn, conn.begin():
                     yield conn
             finally:
                 self._sqlite_writer.release()
@@ -138,26 +138,6 @@ class Database:
             if lock is not None:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(lock)})
             yield conn
-
-    @asynccontextmanager
-    async def _sqlite_write(self) -> AsyncIterator[AsyncConnection]:
-        """A `BEGIN IMMEDIATE` transaction whose end (commit or rollback, then the connection's return to
-        the pool) is never cut short by a cancellation: a connection abandoned half-way would keep
-        SQLite's write lock while the next writer of this process, let in by `_sqlite_writer`, waits out
-        the whole busy timeout and fails (seen as 15 s stalls and a shutdown that hung)."""
-        conn = self.engine.connect()
-        try:
-            await aio.complete(conn.start())
-            await aio.complete(conn.begin())
-            try:
-                yield conn
-            except BaseException:
-                await aio.complete(conn.rollback())
-                raise
-            await aio.complete(conn.commit())
-        finally:
-            if conn.sync_connection is not None:
-                await aio.complete(conn.close())
 
     async def try_lock(self, conn: AsyncConnection, name: str) -> bool:
         """Take the cluster-wide lock `name` for the rest of `conn`'s transaction if nobody holds it (a

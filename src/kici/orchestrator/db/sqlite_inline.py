@@ -14,6 +14,8 @@ What a thread used to absorb, and how it is handled here:
   retried after an asyncio sleep, with back-off, within `busy_timeout_s`. In one orchestrator process
   writers queue on `Database._sqlite_writer` first, so this only happens when another process writes the
   same file (a migration, a second orchestrator started by mistake).
+- A cancellation can only land in such a retry's sleep (nothing else here suspends): SQLAlchemy then
+  invalidates the connection, and closing it rolls back, so no abandoned transaction keeps the write lock.
 - A long statement (a retention pass deleting many rows) holds the loop for its duration, as any other
   CPU work of the orchestrator does; the batches those passes use keep it to milliseconds.
 """

@@ -53,10 +53,7 @@ class WriteBatcher:
             ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await aio.cancel_and_wait(task)
+        await aio.cancel_and_wait(*self._tasks)
         self._tasks = []
         for lane in self._queues:
             while not lane.empty():  # callers still waiting get an answer
